@@ -1,0 +1,23 @@
+# Every target runs scripts/bootstrap first, then works inside the environment it writes.
+SHELL := /bin/bash
+ENV := source .env &&
+
+.PHONY: bootstrap build test demo bench lint fmt
+
+bootstrap:
+	@scripts/bootstrap
+
+build: bootstrap
+	@$(ENV) cargo build --release -p lillm-cli
+
+test: bootstrap
+	@$(ENV) cargo build -p lillm-cli && $(ENV) cargo test --workspace -- --test-threads=2
+
+demo: bootstrap build
+	@$(ENV) scripts/demo
+
+bench: bootstrap build
+	@$(ENV) scripts/bench
+
+lint: bootstrap
+	@$(ENV) cargo fmt --all -- --check && $(ENV) cargo clippy --all-targets -- -D warnings

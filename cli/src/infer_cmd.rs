@@ -1,0 +1,131 @@
+//! `lillm eval` and `lillm generate`.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use lillm_data::tokenizer::EOS_ID;
+use lillm_model::{generate as generate_tokens, Sampler, SamplingParams, StopReason};
+use lillm_trainer::{eval::eval_ids, LoadedModel};
+
+fn device(name: &str) -> Result<tch::Device> {
+    Ok(lillm_trainer::TrainConfig { device: name.into(), ..Default::default() }.device()?)
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Checkpoint directory, or a run directory (its latest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Text file to score.
+    #[arg(long)]
+    text_file: PathBuf,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let loaded = LoadedModel::load(&args.checkpoint, device(&args.device)?)?;
+    let text = std::fs::read_to_string(&args.text_file)
+        .with_context(|| format!("{}: cannot read as UTF-8 text", args.text_file.display()))?;
+    let ids = loaded.tokenizer()?.encode(&text)?;
+    if ids.len() < 2 {
+        bail!("{}: needs at least two tokens to score", args.text_file.display());
+    }
+    let result = eval_ids(&loaded, &ids)?;
+    println!("loss={:.6} tokens={} perplexity={:.3}", result.loss, result.tokens, result.perplexity());
+    Ok(())
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Mode {
+    /// The prompt as raw text.
+    Pretrain,
+    /// The prompt as a user turn in the chat template, answered as the assistant.
+    Sft,
+}
+
+/// The SFT chat template for a single user turn awaiting the assistant's reply.
+pub fn chat_prompt(user: &str) -> String {
+    format!("<r0>user<r1>{user}</r2><r0>assistant<r1>")
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Checkpoint directory, or a run directory (its latest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, value_enum, default_value = "pretrain")]
+    mode: Mode,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// 0 = no limit.
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+pub fn generate(args: GenerateArgs) -> Result<()> {
+    let loaded = LoadedModel::load(&args.checkpoint, device(&args.device)?)?;
+    let tok = loaded.tokenizer()?;
+    let text = match args.mode {
+        Mode::Pretrain => args.prompt.clone(),
+        Mode::Sft => chat_prompt(&args.prompt),
+    };
+    let prompt = tok.encode(&text)?;
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    })?;
+    let mut out = std::io::stdout().lock();
+    if matches!(args.mode, Mode::Pretrain) {
+        write!(out, "{}", args.prompt)?;
+    }
+    // Decode the whole continuation each time and print what is new, holding back an
+    // incomplete UTF-8 sequence (shown as U+FFFD) until its remaining bytes arrive.
+    let mut generated = Vec::new();
+    let mut printed = 0;
+    let mut io_error = None;
+    let reason = generate_tokens(&loaded.model, &prompt, args.max_new_tokens, &mut sampler, &[EOS_ID], |id| {
+        generated.push(id);
+        let Ok(text) = tok.decode(&generated) else { return true };
+        if text.ends_with('\u{FFFD}') || text.len() <= printed {
+            return true;
+        }
+        let result = out.write_all(text[printed..].as_bytes()).and_then(|_| out.flush());
+        printed = text.len();
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                io_error = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = io_error {
+        return Err(e.into());
+    }
+    let text = tok.decode(&generated)?;
+    if text.len() > printed {
+        write!(out, "{}", &text[printed..])?;
+    }
+    writeln!(out)?;
+    if reason == StopReason::Context {
+        eprintln!("(stopped: the model's context of {} tokens is full)", loaded.model.config().max_seq_len);
+    }
+    Ok(())
+}

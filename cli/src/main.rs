@@ -1,0 +1,75 @@
+//! `lillm`: every stage of the pipeline — tokenizer, data, training, evaluation, generation
+//! and interop — from one binary. Each subcommand lives in its own module.
+
+mod data_cmd;
+mod infer_cmd;
+mod interop_cmd;
+mod tokenizer_cmd;
+mod train_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "lillm", version, about = "Train a little Llama-style language model end to end")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train, inspect and use byte-level BPE tokenizers.
+    #[command(subcommand)]
+    Tokenizer(tokenizer_cmd::TokenizerCmd),
+    /// Prepare token shards from a corpus.
+    #[command(subcommand)]
+    Data(data_cmd::DataCmd),
+    /// Pretrain a model (single process).
+    Train(train_cmd::TrainArgs),
+    /// Mean next-token cross entropy of a text file under a checkpoint.
+    Eval(infer_cmd::EvalArgs),
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(infer_cmd::GenerateArgs),
+    /// Draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl.
+    Plot(train_cmd::PlotArgs),
+    /// Model presets and parameter counts.
+    #[command(subcommand)]
+    Model(train_cmd::ModelCmd),
+    /// Export a checkpoint to another format.
+    #[command(subcommand)]
+    Export(interop_cmd::ExportCmd),
+    /// Import weights from another format as a checkpoint.
+    #[command(subcommand)]
+    Import(interop_cmd::ImportCmd),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
+        Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Train(args) => train_cmd::run(args),
+        Command::Eval(args) => infer_cmd::eval(args),
+        Command::Generate(args) => infer_cmd::generate(args),
+        Command::Plot(args) => train_cmd::plot(args),
+        Command::Model(cmd) => train_cmd::model(cmd),
+        Command::Export(cmd) => interop_cmd::export(cmd),
+        Command::Import(cmd) => interop_cmd::import(cmd),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Progress bars only on a terminal, so logs and pipes stay clean.
+pub(crate) fn interactive() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}

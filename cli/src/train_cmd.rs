@@ -1,0 +1,228 @@
+//! `lillm train`, `lillm plot`, `lillm model`: configuration layering and the training run.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use lillm_model::{ModelConfig, PRESETS};
+use lillm_trainer::{plot, TrainConfig, Trainer};
+
+/// Every field of the training config as an optional flag; unset flags leave the value from
+/// the lower layers (defaults < --config TOML < LILLM_* environment < flags).
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// TOML file with any fields of the training config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the resolved config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Model preset: lillm-39m, lillm-300m or tiny.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Prepared dataset directory.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run directory (checkpoints, metrics.jsonl, loss.png).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    block_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    max_iters: Option<u64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    min_lr: Option<f64>,
+    #[arg(long)]
+    warmup_iters: Option<u64>,
+    #[arg(long)]
+    lr_decay_iters: Option<u64>,
+    #[arg(long)]
+    decay_lr: Option<bool>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    #[arg(long)]
+    eval_interval: Option<u64>,
+    #[arg(long)]
+    eval_iters: Option<u64>,
+    #[arg(long)]
+    log_interval: Option<u64>,
+    /// Most recent checkpoints to keep (the best-val one is always kept too).
+    #[arg(long)]
+    keep_last: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// auto, float32 or bfloat16.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Device peak TFLOP/s for MFU.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Dropout on attention and FFN outputs.
+    #[arg(long)]
+    dropout: Option<f64>,
+    #[arg(long)]
+    d_model: Option<usize>,
+    #[arg(long)]
+    n_layers: Option<usize>,
+    #[arg(long)]
+    q_heads: Option<usize>,
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    #[arg(long)]
+    vocab_size: Option<usize>,
+    /// Continue from the run directory's latest valid checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Start from this checkpoint's weights.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+}
+
+/// `LILLM_<FIELD>` variables naming a config field (`LILLM_MODEL__D_MODEL` for nested ones).
+fn env_overrides(known: &toml::Table) -> HashMap<String, String> {
+    std::env::vars()
+        .filter_map(|(k, v)| {
+            let key = k.strip_prefix("LILLM_")?.to_ascii_lowercase();
+            let top = key.split("__").next()?;
+            known.contains_key(top).then(|| (key.replace("__", "."), v))
+        })
+        .collect()
+}
+
+fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let defaults = TrainConfig::default();
+    let default_table = toml::Table::try_from(&defaults)?;
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(&toml::to_string(&default_table)?, config::FileFormat::Toml));
+    if let Some(path) = &args.config {
+        if !path.is_file() {
+            anyhow::bail!("{}: config file not found", path.display());
+        }
+        builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+    }
+    for (key, value) in env_overrides(&default_table) {
+        builder = builder.set_override(key, value)?;
+    }
+    macro_rules! flag {
+        ($($field:ident => $key:expr),* $(,)?) => {
+            $(if let Some(v) = &args.$field {
+                builder = builder.set_override($key, config::Value::from(v.clone()))?;
+            })*
+        };
+    }
+    let path_str = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    if let Some(p) = path_str(&args.data) {
+        builder = builder.set_override("data", p)?;
+    }
+    if let Some(p) = path_str(&args.out) {
+        builder = builder.set_override("out", p)?;
+    }
+    if let Some(p) = path_str(&args.init_from) {
+        builder = builder.set_override("init_from", p)?;
+    }
+    flag!(
+        preset => "preset", device => "device", dtype => "dtype",
+        lr => "lr", min_lr => "min_lr", weight_decay => "weight_decay", grad_clip => "grad_clip",
+        peak_tflops => "peak_tflops", dropout => "model.dropout", decay_lr => "decay_lr",
+    );
+    macro_rules! int_flag {
+        ($($field:ident => $key:expr),* $(,)?) => {
+            $(if let Some(v) = args.$field {
+                builder = builder.set_override($key, v as i64)?;
+            })*
+        };
+    }
+    int_flag!(
+        batch_size => "batch_size", block_size => "block_size", grad_accum => "grad_accum",
+        max_iters => "max_iters", warmup_iters => "warmup_iters", lr_decay_iters => "lr_decay_iters",
+        eval_interval => "eval_interval", eval_iters => "eval_iters", log_interval => "log_interval",
+        keep_last => "keep_last", seed => "seed", threads => "threads",
+        d_model => "model.d_model", n_layers => "model.n_layers", q_heads => "model.q_heads",
+        kv_heads => "model.kv_heads", max_seq_len => "model.max_seq_len", vocab_size => "model.vocab_size",
+    );
+    if args.resume {
+        builder = builder.set_override("resume", true)?;
+    }
+    let cfg: TrainConfig = builder
+        .build()?
+        .try_deserialize()
+        .context("invalid training config (check field names and value types)")?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let cfg = resolve_config(&args)?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
+    let resolved = cfg.out.join("config.toml");
+    let mut trainer = Trainer::new(cfg.clone())?;
+    std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)
+        .with_context(|| format!("{}: cannot write", resolved.display()))?;
+    let summary = trainer.run(crate::interactive())?;
+    println!("trained {} steps of a {}-parameter model", summary.steps, summary.num_params);
+    if let Some(v) = summary.final_val_loss {
+        println!("final val loss {v:.4} (best {:.4})", summary.best_val_loss.unwrap_or(v));
+    }
+    println!("checkpoint: {}", summary.last_checkpoint.display());
+    if let Some(p) = summary.plot {
+        println!("loss plot: {}", p.display());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PlotArgs {
+    /// Run directory holding metrics.jsonl.
+    run_dir: PathBuf,
+}
+
+pub fn plot(args: PlotArgs) -> Result<()> {
+    let path = plot::plot_run(&args.run_dir)?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum ModelCmd {
+    /// Print a preset's shape and exact parameter count.
+    Info {
+        /// lillm-39m, lillm-300m or tiny.
+        #[arg(long, default_value = "lillm-39m")]
+        preset: String,
+    },
+    /// List the presets.
+    Presets,
+}
+
+pub fn model(cmd: ModelCmd) -> Result<()> {
+    match cmd {
+        ModelCmd::Info { preset } => {
+            let cfg = ModelConfig::preset(&preset)?;
+            println!("{}", serde_json::to_string_pretty(&cfg)?);
+            println!("ffn hidden dim: {}", cfg.ffn_hidden_dim());
+            println!("parameters: {}", cfg.num_params());
+        }
+        ModelCmd::Presets => PRESETS.iter().for_each(|p| println!("{p}")),
+    }
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! Data for lilLM: tokenizer, corpora, token shards and deterministic batches.
+//!
+//! Layout:
+//! - `tokenizer`: byte-level BPE training, loading, fingerprint, `tokenizer_config.json`.
+//! - `corpus`: text / JSONL / Parquet readers yielding documents, with file:line errors.
+//! - `manifest`: the dataset manifest (dtype, shards, counts, checksums).
+//! - `prepare`: parallel tokenization into shards, written atomically.
+//! - `shards`: memory-mapped reading and the seeded batch sampler.
+
+pub mod corpus;
+mod error;
+pub mod manifest;
+pub mod prepare;
+pub mod shards;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

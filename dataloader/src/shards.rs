@@ -1,0 +1,219 @@
+//! Reading prepared datasets: memory-mapped shards and deterministic training windows.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::manifest::{Manifest, Split, TokenDtype};
+use crate::prepare::splitmix64;
+use crate::{Error, Result};
+
+/// One split of a dataset as a single virtual token stream over its shards.
+#[derive(Debug)]
+pub struct TokenStream {
+    dtype: TokenDtype,
+    shards: Vec<Mmap>,
+    /// `starts[i]` is the stream offset of shard i's first token; the last entry is the length.
+    starts: Vec<u64>,
+}
+
+impl TokenStream {
+    pub fn len(&self) -> u64 {
+        *self.starts.last().unwrap_or(&0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens `start..start + out.len()` of the stream, as i64, crossing shards as needed.
+    pub fn read(&self, start: u64, out: &mut [i64]) {
+        assert!(start + out.len() as u64 <= self.len(), "read past the end of the stream");
+        let mut pos = start;
+        let mut filled = 0;
+        while filled < out.len() {
+            let shard = self.starts.partition_point(|&s| s <= pos) - 1;
+            let local = (pos - self.starts[shard]) as usize;
+            let available = (self.starts[shard + 1] - pos) as usize;
+            let n = available.min(out.len() - filled);
+            let bytes = &self.shards[shard];
+            for (k, slot) in out[filled..filled + n].iter_mut().enumerate() {
+                let i = local + k;
+                *slot = match self.dtype {
+                    TokenDtype::U16 => u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as i64,
+                    TokenDtype::U32 => u32::from_le_bytes(
+                        bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"),
+                    ) as i64,
+                };
+            }
+            filled += n;
+            pos += n as u64;
+        }
+    }
+}
+
+/// A prepared dataset opened for reading.
+#[derive(Debug)]
+pub struct Dataset {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    train: TokenStream,
+    val: TokenStream,
+}
+
+impl Dataset {
+    /// Opens `dir`, checking every shard is present with the size the manifest records.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let manifest = Manifest::read(dir)?;
+        let open_split = |split: Split| -> Result<TokenStream> {
+            let mut shards = Vec::new();
+            let mut starts = vec![0u64];
+            for info in manifest.shards(split) {
+                let path = dir.join(&info.file);
+                let file = fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+                let expected = info.tokens * manifest.dtype.bytes() as u64;
+                let actual = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+                if actual != expected {
+                    return Err(Error::invalid(
+                        &path,
+                        format!(
+                            "holds {actual} bytes but the manifest records {} {:?} tokens ({expected} bytes); the shard is truncated or the dtype differs — re-run `lillm data prepare`",
+                            info.tokens, manifest.dtype
+                        ),
+                    ));
+                }
+                // SAFETY: shards are immutable once their manifest is written; nothing
+                // truncates them while a reader holds the map.
+                let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+                starts.push(starts.last().expect("non-empty") + info.tokens);
+                shards.push(map);
+            }
+            Ok(TokenStream {
+                dtype: manifest.dtype,
+                shards,
+                starts,
+            })
+        };
+        let train = open_split(Split::Train)?;
+        let val = open_split(Split::Val)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            train,
+            val,
+        })
+    }
+
+    pub fn split(&self, split: Split) -> &TokenStream {
+        match split {
+            Split::Train => &self.train,
+            Split::Val => &self.val,
+        }
+    }
+
+    /// Re-hashes every shard against the manifest's checksums.
+    pub fn verify_checksums(&self) -> Result<()> {
+        use sha2::{Digest, Sha256};
+        for split in [Split::Train, Split::Val] {
+            for (info, map) in self.manifest.shards(split).iter().zip(&self.split(split).shards) {
+                let digest = hex::encode(Sha256::digest(&map[..]));
+                if digest != info.sha256 {
+                    return Err(Error::invalid(
+                        self.dir.join(&info.file),
+                        "checksum does not match the manifest; the shard is corrupted — re-run `lillm data prepare --force`",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a micro-batch's windows come from: a pure function of these fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchKey {
+    pub seed: u64,
+    pub split: Split,
+    /// Optimizer step (or evaluation round for eval batches).
+    pub step: u64,
+    /// Micro-batch index within the step, counted over all ranks.
+    pub micro: u64,
+}
+
+/// Inputs and targets of one micro-batch, row-major (batch × block).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub inputs: Vec<i64>,
+    pub targets: Vec<i64>,
+    pub batch_size: usize,
+    pub block_size: usize,
+}
+
+/// Random `block_size + 1` windows of a split: inputs are the first `block_size` tokens of a
+/// window, targets the last `block_size`. Same key, same batch — on any machine, after any resume.
+pub fn sample_batch(
+    stream: &TokenStream,
+    key: BatchKey,
+    batch_size: usize,
+    block_size: usize,
+) -> Result<Batch> {
+    let window = block_size as u64 + 1;
+    if stream.len() < window {
+        return Err(Error::Usage(format!(
+            "the {} split has {} tokens, fewer than block_size + 1 = {window}; lower --block-size or add data",
+            key.split.name(),
+            stream.len()
+        )));
+    }
+    let split_tag = match key.split {
+        Split::Train => 0x7472_6169_6e00,
+        Split::Val => 0x7661_6c00,
+    };
+    let mixed = splitmix64(key.seed ^ splitmix64(split_tag ^ splitmix64(key.step ^ splitmix64(key.micro))));
+    let mut rng = StdRng::seed_from_u64(mixed);
+    let mut inputs = Vec::with_capacity(batch_size * block_size);
+    let mut targets = Vec::with_capacity(batch_size * block_size);
+    let mut buf = vec![0i64; window as usize];
+    for _ in 0..batch_size {
+        let start = rng.random_range(0..=stream.len() - window);
+        stream.read(start, &mut buf);
+        inputs.extend_from_slice(&buf[..block_size]);
+        targets.extend_from_slice(&buf[1..]);
+    }
+    Ok(Batch {
+        inputs,
+        targets,
+        batch_size,
+        block_size,
+    })
+}
+
+/// Cross entropy (nats/token) of the val split under the train split's unigram distribution
+/// (add-one smoothed): the loss of a model that ignores context entirely.
+pub fn unigram_baseline(data: &Dataset) -> Result<f64> {
+    let vocab = data.manifest.vocab_size;
+    let mut counts = vec![1u64; vocab];
+    let mut buf = vec![0i64; 1 << 16];
+    let count_stream = |stream: &TokenStream, buf: &mut Vec<i64>, mut visit: Box<dyn FnMut(usize) + '_>| {
+        let mut pos = 0;
+        while pos < stream.len() {
+            let n = (stream.len() - pos).min(buf.len() as u64) as usize;
+            stream.read(pos, &mut buf[..n]);
+            buf[..n].iter().for_each(|&t| visit(t as usize));
+            pos += n as u64;
+        }
+    };
+    count_stream(&data.train, &mut buf, Box::new(|t| counts[t.min(vocab - 1)] += 1));
+    let total: u64 = counts.iter().sum();
+    if data.val.is_empty() {
+        return Err(Error::invalid(&data.dir, "has no validation split"));
+    }
+    let (mut nll, mut n) = (0.0f64, 0u64);
+    count_stream(&data.val, &mut buf, Box::new(|t| {
+        nll -= (counts[t.min(vocab - 1)] as f64 / total as f64).ln();
+        n += 1;
+    }));
+    Ok(nll / n as f64)
+}

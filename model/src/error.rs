@@ -1,0 +1,35 @@
+use std::path::PathBuf;
+
+/// Errors of the model crate. Each says what was wrong and where.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("{path}: {message}")]
+    Weights { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn weights(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Weights {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

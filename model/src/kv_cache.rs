@@ -1,0 +1,71 @@
+//! Key/value cache for incremental decoding, passed explicitly to the model.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::ModelConfig;
+
+/// Keys and values of every layer for positions `0..len`, preallocated to `max_seq_len`.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(cfg: &ModelConfig, batch: usize, kind: Kind, device: Device) -> Self {
+        let shape = [
+            batch as i64,
+            cfg.kv_heads as i64,
+            cfg.max_seq_len as i64,
+            cfg.head_dim() as i64,
+        ];
+        let layers = (0..cfg.n_layers)
+            .map(|_| {
+                (
+                    Tensor::zeros(shape, (kind, device)),
+                    Tensor::zeros(shape, (kind, device)),
+                )
+            })
+            .collect();
+        Self {
+            layers,
+            len: 0,
+            capacity: cfg.max_seq_len,
+        }
+    }
+
+    /// Positions already filled.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions still free (the model's context length minus `len`).
+    pub fn remaining(&self) -> usize {
+        self.capacity - self.len
+    }
+
+    /// Forgets every position, keeping the allocation.
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    pub(crate) fn layer(&mut self, i: usize) -> (&mut Tensor, &mut Tensor) {
+        let (k, v) = &mut self.layers[i];
+        (k, v)
+    }
+
+    pub(crate) fn advance(&mut self, tokens: usize) {
+        assert!(
+            self.len + tokens <= self.capacity,
+            "KV cache overflow: {} + {tokens} > {}",
+            self.len,
+            self.capacity
+        );
+        self.len += tokens;
+    }
+}

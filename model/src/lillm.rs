@@ -1,0 +1,328 @@
+//! The lilLM transformer (Llama-style: RMSNorm, RoPE, GQA, SwiGLU, tied embeddings).
+//!
+//! Struct fields mirror the tensor names of the original PyTorch state dict, so
+//! `transformer_blocks.3.attn.wq.weight` here is the same tensor there.
+
+use tch::{nn, Kind, Tensor};
+
+use crate::{KvCache, ModelConfig, Result};
+
+/// RMSNorm with a learned `gain`; statistics in float32, result cast back before the gain.
+#[derive(Debug)]
+struct RmsNorm {
+    gain: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(vs: nn::Path, d_model: usize, eps: f64) -> Self {
+        let gain = vs.var("gain", &[d_model as i64], nn::Init::Const(1.0));
+        Self { gain, eps }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let normed = x
+            .to_kind(Kind::Float)
+            .rms_norm([x.size()[2]], None::<&Tensor>, self.eps)
+            .to_kind(x.kind());
+        normed * self.gain.to_kind(x.kind())
+    }
+}
+
+/// Rotary embedding tables for adjacent-pair (Meta-style) rotation, float32, on the model's device.
+#[derive(Debug)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &ModelConfig, device: tch::Device) -> Self {
+        let hd = cfg.head_dim() as i64;
+        let opts = (Kind::Float, device);
+        let exponents = Tensor::arange_start_step(0, hd, 2, opts) / hd as f64;
+        let inv_freq = Tensor::from(cfg.rope_theta as f32)
+            .to_device(device)
+            .pow(&exponents)
+            .reciprocal();
+        let positions = Tensor::arange(cfg.max_seq_len as i64, opts);
+        let angles = positions.outer(&inv_freq);
+        Self {
+            cos: angles.cos(),
+            sin: angles.sin(),
+        }
+    }
+
+    /// Rotates `x` of shape (B, T, H, hd) whose first position is `start_pos`.
+    fn apply(&self, x: &Tensor, start_pos: i64) -> Tensor {
+        let (b, t, h, hd) = x.size4().expect("rope input is 4-d");
+        let cos = self.cos.narrow(0, start_pos, t).view([1, t, 1, hd / 2]);
+        let sin = self.sin.narrow(0, start_pos, t).view([1, t, 1, hd / 2]);
+        let pairs = x.to_kind(Kind::Float).view([b, t, h, hd / 2, 2]);
+        let even = pairs.select(4, 0);
+        let odd = pairs.select(4, 1);
+        let rotated_even = &even * &cos - &odd * &sin;
+        let rotated_odd = &even * &sin + &odd * &cos;
+        Tensor::stack(&[rotated_even, rotated_odd], 4)
+            .view([b, t, h, hd])
+            .to_kind(x.kind())
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    q_heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+/// A bias-free linear layer with weight (out, in), computed in the activation's dtype.
+fn linear(x: &Tensor, weight: &Tensor) -> Tensor {
+    x.linear(&weight.to_kind(x.kind()), None::<&Tensor>)
+}
+
+fn normal_weight(vs: &nn::Path, name: &str, out_dim: usize, in_dim: usize, std: f64) -> Tensor {
+    vs.var(
+        name,
+        &[out_dim as i64, in_dim as i64],
+        nn::Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
+    )
+}
+
+impl Attention {
+    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+        let d = cfg.d_model;
+        let hd = cfg.head_dim();
+        let std_in = (d as f64).powf(-0.5);
+        let std_out = 0.02 / (2.0 * cfg.n_layers as f64).sqrt();
+        Self {
+            wq: normal_weight(&(&vs / "wq"), "weight", cfg.q_heads * hd, d, std_in),
+            wk: normal_weight(&(&vs / "wk"), "weight", cfg.kv_heads * hd, d, std_in),
+            wv: normal_weight(&(&vs / "wv"), "weight", cfg.kv_heads * hd, d, std_in),
+            wo: normal_weight(&(&vs / "wo"), "weight", d, cfg.q_heads * hd, std_out),
+            q_heads: cfg.q_heads as i64,
+            kv_heads: cfg.kv_heads as i64,
+            head_dim: hd as i64,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        start_pos: i64,
+        cache: Option<(&mut Tensor, &mut Tensor)>,
+        dropout: f64,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("attention input is 3-d");
+        let q = linear(x, &self.wq).view([b, t, self.q_heads, self.head_dim]);
+        let k = linear(x, &self.wk).view([b, t, self.kv_heads, self.head_dim]);
+        let v = linear(x, &self.wv).view([b, t, self.kv_heads, self.head_dim]);
+        let q = rope.apply(&q, start_pos).transpose(1, 2);
+        let k = rope.apply(&k, start_pos).transpose(1, 2);
+        let v = v.transpose(1, 2);
+        let (k, v, mask) = match cache {
+            None => (k, v, None),
+            Some((cache_k, cache_v)) => {
+                let end = start_pos + t;
+                cache_k.narrow(2, start_pos, t).copy_(&k);
+                cache_v.narrow(2, start_pos, t).copy_(&v);
+                let k = cache_k.narrow(2, 0, end);
+                let v = cache_v.narrow(2, 0, end);
+                // A chunk after earlier tokens needs an explicit mask: SDPA's causal flag aligns
+                // the triangle to the top-left corner, not to the chunk's real positions.
+                let mask = (t > 1 && start_pos > 0).then(|| {
+                    let rows = Tensor::arange_start(start_pos, end, (Kind::Int64, x.device()));
+                    let cols = Tensor::arange(end, (Kind::Int64, x.device()));
+                    cols.unsqueeze(0).le_tensor(&rows.unsqueeze(1))
+                });
+                (k, v, mask)
+            }
+        };
+        let is_causal = mask.is_none() && t > 1;
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k.to_kind(q.kind()),
+            &v.to_kind(q.kind()),
+            mask.as_ref(),
+            dropout,
+            is_causal,
+            None,
+            true,
+        );
+        let out = out.transpose(1, 2).contiguous().view([b, t, -1]);
+        linear(&out, &self.wo)
+    }
+}
+
+#[derive(Debug)]
+struct FeedForward {
+    w1: Tensor,
+    w2: Tensor,
+    w3: Tensor,
+}
+
+impl FeedForward {
+    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+        let d = cfg.d_model;
+        let h = cfg.ffn_hidden_dim();
+        let std_out = 0.02 / (2.0 * cfg.n_layers as f64).sqrt();
+        Self {
+            w1: normal_weight(&(&vs / "w1"), "weight", h, d, (d as f64).powf(-0.5)),
+            w2: normal_weight(&(&vs / "w2"), "weight", d, h, std_out),
+            w3: normal_weight(&(&vs / "w3"), "weight", h, d, (d as f64).powf(-0.5)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        linear(&(linear(x, &self.w1).silu() * linear(x, &self.w3)), &self.w2)
+    }
+}
+
+#[derive(Debug)]
+struct TransformerBlock {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    ffn: FeedForward,
+}
+
+/// The whole model. Parameters live in the `VarStore` the model was built from.
+#[derive(Debug)]
+pub struct LilLM {
+    cfg: ModelConfig,
+    tok_emb: Tensor,
+    transformer_blocks: Vec<TransformerBlock>,
+    norm: RmsNorm,
+    rope: Rope,
+    compute_kind: Kind,
+}
+
+impl LilLM {
+    /// Builds the model with the original initialisation, parameters named like the original.
+    pub fn new(vs: &nn::Path, cfg: &ModelConfig) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.d_model;
+        let tok_emb = normal_weight(
+            &(vs / "tok_emb"),
+            "weight",
+            cfg.vocab_size,
+            d,
+            (d as f64).powf(-0.5),
+        );
+        let blocks = vs / "transformer_blocks";
+        let transformer_blocks = (0..cfg.n_layers)
+            .map(|i| {
+                let block = &blocks / i;
+                TransformerBlock {
+                    attn_norm: RmsNorm::new(&block / "attn_norm", d, cfg.eps),
+                    attn: Attention::new(&block / "attn", cfg),
+                    ffn_norm: RmsNorm::new(&block / "ffn_norm", d, cfg.eps),
+                    ffn: FeedForward::new(&block / "ffn", cfg),
+                }
+            })
+            .collect();
+        Ok(Self {
+            cfg: cfg.clone(),
+            tok_emb,
+            transformer_blocks,
+            norm: RmsNorm::new(vs / "norm", d, cfg.eps),
+            rope: Rope::new(cfg, vs.device()),
+            compute_kind: Kind::Float,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> tch::Device {
+        self.tok_emb.device()
+    }
+
+    pub fn compute_kind(&self) -> Kind {
+        self.compute_kind
+    }
+
+    /// Activations and matmuls in `kind` (bf16 on GPU) while parameters stay float32:
+    /// weights are cast where they are used, so gradients flow back into the float32 masters.
+    pub fn set_compute_kind(&mut self, kind: Kind) {
+        self.compute_kind = kind;
+    }
+
+    /// Hidden states after the final norm, shape (B, T, d).
+    fn hidden(
+        &self,
+        tokens: &Tensor,
+        start_pos: i64,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        let dropout = if train { self.cfg.dropout } else { 0.0 };
+        let mut x = Tensor::embedding(&self.tok_emb, tokens, -1, false, false).to_kind(self.compute_kind);
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| c.layer(i));
+            let attn_in = block.attn_norm.forward(&x);
+            x = x + block
+                .attn
+                .forward(&attn_in, &self.rope, start_pos, layer_cache, dropout);
+            let ffn_out = block.ffn.forward(&block.ffn_norm.forward(&x));
+            x = x + ffn_out.dropout(dropout, train);
+        }
+        self.norm.forward(&x)
+    }
+
+    fn head(&self, hidden: &Tensor) -> Tensor {
+        linear(hidden, &self.tok_emb).to_kind(Kind::Float)
+    }
+
+    /// Logits (B, T, vocab) in float32 for every position.
+    pub fn forward(&self, tokens: &Tensor, train: bool) -> Tensor {
+        self.head(&self.hidden(tokens, 0, None, train))
+    }
+
+    /// Mean token cross entropy against `targets` (B, T); target −1 is ignored.
+    pub fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Tensor {
+        let logits = self.forward(tokens, train);
+        cross_entropy(&logits, targets)
+    }
+
+    /// Per-token cross entropy (B, T), 0 where the target is −1. SFT weights it by its mask.
+    pub fn token_losses(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Tensor {
+        let logits = self.forward(tokens, train);
+        let vocab = logits.size()[2];
+        logits
+            .view([-1, vocab])
+            .cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::None, -1, 0.0)
+            .view_as(targets)
+    }
+
+    /// Runs `tokens` (B, T) at positions `cache.len()..` through the model, extending the
+    /// cache, and returns the logits (B, vocab) of the last position.
+    pub fn forward_cached(&self, tokens: &Tensor, cache: &mut KvCache) -> Tensor {
+        let start = cache.len() as i64;
+        let t = tokens.size()[1];
+        let hidden = self.hidden(tokens, start, Some(cache), false);
+        cache.advance(t as usize);
+        self.head(&hidden.select(1, t - 1))
+    }
+}
+
+/// Mean cross entropy of float32 logits (B, T, V) against targets (B, T), ignoring −1.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let vocab = logits.size()[2];
+    logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(
+        &targets.view([-1]),
+        None,
+        tch::Reduction::Mean,
+        -1,
+        0.0,
+    )
+}

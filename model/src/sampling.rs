@@ -1,0 +1,157 @@
+//! Next-token sampling (temperature, top-k, top-p) and the generation loop.
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use tch::{Kind, Tensor};
+
+use crate::{Error, KvCache, LilLM, Result};
+
+/// How to pick the next token from the logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (0 = no limit).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1.0 = no limit).
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.8,
+            top_k: 50,
+            top_p: 0.95,
+            seed: 1337,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(Error::Config(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::Config(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A seeded sampler: the same seed and logits give the same tokens.
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let rng = StdRng::seed_from_u64(params.seed);
+        Ok(Self { params, rng })
+    }
+
+    /// Picks a token id from float logits of shape (vocab,).
+    pub fn sample(&mut self, logits: &Tensor) -> u32 {
+        let logits = logits.to_kind(Kind::Float).to_device(tch::Device::Cpu);
+        if self.params.temperature == 0.0 {
+            return logits.argmax(0, false).int64_value(&[]) as u32;
+        }
+        let probs = (logits / self.params.temperature).softmax(0, Kind::Float);
+        let probs: Vec<f32> = Vec::try_from(&probs).expect("probabilities are float32");
+        let mut ranked: Vec<(u32, f32)> = probs
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (i as u32, p))
+            .collect();
+        ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if self.params.top_k > 0 {
+            ranked.truncate(self.params.top_k);
+        }
+        if self.params.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let keep = ranked
+                .iter()
+                .position(|&(_, p)| {
+                    cumulative += p as f64;
+                    cumulative >= self.params.top_p
+                })
+                .map_or(ranked.len(), |i| i + 1);
+            ranked.truncate(keep);
+        }
+        let total: f64 = ranked.iter().map(|&(_, p)| p as f64).sum();
+        let mut draw = self.rng.random::<f64>() * total;
+        for &(id, p) in &ranked {
+            draw -= p as f64;
+            if draw <= 0.0 {
+                return id;
+            }
+        }
+        ranked.last().map_or(0, |&(id, _)| id)
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A stop token (`</s>`) was produced; it is not passed to the callback.
+    StopToken,
+    /// `max_new_tokens` were produced.
+    Length,
+    /// The model's context (`max_seq_len`) is full.
+    Context,
+    /// The callback asked to stop.
+    Caller,
+}
+
+/// Generates after `prompt` with a KV cache, calling `on_token` with each new id as soon as it
+/// is sampled; `on_token` returns false to stop early.
+pub fn generate(
+    model: &LilLM,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    sampler: &mut Sampler,
+    stop_ids: &[u32],
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<StopReason> {
+    let cfg = model.config();
+    if prompt.is_empty() {
+        return Err(Error::Config("the prompt encodes to no tokens".into()));
+    }
+    if prompt.len() >= cfg.max_seq_len {
+        return Err(Error::Config(format!(
+            "the prompt has {} tokens but the model's context is {} (max_seq_len); shorten it",
+            prompt.len(),
+            cfg.max_seq_len
+        )));
+    }
+    let device = model.device();
+    let _guard = tch::no_grad_guard();
+    let mut cache = KvCache::new(cfg, 1, model.compute_kind(), device);
+    let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+    let mut logits = model.forward_cached(&Tensor::from_slice(&ids).view([1, -1]).to(device), &mut cache);
+    for _ in 0..max_new_tokens {
+        let next = sampler.sample(&logits.get(0));
+        if stop_ids.contains(&next) {
+            return Ok(StopReason::StopToken);
+        }
+        if !on_token(next) {
+            return Ok(StopReason::Caller);
+        }
+        if cache.remaining() == 0 {
+            return Ok(StopReason::Context);
+        }
+        let input = Tensor::from_slice(&[next as i64]).view([1, 1]).to(device);
+        logits = model.forward_cached(&input, &mut cache);
+    }
+    Ok(StopReason::Length)
+}

@@ -1,0 +1,218 @@
+//! The typed training configuration. Defaults are the seed's `pretrain.py` values.
+
+use std::path::PathBuf;
+
+use lillm_model::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::LrSchedule;
+use crate::{Error, Result};
+
+/// Everything a training run needs. Built by the CLI from defaults < TOML file < `LILLM_*`
+/// environment < flags; libraries and tests construct it directly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model preset (`lillm-39m`, `lillm-300m`, `tiny`); `model` fields override it.
+    pub preset: String,
+    /// Overrides of individual model fields (e.g. `d_model = 96`).
+    #[serde(default)]
+    pub model: ModelOverrides,
+    /// Prepared dataset directory (`lillm data prepare --out`).
+    pub data: PathBuf,
+    /// Run directory: checkpoints, metrics.jsonl, loss.png.
+    pub out: PathBuf,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence (at most the model's `max_seq_len`).
+    pub block_size: usize,
+    /// Micro-batches per optimizer step (divided across ranks).
+    pub grad_accum: usize,
+    /// Optimizer steps to run in total.
+    pub max_iters: u64,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_iters: u64,
+    pub lr_decay_iters: u64,
+    pub decay_lr: bool,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f64,
+    /// Evaluate train and val loss every this many steps (and at the end).
+    pub eval_interval: u64,
+    /// Batches per split in each evaluation.
+    pub eval_iters: u64,
+    /// Log a training record every this many steps.
+    pub log_interval: u64,
+    /// Keep this many most recent checkpoints, plus the best-val one.
+    pub keep_last: usize,
+    /// Seed for initialisation, batch order and dropout.
+    pub seed: u64,
+    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// `auto` (bf16 on CUDA, float32 on CPU), `float32` or `bfloat16`.
+    pub dtype: String,
+    /// Device peak TFLOP/s for MFU; unset: 989 (H100 SXM bf16) on CUDA, measured on CPU.
+    #[serde(default)]
+    pub peak_tflops: Option<f64>,
+    /// CPU threads for libtorch (0 = libtorch's default).
+    pub threads: usize,
+    /// Continue from the run directory's latest valid checkpoint.
+    pub resume: bool,
+    /// Start from this checkpoint's weights (fine-tuning); ignored when resuming.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+}
+
+/// Optional per-field overrides of the preset's model config.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelOverrides {
+    pub vocab_size: Option<usize>,
+    pub d_model: Option<usize>,
+    pub n_layers: Option<usize>,
+    pub max_seq_len: Option<usize>,
+    pub q_heads: Option<usize>,
+    pub kv_heads: Option<usize>,
+    pub hidden_dim: Option<usize>,
+    pub dropout: Option<f64>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            preset: "lillm-39m".into(),
+            model: ModelOverrides::default(),
+            data: PathBuf::from("data"),
+            out: PathBuf::from("runs/pretrain"),
+            batch_size: 128,
+            block_size: 512,
+            grad_accum: 8,
+            max_iters: 20_000,
+            lr: 6e-4,
+            min_lr: 6e-5,
+            warmup_iters: 2000,
+            lr_decay_iters: 20_000,
+            decay_lr: true,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            adam_eps: 1e-8,
+            grad_clip: 1.0,
+            eval_interval: 200,
+            eval_iters: 20,
+            log_interval: 10,
+            keep_last: 2,
+            seed: 1337,
+            device: "auto".into(),
+            dtype: "auto".into(),
+            peak_tflops: None,
+            threads: 0,
+            resume: false,
+            init_from: None,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The model config: the preset with overrides applied, validated.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let mut cfg = ModelConfig::preset(&self.preset)?;
+        let o = &self.model;
+        cfg.vocab_size = o.vocab_size.unwrap_or(cfg.vocab_size);
+        cfg.d_model = o.d_model.unwrap_or(cfg.d_model);
+        cfg.n_layers = o.n_layers.unwrap_or(cfg.n_layers);
+        cfg.max_seq_len = o.max_seq_len.unwrap_or(cfg.max_seq_len);
+        cfg.q_heads = o.q_heads.unwrap_or(cfg.q_heads);
+        cfg.kv_heads = o.kv_heads.unwrap_or(cfg.kv_heads);
+        cfg.hidden_dim = o.hidden_dim.or(cfg.hidden_dim);
+        cfg.dropout = o.dropout.unwrap_or(cfg.dropout);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            lr: self.lr,
+            min_lr: self.min_lr,
+            warmup_iters: self.warmup_iters,
+            lr_decay_iters: self.lr_decay_iters,
+            decay_lr: self.decay_lr,
+        }
+    }
+
+    /// Checks values the loop relies on; each error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        let model = self.model_config()?;
+        for (field, v) in [
+            ("batch_size", self.batch_size),
+            ("block_size", self.block_size),
+            ("grad_accum", self.grad_accum),
+            ("keep_last", self.keep_last),
+        ] {
+            if v == 0 {
+                return bad(format!("{field} must be positive"));
+            }
+        }
+        for (field, v) in [
+            ("eval_interval", self.eval_interval),
+            ("eval_iters", self.eval_iters),
+            ("log_interval", self.log_interval),
+        ] {
+            if v == 0 {
+                return bad(format!("{field} must be positive"));
+            }
+        }
+        if self.block_size > model.max_seq_len {
+            return bad(format!(
+                "block_size ({}) exceeds the model's max_seq_len ({}); lower block_size or raise model.max_seq_len",
+                self.block_size, model.max_seq_len
+            ));
+        }
+        if !(self.lr > 0.0) || self.min_lr < 0.0 || self.min_lr > self.lr {
+            return bad(format!(
+                "need 0 <= min_lr <= lr and lr > 0, got lr={} min_lr={}",
+                self.lr, self.min_lr
+            ));
+        }
+        if !matches!(self.dtype.as_str(), "auto" | "float32" | "bfloat16") {
+            return bad(format!(
+                "dtype `{}` is not one of auto, float32, bfloat16",
+                self.dtype
+            ));
+        }
+        Ok(())
+    }
+
+    /// The libtorch device this config asks for.
+    pub fn device(&self) -> Result<tch::Device> {
+        match self.device.as_str() {
+            "auto" => Ok(tch::Device::cuda_if_available()),
+            "cpu" => Ok(tch::Device::Cpu),
+            "cuda" => Ok(tch::Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(tch::Device::Cuda)
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "device `{other}` is not one of auto, cpu, cuda, cuda:N"
+                    ))
+                }),
+        }
+    }
+
+    /// Activation dtype: bf16 on CUDA, float32 on CPU, unless set explicitly.
+    pub fn compute_kind(&self, device: tch::Device) -> tch::Kind {
+        match self.dtype.as_str() {
+            "float32" => tch::Kind::Float,
+            "bfloat16" => tch::Kind::BFloat16,
+            _ if device.is_cuda() => tch::Kind::BFloat16,
+            _ => tch::Kind::Float,
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! Training lilLM.
+//!
+//! Layout:
+//! - `config`: [`TrainConfig`], the typed run configuration (seed defaults).
+//! - `schedule`: warmup + cosine learning-rate schedule.
+//! - `optim`: AdamW with checkpointable state, gradient clipping.
+//! - `train`: the training loop ([`Trainer`]) with evaluation and checkpointing.
+//! - `checkpoint`: atomic checkpoint directories, verification, retention, resolution.
+//! - `loaded`: [`LoadedModel`], a verified checkpoint ready for inference.
+//! - `eval`: perplexity of a text.
+//! - `metrics`, `plot`, `flops`: JSONL metrics, PNG loss curves, MFU's peak.
+
+pub mod checkpoint;
+pub mod config;
+mod error;
+pub mod eval;
+pub mod flops;
+mod loaded;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod schedule;
+pub mod train;
+
+pub use config::TrainConfig;
+pub use error::{Error, Result};
+pub use loaded::{check_vocab, LoadedModel};
+pub use train::{TrainSummary, Trainer};

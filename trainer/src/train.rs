@@ -1,0 +1,331 @@
+//! The single-process training loop: batches → forward/backward → clip → AdamW, with
+//! periodic evaluation, checkpoints, metrics and a progress display.
+
+use std::path::Path;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use lillm_data::manifest::Split;
+use lillm_data::shards::{sample_batch, BatchKey, Dataset};
+use lillm_model::{weights, LilLM, ModelConfig};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+use crate::checkpoint::{self, CheckpointData, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::config::TrainConfig;
+use crate::metrics::{MetricsLog, Record};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::{flops, plot, Error, Result};
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub last_checkpoint: std::path::PathBuf,
+    pub plot: Option<std::path::PathBuf>,
+    pub num_params: usize,
+}
+
+/// Moves a micro-batch to the device as (inputs, targets) of shape (B, T).
+fn batch_tensors(batch: &lillm_data::shards::Batch, device: Device) -> (Tensor, Tensor) {
+    let shape = [batch.batch_size as i64, batch.block_size as i64];
+    let x = Tensor::from_slice(&batch.inputs).view(shape).to(device);
+    let y = Tensor::from_slice(&batch.targets).view(shape).to(device);
+    (x, y)
+}
+
+/// Mean loss over `cfg.eval_iters` seeded batches of a split (evaluation round `round`).
+pub fn estimate_loss(
+    model: &LilLM,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    split: Split,
+    device: Device,
+) -> Result<f64> {
+    let _guard = tch::no_grad_guard();
+    let mut total = 0.0;
+    for i in 0..cfg.eval_iters {
+        let key = BatchKey {
+            seed: cfg.seed ^ 0xE7A1,
+            split,
+            step: i,
+            micro: 0,
+        };
+        let batch = sample_batch(data.split(split), key, cfg.batch_size, cfg.block_size)?;
+        let (x, y) = batch_tensors(&batch, device);
+        total += model.loss(&x, &y, false).double_value(&[]);
+    }
+    Ok(total / cfg.eval_iters as f64)
+}
+
+/// A training run: the model, its optimizer, the data and where to write.
+pub struct Trainer {
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    device: Device,
+    vs: VarStore,
+    model: LilLM,
+    opt: AdamW,
+    data: Dataset,
+    tokenizer_dir: Option<std::path::PathBuf>,
+    step: u64,
+    tokens_seen: u64,
+    best_val: Option<f64>,
+    evaluated_at_step: bool,
+}
+
+impl Trainer {
+    /// Builds the run: fresh weights, `init_from` weights, or — with `resume` — the latest
+    /// valid checkpoint of `cfg.out` with its optimizer state and data cursor.
+    pub fn new(cfg: TrainConfig) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.threads > 0 {
+            tch::set_num_threads(cfg.threads as i32);
+        }
+        let device = cfg.device()?;
+        let data = Dataset::open(&cfg.data)?;
+        let resume_from = if cfg.resume { checkpoint::latest_valid(&cfg.out) } else { None };
+        if !cfg.resume && !checkpoint::list_checkpoints(&cfg.out).is_empty() {
+            return Err(Error::Config(format!(
+                "{} already holds checkpoints; pass --resume to continue that run or choose another --out",
+                cfg.out.display()
+            )));
+        }
+        let model_cfg = match &resume_from {
+            Some((_, state)) => state.model.clone(),
+            None => cfg.model_config()?,
+        };
+        if data.manifest.vocab_size > model_cfg.vocab_size {
+            return Err(Error::Config(format!(
+                "the dataset {} was tokenized with {} tokens but the model's vocab_size is {}; set model.vocab_size to at least {}",
+                cfg.data.display(),
+                data.manifest.vocab_size,
+                model_cfg.vocab_size,
+                data.manifest.vocab_size
+            )));
+        }
+        tch::manual_seed(cfg.seed as i64);
+        let vs = VarStore::new(device);
+        let mut model = LilLM::new(&vs.root(), &model_cfg)?;
+        model.set_compute_kind(cfg.compute_kind(device));
+        let adam = AdamWConfig {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.adam_eps,
+            weight_decay: cfg.weight_decay,
+        };
+        let mut opt = AdamW::new(adam, vs.variables().into_iter().collect());
+        let tokenizer_dir = find_tokenizer(&cfg.data);
+        let mut trainer_state = (0, 0, None, false);
+        if let Some((dir, state)) = &resume_from {
+            if state.dataset_fingerprint.as_deref() != Some(data.manifest.tokenizer_fingerprint.as_str()) {
+                return Err(Error::checkpoint(
+                    dir,
+                    "was trained on data from another tokenizer than --data; resume with the same dataset",
+                ));
+            }
+            weights::load_var_store(&vs, &dir.join(MODEL_FILE))?;
+            let opt_state = weights::read_tensors(&dir.join(OPTIMIZER_FILE))?;
+            opt.load_state_tensors(&opt_state, dir)?;
+            trainer_state = (state.step, state.tokens_seen, state.best_val_loss, state.evaluated_at_step);
+            tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
+        } else if let Some(init) = &cfg.init_from {
+            let loaded = crate::LoadedModel::load(init, device)?;
+            if loaded.state.model != model_cfg {
+                return Err(Error::checkpoint(&loaded.dir, "its model config differs from the one configured for this run"));
+            }
+            weights::load_into(&vs, &weights::var_store_tensors(&loaded.vs), &loaded.dir)?;
+        }
+        let (step, tokens_seen, best_val, evaluated_at_step) = trainer_state;
+        Ok(Self {
+            cfg,
+            model_cfg,
+            device,
+            vs,
+            model,
+            opt,
+            data,
+            tokenizer_dir,
+            step,
+            tokens_seen,
+            best_val,
+            evaluated_at_step,
+        })
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.model_cfg
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    fn save_checkpoint(&self, val_loss: Option<f64>) -> Result<std::path::PathBuf> {
+        let dir = checkpoint::checkpoint_dir(&self.cfg.out, self.step);
+        let state = CheckpointState {
+            step: self.step,
+            tokens_seen: self.tokens_seen,
+            val_loss,
+            best_val_loss: self.best_val,
+            model: self.model_cfg.clone(),
+            train: Some(self.cfg.clone()),
+            world_size: 1,
+            seed: self.cfg.seed,
+            generation: 0,
+            evaluated_at_step: self.evaluated_at_step,
+            dataset_fingerprint: Some(self.data.manifest.tokenizer_fingerprint.clone()),
+            source: "train".into(),
+        };
+        checkpoint::write_checkpoint(
+            &dir,
+            &CheckpointData {
+                state,
+                model: weights::var_store_tensors(&self.vs),
+                optimizer: Some(self.opt.state_tensors()),
+                tokenizer: self.tokenizer_dir.as_deref(),
+            },
+        )?;
+        checkpoint::apply_retention(&self.cfg.out, self.cfg.keep_last)?;
+        Ok(dir)
+    }
+
+    fn evaluate(&self, log: &mut MetricsLog) -> Result<(f64, f64)> {
+        let train = estimate_loss(&self.model, &self.data, &self.cfg, Split::Train, self.device)?;
+        let val = estimate_loss(&self.model, &self.data, &self.cfg, Split::Val, self.device)?;
+        log.append(&Record {
+            step: self.step,
+            val_loss: Some(val),
+            train_loss: Some(train),
+            tokens_seen: Some(self.tokens_seen),
+            ..Record::default()
+        })?;
+        Ok((train, val))
+    }
+
+    /// Runs until `max_iters` steps are done; returns what happened.
+    pub fn run(&mut self, show_progress: bool) -> Result<TrainSummary> {
+        let cfg = self.cfg.clone();
+        std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+        if self.data.manifest.val.is_empty() {
+            return Err(Error::Config(format!(
+                "{} has no validation split; prepare it with --val-fraction > 0",
+                cfg.data.display()
+            )));
+        }
+        let resumed = self.step > 0 || self.evaluated_at_step;
+        let mut log = MetricsLog::open(&cfg.out, resumed.then_some(self.step))?;
+        let schedule = cfg.schedule();
+        let tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.grad_accum) as u64;
+        let flops_per_step = self.model_cfg.train_flops_per_token(cfg.block_size) * tokens_per_step as f64;
+        let peak = flops::peak_flops(cfg.peak_tflops, self.device);
+        let bar = if show_progress { ProgressBar::new(cfg.max_iters) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("valid template"),
+        );
+        bar.set_position(self.step);
+        let say = |line: String| {
+            if show_progress {
+                bar.println(line)
+            } else {
+                eprintln!("{line}")
+            }
+        };
+        say(format!(
+            "model: {} parameters ({} layers, d_model {}); {} tokens per step; device {:?}",
+            self.model_cfg.num_params(),
+            self.model_cfg.n_layers,
+            self.model_cfg.d_model,
+            tokens_per_step,
+            self.device
+        ));
+        let mut last_val = None;
+        let mut loss_acc = Tensor::zeros([], (Kind::Float, self.device));
+        let mut window_steps = 0u64;
+        let mut window_start = Instant::now();
+        let mut last_ckpt = None;
+        loop {
+            let at_end = self.step >= cfg.max_iters;
+            if (self.step % cfg.eval_interval == 0 || at_end) && !self.evaluated_at_step {
+                let (train, val) = self.evaluate(&mut log)?;
+                last_val = Some(val);
+                self.best_val = Some(self.best_val.map_or(val, |b: f64| b.min(val)));
+                self.evaluated_at_step = true;
+                say(format!("step {:>6}: train loss {train:.4}, val loss {val:.4}", self.step));
+                if self.step > 0 {
+                    last_ckpt = Some(self.save_checkpoint(Some(val))?);
+                }
+                window_start = Instant::now();
+            }
+            if at_end {
+                break;
+            }
+            let lr = schedule.at(self.step);
+            // Dropout draws from libtorch's generator: reseed per step so a resume replays it.
+            tch::manual_seed((cfg.seed ^ self.step.wrapping_mul(0x9E37_79B9)) as i64);
+            for micro in 0..cfg.grad_accum {
+                let key = BatchKey { seed: cfg.seed, split: Split::Train, step: self.step, micro: micro as u64 };
+                let batch = sample_batch(self.data.split(Split::Train), key, cfg.batch_size, cfg.block_size)?;
+                let (x, y) = batch_tensors(&batch, self.device);
+                let loss = self.model.loss(&x, &y, true) / cfg.grad_accum as f64;
+                loss.backward();
+                loss_acc += loss.detach();
+            }
+            let grad_norm = self.opt.clip_grad_norm(cfg.grad_clip);
+            self.opt.step(lr);
+            self.opt.zero_grad();
+            self.step += 1;
+            self.tokens_seen += tokens_per_step;
+            self.evaluated_at_step = false;
+            window_steps += 1;
+            bar.set_position(self.step);
+            if self.step % cfg.log_interval == 0 || self.step == cfg.max_iters {
+                // The only host sync of the step, once per log interval.
+                let loss = loss_acc.double_value(&[]) / window_steps as f64;
+                let secs = window_start.elapsed().as_secs_f64() / window_steps as f64;
+                let tokens_per_s = tokens_per_step as f64 / secs;
+                let mfu = peak.map(|p| flops_per_step / secs / p);
+                log.append(&Record {
+                    step: self.step,
+                    loss: Some(loss),
+                    lr: Some(lr),
+                    grad_norm: Some(grad_norm.double_value(&[])),
+                    tokens_per_s: Some(tokens_per_s),
+                    step_ms: Some(secs * 1e3),
+                    mfu,
+                    tokens_seen: Some(self.tokens_seen),
+                    ..Record::default()
+                })?;
+                bar.set_message(format!(
+                    "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s{}",
+                    mfu.map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0))
+                ));
+                loss_acc = Tensor::zeros([], (Kind::Float, self.device));
+                window_steps = 0;
+                window_start = Instant::now();
+            }
+        }
+        bar.finish_and_clear();
+        let last_checkpoint = match last_ckpt {
+            Some(dir) => dir,
+            None => self.save_checkpoint(last_val)?,
+        };
+        let plot = plot::plot_run(&cfg.out).ok();
+        Ok(TrainSummary {
+            steps: self.step,
+            final_val_loss: last_val,
+            best_val_loss: self.best_val,
+            last_checkpoint,
+            plot,
+            num_params: self.model_cfg.num_params(),
+        })
+    }
+}
+
+/// `data prepare` stores the dataset's tokenizer beside its shards; checkpoints carry a copy.
+fn find_tokenizer(data: &Path) -> Option<std::path::PathBuf> {
+    let recorded = data.join("tokenizer.json");
+    recorded.is_file().then(|| data.to_path_buf())
+}
