@@ -212,6 +212,17 @@ pub enum ModelCmd {
     },
     /// List the presets.
     Presets,
+    /// Write the logits (1, T, vocab) of token ids under a checkpoint to a safetensors file
+    /// (tensor `logits`), for checking against other implementations.
+    Logits {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// JSON array of token ids.
+        #[arg(long)]
+        ids: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 pub fn model(cmd: ModelCmd) -> Result<()> {
@@ -223,6 +234,19 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
             println!("parameters: {}", cfg.num_params());
         }
         ModelCmd::Presets => PRESETS.iter().for_each(|p| println!("{p}")),
+        ModelCmd::Logits { checkpoint, ids, out } => {
+            let loaded = lillm_trainer::LoadedModel::load(&checkpoint, tch::Device::Cpu)?;
+            let ids: Vec<i64> = serde_json::from_str(&ids).context("--ids must be a JSON array of token ids")?;
+            let vocab = loaded.model.config().vocab_size as i64;
+            if ids.is_empty() || ids.iter().any(|&i| i < 0 || i >= vocab) {
+                anyhow::bail!("--ids must be a non-empty array of ids in 0..{vocab}");
+            }
+            let x = tch::Tensor::from_slice(&ids).view([1, -1]);
+            let logits = tch::no_grad(|| loaded.model.forward(&x, false));
+            let map = std::collections::BTreeMap::from([("logits".to_string(), logits)]);
+            lillm_model::weights::write_tensors(&out, &map)?;
+            println!("{}", out.display());
+        }
     }
     Ok(())
 }

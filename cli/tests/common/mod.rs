@@ -1,0 +1,129 @@
+//! Helpers shared by the CLI integration tests: run the real `lillm` binary and the
+//! project's Python (torch, transformers, tokenizers) as the interop oracle.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs `lillm ARGS…`.
+pub fn lillm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args(args)
+        .env("LILLM_PYTHON", python_path())
+        .output()
+        .expect("lillm runs")
+}
+
+/// Runs `lillm ARGS…`, failing the test with its stderr unless it succeeds; returns stdout.
+pub fn lillm_ok(args: &[&str]) -> String {
+    let out = lillm(args);
+    assert!(
+        out.status.success(),
+        "lillm {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `lillm ARGS…` expecting failure; returns stderr.
+pub fn lillm_err(args: &[&str]) -> String {
+    let out = lillm(args);
+    assert!(!out.status.success(), "lillm {args:?} should have failed");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+pub fn python_path() -> PathBuf {
+    std::env::var_os("LILLM_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"))
+}
+
+/// Runs a Python script with `args`; returns stdout, failing on a non-zero exit.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python_path())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python runs (make test bootstraps .venv)");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn shared_reference(name: &str) -> PathBuf {
+    repo_root().join("../shared/reference").join(name)
+}
+
+/// A deterministic English-like corpus of `paragraphs` paragraphs.
+pub fn corpus_text(paragraphs: usize, seed: u64) -> String {
+    const WORDS: &[&str] = &[
+        "the", "king", "queen", "of", "and", "to", "my", "lord", "good", "night", "sweet",
+        "prince", "what", "is", "a", "man", "love", "death", "sleep", "dream", "heaven", "earth",
+        "speak", "hear", "thou", "art", "thy", "mine", "honour", "crown", "sword", "friend",
+    ];
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut next = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    let mut text = String::new();
+    for p in 0..paragraphs {
+        text.push_str(&format!("SPEAKER{}.\n", p % 7));
+        for _ in 0..(2 + next() % 3) {
+            let n = 5 + next() % 8;
+            let words: Vec<&str> = (0..n).map(|_| WORDS[next() % WORDS.len()]).collect();
+            let mut line = words.join(" ");
+            line[..1].make_ascii_uppercase();
+            text.push_str(&line);
+            text.push_str(if next() % 3 == 0 { "!\n" } else { ".\n" });
+        }
+        text.push('\n');
+    }
+    text
+}
+
+/// A corpus file, a trained tokenizer and a prepared dataset under `dir`.
+pub struct TinyData {
+    pub corpus: PathBuf,
+    pub tokenizer: PathBuf,
+    pub data: PathBuf,
+}
+
+pub fn tiny_data(dir: &Path, vocab: usize) -> TinyData {
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, corpus_text(600, 7)).unwrap();
+    let tokenizer = dir.join("tok");
+    let data = dir.join("data");
+    let vocab = vocab.to_string();
+    lillm_ok(&["tokenizer", "train", "--input", s(&corpus), "--vocab-size", &vocab, "--out", s(&tokenizer)]);
+    lillm_ok(&[
+        "data", "prepare", "--tokenizer", s(&tokenizer), "--input", s(&corpus), "--out", s(&data),
+        "--val-fraction", "0.1",
+    ]);
+    TinyData { corpus, tokenizer, data }
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A tiny model config for tests: `lillm train` flags.
+pub fn tiny_train_args<'a>(data: &'a str, out: &'a str, vocab: &'a str, iters: &'a str) -> Vec<&'a str> {
+    vec![
+        "train", "--preset", "tiny", "--data", data, "--out", out, "--vocab-size", vocab,
+        "--d-model", "32", "--n-layers", "2", "--q-heads", "4", "--kv-heads", "2",
+        "--max-seq-len", "32", "--block-size", "32", "--batch-size", "4", "--grad-accum", "2",
+        "--max-iters", iters, "--warmup-iters", "5", "--lr-decay-iters", "20", "--lr", "3e-3",
+        "--min-lr", "3e-4", "--eval-interval", "5", "--eval-iters", "2", "--log-interval", "1",
+        "--device", "cpu", "--threads", "1",
+    ]
+}
