@@ -50,7 +50,15 @@ pub enum DataCmd {
 
 pub fn run(cmd: DataCmd) -> Result<()> {
     match cmd {
-        DataCmd::Prepare { tokenizer, corpus, out, val_fraction, seed, shard_tokens, force } => {
+        DataCmd::Prepare {
+            tokenizer,
+            corpus,
+            out,
+            val_fraction,
+            seed,
+            shard_tokens,
+            force,
+        } => {
             let opts = PrepareOptions {
                 corpus: corpus.spec(),
                 tokenizer,
@@ -64,7 +72,10 @@ pub fn run(cmd: DataCmd) -> Result<()> {
             let report = prepare(&opts)?;
             let m = &report.manifest;
             if report.already_prepared {
-                println!("{} is already prepared from these inputs; nothing to do", out.display());
+                println!(
+                    "{} is already prepared from these inputs; nothing to do",
+                    out.display()
+                );
             } else {
                 println!(
                     "prepared {}: {:.1} MB of text in {:.2}s ({:.1} MB/s, {:.0} tokens/s)",

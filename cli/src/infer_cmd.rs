@@ -10,7 +10,11 @@ use lillm_model::{generate as generate_tokens, Sampler, SamplingParams, StopReas
 use lillm_trainer::{eval::eval_ids, LoadedModel};
 
 fn device(name: &str) -> Result<tch::Device> {
-    Ok(lillm_trainer::TrainConfig { device: name.into(), ..Default::default() }.device()?)
+    Ok(lillm_trainer::TrainConfig {
+        device: name.into(),
+        ..Default::default()
+    }
+    .device()?)
 }
 
 #[derive(Args)]
@@ -32,10 +36,18 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         .with_context(|| format!("{}: cannot read as UTF-8 text", args.text_file.display()))?;
     let ids = loaded.tokenizer()?.encode(&text)?;
     if ids.len() < 2 {
-        bail!("{}: needs at least two tokens to score", args.text_file.display());
+        bail!(
+            "{}: needs at least two tokens to score",
+            args.text_file.display()
+        );
     }
     let result = eval_ids(&loaded, &ids)?;
-    println!("loss={:.6} tokens={} perplexity={:.3}", result.loss, result.tokens, result.perplexity());
+    println!(
+        "loss={:.6} tokens={} perplexity={:.3}",
+        result.loss,
+        result.tokens,
+        result.perplexity()
+    );
     Ok(())
 }
 
@@ -100,32 +112,46 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let mut generated = Vec::new();
     let mut printed = 0;
     let mut io_error = None;
-    let reason = generate_tokens(&loaded.model, &prompt, args.max_new_tokens, &mut sampler, &[EOS_ID], |id| {
-        generated.push(id);
-        let Ok(text) = tok.decode(&generated) else { return true };
-        if text.ends_with('\u{FFFD}') || text.len() <= printed {
-            return true;
-        }
-        let result = out.write_all(text[printed..].as_bytes()).and_then(|_| out.flush());
-        printed = text.len();
-        match result {
-            Ok(()) => true,
-            Err(e) => {
-                io_error = Some(e);
-                false
+    let reason = generate_tokens(
+        &loaded.model,
+        &prompt,
+        args.max_new_tokens,
+        &mut sampler,
+        &[EOS_ID],
+        |id| {
+            generated.push(id);
+            let Ok(text) = tok.decode(&generated) else {
+                return true;
+            };
+            if text.ends_with('\u{FFFD}') || text.len() <= printed {
+                return true;
             }
-        }
-    })?;
+            let result = out
+                .write_all(&text.as_bytes()[printed..])
+                .and_then(|_| out.flush());
+            printed = text.len();
+            match result {
+                Ok(()) => true,
+                Err(e) => {
+                    io_error = Some(e);
+                    false
+                }
+            }
+        },
+    )?;
     if let Some(e) = io_error {
         return Err(e.into());
     }
     let text = tok.decode(&generated)?;
     if text.len() > printed {
-        write!(out, "{}", &text[printed..])?;
+        out.write_all(&text.as_bytes()[printed..])?;
     }
     writeln!(out)?;
     if reason == StopReason::Context {
-        eprintln!("(stopped: the model's context of {} tokens is full)", loaded.model.config().max_seq_len);
+        eprintln!(
+            "(stopped: the model's context of {} tokens is full)",
+            loaded.model.config().max_seq_len
+        );
     }
     Ok(())
 }

@@ -51,7 +51,10 @@ pub enum ImportCmd {
 
 fn ensure_fresh_dir(out: &Path) -> Result<()> {
     if out.exists() && fs::read_dir(out)?.next().is_some() {
-        bail!("{}: already exists and is not empty; choose another --out", out.display());
+        bail!(
+            "{}: already exists and is not empty; choose another --out",
+            out.display()
+        );
     }
     Ok(())
 }
@@ -62,7 +65,10 @@ pub fn export(cmd: ExportCmd) -> Result<()> {
     let loaded = LoadedModel::load(&checkpoint, Device::Cpu)?;
     let cfg = loaded.model.config().clone();
     let tensors = hf::to_hf(&cfg, weights::var_store_tensors(&loaded.vs))?;
-    let tmp = out.with_file_name(format!(".{}.partial", out.file_name().unwrap_or_default().to_string_lossy()));
+    let tmp = out.with_file_name(format!(
+        ".{}.partial",
+        out.file_name().unwrap_or_default().to_string_lossy()
+    ));
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
     }
@@ -85,7 +91,11 @@ pub fn export(cmd: ExportCmd) -> Result<()> {
         fs::remove_dir(&out)?;
     }
     fs::rename(&tmp, &out)?;
-    println!("exported {} → {} (Hugging Face Llama)", loaded.dir.display(), out.display());
+    println!(
+        "exported {} → {} (Hugging Face Llama)",
+        loaded.dir.display(),
+        out.display()
+    );
     Ok(())
 }
 
@@ -96,9 +106,14 @@ fn read_hf_weights(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
         return Ok(weights::read_tensors(&single)?);
     }
     let index = dir.join("model.safetensors.index.json");
-    let text = fs::read_to_string(&index)
-        .with_context(|| format!("{}: holds neither model.safetensors nor model.safetensors.index.json", dir.display()))?;
-    let index: Value = serde_json::from_str(&text).with_context(|| format!("{}: malformed", index.display()))?;
+    let text = fs::read_to_string(&index).with_context(|| {
+        format!(
+            "{}: holds neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        )
+    })?;
+    let index: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: malformed", index.display()))?;
     let mut files: Vec<&str> = index["weight_map"]
         .as_object()
         .with_context(|| "weight_map missing from the index")?
@@ -143,8 +158,21 @@ fn write_imported(
         dataset_fingerprint: None,
         source: source.into(),
     };
-    write_checkpoint(out, &CheckpointData { state, model: weights::var_store_tensors(&vs), optimizer: None, tokenizer })?;
-    println!("imported {} → {} ({} parameters)", origin.display(), out.display(), cfg.num_params());
+    write_checkpoint(
+        out,
+        &CheckpointData {
+            state,
+            model: weights::var_store_tensors(&vs),
+            optimizer: None,
+            tokenizer,
+        },
+    )?;
+    println!(
+        "imported {} → {} ({} parameters)",
+        origin.display(),
+        out.display(),
+        cfg.num_params()
+    );
     Ok(())
 }
 
@@ -153,13 +181,28 @@ pub fn import(cmd: ImportCmd) -> Result<()> {
         ImportCmd::Hf { dir, out } => {
             ensure_fresh_dir(&out)?;
             let config_path = dir.join("config.json");
-            let text = fs::read_to_string(&config_path).with_context(|| format!("{}: cannot read", config_path.display()))?;
-            let cfg = hf::config_from_hf(&serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", config_path.display()))?)?;
+            let text = fs::read_to_string(&config_path)
+                .with_context(|| format!("{}: cannot read", config_path.display()))?;
+            let cfg = hf::config_from_hf(
+                &serde_json::from_str(&text)
+                    .with_context(|| format!("{}: malformed JSON", config_path.display()))?,
+            )?;
             let tensors = hf::from_hf(&cfg, read_hf_weights(&dir)?)?;
             let tok = dir.join("tokenizer.json");
-            write_imported(cfg, tensors, &dir, tok.is_file().then_some(tok.as_path()), "import-hf", &out)
+            write_imported(
+                cfg,
+                tensors,
+                &dir,
+                tok.is_file().then_some(tok.as_path()),
+                "import-hf",
+                &out,
+            )
         }
-        ImportCmd::LillmPt { file, out, tokenizer } => {
+        ImportCmd::LillmPt {
+            file,
+            out,
+            tokenizer,
+        } => {
             ensure_fresh_dir(&out)?;
             if !file.is_file() {
                 bail!("{}: file not found", file.display());
@@ -175,12 +218,24 @@ pub fn import(cmd: ImportCmd) -> Result<()> {
                 .status()
                 .with_context(|| format!("cannot run `{python}` (set LILLM_PYTHON to a Python with torch; `make` sets it up)"))?;
             if !status.success() {
-                bail!("{}: conversion failed (see the message above)", file.display());
+                bail!(
+                    "{}: conversion failed (see the message above)",
+                    file.display()
+                );
             }
-            let meta: Value = serde_json::from_str(&fs::read_to_string(work.path().join("config.json"))?)?;
+            let meta: Value =
+                serde_json::from_str(&fs::read_to_string(work.path().join("config.json"))?)?;
             let tensors = weights::read_tensors(&work.path().join("model.safetensors"))?;
-            let cfg = lillm_pt_config(&meta["config"], &tensors).with_context(|| format!("{}: config", file.display()))?;
-            write_imported(cfg, tensors, &file, tokenizer.as_deref(), "import-lillm-pt", &out)
+            let cfg = lillm_pt_config(&meta["config"], &tensors)
+                .with_context(|| format!("{}: config", file.display()))?;
+            write_imported(
+                cfg,
+                tensors,
+                &file,
+                tokenizer.as_deref(),
+                "import-lillm-pt",
+                &out,
+            )
         }
     }
 }
@@ -188,11 +243,16 @@ pub fn import(cmd: ImportCmd) -> Result<()> {
 /// The original `Config` fields, with sizes the file leaves out read off the tensor shapes.
 fn lillm_pt_config(fields: &Value, tensors: &BTreeMap<String, Tensor>) -> Result<ModelConfig> {
     let shape = |name: &str| -> Result<Vec<i64>> {
-        Ok(tensors.get(name).with_context(|| format!("tensor `{name}` is missing"))?.size())
+        Ok(tensors
+            .get(name)
+            .with_context(|| format!("tensor `{name}` is missing"))?
+            .size())
     };
     let emb = shape("tok_emb.weight")?;
     let (vocab_size, d_model) = (emb[0] as usize, emb[1] as usize);
-    let n_layers = (0..).take_while(|i| tensors.contains_key(&format!("transformer_blocks.{i}.attn.wq.weight"))).count();
+    let n_layers = (0..)
+        .take_while(|i| tensors.contains_key(&format!("transformer_blocks.{i}.attn.wq.weight")))
+        .count();
     let hidden = shape("transformer_blocks.0.ffn.w1.weight")?[0] as usize;
     let get = |k: &str| fields.get(k).and_then(Value::as_u64).map(|v| v as usize);
     let q_heads = get("q_heads").context("config lacks q_heads")?;

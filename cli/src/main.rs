@@ -10,7 +10,11 @@ mod train_cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lillm", version, about = "Train a little Llama-style language model end to end")]
+#[command(
+    name = "lillm",
+    version,
+    about = "Train a little Llama-style language model end to end"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,7 +29,7 @@ enum Command {
     #[command(subcommand)]
     Data(data_cmd::DataCmd),
     /// Pretrain a model (single process).
-    Train(train_cmd::TrainArgs),
+    Train(Box<train_cmd::TrainArgs>),
     /// Mean next-token cross entropy of a text file under a checkpoint.
     Eval(infer_cmd::EvalArgs),
     /// Generate text from a prompt, streaming tokens to stdout.
@@ -54,7 +58,7 @@ fn main() {
     let result = match cli.command {
         Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
         Command::Data(cmd) => data_cmd::run(cmd),
-        Command::Train(args) => train_cmd::run(args),
+        Command::Train(args) => train_cmd::run(*args),
         Command::Eval(args) => infer_cmd::eval(args),
         Command::Generate(args) => infer_cmd::generate(args),
         Command::Plot(args) => train_cmd::plot(args),

@@ -76,9 +76,18 @@ pub enum TokenizerCmd {
 
 pub fn run(cmd: TokenizerCmd) -> Result<()> {
     match cmd {
-        TokenizerCmd::Train { corpus, vocab_size, min_frequency, out } => {
+        TokenizerCmd::Train {
+            corpus,
+            vocab_size,
+            min_frequency,
+            out,
+        } => {
             let started = std::time::Instant::now();
-            let opts = TrainOptions { vocab_size, min_frequency, show_progress: crate::interactive() };
+            let opts = TrainOptions {
+                vocab_size,
+                min_frequency,
+                show_progress: crate::interactive(),
+            };
             let tok = tokenizer::train(&corpus.spec(), &opts, &out)?;
             println!(
                 "trained tokenizer: {} tokens in {:.1}s → {}",
@@ -87,7 +96,11 @@ pub fn run(cmd: TokenizerCmd) -> Result<()> {
                 tok.path.display()
             );
         }
-        TokenizerCmd::Encode { tokenizer, text, input } => {
+        TokenizerCmd::Encode {
+            tokenizer,
+            text,
+            input,
+        } => {
             let tok = Tokenizer::load(&tokenizer)?;
             let text = match (text, input) {
                 (Some(t), _) => t,
@@ -110,7 +123,10 @@ pub fn run(cmd: TokenizerCmd) -> Result<()> {
             let ids: Vec<u32> = serde_json::from_str(ids.trim())
                 .context("--ids must be a JSON array of non-negative integers, e.g. [1, 2, 3]")?;
             if let Some(bad) = ids.iter().find(|&&id| id as usize >= tok.vocab_size()) {
-                bail!("id {bad} is outside the vocabulary (size {})", tok.vocab_size());
+                bail!(
+                    "id {bad} is outside the vocabulary (size {})",
+                    tok.vocab_size()
+                );
             }
             println!("{}", tok.decode(&ids)?);
         }

@@ -108,13 +108,16 @@ fn env_overrides(known: &toml::Table) -> HashMap<String, String> {
 fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     let defaults = TrainConfig::default();
     let default_table = toml::Table::try_from(&defaults)?;
-    let mut builder = config::Config::builder()
-        .add_source(config::File::from_str(&toml::to_string(&default_table)?, config::FileFormat::Toml));
+    let mut builder = config::Config::builder().add_source(config::File::from_str(
+        &toml::to_string(&default_table)?,
+        config::FileFormat::Toml,
+    ));
     if let Some(path) = &args.config {
         if !path.is_file() {
             anyhow::bail!("{}: config file not found", path.display());
         }
-        builder = builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
+        builder =
+            builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
     }
     for (key, value) in env_overrides(&default_table) {
         builder = builder.set_override(key, value)?;
@@ -173,15 +176,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
     let resolved = cfg.out.join("config.toml");
     let mut trainer = Trainer::new(cfg.clone())?;
     std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)
         .with_context(|| format!("{}: cannot write", resolved.display()))?;
     let summary = trainer.run(crate::interactive())?;
-    println!("trained {} steps of a {}-parameter model", summary.steps, summary.num_params);
+    println!(
+        "trained {} steps of a {}-parameter model",
+        summary.steps, summary.num_params
+    );
     if let Some(v) = summary.final_val_loss {
-        println!("final val loss {v:.4} (best {:.4})", summary.best_val_loss.unwrap_or(v));
+        println!(
+            "final val loss {v:.4} (best {:.4})",
+            summary.best_val_loss.unwrap_or(v)
+        );
     }
     println!("checkpoint: {}", summary.last_checkpoint.display());
     if let Some(p) = summary.plot {
@@ -234,9 +244,14 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
             println!("parameters: {}", cfg.num_params());
         }
         ModelCmd::Presets => PRESETS.iter().for_each(|p| println!("{p}")),
-        ModelCmd::Logits { checkpoint, ids, out } => {
+        ModelCmd::Logits {
+            checkpoint,
+            ids,
+            out,
+        } => {
             let loaded = lillm_trainer::LoadedModel::load(&checkpoint, tch::Device::Cpu)?;
-            let ids: Vec<i64> = serde_json::from_str(&ids).context("--ids must be a JSON array of token ids")?;
+            let ids: Vec<i64> =
+                serde_json::from_str(&ids).context("--ids must be a JSON array of token ids")?;
             let vocab = loaded.model.config().vocab_size as i64;
             if ids.is_empty() || ids.iter().any(|&i| i < 0 || i >= vocab) {
                 anyhow::bail!("--ids must be a non-empty array of ids in 0..{vocab}");

@@ -10,7 +10,11 @@ fn read_manifest(dir: &std::path::Path) -> serde_json::Value {
 }
 
 fn shard_tokens(path: &std::path::Path) -> Vec<u16> {
-    fs::read(path).unwrap().chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    fs::read(path)
+        .unwrap()
+        .chunks(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
 }
 
 #[test]
@@ -18,18 +22,49 @@ fn shards_hold_every_document_followed_by_eos() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = tiny_data(dir.path(), 300);
     let jsonl = dir.path().join("docs.jsonl");
-    let docs = ["first document", "second one, longer than the first", "third"];
-    let lines: Vec<String> = docs.iter().map(|d| serde_json::json!({"body": d, "id": 1}).to_string()).collect();
+    let docs = [
+        "first document",
+        "second one, longer than the first",
+        "third",
+    ];
+    let lines: Vec<String> = docs
+        .iter()
+        .map(|d| serde_json::json!({"body": d, "id": 1}).to_string())
+        .collect();
     fs::write(&jsonl, lines.join("\n")).unwrap();
     let out = dir.path().join("jsonl-data");
-    lillm_ok(&["data", "prepare", "--tokenizer", s(&tiny.tokenizer), "--input", s(&jsonl), "--field", "body", "--out", s(&out), "--val-fraction", "0"]);
+    lillm_ok(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tiny.tokenizer),
+        "--input",
+        s(&jsonl),
+        "--field",
+        "body",
+        "--out",
+        s(&out),
+        "--val-fraction",
+        "0",
+    ]);
     let m = read_manifest(&out);
     assert_eq!(m["dtype"], "u16");
     assert_eq!(m["train"][0]["documents"], 3);
     let tokens = shard_tokens(&out.join(m["train"][0]["file"].as_str().unwrap()));
     let mut expected = Vec::new();
     for d in docs {
-        let ids: Vec<u16> = serde_json::from_str(lillm_ok(&["tokenizer", "encode", "--tokenizer", s(&tiny.tokenizer), "--text", d]).trim()).unwrap();
+        let ids: Vec<u16> = serde_json::from_str(
+            lillm_ok(&[
+                "tokenizer",
+                "encode",
+                "--tokenizer",
+                s(&tiny.tokenizer),
+                "--text",
+                d,
+            ])
+            .trim(),
+        )
+        .unwrap();
         expected.extend(ids);
         expected.push(2);
     }
@@ -46,17 +81,53 @@ fn split_is_seeded_and_rerun_is_a_no_op() {
     let val_docs = m["val"][0]["documents"].as_u64().unwrap();
     let train_docs = m["train"][0]["documents"].as_u64().unwrap();
     assert_eq!(val_docs + train_docs, 600);
-    assert!((30..=90).contains(&val_docs), "about 10% held out, got {val_docs}");
+    assert!(
+        (30..=90).contains(&val_docs),
+        "about 10% held out, got {val_docs}"
+    );
     let before = fs::read(tiny.data.join("manifest.json")).unwrap();
-    let out = lillm_ok(&["data", "prepare", "--tokenizer", s(&tiny.tokenizer), "--input", s(&tiny.corpus), "--out", s(&tiny.data), "--val-fraction", "0.1"]);
+    let out = lillm_ok(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tiny.tokenizer),
+        "--input",
+        s(&tiny.corpus),
+        "--out",
+        s(&tiny.data),
+        "--val-fraction",
+        "0.1",
+    ]);
     assert!(out.contains("nothing to do"), "{out}");
     assert_eq!(fs::read(tiny.data.join("manifest.json")).unwrap(), before);
     // The same seed elsewhere gives the same split; the checksums agree.
     let again = dir.path().join("again");
-    lillm_ok(&["data", "prepare", "--tokenizer", s(&tiny.tokenizer), "--input", s(&tiny.corpus), "--out", s(&again), "--val-fraction", "0.1"]);
+    lillm_ok(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tiny.tokenizer),
+        "--input",
+        s(&tiny.corpus),
+        "--out",
+        s(&again),
+        "--val-fraction",
+        "0.1",
+    ]);
     assert_eq!(read_manifest(&again)["val"], m["val"]);
     // Other options never overwrite an existing dataset silently.
-    let err = lillm_err(&["data", "prepare", "--tokenizer", s(&tiny.tokenizer), "--input", s(&tiny.corpus), "--out", s(&tiny.data), "--val-fraction", "0.2"]);
+    let err = lillm_err(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tiny.tokenizer),
+        "--input",
+        s(&tiny.corpus),
+        "--out",
+        s(&tiny.data),
+        "--val-fraction",
+        "0.2",
+    ]);
     assert!(err.contains("--force"), "{err}");
     assert_eq!(fs::read(tiny.data.join("manifest.json")).unwrap(), before);
 }
@@ -68,36 +139,68 @@ fn bad_records_fail_with_file_and_line_and_damage_nothing() {
     let before = fs::read(tiny.data.join("manifest.json")).unwrap();
     let tok = s(&tiny.tokenizer);
     let prepare = |input: &std::path::Path, extra: &[&str]| {
-        let mut args = vec!["data", "prepare", "--tokenizer", tok, "--input", s(input), "--out", s(&tiny.data), "--force", "--val-fraction", "0"];
+        let mut args = vec![
+            "data",
+            "prepare",
+            "--tokenizer",
+            tok,
+            "--input",
+            s(input),
+            "--out",
+            s(&tiny.data),
+            "--force",
+            "--val-fraction",
+            "0",
+        ];
         args.extend_from_slice(extra);
         lillm(&args)
     };
 
     let bad_json = dir.path().join("bad.jsonl");
-    fs::write(&bad_json, "{\"text\": \"fine\"}\n{\"text\": broken\n{\"other\": \"x\"}\n{\"text\": \"ok\"}\n").unwrap();
+    fs::write(
+        &bad_json,
+        "{\"text\": \"fine\"}\n{\"text\": broken\n{\"other\": \"x\"}\n{\"text\": \"ok\"}\n",
+    )
+    .unwrap();
     let out = prepare(&bad_json, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("bad.jsonl:2: not valid JSON"), "{err}");
-    assert_eq!(fs::read(tiny.data.join("manifest.json")).unwrap(), before, "the existing dataset is untouched");
+    assert_eq!(
+        fs::read(tiny.data.join("manifest.json")).unwrap(),
+        before,
+        "the existing dataset is untouched"
+    );
 
     let missing_field = dir.path().join("field.jsonl");
-    fs::write(&missing_field, "{\"text\": \"fine\"}\n{\"content\": \"x\"}\n").unwrap();
+    fs::write(
+        &missing_field,
+        "{\"text\": \"fine\"}\n{\"content\": \"x\"}\n",
+    )
+    .unwrap();
     let err = String::from_utf8_lossy(&prepare(&missing_field, &[]).stderr).into_owned();
-    assert!(err.contains("field.jsonl:2: no string field `text`") && err.contains("--field"), "{err}");
+    assert!(
+        err.contains("field.jsonl:2: no string field `text`") && err.contains("--field"),
+        "{err}"
+    );
 
     let bad_utf8 = dir.path().join("latin1.txt");
-    fs::write(&bad_utf8, b"good line\n\ncaf\xe9 au lait\n".to_vec()).unwrap();
+    fs::write(&bad_utf8, b"good line\n\ncaf\xe9 au lait\n").unwrap();
     let err = String::from_utf8_lossy(&prepare(&bad_utf8, &[]).stderr).into_owned();
     assert!(err.contains("latin1.txt:3: invalid UTF-8"), "{err}");
 
-    let err = String::from_utf8_lossy(&prepare(&dir.path().join("absent.txt"), &[]).stderr).into_owned();
+    let err =
+        String::from_utf8_lossy(&prepare(&dir.path().join("absent.txt"), &[]).stderr).into_owned();
     assert!(err.contains("absent.txt"), "{err}");
     assert_eq!(fs::read(tiny.data.join("manifest.json")).unwrap(), before);
 
     // --skip-bad counts and skips instead (and --force replaces the dataset only when done).
     let out = prepare(&bad_json, &["--skip-bad"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let m = read_manifest(&tiny.data);
     assert_eq!(m["bad_records_skipped"], 2);
     assert_eq!(m["train"][0]["documents"], 2);
@@ -114,10 +217,35 @@ fn parquet_corpora_are_read_by_column() {
         &[s(&file)],
     );
     let out = dir.path().join("pq");
-    lillm_ok(&["data", "prepare", "--tokenizer", s(&tiny.tokenizer), "--input", s(&file), "--out", s(&out), "--val-fraction", "0"]);
+    lillm_ok(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tiny.tokenizer),
+        "--input",
+        s(&file),
+        "--out",
+        s(&out),
+        "--val-fraction",
+        "0",
+    ]);
     assert_eq!(read_manifest(&out)["train"][0]["documents"], 2);
-    let err = lillm_err(&["data", "prepare", "--tokenizer", s(&tiny.tokenizer), "--input", s(&file), "--field", "body", "--out", s(&dir.path().join("pq2"))]);
-    assert!(err.contains("owt.parquet") && err.contains("no column `body`"), "{err}");
+    let err = lillm_err(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tiny.tokenizer),
+        "--input",
+        s(&file),
+        "--field",
+        "body",
+        "--out",
+        s(&dir.path().join("pq2")),
+    ]);
+    assert!(
+        err.contains("owt.parquet") && err.contains("no column `body`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -129,5 +257,8 @@ fn truncated_shard_is_detected() {
     let bytes = fs::read(&shard).unwrap();
     fs::write(&shard, &bytes[..bytes.len() - 2]).unwrap();
     let err = lillm_err(&["data", "verify", s(&tiny.data)]);
-    assert!(err.contains("train-00000.bin") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("train-00000.bin") && err.contains("truncated"),
+        "{err}"
+    );
 }

@@ -34,16 +34,34 @@ fn resume_reproduces_the_uninterrupted_run() {
     let a = losses(&straight);
     let b = losses(&split);
     assert_eq!(a.len(), 20, "one record per step");
-    assert_eq!(a, b, "10 steps + resume + 10 steps gives the same losses bit for bit");
+    assert_eq!(
+        a, b,
+        "10 steps + resume + 10 steps gives the same losses bit for bit"
+    );
     assert!(a[19].1 < a[0].1, "the loss goes down");
     // Metrics carry the documented fields; the run has a plot and best/last checkpoints.
-    let first: serde_json::Value = serde_json::from_str(fs::read_to_string(straight.join("metrics.jsonl")).unwrap().lines().nth(1).unwrap()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(
+        fs::read_to_string(straight.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .nth(1)
+            .unwrap(),
+    )
+    .unwrap();
     for field in ["step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"] {
-        assert!(first.get(field).is_some(), "metrics record lacks {field}: {first}");
+        assert!(
+            first.get(field).is_some(),
+            "metrics record lacks {field}: {first}"
+        );
     }
-    assert!(fs::read_to_string(straight.join("metrics.jsonl")).unwrap().contains("\"val_loss\""));
+    assert!(fs::read_to_string(straight.join("metrics.jsonl"))
+        .unwrap()
+        .contains("\"val_loss\""));
     assert!(fs::metadata(straight.join("loss.png")).unwrap().len() > 1000);
-    let ckpts: Vec<String> = fs::read_dir(straight.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let ckpts: Vec<String> = fs::read_dir(straight.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert!(ckpts.contains(&"step-00000020".to_string()), "{ckpts:?}");
     assert!(ckpts.len() <= 3, "last 2 + best are kept: {ckpts:?}");
     // The final weights agree too.
@@ -61,19 +79,90 @@ fn eval_generate_and_checkpoint_damage() {
 
     let text = dir.path().join("eval.txt");
     fs::write(&text, corpus_text(5, 99)).unwrap();
-    let out = lillm_ok(&["eval", "--checkpoint", s(&run), "--text-file", s(&text), "--device", "cpu"]);
-    let loss: f64 = out.split("loss=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-    let tokens: usize = out.split("tokens=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-    assert!(loss.is_finite() && loss > 0.0 && loss < (300f64).ln(), "{out}");
-    let ids: Vec<u32> = serde_json::from_str(lillm_ok(&["tokenizer", "encode", "--tokenizer", s(&tiny.tokenizer), "--input", s(&text)]).trim()).unwrap();
-    assert_eq!(tokens, ids.len() - 1, "every token after the first is scored once");
+    let out = lillm_ok(&[
+        "eval",
+        "--checkpoint",
+        s(&run),
+        "--text-file",
+        s(&text),
+        "--device",
+        "cpu",
+    ]);
+    let loss: f64 = out
+        .split("loss=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let tokens: usize = out
+        .split("tokens=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        loss.is_finite() && loss > 0.0 && loss < (300f64).ln(),
+        "{out}"
+    );
+    let ids: Vec<u32> = serde_json::from_str(
+        lillm_ok(&[
+            "tokenizer",
+            "encode",
+            "--tokenizer",
+            s(&tiny.tokenizer),
+            "--input",
+            s(&text),
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(
+        tokens,
+        ids.len() - 1,
+        "every token after the first is scored once"
+    );
 
-    let gen = |seed: &str| lillm_ok(&["generate", "--checkpoint", s(&run), "--prompt", "The king", "--max-new-tokens", "12", "--seed", seed, "--device", "cpu"]);
+    let gen = |seed: &str| {
+        lillm_ok(&[
+            "generate",
+            "--checkpoint",
+            s(&run),
+            "--prompt",
+            "The king",
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            seed,
+            "--device",
+            "cpu",
+        ])
+    };
     let first = gen("5");
     assert!(first.starts_with("The king"), "{first}");
     assert_eq!(first, gen("5"), "same seed, same text");
-    let sft = lillm_ok(&["generate", "--checkpoint", s(&run), "--prompt", "hi", "--mode", "sft", "--max-new-tokens", "4", "--device", "cpu"]);
-    assert!(!sft.contains("<r0>"), "sft mode prints only the reply: {sft}");
+    let sft = lillm_ok(&[
+        "generate",
+        "--checkpoint",
+        s(&run),
+        "--prompt",
+        "hi",
+        "--mode",
+        "sft",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        !sft.contains("<r0>"),
+        "sft mode prints only the reply: {sft}"
+    );
 
     // A corrupted checkpoint is refused by name, and a run resumes from the newest valid one.
     let ckpt = run.join("checkpoints/step-00000010");
@@ -81,9 +170,23 @@ fn eval_generate_and_checkpoint_damage() {
     let bytes = fs::read(&model).unwrap();
     fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
     let err = lillm_err(&["eval", "--checkpoint", s(&ckpt), "--text-file", s(&text)]);
-    assert!(err.contains("model.safetensors") && err.contains("truncated or corrupted"), "{err}");
-    let out = lillm_ok(&["eval", "--checkpoint", s(&run), "--text-file", s(&text), "--device", "cpu"]);
-    assert!(out.contains("loss="), "the run falls back to its newest valid checkpoint (step 5)");
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated or corrupted"),
+        "{err}"
+    );
+    let out = lillm_ok(&[
+        "eval",
+        "--checkpoint",
+        s(&run),
+        "--text-file",
+        s(&text),
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        out.contains("loss="),
+        "the run falls back to its newest valid checkpoint (step 5)"
+    );
 }
 
 #[test]
@@ -98,21 +201,48 @@ fn bad_configs_are_refused_with_the_field_named() {
         lillm_err(&args)
     };
     let err = with("--kv-heads", "3");
-    assert!(err.contains("q_heads (4) must be divisible by kv_heads (3)"), "{err}");
+    assert!(
+        err.contains("q_heads (4) must be divisible by kv_heads (3)"),
+        "{err}"
+    );
     let err = with("--d-model", "30");
-    assert!(err.contains("d_model (30) must be divisible by q_heads (4)"), "{err}");
+    assert!(
+        err.contains("d_model (30) must be divisible by q_heads (4)"),
+        "{err}"
+    );
     // The dataset's tokenizer has 300 tokens; a 256-row embedding cannot hold them.
     let err = lillm_err(&tiny_train_args(s(&tiny.data), s(&run), "256", "5"));
     assert!(err.contains("vocab_size") && err.contains("300"), "{err}");
-    let err = lillm_err(&tiny_train_args(s(&dir.path().join("nodata")), s(&run), "300", "5"));
-    assert!(err.contains("nodata") && err.contains("lillm data prepare"), "{err}");
+    let err = lillm_err(&tiny_train_args(
+        s(&dir.path().join("nodata")),
+        s(&run),
+        "300",
+        "5",
+    ));
+    assert!(
+        err.contains("nodata") && err.contains("lillm data prepare"),
+        "{err}"
+    );
     // A TOML config layers under flags; --print-config shows the result.
     let cfg = dir.path().join("c.toml");
     fs::write(&cfg, "batch_size = 7\nlr = 0.5\n[model]\nd_model = 64\n").unwrap();
-    let out = lillm_ok(&["train", "--config", s(&cfg), "--lr", "0.25", "--print-config"]);
-    assert!(out.contains("batch_size = 7") && out.contains("lr = 0.25") && out.contains("d_model = 64"), "{out}");
+    let out = lillm_ok(&[
+        "train",
+        "--config",
+        s(&cfg),
+        "--lr",
+        "0.25",
+        "--print-config",
+    ]);
+    assert!(
+        out.contains("batch_size = 7") && out.contains("lr = 0.25") && out.contains("d_model = 64"),
+        "{out}"
+    );
     fs::write(&cfg, "batch_sise = 7\n").unwrap();
     let err = lillm_err(&["train", "--config", s(&cfg), "--print-config"]);
     assert!(err.contains("batch_sise"), "{err}");
-    assert!(!run.join("checkpoints").exists(), "nothing was written by refused runs");
+    assert!(
+        !run.join("checkpoints").exists(),
+        "nothing was written by refused runs"
+    );
 }

@@ -29,7 +29,9 @@ impl std::str::FromStr for TextUnit {
             "file" => Ok(Self::File),
             "paragraph" => Ok(Self::Paragraph),
             "line" => Ok(Self::Line),
-            other => Err(format!("unknown text unit `{other}`: use file, paragraph or line")),
+            other => Err(format!(
+                "unknown text unit `{other}`: use file, paragraph or line"
+            )),
         }
     }
 }
@@ -73,7 +75,9 @@ impl CorpusSpec {
     /// The input files in a stable order; a missing path or an unknown extension is an error.
     pub fn files(&self) -> Result<Vec<PathBuf>> {
         if self.inputs.is_empty() {
-            return Err(Error::Usage("no input files given; pass --input FILE…".into()));
+            return Err(Error::Usage(
+                "no input files given; pass --input FILE…".into(),
+            ));
         }
         let mut files = Vec::new();
         for input in &self.inputs {
@@ -82,7 +86,10 @@ impl CorpusSpec {
                 let mut found = Vec::new();
                 collect_dir(input, &mut found)?;
                 if found.is_empty() {
-                    return Err(Error::invalid(input, "directory holds no .txt, .jsonl or .parquet file"));
+                    return Err(Error::invalid(
+                        input,
+                        "directory holds no .txt, .jsonl or .parquet file",
+                    ));
                 }
                 found.sort();
                 files.extend(found);
@@ -257,7 +264,11 @@ fn read_jsonl(spec: &CorpusSpec, path: &Path, stats: &CorpusStats) -> Result<Vec
                 bad(
                     spec,
                     stats,
-                    Error::bad_record(path, line_no, format!("not valid JSON ({e}); fix the line or pass --skip-bad")),
+                    Error::bad_record(
+                        path,
+                        line_no,
+                        format!("not valid JSON ({e}); fix the line or pass --skip-bad"),
+                    ),
                 )?;
                 continue;
             }
@@ -310,7 +321,8 @@ fn read_parquet(spec: &CorpusSpec, path: &Path) -> Result<Vec<String>> {
         .map_err(|e| Error::invalid(path, e.to_string()))?;
     let mut docs = Vec::new();
     for (i, row) in rows.enumerate() {
-        let row = row.map_err(|e| Error::bad_record(path, i + 1, format!("unreadable row: {e}")))?;
+        let row =
+            row.map_err(|e| Error::bad_record(path, i + 1, format!("unreadable row: {e}")))?;
         match parquet::record::RowAccessor::get_string(&row, 0) {
             Ok(text) => docs.push(text.clone()),
             Err(_) if spec.skip_bad => {}
@@ -318,7 +330,10 @@ fn read_parquet(spec: &CorpusSpec, path: &Path) -> Result<Vec<String>> {
                 return Err(Error::bad_record(
                     path,
                     i + 1,
-                    format!("column `{}` is not a string here ({e}); pass --skip-bad to skip such rows", spec.field),
+                    format!(
+                        "column `{}` is not a string here ({e}); pass --skip-bad to skip such rows",
+                        spec.field
+                    ),
                 ))
             }
         }

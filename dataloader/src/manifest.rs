@@ -76,7 +76,10 @@ impl Manifest {
         if manifest.format != FORMAT {
             return Err(Error::invalid(
                 &path,
-                format!("format `{}` is not `{FORMAT}`; re-run `lillm data prepare`", manifest.format),
+                format!(
+                    "format `{}` is not `{FORMAT}`; re-run `lillm data prepare`",
+                    manifest.format
+                ),
             ));
         }
         Ok(manifest)

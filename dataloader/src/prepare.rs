@@ -82,7 +82,12 @@ fn signature(opts: &PrepareOptions, fingerprint: &str) -> Result<String> {
     h.update(
         format!(
             "{}|{:?}|{}|{}|{}|{}",
-            opts.corpus.field, opts.corpus.text_unit, opts.corpus.skip_bad, opts.val_fraction, opts.seed, opts.shard_tokens
+            opts.corpus.field,
+            opts.corpus.text_unit,
+            opts.corpus.skip_bad,
+            opts.val_fraction,
+            opts.seed,
+            opts.shard_tokens
         )
         .as_bytes(),
     );
@@ -142,7 +147,10 @@ impl ShardWriter {
         }
         shard.hasher.update(&bytes);
         let path = self.dir.join(&shard.file);
-        shard.writer.write_all(&bytes).map_err(|e| Error::io(&path, e))?;
+        shard
+            .writer
+            .write_all(&bytes)
+            .map_err(|e| Error::io(&path, e))?;
         shard.tokens += ids.len() as u64 + 1;
         shard.documents += 1;
         if shard.tokens >= self.shard_tokens {
@@ -176,7 +184,9 @@ impl ShardWriter {
 }
 
 fn staging_dir(out: &Path) -> PathBuf {
-    let name = out.file_name().map_or("data".into(), |n| n.to_string_lossy().into_owned());
+    let name = out
+        .file_name()
+        .map_or("data".into(), |n| n.to_string_lossy().into_owned());
     out.with_file_name(format!(".{name}.partial"))
 }
 
@@ -328,8 +338,10 @@ fn progress_bar(show: bool, total: u64) -> ProgressBar {
     }
     let bar = ProgressBar::new(total);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {msg}",
+        )
+        .expect("valid template"),
     );
     bar
 }

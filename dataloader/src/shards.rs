@@ -30,7 +30,10 @@ impl TokenStream {
 
     /// Tokens `start..start + out.len()` of the stream, as i64, crossing shards as needed.
     pub fn read(&self, start: u64, out: &mut [i64]) {
-        assert!(start + out.len() as u64 <= self.len(), "read past the end of the stream");
+        assert!(
+            start + out.len() as u64 <= self.len(),
+            "read past the end of the stream"
+        );
         let mut pos = start;
         let mut filled = 0;
         while filled < out.len() {
@@ -43,9 +46,10 @@ impl TokenStream {
                 let i = local + k;
                 *slot = match self.dtype {
                     TokenDtype::U16 => u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as i64,
-                    TokenDtype::U32 => u32::from_le_bytes(
-                        bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"),
-                    ) as i64,
+                    TokenDtype::U32 => {
+                        u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+                            as i64
+                    }
                 };
             }
             filled += n;
@@ -117,7 +121,12 @@ impl Dataset {
     pub fn verify_checksums(&self) -> Result<()> {
         use sha2::{Digest, Sha256};
         for split in [Split::Train, Split::Val] {
-            for (info, map) in self.manifest.shards(split).iter().zip(&self.split(split).shards) {
+            for (info, map) in self
+                .manifest
+                .shards(split)
+                .iter()
+                .zip(&self.split(split).shards)
+            {
                 let digest = hex::encode(Sha256::digest(&map[..]));
                 if digest != info.sha256 {
                     return Err(Error::invalid(
@@ -171,7 +180,8 @@ pub fn sample_batch(
         Split::Train => 0x7472_6169_6e00,
         Split::Val => 0x7661_6c00,
     };
-    let mixed = splitmix64(key.seed ^ splitmix64(split_tag ^ splitmix64(key.step ^ splitmix64(key.micro))));
+    let mixed =
+        splitmix64(key.seed ^ splitmix64(split_tag ^ splitmix64(key.step ^ splitmix64(key.micro))));
     let mut rng = StdRng::seed_from_u64(mixed);
     let mut inputs = Vec::with_capacity(batch_size * block_size);
     let mut targets = Vec::with_capacity(batch_size * block_size);
@@ -196,24 +206,33 @@ pub fn unigram_baseline(data: &Dataset) -> Result<f64> {
     let vocab = data.manifest.vocab_size;
     let mut counts = vec![1u64; vocab];
     let mut buf = vec![0i64; 1 << 16];
-    let count_stream = |stream: &TokenStream, buf: &mut Vec<i64>, mut visit: Box<dyn FnMut(usize) + '_>| {
-        let mut pos = 0;
-        while pos < stream.len() {
-            let n = (stream.len() - pos).min(buf.len() as u64) as usize;
-            stream.read(pos, &mut buf[..n]);
-            buf[..n].iter().for_each(|&t| visit(t as usize));
-            pos += n as u64;
-        }
-    };
-    count_stream(&data.train, &mut buf, Box::new(|t| counts[t.min(vocab - 1)] += 1));
+    let count_stream =
+        |stream: &TokenStream, buf: &mut Vec<i64>, mut visit: Box<dyn FnMut(usize) + '_>| {
+            let mut pos = 0;
+            while pos < stream.len() {
+                let n = (stream.len() - pos).min(buf.len() as u64) as usize;
+                stream.read(pos, &mut buf[..n]);
+                buf[..n].iter().for_each(|&t| visit(t as usize));
+                pos += n as u64;
+            }
+        };
+    count_stream(
+        &data.train,
+        &mut buf,
+        Box::new(|t| counts[t.min(vocab - 1)] += 1),
+    );
     let total: u64 = counts.iter().sum();
     if data.val.is_empty() {
         return Err(Error::invalid(&data.dir, "has no validation split"));
     }
     let (mut nll, mut n) = (0.0f64, 0u64);
-    count_stream(&data.val, &mut buf, Box::new(|t| {
-        nll -= (counts[t.min(vocab - 1)] as f64 / total as f64).ln();
-        n += 1;
-    }));
+    count_stream(
+        &data.val,
+        &mut buf,
+        Box::new(|t| {
+            nll -= (counts[t.min(vocab - 1)] as f64 / total as f64).ln();
+            n += 1;
+        }),
+    );
     Ok(nll / n as f64)
 }

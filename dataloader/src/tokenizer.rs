@@ -19,7 +19,10 @@ use crate::{Error, Result};
 
 /// The 16 special tokens, ids 0..16 in this order.
 pub fn special_tokens() -> Vec<String> {
-    let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].iter().map(|s| s.to_string()).collect();
+    let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     tokens.extend((0..13).map(|i| format!("<r{i}>")));
     tokens
 }
@@ -41,7 +44,9 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("path", &self.path).finish()
+        f.debug_struct("Tokenizer")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -167,7 +172,12 @@ pub fn train(corpus: &CorpusSpec, opts: &TrainOptions, out: &Path) -> Result<Tok
         .show_progress(opts.show_progress)
         .vocab_size(opts.vocab_size)
         .min_frequency(opts.min_frequency)
-        .special_tokens(specials.iter().map(|s| AddedToken::from(s.clone(), true)).collect())
+        .special_tokens(
+            specials
+                .iter()
+                .map(|s| AddedToken::from(s.clone(), true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut trainer = TrainerWrapper::BpeTrainer(trainer);

@@ -86,19 +86,19 @@ impl ModelConfig {
                 return bad(format!("{field} must be positive, got 0"));
             }
         }
-        if self.d_model % self.q_heads != 0 {
+        if !self.d_model.is_multiple_of(self.q_heads) {
             return bad(format!(
                 "d_model ({}) must be divisible by q_heads ({}); pick q_heads among the divisors of d_model",
                 self.d_model, self.q_heads
             ));
         }
-        if self.q_heads % self.kv_heads != 0 {
+        if !self.q_heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "q_heads ({}) must be divisible by kv_heads ({}); each kv head serves q_heads/kv_heads query heads",
                 self.q_heads, self.kv_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim = d_model/q_heads = {} must be even for rotary embeddings",
                 self.head_dim()
@@ -107,7 +107,7 @@ impl ModelConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
         }
-        if !(self.eps > 0.0) {
+        if self.eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
             return bad(format!("eps must be positive, got {}", self.eps));
         }
         Ok(())
@@ -170,11 +170,17 @@ mod tests {
         let mut cfg = ModelConfig::preset("tiny").unwrap();
         cfg.kv_heads = 3;
         let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains("q_heads (4) must be divisible by kv_heads (3)"), "{err}");
+        assert!(
+            err.contains("q_heads (4) must be divisible by kv_heads (3)"),
+            "{err}"
+        );
         let mut cfg = ModelConfig::preset("tiny").unwrap();
         cfg.q_heads = 5;
         let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains("d_model (128) must be divisible by q_heads (5)"), "{err}");
+        assert!(
+            err.contains("d_model (128) must be divisible by q_heads (5)"),
+            "{err}"
+        );
         assert!(ModelConfig::preset("huge").is_err());
     }
 }

@@ -51,9 +51,15 @@ fn take(map: &mut BTreeMap<String, Tensor>, name: &str) -> Result<Tensor> {
 }
 
 /// lilLM tensors → Hugging Face `LlamaForCausalLM` tensors (tied head, so no `lm_head.weight`).
-pub fn to_hf(cfg: &ModelConfig, mut src: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+pub fn to_hf(
+    cfg: &ModelConfig,
+    mut src: BTreeMap<String, Tensor>,
+) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
-    out.insert("model.embed_tokens.weight".into(), take(&mut src, "tok_emb.weight")?);
+    out.insert(
+        "model.embed_tokens.weight".into(),
+        take(&mut src, "tok_emb.weight")?,
+    );
     out.insert("model.norm.weight".into(), take(&mut src, "norm.gain")?);
     for i in 0..cfg.n_layers {
         for (ours, theirs) in LAYER_NAMES {
@@ -67,13 +73,18 @@ pub fn to_hf(cfg: &ModelConfig, mut src: BTreeMap<String, Tensor>) -> Result<BTr
         }
     }
     if let Some(extra) = src.keys().next() {
-        return Err(Error::Config(format!("unexpected tensor `{extra}` in a lilLM model")));
+        return Err(Error::Config(format!(
+            "unexpected tensor `{extra}` in a lilLM model"
+        )));
     }
     Ok(out)
 }
 
 /// Hugging Face Llama tensors → lilLM tensors. The output head must be tied to the embedding.
-pub fn from_hf(cfg: &ModelConfig, mut src: BTreeMap<String, Tensor>) -> Result<BTreeMap<String, Tensor>> {
+pub fn from_hf(
+    cfg: &ModelConfig,
+    mut src: BTreeMap<String, Tensor>,
+) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     let emb = take(&mut src, "model.embed_tokens.weight")?;
     if let Some(head) = src.remove("lm_head.weight") {
@@ -138,7 +149,11 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
         v.get(field)
             .and_then(Value::as_u64)
             .map(|x| x as usize)
-            .ok_or_else(|| Error::Config(format!("config.json: field `{field}` is missing or not an integer")))
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "config.json: field `{field}` is missing or not an integer"
+                ))
+            })
     };
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
     if model_type != "llama" {
@@ -169,8 +184,14 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
         kv_heads: get("num_key_value_heads").unwrap_or(q_heads),
         hidden_dim: Some(get("intermediate_size")?),
         multiple_of: 128,
-        eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
-        rope_theta: v.get("rope_theta").and_then(Value::as_f64).unwrap_or(10000.0),
+        eps: v
+            .get("rms_norm_eps")
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-6),
+        rope_theta: v
+            .get("rope_theta")
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0),
         dropout: 0.0,
     };
     cfg.validate()?;

@@ -182,7 +182,10 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        linear(&(linear(x, &self.w1).silu() * linear(x, &self.w3)), &self.w2)
+        linear(
+            &(linear(x, &self.w1).silu() * linear(x, &self.w3)),
+            &self.w2,
+        )
     }
 }
 
@@ -258,6 +261,9 @@ impl LilLM {
     }
 
     /// Hidden states after the final norm, shape (B, T, d).
+    // `x = x + f(x)` on purpose: tch's `+=` is an in-place add, which would overwrite a
+    // tensor autograd still needs for the backward pass.
+    #[allow(clippy::assign_op_pattern)]
     fn hidden(
         &self,
         tokens: &Tensor,
@@ -266,7 +272,8 @@ impl LilLM {
         train: bool,
     ) -> Tensor {
         let dropout = if train { self.cfg.dropout } else { 0.0 };
-        let mut x = Tensor::embedding(&self.tok_emb, tokens, -1, false, false).to_kind(self.compute_kind);
+        let mut x =
+            Tensor::embedding(&self.tok_emb, tokens, -1, false, false).to_kind(self.compute_kind);
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer(i));
             let attn_in = block.attn_norm.forward(&x);

@@ -138,7 +138,10 @@ pub fn generate(
     let _guard = tch::no_grad_guard();
     let mut cache = KvCache::new(cfg, 1, model.compute_kind(), device);
     let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-    let mut logits = model.forward_cached(&Tensor::from_slice(&ids).view([1, -1]).to(device), &mut cache);
+    let mut logits = model.forward_cached(
+        &Tensor::from_slice(&ids).view([1, -1]).to(device),
+        &mut cache,
+    );
     for _ in 0..max_new_tokens {
         let next = sampler.sample(&logits.get(0));
         if stop_ids.contains(&next) {

@@ -37,11 +37,7 @@ pub fn var_store_tensors(vs: &VarStore) -> BTreeMap<String, Tensor> {
 
 /// Loads `tensors` into the variables of `vs`. Every variable must be present with the same
 /// shape; a tensor the model does not have is an error too (it means another architecture).
-pub fn load_into(
-    vs: &VarStore,
-    tensors: &BTreeMap<String, Tensor>,
-    origin: &Path,
-) -> Result<()> {
+pub fn load_into(vs: &VarStore, tensors: &BTreeMap<String, Tensor>, origin: &Path) -> Result<()> {
     let vars = vs.variables();
     if let Some(extra) = tensors.keys().find(|name| !vars.contains_key(*name)) {
         return Err(Error::weights(
@@ -54,7 +50,9 @@ pub fn load_into(
         let Some(src) = tensors.get(&name) else {
             return Err(Error::weights(
                 origin,
-                format!("tensor `{name}` is missing; the file holds another model or is incomplete"),
+                format!(
+                    "tensor `{name}` is missing; the file holds another model or is incomplete"
+                ),
             ));
         };
         if src.size() != var.size() {

@@ -93,7 +93,9 @@ pub struct CheckpointData<'a> {
 pub fn write_checkpoint(dir: &Path, data: &CheckpointData) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let name = dir.file_name().map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
+    let name = dir
+        .file_name()
+        .map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
     let tmp = parent.join(format!(".tmp-{name}"));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -110,7 +112,11 @@ pub fn write_checkpoint(dir: &Path, data: &CheckpointData) -> Result<()> {
     write_synced(&tmp.join(STATE_FILE), &state)?;
     files.push(STATE_FILE.into());
     if let Some(tok) = data.tokenizer {
-        let src_dir = if tok.is_dir() { tok.to_path_buf() } else { tok.parent().unwrap_or(Path::new(".")).to_path_buf() };
+        let src_dir = if tok.is_dir() {
+            tok.to_path_buf()
+        } else {
+            tok.parent().unwrap_or(Path::new(".")).to_path_buf()
+        };
         let tok_file = lillm_data::tokenizer::tokenizer_file(tok);
         fs::copy(&tok_file, tmp.join("tokenizer.json")).map_err(|e| Error::io(&tok_file, e))?;
         files.push("tokenizer.json".into());
@@ -129,7 +135,11 @@ pub fn write_checkpoint(dir: &Path, data: &CheckpointData) -> Result<()> {
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io(&path, e))?;
         let (bytes, sha256) = sha256_file(&path)?;
-        entries.push(FileEntry { file, bytes, sha256 });
+        entries.push(FileEntry {
+            file,
+            bytes,
+            sha256,
+        });
     }
     let manifest = CheckpointManifest {
         format: FORMAT.into(),
@@ -161,12 +171,18 @@ pub fn verify_checkpoint(dir: &Path) -> Result<CheckpointState> {
     let manifest: CheckpointManifest = serde_json::from_str(&text)
         .map_err(|e| Error::checkpoint(&manifest_path, format!("malformed manifest: {e}")))?;
     if manifest.format != FORMAT {
-        return Err(Error::checkpoint(&manifest_path, format!("unknown format `{}`", manifest.format)));
+        return Err(Error::checkpoint(
+            &manifest_path,
+            format!("unknown format `{}`", manifest.format),
+        ));
     }
     for entry in &manifest.files {
         let path = dir.join(&entry.file);
         let (bytes, sha) = sha256_file(&path).map_err(|_| {
-            Error::checkpoint(&path, "listed in the manifest but missing; the checkpoint is damaged")
+            Error::checkpoint(
+                &path,
+                "listed in the manifest but missing; the checkpoint is damaged",
+            )
         })?;
         if bytes != entry.bytes || sha != entry.sha256 {
             return Err(Error::checkpoint(
@@ -193,7 +209,10 @@ pub fn list_checkpoints(run: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix("step-")?.parse().ok()?;
-            e.path().join(MANIFEST_FILE).is_file().then(|| (step, e.path()))
+            e.path()
+                .join(MANIFEST_FILE)
+                .is_file()
+                .then(|| (step, e.path()))
         })
         .collect();
     found.sort();
@@ -205,7 +224,9 @@ pub fn latest_valid(run: &Path) -> Option<(PathBuf, CheckpointState)> {
     for (_, dir) in list_checkpoints(run).into_iter().rev() {
         match verify_checkpoint(&dir) {
             Ok(state) => return Some((dir, state)),
-            Err(e) => tracing::warn!(checkpoint = %dir.display(), cause = %e, "skipping damaged checkpoint"),
+            Err(e) => {
+                tracing::warn!(checkpoint = %dir.display(), cause = %e, "skipping damaged checkpoint")
+            }
         }
     }
     None
@@ -221,7 +242,10 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     if !path.exists() {
-        return Err(Error::checkpoint(path, "no such checkpoint or run directory"));
+        return Err(Error::checkpoint(
+            path,
+            "no such checkpoint or run directory",
+        ));
     }
     if path.join(CHECKPOINTS_DIR).is_dir() {
         return latest_valid(path).map(|(dir, _)| dir).ok_or_else(|| {

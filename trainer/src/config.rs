@@ -173,7 +173,7 @@ impl TrainConfig {
                 self.block_size, model.max_seq_len
             ));
         }
-        if !(self.lr > 0.0) || self.min_lr < 0.0 || self.min_lr > self.lr {
+        if self.lr.is_nan() || self.lr <= 0.0 || self.min_lr < 0.0 || self.min_lr > self.lr {
             return bad(format!(
                 "need 0 <= min_lr <= lr and lr > 0, got lr={} min_lr={}",
                 self.lr, self.min_lr

@@ -30,7 +30,9 @@ pub fn eval_ids(loaded: &LoadedModel, ids: &[u32]) -> Result<TextEval> {
         let end = (start + window + 1).min(ids.len());
         let chunk: Vec<i64> = ids[start..end].iter().map(|&t| t as i64).collect();
         let n = chunk.len() as i64 - 1;
-        let x = Tensor::from_slice(&chunk[..n as usize]).view([1, n]).to(device);
+        let x = Tensor::from_slice(&chunk[..n as usize])
+            .view([1, n])
+            .to(device);
         let y = Tensor::from_slice(&chunk[1..]).view([1, n]).to(device);
         let losses = loaded.model.token_losses(&x, &y, false);
         sum += losses.sum(Kind::Double).double_value(&[]);
@@ -38,7 +40,11 @@ pub fn eval_ids(loaded: &LoadedModel, ids: &[u32]) -> Result<TextEval> {
         start = end - 1;
     }
     Ok(TextEval {
-        loss: if count == 0 { f64::NAN } else { sum / count as f64 },
+        loss: if count == 0 {
+            f64::NAN
+        } else {
+            sum / count as f64
+        },
         tokens: count,
     })
 }

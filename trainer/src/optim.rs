@@ -44,7 +44,11 @@ impl AdamW {
                 param,
             })
             .collect();
-        Self { cfg, slots, steps: 0 }
+        Self {
+            cfg,
+            slots,
+            steps: 0,
+        }
     }
 
     pub fn steps(&self) -> u64 {
@@ -65,11 +69,19 @@ impl AdamW {
     /// before clipping as a scalar tensor (no host sync: read it only when logging).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Tensor {
         let _guard = tch::no_grad_guard();
-        let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = self
+            .slots
+            .iter()
+            .map(|s| s.param.grad())
+            .filter(|g| g.defined())
+            .collect();
         if grads.is_empty() {
             return Tensor::from(0.0f32);
         }
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm()).collect();
+        let norms: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.to_kind(Kind::Float).norm())
+            .collect();
         let total = Tensor::stack(&norms, 0).norm();
         if max_norm > 0.0 {
             let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
@@ -102,7 +114,9 @@ impl AdamW {
             let _ = slot.exp_avg_sq.g_mul_scalar_(beta2);
             let _ = slot.exp_avg_sq.addcmul_(&grad, &(&grad * (1.0 - beta2)));
             let denom = slot.exp_avg_sq.sqrt() / bias2_sqrt + eps;
-            let _ = slot.param.addcdiv_(&(&slot.exp_avg * (-lr / bias1)), &denom);
+            let _ = slot
+                .param
+                .addcdiv_(&(&slot.exp_avg * (-lr / bias1)), &denom);
         }
     }
 
@@ -110,17 +124,28 @@ impl AdamW {
     pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
         for slot in &self.slots {
-            out.insert(format!("exp_avg.{}", slot.name), slot.exp_avg.shallow_clone());
-            out.insert(format!("exp_avg_sq.{}", slot.name), slot.exp_avg_sq.shallow_clone());
+            out.insert(
+                format!("exp_avg.{}", slot.name),
+                slot.exp_avg.shallow_clone(),
+            );
+            out.insert(
+                format!("exp_avg_sq.{}", slot.name),
+                slot.exp_avg_sq.shallow_clone(),
+            );
         }
         out.insert("step".into(), Tensor::from_slice(&[self.steps as i64]));
         out
     }
 
     /// Restores what [`AdamW::state_tensors`] produced.
-    pub fn load_state_tensors(&mut self, state: &BTreeMap<String, Tensor>, origin: &std::path::Path) -> Result<()> {
+    pub fn load_state_tensors(
+        &mut self,
+        state: &BTreeMap<String, Tensor>,
+        origin: &std::path::Path,
+    ) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let missing = |key: &str| Error::checkpoint(origin, format!("optimizer state lacks `{key}`"));
+        let missing =
+            |key: &str| Error::checkpoint(origin, format!("optimizer state lacks `{key}`"));
         for slot in &mut self.slots {
             for (key, target) in [
                 (format!("exp_avg.{}", slot.name), &mut slot.exp_avg),
@@ -130,7 +155,11 @@ impl AdamW {
                 if src.size() != target.size() {
                     return Err(Error::checkpoint(
                         origin,
-                        format!("optimizer tensor `{key}` has shape {:?}, expected {:?}", src.size(), target.size()),
+                        format!(
+                            "optimizer tensor `{key}` has shape {:?}, expected {:?}",
+                            src.size(),
+                            target.size()
+                        ),
                     ));
                 }
                 target.copy_(&src.to_device(target.device()));

@@ -12,15 +12,26 @@ pub const PLOT_FILE: &str = "loss.png";
 /// Draws train loss (per log record) and val loss (per evaluation) against steps.
 pub fn plot_run(run: &Path) -> Result<PathBuf> {
     let records = read_records(&run.join(METRICS_FILE))?;
-    let train: Vec<(f64, f64)> = records.iter().filter_map(|r| Some((r.step as f64, r.loss?))).collect();
-    let val: Vec<(f64, f64)> = records.iter().filter_map(|r| Some((r.step as f64, r.val_loss?))).collect();
+    let train: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| Some((r.step as f64, r.loss?)))
+        .collect();
+    let val: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| Some((r.step as f64, r.val_loss?)))
+        .collect();
     if train.is_empty() && val.is_empty() {
-        return Err(Error::Plot(format!("{} has no loss records yet", run.join(METRICS_FILE).display())));
+        return Err(Error::Plot(format!(
+            "{} has no loss records yet",
+            run.join(METRICS_FILE).display()
+        )));
     }
     let out = run.join(PLOT_FILE);
     let all = train.iter().chain(&val);
     let max_step = all.clone().map(|p| p.0).fold(1.0, f64::max);
-    let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), p| {
+        (lo.min(p.1), hi.max(p.1))
+    });
     let pad = ((hi - lo) * 0.05).max(1e-3);
     let root = BitMapBackend::new(&out, (900, 540)).into_drawing_area();
     let draw = |e: &dyn std::fmt::Display| Error::Plot(e.to_string());

@@ -85,7 +85,11 @@ impl Trainer {
         }
         let device = cfg.device()?;
         let data = Dataset::open(&cfg.data)?;
-        let resume_from = if cfg.resume { checkpoint::latest_valid(&cfg.out) } else { None };
+        let resume_from = if cfg.resume {
+            checkpoint::latest_valid(&cfg.out)
+        } else {
+            None
+        };
         if !cfg.resume && !checkpoint::list_checkpoints(&cfg.out).is_empty() {
             return Err(Error::Config(format!(
                 "{} already holds checkpoints; pass --resume to continue that run or choose another --out",
@@ -119,7 +123,9 @@ impl Trainer {
         let tokenizer_dir = find_tokenizer(&cfg.data);
         let mut trainer_state = (0, 0, None, false);
         if let Some((dir, state)) = &resume_from {
-            if state.dataset_fingerprint.as_deref() != Some(data.manifest.tokenizer_fingerprint.as_str()) {
+            if state.dataset_fingerprint.as_deref()
+                != Some(data.manifest.tokenizer_fingerprint.as_str())
+            {
                 return Err(Error::checkpoint(
                     dir,
                     "was trained on data from another tokenizer than --data; resume with the same dataset",
@@ -128,12 +134,20 @@ impl Trainer {
             weights::load_var_store(&vs, &dir.join(MODEL_FILE))?;
             let opt_state = weights::read_tensors(&dir.join(OPTIMIZER_FILE))?;
             opt.load_state_tensors(&opt_state, dir)?;
-            trainer_state = (state.step, state.tokens_seen, state.best_val_loss, state.evaluated_at_step);
+            trainer_state = (
+                state.step,
+                state.tokens_seen,
+                state.best_val_loss,
+                state.evaluated_at_step,
+            );
             tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
         } else if let Some(init) = &cfg.init_from {
             let loaded = crate::LoadedModel::load(init, device)?;
             if loaded.state.model != model_cfg {
-                return Err(Error::checkpoint(&loaded.dir, "its model config differs from the one configured for this run"));
+                return Err(Error::checkpoint(
+                    &loaded.dir,
+                    "its model config differs from the one configured for this run",
+                ));
             }
             weights::load_into(&vs, &weights::var_store_tensors(&loaded.vs), &loaded.dir)?;
         }
@@ -192,7 +206,13 @@ impl Trainer {
     }
 
     fn evaluate(&self, log: &mut MetricsLog) -> Result<(f64, f64)> {
-        let train = estimate_loss(&self.model, &self.data, &self.cfg, Split::Train, self.device)?;
+        let train = estimate_loss(
+            &self.model,
+            &self.data,
+            &self.cfg,
+            Split::Train,
+            self.device,
+        )?;
         let val = estimate_loss(&self.model, &self.data, &self.cfg, Split::Val, self.device)?;
         log.append(&Record {
             step: self.step,
@@ -218,12 +238,19 @@ impl Trainer {
         let mut log = MetricsLog::open(&cfg.out, resumed.then_some(self.step))?;
         let schedule = cfg.schedule();
         let tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.grad_accum) as u64;
-        let flops_per_step = self.model_cfg.train_flops_per_token(cfg.block_size) * tokens_per_step as f64;
+        let flops_per_step =
+            self.model_cfg.train_flops_per_token(cfg.block_size) * tokens_per_step as f64;
         let peak = flops::peak_flops(cfg.peak_tflops, self.device);
-        let bar = if show_progress { ProgressBar::new(cfg.max_iters) } else { ProgressBar::hidden() };
+        let bar = if show_progress {
+            ProgressBar::new(cfg.max_iters)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
-                .expect("valid template"),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
         );
         bar.set_position(self.step);
         let say = |line: String| {
@@ -248,12 +275,15 @@ impl Trainer {
         let mut last_ckpt = None;
         loop {
             let at_end = self.step >= cfg.max_iters;
-            if (self.step % cfg.eval_interval == 0 || at_end) && !self.evaluated_at_step {
+            if (self.step.is_multiple_of(cfg.eval_interval) || at_end) && !self.evaluated_at_step {
                 let (train, val) = self.evaluate(&mut log)?;
                 last_val = Some(val);
                 self.best_val = Some(self.best_val.map_or(val, |b: f64| b.min(val)));
                 self.evaluated_at_step = true;
-                say(format!("step {:>6}: train loss {train:.4}, val loss {val:.4}", self.step));
+                say(format!(
+                    "step {:>6}: train loss {train:.4}, val loss {val:.4}",
+                    self.step
+                ));
                 if self.step > 0 {
                     last_ckpt = Some(self.save_checkpoint(Some(val))?);
                 }
@@ -266,8 +296,18 @@ impl Trainer {
             // Dropout draws from libtorch's generator: reseed per step so a resume replays it.
             tch::manual_seed((cfg.seed ^ self.step.wrapping_mul(0x9E37_79B9)) as i64);
             for micro in 0..cfg.grad_accum {
-                let key = BatchKey { seed: cfg.seed, split: Split::Train, step: self.step, micro: micro as u64 };
-                let batch = sample_batch(self.data.split(Split::Train), key, cfg.batch_size, cfg.block_size)?;
+                let key = BatchKey {
+                    seed: cfg.seed,
+                    split: Split::Train,
+                    step: self.step,
+                    micro: micro as u64,
+                };
+                let batch = sample_batch(
+                    self.data.split(Split::Train),
+                    key,
+                    cfg.batch_size,
+                    cfg.block_size,
+                )?;
                 let (x, y) = batch_tensors(&batch, self.device);
                 let loss = self.model.loss(&x, &y, true) / cfg.grad_accum as f64;
                 loss.backward();
@@ -281,7 +321,7 @@ impl Trainer {
             self.evaluated_at_step = false;
             window_steps += 1;
             bar.set_position(self.step);
-            if self.step % cfg.log_interval == 0 || self.step == cfg.max_iters {
+            if self.step.is_multiple_of(cfg.log_interval) || self.step == cfg.max_iters {
                 // The only host sync of the step, once per log interval.
                 let loss = loss_acc.double_value(&[]) / window_steps as f64;
                 let secs = window_start.elapsed().as_secs_f64() / window_steps as f64;

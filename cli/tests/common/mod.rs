@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Runs `lillm ARGS…`.
@@ -70,9 +73,13 @@ pub fn corpus_text(paragraphs: usize, seed: u64) -> String {
         "prince", "what", "is", "a", "man", "love", "death", "sleep", "dream", "heaven", "earth",
         "speak", "hear", "thou", "art", "thy", "mine", "honour", "crown", "sword", "friend",
     ];
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = move || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) as usize
     };
     let mut text = String::new();
@@ -104,12 +111,33 @@ pub fn tiny_data(dir: &Path, vocab: usize) -> TinyData {
     let tokenizer = dir.join("tok");
     let data = dir.join("data");
     let vocab = vocab.to_string();
-    lillm_ok(&["tokenizer", "train", "--input", s(&corpus), "--vocab-size", &vocab, "--out", s(&tokenizer)]);
     lillm_ok(&[
-        "data", "prepare", "--tokenizer", s(&tokenizer), "--input", s(&corpus), "--out", s(&data),
-        "--val-fraction", "0.1",
+        "tokenizer",
+        "train",
+        "--input",
+        s(&corpus),
+        "--vocab-size",
+        &vocab,
+        "--out",
+        s(&tokenizer),
     ]);
-    TinyData { corpus, tokenizer, data }
+    lillm_ok(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tokenizer),
+        "--input",
+        s(&corpus),
+        "--out",
+        s(&data),
+        "--val-fraction",
+        "0.1",
+    ]);
+    TinyData {
+        corpus,
+        tokenizer,
+        data,
+    }
 }
 
 pub fn s(p: &Path) -> &str {
@@ -117,13 +145,57 @@ pub fn s(p: &Path) -> &str {
 }
 
 /// A tiny model config for tests: `lillm train` flags.
-pub fn tiny_train_args<'a>(data: &'a str, out: &'a str, vocab: &'a str, iters: &'a str) -> Vec<&'a str> {
+pub fn tiny_train_args<'a>(
+    data: &'a str,
+    out: &'a str,
+    vocab: &'a str,
+    iters: &'a str,
+) -> Vec<&'a str> {
     vec![
-        "train", "--preset", "tiny", "--data", data, "--out", out, "--vocab-size", vocab,
-        "--d-model", "32", "--n-layers", "2", "--q-heads", "4", "--kv-heads", "2",
-        "--max-seq-len", "32", "--block-size", "32", "--batch-size", "4", "--grad-accum", "2",
-        "--max-iters", iters, "--warmup-iters", "5", "--lr-decay-iters", "20", "--lr", "3e-3",
-        "--min-lr", "3e-4", "--eval-interval", "5", "--eval-iters", "2", "--log-interval", "1",
-        "--device", "cpu", "--threads", "1",
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--vocab-size",
+        vocab,
+        "--d-model",
+        "32",
+        "--n-layers",
+        "2",
+        "--q-heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--max-seq-len",
+        "32",
+        "--block-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--max-iters",
+        iters,
+        "--warmup-iters",
+        "5",
+        "--lr-decay-iters",
+        "20",
+        "--lr",
+        "3e-3",
+        "--min-lr",
+        "3e-4",
+        "--eval-interval",
+        "5",
+        "--eval-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
     ]
 }
