@@ -48,6 +48,12 @@ pub struct TrainArgs {
     #[arg(long)]
     weight_decay: Option<f64>,
     #[arg(long)]
+    beta1: Option<f64>,
+    #[arg(long)]
+    beta2: Option<f64>,
+    #[arg(long)]
+    adam_eps: Option<f64>,
+    #[arg(long)]
     grad_clip: Option<f64>,
     #[arg(long)]
     eval_interval: Option<u64>,
@@ -86,6 +92,9 @@ pub struct TrainArgs {
     max_seq_len: Option<usize>,
     #[arg(long)]
     vocab_size: Option<usize>,
+    /// SwiGLU hidden size (default: derived from d_model as in the original).
+    #[arg(long)]
+    hidden_dim: Option<usize>,
     /// Continue from the run directory's latest valid checkpoint.
     #[arg(long)]
     resume: bool,
@@ -143,6 +152,7 @@ fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         preset => "preset", device => "device", dtype => "dtype",
         lr => "lr", min_lr => "min_lr", weight_decay => "weight_decay", grad_clip => "grad_clip",
         peak_tflops => "peak_tflops", dropout => "model.dropout", decay_lr => "decay_lr",
+        beta1 => "beta1", beta2 => "beta2", adam_eps => "adam_eps",
     );
     macro_rules! int_flag {
         ($($field:ident => $key:expr),* $(,)?) => {
@@ -158,6 +168,7 @@ fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         keep_last => "keep_last", seed => "seed", threads => "threads",
         d_model => "model.d_model", n_layers => "model.n_layers", q_heads => "model.q_heads",
         kv_heads => "model.kv_heads", max_seq_len => "model.max_seq_len", vocab_size => "model.vocab_size",
+        hidden_dim => "model.hidden_dim",
     );
     if args.resume {
         builder = builder.set_override("resume", true)?;

@@ -6,11 +6,13 @@
 //! - `manifest`: the dataset manifest (dtype, shards, counts, checksums).
 //! - `prepare`: parallel tokenization into shards, written atomically.
 //! - `shards`: memory-mapped reading and the seeded batch sampler.
+//! - `sft`: chat-template rendering, assistant-only loss masks, SFT batches.
 
 pub mod corpus;
 mod error;
 pub mod manifest;
 pub mod prepare;
+pub mod sft;
 pub mod shards;
 pub mod tokenizer;
 

@@ -1,0 +1,111 @@
+"""The lilLM model and training step in eager Python PyTorch, for `make bench`.
+
+Same architecture, ops, batch shapes and optimizer as `lillm train` (SDPA with GQA, rms_norm,
+real-valued adjacent-pair RoPE, SwiGLU, tied head, AdamW, clipping at 1.0), fed by the same
+kind of random windows from the same token shards. Prints steady-state tokens/s as JSON.
+"""
+import argparse, json, math, os, time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, d, qh, kvh, hidden):
+        super().__init__()
+        hd = d // qh
+        self.qh, self.kvh, self.hd = qh, kvh, hd
+        self.attn_norm = nn.RMSNorm(d, eps=1e-6)
+        self.ffn_norm = nn.RMSNorm(d, eps=1e-6)
+        self.wq = nn.Linear(d, qh * hd, bias=False)
+        self.wk = nn.Linear(d, kvh * hd, bias=False)
+        self.wv = nn.Linear(d, kvh * hd, bias=False)
+        self.wo = nn.Linear(qh * hd, d, bias=False)
+        self.w1 = nn.Linear(d, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d, bias=False)
+        self.w3 = nn.Linear(d, hidden, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.wq(h).view(B, T, self.qh, self.hd)
+        k = self.wk(h).view(B, T, self.kvh, self.hd)
+        v = self.wv(h).view(B, T, self.kvh, self.hd)
+
+        def rope(t):
+            p = t.float().view(B, T, t.shape[2], self.hd // 2, 2)
+            e, o = p[..., 0], p[..., 1]
+            return torch.stack([e * cos - o * sin, e * sin + o * cos], -1).view(B, T, t.shape[2], self.hd).type_as(t)
+
+        q, k = rope(q).transpose(1, 2), rope(k).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, enable_gqa=True)
+        x = x + self.wo(a.transpose(1, 2).reshape(B, T, -1))
+        h = self.ffn_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class LilLM(nn.Module):
+    def __init__(self, vocab, d, layers, qh, kvh, seq):
+        super().__init__()
+        hidden = 128 * math.ceil(int(2 * 4 * d / 3) / 128)
+        self.tok_emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, qh, kvh, hidden) for _ in range(layers))
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+        hd = d // qh
+        inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
+        ang = torch.outer(torch.arange(seq).float(), inv)
+        self.register_buffer("cos", ang.cos().view(1, seq, 1, hd // 2), persistent=False)
+        self.register_buffer("sin", ang.sin().view(1, seq, 1, hd // 2), persistent=False)
+
+    def forward(self, ids, targets):
+        T = ids.shape[1]
+        x = self.tok_emb(ids)
+        for b in self.blocks:
+            x = b(x, self.cos[:, :T], self.sin[:, :T])
+        logits = F.linear(self.norm(x), self.tok_emb.weight)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--vocab", type=int, required=True)
+    ap.add_argument("--d-model", type=int, required=True)
+    ap.add_argument("--n-layers", type=int, required=True)
+    ap.add_argument("--q-heads", type=int, required=True)
+    ap.add_argument("--kv-heads", type=int, required=True)
+    ap.add_argument("--block-size", type=int, required=True)
+    ap.add_argument("--batch-size", type=int, required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--warmup-steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(1337)
+    manifest = json.load(open(os.path.join(a.data, "manifest.json")))
+    data = np.memmap(os.path.join(a.data, manifest["train"][0]["file"]), dtype=np.uint16, mode="r")
+    model = LilLM(a.vocab, a.d_model, a.n_layers, a.q_heads, a.kv_heads, a.block_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    rng = np.random.default_rng(0)
+    timed, start = 0, None
+    for step in range(a.steps + a.warmup_steps):
+        if step == a.warmup_steps:
+            start = time.perf_counter()
+        ix = rng.integers(0, len(data) - a.block_size - 1, a.batch_size)
+        w = torch.from_numpy(np.stack([data[i : i + a.block_size + 1].astype(np.int64) for i in ix]))
+        loss = model(w[:, :-1], w[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= a.warmup_steps:
+            timed += 1
+    secs = time.perf_counter() - start
+    print(json.dumps({"tokens_per_s": timed * a.batch_size * a.block_size / secs, "step_ms": 1e3 * secs / timed, "final_loss": loss.item()}))
+
+
+if __name__ == "__main__":
+    main()
