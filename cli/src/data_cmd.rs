@@ -41,6 +41,8 @@ pub enum DataCmd {
         /// Dataset directory.
         dir: PathBuf,
     },
+    /// Print each kept conversation as {"text", "ids", "mask"}: what SFT trains on.
+    SftRender(crate::finetune_cmd::SftRenderArgs),
     /// Check a dataset's shards against the checksums in its manifest.
     Verify {
         /// Dataset directory.
@@ -112,6 +114,7 @@ pub fn run(cmd: DataCmd) -> Result<()> {
                 baseline
             );
         }
+        DataCmd::SftRender(args) => crate::finetune_cmd::sft_render(args)?,
         DataCmd::Verify { dir } => {
             let data = Dataset::open(&dir)?;
             data.verify_checksums()?;

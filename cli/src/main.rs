@@ -2,6 +2,7 @@
 //! and interop — from one binary. Each subcommand lives in its own module.
 
 mod data_cmd;
+mod finetune_cmd;
 mod infer_cmd;
 mod interop_cmd;
 mod tokenizer_cmd;
@@ -30,6 +31,8 @@ enum Command {
     Data(data_cmd::DataCmd),
     /// Pretrain a model (single process).
     Train(Box<train_cmd::TrainArgs>),
+    /// Supervised fine-tuning on conversations (loss on assistant tokens only).
+    Sft(Box<finetune_cmd::SftArgs>),
     /// Mean next-token cross entropy of a text file under a checkpoint.
     Eval(infer_cmd::EvalArgs),
     /// Generate text from a prompt, streaming tokens to stdout.
@@ -59,6 +62,7 @@ fn main() {
         Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Train(args) => train_cmd::run(*args),
+        Command::Sft(args) => finetune_cmd::sft(*args),
         Command::Eval(args) => infer_cmd::eval(args),
         Command::Generate(args) => infer_cmd::generate(args),
         Command::Plot(args) => train_cmd::plot(args),

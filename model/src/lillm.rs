@@ -295,10 +295,12 @@ impl LilLM {
         self.head(&self.hidden(tokens, 0, None, train))
     }
 
-    /// Mean token cross entropy against `targets` (B, T); target −1 is ignored.
+    /// Mean token cross entropy over the targets that are not −1: sum(mask·CE)/sum(mask),
+    /// with the count floored at 1 so an all-masked batch gives 0, never NaN.
     pub fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Tensor {
-        let logits = self.forward(tokens, train);
-        cross_entropy(&logits, targets)
+        let losses = self.token_losses(tokens, targets, train);
+        let count = targets.ne(-1).sum(Kind::Float).clamp_min(1.0);
+        losses.sum(Kind::Float) / count
     }
 
     /// Per-token cross entropy (B, T), 0 where the target is −1. SFT weights it by its mask.

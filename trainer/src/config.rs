@@ -62,9 +62,30 @@ pub struct TrainConfig {
     pub threads: usize,
     /// Continue from the run directory's latest valid checkpoint.
     pub resume: bool,
-    /// Start from this checkpoint's weights (fine-tuning); ignored when resuming.
+    /// Start from this checkpoint's weights and model config (fine-tuning); ignored when
+    /// resuming.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
+    /// `pretrain` (token shards in `data`) or `sft` (conversations JSONL in `data`).
+    #[serde(default)]
+    pub objective: Objective,
+    /// SFT: fraction of conversations held out for evaluation.
+    #[serde(default = "default_sft_val_fraction")]
+    pub sft_val_fraction: f64,
+}
+
+fn default_sft_val_fraction() -> f64 {
+    0.05
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Next-token prediction on every token of the corpus.
+    #[default]
+    Pretrain,
+    /// Next-token prediction on assistant tokens of chat conversations only.
+    Sft,
 }
 
 /// Optional per-field overrides of the preset's model config.
@@ -113,6 +134,8 @@ impl Default for TrainConfig {
             threads: 0,
             resume: false,
             init_from: None,
+            objective: Objective::Pretrain,
+            sft_val_fraction: default_sft_val_fraction(),
         }
     }
 }
@@ -147,7 +170,9 @@ impl TrainConfig {
     /// Checks values the loop relies on; each error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        let model = self.model_config()?;
+        if self.init_from.is_none() {
+            self.check_against_model(&self.model_config()?)?;
+        }
         for (field, v) in [
             ("batch_size", self.batch_size),
             ("block_size", self.block_size),
@@ -167,12 +192,6 @@ impl TrainConfig {
                 return bad(format!("{field} must be positive"));
             }
         }
-        if self.block_size > model.max_seq_len {
-            return bad(format!(
-                "block_size ({}) exceeds the model's max_seq_len ({}); lower block_size or raise model.max_seq_len",
-                self.block_size, model.max_seq_len
-            ));
-        }
         if self.lr.is_nan() || self.lr <= 0.0 || self.min_lr < 0.0 || self.min_lr > self.lr {
             return bad(format!(
                 "need 0 <= min_lr <= lr and lr > 0, got lr={} min_lr={}",
@@ -186,6 +205,26 @@ impl TrainConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Checks the settings that depend on the model's shape.
+    pub fn check_against_model(&self, model: &ModelConfig) -> Result<()> {
+        if self.objective == Objective::Pretrain && self.block_size > model.max_seq_len {
+            return Err(Error::Config(format!(
+                "block_size ({}) exceeds the model's max_seq_len ({}); lower block_size or raise model.max_seq_len",
+                self.block_size, model.max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Tokens per sequence: `block_size` for pretraining; for SFT the model's context, since
+    /// every kept conversation is shorter than it.
+    pub fn sequence_len(&self, model: &ModelConfig) -> usize {
+        match self.objective {
+            Objective::Pretrain => self.block_size,
+            Objective::Sft => model.max_seq_len,
+        }
     }
 
     /// The libtorch device this config asks for.

@@ -4,6 +4,7 @@
 //! - `config`: [`TrainConfig`], the typed run configuration (seed defaults).
 //! - `schedule`: warmup + cosine learning-rate schedule.
 //! - `optim`: AdamW with checkpointable state, gradient clipping.
+//! - `data`: token shards or SFT conversations behind one deterministic batch function.
 //! - `train`: the training loop ([`Trainer`]) with evaluation and checkpointing.
 //! - `checkpoint`: atomic checkpoint directories, verification, retention, resolution.
 //! - `loaded`: [`LoadedModel`], a verified checkpoint ready for inference.
@@ -12,6 +13,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 mod error;
 pub mod eval;
 pub mod flops;

@@ -1,17 +1,17 @@
 //! The single-process training loop: batches → forward/backward → clip → AdamW, with
 //! periodic evaluation, checkpoints, metrics and a progress display.
 
-use std::path::Path;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use lillm_data::manifest::Split;
-use lillm_data::shards::{sample_batch, BatchKey, Dataset};
+use lillm_data::shards::BatchKey;
 use lillm_model::{weights, LilLM, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointData, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::TrainConfig;
+use crate::data::{MicroBatch, TrainData};
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{flops, plot, Error, Result};
@@ -28,18 +28,19 @@ pub struct TrainSummary {
 }
 
 /// Moves a micro-batch to the device as (inputs, targets) of shape (B, T).
-fn batch_tensors(batch: &lillm_data::shards::Batch, device: Device) -> (Tensor, Tensor) {
-    let shape = [batch.batch_size as i64, batch.block_size as i64];
+fn batch_tensors(batch: &MicroBatch, device: Device) -> (Tensor, Tensor) {
+    let shape = [batch.rows as i64, batch.seq as i64];
     let x = Tensor::from_slice(&batch.inputs).view(shape).to(device);
     let y = Tensor::from_slice(&batch.targets).view(shape).to(device);
     (x, y)
 }
 
-/// Mean loss over `cfg.eval_iters` seeded batches of a split (evaluation round `round`).
-pub fn estimate_loss(
+/// Mean loss over `cfg.eval_iters` seeded batches of a split.
+fn estimate_loss(
     model: &LilLM,
-    data: &Dataset,
+    data: &TrainData,
     cfg: &TrainConfig,
+    seq: usize,
     split: Split,
     device: Device,
 ) -> Result<f64> {
@@ -52,8 +53,7 @@ pub fn estimate_loss(
             step: i,
             micro: 0,
         };
-        let batch = sample_batch(data.split(split), key, cfg.batch_size, cfg.block_size)?;
-        let (x, y) = batch_tensors(&batch, device);
+        let (x, y) = batch_tensors(&data.batch(key, 1, cfg.batch_size, seq)?, device);
         total += model.loss(&x, &y, false).double_value(&[]);
     }
     Ok(total / cfg.eval_iters as f64)
@@ -67,7 +67,9 @@ pub struct Trainer {
     vs: VarStore,
     model: LilLM,
     opt: AdamW,
-    data: Dataset,
+    data: TrainData,
+    /// Tokens per sequence (see [`TrainConfig::sequence_len`]).
+    seq: usize,
     tokenizer_dir: Option<std::path::PathBuf>,
     step: u64,
     tokens_seen: u64,
@@ -84,7 +86,6 @@ impl Trainer {
             tch::set_num_threads(cfg.threads as i32);
         }
         let device = cfg.device()?;
-        let data = Dataset::open(&cfg.data)?;
         let resume_from = if cfg.resume {
             checkpoint::latest_valid(&cfg.out)
         } else {
@@ -96,19 +97,36 @@ impl Trainer {
                 cfg.out.display()
             )));
         }
-        let model_cfg = match &resume_from {
-            Some((_, state)) => state.model.clone(),
-            None => cfg.model_config()?,
+        // The model's shape comes from the checkpoint being resumed, else the initial
+        // checkpoint (fine-tuning; only dropout may change), else the config.
+        let init = match (&resume_from, &cfg.init_from) {
+            (None, Some(path)) => Some(crate::LoadedModel::load(path, device)?),
+            _ => None,
         };
-        if data.manifest.vocab_size > model_cfg.vocab_size {
+        let model_cfg = match (&resume_from, &init) {
+            (Some((_, state)), _) => state.model.clone(),
+            (None, Some(loaded)) => ModelConfig {
+                dropout: cfg.model.dropout.unwrap_or(loaded.state.model.dropout),
+                ..loaded.state.model.clone()
+            },
+            (None, None) => cfg.model_config()?,
+        };
+        cfg.check_against_model(&model_cfg)?;
+        let checkpoint_tokenizer = match (&resume_from, &init) {
+            (Some((dir, _)), _) => Some(dir.clone()),
+            (None, Some(loaded)) => loaded.tokenizer.is_some().then(|| loaded.dir.clone()),
+            (None, None) => None,
+        };
+        let data = TrainData::open(&cfg, checkpoint_tokenizer.as_deref(), model_cfg.max_seq_len)?;
+        let tokenizer_dir = data.tokenizer_dir().or(checkpoint_tokenizer);
+        if let Some(vocab) = data.vocab_size().filter(|&v| v > model_cfg.vocab_size) {
             return Err(Error::Config(format!(
-                "the dataset {} was tokenized with {} tokens but the model's vocab_size is {}; set model.vocab_size to at least {}",
+                "the dataset {} was tokenized with {vocab} tokens but the model's vocab_size is {}; set model.vocab_size to at least {vocab}",
                 cfg.data.display(),
-                data.manifest.vocab_size,
                 model_cfg.vocab_size,
-                data.manifest.vocab_size
             )));
         }
+        let seq = cfg.sequence_len(&model_cfg);
         tch::manual_seed(cfg.seed as i64);
         let vs = VarStore::new(device);
         let mut model = LilLM::new(&vs.root(), &model_cfg)?;
@@ -120,12 +138,9 @@ impl Trainer {
             weight_decay: cfg.weight_decay,
         };
         let mut opt = AdamW::new(adam, vs.variables().into_iter().collect());
-        let tokenizer_dir = find_tokenizer(&cfg.data);
         let mut trainer_state = (0, 0, None, false);
         if let Some((dir, state)) = &resume_from {
-            if state.dataset_fingerprint.as_deref()
-                != Some(data.manifest.tokenizer_fingerprint.as_str())
-            {
+            if state.dataset_fingerprint.as_deref() != Some(data.tokenizer_fingerprint()) {
                 return Err(Error::checkpoint(
                     dir,
                     "was trained on data from another tokenizer than --data; resume with the same dataset",
@@ -160,6 +175,7 @@ impl Trainer {
             model,
             opt,
             data,
+            seq,
             tokenizer_dir,
             step,
             tokens_seen,
@@ -189,7 +205,7 @@ impl Trainer {
             seed: self.cfg.seed,
             generation: 0,
             evaluated_at_step: self.evaluated_at_step,
-            dataset_fingerprint: Some(self.data.manifest.tokenizer_fingerprint.clone()),
+            dataset_fingerprint: Some(self.data.tokenizer_fingerprint().to_string()),
             source: "train".into(),
         };
         checkpoint::write_checkpoint(
@@ -206,14 +222,17 @@ impl Trainer {
     }
 
     fn evaluate(&self, log: &mut MetricsLog) -> Result<(f64, f64)> {
-        let train = estimate_loss(
-            &self.model,
-            &self.data,
-            &self.cfg,
-            Split::Train,
-            self.device,
-        )?;
-        let val = estimate_loss(&self.model, &self.data, &self.cfg, Split::Val, self.device)?;
+        let eval = |split| {
+            estimate_loss(
+                &self.model,
+                &self.data,
+                &self.cfg,
+                self.seq,
+                split,
+                self.device,
+            )
+        };
+        let (train, val) = (eval(Split::Train)?, eval(Split::Val)?);
         log.append(&Record {
             step: self.step,
             val_loss: Some(val),
@@ -228,18 +247,18 @@ impl Trainer {
     pub fn run(&mut self, show_progress: bool) -> Result<TrainSummary> {
         let cfg = self.cfg.clone();
         std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
-        if self.data.manifest.val.is_empty() {
+        if !self.data.has_val() {
             return Err(Error::Config(format!(
-                "{} has no validation split; prepare it with --val-fraction > 0",
+                "{} has no validation split; prepare it with a validation fraction > 0",
                 cfg.data.display()
             )));
         }
         let resumed = self.step > 0 || self.evaluated_at_step;
         let mut log = MetricsLog::open(&cfg.out, resumed.then_some(self.step))?;
         let schedule = cfg.schedule();
-        let tokens_per_step = (cfg.batch_size * cfg.block_size * cfg.grad_accum) as u64;
+        let tokens_per_step = (cfg.batch_size * self.seq * cfg.grad_accum) as u64;
         let flops_per_step =
-            self.model_cfg.train_flops_per_token(cfg.block_size) * tokens_per_step as f64;
+            self.model_cfg.train_flops_per_token(self.seq) * tokens_per_step as f64;
         let peak = flops::peak_flops(cfg.peak_tflops, self.device);
         let bar = if show_progress {
             ProgressBar::new(cfg.max_iters)
@@ -261,12 +280,13 @@ impl Trainer {
             }
         };
         say(format!(
-            "model: {} parameters ({} layers, d_model {}); {} tokens per step; device {:?}",
+            "model: {} parameters ({} layers, d_model {}); {} tokens per step; device {:?}; data: {}",
             self.model_cfg.num_params(),
             self.model_cfg.n_layers,
             self.model_cfg.d_model,
             tokens_per_step,
-            self.device
+            self.device,
+            self.data.describe()
         ));
         let mut last_val = None;
         let mut loss_acc = Tensor::zeros([], (Kind::Float, self.device));
@@ -302,12 +322,9 @@ impl Trainer {
                     step: self.step,
                     micro: micro as u64,
                 };
-                let batch = sample_batch(
-                    self.data.split(Split::Train),
-                    key,
-                    cfg.batch_size,
-                    cfg.block_size,
-                )?;
+                let batch =
+                    self.data
+                        .batch(key, cfg.grad_accum as u64, cfg.batch_size, self.seq)?;
                 let (x, y) = batch_tensors(&batch, self.device);
                 let loss = self.model.loss(&x, &y, true) / cfg.grad_accum as f64;
                 loss.backward();
@@ -362,10 +379,4 @@ impl Trainer {
             num_params: self.model_cfg.num_params(),
         })
     }
-}
-
-/// `data prepare` stores the dataset's tokenizer beside its shards; checkpoints carry a copy.
-fn find_tokenizer(data: &Path) -> Option<std::path::PathBuf> {
-    let recorded = data.join("tokenizer.json");
-    recorded.is_file().then(|| data.to_path_buf())
 }

@@ -1,0 +1,138 @@
+//! `lillm sft` (and `lillm data sft-render`): supervised fine-tuning on conversations.
+
+use std::path::PathBuf;
+
+use std::io::Write;
+
+use anyhow::Result;
+use clap::Args;
+use lillm_data::sft;
+use lillm_data::tokenizer::Tokenizer;
+use lillm_trainer::config::{ModelOverrides, Objective};
+use lillm_trainer::{TrainConfig, Trainer};
+
+#[derive(Args)]
+pub struct SftArgs {
+    /// Pretrained checkpoint (or run directory) to start from; its tokenizer is used.
+    #[arg(long)]
+    init: PathBuf,
+    /// Conversations JSONL (`conversation` or `messages`: a list of {role, content}).
+    #[arg(long)]
+    data: PathBuf,
+    /// Run directory.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 300)]
+    max_iters: u64,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Constant learning rate (the seed's SFT uses 3e-4).
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// Dropout during fine-tuning (the seed's SFT uses 0.2).
+    #[arg(long, default_value_t = 0.2)]
+    dropout: f64,
+    #[arg(long, default_value_t = 50)]
+    eval_interval: u64,
+    #[arg(long, default_value_t = 5)]
+    eval_iters: u64,
+    #[arg(long, default_value_t = 10)]
+    log_interval: u64,
+    /// Fraction of conversations held out for evaluation.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+pub fn sft(args: SftArgs) -> Result<()> {
+    let cfg = TrainConfig {
+        objective: Objective::Sft,
+        init_from: Some(args.init),
+        data: args.data,
+        out: args.out,
+        max_iters: args.max_iters,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        min_lr: args.lr,
+        decay_lr: false,
+        warmup_iters: 0,
+        model: ModelOverrides {
+            dropout: Some(args.dropout),
+            ..Default::default()
+        },
+        eval_interval: args.eval_interval,
+        eval_iters: args.eval_iters,
+        log_interval: args.log_interval,
+        sft_val_fraction: args.val_fraction,
+        seed: args.seed,
+        device: args.device,
+        resume: args.resume,
+        keep_last: 1,
+        ..TrainConfig::default()
+    };
+    std::fs::create_dir_all(&cfg.out)?;
+    let mut trainer = Trainer::new(cfg.clone())?;
+    std::fs::write(cfg.out.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
+    let summary = trainer.run(crate::interactive())?;
+    println!("fine-tuned {} steps", summary.steps);
+    if let Some(v) = summary.final_val_loss {
+        println!(
+            "final val loss {v:.4} (best {:.4})",
+            summary.best_val_loss.unwrap_or(v)
+        );
+    }
+    if let Some(best) = lillm_trainer::checkpoint::best_checkpoint(&cfg.out) {
+        println!("best checkpoint: {}", best.display());
+    }
+    println!("checkpoint: {}", summary.last_checkpoint.display());
+    if let Some(p) = summary.plot {
+        println!("loss plot: {}", p.display());
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct SftRenderArgs {
+    /// tokenizer.json or a directory holding one.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Conversations JSONL.
+    #[arg(long)]
+    input: PathBuf,
+    /// Conversations whose encoding has at least this many tokens are dropped (and counted).
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+}
+
+/// Prints `{"text", "ids", "mask"}` per kept conversation: exactly what SFT learns from.
+pub fn sft_render(args: SftRenderArgs) -> Result<()> {
+    let tok = Tokenizer::load(&args.tokenizer)?;
+    let mut out = std::io::stdout().lock();
+    let mut dropped = 0;
+    for conv in sft::read_conversations(&args.input)? {
+        let (text, ex) = sft::encode_conversation(&tok, &conv)?;
+        if ex.ids.len() >= args.max_seq_len {
+            dropped += 1;
+            continue;
+        }
+        let line = serde_json::json!({"text": text, "ids": ex.ids, "mask": ex.mask});
+        match writeln!(out, "{line}") {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            result => result?,
+        }
+    }
+    eprintln!(
+        "filtered {dropped} conversation(s) with ≥ {} tokens",
+        args.max_seq_len
+    );
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Supervised fine-tuning: the chat template, the assistant-only mask, and a fine-tuning run
+//! that starts from a pretrained checkpoint and learns the conversations.
+
+mod common;
+use common::*;
+use std::fs;
+
+#[test]
+fn render_pins_text_ids_and_assistant_only_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let conv = dir.path().join("conv.jsonl");
+    fs::write(
+        &conv,
+        concat!(
+            r#"{"conversation": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}, "#,
+            r#"{"role": "user", "content": "Name?"}, {"role": "assistant", "content": "LilLM"}]}"#,
+            "\n",
+            r#"{"messages": [{"role": "user", "content": "a very long question that will not fit in the context at all, however hard we try to squeeze it in there, and then some more words, and again some more words to be sure"}, {"role": "assistant", "content": "ok"}]}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let tok = shared_reference("lilLM-tokenizer.json");
+    let out = lillm(&[
+        "data",
+        "sft-render",
+        "--tokenizer",
+        s(&tok),
+        "--input",
+        s(&conv),
+        "--max-seq-len",
+        "43",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("filtered 1 conversation"));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "the over-long conversation is dropped");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    let text = v["text"].as_str().unwrap();
+    assert_eq!(text, "<r0>user<r1>Hi!</r2><r0>assistant<r1>Hello.</s><r0>user<r1>Name?</r2><r0>assistant<r1>LilLM</s>");
+    let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).unwrap();
+    let mask: Vec<u8> = serde_json::from_value(v["mask"].clone()).unwrap();
+    // The released tokenizer's encoding, pinned, and equal to Python's.
+    assert_eq!(
+        ids,
+        [
+            3, 400, 279, 4, 55, 88, 16, 7065, 97, 33, 45, 3, 591, 402, 436, 4, 55, 851, 94, 29, 2,
+            3, 400, 279, 4, 61, 507, 46, 7065, 97, 33, 45, 3, 591, 402, 436, 4, 59, 366, 59, 60, 2
+        ]
+    );
+    let py = python(
+        "import sys, json\nfrom tokenizers import Tokenizer\nprint(json.dumps(Tokenizer.from_file(sys.argv[1]).encode(sys.argv[2], add_special_tokens=False).ids))",
+        &[s(&tok), text],
+    );
+    assert_eq!(serde_json::from_str::<Vec<u32>>(py.trim()).unwrap(), ids);
+    // Loss targets: exactly each assistant's content and its closing </s>.
+    let targets: Vec<usize> = mask
+        .iter()
+        .enumerate()
+        .filter(|(_, &m)| m == 1)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(targets, [16, 17, 18, 19, 20, 37, 38, 39, 40, 41]);
+    let decode = |range: &[u32]| {
+        lillm_ok(&[
+            "tokenizer",
+            "decode",
+            "--tokenizer",
+            s(&tok),
+            "--ids",
+            &serde_json::to_string(range).unwrap(),
+        ])
+    };
+    assert_eq!(decode(&ids[16..21]).trim_end(), "Hello.</s>");
+    assert_eq!(decode(&ids[37..42]).trim_end(), "LilLM</s>");
+
+    let bad = dir.path().join("bad.jsonl");
+    fs::write(&bad, "{\"conversation\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"bot\", \"content\": \"y\"}]}\n").unwrap();
+    let err = lillm_err(&[
+        "data",
+        "sft-render",
+        "--tokenizer",
+        s(&tok),
+        "--input",
+        s(&bad),
+    ]);
+    assert!(
+        err.contains("bad.jsonl:1") && err.contains("unknown role `bot`"),
+        "{err}"
+    );
+}
+
+fn conversations(n: usize) -> String {
+    const WHO: &[&str] = &["king", "queen", "prince", "lord"];
+    (0..n)
+        .map(|i| {
+            let who = WHO[i % WHO.len()];
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("who is the {who}?")},
+                {"role": "assistant", "content": format!("the {who} is my friend.")},
+            ]})
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn sft_learns_the_assistant_replies_from_a_pretrained_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let pre = dir.path().join("pre");
+    let mut args = tiny_train_args(s(&tiny.data), s(&pre), "300", "10");
+    let i = args.iter().position(|a| *a == "--max-seq-len").unwrap();
+    args[i + 1] = "64";
+    lillm_ok(&args);
+    let conv = dir.path().join("chat.jsonl");
+    fs::write(&conv, conversations(80)).unwrap();
+    let run = dir.path().join("sft");
+    let out = lillm_ok(&[
+        "sft",
+        "--init",
+        s(&pre),
+        "--data",
+        s(&conv),
+        "--out",
+        s(&run),
+        "--max-iters",
+        "150",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--dropout",
+        "0.0",
+        "--eval-interval",
+        "50",
+        "--eval-iters",
+        "2",
+        "--log-interval",
+        "5",
+        "--device",
+        "cpu",
+        "--val-fraction",
+        "0.1",
+    ]);
+    assert!(out.contains("best checkpoint"), "{out}");
+    let evals: Vec<f64> = fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].as_f64())
+        .collect();
+    assert!(evals.len() >= 3);
+    assert!(evals.iter().all(|v| v.is_finite()));
+    assert!(
+        evals.last().unwrap() < &(evals[0] * 0.5),
+        "held-out assistant loss falls: {evals:?}"
+    );
+    // The fine-tuned model answers in the learned form.
+    let reply = lillm_ok(&[
+        "generate",
+        "--checkpoint",
+        s(&run),
+        "--mode",
+        "sft",
+        "--prompt",
+        "who is the queen?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "40",
+        "--device",
+        "cpu",
+    ]);
+    assert!(reply.contains("the queen is my friend."), "{reply}");
+}

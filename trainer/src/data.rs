@@ -1,0 +1,136 @@
+//! What a run trains on: token shards (pretraining) or encoded conversations (SFT), behind
+//! one deterministic batch function.
+
+use std::path::{Path, PathBuf};
+
+use lillm_data::manifest::Split;
+use lillm_data::sft::{self, SftData};
+use lillm_data::shards::{sample_batch, BatchKey, Dataset};
+use lillm_data::tokenizer::Tokenizer;
+
+use crate::config::{Objective, TrainConfig};
+use crate::{Error, Result};
+
+pub enum TrainData {
+    Tokens(Dataset),
+    Sft(SftData),
+}
+
+/// Inputs and targets (−1 = no loss) of a micro-batch, row-major (batch × seq).
+pub struct MicroBatch {
+    pub inputs: Vec<i64>,
+    pub targets: Vec<i64>,
+    pub rows: usize,
+    pub seq: usize,
+}
+
+impl TrainData {
+    /// Opens `cfg.data` for the configured objective. SFT encodes with `tokenizer` (the one
+    /// the initial checkpoint carries) and keeps conversations shorter than `max_seq_len`.
+    pub fn open(cfg: &TrainConfig, tokenizer: Option<&Path>, max_seq_len: usize) -> Result<Self> {
+        match cfg.objective {
+            Objective::Pretrain => Ok(Self::Tokens(Dataset::open(&cfg.data)?)),
+            Objective::Sft => {
+                let tok_path = tokenizer.ok_or_else(|| {
+                    Error::Config(
+                        "SFT needs a tokenizer: start from a checkpoint that carries one (--init)"
+                            .into(),
+                    )
+                })?;
+                let tok = Tokenizer::load(tok_path)?;
+                let data =
+                    sft::build(&tok, &cfg.data, max_seq_len, cfg.sft_val_fraction, cfg.seed)?;
+                Ok(Self::Sft(data))
+            }
+        }
+    }
+
+    pub fn tokenizer_fingerprint(&self) -> &str {
+        match self {
+            Self::Tokens(d) => &d.manifest.tokenizer_fingerprint,
+            Self::Sft(d) => &d.tokenizer_fingerprint,
+        }
+    }
+
+    /// Largest token id + 1 the data can hold.
+    pub fn vocab_size(&self) -> Option<usize> {
+        match self {
+            Self::Tokens(d) => Some(d.manifest.vocab_size),
+            Self::Sft(_) => None,
+        }
+    }
+
+    pub fn has_val(&self) -> bool {
+        match self {
+            Self::Tokens(d) => !d.manifest.val.is_empty(),
+            Self::Sft(d) => !d.val.is_empty(),
+        }
+    }
+
+    /// The tokenizer stored with the data (pretraining datasets keep theirs beside the shards).
+    pub fn tokenizer_dir(&self) -> Option<PathBuf> {
+        match self {
+            Self::Tokens(d) => d
+                .dir
+                .join("tokenizer.json")
+                .is_file()
+                .then(|| d.dir.clone()),
+            Self::Sft(_) => None,
+        }
+    }
+
+    /// The micro-batch for `key`: a pure function of the key and the data.
+    pub fn batch(
+        &self,
+        key: BatchKey,
+        micros_per_step: u64,
+        rows: usize,
+        seq: usize,
+    ) -> Result<MicroBatch> {
+        let (inputs, targets) = match self {
+            Self::Tokens(d) => {
+                let b = sample_batch(d.split(key.split), key, rows, seq)?;
+                (b.inputs, b.targets)
+            }
+            Self::Sft(d) => {
+                let examples = match key.split {
+                    Split::Train => &d.train,
+                    Split::Val => &d.val,
+                };
+                let idx = sft::batch_indices(
+                    examples.len(),
+                    key.seed,
+                    key.step,
+                    key.micro,
+                    micros_per_step,
+                    rows,
+                );
+                sft::sft_batch(examples, &idx, seq)
+            }
+        };
+        Ok(MicroBatch {
+            inputs,
+            targets,
+            rows,
+            seq,
+        })
+    }
+
+    /// One line describing the data for the run's start-up banner.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Tokens(d) => format!(
+                "{} train / {} val tokens",
+                d.manifest.tokens(Split::Train),
+                d.manifest.tokens(Split::Val)
+            ),
+            Self::Sft(d) => format!(
+                "{} train / {} val conversations ({} filtered: ≥ {} tokens)",
+                d.train.len(),
+                d.val.len(),
+                d.filtered_too_long,
+                d.max_seq_len
+            ),
+        }
+    }
+}
