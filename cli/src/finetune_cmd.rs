@@ -136,3 +136,79 @@ pub fn sft_render(args: SftRenderArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub struct DpoArgs {
+    /// Checkpoint (or run directory) to start from; also the frozen reference model.
+    #[arg(long)]
+    init: PathBuf,
+    /// Pairs JSONL: {"prompt": text or [{role, content}], "chosen": text, "rejected": text}.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// Strength of the KL anchor to the reference.
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    #[arg(long, default_value_t = 200)]
+    max_iters: u64,
+    /// Pairs per step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 50)]
+    eval_interval: u64,
+    #[arg(long, default_value_t = 10)]
+    log_interval: u64,
+    /// Fraction of pairs held out for evaluation.
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+pub fn dpo(args: DpoArgs) -> Result<()> {
+    let device = TrainConfig {
+        device: args.device,
+        ..TrainConfig::default()
+    }
+    .device()?;
+    let cfg = lillm_trainer::dpo::DpoConfig {
+        init: args.init,
+        data: args.data,
+        out: args.out,
+        beta: args.beta,
+        lr: args.lr,
+        weight_decay: 0.0,
+        grad_clip: 1.0,
+        max_iters: args.max_iters,
+        batch_size: args.batch_size,
+        eval_interval: args.eval_interval,
+        log_interval: args.log_interval,
+        val_fraction: args.val_fraction,
+        seed: args.seed,
+        device,
+    };
+    let s = lillm_trainer::dpo::run_dpo(&cfg, crate::interactive())?;
+    println!(
+        "DPO: {} steps on {} pairs ({} held out, {} filtered as too long)",
+        s.steps, s.train_pairs, s.val_pairs, s.filtered
+    );
+    println!(
+        "held-out reward accuracy {:.3} → {:.3}, margin {:.3} → {:.3}, loss {:.4} → {:.4}",
+        s.initial.reward_accuracy,
+        s.last.reward_accuracy,
+        s.initial.reward_margin,
+        s.last.reward_margin,
+        s.initial.loss,
+        s.last.loss
+    );
+    println!("checkpoint: {}", s.last_checkpoint.display());
+    if let Some(p) = s.plot {
+        println!("loss plot: {}", p.display());
+    }
+    Ok(())
+}

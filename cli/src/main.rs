@@ -33,6 +33,8 @@ enum Command {
     Train(Box<train_cmd::TrainArgs>),
     /// Supervised fine-tuning on conversations (loss on assistant tokens only).
     Sft(Box<finetune_cmd::SftArgs>),
+    /// Preference tuning (DPO) on (prompt, chosen, rejected) pairs.
+    Dpo(Box<finetune_cmd::DpoArgs>),
     /// Mean next-token cross entropy of a text file under a checkpoint.
     Eval(infer_cmd::EvalArgs),
     /// Generate text from a prompt, streaming tokens to stdout.
@@ -63,6 +65,7 @@ fn main() {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Train(args) => train_cmd::run(*args),
         Command::Sft(args) => finetune_cmd::sft(*args),
+        Command::Dpo(args) => finetune_cmd::dpo(*args),
         Command::Eval(args) => infer_cmd::eval(args),
         Command::Generate(args) => infer_cmd::generate(args),
         Command::Plot(args) => train_cmd::plot(args),

@@ -179,3 +179,79 @@ fn sft_learns_the_assistant_replies_from_a_pretrained_checkpoint() {
     ]);
     assert!(reply.contains("the queen is my friend."), "{reply}");
 }
+
+#[test]
+fn dpo_prefers_the_chosen_replies_on_held_out_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let pre = dir.path().join("pre");
+    let mut args = tiny_train_args(s(&tiny.data), s(&pre), "300", "10");
+    let i = args.iter().position(|a| *a == "--max-seq-len").unwrap();
+    args[i + 1] = "64";
+    lillm_ok(&args);
+    const WHO: &[&str] = &["king", "queen", "prince", "lord", "man", "friend"];
+    let pairs: Vec<String> = (0..60)
+        .map(|i| {
+            let who = WHO[i % WHO.len()];
+            serde_json::json!({"prompt": format!("who is the {who}?"), "chosen": format!("the {who} is good."), "rejected": format!("sleep {who} death.")}).to_string()
+        })
+        .collect();
+    let data = dir.path().join("pairs.jsonl");
+    fs::write(&data, pairs.join("\n")).unwrap();
+    let run = dir.path().join("dpo");
+    let out = lillm_ok(&[
+        "dpo",
+        "--init",
+        s(&pre),
+        "--data",
+        s(&data),
+        "--out",
+        s(&run),
+        "--max-iters",
+        "40",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--beta",
+        "0.5",
+        "--eval-interval",
+        "20",
+        "--val-fraction",
+        "0.2",
+        "--device",
+        "cpu",
+    ]);
+    let accuracies: Vec<f64> = fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("val_loss").is_some())
+        .map(|v| v["reward_accuracy"].as_f64().unwrap())
+        .collect();
+    assert_eq!(accuracies.len(), 3, "evaluations at steps 0, 20, 40: {out}");
+    assert!(
+        *accuracies.last().unwrap() > 0.8,
+        "held-out reward accuracy after DPO: {accuracies:?}"
+    );
+    assert!(out.contains("held-out reward accuracy"), "{out}");
+    assert!(run
+        .join("checkpoints/step-00000040/manifest.json")
+        .is_file());
+
+    let bad = dir.path().join("bad.jsonl");
+    fs::write(&bad, "{\"prompt\": \"x\", \"chosen\": \"y\"}\n").unwrap();
+    let err = lillm_err(&[
+        "dpo",
+        "--init",
+        s(&pre),
+        "--data",
+        s(&bad),
+        "--out",
+        s(&dir.path().join("d2")),
+    ]);
+    assert!(
+        err.contains("bad.jsonl:1") && err.contains("rejected"),
+        "{err}"
+    );
+}

@@ -7,8 +7,10 @@
 //! - `prepare`: parallel tokenization into shards, written atomically.
 //! - `shards`: memory-mapped reading and the seeded batch sampler.
 //! - `sft`: chat-template rendering, assistant-only loss masks, SFT batches.
+//! - `dpo`: preference pairs (prompt, chosen, rejected) with reply masks.
 
 pub mod corpus;
+pub mod dpo;
 mod error;
 pub mod manifest;
 pub mod prepare;

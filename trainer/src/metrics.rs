@@ -33,6 +33,12 @@ pub struct Record {
     pub mfu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_seen: Option<u64>,
+    /// DPO: fraction of pairs whose chosen reply has the higher implicit reward.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reward_accuracy: Option<f64>,
+    /// DPO: mean reward(chosen) − reward(rejected).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reward_margin: Option<f64>,
 }
 
 /// Appends records; each line is flushed so a killed run keeps what it logged.
