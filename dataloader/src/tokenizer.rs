@@ -35,6 +35,9 @@ pub const EOS_ID: u32 = 2;
 /// like user turns with the role name `system`.
 pub const CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<r0>assistant<r1>' + message['content'] + '</s>' }}{% else %}{{ '<r0>' + message['role'] + '<r1>' + message['content'] + '</r2>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<r0>assistant<r1>' }}{% endif %}";
 
+/// A token's `(start, end)` byte offsets in the encoded text.
+pub type ByteRange = (usize, usize);
+
 /// A loaded tokenizer and where it came from.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -87,8 +90,8 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Encodes text, returning ids and each token's byte range in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    /// Encodes text, returning ids and each token's byte range `(start, end)` in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteRange>)> {
         let enc = self
             .inner
             .encode(text, false)
