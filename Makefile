@@ -11,7 +11,7 @@ build: bootstrap
 	@$(ENV) cargo build --release -p lillm-cli
 
 test: bootstrap
-	@$(ENV) cargo build -p lillm-cli && $(ENV) cargo test --workspace -- --test-threads=2
+	@$(ENV) scripts/test
 
 demo: bootstrap build
 	@$(ENV) scripts/demo

@@ -9,6 +9,8 @@ use lillm_data::tokenizer::EOS_ID;
 use lillm_model::{generate as generate_tokens, Sampler, SamplingParams, StopReason};
 use lillm_trainer::{eval::eval_ids, LoadedModel};
 
+use crate::text_stream::{IncrementalText, Step};
+
 fn device(name: &str) -> Result<tch::Device> {
     Ok(lillm_trainer::TrainConfig {
         device: name.into(),
@@ -107,10 +109,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if matches!(args.mode, Mode::Pretrain) {
         write!(out, "{}", args.prompt)?;
     }
-    // Decode the whole continuation each time and print what is new, holding back an
-    // incomplete UTF-8 sequence (shown as U+FFFD) until its remaining bytes arrive.
-    let mut generated = Vec::new();
-    let mut printed = 0;
+    let mut text = IncrementalText::new(tok, Vec::new());
     let mut io_error = None;
     let reason = generate_tokens(
         &loaded.model,
@@ -119,18 +118,11 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         &mut sampler,
         &[EOS_ID],
         |id| {
-            generated.push(id);
-            let Ok(text) = tok.decode(&generated) else {
-                return true;
+            let delta = match text.push(id) {
+                Ok(Step::Continue(delta)) | Ok(Step::Stop(delta)) => delta,
+                Err(_) => return false,
             };
-            if text.ends_with('\u{FFFD}') || text.len() <= printed {
-                return true;
-            }
-            let result = out
-                .write_all(&text.as_bytes()[printed..])
-                .and_then(|_| out.flush());
-            printed = text.len();
-            match result {
+            match out.write_all(delta.as_bytes()).and_then(|_| out.flush()) {
                 Ok(()) => true,
                 Err(e) => {
                     io_error = Some(e);
@@ -142,11 +134,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if let Some(e) = io_error {
         return Err(e.into());
     }
-    let text = tok.decode(&generated)?;
-    if text.len() > printed {
-        out.write_all(&text.as_bytes()[printed..])?;
-    }
-    writeln!(out)?;
+    writeln!(out, "{}", text.finish()?)?;
     if reason == StopReason::Context {
         eprintln!(
             "(stopped: the model's context of {} tokens is full)",

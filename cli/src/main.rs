@@ -1,10 +1,13 @@
 //! `lillm`: every stage of the pipeline — tokenizer, data, training, evaluation, generation
 //! and interop — from one binary. Each subcommand lives in its own module.
 
+mod chat_cmd;
 mod data_cmd;
 mod finetune_cmd;
 mod infer_cmd;
 mod interop_cmd;
+mod serve;
+mod text_stream;
 mod tokenizer_cmd;
 mod train_cmd;
 
@@ -39,6 +42,10 @@ enum Command {
     Eval(infer_cmd::EvalArgs),
     /// Generate text from a prompt, streaming tokens to stdout.
     Generate(infer_cmd::GenerateArgs),
+    /// Chat with a fine-tuned model in the terminal.
+    Chat(chat_cmd::ChatArgs),
+    /// Serve a web chat page and an OpenAI-compatible API.
+    Serve(serve::ServeArgs),
     /// Draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl.
     Plot(train_cmd::PlotArgs),
     /// Model presets and parameter counts.
@@ -68,6 +75,8 @@ fn main() {
         Command::Dpo(args) => finetune_cmd::dpo(*args),
         Command::Eval(args) => infer_cmd::eval(args),
         Command::Generate(args) => infer_cmd::generate(args),
+        Command::Chat(args) => chat_cmd::chat(args),
+        Command::Serve(args) => serve::serve(args),
         Command::Plot(args) => train_cmd::plot(args),
         Command::Model(cmd) => train_cmd::model(cmd),
         Command::Export(cmd) => interop_cmd::export(cmd),

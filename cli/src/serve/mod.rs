@@ -1,0 +1,132 @@
+//! `lillm serve`: a web chat page and an OpenAI-compatible API over one model.
+//!
+//! Layout:
+//! - `generator`: the actor thread that owns the model and runs requests in order.
+//! - `openai`: request validation and the `/v1/*` handlers (JSON and SSE).
+//! - `page.html`: the self-contained chat page served at `/`.
+
+mod generator;
+mod openai;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::response::Html;
+use axum::routing::{get, post};
+use axum::Router;
+use clap::Args;
+use lillm_trainer::LoadedModel;
+use tokio_util::sync::CancellationToken;
+
+pub use generator::Generator;
+
+const PAGE: &str = include_str!("page.html");
+
+#[derive(Clone)]
+pub struct AppState {
+    generator: Generator,
+    model_name: String,
+    api_key: Option<String>,
+    started: u64,
+    /// Source of response ids; shared by all handlers.
+    counter: Arc<AtomicU64>,
+}
+
+impl AppState {
+    fn next_id(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Checkpoint (or run directory) to serve; it must carry its tokenizer.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Address to bind; loopback unless you mean to expose it (then set --api-key).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port (0 picks a free one; the chosen address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on the API (also read from LILLM_API_KEY).
+    #[arg(long, env = "LILLM_API_KEY")]
+    api_key: Option<String>,
+    /// The model id clients must name (default: the checkpoint directory's name).
+    #[arg(long)]
+    model_name: Option<String>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
+        .route("/health", get(|| async { "ok" }))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .with_state(state)
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let device = lillm_trainer::TrainConfig {
+        device: args.device.clone(),
+        ..Default::default()
+    }
+    .device()?;
+    let loaded = LoadedModel::load(&args.checkpoint, device)?;
+    let model_name = args.model_name.clone().unwrap_or_else(|| {
+        let path = std::fs::canonicalize(&args.checkpoint).unwrap_or(args.checkpoint.clone());
+        path.file_name()
+            .map_or("lillm".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let state = AppState {
+        generator: Generator::new(loaded)?,
+        model_name,
+        api_key: args.api_key.clone(),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        counter: Arc::default(),
+    };
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .with_context(|| {
+            format!(
+                "--host {} --port {} is not a socket address",
+                args.host, args.port
+            )
+        })?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            signal.cancel();
+        });
+        run(addr, state, shutdown).await
+    })
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn run(addr: SocketAddr, state: AppState, shutdown: CancellationToken) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    println!(
+        "serving `{}` on http://{local}/ (OpenAI API at http://{local}/v1)",
+        state.model_name
+    );
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! `lillm serve`: the official `openai` Python client talks to it (plain and streaming), bad
+//! requests get OpenAI-shaped 4xx errors while the server keeps serving, concurrent requests
+//! do not interfere, and a headless Chromium chats through the web page.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(checkpoint: &std::path::Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args([
+            "serve",
+            "--checkpoint",
+            s(checkpoint),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--model-name",
+            "tiny",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("lillm serve starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split("on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("address line")
+        .trim_end_matches('/')
+        .to_string();
+    Server { child, url }
+}
+
+fn model(dir: &std::path::Path) -> std::path::PathBuf {
+    let tiny = tiny_data(dir, 300);
+    let run = dir.join("run");
+    let mut args = tiny_train_args(s(&tiny.data), s(&run), "300", "5");
+    let i = args.iter().position(|a| *a == "--max-seq-len").unwrap();
+    args[i + 1] = "128";
+    lillm_ok(&args);
+    run
+}
+
+const CLIENT: &str = r#"
+import json, sys, threading, urllib.request, urllib.error
+from openai import OpenAI, APIStatusError
+url, key = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=url + "/v1", api_key=key)
+out = {}
+out["models"] = [m.id for m in client.models.list().data]
+r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "who is the king?"}], max_tokens=8, seed=1, temperature=0.7)
+out["chat"] = {"text": r.choices[0].message.content, "finish": r.choices[0].finish_reason, "usage": r.usage.model_dump()}
+chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "who is the king?"}], max_tokens=8, seed=1, temperature=0.7, stream=True))
+out["stream"] = {"text": "".join(c.choices[0].delta.content or "" for c in chunks), "content_chunks": sum(1 for c in chunks if c.choices[0].delta.content), "finish": chunks[-1].choices[0].finish_reason}
+c = client.completions.create(model="tiny", prompt="the king", max_tokens=6, seed=3, temperature=0.9, stop=["\n"])
+out["completion"] = {"text": c.choices[0].text, "usage": c.usage.model_dump()}
+sc = list(client.completions.create(model="tiny", prompt="the king", max_tokens=6, seed=3, temperature=0.9, stop=["\n"], stream=True))
+out["completion_stream"] = "".join(x.choices[0].text for x in sc)
+
+def status(call):
+    try:
+        call()
+        return None
+    except APIStatusError as e:
+        return {"status": e.status_code, "body": e.body}
+out["unknown_model"] = status(lambda: client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}]))
+out["too_long"] = status(lambda: client.completions.create(model="tiny", prompt="the king " * 400, max_tokens=5))
+out["negative"] = status(lambda: client.completions.create(model="tiny", prompt="x", max_tokens=-3))
+out["no_key"] = status(lambda: OpenAI(base_url=url + "/v1", api_key="wrong").models.list())
+req = urllib.request.Request(url + "/v1/chat/completions", data=b"{not json", headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
+try:
+    urllib.request.urlopen(req)
+except urllib.error.HTTPError as e:
+    out["bad_json"] = {"status": e.code, "body": json.loads(e.read())}
+
+# Eight concurrent requests with one seed give eight copies of the sequential answer.
+results = [None] * 8
+def worker(i):
+    results[i] = client.completions.create(model="tiny", prompt="good night", max_tokens=10, seed=42, temperature=1.0).choices[0].text
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+out["concurrent"] = results
+out["sequential"] = client.completions.create(model="tiny", prompt="good night", max_tokens=10, seed=42, temperature=1.0).choices[0].text
+print(json.dumps(out))
+"#;
+
+#[test]
+fn openai_client_talks_to_the_server_and_errors_are_openai_shaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = model(dir.path());
+    let server = serve(&run, &["--api-key", "secret"]);
+    let out: serde_json::Value =
+        serde_json::from_str(python(CLIENT, &[&server.url, "secret"]).trim()).unwrap();
+    assert_eq!(out["models"], serde_json::json!(["tiny"]));
+    let chat = &out["chat"];
+    assert!(
+        matches!(chat["finish"].as_str(), Some("stop" | "length")),
+        "{chat}"
+    );
+    let usage = &chat["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 5);
+    assert!(usage["completion_tokens"].as_u64().unwrap() <= 8);
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+    assert_eq!(
+        out["stream"]["text"], chat["text"],
+        "same seed: the stream spells the same reply"
+    );
+    if chat["finish"] == "length" {
+        assert!(
+            out["stream"]["content_chunks"].as_u64().unwrap() >= 2,
+            "streamed in pieces: {}",
+            out["stream"]
+        );
+    }
+    assert!(
+        !out["completion"]["text"].as_str().unwrap().contains('\n'),
+        "stop sequence honoured"
+    );
+    assert_eq!(out["completion_stream"], out["completion"]["text"]);
+    assert_eq!(out["unknown_model"]["status"], 404);
+    assert!(out["unknown_model"]["body"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("gpt-9"));
+    assert_eq!(out["too_long"]["status"], 400);
+    assert_eq!(out["too_long"]["body"]["code"], "context_length_exceeded");
+    assert_eq!(out["negative"]["status"], 400);
+    assert!(out["negative"]["body"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_tokens"));
+    assert_eq!(out["no_key"]["status"], 401);
+    assert_eq!(out["bad_json"]["status"], 400);
+    assert!(out["bad_json"]["body"]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("invalid request body"));
+    let sequential = &out["sequential"];
+    for r in out["concurrent"].as_array().unwrap() {
+        assert_eq!(
+            r, sequential,
+            "concurrent requests do not disturb each other"
+        );
+    }
+}
+
+const BROWSER: &str = r##"
+import sys
+from playwright.sync_api import sync_playwright
+url = sys.argv[1]
+with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"])
+    page = browser.new_page()
+    page.goto(url)
+    page.fill("#max_tokens", "12")
+    page.fill("#input", "who is the king?")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".msg.user")
+    page.wait_for_function("() => { const a = document.querySelectorAll('.msg.assistant'); return a.length && a[a.length-1].textContent.length > 0 && !document.getElementById('send').disabled; }")
+    reply = page.inner_text(".msg.assistant")
+    page.fill("#input", "and the queen?")
+    page.click("#send")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant').length == 2 && !document.getElementById('send').disabled")
+    count = page.locator(".msg").count()
+    page.click("#clear")
+    after = page.locator(".msg").count()
+    browser.close()
+    print(f"{count} {after} {len(reply)}")
+"##;
+
+#[test]
+fn web_page_chats_and_clears_in_headless_chromium() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = model(dir.path());
+    let server = serve(&run, &[]);
+    let out = python(BROWSER, &[&server.url]);
+    let nums: Vec<usize> = out.split_whitespace().map(|n| n.parse().unwrap()).collect();
+    assert_eq!(nums[0], 4, "two user and two assistant messages were shown");
+    assert_eq!(nums[1], 0, "clear empties the conversation");
+    assert!(nums[2] > 0, "a reply appeared");
+}
