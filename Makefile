@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 ENV := source .env &&
 
-.PHONY: bootstrap build test demo bench lint fmt
+.PHONY: bootstrap build test demo demo-chat bench lint
 
 bootstrap:
 	@scripts/bootstrap
@@ -15,6 +15,9 @@ test: bootstrap
 
 demo: bootstrap build
 	@$(ENV) scripts/demo
+
+demo-chat: demo
+	@$(ENV) scripts/demo-chat
 
 bench: bootstrap build
 	@$(ENV) scripts/bench
