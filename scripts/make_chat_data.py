@@ -1,36 +1,36 @@
-"""Builds the chat demo's data from the Shakespeare corpus: conversations asking which play
-a line comes from (for SFT) and preference pairs whose chosen answer is the right play and
-whose rejected answer is another play (for DPO). Deterministic (seeded)."""
+"""Builds the chat demo's data from the Shakespeare corpus. SFT: conversations asking to
+continue a line, answered with the line that really follows it. DPO: the same question with
+the true next line as the chosen reply and that line with its words shuffled as the rejected
+one. SFT and DPO use disjoint lines; everything is seeded."""
 import glob, json, os, random, sys
 
 corpus, out_dir = sys.argv[1], sys.argv[2]
 rng = random.Random(1337)
-plays = {}
+couplets = []
 for path in sorted(glob.glob(os.path.join(corpus, "*_gut.txt"))):
-    name = os.path.basename(path)[: -len("_gut.txt")]
-    title = " ".join(w.capitalize() for w in name.split("_"))
     lines = [l.strip() for l in open(path, encoding="utf-8")]
-    # Speech lines: long enough to say something, not stage directions or speaker tags.
-    speech = [l for l in lines if len(l.split()) >= 6 and not l.isupper() and not l.startswith(("[", "Enter", "Exit", "Exeunt"))]
-    if len(speech) >= 80:
-        plays[title] = speech
-titles = sorted(plays)
-question = "Which play is this line from? \"{}\""
-conversations, pairs = [], []
-for title in titles:
-    # Disjoint lines for SFT and DPO, so DPO's held-out pairs are unseen lines.
-    lines = rng.sample(plays[title], 75)
-    for line in lines[:60]:
-        conversations.append({"messages": [{"role": "user", "content": question.format(line)},
-                                           {"role": "assistant", "content": f"It is from {title}."}]})
-    for line in lines[60:]:
-        wrong = rng.choice([t for t in titles if t != title])
-        pairs.append({"prompt": question.format(line), "chosen": f"It is from {title}.", "rejected": f"It is from {wrong}."})
-rng.shuffle(conversations)
-rng.shuffle(pairs)
+    for a, b in zip(lines, lines[1:]):
+        # Two consecutive verse lines of one speech: not speaker tags or stage directions.
+        if all(4 <= len(x.split()) <= 12 and not x.isupper() and not x.startswith(("[", "Enter", "Exit", "Exeunt")) for x in (a, b)):
+            couplets.append((a, b))
+rng.shuffle(couplets)
+sft_part, dpo_part = couplets[:3000], couplets[3000:3600]
+question = "Continue this line: {}"
 os.makedirs(out_dir, exist_ok=True)
 with open(os.path.join(out_dir, "sft.jsonl"), "w") as f:
-    f.writelines(json.dumps(c) + "\n" for c in conversations)
+    for a, b in sft_part:
+        f.write(json.dumps({"messages": [{"role": "user", "content": question.format(a)}, {"role": "assistant", "content": b}]}) + "\n")
+
+
+def shuffled(line):
+    words = line.split()
+    while True:
+        rng.shuffle(words)
+        if " ".join(words) != line:
+            return " ".join(words)
+
+
 with open(os.path.join(out_dir, "pairs.jsonl"), "w") as f:
-    f.writelines(json.dumps(p) + "\n" for p in pairs)
-print(f"{len(conversations)} conversations and {len(pairs)} preference pairs over {len(titles)} plays")
+    for a, b in dpo_part:
+        f.write(json.dumps({"prompt": question.format(a), "chosen": b, "rejected": shuffled(b)}) + "\n")
+print(f"{len(sft_part)} conversations and {len(dpo_part)} preference pairs from {len(couplets)} couplets")

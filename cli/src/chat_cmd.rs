@@ -7,9 +7,9 @@ use anyhow::Result;
 use clap::Args;
 use lillm_data::sft::{render_prompt, Message};
 use lillm_data::tokenizer::EOS_ID;
-use lillm_model::{generate, Sampler, SamplingParams};
-use lillm_trainer::LoadedModel;
+use lillm_model::generate;
 
+use crate::infer_cmd::SamplingArgs;
 use crate::text_stream::{IncrementalText, Step};
 
 #[derive(Args)]
@@ -17,35 +17,15 @@ pub struct ChatArgs {
     /// Fine-tuned checkpoint (or run directory).
     #[arg(long)]
     checkpoint: PathBuf,
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    #[arg(long, default_value_t = 50)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f64,
-    #[arg(long, default_value_t = 200)]
-    max_new_tokens: usize,
-    #[arg(long, default_value_t = 1337)]
-    seed: u64,
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 pub fn chat(args: ChatArgs) -> Result<()> {
-    let device = lillm_trainer::TrainConfig {
-        device: args.device.clone(),
-        ..Default::default()
-    }
-    .device()?;
-    let loaded = LoadedModel::load(&args.checkpoint, device)?;
+    let loaded = args.sampling.load(&args.checkpoint)?;
     let tok = loaded.tokenizer()?;
     let context = loaded.model.config().max_seq_len;
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-    })?;
+    let mut sampler = args.sampling.sampler()?;
     let mut history: Vec<Message> = Vec::new();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
@@ -92,7 +72,7 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         out.flush()?;
         let mut text = IncrementalText::new(tok, Vec::new());
         let mut reply = String::new();
-        let budget = args.max_new_tokens.min(context - prompt.len());
+        let budget = args.sampling.max_new_tokens.min(context - prompt.len());
         generate(
             &loaded.model,
             &prompt,

@@ -83,20 +83,7 @@ pub fn sft(args: SftArgs) -> Result<()> {
     let mut trainer = Trainer::new(cfg.clone())?;
     std::fs::write(cfg.out.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
     let summary = trainer.run(crate::interactive())?;
-    println!("fine-tuned {} steps", summary.steps);
-    if let Some(v) = summary.final_val_loss {
-        println!(
-            "final val loss {v:.4} (best {:.4})",
-            summary.best_val_loss.unwrap_or(v)
-        );
-    }
-    if let Some(best) = lillm_trainer::checkpoint::best_checkpoint(&cfg.out) {
-        println!("best checkpoint: {}", best.display());
-    }
-    println!("checkpoint: {}", summary.last_checkpoint.display());
-    if let Some(p) = summary.plot {
-        println!("loss plot: {}", p.display());
-    }
+    crate::train_cmd::report(&summary, &cfg.out);
     Ok(())
 }
 
@@ -171,11 +158,7 @@ pub struct DpoArgs {
 }
 
 pub fn dpo(args: DpoArgs) -> Result<()> {
-    let device = TrainConfig {
-        device: args.device,
-        ..TrainConfig::default()
-    }
-    .device()?;
+    let device = lillm_trainer::config::parse_device(&args.device)?;
     let cfg = lillm_trainer::dpo::DpoConfig {
         init: args.init,
         data: args.data,

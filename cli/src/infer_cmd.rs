@@ -7,16 +7,45 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use lillm_data::tokenizer::EOS_ID;
 use lillm_model::{generate as generate_tokens, Sampler, SamplingParams, StopReason};
+use lillm_trainer::config::parse_device;
 use lillm_trainer::{eval::eval_ids, LoadedModel};
 
 use crate::text_stream::{IncrementalText, Step};
 
-fn device(name: &str) -> Result<tch::Device> {
-    Ok(lillm_trainer::TrainConfig {
-        device: name.into(),
-        ..Default::default()
+/// Sampling flags shared by `generate` and `chat`.
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// 0 = no limit.
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 200)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl SamplingArgs {
+    pub fn sampler(&self) -> Result<Sampler> {
+        Ok(Sampler::new(SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+        })?)
     }
-    .device()?)
+
+    /// Loads the checkpoint on the requested device.
+    pub fn load(&self, checkpoint: &std::path::Path) -> Result<LoadedModel> {
+        Ok(LoadedModel::load(checkpoint, parse_device(&self.device)?)?)
+    }
 }
 
 #[derive(Args)]
@@ -33,7 +62,7 @@ pub struct EvalArgs {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let loaded = LoadedModel::load(&args.checkpoint, device(&args.device)?)?;
+    let loaded = LoadedModel::load(&args.checkpoint, parse_device(&args.device)?)?;
     let text = std::fs::read_to_string(&args.text_file)
         .with_context(|| format!("{}: cannot read as UTF-8 text", args.text_file.display()))?;
     let ids = loaded.tokenizer()?.encode(&text)?;
@@ -75,36 +104,19 @@ pub struct GenerateArgs {
     prompt: String,
     #[arg(long, value_enum, default_value = "pretrain")]
     mode: Mode,
-    /// 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
-    temperature: f64,
-    /// 0 = no limit.
-    #[arg(long, default_value_t = 50)]
-    top_k: usize,
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f64,
-    #[arg(long, default_value_t = 200)]
-    max_new_tokens: usize,
-    #[arg(long, default_value_t = 1337)]
-    seed: u64,
-    #[arg(long, default_value = "auto")]
-    device: String,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let loaded = LoadedModel::load(&args.checkpoint, device(&args.device)?)?;
+    let loaded = args.sampling.load(&args.checkpoint)?;
     let tok = loaded.tokenizer()?;
     let text = match args.mode {
         Mode::Pretrain => args.prompt.clone(),
         Mode::Sft => chat_prompt(&args.prompt),
     };
     let prompt = tok.encode(&text)?;
-    let mut sampler = Sampler::new(SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed,
-    })?;
+    let mut sampler = args.sampling.sampler()?;
     let mut out = std::io::stdout().lock();
     if matches!(args.mode, Mode::Pretrain) {
         write!(out, "{}", args.prompt)?;
@@ -114,7 +126,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let reason = generate_tokens(
         &loaded.model,
         &prompt,
-        args.max_new_tokens,
+        args.sampling.max_new_tokens,
         &mut sampler,
         &[EOS_ID],
         |id| {

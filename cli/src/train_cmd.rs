@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use lillm_model::{ModelConfig, PRESETS};
-use lillm_trainer::{plot, TrainConfig, Trainer};
+use lillm_trainer::{plot, TrainConfig, TrainSummary, Trainer};
 
 /// Every field of the training config as an optional flag; unset flags leave the value from
 /// the lower layers (defaults < --config TOML < LILLM_* environment < flags).
@@ -194,6 +194,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)
         .with_context(|| format!("{}: cannot write", resolved.display()))?;
     let summary = trainer.run(crate::interactive())?;
+    report(&summary, &cfg.out);
+    Ok(())
+}
+
+/// What a finished training or fine-tuning run prints.
+pub fn report(summary: &TrainSummary, run: &std::path::Path) {
     println!(
         "trained {} steps of a {}-parameter model",
         summary.steps, summary.num_params
@@ -204,11 +210,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             summary.best_val_loss.unwrap_or(v)
         );
     }
+    if let Some(best) = lillm_trainer::checkpoint::best_checkpoint(run) {
+        println!("best checkpoint: {}", best.display());
+    }
     println!("checkpoint: {}", summary.last_checkpoint.display());
-    if let Some(p) = summary.plot {
+    if let Some(p) = &summary.plot {
         println!("loss plot: {}", p.display());
     }
-    Ok(())
 }
 
 #[derive(Args)]

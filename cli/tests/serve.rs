@@ -51,13 +51,7 @@ fn serve(checkpoint: &std::path::Path, extra: &[&str]) -> Server {
 }
 
 fn model(dir: &std::path::Path) -> std::path::PathBuf {
-    let tiny = tiny_data(dir, 300);
-    let run = dir.join("run");
-    let mut args = tiny_train_args(s(&tiny.data), s(&run), "300", "5");
-    let i = args.iter().position(|a| *a == "--max-seq-len").unwrap();
-    args[i + 1] = "128";
-    lillm_ok(&args);
-    run
+    tiny_pretrained(dir, "128", "5").1
 }
 
 const CLIENT: &str = r#"

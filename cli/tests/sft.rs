@@ -113,12 +113,7 @@ fn conversations(n: usize) -> String {
 #[test]
 fn sft_learns_the_assistant_replies_from_a_pretrained_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let tiny = tiny_data(dir.path(), 300);
-    let pre = dir.path().join("pre");
-    let mut args = tiny_train_args(s(&tiny.data), s(&pre), "300", "10");
-    let i = args.iter().position(|a| *a == "--max-seq-len").unwrap();
-    args[i + 1] = "64";
-    lillm_ok(&args);
+    let (_, pre) = tiny_pretrained(dir.path(), "64", "10");
     let conv = dir.path().join("chat.jsonl");
     fs::write(&conv, conversations(80)).unwrap();
     let run = dir.path().join("sft");
@@ -137,7 +132,7 @@ fn sft_learns_the_assistant_replies_from_a_pretrained_checkpoint() {
         "--lr",
         "3e-3",
         "--dropout",
-        "0.0",
+        "0.05",
         "--eval-interval",
         "50",
         "--eval-iters",
@@ -178,17 +173,47 @@ fn sft_learns_the_assistant_replies_from_a_pretrained_checkpoint() {
         "cpu",
     ]);
     assert!(reply.contains("the queen is my friend."), "{reply}");
+
+    // The terminal chat keeps a multi-turn history and /reset clears it.
+    use std::io::Write;
+    let mut chat = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args([
+            "chat",
+            "--checkpoint",
+            s(&run),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "40",
+            "--device",
+            "cpu",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"who is the king?\nwho is the lord?\n/reset\nwho is the prince?\n/quit\n")
+        .unwrap();
+    let out = chat.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout.contains("lillm> the king is my friend."), "{stdout}");
+    assert!(
+        stdout.contains("lillm> the prince is my friend."),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("lillm> ").count(), 3, "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("history cleared"));
 }
 
 #[test]
 fn dpo_prefers_the_chosen_replies_on_held_out_pairs() {
     let dir = tempfile::tempdir().unwrap();
-    let tiny = tiny_data(dir.path(), 300);
-    let pre = dir.path().join("pre");
-    let mut args = tiny_train_args(s(&tiny.data), s(&pre), "300", "10");
-    let i = args.iter().position(|a| *a == "--max-seq-len").unwrap();
-    args[i + 1] = "64";
-    lillm_ok(&args);
+    let (_, pre) = tiny_pretrained(dir.path(), "64", "10");
     const WHO: &[&str] = &["king", "queen", "prince", "lord", "man", "friend"];
     let pairs: Vec<String> = (0..60)
         .map(|i| {

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::prepare::is_val_document;
 use crate::sft::{render_prompt, Message};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -87,27 +86,6 @@ pub fn read_pairs(
         return Err(Error::invalid(path, format!("holds no pair shorter than max_seq_len = {max_seq_len} tokens ({filtered} filtered)")));
     }
     Ok((pairs, filtered))
-}
-
-/// Splits pairs into (train, val) by a seeded hash of their index; at least one of each
-/// when there are two or more.
-pub fn split_pairs(
-    pairs: Vec<PreferencePair>,
-    val_fraction: f64,
-    seed: u64,
-) -> (Vec<PreferencePair>, Vec<PreferencePair>) {
-    let (mut train, mut val): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
-    for (i, p) in pairs.into_iter().enumerate() {
-        if is_val_document(seed, i as u64, val_fraction) {
-            val.push(p);
-        } else {
-            train.push(p);
-        }
-    }
-    if val.is_empty() && val_fraction > 0.0 && train.len() > 1 {
-        val.push(train.pop().expect("non-empty"));
-    }
-    (train, val)
 }
 
 /// Rows `[chosen_0 … chosen_{B-1}, rejected_0 … rejected_{B-1}]` padded to the longest, as

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::prepare::{is_val_document, splitmix64};
+use crate::prepare::{split_by_hash, splitmix64};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -133,22 +133,15 @@ pub fn build(
     if conversations.is_empty() {
         return Err(Error::invalid(path, "holds no conversations"));
     }
-    let (mut train, mut val, mut filtered) = (Vec::new(), Vec::new(), 0);
-    for (i, conv) in conversations.iter().enumerate() {
+    let mut kept = Vec::new();
+    for conv in &conversations {
         let (_, example) = encode_conversation(tok, conv)?;
-        if example.ids.len() >= max_seq_len {
-            filtered += 1;
-            continue;
-        }
-        if is_val_document(seed, i as u64, val_fraction) {
-            val.push(example);
-        } else {
-            train.push(example);
+        if example.ids.len() < max_seq_len {
+            kept.push(example);
         }
     }
-    if val.is_empty() && val_fraction > 0.0 && train.len() > 1 {
-        val.push(train.pop().expect("non-empty"));
-    }
+    let filtered = conversations.len() - kept.len();
+    let (train, val) = split_by_hash(kept, val_fraction, seed);
     if train.is_empty() {
         return Err(Error::invalid(
             path,

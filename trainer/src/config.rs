@@ -229,20 +229,7 @@ impl TrainConfig {
 
     /// The libtorch device this config asks for.
     pub fn device(&self) -> Result<tch::Device> {
-        match self.device.as_str() {
-            "auto" => Ok(tch::Device::cuda_if_available()),
-            "cpu" => Ok(tch::Device::Cpu),
-            "cuda" => Ok(tch::Device::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(tch::Device::Cuda)
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "device `{other}` is not one of auto, cpu, cuda, cuda:N"
-                    ))
-                }),
-        }
+        parse_device(&self.device)
     }
 
     /// Activation dtype: bf16 on CUDA, float32 on CPU, unless set explicitly.
@@ -253,5 +240,23 @@ impl TrainConfig {
             _ if device.is_cuda() => tch::Kind::BFloat16,
             _ => tch::Kind::Float,
         }
+    }
+}
+
+/// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N` as a libtorch device.
+pub fn parse_device(name: &str) -> Result<tch::Device> {
+    match name {
+        "auto" => Ok(tch::Device::cuda_if_available()),
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(tch::Device::Cuda)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "device `{other}` is not one of auto, cpu, cuda, cuda:N"
+                ))
+            }),
     }
 }

@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use lillm_data::dpo::{pair_batch, read_pairs, split_pairs, PreferencePair};
+use lillm_data::dpo::{pair_batch, read_pairs, PreferencePair};
+use lillm_data::prepare::split_by_hash;
 use lillm_data::sft::batch_indices;
 use lillm_model::{weights, LilLM, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -139,7 +140,7 @@ pub fn run_dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
         ..reference.state.model.clone()
     };
     let (pairs, filtered) = read_pairs(tokenizer, &cfg.data, model_cfg.max_seq_len)?;
-    let (train, val) = split_pairs(pairs, cfg.val_fraction, cfg.seed);
+    let (train, val) = split_by_hash(pairs, cfg.val_fraction, cfg.seed);
     if val.is_empty() {
         return Err(Error::Config(format!(
             "{}: too few pairs to hold any out for evaluation",

@@ -138,7 +138,6 @@ impl Trainer {
             weight_decay: cfg.weight_decay,
         };
         let mut opt = AdamW::new(adam, vs.variables().into_iter().collect());
-        let mut trainer_state = (0, 0, None, false);
         if let Some((dir, state)) = &resume_from {
             if state.dataset_fingerprint.as_deref() != Some(data.tokenizer_fingerprint()) {
                 return Err(Error::checkpoint(
@@ -149,24 +148,14 @@ impl Trainer {
             weights::load_var_store(&vs, &dir.join(MODEL_FILE))?;
             let opt_state = weights::read_tensors(&dir.join(OPTIMIZER_FILE))?;
             opt.load_state_tensors(&opt_state, dir)?;
-            trainer_state = (
-                state.step,
-                state.tokens_seen,
-                state.best_val_loss,
-                state.evaluated_at_step,
-            );
             tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
-        } else if let Some(init) = &cfg.init_from {
-            let loaded = crate::LoadedModel::load(init, device)?;
-            if loaded.state.model != model_cfg {
-                return Err(Error::checkpoint(
-                    &loaded.dir,
-                    "its model config differs from the one configured for this run",
-                ));
-            }
+        } else if let Some(loaded) = &init {
             weights::load_into(&vs, &weights::var_store_tensors(&loaded.vs), &loaded.dir)?;
         }
-        let (step, tokens_seen, best_val, evaluated_at_step) = trainer_state;
+        let (step, tokens_seen, best_val, evaluated_at_step) = match &resume_from {
+            Some((_, s)) => (s.step, s.tokens_seen, s.best_val_loss, s.evaluated_at_step),
+            None => (0, 0, None, false),
+        };
         Ok(Self {
             cfg,
             model_cfg,

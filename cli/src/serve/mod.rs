@@ -73,11 +73,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
-    let device = lillm_trainer::TrainConfig {
-        device: args.device.clone(),
-        ..Default::default()
-    }
-    .device()?;
+    let device = lillm_trainer::config::parse_device(&args.device)?;
     let loaded = LoadedModel::load(&args.checkpoint, device)?;
     let model_name = args.model_name.clone().unwrap_or_else(|| {
         let path = std::fs::canonicalize(&args.checkpoint).unwrap_or(args.checkpoint.clone());
