@@ -101,6 +101,19 @@ pub struct TrainArgs {
     /// Start from this checkpoint's weights.
     #[arg(long)]
     init_from: Option<PathBuf>,
+    /// Spawn this many local ranks (processes) that train together through c10d/Gloo, like
+    /// `torchrun --standalone --nproc_per_node N`.
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
+    /// This process's rank in a data-parallel job (set by --nproc or a launcher).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Ranks in the job.
+    #[arg(long)]
+    world_size: Option<usize>,
+    /// host:port of the rendezvous store that rank 0 serves.
+    #[arg(long)]
+    rendezvous: Option<String>,
 }
 
 /// `LILLM_<FIELD>` variables naming a config field (`LILLM_MODEL__D_MODEL` for nested ones).
@@ -148,6 +161,9 @@ fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if let Some(p) = path_str(&args.init_from) {
         builder = builder.set_override("init_from", p)?;
     }
+    if let Some(r) = &args.rendezvous {
+        builder = builder.set_override("rendezvous", r.clone())?;
+    }
     flag!(
         preset => "preset", device => "device", dtype => "dtype",
         lr => "lr", min_lr => "min_lr", weight_decay => "weight_decay", grad_clip => "grad_clip",
@@ -166,6 +182,7 @@ fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         max_iters => "max_iters", warmup_iters => "warmup_iters", lr_decay_iters => "lr_decay_iters",
         eval_interval => "eval_interval", eval_iters => "eval_iters", log_interval => "log_interval",
         keep_last => "keep_last", seed => "seed", threads => "threads",
+        rank => "rank", world_size => "world_size",
         d_model => "model.d_model", n_layers => "model.n_layers", q_heads => "model.q_heads",
         kv_heads => "model.kv_heads", max_seq_len => "model.max_seq_len", vocab_size => "model.vocab_size",
         hidden_dim => "model.hidden_dim",
@@ -182,6 +199,9 @@ fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    if args.nproc > 1 {
+        return spawn_local_ranks(args.nproc);
+    }
     let cfg = resolve_config(&args)?;
     if args.print_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
@@ -189,13 +209,76 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
-    let resolved = cfg.out.join("config.toml");
+    let leader = cfg.rank == 0;
     let mut trainer = Trainer::new(cfg.clone())?;
-    std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)
-        .with_context(|| format!("{}: cannot write", resolved.display()))?;
-    let summary = trainer.run(crate::interactive())?;
-    report(&summary, &cfg.out);
+    if leader {
+        let resolved = cfg.out.join("config.toml");
+        std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)
+            .with_context(|| format!("{}: cannot write", resolved.display()))?;
+    }
+    let summary = trainer.run(leader && crate::interactive())?;
+    if leader {
+        report(&summary, &cfg.out);
+    }
     Ok(())
+}
+
+/// Runs this same command as `nproc` rank processes on this machine and waits for them;
+/// if one fails, the others are stopped and the failure is reported.
+fn spawn_local_ranks(nproc: usize) -> Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let exe = std::env::current_exe()?;
+    // The user's own arguments minus --nproc; each child gets its rank and the rendezvous.
+    let mut user_args = Vec::new();
+    let mut rest = std::env::args().skip(1);
+    while let Some(arg) = rest.next() {
+        if arg == "--nproc" {
+            rest.next();
+        } else if !arg.starts_with("--nproc=") {
+            user_args.push(arg);
+        }
+    }
+    let mut children = Vec::new();
+    for rank in 0..nproc {
+        let child = std::process::Command::new(&exe)
+            .args(&user_args)
+            .args([
+                "--rank",
+                &rank.to_string(),
+                "--world-size",
+                &nproc.to_string(),
+            ])
+            .args(["--rendezvous", &format!("127.0.0.1:{port}")])
+            .spawn()
+            .with_context(|| format!("cannot start rank {rank}"))?;
+        children.push((rank, child));
+    }
+    let mut failed = None;
+    while !children.is_empty() {
+        let mut i = 0;
+        while i < children.len() {
+            if let Some(status) = children[i].1.try_wait()? {
+                let (rank, _) = children.remove(i);
+                if !status.success() && failed.is_none() {
+                    failed = Some((rank, status));
+                    for (_, other) in children.iter_mut() {
+                        let _ = other.kill();
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    match failed {
+        Some((rank, status)) => {
+            anyhow::bail!("rank {rank} failed ({status}); the other ranks were stopped")
+        }
+        None => Ok(()),
+    }
 }
 
 /// What a finished training or fine-tuning run prints.

@@ -246,3 +246,42 @@ fn bad_configs_are_refused_with_the_field_named() {
         "nothing was written by refused runs"
     );
 }
+
+#[test]
+fn two_ranks_through_gloo_match_one_rank_with_two_accumulation_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let one = dir.path().join("one");
+    let two = dir.path().join("two");
+    lillm_ok(&tiny_train_args(s(&tiny.data), s(&one), "300", "12"));
+    let mut args = tiny_train_args(s(&tiny.data), s(&two), "300", "12");
+    args.extend(["--nproc", "2"]);
+    lillm_ok(&args);
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 12);
+    assert_eq!(a.len(), b.len());
+    for ((step, la), (_, lb)) in a.iter().zip(&b) {
+        assert!((la - lb).abs() <= 1e-5, "step {step}: {la} vs {lb}");
+    }
+    let max_diff = python(
+        "import sys\nfrom safetensors.torch import load_file\na=load_file(sys.argv[1]);b=load_file(sys.argv[2])\nprint(max((a[k]-b[k]).abs().max().item() for k in a))",
+        &[
+            s(&one.join("checkpoints/step-00000012/model.safetensors")),
+            s(&two.join("checkpoints/step-00000012/model.safetensors")),
+        ],
+    );
+    assert!(
+        max_diff.trim().parse::<f64>().unwrap() <= 1e-5,
+        "final parameters differ by {max_diff}"
+    );
+
+    // Accumulation steps must split evenly across ranks.
+    let three = dir.path().join("three");
+    let mut args = tiny_train_args(s(&tiny.data), s(&three), "300", "2");
+    args.extend(["--nproc", "3"]);
+    let err = lillm_err(&args);
+    assert!(
+        err.contains("grad_accum (2) must be divisible by world_size (3)"),
+        "{err}"
+    );
+}

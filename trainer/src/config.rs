@@ -69,9 +69,22 @@ pub struct TrainConfig {
     /// `pretrain` (token shards in `data`) or `sft` (conversations JSONL in `data`).
     #[serde(default)]
     pub objective: Objective,
+    /// Data-parallel ranks in the job (1 = single process).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// This process's rank, 0-based.
+    #[serde(default)]
+    pub rank: usize,
+    /// `host:port` of the rendezvous store (rank 0 serves it); needed when world_size > 1.
+    #[serde(default)]
+    pub rendezvous: Option<String>,
     /// SFT: fraction of conversations held out for evaluation.
     #[serde(default = "default_sft_val_fraction")]
     pub sft_val_fraction: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_sft_val_fraction() -> f64 {
@@ -135,6 +148,9 @@ impl Default for TrainConfig {
             resume: false,
             init_from: None,
             objective: Objective::Pretrain,
+            world_size: 1,
+            rank: 0,
+            rendezvous: None,
             sft_val_fraction: default_sft_val_fraction(),
         }
     }
@@ -198,6 +214,21 @@ impl TrainConfig {
                 self.lr, self.min_lr
             ));
         }
+        if self.world_size == 0 || self.rank >= self.world_size {
+            return bad(format!(
+                "rank {} is not within world_size {}",
+                self.rank, self.world_size
+            ));
+        }
+        if !self.grad_accum.is_multiple_of(self.world_size) {
+            return bad(format!(
+                "grad_accum ({}) must be divisible by world_size ({}): the accumulation steps are divided across ranks",
+                self.grad_accum, self.world_size
+            ));
+        }
+        if self.world_size > 1 && self.rendezvous.is_none() {
+            return bad("world_size > 1 needs rendezvous = \"host:port\"".into());
+        }
         if !matches!(self.dtype.as_str(), "auto" | "float32" | "bfloat16") {
             return bad(format!(
                 "dtype `{}` is not one of auto, float32, bfloat16",
@@ -225,6 +256,27 @@ impl TrainConfig {
             Objective::Pretrain => self.block_size,
             Objective::Sft => model.max_seq_len,
         }
+    }
+
+    /// The c10d rendezvous of this rank, when the job has several.
+    pub fn rendezvous(&self) -> Result<Option<crate::dist::Rendezvous>> {
+        if self.world_size == 1 {
+            return Ok(None);
+        }
+        let addr = self.rendezvous.as_deref().unwrap_or_default();
+        let (host, port) = addr
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?)))
+            .ok_or_else(|| Error::Config(format!("rendezvous `{addr}` is not host:port")))?;
+        Ok(Some(crate::dist::Rendezvous {
+            store_host: host.clone(),
+            store_port: port,
+            bind_host: host,
+            rank: self.rank,
+            world_size: self.world_size,
+            prefix: "lillm/0".into(),
+            timeout_ms: 600_000,
+        }))
     }
 
     /// The libtorch device this config asks for.

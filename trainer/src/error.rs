@@ -19,6 +19,8 @@ pub enum Error {
     Data(#[from] lillm_data::Error),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("distributed: {0}")]
+    Distributed(String),
     #[error("plot: {0}")]
     Plot(String),
 }

@@ -5,6 +5,7 @@
 //! - `schedule`: warmup + cosine learning-rate schedule.
 //! - `optim`: AdamW with checkpointable state, gradient clipping.
 //! - `data`: token shards or SFT conversations behind one deterministic batch function.
+//! - `dist`: c10d (Gloo) process groups: rendezvous, gradient averaging, broadcast.
 //! - `dpo`: preference tuning against a frozen reference.
 //! - `train`: the training loop ([`Trainer`]) with evaluation and checkpointing.
 //! - `checkpoint`: atomic checkpoint directories, verification, retention, resolution.
@@ -15,6 +16,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod dpo;
 mod error;
 pub mod eval;

@@ -12,9 +12,13 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 use crate::checkpoint::{self, CheckpointData, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::config::TrainConfig;
 use crate::data::{MicroBatch, TrainData};
+use crate::dist::ProcessGroup;
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{flops, plot, Error, Result};
+
+/// Gradients are averaged over ranks in flat buckets of at most this many bytes.
+const GRADIENT_BUCKET_BYTES: usize = 25 << 20;
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -75,6 +79,9 @@ pub struct Trainer {
     tokens_seen: u64,
     best_val: Option<f64>,
     evaluated_at_step: bool,
+    /// The data-parallel group when the job has several ranks; rank 0 leads (evaluates,
+    /// checkpoints, logs).
+    group: Option<ProcessGroup>,
 }
 
 impl Trainer {
@@ -152,6 +159,13 @@ impl Trainer {
         } else if let Some(loaded) = &init {
             weights::load_into(&vs, &weights::var_store_tensors(&loaded.vs), &loaded.dir)?;
         }
+        let group = cfg
+            .rendezvous()?
+            .map(|r| ProcessGroup::gloo(&r))
+            .transpose()?;
+        if let Some(group) = &group {
+            group.broadcast_params(opt.params())?;
+        }
         let (step, tokens_seen, best_val, evaluated_at_step) = match &resume_from {
             Some((_, s)) => (s.step, s.tokens_seen, s.best_val_loss, s.evaluated_at_step),
             None => (0, 0, None, false),
@@ -170,6 +184,7 @@ impl Trainer {
             tokens_seen,
             best_val,
             evaluated_at_step,
+            group,
         })
     }
 
@@ -242,8 +257,12 @@ impl Trainer {
                 cfg.data.display()
             )));
         }
+        let leader = cfg.rank == 0;
         let resumed = self.step > 0 || self.evaluated_at_step;
-        let mut log = MetricsLog::open(&cfg.out, resumed.then_some(self.step))?;
+        let mut log = match leader {
+            true => Some(MetricsLog::open(&cfg.out, resumed.then_some(self.step))?),
+            false => None,
+        };
         let schedule = cfg.schedule();
         let tokens_per_step = (cfg.batch_size * self.seq * cfg.grad_accum) as u64;
         let flops_per_step =
@@ -284,8 +303,9 @@ impl Trainer {
         let mut last_ckpt = None;
         loop {
             let at_end = self.step >= cfg.max_iters;
-            if (self.step.is_multiple_of(cfg.eval_interval) || at_end) && !self.evaluated_at_step {
-                let (train, val) = self.evaluate(&mut log)?;
+            let eval_due = self.step.is_multiple_of(cfg.eval_interval) || at_end;
+            if let (true, false, Some(log)) = (eval_due, self.evaluated_at_step, log.as_mut()) {
+                let (train, val) = self.evaluate(log)?;
                 last_val = Some(val);
                 self.best_val = Some(self.best_val.map_or(val, |b: f64| b.min(val)));
                 self.evaluated_at_step = true;
@@ -304,20 +324,26 @@ impl Trainer {
             let lr = schedule.at(self.step);
             // Dropout draws from libtorch's generator: reseed per step so a resume replays it.
             tch::manual_seed((cfg.seed ^ self.step.wrapping_mul(0x9E37_79B9)) as i64);
-            for micro in 0..cfg.grad_accum {
+            // Each rank takes its share of the step's micro-batches: rank r does micro-batches
+            // r·local .. (r+1)·local, so the union over ranks is the single-process step.
+            let local = cfg.grad_accum / cfg.world_size;
+            for m in 0..local {
                 let key = BatchKey {
                     seed: cfg.seed,
                     split: Split::Train,
                     step: self.step,
-                    micro: micro as u64,
+                    micro: (cfg.rank * local + m) as u64,
                 };
                 let batch =
                     self.data
                         .batch(key, cfg.grad_accum as u64, cfg.batch_size, self.seq)?;
                 let (x, y) = batch_tensors(&batch, self.device);
-                let loss = self.model.loss(&x, &y, true) / cfg.grad_accum as f64;
+                let loss = self.model.loss(&x, &y, true) / local as f64;
                 loss.backward();
                 loss_acc += loss.detach();
+            }
+            if let Some(group) = &self.group {
+                group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES)?;
             }
             let grad_norm = self.opt.clip_grad_norm(cfg.grad_clip);
             self.opt.step(lr);
@@ -328,12 +354,16 @@ impl Trainer {
             window_steps += 1;
             bar.set_position(self.step);
             if self.step.is_multiple_of(cfg.log_interval) || self.step == cfg.max_iters {
+                if let Some(group) = &self.group {
+                    group.all_reduce_sum(&mut loss_acc)?;
+                    loss_acc /= cfg.world_size as f64;
+                }
                 // The only host sync of the step, once per log interval.
                 let loss = loss_acc.double_value(&[]) / window_steps as f64;
                 let secs = window_start.elapsed().as_secs_f64() / window_steps as f64;
                 let tokens_per_s = tokens_per_step as f64 / secs;
                 let mfu = peak.map(|p| flops_per_step / secs / p);
-                log.append(&Record {
+                let record = Record {
                     step: self.step,
                     loss: Some(loss),
                     lr: Some(lr),
@@ -343,7 +373,10 @@ impl Trainer {
                     mfu,
                     tokens_seen: Some(self.tokens_seen),
                     ..Record::default()
-                })?;
+                };
+                if let Some(log) = log.as_mut() {
+                    log.append(&record)?;
+                }
                 bar.set_message(format!(
                     "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s{}",
                     mfu.map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0))
@@ -354,11 +387,12 @@ impl Trainer {
             }
         }
         bar.finish_and_clear();
-        let last_checkpoint = match last_ckpt {
-            Some(dir) => dir,
-            None => self.save_checkpoint(last_val)?,
+        let last_checkpoint = match (last_ckpt, leader) {
+            (Some(dir), _) => dir,
+            (None, true) => self.save_checkpoint(last_val)?,
+            (None, false) => checkpoint::checkpoint_dir(&cfg.out, self.step),
         };
-        let plot = plot::plot_run(&cfg.out).ok();
+        let plot = leader.then(|| plot::plot_run(&cfg.out).ok()).flatten();
         Ok(TrainSummary {
             steps: self.step,
             final_val_loss: last_val,

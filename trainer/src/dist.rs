@@ -1,0 +1,205 @@
+//! Data-parallel collectives through libtorch's c10d (`csrc/c10d_shim.cpp`): a TCPStore
+//! rendezvous, a Gloo process group, gradient averaging in a few flat buckets and the
+//! parameter broadcast that starts every rank from the same weights.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use tch::{Kind, Tensor};
+
+use crate::{Error, Result};
+
+extern "C" {
+    fn lillm_c10d_gloo_new(
+        store_host: *const c_char,
+        store_port: u16,
+        bind_host: *const c_char,
+        rank: i32,
+        world: i32,
+        prefix: *const c_char,
+        timeout_ms: i64,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+    fn lillm_c10d_allreduce_sum(
+        group: *mut c_void,
+        tensor: *mut c_void,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn lillm_c10d_broadcast(
+        group: *mut c_void,
+        tensor: *mut c_void,
+        root: i32,
+        err: *mut *mut c_char,
+    ) -> i32;
+    fn lillm_c10d_free(group: *mut c_void);
+    fn lillm_c10d_free_error(err: *mut c_char);
+}
+
+/// Where and how the ranks of one job meet.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Rendezvous {
+    /// Host and port of the TCPStore; rank 0 serves it.
+    pub store_host: String,
+    pub store_port: u16,
+    /// Local address Gloo binds for this rank's connections.
+    pub bind_host: String,
+    pub rank: usize,
+    pub world_size: usize,
+    /// Store key prefix: a new one per membership generation keeps old groups apart.
+    pub prefix: String,
+    pub timeout_ms: u64,
+}
+
+/// A Gloo process group. Collectives block until every rank has joined them.
+pub struct ProcessGroup {
+    raw: *mut c_void,
+    pub rank: usize,
+    pub world_size: usize,
+}
+
+// SAFETY: the group is only used through `&self`/`&mut self` from one thread at a time;
+// c10d's Gloo backend is safe to move between threads.
+unsafe impl Send for ProcessGroup {}
+
+fn take_error(err: *mut c_char) -> String {
+    if err.is_null() {
+        return "unknown c10d error".into();
+    }
+    // SAFETY: the shim returns a NUL-terminated string from strdup, freed right after.
+    let msg = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { lillm_c10d_free_error(err) };
+    msg
+}
+
+impl ProcessGroup {
+    /// Joins the group described by `rdzv` (rank 0 starts the store); blocks until all
+    /// `world_size` ranks have arrived or the timeout passes.
+    pub fn gloo(rdzv: &Rendezvous) -> Result<Self> {
+        let c = |s: &str| {
+            CString::new(s).map_err(|_| Error::Config(format!("`{s}` contains a NUL byte")))
+        };
+        let (store, bind, prefix) = (c(&rdzv.store_host)?, c(&rdzv.bind_host)?, c(&rdzv.prefix)?);
+        let mut err = std::ptr::null_mut();
+        // SAFETY: all pointers are valid NUL-terminated strings for the call's duration.
+        let raw = unsafe {
+            lillm_c10d_gloo_new(
+                store.as_ptr(),
+                rdzv.store_port,
+                bind.as_ptr(),
+                rdzv.rank as i32,
+                rdzv.world_size as i32,
+                prefix.as_ptr(),
+                rdzv.timeout_ms as i64,
+                &mut err,
+            )
+        };
+        if raw.is_null() {
+            return Err(Error::Distributed(format!(
+                "rank {} could not join the group at {}:{}: {}",
+                rdzv.rank,
+                rdzv.store_host,
+                rdzv.store_port,
+                take_error(err)
+            )));
+        }
+        Ok(Self {
+            raw,
+            rank: rdzv.rank,
+            world_size: rdzv.world_size,
+        })
+    }
+
+    /// Sums `tensor` over all ranks, in place.
+    pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `raw` is a live group; the tensor pointer is valid for the call.
+        let rc = unsafe {
+            lillm_c10d_allreduce_sum(self.raw, tensor.as_mut_ptr() as *mut c_void, &mut err)
+        };
+        if rc != 0 {
+            return Err(Error::Distributed(format!(
+                "all-reduce failed: {}",
+                take_error(err)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Overwrites `tensor` on every rank with rank `root`'s value.
+    pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
+        let mut err = std::ptr::null_mut();
+        // SAFETY: as in `all_reduce_sum`.
+        let rc = unsafe {
+            lillm_c10d_broadcast(
+                self.raw,
+                tensor.as_mut_ptr() as *mut c_void,
+                root as i32,
+                &mut err,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Distributed(format!(
+                "broadcast failed: {}",
+                take_error(err)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replaces every rank's parameters with rank 0's.
+    pub fn broadcast_params<'a>(&self, params: impl Iterator<Item = &'a Tensor>) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for p in params {
+            let mut data = p.detach();
+            self.broadcast(&mut data, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Averages gradients over ranks, packing them into flat buckets of at most
+    /// `bucket_bytes` so a step makes a few large collectives instead of one per tensor.
+    pub fn average_gradients<'a>(
+        &self,
+        params: impl Iterator<Item = &'a Tensor>,
+        bucket_bytes: usize,
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let grads: Vec<Tensor> = params.map(|p| p.grad()).filter(|g| g.defined()).collect();
+        let mut start = 0;
+        while start < grads.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < grads.len()
+                && (end == start || bytes + grads[end].numel() * 4 <= bucket_bytes)
+            {
+                bytes += grads[end].numel() * 4;
+                end += 1;
+            }
+            let bucket = &grads[start..end];
+            let views: Vec<Tensor> = bucket
+                .iter()
+                .map(|g| g.to_kind(Kind::Float).view([-1]))
+                .collect();
+            let mut flat = Tensor::cat(&views, 0);
+            self.all_reduce_sum(&mut flat)?;
+            let _ = flat.g_div_scalar_(self.world_size as f64);
+            let mut offset = 0;
+            for g in bucket {
+                let n = g.numel() as i64;
+                let mut g = g.shallow_clone();
+                g.copy_(&flat.narrow(0, offset, n).view_as(&g));
+                offset += n;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from `lillm_c10d_gloo_new` and is freed exactly once.
+        unsafe { lillm_c10d_free(self.raw) };
+    }
+}
