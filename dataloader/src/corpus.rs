@@ -170,7 +170,7 @@ fn read_file(spec: &CorpusSpec, path: &Path, stats: &CorpusStats) -> Result<Vec<
     let docs = match format_of(path) {
         Some(Format::Text) => read_text(spec, path, stats)?,
         Some(Format::Jsonl) => read_jsonl(spec, path, stats)?,
-        Some(Format::Parquet) => read_parquet(spec, path)?,
+        Some(Format::Parquet) => read_parquet(spec, path, stats)?,
         None => return Err(Error::invalid(path, "unknown file type")),
     };
     let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -292,7 +292,7 @@ fn read_jsonl(spec: &CorpusSpec, path: &Path, stats: &CorpusStats) -> Result<Vec
     Ok(docs)
 }
 
-fn read_parquet(spec: &CorpusSpec, path: &Path) -> Result<Vec<String>> {
+fn read_parquet(spec: &CorpusSpec, path: &Path, stats: &CorpusStats) -> Result<Vec<String>> {
     let file = fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let reader = SerializedFileReader::new(file)
         .map_err(|e| Error::invalid(path, format!("not a readable Parquet file: {e}")))?;
@@ -325,17 +325,18 @@ fn read_parquet(spec: &CorpusSpec, path: &Path) -> Result<Vec<String>> {
             row.map_err(|e| Error::bad_record(path, i + 1, format!("unreadable row: {e}")))?;
         match parquet::record::RowAccessor::get_string(&row, 0) {
             Ok(text) => docs.push(text.clone()),
-            Err(_) if spec.skip_bad => {}
-            Err(e) => {
-                return Err(Error::bad_record(
+            Err(e) => bad(
+                spec,
+                stats,
+                Error::bad_record(
                     path,
                     i + 1,
                     format!(
                         "column `{}` is not a string here ({e}); pass --skip-bad to skip such rows",
                         spec.field
                     ),
-                ))
-            }
+                ),
+            )?,
         }
     }
     Ok(docs)

@@ -290,8 +290,9 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
             .map(|doc| tokenizer.encode(doc))
             .collect::<Result<_>>()?;
         for ids in &encoded {
-            let split = is_val_document(opts.seed, index, opts.val_fraction);
-            writers[split as usize].push_document(ids)?;
+            // writers[0] is train, writers[1] is val.
+            let is_val = is_val_document(opts.seed, index, opts.val_fraction);
+            writers[usize::from(is_val)].push_document(ids)?;
             tokens += ids.len() as u64 + 1;
             index += 1;
         }
