@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use std::io::Write;
-
 use anyhow::Result;
 use clap::Args;
 use lillm_data::sft;
@@ -103,7 +101,6 @@ pub struct SftRenderArgs {
 /// Prints `{"text", "ids", "mask"}` per kept conversation: exactly what SFT learns from.
 pub fn sft_render(args: SftRenderArgs) -> Result<()> {
     let tok = Tokenizer::load(&args.tokenizer)?;
-    let mut out = std::io::stdout().lock();
     let mut dropped = 0;
     for conv in sft::read_conversations(&args.input)? {
         let (text, ex) = sft::encode_conversation(&tok, &conv)?;
@@ -111,11 +108,10 @@ pub fn sft_render(args: SftRenderArgs) -> Result<()> {
             dropped += 1;
             continue;
         }
-        let line = serde_json::json!({"text": text, "ids": ex.ids, "mask": ex.mask});
-        match writeln!(out, "{line}") {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
-            result => result?,
-        }
+        println!(
+            "{}",
+            serde_json::json!({"text": text, "ids": ex.ids, "mask": ex.mask})
+        );
     }
     eprintln!(
         "filtered {dropped} conversation(s) with ≥ {} tokens",

@@ -60,6 +60,12 @@ enum Command {
 }
 
 fn main() {
+    // Behave like other Unix tools when stdout closes early (`lillm … | head`): end quietly
+    // instead of panicking on a failed print.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
