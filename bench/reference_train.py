@@ -65,7 +65,7 @@ class LilLM(nn.Module):
         for b in self.blocks:
             x = b(x, self.cos[:, :T], self.sin[:, :T])
         logits = F.linear(self.norm(x), self.tok_emb.weight)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1), ignore_index=-1)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
 
 
 def main():

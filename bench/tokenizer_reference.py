@@ -6,6 +6,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 corpus_dir, vocab, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+t_read = time.perf_counter()
 files = sorted(glob.glob(f"{corpus_dir}/*.txt"))
 docs = []
 for f in files:
@@ -18,9 +19,10 @@ tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 tok.decoder = decoders.ByteLevel()
 trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-t0 = time.perf_counter()
 tok.train_from_iterator(docs, trainer=trainer)
-train_s = time.perf_counter() - t0
+tok.save(out + ".tokenizer.json")
+# Like `lillm tokenizer train`: reading the files, training and saving.
+train_s = time.perf_counter() - t_read
 
 t0 = time.perf_counter()
 ids = []

@@ -19,5 +19,5 @@ pub mod weights;
 pub use config::{ModelConfig, PRESETS};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
-pub use lillm::{cross_entropy, LilLM};
+pub use lillm::LilLM;
 pub use sampling::{generate, Sampler, SamplingParams, StopReason};

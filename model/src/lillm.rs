@@ -21,9 +21,14 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
+        let d = [x.size()[2]];
+        if x.kind() == Kind::Float {
+            // Already float32: the fused op computes exactly x·rsqrt(mean(x²)+eps)·gain.
+            return x.rms_norm(d, Some(&self.gain), self.eps);
+        }
         let normed = x
             .to_kind(Kind::Float)
-            .rms_norm([x.size()[2]], None::<&Tensor>, self.eps)
+            .rms_norm(d, None::<&Tensor>, self.eps)
             .to_kind(x.kind());
         normed * self.gain.to_kind(x.kind())
     }
@@ -298,9 +303,16 @@ impl LilLM {
     /// Mean token cross entropy over the targets that are not −1: sum(mask·CE)/sum(mask),
     /// with the count floored at 1 so an all-masked batch gives 0, never NaN.
     pub fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Tensor {
-        let losses = self.token_losses(tokens, targets, train);
-        let count = targets.ne(-1).sum(Kind::Float).clamp_min(1.0);
-        losses.sum(Kind::Float) / count
+        let logits = self.forward(tokens, train);
+        let vocab = logits.size()[2];
+        let total = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(
+            &targets.view([-1]),
+            None,
+            tch::Reduction::Sum,
+            -1,
+            0.0,
+        );
+        total / targets.ne(-1).sum(Kind::Float).clamp_min(1.0)
     }
 
     /// Per-token cross entropy (B, T), 0 where the target is −1. SFT weights it by its mask.
@@ -322,16 +334,4 @@ impl LilLM {
         cache.advance(t as usize);
         self.head(&hidden.select(1, t - 1))
     }
-}
-
-/// Mean cross entropy of float32 logits (B, T, V) against targets (B, T), ignoring −1.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
-    let vocab = logits.size()[2];
-    logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(
-        &targets.view([-1]),
-        None,
-        tch::Reduction::Mean,
-        -1,
-        0.0,
-    )
 }
