@@ -86,48 +86,31 @@ fn split_is_seeded_and_rerun_is_a_no_op() {
         "about 10% held out, got {val_docs}"
     );
     let before = fs::read(tiny.data.join("manifest.json")).unwrap();
-    let out = lillm_ok(&[
-        "data",
-        "prepare",
-        "--tokenizer",
-        s(&tiny.tokenizer),
-        "--input",
-        s(&tiny.corpus),
-        "--out",
-        s(&tiny.data),
-        "--val-fraction",
-        "0.1",
-    ]);
+    let prepare = |out: &std::path::Path, val_fraction: &str| {
+        lillm(&[
+            "data",
+            "prepare",
+            "--tokenizer",
+            s(&tiny.tokenizer),
+            "--input",
+            s(&tiny.corpus),
+            "--out",
+            s(out),
+            "--val-fraction",
+            val_fraction,
+        ])
+    };
+    let out = String::from_utf8(prepare(&tiny.data, "0.1").stdout).unwrap();
     assert!(out.contains("nothing to do"), "{out}");
     assert_eq!(fs::read(tiny.data.join("manifest.json")).unwrap(), before);
     // The same seed elsewhere gives the same split; the checksums agree.
     let again = dir.path().join("again");
-    lillm_ok(&[
-        "data",
-        "prepare",
-        "--tokenizer",
-        s(&tiny.tokenizer),
-        "--input",
-        s(&tiny.corpus),
-        "--out",
-        s(&again),
-        "--val-fraction",
-        "0.1",
-    ]);
+    assert!(prepare(&again, "0.1").status.success());
     assert_eq!(read_manifest(&again)["val"], m["val"]);
     // Other options never overwrite an existing dataset silently.
-    let err = lillm_err(&[
-        "data",
-        "prepare",
-        "--tokenizer",
-        s(&tiny.tokenizer),
-        "--input",
-        s(&tiny.corpus),
-        "--out",
-        s(&tiny.data),
-        "--val-fraction",
-        "0.2",
-    ]);
+    let refused = prepare(&tiny.data, "0.2");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
     assert!(err.contains("--force"), "{err}");
     assert_eq!(fs::read(tiny.data.join("manifest.json")).unwrap(), before);
 }
