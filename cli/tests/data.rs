@@ -245,3 +245,51 @@ fn truncated_shard_is_detected() {
         "{err}"
     );
 }
+
+#[test]
+fn a_killed_prepare_leaves_no_dataset_that_looks_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let big = dir.path().join("big.txt");
+    fs::write(&big, corpus_text(60_000, 3)).unwrap();
+    let out = dir.path().join("big-data");
+    let args = [
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tiny.tokenizer),
+        "--input",
+        s(&big),
+        "--out",
+        s(&out),
+        "--val-fraction",
+        "0.01",
+        "--shard-tokens",
+        "100000",
+    ];
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args(args)
+        .spawn()
+        .unwrap();
+    let staging = dir.path().join(".big-data.partial");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !staging.join("train-00000.bin").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "prepare never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.join("manifest.json").exists(),
+        "an interrupted run leaves no dataset behind"
+    );
+    let err = lillm_err(&["data", "verify", s(&out)]);
+    assert!(err.contains("big-data"), "{err}");
+    // A rerun starts cleanly and finishes.
+    lillm_ok(&args);
+    lillm_ok(&["data", "verify", s(&out)]);
+    assert!(!staging.exists());
+}

@@ -285,3 +285,42 @@ fn two_ranks_through_gloo_match_one_rank_with_two_accumulation_steps() {
         "{err}"
     );
 }
+
+#[test]
+fn a_run_killed_mid_training_resumes_as_if_uninterrupted() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    let killed = dir.path().join("killed");
+    lillm_ok(&tiny_train_args(s(&tiny.data), s(&straight), "300", "40"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args(tiny_train_args(s(&tiny.data), s(&killed), "300", "40"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !killed
+        .join("checkpoints/step-00000015/manifest.json")
+        .exists()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL, possibly in the middle of writing the next checkpoint
+    child.wait().unwrap();
+    assert!(
+        !killed.join("checkpoints/step-00000040").exists(),
+        "the run was stopped before it finished"
+    );
+    let mut args = tiny_train_args(s(&tiny.data), s(&killed), "300", "40");
+    args.push("--resume");
+    lillm_ok(&args);
+    assert_eq!(
+        losses(&killed),
+        losses(&straight),
+        "no step lost, none repeated, same numbers"
+    );
+}
