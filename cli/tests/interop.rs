@@ -72,6 +72,20 @@ print(json.dumps({"max_abs_diff": (theirs - ours).abs().max().item(), "shape": l
         err.contains("not empty"),
         "an existing export is never overwritten: {err}"
     );
+
+    // Weights that do not fit the config are refused by tensor name and shape.
+    let config_path = hf_dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["intermediate_size"] = serde_json::json!(256);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let bad = dir.path().join("bad");
+    let err = lillm_err(&["import", "hf", s(&hf_dir), "--out", s(&bad)]);
+    assert!(
+        err.contains("ffn.w1.weight") && err.contains("another config"),
+        "{err}"
+    );
+    assert!(!bad.exists(), "nothing is written for a refused import");
 }
 
 /// The original lilLM forward pass (complex-number RoPE, repeated K/V, explicit mask) in
