@@ -114,6 +114,9 @@ pub struct TrainArgs {
     /// host:port of the rendezvous store that rank 0 serves.
     #[arg(long)]
     rendezvous: Option<String>,
+    /// Compare parameters across ranks every N steps and stop if they differ (0 = never).
+    #[arg(long)]
+    check_params_every: Option<u64>,
 }
 
 /// `LILLM_<FIELD>` variables naming a config field (`LILLM_MODEL__D_MODEL` for nested ones).
@@ -182,7 +185,7 @@ fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         max_iters => "max_iters", warmup_iters => "warmup_iters", lr_decay_iters => "lr_decay_iters",
         eval_interval => "eval_interval", eval_iters => "eval_iters", log_interval => "log_interval",
         keep_last => "keep_last", seed => "seed", threads => "threads",
-        rank => "rank", world_size => "world_size",
+        rank => "rank", world_size => "world_size", check_params_every => "check_params_every",
         d_model => "model.d_model", n_layers => "model.n_layers", q_heads => "model.q_heads",
         kv_heads => "model.kv_heads", max_seq_len => "model.max_seq_len", vocab_size => "model.vocab_size",
         hidden_dim => "model.hidden_dim",

@@ -82,7 +82,9 @@ print(json.dumps({"max_abs_diff": (theirs - ours).abs().max().item(), "shape": l
     let bad = dir.path().join("bad");
     let err = lillm_err(&["import", "hf", s(&hf_dir), "--out", s(&bad)]);
     assert!(
-        err.contains("ffn.w1.weight") && err.contains("another config"),
+        err.contains("transformer_blocks.0.ffn.w")
+            && err.contains("has shape")
+            && err.contains("another config"),
         "{err}"
     );
     assert!(!bad.exists(), "nothing is written for a refused import");

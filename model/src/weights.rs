@@ -38,7 +38,8 @@ pub fn var_store_tensors(vs: &VarStore) -> BTreeMap<String, Tensor> {
 /// Loads `tensors` into the variables of `vs`. Every variable must be present with the same
 /// shape; a tensor the model does not have is an error too (it means another architecture).
 pub fn load_into(vs: &VarStore, tensors: &BTreeMap<String, Tensor>, origin: &Path) -> Result<()> {
-    let vars = vs.variables();
+    // In name order, so the first problem reported is the same on every run.
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     if let Some(extra) = tensors.keys().find(|name| !vars.contains_key(*name)) {
         return Err(Error::weights(
             origin,

@@ -78,9 +78,17 @@ pub struct TrainConfig {
     /// `host:port` of the rendezvous store (rank 0 serves it); needed when world_size > 1.
     #[serde(default)]
     pub rendezvous: Option<String>,
+    /// With several ranks, compare parameter checksums across ranks every this many steps
+    /// and stop every rank if they differ (0 = never).
+    #[serde(default = "default_check_params_every")]
+    pub check_params_every: u64,
     /// SFT: fraction of conversations held out for evaluation.
     #[serde(default = "default_sft_val_fraction")]
     pub sft_val_fraction: f64,
+}
+
+fn default_check_params_every() -> u64 {
+    100
 }
 
 fn one() -> usize {
@@ -151,6 +159,7 @@ impl Default for TrainConfig {
             world_size: 1,
             rank: 0,
             rendezvous: None,
+            check_params_every: default_check_params_every(),
             sft_val_fraction: default_sft_val_fraction(),
         }
     }

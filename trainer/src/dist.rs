@@ -157,6 +157,33 @@ impl ProcessGroup {
         Ok(())
     }
 
+    /// Checks that every rank holds the same parameters: each compares a float64 checksum
+    /// with rank 0's, and the verdict is shared so all ranks stop together on divergence.
+    pub fn check_params_agree<'a>(
+        &self,
+        params: impl Iterator<Item = &'a Tensor>,
+        step: u64,
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let sums: Vec<Tensor> = params
+            .map(|p| p.to_kind(Kind::Double).sum(Kind::Double))
+            .collect();
+        let local = Tensor::stack(&sums, 0).sum(Kind::Double);
+        let mut reference = local.copy();
+        self.broadcast(&mut reference, 0)?;
+        let (mine, theirs) = (local.double_value(&[]), reference.double_value(&[]));
+        let differs = (mine - theirs).abs() > 1e-9 * theirs.abs().max(1.0);
+        let mut votes = Tensor::from(f64::from(u8::from(differs)));
+        self.all_reduce_sum(&mut votes)?;
+        let diverged = votes.double_value(&[]);
+        if diverged > 0.0 {
+            return Err(Error::Distributed(format!(
+                "parameters diverged at step {step}: {diverged} rank(s) disagree with rank 0 (this rank: checksum {mine} vs {theirs}); stopping"
+            )));
+        }
+        Ok(())
+    }
+
     /// Averages gradients over ranks, packing them into flat buckets of at most
     /// `bucket_bytes` so a step makes a few large collectives instead of one per tensor.
     pub fn average_gradients<'a>(
@@ -201,5 +228,62 @@ impl Drop for ProcessGroup {
     fn drop(&mut self) {
         // SAFETY: `raw` came from `lillm_c10d_gloo_new` and is freed exactly once.
         unsafe { lillm_c10d_free(self.raw) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(rank: usize, port: u16) -> ProcessGroup {
+        ProcessGroup::gloo(&Rendezvous {
+            store_host: "127.0.0.1".into(),
+            store_port: port,
+            bind_host: "127.0.0.1".into(),
+            rank,
+            world_size: 2,
+            prefix: "test".into(),
+            timeout_ms: 30_000,
+        })
+        .unwrap()
+    }
+
+    /// Runs `f(rank, group)` on two ranks (threads) of one group.
+    fn on_two_ranks<T: Send + 'static>(f: fn(usize, ProcessGroup) -> T) -> Vec<T> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let handles: Vec<_> = (0..2)
+            .map(|rank| std::thread::spawn(move || f(rank, group(rank, port))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn gradients_are_averaged_and_divergence_is_caught_on_every_rank() {
+        let results = on_two_ranks(|rank, g| {
+            let mut p = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+            let loss = (&p * (rank as f64 + 1.0)).sum(Kind::Float);
+            loss.backward();
+            g.average_gradients([&p].into_iter(), 8).unwrap();
+            let grad: Vec<f32> = Vec::try_from(&p.grad()).unwrap();
+            // Same parameters agree; then rank 1 drifts and both ranks are told.
+            let agreed = g.check_params_agree([&p].into_iter(), 1).is_ok();
+            tch::no_grad(|| {
+                let _ = p.fill_(rank as f64);
+            });
+            let caught = g
+                .check_params_agree([&p].into_iter(), 2)
+                .unwrap_err()
+                .to_string();
+            (grad, agreed, caught)
+        });
+        for (grad, agreed, caught) in results {
+            assert_eq!(grad, vec![1.5, 1.5, 1.5], "mean of 1 and 2");
+            assert!(agreed);
+            assert!(caught.contains("diverged at step 2"), "{caught}");
+        }
     }
 }

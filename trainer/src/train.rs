@@ -349,6 +349,12 @@ impl Trainer {
             self.opt.step(lr);
             self.opt.zero_grad();
             self.step += 1;
+            if let Some(group) = &self.group {
+                let every = cfg.check_params_every;
+                if every > 0 && self.step.is_multiple_of(every) {
+                    group.check_params_agree(self.opt.params(), self.step)?;
+                }
+            }
             self.tokens_seen += tokens_per_step;
             self.evaluated_at_step = false;
             window_steps += 1;
