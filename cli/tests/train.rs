@@ -196,8 +196,7 @@ fn bad_configs_are_refused_with_the_field_named() {
     let run = dir.path().join("run");
     let with = |flag: &str, value: &'static str| {
         let mut args = tiny_train_args(s(&tiny.data), s(&run), "300", "5");
-        let i = args.iter().position(|a| *a == flag).unwrap();
-        args[i + 1] = value;
+        set_flag(&mut args, flag, value);
         lillm_err(&args)
     };
     let err = with("--kv-heads", "3");

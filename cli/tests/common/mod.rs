@@ -200,13 +200,21 @@ pub fn tiny_train_args<'a>(
     ]
 }
 
+/// Replaces the value that follows `flag` in an argument list.
+pub fn set_flag<'a>(args: &mut [&'a str], flag: &str, value: &'a str) {
+    let i = args
+        .iter()
+        .position(|a| *a == flag)
+        .unwrap_or_else(|| panic!("{flag} not in {args:?}"));
+    args[i + 1] = value;
+}
+
 /// A tiny model pretrained for `iters` steps on `tiny_data`, with context `max_seq_len`.
 pub fn tiny_pretrained(dir: &Path, max_seq_len: &str, iters: &str) -> (TinyData, PathBuf) {
     let tiny = tiny_data(dir, 300);
     let run = dir.join("pre");
     let mut args = tiny_train_args(s(&tiny.data), s(&run), "300", iters);
-    let i = args.iter().position(|a| *a == "--max-seq-len").unwrap();
-    args[i + 1] = max_seq_len;
+    set_flag(&mut args, "--max-seq-len", max_seq_len);
     lillm_ok(&args);
     (tiny, run)
 }
