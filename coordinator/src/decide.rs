@@ -1,9 +1,14 @@
 //! The coordinator's transition function: every rule of membership, ranks, generations,
 //! liveness and commits, as `decide(now, &State, Event) -> Decision`.
+//!
+//! Trainers form a group per generation: a trainer restarting or going silent ends the
+//! generation (its survivors are told they are stale, stop, and register again), and the
+//! next group forms once every trainer has registered anew. Dataloaders are stateless
+//! servers: they keep their index across restarts and never end a generation.
 
 use std::fmt;
 
-use crate::state::{Commit, Member, MemberId, Phase, Role, State};
+use crate::state::{Commit, EvalResult, JobConfig, Member, MemberId, Phase, Role, State};
 
 /// Something that happened: a request from a member, or time passing.
 #[derive(Debug, Clone, PartialEq)]
@@ -11,17 +16,19 @@ pub enum Event {
     Register {
         id: MemberId,
         address: String,
-        job_token: String,
         config_fingerprint: String,
         /// The last generation this process belonged to; `None` for a freshly started one.
         generation: Option<u64>,
     },
+    /// A registered trainer is waiting for its assignment (counts as a heartbeat).
+    Waiting { id: MemberId },
     Heartbeat {
         id: MemberId,
         generation: u64,
         step: u64,
         loss: Option<f64>,
         tokens_per_s: Option<f64>,
+        mfu: Option<f64>,
     },
     /// Rank 0 reports a checkpoint written completely (its manifest is on disk).
     Commit {
@@ -31,6 +38,12 @@ pub enum Event {
         path: String,
         val_loss: Option<f64>,
     },
+    /// The evaluation actor scored the checkpoint of `step`.
+    Eval {
+        step: u64,
+        val_loss: f64,
+        sample: String,
+    },
     /// Periodic liveness check.
     Tick,
 }
@@ -39,32 +52,57 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
     BadToken,
-    ConfigMismatch { expected: String, got: String },
-    Full { role: Role, expected: usize },
+    ConfigMismatch {
+        expected: String,
+        got: String,
+    },
+    Full {
+        role: Role,
+        expected: usize,
+    },
+    TooManyNodes {
+        node: String,
+        nodes: usize,
+    },
     UnknownMember(MemberId),
-    StaleGeneration { given: u64, current: u64 },
+    StaleGeneration {
+        given: u64,
+        current: u64,
+    },
     NotLeader(MemberId),
-    StepRegress { given: u64, committed: u64 },
+    StepRegress {
+        given: u64,
+        committed: u64,
+    },
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::BadToken => write!(f, "wrong or missing job token"),
+            Refusal::BadToken => write!(
+                f,
+                "wrong or missing job token; pass the coordinator's --job-token (LILLM_JOB_TOKEN)"
+            ),
             Refusal::ConfigMismatch { expected, got } => write!(
                 f,
-                "config fingerprint {got} differs from the job's {expected}; start every member from the same config"
+                "config fingerprint {got} differs from the job's {expected}; start every member from the same training config"
             ),
             Refusal::Full { role, expected } => write!(
                 f,
-                "the job already has its {expected} {role:?} member(s); raise --nodes or stop the extra process"
+                "the job already has its {expected} {} member(s); raise the coordinator's --nodes or stop the extra process",
+                role.name()
             ),
-            Refusal::UnknownMember(id) => write!(f, "{id:?} is not a member; register first"),
+            Refusal::TooManyNodes { node, nodes } => write!(
+                f,
+                "node `{node}` would be node {} of a job started with --nodes {nodes}; raise --nodes or use an existing node name",
+                nodes + 1
+            ),
+            Refusal::UnknownMember(id) => write!(f, "{id} is not a member; register first"),
             Refusal::StaleGeneration { given, current } => write!(
                 f,
                 "generation {given} is over (current {current}); re-register to join the new group"
             ),
-            Refusal::NotLeader(id) => write!(f, "{id:?} is not rank 0; only rank 0 commits checkpoints"),
+            Refusal::NotLeader(id) => write!(f, "{id} is not rank 0; only rank 0 commits checkpoints"),
             Refusal::StepRegress { given, committed } => write!(
                 f,
                 "step {given} is not after the last committed step {committed}"
@@ -73,11 +111,19 @@ impl fmt::Display for Refusal {
     }
 }
 
+/// Accepts a request carrying `token` when the job has no token or the token matches.
+pub fn authorize(config: &JobConfig, token: &str) -> Result<(), Refusal> {
+    match config.job_token.is_empty() || config.job_token == token {
+        true => Ok(()),
+        false => Err(Refusal::BadToken),
+    }
+}
+
 /// What the network layer must tell members.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// A new group formed: every member learns its rank (trainers: global rank; dataloaders:
-    /// shard index), the c10d store and key prefix, and the step to resume from.
+    /// A new group formed: every trainer learns its global rank, the c10d store and key
+    /// prefix, its dataloader and the step to resume from.
     StartGeneration {
         generation: u64,
         ranks: Vec<(MemberId, usize)>,
@@ -85,7 +131,7 @@ pub enum Action {
         prefix: String,
         resume_step: u64,
     },
-    /// These members stopped heartbeating and were dropped; survivors must regroup.
+    /// These members stopped heartbeating and were dropped.
     Evicted(Vec<MemberId>),
     Committed(Commit),
 }
@@ -95,7 +141,7 @@ pub struct Decision {
     pub state: State,
     pub actions: Vec<Action>,
     pub refusal: Option<Refusal>,
-    /// One line saying why, for the log (empty when nothing changed).
+    /// One line saying why, for the log (empty when nothing worth logging happened).
     pub reason: String,
 }
 
@@ -108,6 +154,15 @@ impl Decision {
             refusal: Some(refusal),
         }
     }
+
+    fn quiet(state: State) -> Self {
+        Self {
+            state,
+            actions: Vec::new(),
+            refusal: None,
+            reason: String::new(),
+        }
+    }
 }
 
 /// Applies `event` at time `now_ms` to `state`.
@@ -116,23 +171,22 @@ pub fn decide(now_ms: u64, state: &State, event: Event) -> Decision {
         Event::Register {
             id,
             address,
-            job_token,
             config_fingerprint,
             generation,
-        } => {
-            if !state.config.job_token.is_empty() && job_token != state.config.job_token {
-                return Decision::refuse(state, Refusal::BadToken);
-            }
-            if config_fingerprint != state.config.config_fingerprint {
-                return Decision::refuse(
-                    state,
-                    Refusal::ConfigMismatch {
-                        expected: state.config.config_fingerprint.clone(),
-                        got: config_fingerprint,
-                    },
-                );
-            }
-            register(now_ms, state, id, address, generation)
+        } => register(now_ms, state, id, address, config_fingerprint, generation),
+        Event::Waiting { id } => {
+            let Some(member) = state.members.get(&id) else {
+                return Decision::refuse(state, Refusal::UnknownMember(id));
+            };
+            let mut next = state.clone();
+            next.members.insert(
+                id,
+                Member {
+                    last_heartbeat_ms: now_ms,
+                    ..member.clone()
+                },
+            );
+            Decision::quiet(next)
         }
         Event::Heartbeat {
             id,
@@ -140,11 +194,12 @@ pub fn decide(now_ms: u64, state: &State, event: Event) -> Decision {
             step,
             loss,
             tokens_per_s,
+            mfu,
         } => {
             let Some(member) = state.members.get(&id) else {
                 return Decision::refuse(state, Refusal::UnknownMember(id));
             };
-            if generation < state.generation {
+            if id.role == Role::Trainer && generation < state.generation {
                 return Decision::refuse(
                     state,
                     Refusal::StaleGeneration {
@@ -161,15 +216,11 @@ pub fn decide(now_ms: u64, state: &State, event: Event) -> Decision {
                     step,
                     loss,
                     tokens_per_s,
+                    mfu,
                     ..member.clone()
                 },
             );
-            Decision {
-                state: next,
-                actions: Vec::new(),
-                refusal: None,
-                reason: String::new(),
-            }
+            Decision::quiet(next)
         }
         Event::Commit {
             id,
@@ -177,47 +228,23 @@ pub fn decide(now_ms: u64, state: &State, event: Event) -> Decision {
             step,
             path,
             val_loss,
+        } => commit(state, id, generation, step, path, val_loss),
+        Event::Eval {
+            step,
+            val_loss,
+            sample,
         } => {
-            if generation != state.generation || state.phase != Phase::Running {
-                return Decision::refuse(
-                    state,
-                    Refusal::StaleGeneration {
-                        given: generation,
-                        current: state.generation,
-                    },
-                );
-            }
-            match state.members.get(&id) {
-                None => return Decision::refuse(state, Refusal::UnknownMember(id)),
-                Some(m) if m.id.role != Role::Trainer || m.rank != Some(0) => {
-                    return Decision::refuse(state, Refusal::NotLeader(id))
-                }
-                Some(_) => {}
-            }
-            if let Some(last) = &state.last_commit {
-                if step <= last.step {
-                    return Decision::refuse(
-                        state,
-                        Refusal::StepRegress {
-                            given: step,
-                            committed: last.step,
-                        },
-                    );
-                }
-            }
-            let commit = Commit {
-                step,
-                path,
-                generation,
-                val_loss,
-            };
             let mut next = state.clone();
-            next.last_commit = Some(commit.clone());
+            next.last_eval = Some(EvalResult {
+                step,
+                val_loss,
+                sample,
+            });
             Decision {
                 state: next,
-                actions: vec![Action::Committed(commit)],
+                actions: Vec::new(),
                 refusal: None,
-                reason: format!("committed step {step}"),
+                reason: format!("checkpoint of step {step} scored val loss {val_loss:.4}"),
             }
         }
         Event::Tick => tick(now_ms, state),
@@ -229,93 +256,224 @@ fn register(
     state: &State,
     id: MemberId,
     address: String,
+    config_fingerprint: String,
     generation: Option<u64>,
 ) -> Decision {
-    let mut next = state.clone();
+    if let Some(expected) = &state.config_fingerprint {
+        if *expected != config_fingerprint {
+            return Decision::refuse(
+                state,
+                Refusal::ConfigMismatch {
+                    expected: expected.clone(),
+                    got: config_fingerprint,
+                },
+            );
+        }
+    }
     let previous = state.members.get(&id);
-    let restarted = match (previous, generation) {
-        (None, _) => false,
-        // A survivor of an older generation catching up: the current group already holds it.
-        (Some(_), Some(_)) => false,
-        // A fresh process in a known slot: its predecessor died.
-        (Some(_), None) => true,
-    };
-    if previous.is_none() && state.count(id.role) >= state.expected(id.role) {
-        return Decision::refuse(
-            state,
-            Refusal::Full {
-                role: id.role,
-                expected: state.expected(id.role),
-            },
-        );
+    if previous.is_none() {
+        if state.count(id.role) >= state.expected(id.role) {
+            return Decision::refuse(
+                state,
+                Refusal::Full {
+                    role: id.role,
+                    expected: state.expected(id.role),
+                },
+            );
+        }
+        let nodes = state.nodes();
+        if !nodes.contains(id.node.as_str()) && nodes.len() >= state.config.nodes {
+            return Decision::refuse(
+                state,
+                Refusal::TooManyNodes {
+                    node: id.node.clone(),
+                    nodes: state.config.nodes,
+                },
+            );
+        }
     }
-    let member = Member {
-        id: id.clone(),
-        address,
-        last_heartbeat_ms: now_ms,
-        rank: previous.and_then(|m| m.rank),
-        step: state.last_commit.as_ref().map_or(0, |c| c.step),
-        loss: None,
-        tokens_per_s: None,
-    };
-    next.members.insert(id.clone(), member);
-    let mut reason = format!("{id:?} registered");
-    if restarted && state.phase == Phase::Running {
+    let mut next = state.clone();
+    next.config_fingerprint = Some(config_fingerprint);
+    // A fresh process in a known slot: its predecessor died.
+    let restarted = previous.is_some() && generation.is_none();
+    if restarted {
         next.failures += 1;
-        next.phase = Phase::Gathering;
-        reason = format!("{id:?} restarted; the group re-forms");
     }
-    if next.is_complete() && next.phase == Phase::Gathering {
-        let action = start_generation(&mut next);
-        return Decision {
-            state: next,
-            actions: vec![action],
-            refusal: None,
-            reason: format!("{reason}; all members present, new generation"),
-        };
+    let mut reason = match restarted {
+        true => format!("{id} restarted"),
+        false => format!("{id} registered"),
+    };
+    let rank = match id.role {
+        Role::Dataloader => Some(
+            previous
+                .and_then(|m| m.rank)
+                .unwrap_or_else(|| lowest_free_dataloader_index(state)),
+        ),
+        Role::Trainer => None,
+    };
+    next.members.insert(
+        id.clone(),
+        Member {
+            id: id.clone(),
+            address,
+            last_heartbeat_ms: now_ms,
+            rank,
+            ready: id.role == Role::Trainer,
+            dataloader: None,
+            step: state.last_commit.as_ref().map_or(0, |c| c.step),
+            loss: None,
+            tokens_per_s: None,
+            mfu: None,
+        },
+    );
+    if id.role == Role::Trainer && next.phase == Phase::Running {
+        // The group changed under a running generation: end it; survivors learn from
+        // their next heartbeat that they must register again.
+        end_generation(&mut next);
+        if let Some(m) = next.members.get_mut(&id) {
+            m.ready = true;
+        }
+        reason.push_str("; the group re-forms");
+    }
+    let mut actions = Vec::new();
+    if next.phase == Phase::Gathering && next.can_start() {
+        actions.push(start_generation(&mut next));
+        reason.push_str("; all members present, new generation");
     }
     Decision {
         state: next,
-        actions: Vec::new(),
+        actions,
         refusal: None,
         reason,
     }
 }
 
-/// Assigns ranks in member-id order (node, role, local index) so the same members always get
-/// the same ranks, bumps the generation and names the rendezvous.
+fn lowest_free_dataloader_index(state: &State) -> usize {
+    (0..)
+        .find(|i| state.dataloader(*i).is_none())
+        .expect("a free index exists")
+}
+
+/// Ends the running generation: ranks are withdrawn and every trainer must register anew.
+fn end_generation(state: &mut State) {
+    state.generation += 1;
+    state.phase = Phase::Gathering;
+    for m in state.members.values_mut() {
+        if m.id.role == Role::Trainer {
+            m.rank = None;
+            m.ready = false;
+            m.dataloader = None;
+        }
+    }
+}
+
+/// Assigns ranks in member-id order (node, local index) so the same members always get the
+/// same ranks, pairs each trainer with a dataloader (one on its own node when there is one),
+/// bumps the generation and names the rendezvous.
 fn start_generation(state: &mut State) -> Action {
     state.generation += 1;
     state.phase = Phase::Running;
+    let trainers: Vec<MemberId> = state
+        .members
+        .keys()
+        .filter(|id| id.role == Role::Trainer)
+        .cloned()
+        .collect();
+    let loaders: Vec<(String, usize)> = state
+        .members
+        .values()
+        .filter(|m| m.id.role == Role::Dataloader)
+        .filter_map(|m| Some((m.id.node.clone(), m.rank?)))
+        .collect();
     let mut ranks = Vec::new();
-    for role in [Role::Trainer, Role::Dataloader] {
-        let ids: Vec<MemberId> = state
-            .members
-            .keys()
-            .filter(|id| id.role == role)
-            .cloned()
+    let mut per_node_seen: std::collections::BTreeMap<String, usize> = Default::default();
+    for (rank, id) in trainers.into_iter().enumerate() {
+        let local: Vec<usize> = loaders
+            .iter()
+            .filter(|(node, _)| *node == id.node)
+            .map(|(_, i)| *i)
             .collect();
-        for (rank, id) in ids.into_iter().enumerate() {
-            if let Some(m) = state.members.get_mut(&id) {
-                m.rank = Some(rank);
-            }
-            ranks.push((id, rank));
+        let seen = per_node_seen.entry(id.node.clone()).or_default();
+        let dataloader = match local.is_empty() {
+            false => local[*seen % local.len()],
+            true => loaders[rank % loaders.len()].1,
+        };
+        *seen += 1;
+        if let Some(m) = state.members.get_mut(&id) {
+            m.rank = Some(rank);
+            m.dataloader = Some(dataloader);
         }
+        ranks.push((id, rank));
     }
     let leader_host = state
         .trainer_with_rank(0)
-        .map(|m| {
-            m.address
-                .rsplit_once(':')
-                .map_or(m.address.clone(), |(h, _)| h.to_string())
-        })
+        .map(|m| host_of(&m.address))
         .unwrap_or_else(|| "127.0.0.1".into());
     Action::StartGeneration {
         generation: state.generation,
         ranks,
         store: format!("{leader_host}:{}", state.config.store_port),
         prefix: format!("lillm/gen{}", state.generation),
-        resume_step: state.last_commit.as_ref().map_or(0, |c| c.step),
+        resume_step: state.resume_point().0,
+    }
+}
+
+/// The host part of `host:port` (or the whole string when it has no port).
+pub fn host_of(address: &str) -> String {
+    match address.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host.to_string(),
+        _ => address.to_string(),
+    }
+}
+
+fn commit(
+    state: &State,
+    id: MemberId,
+    generation: u64,
+    step: u64,
+    path: String,
+    val_loss: Option<f64>,
+) -> Decision {
+    if generation != state.generation || state.phase != Phase::Running {
+        return Decision::refuse(
+            state,
+            Refusal::StaleGeneration {
+                given: generation,
+                current: state.generation,
+            },
+        );
+    }
+    match state.members.get(&id) {
+        None => return Decision::refuse(state, Refusal::UnknownMember(id)),
+        Some(m) if m.id.role != Role::Trainer || m.rank != Some(0) => {
+            return Decision::refuse(state, Refusal::NotLeader(id))
+        }
+        Some(_) => {}
+    }
+    if let Some(last) = &state.last_commit {
+        if step <= last.step {
+            return Decision::refuse(
+                state,
+                Refusal::StepRegress {
+                    given: step,
+                    committed: last.step,
+                },
+            );
+        }
+    }
+    let commit = Commit {
+        step,
+        path,
+        generation,
+        val_loss,
+    };
+    let mut next = state.clone();
+    next.last_commit = Some(commit.clone());
+    Decision {
+        state: next,
+        actions: vec![Action::Committed(commit)],
+        refusal: None,
+        reason: format!("committed step {step}"),
     }
 }
 
@@ -328,30 +486,40 @@ fn tick(now_ms: u64, state: &State) -> Decision {
         .map(|m| m.id.clone())
         .collect();
     if dead.is_empty() {
-        return Decision {
-            state: state.clone(),
-            actions: Vec::new(),
-            refusal: None,
-            reason: String::new(),
-        };
+        return Decision::quiet(state.clone());
     }
     let mut next = state.clone();
     for id in &dead {
         next.members.remove(id);
     }
-    for m in next.members.values_mut() {
-        m.rank = None;
-    }
     next.failures += dead.len() as u64;
-    next.generation += 1;
-    next.phase = Phase::Gathering;
+    if next.phase == Phase::Running && dead.iter().any(|id| id.role == Role::Trainer) {
+        end_generation(&mut next);
+    }
+    let names: Vec<String> = dead.iter().map(|id| id.to_string()).collect();
     Decision {
         reason: format!(
-            "{} member(s) missed heartbeats for {timeout} ms: {dead:?}",
-            dead.len()
+            "{} member(s) missed heartbeats for {timeout} ms: {}",
+            dead.len(),
+            names.join(", ")
         ),
         state: next,
         actions: vec![Action::Evicted(dead)],
         refusal: None,
+    }
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Trainer => "trainer",
+            Role::Dataloader => "dataloader",
+        }
+    }
+}
+
+impl fmt::Display for MemberId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}{}", self.node, self.role.name(), self.local_index)
     }
 }

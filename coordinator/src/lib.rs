@@ -1,15 +1,26 @@
-//! The coordinator of a distributed lillm job, as a pure state machine.
+//! The coordinator of a distributed lillm job.
 //!
 //! Layout:
 //! - `state`: [`State`], [`Member`], [`JobConfig`] — everything the coordinator knows.
 //! - `decide`: [`decide`], the single transition function `(now, &State, Event) → Decision`.
+//! - `store`: [`StateStore`], the durable copy of the state (redb).
+//! - `service`: [`Coordinator`], the gRPC `Coordinator` and `Status` services.
+//! - `metrics`: Prometheus text for `/metrics`.
+//! - `server`: [`serve`], which runs all of it (plus health and reflection) on sockets.
 //!
-//! The network layer (gRPC) and the durable store only translate requests into [`Event`]s
-//! and persist the resulting [`State`]; every rule lives here, tested with hand-built states
-//! and virtual time.
+//! The network layer and the durable store only translate requests into [`Event`]s and
+//! persist the resulting [`State`]; every rule lives in `decide`, tested with hand-built
+//! states and virtual time.
 
 mod decide;
+pub mod metrics;
+mod server;
+mod service;
 mod state;
+mod store;
 
-pub use decide::{decide, Action, Decision, Event, Refusal};
-pub use state::{Commit, JobConfig, Member, MemberId, Phase, Role, State};
+pub use decide::{authorize, decide, host_of, Action, Decision, Event, Refusal};
+pub use server::{serve, ServerConfig};
+pub use service::{job_status, now_ms, refusal_status, Coordinator};
+pub use state::{Commit, EvalResult, JobConfig, Member, MemberId, Phase, Role, State};
+pub use store::{StateStore, StoreError};

@@ -1,23 +1,23 @@
 //! What the coordinator knows about the job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 /// Fixed facts of a job, from the coordinator's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobConfig {
-    /// Trainer processes (one per GPU) the job runs with.
+    /// Distinct nodes (machines) the job spans at most.
+    pub nodes: usize,
+    /// Trainer processes (one per GPU) the job runs with, over all nodes.
     pub trainers: usize,
-    /// Dataloader processes the job runs with.
+    /// Dataloader processes the job runs with, over all nodes.
     pub dataloaders: usize,
     /// Members must present this token (empty = no token required).
     pub job_token: String,
-    /// Hash of the training config; members built from another config are refused.
-    pub config_fingerprint: String,
     /// A member silent for longer than this is considered dead.
     pub heartbeat_timeout_ms: u64,
-    /// Host:port of the c10d store handed to trainers (rank 0's address).
+    /// Port of the c10d store that rank 0 serves on its own address.
     pub store_port: u16,
 }
 
@@ -41,11 +41,16 @@ pub struct Member {
     /// Address the member serves on (dataloaders) or binds c10d on (trainers).
     pub address: String,
     pub last_heartbeat_ms: u64,
-    /// Global rank (trainers) or dataloader index, once assigned.
+    /// Global rank (trainers, once a generation starts) or dataloader index.
     pub rank: Option<usize>,
+    /// Trainers: registered since the last membership change, so part of the next group.
+    pub ready: bool,
+    /// Trainers: index of the dataloader they stream from.
+    pub dataloader: Option<usize>,
     pub step: u64,
     pub loss: Option<f64>,
     pub tokens_per_s: Option<f64>,
+    pub mfu: Option<f64>,
 }
 
 /// A checkpoint the job committed.
@@ -55,6 +60,14 @@ pub struct Commit {
     pub path: String,
     pub generation: u64,
     pub val_loss: Option<f64>,
+}
+
+/// The evaluation actor's latest score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub step: u64,
+    pub val_loss: f64,
+    pub sample: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,8 +84,11 @@ pub struct State {
     /// Bumped on every membership change; requests from older generations are refused.
     pub generation: u64,
     pub phase: Phase,
+    /// The training-config hash every member must share; pinned by the first to register.
+    pub config_fingerprint: Option<String>,
     pub members: BTreeMap<MemberId, Member>,
     pub last_commit: Option<Commit>,
+    pub last_eval: Option<EvalResult>,
     /// Members lost to heartbeat timeouts or restarts, over the job's life.
     pub failures: u64,
 }
@@ -83,8 +99,10 @@ impl State {
             config,
             generation: 0,
             phase: Phase::Gathering,
+            config_fingerprint: None,
             members: BTreeMap::new(),
             last_commit: None,
+            last_eval: None,
             failures: 0,
         }
     }
@@ -100,11 +118,20 @@ impl State {
         }
     }
 
-    /// Every expected member is present.
-    pub fn is_complete(&self) -> bool {
-        [Role::Trainer, Role::Dataloader]
-            .into_iter()
-            .all(|r| self.count(r) == self.expected(r))
+    /// Every expected trainer has (re-)registered since the last change and every
+    /// dataloader is present: a group can form.
+    pub fn can_start(&self) -> bool {
+        let ready = self
+            .members
+            .values()
+            .filter(|m| m.id.role == Role::Trainer && m.ready)
+            .count();
+        ready == self.config.trainers && self.count(Role::Dataloader) == self.config.dataloaders
+    }
+
+    /// Nodes that hold at least one member.
+    pub fn nodes(&self) -> BTreeSet<&str> {
+        self.members.keys().map(|id| id.node.as_str()).collect()
     }
 
     /// The trainer holding `rank`, if assigned.
@@ -112,5 +139,20 @@ impl State {
         self.members
             .values()
             .find(|m| m.id.role == Role::Trainer && m.rank == Some(rank))
+    }
+
+    /// The dataloader with index `index`, if present.
+    pub fn dataloader(&self, index: usize) -> Option<&Member> {
+        self.members
+            .values()
+            .find(|m| m.id.role == Role::Dataloader && m.rank == Some(index))
+    }
+
+    /// Which step a (re)started group resumes from, and the checkpoint holding it.
+    pub fn resume_point(&self) -> (u64, Option<&str>) {
+        match &self.last_commit {
+            Some(c) => (c.step, Some(c.path.as_str())),
+            None => (0, None),
+        }
     }
 }

@@ -1,13 +1,15 @@
 //! The coordinator's rules on hand-built states and virtual time.
 
-use lillm_coordinator::{decide, Action, Event, JobConfig, MemberId, Phase, Refusal, Role, State};
+use lillm_coordinator::{
+    authorize, decide, Action, Event, JobConfig, MemberId, Phase, Refusal, Role, State,
+};
 
 fn job() -> State {
     State::new(JobConfig {
+        nodes: 2,
         trainers: 2,
         dataloaders: 1,
         job_token: "s3cret".into(),
-        config_fingerprint: "cfg-1".into(),
         heartbeat_timeout_ms: 5_000,
         store_port: 29500,
     })
@@ -25,7 +27,6 @@ fn register(id: &MemberId, generation: Option<u64>) -> Event {
     Event::Register {
         id: id.clone(),
         address: format!("10.0.0.{}:7000", id.node.len()),
-        job_token: "s3cret".into(),
         config_fingerprint: "cfg-1".into(),
         generation,
     }
@@ -38,6 +39,7 @@ fn heartbeat(id: &MemberId, generation: u64, step: u64) -> Event {
         step,
         loss: Some(2.5),
         tokens_per_s: Some(1e4),
+        mfu: None,
     }
 }
 
@@ -82,7 +84,7 @@ fn ranks_are_assigned_once_everyone_is_present_whatever_the_order() {
     assert_eq!(*resume_step, 0);
     assert!(ranks.contains(&(id("node-a", Role::Trainer, 0), 0)));
     assert!(ranks.contains(&(id("node-b", Role::Trainer, 0), 1)));
-    assert!(ranks.contains(&(id("node-a", Role::Dataloader, 0), 0)));
+    assert_eq!(ranks.len(), 2, "ranks are for trainers: {ranks:?}");
     assert_eq!(store, "10.0.0.6:29500", "the store lives with rank 0");
 
     let ranks_of = |s: &State| -> Vec<(MemberId, Option<usize>)> {
@@ -106,13 +108,9 @@ fn ranks_are_assigned_once_everyone_is_present_whatever_the_order() {
 #[test]
 fn bad_registrations_are_refused_and_change_nothing() {
     let (state, _) = gather(&members());
-    let mut bad_token = register(&id("node-c", Role::Trainer, 0), None);
-    if let Event::Register { job_token, .. } = &mut bad_token {
-        *job_token = "guess".into();
-    }
-    let d = decide(10, &state, bad_token);
-    assert_eq!(d.refusal, Some(Refusal::BadToken));
-    assert_eq!(d.state, state);
+    assert_eq!(authorize(&state.config, "guess"), Err(Refusal::BadToken));
+    assert_eq!(authorize(&state.config, "s3cret"), Ok(()));
+    assert!(Refusal::BadToken.to_string().contains("--job-token"));
 
     let mut other_config = register(&id("node-c", Role::Trainer, 0), None);
     if let Event::Register {
@@ -123,9 +121,9 @@ fn bad_registrations_are_refused_and_change_nothing() {
     }
     let d = decide(10, &state, other_config);
     assert!(matches!(d.refusal, Some(Refusal::ConfigMismatch { .. })));
-    assert!(d.reason.contains("cfg-2"));
+    assert!(d.reason.contains("cfg-2") && d.reason.contains("cfg-1"));
 
-    let d = decide(10, &state, register(&id("node-c", Role::Trainer, 0), None));
+    let d = decide(10, &state, register(&id("node-a", Role::Trainer, 1), None));
     assert_eq!(
         d.refusal,
         Some(Refusal::Full {
@@ -133,8 +131,26 @@ fn bad_registrations_are_refused_and_change_nothing() {
             expected: 2
         })
     );
-    assert!(d.reason.contains("raise --nodes"));
+    assert!(d.reason.contains("raise the coordinator's --nodes"));
     assert_eq!(d.state, state);
+
+    // A third machine is refused even for a role with room left.
+    let (partial, _) = gather(&members()[..1]);
+    let (partial, _) = (
+        decide(5, &partial, register(&id("node-a", Role::Dataloader, 0), None)).state,
+        (),
+    );
+    let d = decide(10, &partial, register(&id("node-c", Role::Trainer, 0), None));
+    assert!(matches!(d.refusal, Some(Refusal::TooManyNodes { .. })), "{}", d.reason);
+    assert_eq!(d.state, partial);
+}
+
+#[test]
+fn the_first_member_pins_the_config_fingerprint() {
+    let state = job();
+    assert_eq!(state.config_fingerprint, None);
+    let d = decide(0, &state, register(&id("node-a", Role::Dataloader, 0), None));
+    assert_eq!(d.state.config_fingerprint.as_deref(), Some("cfg-1"));
 }
 
 #[test]
@@ -147,30 +163,17 @@ fn a_silent_member_is_evicted_and_its_old_generation_is_fenced_off() {
     for m in [&leader, &follower, &loader] {
         state = decide(3_000, &state, heartbeat(m, 1, 200)).state;
     }
-    let d = decide(
-        3_100,
-        &state,
-        Event::Commit {
-            id: leader.clone(),
-            generation: 1,
-            step: 200,
-            path: "ckpt/step-200".into(),
-            val_loss: Some(3.0),
-        },
-    );
+    let commit = |generation, step, path: &str, who: &MemberId| Event::Commit {
+        id: who.clone(),
+        generation,
+        step,
+        path: path.into(),
+        val_loss: None,
+    };
+    let d = decide(3_100, &state, commit(1, 200, "ckpt/step-200", &leader));
     assert!(matches!(d.actions[..], [Action::Committed(_)]));
     state = d.state;
-    let d = decide(
-        3_200,
-        &state,
-        Event::Commit {
-            id: follower.clone(),
-            generation: 1,
-            step: 300,
-            path: "x".into(),
-            val_loss: None,
-        },
-    );
+    let d = decide(3_200, &state, commit(1, 300, "x", &follower));
     assert_eq!(d.refusal, Some(Refusal::NotLeader(follower.clone())));
 
     // The follower goes silent; at 8.5 s (5 s after its last heartbeat) it is evicted.
@@ -186,17 +189,7 @@ fn a_silent_member_is_evicted_and_its_old_generation_is_fenced_off() {
     );
 
     // The old group can no longer commit or heartbeat: its generation is over.
-    let d = decide(
-        8_600,
-        &state,
-        Event::Commit {
-            id: leader.clone(),
-            generation: 1,
-            step: 300,
-            path: "late".into(),
-            val_loss: None,
-        },
-    );
+    let d = decide(8_600, &state, commit(1, 300, "late", &leader));
     assert_eq!(
         d.refusal,
         Some(Refusal::StaleGeneration {
@@ -210,8 +203,11 @@ fn a_silent_member_is_evicted_and_its_old_generation_is_fenced_off() {
         Some(Refusal::StaleGeneration { .. })
     ));
 
-    // A replacement registers; the new generation resumes from the last commit.
+    // A replacement registers; nothing starts until the survivor has registered again.
     let d = decide(9_000, &state, register(&follower, None));
+    assert!(d.actions.is_empty());
+    state = d.state;
+    let d = decide(9_100, &state, register(&leader, Some(1)));
     let Action::StartGeneration {
         generation,
         resume_step,
@@ -225,23 +221,9 @@ fn a_silent_member_is_evicted_and_its_old_generation_is_fenced_off() {
         (*generation, *resume_step, prefix.as_str()),
         (3, 200, "lillm/gen3")
     );
-    state = d.state;
-    // A survivor re-registering with its old generation just catches up: no new group.
-    let d = decide(9_100, &state, register(&leader, Some(2)));
-    assert!(d.actions.is_empty());
-    assert_eq!(d.state.generation, 3);
+    assert_eq!(d.state.failures, 1, "a survivor catching up is no failure");
     // A commit must move forward.
-    let d = decide(
-        9_200,
-        &d.state,
-        Event::Commit {
-            id: leader.clone(),
-            generation: 3,
-            step: 200,
-            path: "again".into(),
-            val_loss: None,
-        },
-    );
+    let d = decide(9_200, &d.state, commit(3, 200, "again", &leader));
     assert_eq!(
         d.refusal,
         Some(Refusal::StepRegress {
@@ -252,17 +234,69 @@ fn a_silent_member_is_evicted_and_its_old_generation_is_fenced_off() {
 }
 
 #[test]
-fn a_restarted_process_makes_the_group_reform() {
-    let (state, _) = gather(&members());
-    let d = decide(
-        1_000,
+fn after_a_full_stop_the_restarted_processes_form_one_new_generation() {
+    let (mut state, _) = gather(&members());
+    let leader = id("node-a", Role::Trainer, 0);
+    state = decide(
+        100,
         &state,
-        register(&id("node-b", Role::Trainer, 0), None),
-    );
+        Event::Commit {
+            id: leader.clone(),
+            generation: 1,
+            step: 40,
+            path: "run/step-00000040".into(),
+            val_loss: Some(4.0),
+        },
+    )
+    .state;
+    // Every process is killed and started again, in any order.
+    let mut starts = Vec::new();
+    for (t, m) in members().iter().rev().enumerate() {
+        let d = decide(1_000 + t as u64, &state, register(m, None));
+        assert!(d.refusal.is_none(), "{}", d.reason);
+        starts.extend(d.actions);
+        state = d.state;
+    }
+    assert_eq!(starts.len(), 1, "exactly one group forms: {starts:?}");
+    let Action::StartGeneration {
+        generation,
+        resume_step,
+        ..
+    } = &starts[0]
+    else {
+        panic!("{starts:?}")
+    };
+    assert_eq!((*generation, *resume_step), (3, 40));
+    assert_eq!(state.resume_point(), (40, Some("run/step-00000040")));
+    assert_eq!(state.failures, 3);
+}
+
+#[test]
+fn a_restarted_dataloader_keeps_its_index_and_the_generation() {
+    let (state, _) = gather(&members());
+    let loader = id("node-a", Role::Dataloader, 0);
+    let d = decide(1_000, &state, register(&loader, None));
+    assert!(d.actions.is_empty());
+    assert_eq!(d.state.generation, 1);
+    assert_eq!(d.state.phase, Phase::Running);
+    assert_eq!(d.state.members[&loader].rank, Some(0));
+    assert_eq!(d.state.failures, 1);
+    // Trainers are paired with the dataloader on their node, else round-robin.
+    let trainer_b = &d.state.members[&id("node-b", Role::Trainer, 0)];
+    assert_eq!(trainer_b.dataloader, Some(0));
+}
+
+#[test]
+fn a_restarted_trainer_ends_the_generation_until_all_trainers_register_again() {
+    let (state, _) = gather(&members());
+    let d = decide(1_000, &state, register(&id("node-b", Role::Trainer, 0), None));
     assert_eq!(d.state.failures, 1);
     assert_eq!(d.state.generation, 2);
+    assert_eq!(d.state.phase, Phase::Gathering);
+    assert!(d.actions.is_empty());
+    let d = decide(1_100, &d.state, register(&id("node-a", Role::Trainer, 0), Some(1)));
     assert!(matches!(
         d.actions[..],
-        [Action::StartGeneration { generation: 2, .. }]
+        [Action::StartGeneration { generation: 3, .. }]
     ));
 }

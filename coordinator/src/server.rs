@@ -1,0 +1,126 @@
+//! Runs the coordinator: gRPC (Coordinator, Status, health, reflection), `/metrics` over
+//! HTTP, and the liveness tick, on state restored from the durable store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lillm_proto::v1::{coordinator_server::CoordinatorServer, status_server::StatusServer};
+
+use crate::service::now_ms;
+use crate::{metrics, Coordinator, JobConfig, State, StateStore};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub job: JobConfig,
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// HTTP address of `/metrics` (`None` = not served).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory of the durable state (`coordinator.redb`).
+    pub state_dir: PathBuf,
+}
+
+/// Restores the saved state (or starts a new job) and serves until `shutdown` resolves.
+pub async fn serve(
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = StateStore::open(&cfg.state_dir)?;
+    let state = match store.load()? {
+        Some(mut saved) => {
+            if saved.config != cfg.job {
+                tracing::warn!(
+                    "the job's settings changed since the state was saved; using the new ones"
+                );
+                saved.config = cfg.job.clone();
+            }
+            // Members get a full timeout to reach the restarted coordinator.
+            let now = now_ms();
+            for m in saved.members.values_mut() {
+                m.last_heartbeat_ms = now;
+            }
+            tracing::info!(
+                generation = saved.generation,
+                members = saved.members.len(),
+                last_commit = saved.last_commit.as_ref().map(|c| c.step),
+                "restored coordinator state from {}",
+                cfg.state_dir.display()
+            );
+            saved
+        }
+        None => State::new(cfg.job.clone()),
+    };
+    store.save(&state)?;
+    let coordinator = Coordinator::new(state, store);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<CoordinatorServer<Coordinator>>()
+        .await;
+    health.set_serving::<StatusServer<Coordinator>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lillm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let ticker = coordinator.clone();
+    let period = Duration::from_millis((cfg.job.heartbeat_timeout_ms / 4).clamp(100, 1_000));
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(period);
+        loop {
+            interval.tick().await;
+            ticker.tick();
+        }
+    });
+
+    if let Some(addr) = cfg.metrics_listen {
+        let source = coordinator.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let state = source.snapshot();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics::render(&state),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot serve /metrics on {addr}: {e}"))?;
+        tracing::info!("metrics on http://{addr}/metrics");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("metrics server: {e}");
+            }
+        });
+    }
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    tracing::info!(
+        "coordinator on {} for {} trainer(s) and {} dataloader(s) on up to {} node(s)",
+        cfg.listen,
+        cfg.job.trainers,
+        cfg.job.dataloaders,
+        cfg.job.nodes
+    );
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(CoordinatorServer::new(coordinator.clone()))
+        .add_service(StatusServer::new(coordinator))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}

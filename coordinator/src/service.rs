@@ -1,0 +1,387 @@
+//! The gRPC face of the coordinator: translates requests into [`Event`]s, applies
+//! [`decide`], persists the new [`State`] and answers. No rule lives here.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lillm_proto::v1 as pb;
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status};
+
+use crate::store::StateStore;
+use crate::{authorize, decide, host_of, Decision, Event, MemberId, Phase, Refusal, Role, State};
+
+/// Milliseconds since the Unix epoch: wall time, so deadlines survive a coordinator restart.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The coordinator's state behind a lock, its durable copy, and a change signal.
+#[derive(Clone)]
+pub struct Coordinator {
+    state: Arc<Mutex<State>>,
+    store: Arc<StateStore>,
+    changed: watch::Sender<u64>,
+}
+
+impl Coordinator {
+    pub fn new(state: State, store: StateStore) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(state)),
+            store: Arc::new(store),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    pub fn snapshot(&self) -> State {
+        self.state.lock().expect("state lock").clone()
+    }
+
+    /// Applies one event; saves and signals when something worth keeping changed.
+    pub fn apply(&self, event: Event) -> Result<Decision, Status> {
+        let mut state = self.state.lock().expect("state lock");
+        let decision = decide(now_ms(), &state, event);
+        if decision.refusal.is_none() {
+            if !decision.reason.is_empty() {
+                tracing::info!("{}", decision.reason);
+                self.store
+                    .save(&decision.state)
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                self.changed.send_modify(|v| *v += 1);
+            }
+            *state = decision.state.clone();
+        } else {
+            tracing::warn!("{}", decision.reason);
+        }
+        Ok(decision)
+    }
+
+    /// Periodic liveness check.
+    pub fn tick(&self) {
+        if let Err(e) = self.apply(Event::Tick) {
+            tracing::error!("tick: {e}");
+        }
+    }
+
+    fn authorize(&self, token: &str) -> Result<(), Status> {
+        let state = self.state.lock().expect("state lock");
+        authorize(&state.config, token).map_err(refusal_status)
+    }
+}
+
+/// The gRPC status a refusal becomes.
+pub fn refusal_status(refusal: Refusal) -> Status {
+    let code = match refusal {
+        Refusal::BadToken => Code::Unauthenticated,
+        Refusal::ConfigMismatch { .. } => Code::FailedPrecondition,
+        Refusal::Full { .. } | Refusal::TooManyNodes { .. } => Code::ResourceExhausted,
+        Refusal::UnknownMember(_) => Code::NotFound,
+        Refusal::StaleGeneration { .. } | Refusal::StepRegress { .. } => Code::FailedPrecondition,
+        Refusal::NotLeader(_) => Code::PermissionDenied,
+    };
+    Status::new(code, refusal.to_string())
+}
+
+fn decided(d: Decision) -> Result<Decision, Status> {
+    match d.refusal {
+        Some(r) => Err(refusal_status(r)),
+        None => Ok(d),
+    }
+}
+
+fn member_id(id: Option<pb::MemberId>) -> Result<MemberId, Status> {
+    let id = id.ok_or_else(|| Status::invalid_argument("`id` is missing"))?;
+    let role = match pb::Role::try_from(id.role) {
+        Ok(pb::Role::Trainer) => Role::Trainer,
+        Ok(pb::Role::Dataloader) => Role::Dataloader,
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "`id.role` is {}; use ROLE_TRAINER or ROLE_DATALOADER",
+                id.role
+            )))
+        }
+    };
+    if id.node.trim().is_empty() {
+        return Err(Status::invalid_argument("`id.node` is empty; name the node"));
+    }
+    Ok(MemberId {
+        node: id.node,
+        role,
+        local_index: id.local_index as usize,
+    })
+}
+
+fn finite(name: &str, v: Option<f64>) -> Result<Option<f64>, Status> {
+    match v {
+        Some(x) if !x.is_finite() => Err(Status::invalid_argument(format!(
+            "`{name}` is {x}; send a finite number or leave it unset"
+        ))),
+        _ => Ok(v),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for Coordinator {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterReply>, Status> {
+        let r = request.into_inner();
+        self.authorize(&r.job_token)?;
+        let id = member_id(r.id)?;
+        if r.address.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "`address` is empty; send host:port (dataloaders) or the host to bind (trainers)",
+            ));
+        }
+        if id.role == Role::Dataloader && host_of(&r.address) == r.address {
+            return Err(Status::invalid_argument(format!(
+                "dataloader address `{}` has no port; send host:port",
+                r.address
+            )));
+        }
+        let d = decided(self.apply(Event::Register {
+            id: id.clone(),
+            address: r.address,
+            config_fingerprint: r.config_fingerprint,
+            generation: None,
+        })?)?;
+        let member = &d.state.members[&id];
+        Ok(Response::new(pb::RegisterReply {
+            generation: d.state.generation,
+            dataloader_index: match id.role {
+                Role::Dataloader => member.rank.map(|r| r as u32),
+                Role::Trainer => None,
+            },
+            message: d.reason,
+        }))
+    }
+
+    async fn await_assignment(
+        &self,
+        request: Request<pb::AwaitAssignmentRequest>,
+    ) -> Result<Response<pb::Assignment>, Status> {
+        let r = request.into_inner();
+        self.authorize(&r.job_token)?;
+        let id = member_id(r.id)?;
+        if id.role != Role::Trainer {
+            return Err(Status::invalid_argument("only trainers receive assignments"));
+        }
+        let wait = Duration::from_millis(r.wait_ms.clamp(1, 60_000));
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changes = self.changed.subscribe();
+        loop {
+            let state = decided(self.apply(Event::Waiting { id: id.clone() })?)?.state;
+            if let Some(a) = assignment(&state, &id) {
+                return Ok(Response::new(a));
+            }
+            let woke = tokio::time::timeout_at(deadline, changes.changed()).await;
+            if woke.is_err() {
+                return Err(Status::unavailable(gathering_message(&state)));
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let r = request.into_inner();
+        self.authorize(&r.job_token)?;
+        let id = member_id(r.id)?;
+        let d = self.apply(Event::Heartbeat {
+            id,
+            generation: r.generation,
+            step: r.step,
+            loss: finite("loss", r.loss)?,
+            tokens_per_s: finite("tokens_per_s", r.tokens_per_s)?,
+            mfu: finite("mfu", r.mfu)?,
+        })?;
+        match d.refusal {
+            Some(Refusal::StaleGeneration { current, .. }) => Ok(Response::new(pb::HeartbeatReply {
+                generation: current,
+                stale: true,
+            })),
+            Some(other) => Err(refusal_status(other)),
+            None => Ok(Response::new(pb::HeartbeatReply {
+                generation: d.state.generation,
+                stale: false,
+            })),
+        }
+    }
+
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitReply>, Status> {
+        let r = request.into_inner();
+        self.authorize(&r.job_token)?;
+        let id = member_id(r.id)?;
+        if r.path.is_empty() {
+            return Err(Status::invalid_argument("`path` is empty"));
+        }
+        decided(self.apply(Event::Commit {
+            id,
+            generation: r.generation,
+            step: r.step,
+            path: r.path,
+            val_loss: finite("val_loss", r.val_loss)?,
+        })?)?;
+        Ok(Response::new(pb::CommitReply {}))
+    }
+
+    async fn report_eval(
+        &self,
+        request: Request<pb::EvalReport>,
+    ) -> Result<Response<pb::EvalReply>, Status> {
+        let r = request.into_inner();
+        self.authorize(&r.job_token)?;
+        decided(self.apply(Event::Eval {
+            step: r.step,
+            val_loss: finite("val_loss", Some(r.val_loss))?.unwrap_or_default(),
+            sample: r.sample,
+        })?)?;
+        Ok(Response::new(pb::EvalReply {}))
+    }
+}
+
+/// The trainer's assignment once its generation runs.
+fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
+    let member = state.members.get(id)?;
+    if state.phase != Phase::Running || !member.ready {
+        return None;
+    }
+    let rank = member.rank?;
+    let leader = state.trainer_with_rank(0)?;
+    let loader_index = member.dataloader?;
+    let loader = state.dataloader(loader_index)?;
+    let (resume_step, resume_path) = state.resume_point();
+    Some(pb::Assignment {
+        generation: state.generation,
+        rank: rank as u32,
+        world_size: state.config.trainers as u32,
+        store_host: host_of(&leader.address),
+        store_port: state.config.store_port as u32,
+        store_prefix: format!("lillm/gen{}", state.generation),
+        resume_step,
+        resume_path: resume_path.unwrap_or_default().to_string(),
+        dataloader_index: loader_index as u32,
+        dataloader_address: loader.address.clone(),
+    })
+}
+
+fn gathering_message(state: &State) -> String {
+    let ready = state
+        .members
+        .values()
+        .filter(|m| m.id.role == Role::Trainer && m.ready)
+        .count();
+    format!(
+        "waiting for members: {ready}/{} trainers registered, {}/{} dataloaders",
+        state.config.trainers,
+        state.count(Role::Dataloader),
+        state.config.dataloaders
+    )
+}
+
+/// The job as `lillm status` shows it.
+pub fn job_status(state: &State, now: u64) -> pb::JobStatus {
+    let members = state
+        .members
+        .values()
+        .map(|m| pb::MemberStatus {
+            id: Some(pb::MemberId {
+                node: m.id.node.clone(),
+                role: match m.id.role {
+                    Role::Trainer => pb::Role::Trainer,
+                    Role::Dataloader => pb::Role::Dataloader,
+                } as i32,
+                local_index: m.id.local_index as u32,
+            }),
+            address: m.address.clone(),
+            rank: m.rank.map(|r| r as u32),
+            heartbeat_age_ms: now.saturating_sub(m.last_heartbeat_ms),
+            step: m.step,
+            loss: m.loss,
+            tokens_per_s: m.tokens_per_s,
+            mfu: m.mfu,
+            dataloader_index: m.dataloader.map(|d| d as u32),
+        })
+        .collect();
+    pb::JobStatus {
+        generation: state.generation,
+        phase: match state.phase {
+            Phase::Gathering => "gathering",
+            Phase::Running => "running",
+        }
+        .into(),
+        expected_trainers: state.config.trainers as u32,
+        expected_dataloaders: state.config.dataloaders as u32,
+        members,
+        last_checkpoint: state.last_commit.as_ref().map(|c| pb::CheckpointStatus {
+            step: c.step,
+            path: c.path.clone(),
+            generation: c.generation,
+            val_loss: c.val_loss,
+        }),
+        eval_step: state.last_eval.as_ref().map(|e| e.step),
+        eval_val_loss: state.last_eval.as_ref().map(|e| e.val_loss),
+        eval_sample: state
+            .last_eval
+            .as_ref()
+            .map(|e| e.sample.clone())
+            .unwrap_or_default(),
+        restarts: state.failures,
+        tokens_per_s: state
+            .members
+            .values()
+            .filter(|m| m.id.role == Role::Trainer)
+            .filter_map(|m| m.tokens_per_s)
+            .sum(),
+    }
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::status_server::Status for Coordinator {
+    async fn get_status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        Ok(Response::new(job_status(&self.snapshot(), now_ms())))
+    }
+
+    type WatchStatusStream = StatusStream;
+
+    async fn watch_status(
+        &self,
+        request: Request<pb::WatchStatusRequest>,
+    ) -> Result<Response<StatusStream>, Status> {
+        let interval = match request.into_inner().interval_ms {
+            0 => 500,
+            ms => ms.max(50),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut changes = this.changed.subscribe();
+            loop {
+                let status = job_status(&this.snapshot(), now_ms());
+                if tx.send(Ok(status)).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(interval)).await;
+                // Progress from heartbeats is not signalled: update at least every second.
+                let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
