@@ -101,10 +101,13 @@ pub struct TrainArgs {
     /// Start from this checkpoint's weights.
     #[arg(long)]
     init_from: Option<PathBuf>,
-    /// Spawn this many local ranks (processes) that train together through c10d/Gloo, like
-    /// `torchrun --standalone --nproc_per_node N`.
+    /// Spawn this many local trainer processes plus a coordinator and a dataloader that
+    /// train together (c10d/Gloo), like `torchrun --standalone --nproc_per_node N`.
     #[arg(long, default_value_t = 1)]
-    nproc: usize,
+    pub(crate) nproc: usize,
+    /// Join a distributed job as a trainer actor (see `lillm status`, deploy/).
+    #[command(flatten)]
+    pub(crate) actor: crate::job_cmd::ActorArgs,
     /// This process's rank in a data-parallel job (set by --nproc or a launcher).
     #[arg(long)]
     rank: Option<usize>,
@@ -130,7 +133,7 @@ fn env_overrides(known: &toml::Table) -> HashMap<String, String> {
         .collect()
 }
 
-fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
+pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     let defaults = TrainConfig::default();
     let default_table = toml::Table::try_from(&defaults)?;
     let mut builder = config::Config::builder().add_source(config::File::from_str(
@@ -202,13 +205,16 @@ fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    if args.nproc > 1 {
-        return spawn_local_ranks(args.nproc);
-    }
     let cfg = resolve_config(&args)?;
     if args.print_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
+    }
+    if args.nproc > 1 {
+        return crate::job_cmd::launch_local_job(&cfg, args.nproc);
+    }
+    if let Some(coordinator) = &args.actor.coordinator {
+        return crate::job_cmd::run_trainer_actor(cfg, coordinator, &args.actor);
     }
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
@@ -224,64 +230,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         report(&summary, &cfg.out);
     }
     Ok(())
-}
-
-/// Runs this same command as `nproc` rank processes on this machine and waits for them;
-/// if one fails, the others are stopped and the failure is reported.
-fn spawn_local_ranks(nproc: usize) -> Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let exe = std::env::current_exe()?;
-    // The user's own arguments minus --nproc; each child gets its rank and the rendezvous.
-    let mut user_args = Vec::new();
-    let mut rest = std::env::args().skip(1);
-    while let Some(arg) = rest.next() {
-        if arg == "--nproc" {
-            rest.next();
-        } else if !arg.starts_with("--nproc=") {
-            user_args.push(arg);
-        }
-    }
-    let mut children = Vec::new();
-    for rank in 0..nproc {
-        let child = std::process::Command::new(&exe)
-            .args(&user_args)
-            .args([
-                "--rank",
-                &rank.to_string(),
-                "--world-size",
-                &nproc.to_string(),
-            ])
-            .args(["--rendezvous", &format!("127.0.0.1:{port}")])
-            .spawn()
-            .with_context(|| format!("cannot start rank {rank}"))?;
-        children.push((rank, child));
-    }
-    let mut failed = None;
-    while !children.is_empty() {
-        let mut i = 0;
-        while i < children.len() {
-            if let Some(status) = children[i].1.try_wait()? {
-                let (rank, _) = children.remove(i);
-                if !status.success() && failed.is_none() {
-                    failed = Some((rank, status));
-                    for (_, other) in children.iter_mut() {
-                        let _ = other.kill();
-                    }
-                }
-            } else {
-                i += 1;
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    match failed {
-        Some((rank, status)) => {
-            anyhow::bail!("rank {rank} failed ({status}); the other ranks were stopped")
-        }
-        None => Ok(()),
-    }
 }
 
 /// What a finished training or fine-tuning run prints.

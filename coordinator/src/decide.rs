@@ -16,6 +16,7 @@ pub enum Event {
     Register {
         id: MemberId,
         address: String,
+        /// Hash of a trainer's training config (ignored for dataloaders).
         config_fingerprint: String,
         /// The last generation this process belonged to; `None` for a freshly started one.
         generation: Option<u64>,
@@ -259,7 +260,9 @@ fn register(
     config_fingerprint: String,
     generation: Option<u64>,
 ) -> Decision {
-    if let Some(expected) = &state.config_fingerprint {
+    // Trainers must share one training config; dataloaders serve whatever they are asked.
+    let checked = id.role == Role::Trainer;
+    if let (true, Some(expected)) = (checked, &state.config_fingerprint) {
         if *expected != config_fingerprint {
             return Decision::refuse(
                 state,
@@ -293,7 +296,9 @@ fn register(
         }
     }
     let mut next = state.clone();
-    next.config_fingerprint = Some(config_fingerprint);
+    if checked {
+        next.config_fingerprint = Some(config_fingerprint);
+    }
     // A fresh process in a known slot: its predecessor died.
     let restarted = previous.is_some() && generation.is_none();
     if restarted {

@@ -7,11 +7,13 @@
 //! - `service`: [`Coordinator`], the gRPC `Coordinator` and `Status` services.
 //! - `metrics`: Prometheus text for `/metrics`.
 //! - `server`: [`serve`], which runs all of it (plus health and reflection) on sockets.
+//! - `cli`: the command line of the `coordinator` binary and `lillm coordinator`.
 //!
 //! The network layer and the durable store only translate requests into [`Event`]s and
 //! persist the resulting [`State`]; every rule lives in `decide`, tested with hand-built
 //! states and virtual time.
 
+pub mod cli;
 mod decide;
 pub mod metrics;
 mod server;

@@ -1,101 +1,8 @@
-//! `coordinator`: serves one lillm job. Flags override `--config` (TOML) values.
-
-use std::net::SocketAddr;
-use std::path::PathBuf;
+//! `coordinator`: serves one lillm job (see `lillm_coordinator::cli`).
 
 use clap::Parser;
-use lillm_coordinator::{serve, JobConfig, ServerConfig};
-use serde::Deserialize;
 
-#[derive(Parser, Debug)]
-#[command(version, about = "The lillm job coordinator: membership, ranks, liveness, commits, status")]
-struct Args {
-    /// TOML file with any of the settings below (snake_case keys); flags win over it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Machines the job spans.
-    #[arg(long)]
-    nodes: Option<usize>,
-    /// Trainer processes (GPUs) per node.
-    #[arg(long)]
-    trainers_per_node: Option<usize>,
-    /// Dataloader processes per node.
-    #[arg(long)]
-    dataloaders_per_node: Option<usize>,
-    /// gRPC address (loopback unless you mean otherwise).
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// HTTP address of Prometheus /metrics.
-    #[arg(long)]
-    metrics_listen: Option<SocketAddr>,
-    /// Where the coordinator keeps its durable state.
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    /// Token every member must present.
-    #[arg(long, env = "LILLM_JOB_TOKEN", hide_env_values = true)]
-    job_token: Option<String>,
-    /// Milliseconds of silence after which a member counts as dead.
-    #[arg(long)]
-    heartbeat_timeout_ms: Option<u64>,
-    /// Port of the c10d store that rank 0 serves.
-    #[arg(long)]
-    store_port: Option<u16>,
-}
-
-/// The settings, as a `--config` file spells them.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct Settings {
-    nodes: Option<usize>,
-    trainers_per_node: usize,
-    dataloaders_per_node: usize,
-    listen: SocketAddr,
-    metrics_listen: SocketAddr,
-    state_dir: PathBuf,
-    job_token: String,
-    heartbeat_timeout_ms: u64,
-    store_port: u16,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            nodes: None,
-            trainers_per_node: 1,
-            dataloaders_per_node: 1,
-            listen: "127.0.0.1:7070".parse().expect("valid address"),
-            metrics_listen: "127.0.0.1:7071".parse().expect("valid address"),
-            state_dir: "coordinator-state".into(),
-            job_token: String::new(),
-            heartbeat_timeout_ms: 10_000,
-            store_port: 29500,
-        }
-    }
-}
-
-fn settings(args: Args) -> anyhow::Result<Settings> {
-    let mut s = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-        }
-        None => Settings::default(),
-    };
-    s.nodes = args.nodes.or(s.nodes);
-    s.trainers_per_node = args.trainers_per_node.unwrap_or(s.trainers_per_node);
-    s.dataloaders_per_node = args.dataloaders_per_node.unwrap_or(s.dataloaders_per_node);
-    s.listen = args.listen.unwrap_or(s.listen);
-    s.metrics_listen = args.metrics_listen.unwrap_or(s.metrics_listen);
-    s.state_dir = args.state_dir.unwrap_or(s.state_dir);
-    s.job_token = args.job_token.unwrap_or(s.job_token);
-    s.heartbeat_timeout_ms = args.heartbeat_timeout_ms.unwrap_or(s.heartbeat_timeout_ms);
-    s.store_port = args.store_port.unwrap_or(s.store_port);
-    Ok(s)
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -103,32 +10,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let s = settings(Args::parse())?;
-    let nodes = s
-        .nodes
-        .ok_or_else(|| anyhow::anyhow!("--nodes is required: how many machines the job spans"))?;
-    for (name, v) in [
-        ("--nodes", nodes),
-        ("--trainers-per-node", s.trainers_per_node),
-        ("--dataloaders-per-node", s.dataloaders_per_node),
-    ] {
-        anyhow::ensure!(v >= 1, "{name} must be at least 1, got {v}");
+    if let Err(err) = lillm_coordinator::cli::run(lillm_coordinator::cli::Args::parse()) {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
     }
-    let cfg = ServerConfig {
-        job: JobConfig {
-            nodes,
-            trainers: nodes * s.trainers_per_node,
-            dataloaders: nodes * s.dataloaders_per_node,
-            job_token: s.job_token,
-            heartbeat_timeout_ms: s.heartbeat_timeout_ms,
-            store_port: s.store_port,
-        },
-        listen: s.listen,
-        metrics_listen: Some(s.metrics_listen),
-        state_dir: s.state_dir,
-    };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    serve(cfg, shutdown).await
 }

@@ -84,8 +84,9 @@ pub struct State {
     /// Bumped on every membership change; requests from older generations are refused.
     pub generation: u64,
     pub phase: Phase,
-    /// The training-config hash every member must share; pinned by the first to register.
+    /// The training-config hash every trainer must share; pinned by the first to register.
     pub config_fingerprint: Option<String>,
+    #[serde(with = "members_as_list")]
     pub members: BTreeMap<MemberId, Member>,
     pub last_commit: Option<Commit>,
     pub last_eval: Option<EvalResult>,
@@ -154,5 +155,28 @@ impl State {
             Some(c) => (c.step, Some(c.path.as_str())),
             None => (0, None),
         }
+    }
+}
+
+/// JSON object keys must be strings: members are stored as a list (each carries its id).
+mod members_as_list {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{Member, MemberId};
+
+    pub fn serialize<S: Serializer>(
+        members: &BTreeMap<MemberId, Member>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        members.values().collect::<Vec<_>>().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<MemberId, Member>, D::Error> {
+        let list = Vec::<Member>::deserialize(d)?;
+        Ok(list.into_iter().map(|m| (m.id.clone(), m)).collect())
     }
 }

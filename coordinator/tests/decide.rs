@@ -150,6 +150,8 @@ fn the_first_member_pins_the_config_fingerprint() {
     let state = job();
     assert_eq!(state.config_fingerprint, None);
     let d = decide(0, &state, register(&id("node-a", Role::Dataloader, 0), None));
+    assert_eq!(d.state.config_fingerprint, None, "dataloaders run any config");
+    let d = decide(0, &d.state, register(&id("node-a", Role::Trainer, 0), None));
     assert_eq!(d.state.config_fingerprint.as_deref(), Some("cfg-1"));
 }
 
@@ -299,4 +301,16 @@ fn a_restarted_trainer_ends_the_generation_until_all_trainers_register_again() {
         d.actions[..],
         [Action::StartGeneration { generation: 3, .. }]
     ));
+}
+
+#[test]
+fn the_state_survives_a_save_and_load() {
+    let (state, _) = gather(&members());
+    let dir = tempfile::tempdir().unwrap();
+    let store = lillm_coordinator::StateStore::open(dir.path()).unwrap();
+    assert_eq!(store.load().unwrap(), None);
+    store.save(&state).unwrap();
+    drop(store);
+    let again = lillm_coordinator::StateStore::open(dir.path()).unwrap();
+    assert_eq!(again.load().unwrap(), Some(state));
 }

@@ -168,6 +168,17 @@ pub fn sample_batch(
     batch_size: usize,
     block_size: usize,
 ) -> Result<Batch> {
+    let windows = sample_windows(stream, key, batch_size, block_size)?;
+    Ok(Batch::from_windows(&windows, batch_size, block_size))
+}
+
+/// The `batch_size` windows of `block_size + 1` tokens behind [`sample_batch`], row-major.
+pub fn sample_windows(
+    stream: &TokenStream,
+    key: BatchKey,
+    batch_size: usize,
+    block_size: usize,
+) -> Result<Vec<i64>> {
     let window = block_size as u64 + 1;
     if stream.len() < window {
         return Err(Error::Usage(format!(
@@ -183,21 +194,31 @@ pub fn sample_batch(
     let mixed =
         splitmix64(key.seed ^ splitmix64(split_tag ^ splitmix64(key.step ^ splitmix64(key.micro))));
     let mut rng = StdRng::seed_from_u64(mixed);
-    let mut inputs = Vec::with_capacity(batch_size * block_size);
-    let mut targets = Vec::with_capacity(batch_size * block_size);
-    let mut buf = vec![0i64; window as usize];
-    for _ in 0..batch_size {
+    let w = window as usize;
+    let mut windows = vec![0i64; batch_size * w];
+    for row in windows.chunks_mut(w) {
         let start = rng.random_range(0..=stream.len() - window);
-        stream.read(start, &mut buf);
-        inputs.extend_from_slice(&buf[..block_size]);
-        targets.extend_from_slice(&buf[1..]);
+        stream.read(start, row);
     }
-    Ok(Batch {
-        inputs,
-        targets,
-        batch_size,
-        block_size,
-    })
+    Ok(windows)
+}
+
+impl Batch {
+    /// Splits windows of `block_size + 1` tokens into inputs and next-token targets.
+    pub fn from_windows(windows: &[i64], batch_size: usize, block_size: usize) -> Self {
+        let mut inputs = Vec::with_capacity(batch_size * block_size);
+        let mut targets = Vec::with_capacity(batch_size * block_size);
+        for row in windows.chunks(block_size + 1) {
+            inputs.extend_from_slice(&row[..block_size]);
+            targets.extend_from_slice(&row[1..]);
+        }
+        Self {
+            inputs,
+            targets,
+            batch_size,
+            block_size,
+        }
+    }
 }
 
 /// Cross entropy (nats/token) of the val split under the train split's unigram distribution

@@ -193,6 +193,25 @@ impl TrainConfig {
     }
 
     /// Checks values the loop relies on; each error names the field.
+    /// Hash of everything that must be equal on every rank of a job: the config minus the
+    /// per-process fields (rank, world size, rendezvous, threads, resume, device, data path).
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let shared = TrainConfig {
+            rank: 0,
+            world_size: 1,
+            rendezvous: None,
+            threads: 0,
+            resume: false,
+            device: String::new(),
+            data: PathBuf::new(),
+            out: PathBuf::new(),
+            ..self.clone()
+        };
+        let json = serde_json::to_vec(&shared).expect("config serialises");
+        hex::encode(&Sha256::digest(&json)[..8])
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.init_from.is_none() {
@@ -235,9 +254,6 @@ impl TrainConfig {
                 self.grad_accum, self.world_size
             ));
         }
-        if self.world_size > 1 && self.rendezvous.is_none() {
-            return bad("world_size > 1 needs rendezvous = \"host:port\"".into());
-        }
         if !matches!(self.dtype.as_str(), "auto" | "float32" | "bfloat16") {
             return bad(format!(
                 "dtype `{}` is not one of auto, float32, bfloat16",
@@ -272,7 +288,12 @@ impl TrainConfig {
         if self.world_size == 1 {
             return Ok(None);
         }
-        let addr = self.rendezvous.as_deref().unwrap_or_default();
+        let Some(addr) = self.rendezvous.as_deref() else {
+            return Err(Error::Config(
+                "world_size > 1 needs rendezvous = \"host:port\" (or a coordinator: --coordinator)"
+                    .into(),
+            ));
+        };
         let (host, port) = addr
             .rsplit_once(':')
             .and_then(|(h, p)| Some((h.to_string(), p.parse().ok()?)))

@@ -9,11 +9,14 @@ use lillm_data::shards::{sample_batch, BatchKey, Dataset};
 use lillm_data::tokenizer::Tokenizer;
 
 use crate::config::{Objective, TrainConfig};
+use crate::remote_data::RemoteData;
 use crate::{Error, Result};
 
 pub enum TrainData {
     Tokens(Dataset),
     Sft(SftData),
+    /// Token batches streamed by a dataloader actor.
+    Remote(RemoteData),
 }
 
 /// Inputs and targets (−1 = no loss) of a micro-batch, row-major (batch × seq).
@@ -49,6 +52,7 @@ impl TrainData {
         match self {
             Self::Tokens(d) => &d.manifest.tokenizer_fingerprint,
             Self::Sft(d) => &d.tokenizer_fingerprint,
+            Self::Remote(d) => &d.info.tokenizer_fingerprint,
         }
     }
 
@@ -57,6 +61,7 @@ impl TrainData {
         match self {
             Self::Tokens(d) => Some(d.manifest.vocab_size),
             Self::Sft(_) => None,
+            Self::Remote(d) => Some(d.info.vocab_size as usize),
         }
     }
 
@@ -64,6 +69,7 @@ impl TrainData {
         match self {
             Self::Tokens(d) => !d.manifest.val.is_empty(),
             Self::Sft(d) => !d.val.is_empty(),
+            Self::Remote(d) => d.info.val_tokens > 0,
         }
     }
 
@@ -76,6 +82,7 @@ impl TrainData {
                 .is_file()
                 .then(|| d.dir.clone()),
             Self::Sft(_) => None,
+            Self::Remote(d) => d.tokenizer_dir(),
         }
     }
 
@@ -107,6 +114,7 @@ impl TrainData {
                 );
                 sft::sft_batch(examples, &idx, seq)
             }
+            Self::Remote(d) => return d.batch(key, micros_per_step, rows, seq),
         };
         Ok(MicroBatch {
             inputs,
@@ -130,6 +138,10 @@ impl TrainData {
                 d.val.len(),
                 d.filtered_too_long,
                 d.max_seq_len
+            ),
+            Self::Remote(d) => format!(
+                "{} train / {} val tokens streamed by a dataloader",
+                d.info.train_tokens, d.info.val_tokens
             ),
         }
     }

@@ -9,11 +9,16 @@
 //! - `dpo`: preference tuning against a frozen reference.
 //! - `train`: the training loop ([`Trainer`]) with evaluation and checkpointing.
 //! - `checkpoint`: atomic checkpoint directories, verification, retention, resolution.
+//! - `checkpoint_actor`: writes checkpoints off the training thread.
+//! - `report`: [`report::Reporter`], progress and commits for whoever coordinates the run.
+//! - `remote_data`: batches streamed from a dataloader actor.
+//! - `member`: a trainer actor's membership of a job (register, assignment, heartbeats).
 //! - `loaded`: [`LoadedModel`], a verified checkpoint ready for inference.
 //! - `eval`: perplexity of a text.
 //! - `metrics`, `plot`, `flops`: JSONL metrics, PNG loss curves, MFU's peak.
 
 pub mod checkpoint;
+pub mod checkpoint_actor;
 pub mod config;
 pub mod data;
 pub mod dist;
@@ -24,11 +29,14 @@ pub mod flops;
 mod loaded;
 pub mod metrics;
 pub mod optim;
+pub mod member;
 pub mod plot;
+pub mod remote_data;
+pub mod report;
 pub mod schedule;
 pub mod train;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};
 pub use loaded::{check_vocab, LoadedModel};
-pub use train::{TrainSummary, Trainer};
+pub use train::{Setup, Start, TrainSummary, Trainer};

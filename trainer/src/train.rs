@@ -1,6 +1,8 @@
 //! The single-process training loop: batches → forward/backward → clip → AdamW, with
 //! periodic evaluation, checkpoints, metrics and a progress display.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -9,10 +11,12 @@ use lillm_data::shards::BatchKey;
 use lillm_model::{weights, LilLM, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::checkpoint::{self, CheckpointData, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::checkpoint_actor::{host_copy, CheckpointActor, Snapshot};
 use crate::config::TrainConfig;
 use crate::data::{MicroBatch, TrainData};
-use crate::dist::ProcessGroup;
+use crate::dist::{ProcessGroup, Rendezvous};
+use crate::report::{Reporter, Silent};
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::{flops, plot, Error, Result};
@@ -63,6 +67,44 @@ fn estimate_loss(
     Ok(total / cfg.eval_iters as f64)
 }
 
+/// Where a run starts from.
+#[derive(Debug, Clone, Default)]
+pub enum Start {
+    /// Fresh (or `init_from`), or with `cfg.resume` the run directory's latest valid
+    /// checkpoint; a run directory that already holds checkpoints needs `cfg.resume`.
+    #[default]
+    Auto,
+    /// Exactly this checkpoint (`None`: fresh), whatever else the run directory holds: a
+    /// distributed job resumes from the coordinator's last commit, never from a checkpoint
+    /// an ended generation wrote but did not commit.
+    Committed(Option<PathBuf>),
+}
+
+/// How a run is wired into a job: its data, its group, its start and whom it reports to.
+/// The default is the single-process run that `cfg` describes.
+pub struct Setup {
+    /// Data to train on; `None` opens `cfg.data`.
+    pub data: Option<TrainData>,
+    /// The data-parallel group; `None` takes it from `cfg` (`rendezvous`, `rank`).
+    pub rendezvous: Option<Rendezvous>,
+    pub start: Start,
+    pub reporter: Arc<dyn Reporter>,
+    /// Membership generation recorded in checkpoints.
+    pub generation: u64,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            data: None,
+            rendezvous: None,
+            start: Start::Auto,
+            reporter: Arc::new(Silent),
+            generation: 0,
+        }
+    }
+}
+
 /// A training run: the model, its optimizer, the data and where to write.
 pub struct Trainer {
     cfg: TrainConfig,
@@ -82,23 +124,34 @@ pub struct Trainer {
     /// The data-parallel group when the job has several ranks; rank 0 leads (evaluates,
     /// checkpoints, logs).
     group: Option<ProcessGroup>,
+    reporter: Arc<dyn Reporter>,
+    /// Rank 0's checkpoint writer.
+    writer: Option<CheckpointActor>,
+    generation: u64,
 }
 
 impl Trainer {
     /// Builds the run: fresh weights, `init_from` weights, or — with `resume` — the latest
     /// valid checkpoint of `cfg.out` with its optimizer state and data cursor.
     pub fn new(cfg: TrainConfig) -> Result<Self> {
+        Self::with(cfg, Setup::default())
+    }
+
+    /// Builds the run as `setup` wires it (see [`Setup`]).
+    pub fn with(cfg: TrainConfig, setup: Setup) -> Result<Self> {
         cfg.validate()?;
         if cfg.threads > 0 {
             tch::set_num_threads(cfg.threads as i32);
         }
         let device = cfg.device()?;
-        let resume_from = if cfg.resume {
-            checkpoint::latest_valid(&cfg.out)
-        } else {
-            None
+        let resume_from = match &setup.start {
+            Start::Committed(Some(dir)) => Some((dir.clone(), checkpoint::verify_checkpoint(dir)?)),
+            Start::Committed(None) => None,
+            Start::Auto if cfg.resume => checkpoint::latest_valid(&cfg.out),
+            Start::Auto => None,
         };
-        if !cfg.resume && !checkpoint::list_checkpoints(&cfg.out).is_empty() {
+        let auto = matches!(setup.start, Start::Auto);
+        if auto && !cfg.resume && !checkpoint::list_checkpoints(&cfg.out).is_empty() {
             return Err(Error::Config(format!(
                 "{} already holds checkpoints; pass --resume to continue that run or choose another --out",
                 cfg.out.display()
@@ -124,7 +177,10 @@ impl Trainer {
             (None, Some(loaded)) => loaded.tokenizer.is_some().then(|| loaded.dir.clone()),
             (None, None) => None,
         };
-        let data = TrainData::open(&cfg, checkpoint_tokenizer.as_deref(), model_cfg.max_seq_len)?;
+        let data = match setup.data {
+            Some(data) => data,
+            None => TrainData::open(&cfg, checkpoint_tokenizer.as_deref(), model_cfg.max_seq_len)?,
+        };
         let tokenizer_dir = data.tokenizer_dir().or(checkpoint_tokenizer);
         if let Some(vocab) = data.vocab_size().filter(|&v| v > model_cfg.vocab_size) {
             return Err(Error::Config(format!(
@@ -159,8 +215,11 @@ impl Trainer {
         } else if let Some(loaded) = &init {
             weights::load_into(&vs, &weights::var_store_tensors(&loaded.vs), &loaded.dir)?;
         }
-        let group = cfg
-            .rendezvous()?
+        let rendezvous = match setup.rendezvous {
+            Some(r) => Some(r),
+            None => cfg.rendezvous()?,
+        };
+        let group = rendezvous
             .map(|r| ProcessGroup::gloo(&r))
             .transpose()?;
         if let Some(group) = &group {
@@ -185,6 +244,9 @@ impl Trainer {
             best_val,
             evaluated_at_step,
             group,
+            writer: None,
+            reporter: setup.reporter,
+            generation: setup.generation,
         })
     }
 
@@ -196,7 +258,8 @@ impl Trainer {
         self.step
     }
 
-    fn save_checkpoint(&self, val_loss: Option<f64>) -> Result<std::path::PathBuf> {
+    /// Hands a snapshot of the run to the checkpoint actor; returns where it will be.
+    fn save_checkpoint(&mut self, val_loss: Option<f64>) -> Result<PathBuf> {
         let dir = checkpoint::checkpoint_dir(&self.cfg.out, self.step);
         let state = CheckpointState {
             step: self.step,
@@ -205,23 +268,28 @@ impl Trainer {
             best_val_loss: self.best_val,
             model: self.model_cfg.clone(),
             train: Some(self.cfg.clone()),
-            world_size: 1,
+            world_size: self.cfg.world_size,
             seed: self.cfg.seed,
-            generation: 0,
+            generation: self.generation,
             evaluated_at_step: self.evaluated_at_step,
             dataset_fingerprint: Some(self.data.tokenizer_fingerprint().to_string()),
             source: "train".into(),
         };
-        checkpoint::write_checkpoint(
-            &dir,
-            &CheckpointData {
-                state,
-                model: weights::var_store_tensors(&self.vs),
-                optimizer: Some(self.opt.state_tensors()),
-                tokenizer: self.tokenizer_dir.as_deref(),
-            },
-        )?;
-        checkpoint::apply_retention(&self.cfg.out, self.cfg.keep_last)?;
+        let snapshot = Snapshot {
+            dir: dir.clone(),
+            state,
+            model: host_copy(&weights::var_store_tensors(&self.vs)),
+            optimizer: host_copy(&self.opt.state_tensors()),
+            tokenizer: self.tokenizer_dir.clone(),
+        };
+        let (out, keep, reporter) = (
+            self.cfg.out.clone(),
+            self.cfg.keep_last,
+            self.reporter.clone(),
+        );
+        self.writer
+            .get_or_insert_with(|| CheckpointActor::start(out, keep, reporter))
+            .submit(snapshot)?;
         Ok(dir)
     }
 
@@ -383,6 +451,7 @@ impl Trainer {
                 if let Some(log) = log.as_mut() {
                     log.append(&record)?;
                 }
+                self.reporter.progress(&record);
                 bar.set_message(format!(
                     "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s{}",
                     mfu.map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0))
@@ -398,6 +467,9 @@ impl Trainer {
             (None, true) => self.save_checkpoint(last_val)?,
             (None, false) => checkpoint::checkpoint_dir(&cfg.out, self.step),
         };
+        if let Some(writer) = self.writer.as_mut() {
+            writer.finish()?;
+        }
         let plot = leader.then(|| plot::plot_run(&cfg.out).ok()).flatten();
         Ok(TrainSummary {
             steps: self.step,

@@ -1,0 +1,438 @@
+//! Distributed jobs from the command line: a trainer actor (`lillm train --coordinator`),
+//! a whole local job (`lillm train --nproc N`: coordinator + dataloader + N trainers), and
+//! `lillm status`.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lillm_proto::client;
+use lillm_proto::v1 as pb;
+use lillm_trainer::config::Objective;
+use lillm_trainer::data::TrainData;
+use lillm_trainer::member::{MemberOptions, Membership};
+use lillm_trainer::remote_data::RemoteData;
+use lillm_trainer::{checkpoint, Setup, Start, TrainConfig, Trainer};
+
+/// How long an unreachable coordinator or dataloader is retried before a trainer gives up.
+const PATIENCE: Duration = Duration::from_secs(300);
+/// How long ranks wait for each other in a collective before failing.
+const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Args, Debug, Default)]
+pub struct ActorArgs {
+    /// Coordinator address (host:port): run as a trainer actor of that job.
+    #[arg(long, env = "LILLM_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// GPU (or CPU slot) index of this trainer on its node.
+    #[arg(long, default_value_t = 0)]
+    pub local_rank: u32,
+    /// Node name (default: the host name).
+    #[arg(long, env = "LILLM_NODE")]
+    pub node: Option<String>,
+    /// Address this trainer's collective connections bind to; rank 0 also serves the c10d
+    /// store there, so other nodes must be able to reach it.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind_host: String,
+    /// The job's token, if its coordinator has one.
+    #[arg(long, env = "LILLM_JOB_TOKEN", hide_env_values = true, default_value = "")]
+    pub job_token: String,
+}
+
+/// One trainer actor: join the job, train in the assigned group, report to the coordinator.
+pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) -> Result<()> {
+    if cfg.objective != Objective::Pretrain {
+        bail!("trainer actors stream pretraining batches; run SFT with `lillm sft` (single process)");
+    }
+    let membership = Membership::join(MemberOptions {
+        coordinator: coordinator.to_string(),
+        node: args.node.clone().unwrap_or_else(client::hostname),
+        local_rank: args.local_rank,
+        bind_host: args.bind_host.clone(),
+        job_token: args.job_token.clone(),
+        fingerprint: cfg.fingerprint(),
+        heartbeat: Duration::from_secs(1),
+        patience: PATIENCE,
+    })?;
+    membership.start_heartbeats();
+    let a = membership.assignment.clone();
+    let cfg = TrainConfig {
+        rank: a.rank as usize,
+        world_size: a.world_size as usize,
+        rendezvous: None,
+        resume: false,
+        ..cfg
+    };
+    cfg.validate()?;
+    let local = (cfg.grad_accum / cfg.world_size) as u32;
+    let leader = cfg.rank == 0;
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
+    let data = RemoteData::connect(
+        membership.handle(),
+        membership.locate_dataloader(),
+        (a.rank * local, local),
+        PATIENCE,
+        leader.then(|| cfg.out.join("tokenizer")),
+    )?;
+    let start = Start::Committed((!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)));
+    let mut trainer = Trainer::with(
+        cfg.clone(),
+        Setup {
+            data: Some(TrainData::Remote(data)),
+            rendezvous: (cfg.world_size > 1).then(|| membership.rendezvous(COLLECTIVE_TIMEOUT)),
+            start,
+            reporter: membership.reporter(),
+            generation: a.generation,
+        },
+    )?;
+    if leader {
+        let resolved = cfg.out.join("config.toml");
+        std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)
+            .with_context(|| format!("{}: cannot write", resolved.display()))?;
+    }
+    let summary = trainer.run(leader && crate::interactive())?;
+    if leader {
+        crate::train_cmd::report(&summary, &cfg.out);
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts `lillm ARGS`, to be killed if this process dies (so no actor outlives its job).
+fn spawn_actor(what: &str, args: &[String]) -> Result<Child> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(args);
+    // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("cannot start the {what}"))
+}
+
+/// The user's `lillm train` arguments without `--nproc`.
+fn train_args_without_nproc() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = std::env::args().skip(1);
+    while let Some(arg) = rest.next() {
+        if arg == "--nproc" {
+            rest.next();
+        } else if !arg.starts_with("--nproc=") {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+/// `lillm train --nproc N`: a coordinator, a dataloader and N trainer actors on this machine.
+/// The coordinator keeps its state in RUN_DIR/coordinator, so the same command with
+/// `--resume` continues a job that was stopped (even by SIGKILL).
+pub fn launch_local_job(cfg: &TrainConfig, nproc: usize) -> Result<()> {
+    TrainConfig {
+        world_size: nproc,
+        ..cfg.clone()
+    }
+    .validate()?;
+    if cfg.objective != Objective::Pretrain {
+        bail!("--nproc runs pretraining jobs; fine-tune with `lillm sft` in one process");
+    }
+    let state_dir = cfg.out.join("coordinator");
+    let has_checkpoints = !checkpoint::list_checkpoints(&cfg.out).is_empty();
+    match (cfg.resume, state_dir.exists() || has_checkpoints) {
+        (false, true) => bail!(
+            "{} already holds a run; pass --resume to continue it or choose another --out",
+            cfg.out.display()
+        ),
+        (true, _) if has_checkpoints && !state_dir.exists() => bail!(
+            "{} holds checkpoints but no job state ({}); it was not written by --nproc — resume it without --nproc",
+            cfg.out.display(),
+            state_dir.display()
+        ),
+        _ => {}
+    }
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
+    let coordinator = format!("127.0.0.1:{}", free_port()?);
+    let s = |v: &dyn ToString| v.to_string();
+    let mut services = vec![
+        spawn_actor(
+            "coordinator",
+            &[
+                s(&"coordinator"),
+                s(&"--nodes=1"),
+                format!("--trainers-per-node={nproc}"),
+                format!("--listen={coordinator}"),
+                format!("--metrics-listen=127.0.0.1:{}", free_port()?),
+                format!("--store-port={}", free_port()?),
+                format!("--state-dir={}", state_dir.display()),
+            ],
+        )?,
+        spawn_actor(
+            "dataloader",
+            &[
+                s(&"dataloader"),
+                format!("--coordinator={coordinator}"),
+                format!("--data={}", cfg.data.display()),
+                s(&"--node=local"),
+            ],
+        )?,
+    ];
+    wait_for_port(&coordinator, &mut services[0])?;
+    eprintln!("job coordinator on {coordinator}: watch it with `lillm status --coordinator {coordinator} --watch`");
+    let user = train_args_without_nproc();
+    let mut trainers = Vec::new();
+    for rank in 0..nproc {
+        let mut args = user.clone();
+        args.extend([
+            format!("--coordinator={coordinator}"),
+            format!("--local-rank={rank}"),
+            s(&"--node=local"),
+        ]);
+        trainers.push((rank, spawn_actor(&format!("trainer {rank}"), &args)?));
+    }
+    let outcome = supervise(&mut trainers, &mut services);
+    for child in services.iter_mut().chain(trainers.iter_mut().map(|(_, c)| c)) {
+        terminate(child);
+    }
+    outcome
+}
+
+/// Waits until `address` accepts connections (the coordinator is up) or `child` exited.
+fn wait_for_port(address: &str, child: &mut Child) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(address).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the coordinator exited before listening on {address} ({status})");
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the coordinator did not listen on {address} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Waits until every trainer has finished, or something failed.
+fn supervise(trainers: &mut Vec<(usize, Child)>, services: &mut [Child]) -> Result<()> {
+    loop {
+        for (i, service) in services.iter_mut().enumerate() {
+            if let Some(status) = service.try_wait()? {
+                let name = ["coordinator", "dataloader"][i];
+                bail!("the {name} exited ({status}); the trainers were stopped");
+            }
+        }
+        let mut i = 0;
+        while i < trainers.len() {
+            match trainers[i].1.try_wait()? {
+                Some(status) if status.success() => {
+                    trainers.remove(i);
+                }
+                Some(status) => {
+                    let rank = trainers[i].0;
+                    bail!("trainer {rank} failed ({status}); the other processes were stopped");
+                }
+                None => i += 1,
+            }
+        }
+        if trainers.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGTERM, then SIGKILL if the process has not gone within two seconds.
+fn terminate(child: &mut Child) {
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    // SAFETY: signalling our own child by pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    for _ in 0..20 {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Coordinator address (host:port).
+    #[arg(long, env = "LILLM_COORDINATOR", default_value = "127.0.0.1:7070")]
+    coordinator: String,
+    /// Keep printing the job as it changes.
+    #[arg(long)]
+    watch: bool,
+    /// One JSON object per status (per line with --watch), for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut c = pb::status_client::StatusClient::connect(client::uri(&args.coordinator))
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
+        let show = |job: &pb::JobStatus| {
+            if args.json {
+                println!("{}", status_json(job));
+            } else {
+                if args.watch && crate::interactive() {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", status_text(job));
+            }
+        };
+        if !args.watch {
+            let job = c.get_status(pb::StatusRequest {}).await?.into_inner();
+            show(&job);
+            return Ok(());
+        }
+        let mut stream = c
+            .watch_status(pb::WatchStatusRequest { interval_ms: 1000 })
+            .await?
+            .into_inner();
+        while let Some(job) = stream.message().await? {
+            show(&job);
+            if !args.json && !crate::interactive() {
+                println!();
+            }
+        }
+        Ok(())
+    })
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::Trainer) => "trainer",
+        Ok(pb::Role::Dataloader) => "dataloader",
+        _ => "?",
+    }
+}
+
+fn member_name(m: &pb::MemberStatus) -> String {
+    m.id.as_ref().map_or("?".into(), |id| {
+        format!("{}/{}{}", id.node, role_name(id.role), id.local_index)
+    })
+}
+
+/// The job as a human reads it.
+pub fn status_text(job: &pb::JobStatus) -> String {
+    let trainers: Vec<&pb::MemberStatus> = job
+        .members
+        .iter()
+        .filter(|m| m.id.as_ref().is_some_and(|id| id.role == pb::Role::Trainer as i32))
+        .collect();
+    let count = |role: pb::Role| {
+        job.members
+            .iter()
+            .filter(|m| m.id.as_ref().is_some_and(|id| id.role == role as i32))
+            .count()
+    };
+    let mut out = format!(
+        "job: generation {} ({}), {}/{} trainers, {}/{} dataloaders, {} restart(s)\n",
+        job.generation,
+        job.phase,
+        count(pb::Role::Trainer),
+        job.expected_trainers,
+        count(pb::Role::Dataloader),
+        job.expected_dataloaders,
+        job.restarts
+    );
+    let step = trainers.iter().map(|m| m.step).max().unwrap_or(0);
+    let rank0 = trainers.iter().find(|m| m.rank == Some(0));
+    let fmt_opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
+    out += &format!(
+        "step {step}, loss {}, {:.0} tokens/s, MFU {}\n",
+        fmt_opt(rank0.and_then(|m| m.loss), &|l| format!("{l:.4}")),
+        job.tokens_per_s,
+        fmt_opt(rank0.and_then(|m| m.mfu), &|m| format!("{:.2}%", m * 100.0)),
+    );
+    match &job.last_checkpoint {
+        Some(c) => {
+            out += &format!(
+                "last checkpoint: step {} (generation {}, val loss {}) {}\n",
+                c.step,
+                c.generation,
+                fmt_opt(c.val_loss, &|v| format!("{v:.4}")),
+                c.path
+            )
+        }
+        None => out += "last checkpoint: none yet\n",
+    }
+    if let (Some(step), Some(loss)) = (job.eval_step, job.eval_val_loss) {
+        out += &format!("evaluation: step {step} val loss {loss:.4}\n");
+    }
+    out += &format!(
+        "{:<28} {:>4} {:<22} {:>9} {:>7} {:>8} {:>9}\n",
+        "MEMBER", "RANK", "ADDRESS", "HEARTBEAT", "STEP", "LOSS", "TOKENS/S"
+    );
+    for m in &job.members {
+        out += &format!(
+            "{:<28} {:>4} {:<22} {:>8.1}s {:>7} {:>8} {:>9}\n",
+            member_name(m),
+            m.rank.map_or("-".into(), |r| r.to_string()),
+            m.address,
+            m.heartbeat_age_ms as f64 / 1e3,
+            m.step,
+            fmt_opt(m.loss, &|l| format!("{l:.4}")),
+            fmt_opt(m.tokens_per_s, &|t| format!("{t:.0}")),
+        );
+    }
+    out
+}
+
+/// The job as one JSON object.
+pub fn status_json(job: &pb::JobStatus) -> serde_json::Value {
+    let members: Vec<serde_json::Value> = job
+        .members
+        .iter()
+        .map(|m| {
+            let id = m.id.clone().unwrap_or_default();
+            serde_json::json!({
+                "node": id.node,
+                "role": role_name(id.role),
+                "local_index": id.local_index,
+                "rank": m.rank,
+                "address": m.address,
+                "heartbeat_age_ms": m.heartbeat_age_ms,
+                "step": m.step,
+                "loss": m.loss,
+                "tokens_per_s": m.tokens_per_s,
+                "mfu": m.mfu,
+                "dataloader_index": m.dataloader_index,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "generation": job.generation,
+        "phase": job.phase,
+        "expected_trainers": job.expected_trainers,
+        "expected_dataloaders": job.expected_dataloaders,
+        "restarts": job.restarts,
+        "tokens_per_s": job.tokens_per_s,
+        "members": members,
+        "last_checkpoint": job.last_checkpoint.as_ref().map(|c| serde_json::json!({
+            "step": c.step, "path": c.path, "generation": c.generation, "val_loss": c.val_loss,
+        })),
+        "eval": job.eval_step.map(|step| serde_json::json!({
+            "step": step, "val_loss": job.eval_val_loss, "sample": job.eval_sample,
+        })),
+    })
+}
+

@@ -1,0 +1,121 @@
+//! `lillm`: every stage of the pipeline — tokenizer, data, training, evaluation, generation
+//! and interop — and every actor of a distributed job, from one binary. Each subcommand lives
+//! in its own module; the `lillm` and `trainer` binaries are both [`main`].
+
+mod chat_cmd;
+mod data_cmd;
+mod finetune_cmd;
+mod infer_cmd;
+mod interop_cmd;
+mod job_cmd;
+mod serve;
+mod text_stream;
+mod tokenizer_cmd;
+mod train_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "lillm",
+    version,
+    about = "Train a little Llama-style language model end to end"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train, inspect and use byte-level BPE tokenizers.
+    #[command(subcommand)]
+    Tokenizer(tokenizer_cmd::TokenizerCmd),
+    /// Prepare token shards from a corpus.
+    #[command(subcommand)]
+    Data(data_cmd::DataCmd),
+    /// Pretrain a model: in this process, as --nproc local ranks, or as a trainer actor of
+    /// a distributed job (--coordinator).
+    Train(Box<train_cmd::TrainArgs>),
+    /// Run a job's coordinator (the same as the `coordinator` binary).
+    Coordinator(lillm_coordinator::cli::Args),
+    /// Run a dataloader actor (the same as the `dataloader` binary).
+    Dataloader(lillm_data::actor::Args),
+    /// Show a distributed job: members, ranks, step, loss, throughput, checkpoints.
+    Status(job_cmd::StatusArgs),
+    /// Supervised fine-tuning on conversations (loss on assistant tokens only).
+    Sft(Box<finetune_cmd::SftArgs>),
+    /// Preference tuning (DPO) on (prompt, chosen, rejected) pairs.
+    Dpo(Box<finetune_cmd::DpoArgs>),
+    /// Mean next-token cross entropy of a text file under a checkpoint.
+    Eval(infer_cmd::EvalArgs),
+    /// Generate text from a prompt, streaming tokens to stdout.
+    Generate(infer_cmd::GenerateArgs),
+    /// Chat with a fine-tuned model in the terminal.
+    Chat(chat_cmd::ChatArgs),
+    /// Serve a web chat page and an OpenAI-compatible API.
+    Serve(serve::ServeArgs),
+    /// Draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl.
+    Plot(train_cmd::PlotArgs),
+    /// Model presets and parameter counts.
+    #[command(subcommand)]
+    Model(train_cmd::ModelCmd),
+    /// Export a checkpoint to another format.
+    #[command(subcommand)]
+    Export(interop_cmd::ExportCmd),
+    /// Import weights from another format as a checkpoint.
+    #[command(subcommand)]
+    Import(interop_cmd::ImportCmd),
+}
+
+/// Runs the command line; `trainer` is `lillm train` under another name.
+pub fn main() {
+    // Behave like other Unix tools when stdout closes early (`lillm … | head`): end quietly
+    // instead of panicking on a failed print.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = std::path::Path::new(argv.first().map_or("".as_ref(), |a| a.as_os_str()))
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    if invoked_as.as_deref() == Some("trainer") {
+        argv.insert(1, "train".into());
+    }
+    let cli = Cli::parse_from(argv);
+    let result = match cli.command {
+        Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
+        Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Train(args) => train_cmd::run(*args),
+        Command::Coordinator(args) => lillm_coordinator::cli::run(args),
+        Command::Dataloader(args) => lillm_data::actor::run(args),
+        Command::Status(args) => job_cmd::status(args),
+        Command::Sft(args) => finetune_cmd::sft(*args),
+        Command::Dpo(args) => finetune_cmd::dpo(*args),
+        Command::Eval(args) => infer_cmd::eval(args),
+        Command::Generate(args) => infer_cmd::generate(args),
+        Command::Chat(args) => chat_cmd::chat(args),
+        Command::Serve(args) => serve::serve(args),
+        Command::Plot(args) => train_cmd::plot(args),
+        Command::Model(cmd) => train_cmd::model(cmd),
+        Command::Export(cmd) => interop_cmd::export(cmd),
+        Command::Import(cmd) => interop_cmd::import(cmd),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Progress bars only on a terminal, so logs and pipes stay clean.
+pub(crate) fn interactive() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}

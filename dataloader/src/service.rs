@@ -1,0 +1,168 @@
+//! The dataloader actor's gRPC service: streams the windows of consecutive steps from a
+//! memory-mapped dataset, produced at most `prefetch` batches ahead of the reader.
+
+use std::sync::Arc;
+
+use lillm_proto::v1 as pb;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::manifest::{Split, TokenDtype};
+use crate::shards::{sample_windows, BatchKey, Dataset};
+
+/// Default number of batches produced ahead of the reader.
+pub const DEFAULT_PREFETCH: u32 = 4;
+
+pub struct DataloaderService {
+    data: Arc<Dataset>,
+}
+
+impl DataloaderService {
+    pub fn new(data: Arc<Dataset>) -> Self {
+        Self { data }
+    }
+}
+
+pub fn split_of(raw: i32) -> Result<Split, Status> {
+    match pb::Split::try_from(raw) {
+        Ok(pb::Split::Train) => Ok(Split::Train),
+        Ok(pb::Split::Val) => Ok(Split::Val),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "`split` is {raw}; use SPLIT_TRAIN or SPLIT_VAL"
+        ))),
+    }
+}
+
+/// Packs tokens little-endian at the dataset's width.
+pub fn encode_tokens(tokens: &[i64], dtype: TokenDtype) -> Vec<u8> {
+    match dtype {
+        TokenDtype::U16 => tokens
+            .iter()
+            .flat_map(|&t| (t as u16).to_le_bytes())
+            .collect(),
+        TokenDtype::U32 => tokens
+            .iter()
+            .flat_map(|&t| (t as u32).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Unpacks what [`encode_tokens`] packed.
+pub fn decode_tokens(bytes: &[u8], token_bytes: u32) -> Option<Vec<i64>> {
+    match token_bytes {
+        2 if bytes.len().is_multiple_of(2) => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as i64)
+                .collect(),
+        ),
+        4 if bytes.len().is_multiple_of(4) => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64)
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn check_request(r: &pb::BatchRequest, data: &Dataset) -> Result<Split, Status> {
+    let split = split_of(r.split)?;
+    let bad = |m: String| Err(Status::invalid_argument(m));
+    if r.rows == 0 || r.seq_len == 0 {
+        return bad(format!(
+            "rows ({}) and seq_len ({}) must both be at least 1",
+            r.rows, r.seq_len
+        ));
+    }
+    if r.micros_per_step == 0 || r.micro_count == 0 {
+        return bad("micros_per_step and micro_count must be at least 1".into());
+    }
+    if r.micro_start as u64 + r.micro_count as u64 > r.micros_per_step as u64 {
+        return bad(format!(
+            "micro-batches {}..{} do not fit in {} per step",
+            r.micro_start,
+            r.micro_start + r.micro_count,
+            r.micros_per_step
+        ));
+    }
+    let tokens = data.split(split).len();
+    if tokens < r.seq_len as u64 + 1 {
+        return bad(format!(
+            "the {} split has {tokens} tokens, fewer than seq_len + 1 = {}",
+            split.name(),
+            r.seq_len + 1
+        ));
+    }
+    Ok(split)
+}
+
+type BatchStream = ReceiverStream<Result<pb::Batch, Status>>;
+
+#[tonic::async_trait]
+impl pb::dataloader_server::Dataloader for DataloaderService {
+    async fn describe(
+        &self,
+        _request: Request<pb::DescribeRequest>,
+    ) -> Result<Response<pb::DatasetInfo>, Status> {
+        let m = &self.data.manifest;
+        let tokenizer_json =
+            std::fs::read_to_string(self.data.dir.join("tokenizer.json")).unwrap_or_default();
+        Ok(Response::new(pb::DatasetInfo {
+            tokenizer_fingerprint: m.tokenizer_fingerprint.clone(),
+            vocab_size: m.vocab_size as u32,
+            train_tokens: m.tokens(Split::Train),
+            val_tokens: m.tokens(Split::Val),
+            tokenizer_json,
+        }))
+    }
+
+    type StreamBatchesStream = BatchStream;
+
+    async fn stream_batches(
+        &self,
+        request: Request<pb::BatchRequest>,
+    ) -> Result<Response<BatchStream>, Status> {
+        let r = request.into_inner();
+        let split = check_request(&r, &self.data)?;
+        let prefetch = match r.prefetch {
+            0 => DEFAULT_PREFETCH,
+            n => n.min(1024),
+        } as usize;
+        // The bounded channel is the backpressure: the producer blocks once `prefetch`
+        // batches wait unread.
+        let (tx, rx) = tokio::sync::mpsc::channel(prefetch);
+        let data = self.data.clone();
+        tokio::task::spawn_blocking(move || {
+            let dtype = data.manifest.dtype;
+            let end = match r.steps {
+                0 => u64::MAX,
+                n => r.start_step.saturating_add(n),
+            };
+            for step in r.start_step..end {
+                for micro in r.micro_start..r.micro_start + r.micro_count {
+                    let key = BatchKey {
+                        seed: r.seed,
+                        split,
+                        step,
+                        micro: micro as u64,
+                    };
+                    let item = sample_windows(data.split(split), key, r.rows as usize, r.seq_len as usize)
+                        .map(|w| pb::Batch {
+                            step,
+                            micro,
+                            rows: r.rows,
+                            seq_len: r.seq_len,
+                            token_bytes: dtype.bytes() as u32,
+                            windows: encode_tokens(&w, dtype),
+                        })
+                        .map_err(|e| Status::internal(e.to_string()));
+                    if tx.blocking_send(item).is_err() {
+                        return; // The reader hung up.
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,99 @@
+//! Training data streamed from a dataloader actor: the same batches, key for key, as
+//! reading the dataset locally (the dataloader runs the same sampler), one stream per shape.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use lillm_data::remote::{describe, Locate, RemoteBatches, StreamShape};
+use lillm_data::shards::{Batch, BatchKey};
+use lillm_proto::v1 as pb;
+use tokio::runtime::Handle;
+
+use crate::data::MicroBatch;
+use crate::{Error, Result};
+
+pub struct RemoteData {
+    pub info: pb::DatasetInfo,
+    rt: Handle,
+    locate: Locate,
+    patience: Duration,
+    /// The training micro-batches this rank takes: `start .. start + count` of each step.
+    train_micros: (u32, u32),
+    streams: Mutex<HashMap<StreamShape, RemoteBatches>>,
+    tokenizer_dir: Option<PathBuf>,
+}
+
+impl RemoteData {
+    /// Asks the dataloader what it serves. With `tokenizer_dir`, the dataset's tokenizer is
+    /// written there so checkpoints can carry it.
+    pub fn connect(
+        rt: Handle,
+        locate: Locate,
+        train_micros: (u32, u32),
+        patience: Duration,
+        tokenizer_dir: Option<PathBuf>,
+    ) -> Result<Self> {
+        let info = describe(&rt, &locate, patience)?;
+        let tokenizer_dir = match (tokenizer_dir, info.tokenizer_json.is_empty()) {
+            (Some(dir), false) => {
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                let file = dir.join("tokenizer.json");
+                std::fs::write(&file, &info.tokenizer_json).map_err(|e| Error::io(&file, e))?;
+                Some(dir)
+            }
+            _ => None,
+        };
+        Ok(Self {
+            info,
+            rt,
+            locate,
+            patience,
+            train_micros,
+            streams: Mutex::new(HashMap::new()),
+            tokenizer_dir,
+        })
+    }
+
+    pub fn tokenizer_dir(&self) -> Option<PathBuf> {
+        self.tokenizer_dir.clone()
+    }
+
+    /// The micro-batch for `key`. Steps of several micro-batches are training steps and use
+    /// this rank's share; one-micro-batch steps (evaluation rounds) use micro-batch 0.
+    pub fn batch(
+        &self,
+        key: BatchKey,
+        micros_per_step: u64,
+        rows: usize,
+        seq: usize,
+    ) -> Result<MicroBatch> {
+        let (micro_start, micro_count) = match micros_per_step {
+            1 => (0, 1),
+            _ => self.train_micros,
+        };
+        let shape = StreamShape {
+            seed: key.seed,
+            split: key.split,
+            micro_start,
+            micro_count,
+            micros_per_step: micros_per_step as u32,
+            rows: rows as u32,
+            seq_len: seq as u32,
+            prefetch: 0,
+        };
+        let mut streams = self.streams.lock().expect("stream lock");
+        let stream = streams.entry(shape).or_insert_with(|| {
+            RemoteBatches::new(self.rt.clone(), self.locate.clone(), shape, self.patience)
+        });
+        let windows = stream.windows(key.step, key.micro as u32)?;
+        let b = Batch::from_windows(&windows, rows, seq);
+        Ok(MicroBatch {
+            inputs: b.inputs,
+            targets: b.targets,
+            rows,
+            seq,
+        })
+    }
+}
