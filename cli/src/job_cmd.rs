@@ -95,6 +95,7 @@ pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) 
             .with_context(|| format!("{}: cannot write", resolved.display()))?;
     }
     let summary = trainer.run(leader && crate::interactive())?;
+    membership.final_heartbeat();
     if leader {
         crate::train_cmd::report(&summary, &cfg.out);
     }

@@ -70,18 +70,6 @@ enum Command {
 
 /// Runs the command line; `trainer` is `lillm train` under another name.
 pub fn main() {
-    // Behave like other Unix tools when stdout closes early (`lillm … | head`): end quietly
-    // instead of panicking on a failed print.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let invoked_as = std::path::Path::new(argv.first().map_or("".as_ref(), |a| a.as_os_str()))
         .file_name()
@@ -90,6 +78,33 @@ pub fn main() {
         argv.insert(1, "train".into());
     }
     let cli = Cli::parse_from(argv);
+    // Commands that print behave like other Unix tools when stdout closes early (`lillm … |
+    // head`): they end quietly instead of panicking on a failed print. Servers keep SIGPIPE
+    // ignored: a client hanging up mid-response must not kill them.
+    let serves = matches!(
+        cli.command,
+        Command::Train(_)
+            | Command::Coordinator(_)
+            | Command::Dataloader(_)
+            | Command::Serve(_)
+            | Command::Status(_)
+    );
+    if !serves {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    // Services log what they decide; everything else only warnings, unless RUST_LOG says.
+    let service = matches!(cli.command, Command::Coordinator(_) | Command::Dataloader(_));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| if service { "info" } else { "warn" }.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(interactive())
+        .init();
     let result = match cli.command {
         Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
         Command::Data(cmd) => data_cmd::run(cmd),

@@ -4,16 +4,7 @@
 mod common;
 use common::*;
 use std::fs;
-use std::path::Path;
 
-fn losses(run: &Path) -> Vec<(u64, f64)> {
-    fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
-        .collect()
-}
 
 #[test]
 fn resume_reproduces_the_uninterrupted_run() {

@@ -59,10 +59,14 @@ pub async fn serve(
         .set_serving::<CoordinatorServer<Coordinator>>()
         .await;
     health.set_serving::<StatusServer<Coordinator>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(lillm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl asks for v1, older clients (grpcio's) for v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(lillm_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let ticker = coordinator.clone();
     let period = Duration::from_millis((cfg.job.heartbeat_timeout_ms / 4).clamp(100, 1_000));
@@ -114,7 +118,8 @@ pub async fn serve(
     );
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(CoordinatorServer::new(coordinator.clone()))
         .add_service(StatusServer::new(coordinator))
         .serve_with_incoming_shutdown(

@@ -198,6 +198,23 @@ impl Membership {
         })
     }
 
+    fn heartbeat_request(&self) -> pb::HeartbeatRequest {
+        heartbeat_request(&self.opts, &self.id, self.assignment.generation, &self.progress)
+    }
+
+    /// Sends one last heartbeat so the coordinator shows where this trainer stopped.
+    pub fn final_heartbeat(&self) {
+        let request = self.heartbeat_request();
+        let coordinator = self.opts.coordinator.clone();
+        let sent = self.rt.block_on(async move {
+            let mut c = client::coordinator(&coordinator).await?;
+            c.heartbeat(request).await.map_err(|s| status_text(&s))
+        });
+        if let Err(e) = sent {
+            tracing::warn!("final heartbeat: {e}");
+        }
+    }
+
     /// Starts heartbeating. A reply saying the generation is over ends the process with
     /// [`EXIT_REGROUP`].
     pub fn start_heartbeats(&self) {
@@ -218,18 +235,7 @@ impl Membership {
                     tracing::warn!("coordinator {} unreachable; will retry", opts.coordinator);
                     continue;
                 };
-                let request = {
-                    let p = progress.lock().expect("progress lock");
-                    pb::HeartbeatRequest {
-                        id: Some(id.clone()),
-                        job_token: opts.job_token.clone(),
-                        generation,
-                        step: p.step,
-                        loss: p.loss,
-                        tokens_per_s: p.tokens_per_s,
-                        mfu: p.mfu,
-                    }
-                };
+                let request = heartbeat_request(&opts, &id, generation, &progress);
                 match c.heartbeat(request).await {
                     Ok(reply) if reply.get_ref().stale => {
                         eprintln!(
@@ -246,6 +252,24 @@ impl Membership {
                 }
             }
         });
+    }
+}
+
+fn heartbeat_request(
+    opts: &MemberOptions,
+    id: &pb::MemberId,
+    generation: u64,
+    progress: &Mutex<Progress>,
+) -> pb::HeartbeatRequest {
+    let p = progress.lock().expect("progress lock");
+    pb::HeartbeatRequest {
+        id: Some(id.clone()),
+        job_token: opts.job_token.clone(),
+        generation,
+        step: p.step,
+        loss: p.loss,
+        tokens_per_s: p.tokens_per_s,
+        mfu: p.mfu,
     }
 }
 

@@ -218,3 +218,13 @@ pub fn tiny_pretrained(dir: &Path, max_seq_len: &str, iters: &str) -> (TinyData,
     lillm_ok(&args);
     (tiny, run)
 }
+
+/// (step, training loss) of every logged step of a run.
+pub fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
+        .collect()
+}
