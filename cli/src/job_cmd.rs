@@ -38,14 +38,21 @@ pub struct ActorArgs {
     #[arg(long, default_value = "127.0.0.1")]
     pub bind_host: String,
     /// The job's token, if its coordinator has one.
-    #[arg(long, env = "LILLM_JOB_TOKEN", hide_env_values = true, default_value = "")]
+    #[arg(
+        long,
+        env = "LILLM_JOB_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
     pub job_token: String,
 }
 
 /// One trainer actor: join the job, train in the assigned group, report to the coordinator.
 pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) -> Result<()> {
     if cfg.objective != Objective::Pretrain {
-        bail!("trainer actors stream pretraining batches; run SFT with `lillm sft` (single process)");
+        bail!(
+            "trainer actors stream pretraining batches; run SFT with `lillm sft` (single process)"
+        );
     }
     let membership = Membership::join(MemberOptions {
         coordinator: coordinator.to_string(),
@@ -78,7 +85,8 @@ pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) 
         PATIENCE,
         leader.then(|| cfg.out.join("tokenizer")),
     )?;
-    let start = Start::Committed((!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)));
+    let start =
+        Start::Committed((!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)));
     let mut trainer = Trainer::with(
         cfg.clone(),
         Setup {
@@ -103,7 +111,9 @@ pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) 
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Starts `lillm ARGS`, to be killed if this process dies (so no actor outlives its job).
@@ -117,7 +127,8 @@ fn spawn_actor(what: &str, args: &[String]) -> Result<Child> {
             Ok(())
         });
     }
-    cmd.spawn().with_context(|| format!("cannot start the {what}"))
+    cmd.spawn()
+        .with_context(|| format!("cannot start the {what}"))
 }
 
 /// The user's `lillm train` arguments without `--nproc`.
@@ -201,7 +212,10 @@ pub fn launch_local_job(cfg: &TrainConfig, nproc: usize) -> Result<()> {
         trainers.push((rank, spawn_actor(&format!("trainer {rank}"), &args)?));
     }
     let outcome = supervise(&mut trainers, &mut services);
-    for child in services.iter_mut().chain(trainers.iter_mut().map(|(_, c)| c)) {
+    for child in services
+        .iter_mut()
+        .chain(trainers.iter_mut().map(|(_, c)| c))
+    {
         terminate(child);
     }
     outcome
@@ -337,7 +351,10 @@ pub fn status_text(job: &pb::JobStatus) -> String {
     let trainers: Vec<&pb::MemberStatus> = job
         .members
         .iter()
-        .filter(|m| m.id.as_ref().is_some_and(|id| id.role == pb::Role::Trainer as i32))
+        .filter(|m| {
+            m.id.as_ref()
+                .is_some_and(|id| id.role == pb::Role::Trainer as i32)
+        })
         .collect();
     let count = |role: pb::Role| {
         job.members
@@ -436,4 +453,3 @@ pub fn status_json(job: &pb::JobStatus) -> serde_json::Value {
         })),
     })
 }
-

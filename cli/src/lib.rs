@@ -96,7 +96,10 @@ pub fn main() {
         }
     }
     // Services log what they decide; everything else only warnings, unless RUST_LOG says.
-    let service = matches!(cli.command, Command::Coordinator(_) | Command::Dataloader(_));
+    let service = matches!(
+        cli.command,
+        Command::Coordinator(_) | Command::Dataloader(_)
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

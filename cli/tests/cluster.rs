@@ -39,13 +39,21 @@ impl Actor {
         self.child.try_wait().unwrap().is_none()
     }
 
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// Waits for a successful exit.
     fn finish(&mut self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                assert!(status.success(), "{} failed ({status}):\n{log}", self.log.display());
+                assert!(
+                    status.success(),
+                    "{} failed ({status}):\n{log}",
+                    self.log.display()
+                );
                 return;
             }
             assert!(
@@ -132,7 +140,13 @@ impl Job {
         ]
     }
 
-    fn trainer_args(&self, train: &[&str], node: &str, local_rank: usize, bind: &str) -> Vec<String> {
+    fn trainer_args(
+        &self,
+        train: &[&str],
+        node: &str,
+        local_rank: usize,
+        bind: &str,
+    ) -> Vec<String> {
         let mut args = strings(train);
         args.extend([
             format!("--coordinator={}", self.address),
@@ -199,24 +213,29 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
         .collect();
     let run_a = dir.path().join("run-a");
     let run_b = dir.path().join("run-b");
-    let mut trainers: Vec<Actor> = [("node-a", "127.0.0.1", &run_a), ("node-b", "127.0.0.2", &run_b)]
-        .iter()
-        .map(|(node, host, run)| {
-            let train = tiny_train_args(s(&tiny.data), s(run), "300", "12");
-            // The `trainer` binary is `lillm train`.
-            Actor::start(
-                env!("CARGO_BIN_EXE_trainer"),
-                &job.trainer_args(&train[1..], node, 0, host),
-                dir.path().join(format!("trainer-{node}.log")),
-            )
-        })
-        .collect();
+    let mut trainers: Vec<Actor> = [
+        ("node-a", "127.0.0.1", &run_a),
+        ("node-b", "127.0.0.2", &run_b),
+    ]
+    .iter()
+    .map(|(node, host, run)| {
+        let train = tiny_train_args(s(&tiny.data), s(run), "300", "12");
+        // The `trainer` binary is `lillm train`.
+        Actor::start(
+            env!("CARGO_BIN_EXE_trainer"),
+            &job.trainer_args(&train[1..], node, 0, host),
+            dir.path().join(format!("trainer-{node}.log")),
+        )
+    })
+    .collect();
     for t in &mut trainers {
         t.finish(Duration::from_secs(180));
     }
     // Rank 0 (node-a sorts first) wrote the run; rank 1 only trained.
     assert_eq!(losses(&run_a).len(), 12);
-    assert!(run_a.join("checkpoints/step-00000012/manifest.json").is_file());
+    assert!(run_a
+        .join("checkpoints/step-00000012/manifest.json")
+        .is_file());
     assert!(!run_b.join("checkpoints").exists());
 
     let status = job.status();
@@ -258,13 +277,23 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
         "lillm.v1.Status",
     ] {
         assert!(
-            probe["services"].as_array().unwrap().iter().any(|s| s == service),
+            probe["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s == service),
             "{service} not listed: {probe}"
         );
     }
     assert_eq!(
         probe["coordinator_methods"],
-        serde_json::json!(["Register", "AwaitAssignment", "Heartbeat", "Commit", "ReportEval"])
+        serde_json::json!([
+            "Register",
+            "AwaitAssignment",
+            "Heartbeat",
+            "Commit",
+            "ReportEval"
+        ])
     );
     assert_eq!(probe["health"], "0801", "health says SERVING");
     let metrics = probe["metrics"].as_str().unwrap();
@@ -273,4 +302,228 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
         metrics.contains(r#"lillm_member_step{node="node-b",role="trainer",index="0"} 12"#),
         "{metrics}"
     );
+}
+
+/// Tiny-model flags for the kill tests: long enough to be killed mid-run, a checkpoint
+/// every 20 steps.
+fn long_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
+    let mut args = tiny_train_args(data, out, "300", "200");
+    set_flag(&mut args, "--eval-interval", "20");
+    set_flag(&mut args, "--lr-decay-iters", "200");
+    args
+}
+
+#[test]
+fn a_job_killed_everywhere_resumes_on_the_exact_next_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    lillm_ok(&long_run(s(&tiny.data), s(&straight)));
+
+    let run = dir.path().join("run");
+    let job = Job::new(dir.path(), 1, 2, &[]);
+    let loader_args = job.dataloader_args(&tiny.data, "local", "127.0.0.1:0");
+    let train = long_run(s(&tiny.data), s(&run));
+    let trainer_args: Vec<Vec<String>> = (0..2)
+        .map(|k| job.trainer_args(&train, "local", k, "127.0.0.1"))
+        .collect();
+    let start_all = |round: &str| -> Vec<Actor> {
+        let mut actors = vec![job.start_coordinator()];
+        actors.push(Actor::lillm(
+            &loader_args,
+            dir.path().join(format!("loader-{round}.log")),
+        ));
+        for (k, args) in trainer_args.iter().enumerate() {
+            actors.push(Actor::lillm(
+                args,
+                dir.path().join(format!("trainer{k}-{round}.log")),
+            ));
+        }
+        actors
+    };
+    let mut first = start_all("1");
+    wait_until(Duration::from_secs(120), "a committed checkpoint", || {
+        job.status()["last_checkpoint"]["step"].as_u64() >= Some(20)
+    });
+    for actor in first.iter_mut().rev() {
+        actor.kill(); // SIGKILL: no process gets to clean up
+    }
+    let seen = losses(&run).len();
+    assert!(
+        (20..200).contains(&seen),
+        "killed mid-run, after {seen} steps"
+    );
+
+    // The same commands again.
+    let mut second = start_all("2");
+    for trainer in &mut second[2..] {
+        trainer.finish(Duration::from_secs(180));
+    }
+    assert_same_losses(&losses(&straight), &losses(&run));
+    let status = job.status();
+    assert_eq!(status["last_checkpoint"]["step"], 200);
+    assert!(status["restarts"].as_u64() >= Some(3), "{status}");
+    assert!(status["generation"].as_u64() >= Some(3), "{status}");
+}
+
+#[test]
+fn a_restarted_dataloader_costs_a_wait_not_a_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    lillm_ok(&long_run(s(&tiny.data), s(&straight)));
+
+    let run = dir.path().join("run");
+    let job = Job::new(dir.path(), 1, 1, &[]);
+    let _coordinator = job.start_coordinator();
+    let loader_args =
+        job.dataloader_args(&tiny.data, "local", &format!("127.0.0.1:{}", free_port()));
+    let mut loader = Actor::lillm(&loader_args, dir.path().join("loader-1.log"));
+    let mut trainer = Actor::lillm(
+        &job.trainer_args(&long_run(s(&tiny.data), s(&run)), "local", 0, "127.0.0.1"),
+        dir.path().join("trainer.log"),
+    );
+    wait_until(Duration::from_secs(120), "ten training steps", || {
+        losses(&run).len() >= 10
+    });
+    loader.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(trainer.running(), "the trainer waits for its dataloader");
+    let seen = losses(&run).len();
+    assert!(
+        seen < 200,
+        "the dataloader died mid-run, after {seen} steps"
+    );
+    let _loader = Actor::lillm(&loader_args, dir.path().join("loader-2.log"));
+    trainer.finish(Duration::from_secs(180));
+    assert!(
+        trainer.log_text().contains("retrying"),
+        "{}",
+        trainer.log_text()
+    );
+    assert_same_losses(&losses(&straight), &losses(&run));
+    let status = job.status();
+    assert_eq!(
+        status["generation"], 1,
+        "a dataloader restart keeps the group: {status}"
+    );
+    assert_eq!(status["restarts"], 1);
+}
+
+/// Raw gRPC calls the Rust clients never make: malformed and unauthenticated requests.
+const BAD_REQUESTS: &str = r#"
+import sys, json, grpc
+ch = grpc.insecure_channel(sys.argv[1])
+def call(method, body):
+    try:
+        ch.unary_unary(method)(body, timeout=10)
+        return "OK"
+    except grpc.RpcError as e:
+        return f"{e.code().name}: {e.details()}"
+token = b"\x1a\x06s3cret"                       # job_token = "s3cret" (field 3)
+print(json.dumps({
+    "no_id": call("/lillm.v1.Coordinator/Register", token),
+    "bad_role": call("/lillm.v1.Coordinator/Register", b"\x0a\x03\x0a\x01x" + token),
+    "garbage": call("/lillm.v1.Coordinator/Register", b"\xff\xff\xff\xff"),
+    "heartbeat_without_token": call("/lillm.v1.Coordinator/Heartbeat", b""),
+    "status": call("/lillm.v1.Status/GetStatus", b""),
+}))
+"#;
+
+#[test]
+fn bad_members_and_malformed_requests_are_refused_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let job = Job::new(dir.path(), 1, 2, &["--job-token=s3cret"]);
+    let _coordinator = job.start_coordinator();
+    let run = dir.path().join("run");
+    let train = tiny_train_args(s(&tiny.data), s(&run), "300", "12");
+    let with = |args: Vec<String>, extra: &[&str]| -> Vec<String> {
+        args.into_iter().chain(strings(extra)).collect()
+    };
+
+    let err = lillm_err_owned(&with(
+        job.trainer_args(&train, "local", 0, "127.0.0.1"),
+        &["--job-token=guess"],
+    ));
+    assert!(err.contains("job token"), "{err}");
+
+    // A first trainer joins and waits (no dataloader yet, so the group never forms).
+    let _first = Actor::lillm(
+        &with(
+            job.trainer_args(&train, "local", 0, "127.0.0.1"),
+            &["--job-token=s3cret"],
+        ),
+        dir.path().join("first.log"),
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the first trainer to register",
+        || {
+            job.status()["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 1)
+        },
+    );
+    let mut other_lr = train.clone();
+    set_flag(&mut other_lr, "--lr", "1e-3");
+    let err = lillm_err_owned(&with(
+        job.trainer_args(&other_lr, "local", 1, "127.0.0.1"),
+        &["--job-token=s3cret"],
+    ));
+    assert!(
+        err.contains("config fingerprint") && err.contains("same training config"),
+        "{err}"
+    );
+    let err = lillm_err_owned(&with(
+        job.trainer_args(&train, "elsewhere", 0, "127.0.0.1"),
+        &["--job-token=s3cret"],
+    ));
+    assert!(err.contains("--nodes 1"), "{err}");
+    let _second = Actor::lillm(
+        &with(
+            job.trainer_args(&train, "local", 1, "127.0.0.1"),
+            &["--job-token=s3cret"],
+        ),
+        dir.path().join("second.log"),
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the second trainer to register",
+        || {
+            job.status()["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == 2)
+        },
+    );
+    let err = lillm_err_owned(&with(
+        job.trainer_args(&train, "local", 2, "127.0.0.1"),
+        &["--job-token=s3cret"],
+    ));
+    assert!(err.contains("already has its 2 trainer"), "{err}");
+
+    let replies: serde_json::Value =
+        serde_json::from_str(&python(BAD_REQUESTS, &[&job.address])).unwrap();
+    let reply = |k: &str| replies[k].as_str().unwrap().to_string();
+    assert!(
+        reply("no_id").starts_with("INVALID_ARGUMENT: `id` is missing"),
+        "{replies}"
+    );
+    assert!(
+        reply("bad_role").starts_with("INVALID_ARGUMENT")
+            && reply("bad_role").contains("ROLE_TRAINER"),
+        "{replies}"
+    );
+    assert!(!reply("garbage").starts_with("OK"), "{replies}");
+    assert!(
+        reply("heartbeat_without_token").starts_with("UNAUTHENTICATED"),
+        "{replies}"
+    );
+    assert_eq!(
+        reply("status"),
+        "OK",
+        "status is read-only and open: {replies}"
+    );
+    // The coordinator kept serving and its job is unchanged.
+    assert_eq!(job.status()["members"].as_array().unwrap().len(), 2);
 }

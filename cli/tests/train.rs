@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use std::fs;
 
-
 #[test]
 fn resume_reproduces_the_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();

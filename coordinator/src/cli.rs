@@ -4,12 +4,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::Parser;
 use crate::{serve, JobConfig, ServerConfig};
+use clap::Parser;
 use serde::Deserialize;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "The lillm job coordinator: membership, ranks, liveness, commits, status")]
+#[command(
+    version,
+    about = "The lillm job coordinator: membership, ranks, liveness, commits, status"
+)]
 pub struct Args {
     /// TOML file with any of the settings below (snake_case keys); flags win over it.
     #[arg(long)]

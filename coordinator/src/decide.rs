@@ -53,28 +53,13 @@ pub enum Event {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Refusal {
     BadToken,
-    ConfigMismatch {
-        expected: String,
-        got: String,
-    },
-    Full {
-        role: Role,
-        expected: usize,
-    },
-    TooManyNodes {
-        node: String,
-        nodes: usize,
-    },
+    ConfigMismatch { expected: String, got: String },
+    Full { role: Role, expected: usize },
+    TooManyNodes { node: String, nodes: usize },
     UnknownMember(MemberId),
-    StaleGeneration {
-        given: u64,
-        current: u64,
-    },
+    StaleGeneration { given: u64, current: u64 },
     NotLeader(MemberId),
-    StepRegress {
-        given: u64,
-        committed: u64,
-    },
+    StepRegress { given: u64, committed: u64 },
 }
 
 impl fmt::Display for Refusal {

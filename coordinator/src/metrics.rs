@@ -49,7 +49,12 @@ fn member_family(
 pub fn render(state: &State) -> String {
     let mut r = Registry::with_prefix("lillm");
     let now = now_ms();
-    gauge(&mut r, "generation", "Current membership generation", state.generation as f64);
+    gauge(
+        &mut r,
+        "generation",
+        "Current membership generation",
+        state.generation as f64,
+    );
     gauge(
         &mut r,
         "running",
@@ -62,7 +67,10 @@ pub fn render(state: &State) -> String {
         "Members lost to restarts or heartbeat timeouts over the job's life",
         state.failures as f64,
     );
-    for (role, name) in [(Role::Trainer, "trainers"), (Role::Dataloader, "dataloaders")] {
+    for (role, name) in [
+        (Role::Trainer, "trainers"),
+        (Role::Dataloader, "dataloaders"),
+    ] {
         gauge(
             &mut r,
             &format!("{name}_registered"),
@@ -77,19 +85,49 @@ pub fn render(state: &State) -> String {
         );
     }
     if let Some(c) = &state.last_commit {
-        gauge(&mut r, "checkpoint_step", "Step of the last committed checkpoint", c.step as f64);
+        gauge(
+            &mut r,
+            "checkpoint_step",
+            "Step of the last committed checkpoint",
+            c.step as f64,
+        );
     }
     if let Some(e) = &state.last_eval {
-        gauge(&mut r, "eval_val_loss", "Validation loss of the last scored checkpoint (nats/token)", e.val_loss);
+        gauge(
+            &mut r,
+            "eval_val_loss",
+            "Validation loss of the last scored checkpoint (nats/token)",
+            e.val_loss,
+        );
     }
-    member_family(&mut r, "member_step", "Optimizer steps a member reported", state, |m| {
-        Some(m.step as f64)
-    });
-    member_family(&mut r, "member_loss", "Training loss a trainer reported (nats/token)", state, |m| m.loss);
-    member_family(&mut r, "member_tokens_per_second", "Trainer throughput", state, |m| {
-        m.tokens_per_s
-    });
-    member_family(&mut r, "member_mfu_ratio", "Model FLOPs utilisation, 0..1", state, |m| m.mfu);
+    member_family(
+        &mut r,
+        "member_step",
+        "Optimizer steps a member reported",
+        state,
+        |m| Some(m.step as f64),
+    );
+    member_family(
+        &mut r,
+        "member_loss",
+        "Training loss a trainer reported (nats/token)",
+        state,
+        |m| m.loss,
+    );
+    member_family(
+        &mut r,
+        "member_tokens_per_second",
+        "Trainer throughput",
+        state,
+        |m| m.tokens_per_s,
+    );
+    member_family(
+        &mut r,
+        "member_mfu_ratio",
+        "Model FLOPs utilisation, 0..1",
+        state,
+        |m| m.mfu,
+    );
     member_family(
         &mut r,
         "member_heartbeat_age_seconds",

@@ -55,9 +55,7 @@ pub async fn serve(
     let coordinator = Coordinator::new(state, store);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<CoordinatorServer<Coordinator>>()
-        .await;
+    health.set_serving::<CoordinatorServer<Coordinator>>().await;
     health.set_serving::<StatusServer<Coordinator>>().await;
     // Both reflection versions: grpcurl asks for v1, older clients (grpcio's) for v1alpha.
     let reflection = || {

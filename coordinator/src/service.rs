@@ -106,7 +106,9 @@ fn member_id(id: Option<pb::MemberId>) -> Result<MemberId, Status> {
         }
     };
     if id.node.trim().is_empty() {
-        return Err(Status::invalid_argument("`id.node` is empty; name the node"));
+        return Err(Status::invalid_argument(
+            "`id.node` is empty; name the node",
+        ));
     }
     Ok(MemberId {
         node: id.node,
@@ -169,7 +171,9 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         self.authorize(&r.job_token)?;
         let id = member_id(r.id)?;
         if id.role != Role::Trainer {
-            return Err(Status::invalid_argument("only trainers receive assignments"));
+            return Err(Status::invalid_argument(
+                "only trainers receive assignments",
+            ));
         }
         let wait = Duration::from_millis(r.wait_ms.clamp(1, 60_000));
         let deadline = tokio::time::Instant::now() + wait;
@@ -202,10 +206,12 @@ impl pb::coordinator_server::Coordinator for Coordinator {
             mfu: finite("mfu", r.mfu)?,
         })?;
         match d.refusal {
-            Some(Refusal::StaleGeneration { current, .. }) => Ok(Response::new(pb::HeartbeatReply {
-                generation: current,
-                stale: true,
-            })),
+            Some(Refusal::StaleGeneration { current, .. }) => {
+                Ok(Response::new(pb::HeartbeatReply {
+                    generation: current,
+                    stale: true,
+                }))
+            }
             Some(other) => Err(refusal_status(other)),
             None => Ok(Response::new(pb::HeartbeatReply {
                 generation: d.state.generation,

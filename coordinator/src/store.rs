@@ -55,7 +55,11 @@ impl StateStore {
         };
         serde_json::from_slice(value.value())
             .map(Some)
-            .map_err(|e| self.error(format!("unreadable saved state ({e}); move the file away to start a new job")))
+            .map_err(|e| {
+                self.error(format!(
+                    "unreadable saved state ({e}); move the file away to start a new job"
+                ))
+            })
     }
 
     /// Replaces the saved state; durable when this returns.

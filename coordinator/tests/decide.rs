@@ -137,11 +137,24 @@ fn bad_registrations_are_refused_and_change_nothing() {
     // A third machine is refused even for a role with room left.
     let (partial, _) = gather(&members()[..1]);
     let (partial, _) = (
-        decide(5, &partial, register(&id("node-a", Role::Dataloader, 0), None)).state,
+        decide(
+            5,
+            &partial,
+            register(&id("node-a", Role::Dataloader, 0), None),
+        )
+        .state,
         (),
     );
-    let d = decide(10, &partial, register(&id("node-c", Role::Trainer, 0), None));
-    assert!(matches!(d.refusal, Some(Refusal::TooManyNodes { .. })), "{}", d.reason);
+    let d = decide(
+        10,
+        &partial,
+        register(&id("node-c", Role::Trainer, 0), None),
+    );
+    assert!(
+        matches!(d.refusal, Some(Refusal::TooManyNodes { .. })),
+        "{}",
+        d.reason
+    );
     assert_eq!(d.state, partial);
 }
 
@@ -149,8 +162,15 @@ fn bad_registrations_are_refused_and_change_nothing() {
 fn the_first_member_pins_the_config_fingerprint() {
     let state = job();
     assert_eq!(state.config_fingerprint, None);
-    let d = decide(0, &state, register(&id("node-a", Role::Dataloader, 0), None));
-    assert_eq!(d.state.config_fingerprint, None, "dataloaders run any config");
+    let d = decide(
+        0,
+        &state,
+        register(&id("node-a", Role::Dataloader, 0), None),
+    );
+    assert_eq!(
+        d.state.config_fingerprint, None,
+        "dataloaders run any config"
+    );
     let d = decide(0, &d.state, register(&id("node-a", Role::Trainer, 0), None));
     assert_eq!(d.state.config_fingerprint.as_deref(), Some("cfg-1"));
 }
@@ -291,12 +311,20 @@ fn a_restarted_dataloader_keeps_its_index_and_the_generation() {
 #[test]
 fn a_restarted_trainer_ends_the_generation_until_all_trainers_register_again() {
     let (state, _) = gather(&members());
-    let d = decide(1_000, &state, register(&id("node-b", Role::Trainer, 0), None));
+    let d = decide(
+        1_000,
+        &state,
+        register(&id("node-b", Role::Trainer, 0), None),
+    );
     assert_eq!(d.state.failures, 1);
     assert_eq!(d.state.generation, 2);
     assert_eq!(d.state.phase, Phase::Gathering);
     assert!(d.actions.is_empty());
-    let d = decide(1_100, &d.state, register(&id("node-a", Role::Trainer, 0), Some(1)));
+    let d = decide(
+        1_100,
+        &d.state,
+        register(&id("node-a", Role::Trainer, 0), Some(1)),
+    );
     assert!(matches!(
         d.actions[..],
         [Action::StartGeneration { generation: 3, .. }]

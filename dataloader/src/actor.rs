@@ -7,14 +7,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use crate::service::DataloaderService;
 use crate::shards::Dataset;
+use clap::Parser;
 use lillm_proto::client;
 use lillm_proto::v1 as pb;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "A lillm dataloader actor: streams training batches over gRPC")]
+#[command(
+    version,
+    about = "A lillm dataloader actor: streams training batches over gRPC"
+)]
 pub struct Args {
     /// Coordinator address (host:port).
     #[arg(long, env = "LILLM_COORDINATOR")]
@@ -34,7 +37,12 @@ pub struct Args {
     /// Index of this dataloader on its node.
     #[arg(long, default_value_t = 0)]
     local_index: u32,
-    #[arg(long, env = "LILLM_JOB_TOKEN", hide_env_values = true, default_value = "")]
+    #[arg(
+        long,
+        env = "LILLM_JOB_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
     job_token: String,
     /// Milliseconds between heartbeats.
     #[arg(long, default_value_t = 1000)]

@@ -41,7 +41,9 @@ pub struct RemoteBatches {
     next: Option<(u64, u32)>,
 }
 
-async fn connect(address: &str) -> std::result::Result<DataloaderClient<tonic::transport::Channel>, String> {
+async fn connect(
+    address: &str,
+) -> std::result::Result<DataloaderClient<tonic::transport::Channel>, String> {
     let client = DataloaderClient::connect(format!("http://{address}"))
         .await
         .map_err(|e| format!("cannot reach dataloader {address}: {e}"))?;

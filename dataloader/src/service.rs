@@ -147,16 +147,17 @@ impl pb::dataloader_server::Dataloader for DataloaderService {
                         step,
                         micro: micro as u64,
                     };
-                    let item = sample_windows(data.split(split), key, r.rows as usize, r.seq_len as usize)
-                        .map(|w| pb::Batch {
-                            step,
-                            micro,
-                            rows: r.rows,
-                            seq_len: r.seq_len,
-                            token_bytes: dtype.bytes() as u32,
-                            windows: encode_tokens(&w, dtype),
-                        })
-                        .map_err(|e| Status::internal(e.to_string()));
+                    let item =
+                        sample_windows(data.split(split), key, r.rows as usize, r.seq_len as usize)
+                            .map(|w| pb::Batch {
+                                step,
+                                micro,
+                                rows: r.rows,
+                                seq_len: r.seq_len,
+                                token_bytes: dtype.bytes() as u32,
+                                windows: encode_tokens(&w, dtype),
+                            })
+                            .map_err(|e| Status::internal(e.to_string()));
                     if tx.blocking_send(item).is_err() {
                         return; // The reader hung up.
                     }

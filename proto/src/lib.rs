@@ -14,7 +14,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lill
 pub mod client {
     use super::v1 as pb;
 
-    pub type CoordinatorClient = pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>;
+    pub type CoordinatorClient =
+        pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>;
 
     /// `host:port` → a URI tonic accepts (an explicit scheme is kept).
     pub fn uri(address: &str) -> String {

@@ -79,9 +79,10 @@ impl CheckpointActor {
         let sent = self.tx.as_ref().map(|tx| tx.send(snapshot));
         match sent {
             Some(Ok(())) => Ok(()),
-            _ => Err(self.finish().err().unwrap_or_else(|| {
-                Error::Config("the checkpoint writer stopped".into())
-            })),
+            _ => Err(self
+                .finish()
+                .err()
+                .unwrap_or_else(|| Error::Config("the checkpoint writer stopped".into()))),
         }
     }
 

@@ -178,9 +178,12 @@ impl Membership {
                 return Ok(address);
             }
             rt.block_on(async {
-                let mut status = pb::status_client::StatusClient::connect(client::uri(&coordinator))
-                    .await
-                    .map_err(|e| format!("cannot reach the coordinator at {coordinator}: {e}"))?;
+                let mut status =
+                    pb::status_client::StatusClient::connect(client::uri(&coordinator))
+                        .await
+                        .map_err(|e| {
+                            format!("cannot reach the coordinator at {coordinator}: {e}")
+                        })?;
                 let job = status
                     .get_status(pb::StatusRequest {})
                     .await
@@ -189,7 +192,8 @@ impl Membership {
                 job.members
                     .iter()
                     .find(|m| {
-                        m.id.as_ref().is_some_and(|id| id.role == pb::Role::Dataloader as i32)
+                        m.id.as_ref()
+                            .is_some_and(|id| id.role == pb::Role::Dataloader as i32)
                             && m.rank == Some(index)
                     })
                     .map(|m| m.address.clone())
@@ -199,7 +203,12 @@ impl Membership {
     }
 
     fn heartbeat_request(&self) -> pb::HeartbeatRequest {
-        heartbeat_request(&self.opts, &self.id, self.assignment.generation, &self.progress)
+        heartbeat_request(
+            &self.opts,
+            &self.id,
+            self.assignment.generation,
+            &self.progress,
+        )
     }
 
     /// Sends one last heartbeat so the coordinator shows where this trainer stopped.

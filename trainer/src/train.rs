@@ -16,9 +16,9 @@ use crate::checkpoint_actor::{host_copy, CheckpointActor, Snapshot};
 use crate::config::TrainConfig;
 use crate::data::{MicroBatch, TrainData};
 use crate::dist::{ProcessGroup, Rendezvous};
-use crate::report::{Reporter, Silent};
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::report::{Reporter, Silent};
 use crate::{flops, plot, Error, Result};
 
 /// Gradients are averaged over ranks in flat buckets of at most this many bytes.
@@ -219,9 +219,7 @@ impl Trainer {
             Some(r) => Some(r),
             None => cfg.rendezvous()?,
         };
-        let group = rendezvous
-            .map(|r| ProcessGroup::gloo(&r))
-            .transpose()?;
+        let group = rendezvous.map(|r| ProcessGroup::gloo(&r)).transpose()?;
         if let Some(group) = &group {
             group.broadcast_params(opt.params())?;
         }

@@ -228,3 +228,9 @@ pub fn losses(run: &Path) -> Vec<(u64, f64)> {
         .filter_map(|v| Some((v["step"].as_u64()?, v.get("loss")?.as_f64()?)))
         .collect()
 }
+
+/// [`lillm_err`] for owned arguments.
+pub fn lillm_err_owned(args: &[String]) -> String {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    lillm_err(&refs)
+}
