@@ -13,6 +13,7 @@ use lillm_proto::client;
 use lillm_proto::v1 as pb;
 use lillm_trainer::config::Objective;
 use lillm_trainer::data::TrainData;
+use lillm_trainer::eval_actor::EvalPlan;
 use lillm_trainer::member::{MemberOptions, Membership};
 use lillm_trainer::remote_data::RemoteData;
 use lillm_trainer::{checkpoint, Setup, Start, TrainConfig, Trainer};
@@ -85,6 +86,23 @@ pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) 
         PATIENCE,
         leader.then(|| cfg.out.join("tokenizer")),
     )?;
+    if leader {
+        let eval_data = RemoteData::connect(
+            membership.handle(),
+            membership.locate_dataloader(),
+            (0, 1),
+            PATIENCE,
+            None,
+        )?;
+        membership.start_evaluator(EvalPlan {
+            data: TrainData::Remote(eval_data),
+            seed: cfg.seed,
+            batches: cfg.eval_iters,
+            rows: cfg.batch_size,
+            seq: cfg.block_size,
+            sample_tokens: 24,
+        });
+    }
     let start =
         Start::Committed((!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)));
     let mut trainer = Trainer::with(
@@ -103,6 +121,7 @@ pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) 
             .with_context(|| format!("{}: cannot write", resolved.display()))?;
     }
     let summary = trainer.run(leader && crate::interactive())?;
+    membership.finish_evaluations();
     membership.final_heartbeat();
     if leader {
         crate::train_cmd::report(&summary, &cfg.out);

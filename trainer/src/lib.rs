@@ -10,6 +10,7 @@
 //! - `train`: the training loop ([`Trainer`]) with evaluation and checkpointing.
 //! - `checkpoint`: atomic checkpoint directories, verification, retention, resolution.
 //! - `checkpoint_actor`: writes checkpoints off the training thread.
+//! - `eval_actor`: scores committed checkpoints beside training.
 //! - `report`: [`report::Reporter`], progress and commits for whoever coordinates the run.
 //! - `remote_data`: batches streamed from a dataloader actor.
 //! - `member`: a trainer actor's membership of a job (register, assignment, heartbeats).
@@ -25,6 +26,7 @@ pub mod dist;
 pub mod dpo;
 mod error;
 pub mod eval;
+pub mod eval_actor;
 pub mod flops;
 mod loaded;
 pub mod member;

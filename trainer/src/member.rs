@@ -14,6 +14,7 @@ use lillm_proto::v1 as pb;
 use tokio::runtime::Runtime;
 
 use crate::dist::Rendezvous;
+use crate::eval_actor::{EvalActor, EvalPlan};
 use crate::metrics::Record;
 use crate::report::Reporter;
 use crate::{Error, Result};
@@ -52,6 +53,7 @@ pub struct Membership {
     id: pb::MemberId,
     pub assignment: pb::Assignment,
     progress: Arc<Mutex<Progress>>,
+    reporter: Arc<CoordinatorReporter>,
 }
 
 fn status_text(s: &tonic::Status) -> String {
@@ -78,12 +80,22 @@ impl Membership {
             assignment.dataloader_address,
             assignment.resume_step
         );
+        let progress: Arc<Mutex<Progress>> = Arc::default();
+        let reporter = Arc::new(CoordinatorReporter {
+            rt: rt.handle().clone(),
+            opts: opts.clone(),
+            id: id.clone(),
+            generation: assignment.generation,
+            progress: progress.clone(),
+            evaluator: Mutex::new(None),
+        });
         Ok(Self {
             rt,
             opts,
             id,
             assignment,
-            progress: Arc::default(),
+            progress,
+            reporter,
         })
     }
 
@@ -289,17 +301,55 @@ pub struct CoordinatorReporter {
     id: pb::MemberId,
     generation: u64,
     progress: Arc<Mutex<Progress>>,
+    /// Scores each committed checkpoint (rank 0).
+    evaluator: Mutex<Option<EvalActor>>,
 }
 
 impl Membership {
     pub fn reporter(&self) -> Arc<dyn Reporter> {
-        Arc::new(CoordinatorReporter {
-            rt: self.handle(),
-            opts: self.opts.clone(),
-            id: self.id.clone(),
-            generation: self.assignment.generation,
-            progress: self.progress.clone(),
-        })
+        self.reporter.clone()
+    }
+
+    /// Starts the evaluation actor: every committed checkpoint is scored and the score
+    /// reported to the coordinator.
+    pub fn start_evaluator(&self, plan: EvalPlan) {
+        let (rt, coordinator, token) = (
+            self.handle(),
+            self.opts.coordinator.clone(),
+            self.opts.job_token.clone(),
+        );
+        let sink = Box::new(move |step: u64, val_loss: f64, sample: &str| {
+            let request = pb::EvalReport {
+                job_token: token.clone(),
+                step,
+                val_loss,
+                sample: sample.to_string(),
+            };
+            let coordinator = coordinator.clone();
+            let sent = rt.block_on(async move {
+                let mut c = client::coordinator(&coordinator).await?;
+                c.report_eval(request).await.map_err(|s| status_text(&s))
+            });
+            match sent {
+                Ok(_) => tracing::info!("checkpoint of step {step}: val loss {val_loss:.4}"),
+                Err(e) => tracing::warn!("reporting the evaluation of step {step}: {e}"),
+            }
+        });
+        *self.reporter.evaluator.lock().expect("evaluator lock") =
+            Some(EvalActor::start(plan, sink));
+    }
+
+    /// Waits for the evaluation actor to score what it has queued.
+    pub fn finish_evaluations(&self) {
+        let evaluator = self
+            .reporter
+            .evaluator
+            .lock()
+            .expect("evaluator lock")
+            .take();
+        if let Some(mut e) = evaluator {
+            e.finish();
+        }
     }
 }
 
@@ -336,6 +386,9 @@ impl Reporter for CoordinatorReporter {
                 ))
             })?;
         tracing::info!("committed the checkpoint of step {step}");
+        if let Some(e) = self.evaluator.lock().expect("evaluator lock").as_ref() {
+            e.submit(step, dir.to_path_buf());
+        }
         Ok(())
     }
 }
