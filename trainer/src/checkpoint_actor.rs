@@ -40,7 +40,7 @@ pub fn host_copy(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor>
 }
 
 pub struct CheckpointActor {
-    tx: Option<SyncSender<Snapshot>>,
+    tx: Option<SyncSender<Box<Snapshot>>>,
     worker: Option<JoinHandle<Result<()>>>,
 }
 
@@ -48,7 +48,7 @@ impl CheckpointActor {
     /// Starts the writer for the run directory `out`, keeping `keep_last` checkpoints + best.
     pub fn start(out: PathBuf, keep_last: usize, reporter: Arc<dyn Reporter>) -> Self {
         // Capacity 0: a second snapshot waits until the writer has taken the first.
-        let (tx, rx) = sync_channel::<Snapshot>(0);
+        let (tx, rx) = sync_channel::<Box<Snapshot>>(0);
         let worker = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || -> Result<()> {
@@ -76,9 +76,9 @@ impl CheckpointActor {
 
     /// Hands a snapshot to the writer; fails if an earlier write failed.
     pub fn submit(&mut self, snapshot: Snapshot) -> Result<()> {
-        let sent = self.tx.as_ref().map(|tx| tx.send(snapshot));
+        let sent = self.tx.as_ref().map(|tx| tx.send(Box::new(snapshot)).is_ok());
         match sent {
-            Some(Ok(())) => Ok(()),
+            Some(true) => Ok(()),
             _ => Err(self
                 .finish()
                 .err()
