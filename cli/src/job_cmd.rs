@@ -103,8 +103,10 @@ pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) 
             sample_tokens: 24,
         });
     }
-    let start =
-        Start::Committed((!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)));
+    let start = Start::Committed {
+        checkpoint: (!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)),
+        step: a.resume_step,
+    };
     let mut trainer = Trainer::with(
         cfg.clone(),
         Setup {

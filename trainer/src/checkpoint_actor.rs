@@ -76,7 +76,10 @@ impl CheckpointActor {
 
     /// Hands a snapshot to the writer; fails if an earlier write failed.
     pub fn submit(&mut self, snapshot: Snapshot) -> Result<()> {
-        let sent = self.tx.as_ref().map(|tx| tx.send(Box::new(snapshot)).is_ok());
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(Box::new(snapshot)).is_ok());
         match sent {
             Some(true) => Ok(()),
             _ => Err(self

@@ -74,10 +74,15 @@ pub enum Start {
     /// checkpoint; a run directory that already holds checkpoints needs `cfg.resume`.
     #[default]
     Auto,
-    /// Exactly this checkpoint (`None`: fresh), whatever else the run directory holds: a
-    /// distributed job resumes from the coordinator's last commit, never from a checkpoint
-    /// an ended generation wrote but did not commit.
-    Committed(Option<PathBuf>),
+    /// Exactly this checkpoint, the one of `step` (`None`: fresh), whatever else the run
+    /// directory holds: a distributed job resumes from the coordinator's last commit, never
+    /// from a checkpoint an ended generation wrote but did not commit. Only rank 0 reads it;
+    /// the other ranks receive its weights and optimizer state from rank 0, so nodes need
+    /// no shared file system.
+    Committed {
+        checkpoint: Option<PathBuf>,
+        step: u64,
+    },
 }
 
 /// How a run is wired into a job: its data, its group, its start and whom it reports to.
@@ -144,9 +149,23 @@ impl Trainer {
             tch::set_num_threads(cfg.threads as i32);
         }
         let device = cfg.device()?;
+        // Set when this rank resumes at that step with state received from rank 0.
+        let mut received_step = None;
         let resume_from = match &setup.start {
-            Start::Committed(Some(dir)) => Some((dir.clone(), checkpoint::verify_checkpoint(dir)?)),
-            Start::Committed(None) => None,
+            Start::Committed {
+                checkpoint: Some(_),
+                step,
+            } if cfg.rank > 0 => {
+                received_step = Some(*step);
+                None
+            }
+            Start::Committed {
+                checkpoint: Some(dir),
+                ..
+            } => Some((dir.clone(), checkpoint::verify_checkpoint(dir)?)),
+            Start::Committed {
+                checkpoint: None, ..
+            } => None,
             Start::Auto if cfg.resume => checkpoint::latest_valid(&cfg.out),
             Start::Auto => None,
         };
@@ -222,10 +241,30 @@ impl Trainer {
         let group = rendezvous.map(|r| ProcessGroup::gloo(&r)).transpose()?;
         if let Some(group) = &group {
             group.broadcast_params(opt.params())?;
+            if matches!(
+                setup.start,
+                Start::Committed {
+                    checkpoint: Some(_),
+                    ..
+                }
+            ) {
+                // Moments and step count too: only rank 0 read the checkpoint.
+                let mut state = opt.state_tensors();
+                for t in state.values_mut() {
+                    // Collectives run on the parameters' device (NCCL has no host tensors).
+                    let mut on_device = t.to_device(device);
+                    group.broadcast(&mut on_device, 0)?;
+                    if t.device() != device {
+                        *t = on_device.to_device(t.device());
+                    }
+                }
+                opt.load_state_tensors(&state, &cfg.out)?;
+            }
         }
-        let (step, tokens_seen, best_val, evaluated_at_step) = match &resume_from {
-            Some((_, s)) => (s.step, s.tokens_seen, s.best_val_loss, s.evaluated_at_step),
-            None => (0, 0, None, false),
+        let (step, tokens_seen, best_val, evaluated_at_step) = match (&resume_from, received_step) {
+            (Some((_, s)), _) => (s.step, s.tokens_seen, s.best_val_loss, s.evaluated_at_step),
+            (None, Some(step)) => (step, 0, None, false),
+            (None, None) => (0, 0, None, false),
         };
         Ok(Self {
             cfg,
