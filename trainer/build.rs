@@ -30,7 +30,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let torch = torch_dir();
     let include = torch.join("include");
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .file("csrc/c10d_shim.cpp")
         .include(&include)
@@ -38,12 +39,39 @@ fn main() {
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DUSE_C10D_GLOO")
-        .flag("-w")
-        .compile("lillm_c10d_shim");
+        .flag("-w");
+    let nccl = nccl_includes(&torch);
+    if let Some(dirs) = &nccl {
+        build.define("USE_C10D_NCCL", None).define("LILLM_WITH_NCCL", None);
+        for d in dirs {
+            build.include(d);
+        }
+    } else {
+        println!("cargo:warning=building without NCCL (CPU-only torch or missing CUDA headers): distributed CUDA training is unavailable");
+    }
+    build.compile("lillm_c10d_shim");
     println!(
         "cargo:rustc-link-search=native={}",
         torch.join("lib").display()
     );
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+    if nccl.is_some() {
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+}
+
+/// Include directories for `ProcessGroupNCCL.hpp`, when this torch has CUDA and the venv has
+/// the NCCL and CUDA headers (packages nvidia-nccl-cu13, nvidia-cuda-crt, nvidia-cuda-cccl).
+fn nccl_includes(torch: &std::path::Path) -> Option<Vec<PathBuf>> {
+    if !torch.join("lib/libtorch_cuda.so").is_file() {
+        return None;
+    }
+    let nvidia = torch.parent()?.join("nvidia");
+    let dirs = vec![nvidia.join("nccl/include"), nvidia.join("cu13/include")];
+    let complete = dirs[0].join("nccl.h").is_file()
+        && dirs[1].join("cuda_runtime.h").is_file()
+        && dirs[1].join("crt/host_config.h").is_file();
+    complete.then_some(dirs)
 }

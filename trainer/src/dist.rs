@@ -19,6 +19,16 @@ extern "C" {
         timeout_ms: i64,
         err: *mut *mut c_char,
     ) -> *mut c_void;
+    fn lillm_c10d_nccl_new(
+        store_host: *const c_char,
+        store_port: u16,
+        bind_host: *const c_char,
+        rank: i32,
+        world: i32,
+        prefix: *const c_char,
+        timeout_ms: i64,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
     fn lillm_c10d_allreduce_sum(
         group: *mut c_void,
         tensor: *mut c_void,
@@ -49,7 +59,26 @@ pub struct Rendezvous {
     pub timeout_ms: u64,
 }
 
-/// A Gloo process group. Collectives block until every rank has joined them.
+/// Which c10d backend carries the collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors.
+    Gloo,
+    /// CUDA tensors (needs a build with NCCL: see build.rs).
+    Nccl,
+}
+
+impl Backend {
+    /// NCCL for CUDA devices, Gloo otherwise.
+    pub fn for_device(device: tch::Device) -> Self {
+        match device {
+            tch::Device::Cuda(_) => Backend::Nccl,
+            _ => Backend::Gloo,
+        }
+    }
+}
+
+/// A process group. Collectives block until every rank has joined them.
 pub struct ProcessGroup {
     raw: *mut c_void,
     pub rank: usize,
@@ -76,14 +105,23 @@ impl ProcessGroup {
     /// Joins the group described by `rdzv` (rank 0 starts the store); blocks until all
     /// `world_size` ranks have arrived or the timeout passes.
     pub fn gloo(rdzv: &Rendezvous) -> Result<Self> {
+        Self::join(rdzv, Backend::Gloo)
+    }
+
+    /// Joins the group described by `rdzv` with `backend`.
+    pub fn join(rdzv: &Rendezvous, backend: Backend) -> Result<Self> {
         let c = |s: &str| {
             CString::new(s).map_err(|_| Error::Config(format!("`{s}` contains a NUL byte")))
         };
         let (store, bind, prefix) = (c(&rdzv.store_host)?, c(&rdzv.bind_host)?, c(&rdzv.prefix)?);
         let mut err = std::ptr::null_mut();
         // SAFETY: all pointers are valid NUL-terminated strings for the call's duration.
+        let new_group = match backend {
+            Backend::Gloo => lillm_c10d_gloo_new,
+            Backend::Nccl => lillm_c10d_nccl_new,
+        };
         let raw = unsafe {
-            lillm_c10d_gloo_new(
+            new_group(
                 store.as_ptr(),
                 rdzv.store_port,
                 bind.as_ptr(),
@@ -96,7 +134,7 @@ impl ProcessGroup {
         };
         if raw.is_null() {
             return Err(Error::Distributed(format!(
-                "rank {} could not join the group at {}:{}: {}",
+                "rank {} could not join the {backend:?} group at {}:{}: {}",
                 rdzv.rank,
                 rdzv.store_host,
                 rdzv.store_port,
@@ -173,7 +211,8 @@ impl ProcessGroup {
         self.broadcast(&mut reference, 0)?;
         let (mine, theirs) = (local.double_value(&[]), reference.double_value(&[]));
         let differs = (mine - theirs).abs() > 1e-9 * theirs.abs().max(1.0);
-        let mut votes = Tensor::from(f64::from(u8::from(differs)));
+        // On the checksum's device: NCCL only reduces CUDA tensors.
+        let mut votes = Tensor::from(f64::from(u8::from(differs))).to_device(local.device());
         self.all_reduce_sum(&mut votes)?;
         let diverged = votes.double_value(&[]);
         if diverged > 0.0 {

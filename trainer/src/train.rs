@@ -238,7 +238,10 @@ impl Trainer {
             Some(r) => Some(r),
             None => cfg.rendezvous()?,
         };
-        let group = rendezvous.map(|r| ProcessGroup::gloo(&r)).transpose()?;
+        let backend = crate::dist::Backend::for_device(device);
+        let group = rendezvous
+            .map(|r| ProcessGroup::join(&r, backend))
+            .transpose()?;
         if let Some(group) = &group {
             group.broadcast_params(opt.params())?;
             if matches!(
