@@ -111,7 +111,8 @@ pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) 
         cfg.clone(),
         Setup {
             data: Some(TrainData::Remote(data)),
-            rendezvous: (cfg.world_size > 1).then(|| membership.rendezvous(COLLECTIVE_TIMEOUT)),
+            // A group even for one rank: a job runs the same collectives at every size.
+            rendezvous: Some(membership.rendezvous(COLLECTIVE_TIMEOUT)),
             start,
             reporter: membership.reporter(),
             generation: a.generation,
