@@ -42,7 +42,9 @@ fn main() {
         .flag("-w");
     let nccl = nccl_includes(&torch);
     if let Some(dirs) = &nccl {
-        build.define("USE_C10D_NCCL", None).define("LILLM_WITH_NCCL", None);
+        build
+            .define("USE_C10D_NCCL", None)
+            .define("LILLM_WITH_NCCL", None);
         for d in dirs {
             build.include(d);
         }

@@ -48,6 +48,19 @@ pub enum DataCmd {
         /// Dataset directory.
         dir: PathBuf,
     },
+    /// Pull training batches from a running dataloader as a trainer does and print the rate
+    /// (JSON: batches/s, tokens/s).
+    StreamBench {
+        /// The dataloader's address (host:port).
+        #[arg(long)]
+        dataloader: String,
+        #[arg(long, default_value_t = 2000)]
+        batches: u64,
+        #[arg(long, default_value_t = 16)]
+        batch_size: u32,
+        #[arg(long, default_value_t = 128)]
+        block_size: u32,
+    },
 }
 
 pub fn run(cmd: DataCmd) -> Result<()> {
@@ -115,11 +128,54 @@ pub fn run(cmd: DataCmd) -> Result<()> {
             );
         }
         DataCmd::SftRender(args) => crate::finetune_cmd::sft_render(args)?,
+        DataCmd::StreamBench {
+            dataloader,
+            batches,
+            batch_size,
+            block_size,
+        } => stream_bench(dataloader, batches, batch_size, block_size)?,
         DataCmd::Verify { dir } => {
             let data = Dataset::open(&dir)?;
             data.verify_checksums()?;
             println!("{}: every shard matches its checksum", dir.display());
         }
     }
+    Ok(())
+}
+
+fn stream_bench(address: String, batches: u64, rows: u32, seq: u32) -> Result<()> {
+    use lillm_data::remote::{RemoteBatches, StreamShape};
+    let rt = tokio::runtime::Runtime::new()?;
+    let shape = StreamShape {
+        seed: 1337,
+        split: Split::Train,
+        micro_start: 0,
+        micro_count: 1,
+        micros_per_step: 1,
+        rows,
+        seq_len: seq,
+        prefetch: 0,
+    };
+    let locate = std::sync::Arc::new(move || Ok(address.clone()));
+    let mut stream = RemoteBatches::new(
+        rt.handle().clone(),
+        locate,
+        shape,
+        std::time::Duration::from_secs(30),
+    );
+    stream.windows(0, 0)?; // connect and warm up
+    let started = std::time::Instant::now();
+    for step in 1..=batches {
+        stream.windows(step, 0)?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let tokens = batches as f64 * rows as f64 * seq as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "batches_per_s": batches as f64 / secs,
+            "tokens_per_s": tokens / secs,
+        })
+    );
     Ok(())
 }
