@@ -8,7 +8,7 @@ bootstrap:
 	@scripts/bootstrap
 
 build: bootstrap
-	@$(ENV) cargo build --release -p lillm-cli
+	@$(ENV) cargo build --release --bins
 
 test: bootstrap
 	@$(ENV) scripts/test

@@ -322,9 +322,10 @@ pub struct StatusArgs {
 pub fn status(args: StatusArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let mut c = pb::status_client::StatusClient::connect(client::uri(&args.coordinator))
+        let channel = client::channel(&args.coordinator)
             .await
-            .with_context(|| format!("cannot reach the coordinator at {}", args.coordinator))?;
+            .map_err(|e| anyhow::anyhow!("the coordinator: {e}"))?;
+        let mut c = pb::status_client::StatusClient::new(channel);
         let show = |job: &pb::JobStatus| {
             if args.json {
                 println!("{}", status_json(job));

@@ -16,9 +16,14 @@ struct Actor {
 
 impl Actor {
     fn start(exe: &str, args: &[String], log: PathBuf) -> Self {
+        Self::start_with_env(exe, args, log, &[])
+    }
+
+    fn start_with_env(exe: &str, args: &[String], log: PathBuf, env: &[(&str, &Path)]) -> Self {
         let err = std::fs::File::create(&log).unwrap();
         let child = Command::new(exe)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(err)
             .spawn()
@@ -539,4 +544,113 @@ fn bad_members_and_malformed_requests_are_refused_with_reasons() {
     );
     // The coordinator kept serving and its job is unchanged.
     assert_eq!(job.status()["members"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn with_tls_configured_members_need_the_ca_and_the_job_still_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    // A CA, and a server certificate for 127.0.0.1 signed by it.
+    let p = |name: &str| dir.path().join(name);
+    let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
+    std::fs::write(
+        p("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    for args in [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=test-ca",
+        ]
+        .into_iter()
+        .chain(["-keyout", s(&p("ca.key")), "-out", s(&ca)])
+        .collect::<Vec<_>>(),
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]
+        .into_iter()
+        .chain(["-keyout", s(&key), "-out", s(&p("req.csr"))])
+        .collect(),
+        vec![
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-in",
+            s(&p("req.csr")),
+            "-CA",
+            s(&ca),
+        ]
+        .into_iter()
+        .chain([
+            "-CAkey",
+            s(&p("ca.key")),
+            "-CAcreateserial",
+            "-extfile",
+            s(&p("ext.cnf")),
+        ])
+        .chain(["-out", s(&cert)])
+        .collect(),
+    ] {
+        let made = Command::new("openssl").args(&args).output().unwrap();
+        assert!(made.status.success(), "{made:?}");
+    }
+    let tls = [
+        format!("--tls-cert={}", cert.display()),
+        format!("--tls-key={}", key.display()),
+    ];
+    let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+    let job = Job::new(dir.path(), 1, 1, &tls);
+    let _coordinator = job.start_coordinator();
+    let ca_env = [("LILLM_TLS_CA", ca.as_path())];
+    let mut loader_args = job.dataloader_args(&tiny.data, "local", "127.0.0.1:0");
+    loader_args.extend(tls.iter().map(|a| a.to_string()));
+    let _loader = Actor::start_with_env(
+        env!("CARGO_BIN_EXE_lillm"),
+        &loader_args,
+        dir.path().join("loader.log"),
+        &ca_env,
+    );
+    let run = dir.path().join("run");
+    let mut trainer = Actor::start_with_env(
+        env!("CARGO_BIN_EXE_lillm"),
+        &job.trainer_args(
+            &tiny_train_args(s(&tiny.data), s(&run), "300", "6"),
+            "local",
+            0,
+            "127.0.0.1",
+        ),
+        dir.path().join("trainer.log"),
+        &ca_env,
+    );
+    trainer.finish(Duration::from_secs(120));
+    assert_eq!(losses(&run).len(), 6);
+
+    let status = |with_ca: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lillm"));
+        cmd.args(["status", "--json", "--coordinator", &job.address]);
+        if with_ca {
+            cmd.env("LILLM_TLS_CA", &ca);
+        }
+        cmd.output().unwrap()
+    };
+    let ok = status(true);
+    assert!(ok.status.success(), "{ok:?}");
+    let job_status: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    assert_eq!(job_status["last_checkpoint"]["step"], 6);
+    let plain = status(false);
+    assert!(!plain.status.success(), "a plaintext client is not served");
 }

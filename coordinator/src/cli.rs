@@ -44,6 +44,12 @@ pub struct Args {
     /// Port of the c10d store that rank 0 serves.
     #[arg(long)]
     store_port: Option<u16>,
+    /// Serve gRPC over TLS with this certificate (PEM); members then need LILLM_TLS_CA.
+    #[arg(long, env = "LILLM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "LILLM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// The settings, as a `--config` file spells them.
@@ -59,6 +65,8 @@ struct Settings {
     job_token: String,
     heartbeat_timeout_ms: u64,
     store_port: u16,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -73,6 +81,8 @@ impl Default for Settings {
             job_token: String::new(),
             heartbeat_timeout_ms: 10_000,
             store_port: 29500,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -95,6 +105,8 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
     s.job_token = args.job_token.unwrap_or(s.job_token);
     s.heartbeat_timeout_ms = args.heartbeat_timeout_ms.unwrap_or(s.heartbeat_timeout_ms);
     s.store_port = args.store_port.unwrap_or(s.store_port);
+    s.tls_cert = args.tls_cert.or(s.tls_cert);
+    s.tls_key = args.tls_key.or(s.tls_key);
     Ok(s)
 }
 
@@ -123,6 +135,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         listen: s.listen,
         metrics_listen: Some(s.metrics_listen),
         state_dir: s.state_dir,
+        tls: match (s.tls_cert, s.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => anyhow::bail!("TLS needs both tls_cert and tls_key"),
+        },
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(cfg, shutdown_signal()))

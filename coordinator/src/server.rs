@@ -19,6 +19,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Directory of the durable state (`coordinator.redb`).
     pub state_dir: PathBuf,
+    /// Serve gRPC over TLS with this certificate and key (PEM).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// Restores the saved state (or starts a new job) and serves until `shutdown` resolves.
@@ -114,7 +116,12 @@ pub async fn serve(
         cfg.job.dataloaders,
         cfg.job.nodes
     );
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &cfg.tls {
+        builder = builder
+            .tls_config(lillm_proto::client::server_tls(cert, key).map_err(anyhow::Error::msg)?)?;
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

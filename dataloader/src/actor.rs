@@ -44,6 +44,12 @@ pub struct Args {
         default_value = ""
     )]
     job_token: String,
+    /// Serve batches over TLS with this certificate (PEM); trainers then need LILLM_TLS_CA.
+    #[arg(long, env = "LILLM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "LILLM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Milliseconds between heartbeats.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
@@ -130,7 +136,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     health
         .set_serving::<pb::dataloader_server::DataloaderServer<DataloaderService>>()
         .await;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        builder = builder.tls_config(client::server_tls(cert, key).map_err(anyhow::Error::msg)?)?;
+    }
+    builder
         .add_service(health_service)
         .add_service(pb::dataloader_server::DataloaderServer::new(
             DataloaderService::new(data),

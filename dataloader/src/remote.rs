@@ -44,10 +44,10 @@ pub struct RemoteBatches {
 async fn connect(
     address: &str,
 ) -> std::result::Result<DataloaderClient<tonic::transport::Channel>, String> {
-    let client = DataloaderClient::connect(format!("http://{address}"))
+    let channel = lillm_proto::client::channel(address)
         .await
-        .map_err(|e| format!("cannot reach dataloader {address}: {e}"))?;
-    Ok(client.max_decoding_message_size(1 << 30))
+        .map_err(|e| format!("dataloader: {e}"))?;
+    Ok(DataloaderClient::new(channel).max_decoding_message_size(1 << 30))
 }
 
 /// The dataset a dataloader serves, retrying until `patience` runs out.

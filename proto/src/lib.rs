@@ -14,22 +14,68 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lill
 pub mod client {
     use super::v1 as pb;
 
-    pub type CoordinatorClient =
-        pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-    /// `host:port` → a URI tonic accepts (an explicit scheme is kept).
-    pub fn uri(address: &str) -> String {
-        match address.contains("://") {
-            true => address.to_string(),
-            false => format!("http://{address}"),
+    pub type CoordinatorClient = pb::coordinator_client::CoordinatorClient<Channel>;
+
+    /// Environment variable naming the CA certificate (PEM) that signed the servers' TLS
+    /// certificates; when set, every connection uses TLS.
+    pub const TLS_CA_ENV: &str = "LILLM_TLS_CA";
+
+    /// A connection to `address` (`host:port` or a URI): TLS when `LILLM_TLS_CA` is set.
+    pub async fn channel(address: &str) -> Result<Channel, String> {
+        let ca = std::env::var_os(TLS_CA_ENV);
+        let uri = match (address.contains("://"), ca.is_some()) {
+            (true, _) => address.to_string(),
+            (false, true) => format!("https://{address}"),
+            (false, false) => format!("http://{address}"),
+        };
+        let mut endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| format!("`{address}` is not a host:port address: {e}"))?;
+        if let Some(path) = ca {
+            let pem = std::fs::read(&path).map_err(|e| {
+                format!("{TLS_CA_ENV}={}: cannot read: {e}", path.to_string_lossy())
+            })?;
+            endpoint = endpoint
+                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+                .map_err(|e| format!("TLS configuration: {e}"))?;
         }
+        endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {address}: {}", error_chain(&e)))
     }
 
-    /// Connects to the coordinator at `address` (`host:port` or a URI).
+    /// An error and its causes on one line ("transport error: … : invalid peer certificate").
+    fn error_chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+
+    /// Server-side TLS from PEM files: the certificate (chain) and its private key.
+    pub fn server_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<tonic::transport::ServerTlsConfig, String> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("{}: cannot read: {e}", p.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        Ok(tonic::transport::ServerTlsConfig::new().identity(identity))
+    }
+
+    /// Connects to the coordinator at `address`.
     pub async fn coordinator(address: &str) -> Result<CoordinatorClient, String> {
-        pb::coordinator_client::CoordinatorClient::connect(uri(address))
+        channel(address)
             .await
-            .map_err(|e| format!("cannot reach the coordinator at {address}: {e}"))
+            .map(pb::coordinator_client::CoordinatorClient::new)
+            .map_err(|e| format!("the coordinator: {e}"))
     }
 
     /// This machine's name: the default node id of its members.

@@ -191,11 +191,7 @@ impl Membership {
             }
             rt.block_on(async {
                 let mut status =
-                    pb::status_client::StatusClient::connect(client::uri(&coordinator))
-                        .await
-                        .map_err(|e| {
-                            format!("cannot reach the coordinator at {coordinator}: {e}")
-                        })?;
+                    pb::status_client::StatusClient::new(client::channel(&coordinator).await?);
                 let job = status
                     .get_status(pb::StatusRequest {})
                     .await
