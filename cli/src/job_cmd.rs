@@ -3,7 +3,7 @@
 //! `lillm status`.
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -138,10 +138,19 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// Starts `lillm ARGS`, to be killed if this process dies (so no actor outlives its job).
-fn spawn_actor(what: &str, args: &[String]) -> Result<Child> {
+/// Starts `lillm ARGS`, to be killed if this process dies (so no actor outlives its job);
+/// its stderr goes to `log` (appended) when given.
+fn spawn_actor(what: &str, args: &[String], log: Option<&Path>) -> Result<Child> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.args(args);
+    if let Some(path) = log {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("{}: cannot open", path.display()))?;
+        cmd.stderr(file);
+    }
     // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
     unsafe {
         cmd.pre_exec(|| {
@@ -197,31 +206,37 @@ pub fn launch_local_job(cfg: &TrainConfig, nproc: usize) -> Result<()> {
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
     let coordinator = format!("127.0.0.1:{}", free_port()?);
     let s = |v: &dyn ToString| v.to_string();
-    let mut services = vec![
-        spawn_actor(
-            "coordinator",
-            &[
-                s(&"coordinator"),
-                s(&"--nodes=1"),
-                format!("--trainers-per-node={nproc}"),
-                format!("--listen={coordinator}"),
-                format!("--metrics-listen=127.0.0.1:{}", free_port()?),
-                format!("--store-port={}", free_port()?),
-                format!("--state-dir={}", state_dir.display()),
-            ],
-        )?,
-        spawn_actor(
-            "dataloader",
-            &[
-                s(&"dataloader"),
-                format!("--coordinator={coordinator}"),
-                format!("--data={}", cfg.data.display()),
-                s(&"--node=local"),
-            ],
-        )?,
-    ];
+    // The services log to files; the terminal shows the trainers.
+    let logs = cfg.out.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create", logs.display()))?;
+    let mut services = vec![spawn_actor(
+        "coordinator",
+        &[
+            s(&"coordinator"),
+            s(&"--nodes=1"),
+            format!("--trainers-per-node={nproc}"),
+            format!("--listen={coordinator}"),
+            format!("--metrics-listen=127.0.0.1:{}", free_port()?),
+            format!("--store-port={}", free_port()?),
+            format!("--state-dir={}", state_dir.display()),
+        ],
+        Some(&logs.join("coordinator.log")),
+    )?];
     wait_for_port(&coordinator, &mut services[0])?;
-    eprintln!("job coordinator on {coordinator}: watch it with `lillm status --coordinator {coordinator} --watch`");
+    services.push(spawn_actor(
+        "dataloader",
+        &[
+            s(&"dataloader"),
+            format!("--coordinator={coordinator}"),
+            format!("--data={}", cfg.data.display()),
+            s(&"--node=local"),
+        ],
+        Some(&logs.join("dataloader.log")),
+    )?);
+    eprintln!(
+        "job coordinator on {coordinator}: watch it with `lillm status --coordinator {coordinator} --watch`; service logs in {}",
+        logs.display()
+    );
     let user = train_args_without_nproc();
     let mut trainers = Vec::new();
     for rank in 0..nproc {
@@ -231,7 +246,7 @@ pub fn launch_local_job(cfg: &TrainConfig, nproc: usize) -> Result<()> {
             format!("--local-rank={rank}"),
             s(&"--node=local"),
         ]);
-        trainers.push((rank, spawn_actor(&format!("trainer {rank}"), &args)?));
+        trainers.push((rank, spawn_actor(&format!("trainer {rank}"), &args, None)?));
     }
     let outcome = supervise(&mut trainers, &mut services);
     for child in services
@@ -264,7 +279,7 @@ fn supervise(trainers: &mut Vec<(usize, Child)>, services: &mut [Child]) -> Resu
         for (i, service) in services.iter_mut().enumerate() {
             if let Some(status) = service.try_wait()? {
                 let name = ["coordinator", "dataloader"][i];
-                bail!("the {name} exited ({status}); the trainers were stopped");
+                bail!("the {name} exited ({status}; see its log); the trainers were stopped");
             }
         }
         let mut i = 0;

@@ -279,6 +279,20 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
             ("node-b".into(), "127.0.0.2".into(), 1, "12".into())
         ]
     );
+    // --watch streams one JSON line per update.
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args(["status", "--watch", "--json", "--coordinator", &job.address])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(watch.stdout.take().unwrap()));
+    for _ in 0..2 {
+        let update: serde_json::Value =
+            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(update["last_checkpoint"]["step"], 12);
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
     let text = lillm_ok(&["status", "--coordinator", &job.address]);
     assert!(
         text.contains("2/2 trainers, 2/2 dataloaders") && text.contains("node-b/trainer0"),

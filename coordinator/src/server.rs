@@ -31,12 +31,17 @@ pub async fn serve(
     let store = StateStore::open(&cfg.state_dir)?;
     let state = match store.load()? {
         Some(mut saved) => {
-            if saved.config != cfg.job {
+            let (was, now) = (&saved.config, &cfg.job);
+            if (was.nodes, was.trainers, was.dataloaders)
+                != (now.nodes, now.trainers, now.dataloaders)
+            {
                 tracing::warn!(
-                    "the job's settings changed since the state was saved; using the new ones"
+                    "the job's size changed since its state was saved ({} trainer(s), {} dataloader(s) on {} node(s) → {}, {}, {}); ranks will be reassigned",
+                    was.trainers, was.dataloaders, was.nodes, now.trainers, now.dataloaders, now.nodes
                 );
-                saved.config = cfg.job.clone();
             }
+            // Ports, token and timeouts are this start's settings.
+            saved.config = cfg.job.clone();
             // Members get a full timeout to reach the restarted coordinator.
             let now = now_ms();
             for m in saved.members.values_mut() {
