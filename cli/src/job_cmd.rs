@@ -219,6 +219,8 @@ pub fn launch_local_job(cfg: &TrainConfig, nproc: usize) -> Result<()> {
             format!("--metrics-listen=127.0.0.1:{}", free_port()?),
             format!("--store-port={}", free_port()?),
             format!("--state-dir={}", state_dir.display()),
+            // This command starts every member itself: a new group, whatever was saved.
+            s(&"--forget-members"),
         ],
         Some(&logs.join("coordinator.log")),
     )?];

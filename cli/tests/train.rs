@@ -265,6 +265,19 @@ fn two_ranks_through_gloo_match_one_rank_with_two_accumulation_steps() {
         "final parameters differ by {max_diff}"
     );
 
+    // Both continue to step 16 (a changed config: a local job restarts as a new group).
+    let mut more = tiny_train_args(s(&tiny.data), s(&one), "300", "16");
+    more.push("--resume");
+    lillm_ok(&more);
+    set_flag(&mut more, "--out", s(&two));
+    more.extend(["--nproc", "2"]);
+    lillm_ok(&more);
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!((a.len(), b.len()), (16, 16));
+    for ((step, la), (_, lb)) in a.iter().zip(&b) {
+        assert!((la - lb).abs() <= 1e-5, "step {step}: {la} vs {lb}");
+    }
+
     // Accumulation steps must split evenly across ranks.
     let three = dir.path().join("three");
     let mut args = tiny_train_args(s(&tiny.data), s(&three), "300", "2");

@@ -44,6 +44,10 @@ pub struct Args {
     /// Port of the c10d store that rank 0 serves.
     #[arg(long)]
     store_port: Option<u16>,
+    /// Restart a stopped job as a new group: forget its saved members and pinned training
+    /// config (it still resumes from its last committed checkpoint).
+    #[arg(long)]
+    forget_members: bool,
     /// Serve gRPC over TLS with this certificate (PEM); members then need LILLM_TLS_CA.
     #[arg(long, env = "LILLM_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -112,6 +116,7 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
 
 /// Serves the job until Ctrl-C / SIGTERM.
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let forget_members = args.forget_members;
     let s = settings(args)?;
     let nodes = s
         .nodes
@@ -140,6 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             (None, None) => None,
             _ => anyhow::bail!("TLS needs both tls_cert and tls_key"),
         },
+        forget_members,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(serve(cfg, shutdown_signal()))

@@ -21,6 +21,9 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Serve gRPC over TLS with this certificate and key (PEM).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Start a new group from the saved state: forget its members (see
+    /// [`State::without_members`]).
+    pub forget_members: bool,
 }
 
 /// Restores the saved state (or starts a new job) and serves until `shutdown` resolves.
@@ -42,6 +45,10 @@ pub async fn serve(
             }
             // Ports, token and timeouts are this start's settings.
             saved.config = cfg.job.clone();
+            if cfg.forget_members {
+                saved = saved.without_members();
+                tracing::info!("forgot the saved members: a new group forms");
+            }
             // Members get a full timeout to reach the restarted coordinator.
             let now = now_ms();
             for m in saved.members.values_mut() {

@@ -84,7 +84,8 @@ pub struct State {
     /// Bumped on every membership change; requests from older generations are refused.
     pub generation: u64,
     pub phase: Phase,
-    /// The training-config hash every trainer must share; pinned by the first to register.
+    /// The training-config hash every trainer must share; pinned by the first to register
+    /// (again after [`State::without_members`]).
     pub config_fingerprint: Option<String>,
     #[serde(with = "members_as_list")]
     pub members: BTreeMap<MemberId, Member>,
@@ -140,6 +141,19 @@ impl State {
         self.members
             .values()
             .find(|m| m.id.role == Role::Trainer && m.rank == Some(rank))
+    }
+
+    /// The same job with no members: a new group must form (every member registers anew,
+    /// the first trainer pins the config again), resuming from the last commit. For a job
+    /// whose processes were all stopped, e.g. to change its training config.
+    pub fn without_members(&self) -> State {
+        State {
+            generation: self.generation + 1,
+            phase: Phase::Gathering,
+            config_fingerprint: None,
+            members: BTreeMap::new(),
+            ..self.clone()
+        }
     }
 
     /// The dataloader with index `index`, if present.

@@ -342,3 +342,35 @@ fn the_state_survives_a_save_and_load() {
     let again = lillm_coordinator::StateStore::open(dir.path()).unwrap();
     assert_eq!(again.load().unwrap(), Some(state));
 }
+
+#[test]
+fn a_job_restarted_as_a_new_group_accepts_a_changed_config_and_keeps_its_commit() {
+    let (mut state, _) = gather(&members());
+    state = decide(
+        100,
+        &state,
+        Event::Commit {
+            id: id("node-a", Role::Trainer, 0),
+            generation: 1,
+            step: 40,
+            path: "run/step-00000040".into(),
+            val_loss: None,
+        },
+    )
+    .state;
+    let fresh = state.without_members();
+    assert!(fresh.members.is_empty());
+    assert_eq!(fresh.phase, Phase::Gathering);
+    assert!(fresh.generation > state.generation);
+    let mut other_config = register(&id("node-a", Role::Trainer, 0), None);
+    if let Event::Register {
+        config_fingerprint, ..
+    } = &mut other_config
+    {
+        *config_fingerprint = "cfg-2".into();
+    }
+    let d = decide(200, &fresh, other_config);
+    assert!(d.refusal.is_none(), "{}", d.reason);
+    assert_eq!(d.state.config_fingerprint.as_deref(), Some("cfg-2"));
+    assert_eq!(d.state.resume_point(), (40, Some("run/step-00000040")));
+}

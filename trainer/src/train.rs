@@ -1,5 +1,6 @@
-//! The single-process training loop: batches → forward/backward → clip → AdamW, with
-//! periodic evaluation, checkpoints, metrics and a progress display.
+//! The training loop — of one process, or of one rank of a job: batches → forward/backward →
+//! gradient averaging → clip → AdamW, with periodic evaluation, checkpoints (handed to the
+//! checkpoint actor), metrics and a progress display.
 
 use std::path::PathBuf;
 use std::sync::Arc;
