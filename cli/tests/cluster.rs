@@ -668,3 +668,36 @@ fn with_tls_configured_members_need_the_ca_and_the_job_still_trains() {
     let plain = status(false);
     assert!(!plain.status.success(), "a plaintext client is not served");
 }
+
+#[test]
+fn a_restarted_coordinator_carries_on_from_its_saved_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    lillm_ok(&long_run(s(&tiny.data), s(&straight)));
+
+    let run = dir.path().join("run");
+    let job = Job::new(dir.path(), 1, 1, &[]);
+    let mut coordinator = job.start_coordinator();
+    let _loader = Actor::lillm(
+        &job.dataloader_args(&tiny.data, "local", "127.0.0.1:0"),
+        dir.path().join("loader.log"),
+    );
+    let mut trainer = Actor::lillm(
+        &job.trainer_args(&long_run(s(&tiny.data), s(&run)), "local", 0, "127.0.0.1"),
+        dir.path().join("trainer.log"),
+    );
+    wait_until(Duration::from_secs(120), "ten training steps", || {
+        losses(&run).len() >= 10
+    });
+    coordinator.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(losses(&run).len() < 200, "the coordinator died mid-run");
+    let _coordinator = job.start_coordinator();
+    trainer.finish(Duration::from_secs(180));
+    assert_same_losses(&losses(&straight), &losses(&run));
+    let status = job.status();
+    assert_eq!(status["generation"], 1, "the group never changed: {status}");
+    assert_eq!(status["restarts"], 0);
+    assert_eq!(status["last_checkpoint"]["step"], 200);
+}

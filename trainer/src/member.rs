@@ -370,17 +370,33 @@ impl Reporter for CoordinatorReporter {
                 .to_string(),
             val_loss,
         };
-        let coordinator = self.opts.coordinator.clone();
-        self.rt
-            .block_on(async move {
-                let mut c = client::coordinator(&coordinator).await?;
-                c.commit(request).await.map_err(|s| status_text(&s))
-            })
-            .map_err(|e| {
-                Error::Distributed(format!(
-                    "the coordinator did not accept the checkpoint of step {step}: {e}"
-                ))
-            })?;
+        let (coordinator, patience) = (self.opts.coordinator.clone(), self.opts.patience);
+        // An unreachable coordinator (restarting, say) is waited for; a refusal is final.
+        self.rt.block_on(async move {
+            let started = tokio::time::Instant::now();
+            loop {
+                let refused = match client::coordinator(&coordinator).await {
+                    Ok(mut c) => match c.commit(request.clone()).await {
+                        Ok(_) => return Ok(()),
+                        Err(s) if s.code() == tonic::Code::Unavailable => None,
+                        Err(s) => Some(status_text(&s)),
+                    },
+                    Err(_) => None,
+                };
+                if let Some(reason) = refused {
+                    return Err(Error::Distributed(format!(
+                        "the coordinator did not accept the checkpoint of step {step}: {reason}"
+                    )));
+                }
+                if started.elapsed() >= patience {
+                    return Err(Error::Distributed(format!(
+                        "could not reach the coordinator at {coordinator} to commit the checkpoint of step {step}"
+                    )));
+                }
+                tracing::warn!("coordinator {coordinator} unreachable; the commit of step {step} waits");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })?;
         tracing::info!("committed the checkpoint of step {step}");
         if let Some(e) = self.evaluator.lock().expect("evaluator lock").as_ref() {
             e.submit(step, dir.to_path_buf());
