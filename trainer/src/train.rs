@@ -396,15 +396,17 @@ impl Trainer {
                 eprintln!("{line}")
             }
         };
-        say(format!(
-            "model: {} parameters ({} layers, d_model {}); {} tokens per step; device {:?}; data: {}",
-            self.model_cfg.num_params(),
-            self.model_cfg.n_layers,
-            self.model_cfg.d_model,
-            tokens_per_step,
-            self.device,
-            self.data.describe()
-        ));
+        if leader {
+            say(format!(
+                "model: {} parameters ({} layers, d_model {}); {} tokens per step; device {:?}; data: {}",
+                self.model_cfg.num_params(),
+                self.model_cfg.n_layers,
+                self.model_cfg.d_model,
+                tokens_per_step,
+                self.device,
+                self.data.describe()
+            ));
+        }
         let mut last_val = None;
         let mut loss_acc = Tensor::zeros([], (Kind::Float, self.device));
         let mut window_steps = 0u64;
