@@ -701,3 +701,36 @@ fn a_restarted_coordinator_carries_on_from_its_saved_state() {
     assert_eq!(status["restarts"], 0);
     assert_eq!(status["last_checkpoint"]["step"], 200);
 }
+
+#[test]
+fn a_dataloader_evicted_while_paused_registers_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let job = Job::new(dir.path(), 1, 1, &["--heartbeat-timeout-ms=1000"]);
+    let _coordinator = job.start_coordinator();
+    let mut loader = Actor::lillm(
+        &job.dataloader_args(&tiny.data, "local", "127.0.0.1:0"),
+        dir.path().join("loader.log"),
+    );
+    let members = || job.status()["members"].as_array().unwrap().len();
+    wait_until(
+        Duration::from_secs(60),
+        "the dataloader to register",
+        || members() == 1,
+    );
+    let signal = |sig| unsafe { libc::kill(loader.child.id() as i32, sig) };
+    signal(libc::SIGSTOP);
+    wait_until(
+        Duration::from_secs(30),
+        "the paused dataloader's eviction",
+        || members() == 0,
+    );
+    signal(libc::SIGCONT);
+    wait_until(
+        Duration::from_secs(30),
+        "the dataloader to register again",
+        || members() == 1,
+    );
+    assert!(loader.running());
+    assert!(job.status()["restarts"].as_u64() >= Some(1));
+}

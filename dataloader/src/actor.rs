@@ -90,6 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    let args = Arc::new(args);
     let data = Arc::new(Dataset::open(&args.data)?);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -105,27 +106,34 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     );
 
     let heartbeat = {
-        let (args_coord, token, every) = (
-            args.coordinator.clone(),
-            args.job_token.clone(),
-            Duration::from_millis(args.heartbeat_ms),
-        );
-        let id = id.clone();
+        let (args, id, address) = (args.clone(), id.clone(), address.clone());
         async move {
+            let every = Duration::from_millis(args.heartbeat_ms);
             loop {
                 tokio::time::sleep(every).await;
                 let beat = async {
-                    let mut c = client::coordinator(&args_coord).await?;
+                    let mut c = client::coordinator(&args.coordinator).await?;
                     c.heartbeat(pb::HeartbeatRequest {
                         id: Some(id.clone()),
-                        job_token: token.clone(),
+                        job_token: args.job_token.clone(),
                         ..Default::default()
                     })
                     .await
-                    .map_err(|s| s.message().to_string())
+                    .map_err(|s| (s.code(), s.message().to_string()))
+                    .map_err(|(code, m)| format!("{code:?}: {m}"))
                 };
-                if let Err(e) = beat.await {
-                    tracing::warn!("heartbeat: {e}");
+                match beat.await {
+                    Ok(_) => {}
+                    // Evicted while unreachable (paused, partitioned): join again.
+                    Err(e) if e.starts_with("NotFound") => {
+                        tracing::warn!(
+                            "the coordinator no longer lists this dataloader; registering again"
+                        );
+                        if let Err(e) = register(&args, &id, &address).await {
+                            tracing::error!("{e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!("heartbeat: {e}"),
                 }
             }
         }
