@@ -718,6 +718,7 @@ fn a_dataloader_evicted_while_paused_registers_again() {
         "the dataloader to register",
         || members() == 1,
     );
+    // SAFETY: signalling our own child process by pid.
     let signal = |sig| unsafe { libc::kill(loader.child.id() as i32, sig) };
     signal(libc::SIGSTOP);
     wait_until(
