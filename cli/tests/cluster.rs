@@ -166,6 +166,11 @@ impl Job {
         let out = lillm_ok(&["status", "--coordinator", &self.address, "--json"]);
         serde_json::from_str(&out).unwrap()
     }
+
+    /// Registered members, of any role.
+    fn members(&self) -> usize {
+        self.status()["members"].as_array().unwrap().len()
+    }
 }
 
 fn assert_same_losses(expected: &[(u64, f64)], got: &[(u64, f64)]) {
@@ -468,68 +473,44 @@ fn bad_members_and_malformed_requests_are_refused_with_reasons() {
     let _coordinator = job.start_coordinator();
     let run = dir.path().join("run");
     let train = tiny_train_args(s(&tiny.data), s(&run), "300", "12");
-    let with = |args: Vec<String>, extra: &[&str]| -> Vec<String> {
-        args.into_iter().chain(strings(extra)).collect()
+    let trainer = |train: &[&str], node: &str, k: usize, token: &str| -> Vec<String> {
+        let mut args = job.trainer_args(train, node, k, "127.0.0.1");
+        args.push(format!("--job-token={token}"));
+        args
     };
 
-    let err = lillm_err_owned(&with(
-        job.trainer_args(&train, "local", 0, "127.0.0.1"),
-        &["--job-token=guess"],
-    ));
+    let err = lillm_err_owned(&trainer(&train, "local", 0, "guess"));
     assert!(err.contains("job token"), "{err}");
 
     // A first trainer joins and waits (no dataloader yet, so the group never forms).
     let _first = Actor::lillm(
-        &with(
-            job.trainer_args(&train, "local", 0, "127.0.0.1"),
-            &["--job-token=s3cret"],
-        ),
+        &trainer(&train, "local", 0, "s3cret"),
         dir.path().join("first.log"),
     );
     wait_until(
         Duration::from_secs(60),
         "the first trainer to register",
-        || {
-            job.status()["members"]
-                .as_array()
-                .is_some_and(|m| m.len() == 1)
-        },
+        || job.members() == 1,
     );
     let mut other_lr = train.clone();
     set_flag(&mut other_lr, "--lr", "1e-3");
-    let err = lillm_err_owned(&with(
-        job.trainer_args(&other_lr, "local", 1, "127.0.0.1"),
-        &["--job-token=s3cret"],
-    ));
+    let err = lillm_err_owned(&trainer(&other_lr, "local", 1, "s3cret"));
     assert!(
         err.contains("config fingerprint") && err.contains("same training config"),
         "{err}"
     );
-    let err = lillm_err_owned(&with(
-        job.trainer_args(&train, "elsewhere", 0, "127.0.0.1"),
-        &["--job-token=s3cret"],
-    ));
+    let err = lillm_err_owned(&trainer(&train, "elsewhere", 0, "s3cret"));
     assert!(err.contains("--nodes 1"), "{err}");
     let _second = Actor::lillm(
-        &with(
-            job.trainer_args(&train, "local", 1, "127.0.0.1"),
-            &["--job-token=s3cret"],
-        ),
+        &trainer(&train, "local", 1, "s3cret"),
         dir.path().join("second.log"),
     );
     wait_until(
         Duration::from_secs(60),
         "the second trainer to register",
-        || {
-            job.status()["members"]
-                .as_array()
-                .is_some_and(|m| m.len() == 2)
-        },
+        || job.members() == 2,
     );
-    let err = lillm_err_owned(&with(
-        job.trainer_args(&train, "local", 2, "127.0.0.1"),
-        &["--job-token=s3cret"],
-    ));
+    let err = lillm_err_owned(&trainer(&train, "local", 2, "s3cret"));
     assert!(err.contains("already has its 2 trainer"), "{err}");
 
     let replies: serde_json::Value =
@@ -557,7 +538,7 @@ fn bad_members_and_malformed_requests_are_refused_with_reasons() {
         "status is read-only and open: {replies}"
     );
     // The coordinator kept serving and its job is unchanged.
-    assert_eq!(job.status()["members"].as_array().unwrap().len(), 2);
+    assert_eq!(job.members(), 2);
 }
 
 #[test]
@@ -712,11 +693,10 @@ fn a_dataloader_evicted_while_paused_registers_again() {
         &job.dataloader_args(&tiny.data, "local", "127.0.0.1:0"),
         dir.path().join("loader.log"),
     );
-    let members = || job.status()["members"].as_array().unwrap().len();
     wait_until(
         Duration::from_secs(60),
         "the dataloader to register",
-        || members() == 1,
+        || job.members() == 1,
     );
     // SAFETY: signalling our own child process by pid.
     let signal = |sig| unsafe { libc::kill(loader.child.id() as i32, sig) };
@@ -724,13 +704,13 @@ fn a_dataloader_evicted_while_paused_registers_again() {
     wait_until(
         Duration::from_secs(30),
         "the paused dataloader's eviction",
-        || members() == 0,
+        || job.members() == 0,
     );
     signal(libc::SIGCONT);
     wait_until(
         Duration::from_secs(30),
         "the dataloader to register again",
-        || members() == 1,
+        || job.members() == 1,
     );
     assert!(loader.running());
     assert!(job.status()["restarts"].as_u64() >= Some(1));
