@@ -9,6 +9,7 @@ mod infer_cmd;
 mod interop_cmd;
 mod job_cmd;
 mod serve;
+mod status_cmd;
 mod text_stream;
 mod tokenizer_cmd;
 mod train_cmd;
@@ -42,7 +43,7 @@ enum Command {
     /// Run a dataloader actor (the same as the `dataloader` binary).
     Dataloader(lillm_data::actor::Args),
     /// Show a distributed job: members, ranks, step, loss, throughput, checkpoints.
-    Status(job_cmd::StatusArgs),
+    Status(status_cmd::StatusArgs),
     /// Supervised fine-tuning on conversations (loss on assistant tokens only).
     Sft(Box<finetune_cmd::SftArgs>),
     /// Preference tuning (DPO) on (prompt, chosen, rejected) pairs.
@@ -114,7 +115,7 @@ pub fn main() {
         Command::Train(args) => train_cmd::run(*args),
         Command::Coordinator(args) => lillm_coordinator::cli::run(args),
         Command::Dataloader(args) => lillm_data::actor::run(args),
-        Command::Status(args) => job_cmd::status(args),
+        Command::Status(args) => status_cmd::status(args),
         Command::Sft(args) => finetune_cmd::sft(*args),
         Command::Dpo(args) => finetune_cmd::dpo(*args),
         Command::Eval(args) => infer_cmd::eval(args),

@@ -1,0 +1,178 @@
+//! `lillm status`: a distributed job as the coordinator sees it — as text, JSON, or a stream
+//! of updates.
+
+use anyhow::Result;
+use clap::Args;
+use lillm_proto::client;
+use lillm_proto::v1 as pb;
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Coordinator address (host:port).
+    #[arg(long, env = "LILLM_COORDINATOR", default_value = "127.0.0.1:7070")]
+    coordinator: String,
+    /// Keep printing the job as it changes.
+    #[arg(long)]
+    watch: bool,
+    /// One JSON object per status (per line with --watch), for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let channel = client::channel(&args.coordinator)
+            .await
+            .map_err(|e| anyhow::anyhow!("the coordinator: {e}"))?;
+        let mut c = pb::status_client::StatusClient::new(channel);
+        let show = |job: &pb::JobStatus| {
+            if args.json {
+                println!("{}", status_json(job));
+            } else {
+                if args.watch && crate::interactive() {
+                    print!("\x1b[2J\x1b[H");
+                }
+                print!("{}", status_text(job));
+            }
+        };
+        if !args.watch {
+            let job = c.get_status(pb::StatusRequest {}).await?.into_inner();
+            show(&job);
+            return Ok(());
+        }
+        let mut stream = c
+            .watch_status(pb::WatchStatusRequest { interval_ms: 1000 })
+            .await?
+            .into_inner();
+        while let Some(job) = stream.message().await? {
+            show(&job);
+            if !args.json && !crate::interactive() {
+                println!();
+            }
+        }
+        Ok(())
+    })
+}
+
+fn role_name(role: i32) -> &'static str {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::Trainer) => "trainer",
+        Ok(pb::Role::Dataloader) => "dataloader",
+        _ => "?",
+    }
+}
+
+fn member_name(m: &pb::MemberStatus) -> String {
+    m.id.as_ref().map_or("?".into(), |id| {
+        format!("{}/{}{}", id.node, role_name(id.role), id.local_index)
+    })
+}
+
+/// The job as a human reads it.
+pub fn status_text(job: &pb::JobStatus) -> String {
+    let trainers: Vec<&pb::MemberStatus> = job
+        .members
+        .iter()
+        .filter(|m| {
+            m.id.as_ref()
+                .is_some_and(|id| id.role == pb::Role::Trainer as i32)
+        })
+        .collect();
+    let count = |role: pb::Role| {
+        job.members
+            .iter()
+            .filter(|m| m.id.as_ref().is_some_and(|id| id.role == role as i32))
+            .count()
+    };
+    let mut out = format!(
+        "job: generation {} ({}), {}/{} trainers, {}/{} dataloaders, {} restart(s)\n",
+        job.generation,
+        job.phase,
+        count(pb::Role::Trainer),
+        job.expected_trainers,
+        count(pb::Role::Dataloader),
+        job.expected_dataloaders,
+        job.restarts
+    );
+    let step = trainers.iter().map(|m| m.step).max().unwrap_or(0);
+    let rank0 = trainers.iter().find(|m| m.rank == Some(0));
+    let fmt_opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
+    out += &format!(
+        "step {step}, loss {}, {:.0} tokens/s, MFU {}\n",
+        fmt_opt(rank0.and_then(|m| m.loss), &|l| format!("{l:.4}")),
+        job.tokens_per_s,
+        fmt_opt(rank0.and_then(|m| m.mfu), &|m| format!("{:.2}%", m * 100.0)),
+    );
+    match &job.last_checkpoint {
+        Some(c) => {
+            out += &format!(
+                "last checkpoint: step {} (generation {}, val loss {}) {}\n",
+                c.step,
+                c.generation,
+                fmt_opt(c.val_loss, &|v| format!("{v:.4}")),
+                c.path
+            )
+        }
+        None => out += "last checkpoint: none yet\n",
+    }
+    if let (Some(step), Some(loss)) = (job.eval_step, job.eval_val_loss) {
+        out += &format!("evaluation: step {step} val loss {loss:.4}\n");
+    }
+    out += &format!(
+        "{:<28} {:>4} {:<22} {:>9} {:>7} {:>8} {:>9}\n",
+        "MEMBER", "RANK", "ADDRESS", "HEARTBEAT", "STEP", "LOSS", "TOKENS/S"
+    );
+    for m in &job.members {
+        out += &format!(
+            "{:<28} {:>4} {:<22} {:>8.1}s {:>7} {:>8} {:>9}\n",
+            member_name(m),
+            m.rank.map_or("-".into(), |r| r.to_string()),
+            m.address,
+            m.heartbeat_age_ms as f64 / 1e3,
+            m.step,
+            fmt_opt(m.loss, &|l| format!("{l:.4}")),
+            fmt_opt(m.tokens_per_s, &|t| format!("{t:.0}")),
+        );
+    }
+    out
+}
+
+/// The job as one JSON object.
+pub fn status_json(job: &pb::JobStatus) -> serde_json::Value {
+    let members: Vec<serde_json::Value> = job
+        .members
+        .iter()
+        .map(|m| {
+            let id = m.id.clone().unwrap_or_default();
+            serde_json::json!({
+                "node": id.node,
+                "role": role_name(id.role),
+                "local_index": id.local_index,
+                "rank": m.rank,
+                "address": m.address,
+                "heartbeat_age_ms": m.heartbeat_age_ms,
+                "step": m.step,
+                "loss": m.loss,
+                "tokens_per_s": m.tokens_per_s,
+                "mfu": m.mfu,
+                "dataloader_index": m.dataloader_index,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "generation": job.generation,
+        "phase": job.phase,
+        "expected_trainers": job.expected_trainers,
+        "expected_dataloaders": job.expected_dataloaders,
+        "restarts": job.restarts,
+        "tokens_per_s": job.tokens_per_s,
+        "members": members,
+        "last_checkpoint": job.last_checkpoint.as_ref().map(|c| serde_json::json!({
+            "step": c.step, "path": c.path, "generation": c.generation, "val_loss": c.val_loss,
+        })),
+        "eval": job.eval_step.map(|step| serde_json::json!({
+            "step": step, "val_loss": job.eval_val_loss, "sample": job.eval_sample,
+        })),
+    })
+}
