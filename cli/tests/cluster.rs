@@ -482,16 +482,18 @@ fn bad_members_and_malformed_requests_are_refused_with_reasons() {
     let err = lillm_err_owned(&trainer(&train, "local", 0, "guess"));
     assert!(err.contains("job token"), "{err}");
 
-    // A first trainer joins and waits (no dataloader yet, so the group never forms).
-    let _first = Actor::lillm(
-        &trainer(&train, "local", 0, "s3cret"),
-        dir.path().join("first.log"),
-    );
-    wait_until(
-        Duration::from_secs(60),
-        "the first trainer to register",
-        || job.members() == 1,
-    );
+    // Trainers that join wait: with no dataloader the group never forms.
+    let join = |k: usize| -> Actor {
+        let actor = Actor::lillm(
+            &trainer(&train, "local", k, "s3cret"),
+            dir.path().join(format!("trainer{k}.log")),
+        );
+        wait_until(Duration::from_secs(60), "the trainer to register", || {
+            job.members() == k + 1
+        });
+        actor
+    };
+    let _first = join(0);
     let mut other_lr = train.clone();
     set_flag(&mut other_lr, "--lr", "1e-3");
     let err = lillm_err_owned(&trainer(&other_lr, "local", 1, "s3cret"));
@@ -501,15 +503,7 @@ fn bad_members_and_malformed_requests_are_refused_with_reasons() {
     );
     let err = lillm_err_owned(&trainer(&train, "elsewhere", 0, "s3cret"));
     assert!(err.contains("--nodes 1"), "{err}");
-    let _second = Actor::lillm(
-        &trainer(&train, "local", 1, "s3cret"),
-        dir.path().join("second.log"),
-    );
-    wait_until(
-        Duration::from_secs(60),
-        "the second trainer to register",
-        || job.members() == 2,
-    );
+    let _second = join(1);
     let err = lillm_err_owned(&trainer(&train, "local", 2, "s3cret"));
     assert!(err.contains("already has its 2 trainer"), "{err}");
 

@@ -49,10 +49,8 @@ struct Progress {
 
 pub struct Membership {
     rt: Runtime,
-    opts: MemberOptions,
-    id: pb::MemberId,
     pub assignment: pb::Assignment,
-    progress: Arc<Mutex<Progress>>,
+    /// Who this trainer is and what it reports (options, id, progress, evaluator).
     reporter: Arc<CoordinatorReporter>,
 }
 
@@ -80,21 +78,17 @@ impl Membership {
             assignment.dataloader_address,
             assignment.resume_step
         );
-        let progress: Arc<Mutex<Progress>> = Arc::default();
         let reporter = Arc::new(CoordinatorReporter {
             rt: rt.handle().clone(),
-            opts: opts.clone(),
-            id: id.clone(),
+            opts,
+            id,
             generation: assignment.generation,
-            progress: progress.clone(),
+            progress: Arc::default(),
             evaluator: Mutex::new(None),
         });
         Ok(Self {
             rt,
-            opts,
-            id,
             assignment,
-            progress,
             reporter,
         })
     }
@@ -170,7 +164,7 @@ impl Membership {
         Rendezvous {
             store_host: a.store_host.clone(),
             store_port: a.store_port as u16,
-            bind_host: self.opts.bind_host.clone(),
+            bind_host: self.reporter.opts.bind_host.clone(),
             rank: a.rank as usize,
             world_size: a.world_size as usize,
             prefix: a.store_prefix.clone(),
@@ -181,7 +175,7 @@ impl Membership {
     /// Where this trainer's dataloader is: the assigned address first; after a failure, the
     /// address the coordinator now lists for the same dataloader index (it may have moved).
     pub fn locate_dataloader(&self) -> Locate {
-        let coordinator = self.opts.coordinator.clone();
+        let coordinator = self.reporter.opts.coordinator.clone();
         let index = self.assignment.dataloader_index;
         let rt = self.handle();
         let first = Mutex::new(Some(self.assignment.dataloader_address.clone()));
@@ -212,17 +206,17 @@ impl Membership {
 
     fn heartbeat_request(&self) -> pb::HeartbeatRequest {
         heartbeat_request(
-            &self.opts,
-            &self.id,
+            &self.reporter.opts,
+            &self.reporter.id,
             self.assignment.generation,
-            &self.progress,
+            &self.reporter.progress,
         )
     }
 
     /// Sends one last heartbeat so the coordinator shows where this trainer stopped.
     pub fn final_heartbeat(&self) {
         let request = self.heartbeat_request();
-        let coordinator = self.opts.coordinator.clone();
+        let coordinator = self.reporter.opts.coordinator.clone();
         let sent = self.rt.block_on(async move {
             let mut c = client::coordinator(&coordinator).await?;
             c.heartbeat(request).await.map_err(|s| status_text(&s))
@@ -236,9 +230,9 @@ impl Membership {
     /// [`EXIT_REGROUP`].
     pub fn start_heartbeats(&self) {
         let (opts, id, progress, generation) = (
-            self.opts.clone(),
-            self.id.clone(),
-            self.progress.clone(),
+            self.reporter.opts.clone(),
+            self.reporter.id.clone(),
+            self.reporter.progress.clone(),
             self.assignment.generation,
         );
         self.rt.spawn(async move {
@@ -311,8 +305,8 @@ impl Membership {
     pub fn start_evaluator(&self, plan: EvalPlan) {
         let (rt, coordinator, token) = (
             self.handle(),
-            self.opts.coordinator.clone(),
-            self.opts.job_token.clone(),
+            self.reporter.opts.coordinator.clone(),
+            self.reporter.opts.job_token.clone(),
         );
         let sink = Box::new(move |step: u64, val_loss: f64, sample: &str| {
             let request = pb::EvalReport {
