@@ -144,7 +144,8 @@ pub fn run(cmd: DataCmd) -> Result<()> {
 }
 
 fn stream_bench(address: String, batches: u64, rows: u32, seq: u32) -> Result<()> {
-    use lillm_data::remote::{RemoteBatches, StreamShape};
+    use lillm_data::remote::{Locate, RemoteBatches, StreamShape, StreamSource};
+    use lillm_proto::net::{ConnectSettings, RetryPolicy};
     let rt = tokio::runtime::Runtime::new()?;
     let shape = StreamShape {
         seed: 1337,
@@ -156,13 +157,15 @@ fn stream_bench(address: String, batches: u64, rows: u32, seq: u32) -> Result<()
         seq_len: seq,
         prefetch: 0,
     };
-    let locate = std::sync::Arc::new(move || Ok(address.clone()));
-    let mut stream = RemoteBatches::new(
-        rt.handle().clone(),
-        locate,
-        shape,
-        std::time::Duration::from_secs(30),
-    );
+    let source = StreamSource {
+        locate: Locate::Fixed(address),
+        settings: ConnectSettings::from_env(),
+        policy: RetryPolicy {
+            patience: std::time::Duration::from_secs(30),
+            ..RetryPolicy::default()
+        },
+    };
+    let mut stream = RemoteBatches::new(rt.handle().clone(), source, shape);
     stream.windows(0, 0)?; // connect and warm up
     let started = std::time::Instant::now();
     for step in 1..=batches {

@@ -50,7 +50,9 @@ pub struct SftArgs {
     resume: bool,
 }
 
-pub fn sft(args: SftArgs) -> Result<()> {
+/// Fine-tunes until done or until `shutdown` (SIGTERM/Ctrl-C), which checkpoints the
+/// current step first so `--resume` continues it.
+pub fn sft(args: SftArgs, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
     let cfg = TrainConfig {
         objective: Objective::Sft,
         init_from: Some(args.init),
@@ -78,7 +80,11 @@ pub fn sft(args: SftArgs) -> Result<()> {
         ..TrainConfig::default()
     };
     std::fs::create_dir_all(&cfg.out)?;
-    let mut trainer = Trainer::new(cfg.clone())?;
+    let setup = lillm_trainer::Setup {
+        stop: lillm_trainer::stop::Stop::new(&shutdown),
+        ..Default::default()
+    };
+    let mut trainer = Trainer::with(cfg.clone(), setup)?;
     std::fs::write(cfg.out.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
     let summary = trainer.run(crate::interactive())?;
     crate::train_cmd::report(&summary, &cfg.out);

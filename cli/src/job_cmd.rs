@@ -9,17 +9,38 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lillm_proto::client;
+use lillm_proto::net::{ConnectSettings, RetryPolicy};
 use lillm_trainer::config::Objective;
 use lillm_trainer::data::TrainData;
 use lillm_trainer::eval_actor::EvalPlan;
 use lillm_trainer::member::{MemberOptions, Membership};
 use lillm_trainer::remote_data::RemoteData;
+use lillm_trainer::stop::{Stop, StopReason, EXIT_REGROUP};
 use lillm_trainer::{checkpoint, Setup, Start, TrainConfig, Trainer};
+use tokio_util::sync::CancellationToken;
 
 /// How long an unreachable coordinator or dataloader is retried before a trainer gives up.
 const PATIENCE: Duration = Duration::from_secs(300);
-/// How long ranks wait for each other in a collective before failing.
+/// How long ranks wait for each other in a collective before failing. It bounds how long
+/// rank 0's evaluation may take while the others wait at the next all-reduce.
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A trainer's generation ended: its process exits with `EXIT_REGROUP` so a supervisor
+/// starts it again into the next group.
+#[derive(Debug)]
+pub struct Regroup(pub StopReason);
+
+impl std::fmt::Display for Regroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: exiting with status {EXIT_REGROUP} so this trainer is restarted into the next group",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Regroup {}
 
 #[derive(Args, Debug, Default)]
 pub struct ActorArgs {
@@ -47,23 +68,64 @@ pub struct ActorArgs {
 }
 
 /// One trainer actor: join the job, train in the assigned group, report to the coordinator.
-pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) -> Result<()> {
+/// Stops between steps on `shutdown` (checkpointing first, then leaving the job: exit 0) or
+/// when its generation ends ([`Regroup`]).
+pub fn run_trainer_actor(
+    cfg: TrainConfig,
+    coordinator: &str,
+    args: &ActorArgs,
+    shutdown: &CancellationToken,
+) -> Result<()> {
     if cfg.objective != Objective::Pretrain {
         bail!(
             "trainer actors stream pretraining batches; run SFT with `lillm sft` (single process)"
         );
     }
-    let membership = Membership::join(MemberOptions {
-        coordinator: coordinator.to_string(),
-        node: args.node.clone().unwrap_or_else(client::hostname),
-        local_rank: args.local_rank,
-        bind_host: args.bind_host.clone(),
-        job_token: args.job_token.clone(),
-        fingerprint: cfg.fingerprint(),
-        heartbeat: Duration::from_secs(1),
-        patience: PATIENCE,
-    })?;
-    membership.start_heartbeats();
+    let stop = Stop::new(shutdown);
+    let membership = match Membership::join(
+        MemberOptions {
+            coordinator: coordinator.to_string(),
+            node: args.node.clone().unwrap_or_else(client::hostname),
+            local_rank: args.local_rank,
+            bind_host: args.bind_host.clone(),
+            job_token: args.job_token.clone(),
+            fingerprint: cfg.fingerprint(),
+            heartbeat: Duration::from_secs(1),
+            connect: ConnectSettings::from_env(),
+            policy: RetryPolicy {
+                patience: PATIENCE,
+                ..RetryPolicy::default()
+            },
+        },
+        stop.clone(),
+    ) {
+        Err(_) if stop.reason() == Some(StopReason::Shutdown) => return Ok(()),
+        other => other?,
+    };
+    let summary = match train_in_group(cfg, &membership, stop) {
+        Ok(summary) => summary,
+        Err(e) => {
+            let _ = membership.finish(Some("failed"));
+            return Err(e);
+        }
+    };
+    match summary.stopped {
+        Some(reason @ (StopReason::Regroup { .. } | StopReason::PeerShutdown)) => {
+            membership.finish(None)?;
+            Err(Regroup(reason).into())
+        }
+        // Commits what was checkpointed, then leaves: the others stop at once.
+        Some(StopReason::Shutdown) => Ok(membership.finish(Some("shut down"))?),
+        None => Ok(membership.finish(None)?),
+    }
+}
+
+/// Trains in the group `membership` was assigned to; rank 0 also evaluates and reports.
+fn train_in_group(
+    cfg: TrainConfig,
+    membership: &Membership,
+    stop: Stop,
+) -> Result<lillm_trainer::TrainSummary> {
     let a = membership.assignment.clone();
     let cfg = TrainConfig {
         rank: a.rank as usize,
@@ -79,25 +141,19 @@ pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) 
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
     let data = RemoteData::connect(
         membership.handle(),
-        membership.locate_dataloader(),
+        membership.dataloader(),
         (a.rank * local, local),
-        PATIENCE,
         leader.then(|| cfg.out.join("tokenizer")),
     )?;
     if leader {
-        let eval_data = RemoteData::connect(
-            membership.handle(),
-            membership.locate_dataloader(),
-            (0, 1),
-            PATIENCE,
-            None,
-        )?;
+        let eval_data =
+            RemoteData::connect(membership.handle(), membership.dataloader(), (0, 1), None)?;
         membership.start_evaluator(EvalPlan {
-            data: TrainData::Remote(eval_data),
+            data: TrainData::Remote(Box::new(eval_data)),
             seed: cfg.seed,
             batches: cfg.eval_iters,
             rows: cfg.batch_size,
-            seq: cfg.block_size,
+            seq: cfg.sequence_len(&cfg.model_config()?),
             sample_tokens: 24,
         });
     }
@@ -108,12 +164,13 @@ pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) 
     let mut trainer = Trainer::with(
         cfg.clone(),
         Setup {
-            data: Some(TrainData::Remote(data)),
+            data: Some(TrainData::Remote(Box::new(data))),
             // A group even for one rank: a job runs the same collectives at every size.
             rendezvous: Some(membership.rendezvous(COLLECTIVE_TIMEOUT)),
             start,
             reporter: membership.reporter(),
             generation: a.generation,
+            stop,
         },
     )?;
     if leader {
@@ -122,12 +179,10 @@ pub fn run_trainer_actor(cfg: TrainConfig, coordinator: &str, args: &ActorArgs) 
             .with_context(|| format!("{}: cannot write", resolved.display()))?;
     }
     let summary = trainer.run(leader && crate::interactive())?;
-    membership.finish_evaluations();
-    membership.final_heartbeat();
-    if leader {
+    if leader && summary.stopped.is_none() {
         crate::train_cmd::report(&summary, &cfg.out);
     }
-    Ok(())
+    Ok(summary)
 }
 
 fn free_port() -> Result<u16> {
@@ -177,7 +232,15 @@ fn train_args_without_nproc() -> Vec<String> {
 /// `lillm train --nproc N`: a coordinator, a dataloader and N trainer actors on this machine.
 /// The coordinator keeps its state in RUN_DIR/coordinator, so the same command with
 /// `--resume` continues a job that was stopped (even by SIGKILL).
-pub fn launch_local_job(cfg: &TrainConfig, nproc: usize) -> Result<()> {
+/// Each trainer gets its share of the cores unless `--threads` says otherwise (as torchrun
+/// sets one thread per worker): N trainers each using every core would fight over them.
+/// On `shutdown` the trainers stop first (they checkpoint and commit), then the services.
+pub fn launch_local_job(
+    cfg: &TrainConfig,
+    nproc: usize,
+    threads: Option<usize>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
     TrainConfig {
         world_size: nproc,
         ..cfg.clone()
@@ -237,7 +300,15 @@ pub fn launch_local_job(cfg: &TrainConfig, nproc: usize) -> Result<()> {
         "job coordinator on {coordinator}: watch it with `lillm status --coordinator {coordinator} --watch`; service logs in {}",
         logs.display()
     );
-    let user = train_args_without_nproc();
+    let mut user = train_args_without_nproc();
+    if threads.is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let share = (cores / nproc).max(1);
+        eprintln!(
+            "{nproc} trainers on {cores} cores: {share} thread(s) each (set --threads to change)"
+        );
+        user.push(format!("--threads={share}"));
+    }
     let mut trainers = Vec::new();
     for rank in 0..nproc {
         let mut args = user.clone();
@@ -248,15 +319,24 @@ pub fn launch_local_job(cfg: &TrainConfig, nproc: usize) -> Result<()> {
         ]);
         trainers.push((rank, spawn_actor(&format!("trainer {rank}"), &args, None)?));
     }
-    let outcome = supervise(&mut trainers, &mut services);
-    for child in services
-        .iter_mut()
-        .chain(trainers.iter_mut().map(|(_, c)| c))
-    {
-        terminate(child);
+    let outcome = supervise(&mut trainers, &mut services, shutdown);
+    // Trainers first: a stopping trainer checkpoints and commits to the coordinator.
+    for (_, child) in trainers.iter_mut() {
+        signal(child, libc::SIGTERM);
+    }
+    for (_, child) in trainers.iter_mut() {
+        terminate(child, TRAINER_GRACE);
+    }
+    for child in services.iter_mut() {
+        terminate(child, SERVICE_GRACE);
     }
     outcome
 }
+
+/// How long a trainer may take to checkpoint and leave after SIGTERM before SIGKILL.
+const TRAINER_GRACE: Duration = Duration::from_secs(60);
+/// How long a coordinator or dataloader may take to stop after SIGTERM.
+const SERVICE_GRACE: Duration = Duration::from_secs(5);
 
 /// Waits until `address` accepts connections (the coordinator is up) or `child` exited.
 fn wait_for_port(address: &str, child: &mut Child) -> Result<()> {
@@ -273,9 +353,17 @@ fn wait_for_port(address: &str, child: &mut Child) -> Result<()> {
     Ok(())
 }
 
-/// Waits until every trainer has finished, or something failed.
-fn supervise(trainers: &mut Vec<(usize, Child)>, services: &mut [Child]) -> Result<()> {
+/// Waits until every trainer has finished, something failed, or `shutdown`.
+fn supervise(
+    trainers: &mut Vec<(usize, Child)>,
+    services: &mut [Child],
+    shutdown: &CancellationToken,
+) -> Result<()> {
     loop {
+        if shutdown.is_cancelled() {
+            eprintln!("stopping the job: each trainer checkpoints its step first");
+            return Ok(());
+        }
         for (i, service) in services.iter_mut().enumerate() {
             if let Some(status) = service.try_wait()? {
                 let name = ["coordinator", "dataloader"][i];
@@ -302,16 +390,21 @@ fn supervise(trainers: &mut Vec<(usize, Child)>, services: &mut [Child]) -> Resu
     }
 }
 
-/// SIGTERM, then SIGKILL if the process has not gone within two seconds.
-fn terminate(child: &mut Child) {
-    if child.try_wait().ok().flatten().is_some() {
-        return;
+fn signal(child: &mut Child, signal: i32) {
+    if child.try_wait().ok().flatten().is_none() {
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped (try_wait
+        // just saw it running), so the pid cannot name another process.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
     }
-    // SAFETY: signalling our own child by pid.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    for _ in 0..20 {
+}
+
+/// SIGTERM, then SIGKILL if the process has not gone within `grace`.
+fn terminate(child: &mut Child, grace: Duration) {
+    signal(child, libc::SIGTERM);
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
         if child.try_wait().ok().flatten().is_some() {
             return;
         }

@@ -109,25 +109,45 @@ pub fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(interactive())
         .init();
+    // Long-running roles stop cleanly on SIGTERM/Ctrl-C (systemd and Kubernetes send
+    // SIGTERM before SIGKILL); this is the only place that touches signals. Short commands
+    // keep the default: Ctrl-C ends them.
+    let stoppable = matches!(
+        cli.command,
+        Command::Train(_)
+            | Command::Coordinator(_)
+            | Command::Dataloader(_)
+            | Command::Serve(_)
+            | Command::Sft(_)
+    );
+    let shutdown = match stoppable {
+        true => lillm_proto::process::shutdown_on_signals(),
+        false => tokio_util::sync::CancellationToken::new(),
+    };
     let result = match cli.command {
         Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
         Command::Data(cmd) => data_cmd::run(cmd),
-        Command::Train(args) => train_cmd::run(*args),
-        Command::Coordinator(args) => lillm_coordinator::cli::run(args),
-        Command::Dataloader(args) => lillm_data::actor::run(args),
+        Command::Train(args) => train_cmd::run(*args, shutdown),
+        Command::Coordinator(args) => lillm_coordinator::cli::run(args, shutdown),
+        Command::Dataloader(args) => lillm_data::actor::run(args, shutdown),
         Command::Status(args) => status_cmd::status(args),
-        Command::Sft(args) => finetune_cmd::sft(*args),
+        Command::Sft(args) => finetune_cmd::sft(*args, shutdown),
         Command::Dpo(args) => finetune_cmd::dpo(*args),
         Command::Eval(args) => infer_cmd::eval(args),
         Command::Generate(args) => infer_cmd::generate(args),
         Command::Chat(args) => chat_cmd::chat(args),
-        Command::Serve(args) => serve::serve(args),
+        Command::Serve(args) => serve::serve(args, shutdown),
         Command::Plot(args) => train_cmd::plot(args),
         Command::Model(cmd) => train_cmd::model(cmd),
         Command::Export(cmd) => interop_cmd::export(cmd),
         Command::Import(cmd) => interop_cmd::import(cmd),
     };
     if let Err(err) = result {
+        // A trainer whose generation ended exits with its own status, for its supervisor.
+        if let Some(regroup) = err.downcast_ref::<job_cmd::Regroup>() {
+            eprintln!("{regroup}");
+            std::process::exit(lillm_trainer::stop::EXIT_REGROUP);
+        }
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use lillm_proto::client;
+use lillm_proto::net;
 use lillm_proto::v1 as pb;
 
 #[derive(Args, Debug)]
@@ -22,7 +22,7 @@ pub struct StatusArgs {
 pub fn status(args: StatusArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let channel = client::channel(&args.coordinator)
+        let channel = net::connect(&args.coordinator, &net::ConnectSettings::from_env())
             .await
             .map_err(|e| anyhow::anyhow!("the coordinator: {e}"))?;
         let mut c = pb::status_client::StatusClient::new(channel);

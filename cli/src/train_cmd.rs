@@ -204,22 +204,28 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
+/// Trains until done or until `shutdown` (SIGTERM/Ctrl-C), which checkpoints the current
+/// step first so `--resume` continues with the very next batch.
+pub fn run(args: TrainArgs, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
     let cfg = resolve_config(&args)?;
     if args.print_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
     if args.nproc > 1 {
-        return crate::job_cmd::launch_local_job(&cfg, args.nproc);
+        return crate::job_cmd::launch_local_job(&cfg, args.nproc, args.threads, &shutdown);
     }
     if let Some(coordinator) = &args.actor.coordinator {
-        return crate::job_cmd::run_trainer_actor(cfg, coordinator, &args.actor);
+        return crate::job_cmd::run_trainer_actor(cfg, coordinator, &args.actor, &shutdown);
     }
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
     let leader = cfg.rank == 0;
-    let mut trainer = Trainer::new(cfg.clone())?;
+    let setup = lillm_trainer::Setup {
+        stop: lillm_trainer::stop::Stop::new(&shutdown),
+        ..Default::default()
+    };
+    let mut trainer = Trainer::with(cfg.clone(), setup)?;
     if leader {
         let resolved = cfg.out.join("config.toml");
         std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)
@@ -238,6 +244,9 @@ pub fn report(summary: &TrainSummary, run: &std::path::Path) {
         "trained {} steps of a {}-parameter model",
         summary.steps, summary.num_params
     );
+    if let Some(reason) = summary.stopped {
+        println!("stopped early ({reason}); continue with --resume");
+    }
     if let Some(v) = summary.final_val_loss {
         println!(
             "final val loss {v:.4} (best {:.4})",

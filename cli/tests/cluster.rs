@@ -3,183 +3,10 @@
 
 mod common;
 
+use common::job::*;
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// A child process killed (SIGKILL) when dropped; its stderr goes to `log`.
-struct Actor {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Actor {
-    fn start(exe: &str, args: &[String], log: PathBuf) -> Self {
-        Self::start_with_env(exe, args, log, &[])
-    }
-
-    fn start_with_env(exe: &str, args: &[String], log: PathBuf, env: &[(&str, &Path)]) -> Self {
-        let err = std::fs::File::create(&log).unwrap();
-        let child = Command::new(exe)
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        Self { child, log }
-    }
-
-    fn lillm(args: &[String], log: PathBuf) -> Self {
-        Self::start(env!("CARGO_BIN_EXE_lillm"), args, log)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for a successful exit.
-    fn finish(&mut self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                assert!(
-                    status.success(),
-                    "{} failed ({status}):\n{log}",
-                    self.log.display()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} still running after {within:?}",
-                self.log.display()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Actor {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|a| a.to_string()).collect()
-}
-
-/// A coordinator for `trainers_per_node` trainers on each of `nodes` nodes.
-struct Job {
-    dir: PathBuf,
-    address: String,
-    metrics: String,
-    coordinator_args: Vec<String>,
-}
-
-impl Job {
-    fn new(dir: &Path, nodes: usize, trainers_per_node: usize, extra: &[&str]) -> Self {
-        let address = format!("127.0.0.1:{}", free_port());
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let mut coordinator_args = strings(&["coordinator"]);
-        coordinator_args.extend([
-            format!("--nodes={nodes}"),
-            format!("--trainers-per-node={trainers_per_node}"),
-            format!("--listen={address}"),
-            format!("--metrics-listen={metrics}"),
-            format!("--store-port={}", free_port()),
-            format!("--state-dir={}", dir.join("coordinator").display()),
-        ]);
-        coordinator_args.extend(strings(extra));
-        Self {
-            dir: dir.to_path_buf(),
-            address,
-            metrics,
-            coordinator_args,
-        }
-    }
-
-    fn start_coordinator(&self) -> Actor {
-        let actor = Actor::lillm(&self.coordinator_args, self.dir.join("coordinator.log"));
-        wait_until(Duration::from_secs(30), "the coordinator to listen", || {
-            std::net::TcpStream::connect(&self.address).is_ok()
-        });
-        actor
-    }
-
-    fn dataloader_args(&self, data: &Path, node: &str, listen: &str) -> Vec<String> {
-        vec![
-            "dataloader".into(),
-            format!("--coordinator={}", self.address),
-            format!("--data={}", data.display()),
-            format!("--node={node}"),
-            format!("--listen={listen}"),
-        ]
-    }
-
-    fn trainer_args(
-        &self,
-        train: &[&str],
-        node: &str,
-        local_rank: usize,
-        bind: &str,
-    ) -> Vec<String> {
-        let mut args = strings(train);
-        args.extend([
-            format!("--coordinator={}", self.address),
-            format!("--node={node}"),
-            format!("--local-rank={local_rank}"),
-            format!("--bind-host={bind}"),
-        ]);
-        args
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let out = lillm_ok(&["status", "--coordinator", &self.address, "--json"]);
-        serde_json::from_str(&out).unwrap()
-    }
-
-    /// Registered members, of any role.
-    fn members(&self) -> usize {
-        self.status()["members"].as_array().unwrap().len()
-    }
-}
-
-fn assert_same_losses(expected: &[(u64, f64)], got: &[(u64, f64)]) {
-    assert_eq!(expected.len(), got.len(), "{expected:?}\nvs\n{got:?}");
-    for ((step, a), (step_b, b)) in expected.iter().zip(got) {
-        assert_eq!(step, step_b);
-        assert!((a - b).abs() <= 1e-5, "step {step}: {a} vs {b}");
-    }
-}
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// Runs `grpc_probe.py`-style checks against the coordinator with grpcio, as grpcurl would.
 const GRPC_PROBE: &str = r#"
@@ -327,7 +154,9 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
             "AwaitAssignment",
             "Heartbeat",
             "Commit",
-            "ReportEval"
+            "ReportEval",
+            "LocateDataloader",
+            "Leave"
         ])
     );
     assert_eq!(probe["health"], "0801", "health says SERVING");

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
 
 use crate::{serve, JobConfig, ServerConfig};
 use clap::Parser;
@@ -114,8 +115,8 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
     Ok(s)
 }
 
-/// Serves the job until Ctrl-C / SIGTERM.
-pub fn run(args: Args) -> anyhow::Result<()> {
+/// Serves the job until `shutdown` is cancelled (by `main`, on SIGTERM or Ctrl-C).
+pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let forget_members = args.forget_members;
     let s = settings(args)?;
     let nodes = s
@@ -148,15 +149,5 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         forget_members,
     };
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(serve(cfg, shutdown_signal()))
-}
-
-/// Resolves on Ctrl-C or SIGTERM (what systemd sends).
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    rt.block_on(serve(cfg, shutdown))
 }

@@ -45,6 +45,14 @@ pub enum Event {
         val_loss: f64,
         sample: String,
     },
+    /// A member shut down on purpose (SIGTERM): it is dropped at once, and a running
+    /// generation it belonged to ends without counting a failure. A trainer that
+    /// `finished` the job stays listed (for status) and is no longer expected to heartbeat.
+    Leave {
+        id: MemberId,
+        reason: String,
+        finished: bool,
+    },
     /// Periodic liveness check.
     Tick,
 }
@@ -233,7 +241,42 @@ pub fn decide(now_ms: u64, state: &State, event: Event) -> Decision {
                 reason: format!("checkpoint of step {step} scored val loss {val_loss:.4}"),
             }
         }
+        Event::Leave {
+            id,
+            reason,
+            finished,
+        } => leave(state, id, reason, finished),
         Event::Tick => tick(now_ms, state),
+    }
+}
+
+fn leave(state: &State, id: MemberId, why: String, finished: bool) -> Decision {
+    let Some(member) = state.members.get(&id) else {
+        return Decision::refuse(state, Refusal::UnknownMember(id));
+    };
+    let mut next = state.clone();
+    if finished {
+        if let Some(m) = next.members.get_mut(&id) {
+            m.finished = true;
+        }
+        return Decision {
+            state: next,
+            actions: Vec::new(),
+            refusal: None,
+            reason: format!("{id} finished"),
+        };
+    }
+    next.members.remove(&id);
+    let mut reason = format!("{id} left ({why})");
+    if id.role == Role::Trainer && member.rank.is_some() && next.phase == Phase::Running {
+        end_generation(&mut next);
+        reason.push_str("; the group re-forms when it is complete again");
+    }
+    Decision {
+        state: next,
+        actions: Vec::new(),
+        refusal: None,
+        reason,
     }
 }
 
@@ -314,6 +357,7 @@ fn register(
             loss: None,
             tokens_per_s: None,
             mfu: None,
+            finished: false,
         },
     );
     if id.role == Role::Trainer && next.phase == Phase::Running {
@@ -472,7 +516,7 @@ fn tick(now_ms: u64, state: &State) -> Decision {
     let dead: Vec<MemberId> = state
         .members
         .values()
-        .filter(|m| now_ms.saturating_sub(m.last_heartbeat_ms) > timeout)
+        .filter(|m| !m.finished && now_ms.saturating_sub(m.last_heartbeat_ms) > timeout)
         .map(|m| m.id.clone())
         .collect();
     if dead.is_empty() {

@@ -9,7 +9,8 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(err) = lillm_coordinator::cli::run(lillm_coordinator::cli::Args::parse()) {
+    let shutdown = lillm_proto::process::shutdown_on_signals();
+    if let Err(err) = lillm_coordinator::cli::run(lillm_coordinator::cli::Args::parse(), shutdown) {
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }

@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use lillm_proto::v1::{coordinator_server::CoordinatorServer, status_server::StatusServer};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::service::now_ms;
 use crate::{metrics, Coordinator, JobConfig, State, StateStore};
@@ -26,11 +29,10 @@ pub struct ServerConfig {
     pub forget_members: bool,
 }
 
-/// Restores the saved state (or starts a new job) and serves until `shutdown` resolves.
-pub async fn serve(
-    cfg: ServerConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+/// Restores the saved state (or starts a new job) and serves until `shutdown` is
+/// cancelled. The gRPC server, the liveness tick and `/metrics` run side by side in a
+/// `JoinSet`; the first to fail ends the others and `serve` returns its error.
+pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = StateStore::open(&cfg.state_dir)?;
     let state = match store.load()? {
         Some(mut saved) => {
@@ -80,13 +82,18 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    // Every loop of the service; a failure of one ends them all.
+    let mut loops: JoinSet<anyhow::Result<()>> = JoinSet::new();
     let ticker = coordinator.clone();
     let period = Duration::from_millis((cfg.job.heartbeat_timeout_ms / 4).clamp(100, 1_000));
-    tokio::spawn(async move {
+    let stop = shutdown.clone();
+    loops.spawn(async move {
         let mut interval = tokio::time::interval(period);
         loop {
-            interval.tick().await;
-            ticker.tick();
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = interval.tick() => ticker.tick().await,
+            }
         }
     });
 
@@ -95,8 +102,9 @@ pub async fn serve(
         let app = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
-                let state = source.snapshot();
+                let source = source.clone();
                 async move {
+                    let state = source.snapshot().await;
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
@@ -111,10 +119,12 @@ pub async fn serve(
             .await
             .map_err(|e| anyhow::anyhow!("cannot serve /metrics on {addr}: {e}"))?;
         tracing::info!("metrics on http://{addr}/metrics");
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("metrics server: {e}");
-            }
+        let stop = shutdown.clone();
+        loops.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .context("the /metrics server failed")
         });
     }
 
@@ -133,7 +143,7 @@ pub async fn serve(
         builder = builder
             .tls_config(lillm_proto::client::server_tls(cert, key).map_err(anyhow::Error::msg)?)?;
     }
-    builder
+    let grpc = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -141,8 +151,17 @@ pub async fn serve(
         .add_service(StatusServer::new(coordinator))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await?;
-    Ok(())
+            shutdown.clone().cancelled_owned(),
+        );
+    loops.spawn(async move { grpc.await.context("the gRPC server failed") });
+    // The first loop to end (shutdown, or a failure) ends the rest.
+    let mut outcome = Ok(());
+    while let Some(done) = loops.join_next().await {
+        shutdown.cancel();
+        if let (Ok(()), Err(e)) = (&outcome, done.context("a coordinator task panicked")?) {
+            outcome = Err(e);
+        }
+    }
+    tracing::info!("coordinator stopped");
+    outcome
 }

@@ -2,7 +2,7 @@
 //! [`decide`], persists the new [`State`] and answers. No rule lives here.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lillm_proto::v1 as pb;
@@ -20,56 +20,67 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The coordinator's state behind a lock, its durable copy, and a change signal.
+/// The coordinator's state, its durable copy, and a change signal.
 #[derive(Clone)]
 pub struct Coordinator {
-    state: Arc<Mutex<State>>,
+    /// Decisions apply one at a time. The async lock is held across the save (an fsync on
+    /// the blocking pool), so what is on disk is always the latest decision, and no runtime
+    /// thread ever blocks on the disk.
+    state: Arc<tokio::sync::Mutex<State>>,
     store: Arc<StateStore>,
     changed: watch::Sender<u64>,
+    /// The job's fixed settings (token checks need no lock).
+    config: Arc<crate::JobConfig>,
 }
 
 impl Coordinator {
     pub fn new(state: State, store: StateStore) -> Self {
         Self {
-            state: Arc::new(Mutex::new(state)),
+            config: Arc::new(state.config.clone()),
+            state: Arc::new(tokio::sync::Mutex::new(state)),
             store: Arc::new(store),
             changed: watch::channel(0).0,
         }
     }
 
-    pub fn snapshot(&self) -> State {
-        self.state.lock().expect("state lock").clone()
+    pub async fn snapshot(&self) -> State {
+        self.state.lock().await.clone()
     }
 
     /// Applies one event; saves and signals when something worth keeping changed.
-    pub fn apply(&self, event: Event) -> Result<Decision, Status> {
-        let mut state = self.state.lock().expect("state lock");
+    pub async fn apply(&self, event: Event) -> Result<Decision, Status> {
+        let mut state = self.state.lock().await;
         let decision = decide(now_ms(), &state, event);
-        if decision.refusal.is_none() {
-            if !decision.reason.is_empty() {
-                tracing::info!("{}", decision.reason);
-                self.store
-                    .save(&decision.state)
-                    .map_err(|e| Status::internal(e.to_string()))?;
-                self.changed.send_modify(|v| *v += 1);
-            }
-            *state = decision.state.clone();
-        } else {
-            tracing::warn!("{}", decision.reason);
+        if decision.refusal.is_some() {
+            tracing::warn!(reason = %decision.reason, "refused");
+            return Ok(decision);
         }
+        if !decision.reason.is_empty() {
+            tracing::info!(
+                generation = decision.state.generation,
+                "{}",
+                decision.reason
+            );
+            let (store, next) = (self.store.clone(), decision.state.clone());
+            tokio::task::spawn_blocking(move || store.save(&next))
+                .await
+                .map_err(|e| Status::internal(format!("saving the state: {e}")))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+            self.changed.send_modify(|v| *v += 1);
+        }
+        *state = decision.state.clone();
         Ok(decision)
     }
 
     /// Periodic liveness check.
-    pub fn tick(&self) {
-        if let Err(e) = self.apply(Event::Tick) {
-            tracing::error!("tick: {e}");
+    pub async fn tick(&self) {
+        if let Err(e) = self.apply(Event::Tick).await {
+            tracing::error!(cause = %e, "tick");
         }
     }
 
     fn authorize(&self, token: &str) -> Result<(), Status> {
-        let state = self.state.lock().expect("state lock");
-        authorize(&state.config, token).map_err(refusal_status)
+        authorize(&self.config, token).map_err(refusal_status)
     }
 }
 
@@ -80,7 +91,9 @@ pub fn refusal_status(refusal: Refusal) -> Status {
         Refusal::ConfigMismatch { .. } => Code::FailedPrecondition,
         Refusal::Full { .. } | Refusal::TooManyNodes { .. } => Code::ResourceExhausted,
         Refusal::UnknownMember(_) => Code::NotFound,
-        Refusal::StaleGeneration { .. } | Refusal::StepRegress { .. } => Code::FailedPrecondition,
+        // ABORTED tells a member its generation is over (it regroups); see lillm_proto::net.
+        Refusal::StaleGeneration { .. } => Code::Aborted,
+        Refusal::StepRegress { .. } => Code::FailedPrecondition,
         Refusal::NotLeader(_) => Code::PermissionDenied,
     };
     Status::new(code, refusal.to_string())
@@ -146,12 +159,15 @@ impl pb::coordinator_server::Coordinator for Coordinator {
                 r.address
             )));
         }
-        let d = decided(self.apply(Event::Register {
-            id: id.clone(),
-            address: r.address,
-            config_fingerprint: r.config_fingerprint,
-            generation: None,
-        })?)?;
+        let d = decided(
+            self.apply(Event::Register {
+                id: id.clone(),
+                address: r.address,
+                config_fingerprint: r.config_fingerprint,
+                generation: None,
+            })
+            .await?,
+        )?;
         let member = &d.state.members[&id];
         Ok(Response::new(pb::RegisterReply {
             generation: d.state.generation,
@@ -179,13 +195,16 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         let deadline = tokio::time::Instant::now() + wait;
         let mut changes = self.changed.subscribe();
         loop {
-            let state = decided(self.apply(Event::Waiting { id: id.clone() })?)?.state;
+            let state = decided(self.apply(Event::Waiting { id: id.clone() }).await?)?.state;
             if let Some(a) = assignment(&state, &id) {
                 return Ok(Response::new(a));
             }
             let woke = tokio::time::timeout_at(deadline, changes.changed()).await;
             if woke.is_err() {
-                return Err(Status::unavailable(gathering_message(&state)));
+                return Ok(Response::new(pb::Assignment {
+                    waiting: gathering_message(&state),
+                    ..Default::default()
+                }));
             }
         }
     }
@@ -197,14 +216,16 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         let r = request.into_inner();
         self.authorize(&r.job_token)?;
         let id = member_id(r.id)?;
-        let d = self.apply(Event::Heartbeat {
-            id,
-            generation: r.generation,
-            step: r.step,
-            loss: finite("loss", r.loss)?,
-            tokens_per_s: finite("tokens_per_s", r.tokens_per_s)?,
-            mfu: finite("mfu", r.mfu)?,
-        })?;
+        let d = self
+            .apply(Event::Heartbeat {
+                id,
+                generation: r.generation,
+                step: r.step,
+                loss: finite("loss", r.loss)?,
+                tokens_per_s: finite("tokens_per_s", r.tokens_per_s)?,
+                mfu: finite("mfu", r.mfu)?,
+            })
+            .await?;
         match d.refusal {
             Some(Refusal::StaleGeneration { current, .. }) => {
                 Ok(Response::new(pb::HeartbeatReply {
@@ -230,13 +251,16 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         if r.path.is_empty() {
             return Err(Status::invalid_argument("`path` is empty"));
         }
-        decided(self.apply(Event::Commit {
-            id,
-            generation: r.generation,
-            step: r.step,
-            path: r.path,
-            val_loss: finite("val_loss", r.val_loss)?,
-        })?)?;
+        decided(
+            self.apply(Event::Commit {
+                id,
+                generation: r.generation,
+                step: r.step,
+                path: r.path,
+                val_loss: finite("val_loss", r.val_loss)?,
+            })
+            .await?,
+        )?;
         Ok(Response::new(pb::CommitReply {}))
     }
 
@@ -246,12 +270,52 @@ impl pb::coordinator_server::Coordinator for Coordinator {
     ) -> Result<Response<pb::EvalReply>, Status> {
         let r = request.into_inner();
         self.authorize(&r.job_token)?;
-        decided(self.apply(Event::Eval {
-            step: r.step,
-            val_loss: finite("val_loss", Some(r.val_loss))?.unwrap_or_default(),
-            sample: r.sample,
-        })?)?;
+        decided(
+            self.apply(Event::Eval {
+                step: r.step,
+                val_loss: finite("val_loss", Some(r.val_loss))?.unwrap_or_default(),
+                sample: r.sample,
+            })
+            .await?,
+        )?;
         Ok(Response::new(pb::EvalReply {}))
+    }
+
+    async fn locate_dataloader(
+        &self,
+        request: Request<pb::LocateDataloaderRequest>,
+    ) -> Result<Response<pb::DataloaderLocation>, Status> {
+        let r = request.into_inner();
+        self.authorize(&r.job_token)?;
+        let index = r.dataloader_index;
+        let state = self.snapshot().await;
+        match state.dataloader(index as usize) {
+            Some(m) => Ok(Response::new(pb::DataloaderLocation {
+                dataloader_index: index,
+                address: m.address.clone(),
+            })),
+            None => Err(Status::unavailable(format!(
+                "dataloader {index} is not registered (yet)"
+            ))),
+        }
+    }
+
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveReply>, Status> {
+        let r = request.into_inner();
+        self.authorize(&r.job_token)?;
+        let id = member_id(r.id)?;
+        decided(
+            self.apply(Event::Leave {
+                id,
+                reason: r.reason,
+                finished: r.finished,
+            })
+            .await?,
+        )?;
+        Ok(Response::new(pb::LeaveReply {}))
     }
 }
 
@@ -277,6 +341,7 @@ fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
         resume_path: resume_path.unwrap_or_default().to_string(),
         dataloader_index: loader_index as u32,
         dataloader_address: loader.address.clone(),
+        waiting: String::new(),
     })
 }
 
@@ -359,7 +424,7 @@ impl pb::status_server::Status for Coordinator {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        Ok(Response::new(job_status(&self.snapshot(), now_ms())))
+        Ok(Response::new(job_status(&self.snapshot().await, now_ms())))
     }
 
     type WatchStatusStream = StatusStream;
@@ -377,7 +442,7 @@ impl pb::status_server::Status for Coordinator {
         tokio::spawn(async move {
             let mut changes = this.changed.subscribe();
             loop {
-                let status = job_status(&this.snapshot(), now_ms());
+                let status = job_status(&this.snapshot().await, now_ms());
                 if tx.send(Ok(status)).await.is_err() {
                     break;
                 }

@@ -51,6 +51,9 @@ pub struct Member {
     pub loss: Option<f64>,
     pub tokens_per_s: Option<f64>,
     pub mfu: Option<f64>,
+    /// Trainers: completed the job and left; kept for status, exempt from liveness.
+    #[serde(default)]
+    pub finished: bool,
 }
 
 /// A checkpoint the job committed.

@@ -374,3 +374,52 @@ fn a_job_restarted_as_a_new_group_accepts_a_changed_config_and_keeps_its_commit(
     assert_eq!(d.state.config_fingerprint.as_deref(), Some("cfg-2"));
     assert_eq!(d.state.resume_point(), (40, Some("run/step-00000040")));
 }
+
+fn leave(id: &MemberId, finished: bool) -> Event {
+    Event::Leave {
+        id: id.clone(),
+        reason: "test".into(),
+        finished,
+    }
+}
+
+#[test]
+fn a_trainer_leaving_on_purpose_ends_the_generation_at_once_without_a_failure() {
+    let (state, _) = gather(&members());
+    let trainer = id("node-b", Role::Trainer, 0);
+    let d = decide(100, &state, leave(&trainer, false));
+    assert!(d.refusal.is_none(), "{}", d.reason);
+    assert_eq!(d.state.phase, Phase::Gathering);
+    assert_eq!(d.state.generation, state.generation + 1);
+    assert_eq!(d.state.failures, state.failures, "leaving is not a failure");
+    assert!(!d.state.members.contains_key(&trainer));
+    // Its peer learns at its next heartbeat that its generation is over.
+    let peer = id("node-a", Role::Trainer, 0);
+    let beat = decide(200, &d.state, heartbeat(&peer, state.generation, 5));
+    assert!(
+        matches!(beat.refusal, Some(Refusal::StaleGeneration { .. })),
+        "{}",
+        beat.reason
+    );
+}
+
+#[test]
+fn a_finished_trainer_stays_listed_and_is_never_evicted() {
+    let (state, _) = gather(&members());
+    let done = id("node-b", Role::Trainer, 0);
+    let d = decide(100, &state, leave(&done, true));
+    assert_eq!(
+        d.state.phase,
+        Phase::Running,
+        "the others may still be finishing"
+    );
+    assert_eq!(d.state.generation, state.generation);
+    assert!(d.state.members[&done].finished);
+    // Long past the heartbeat timeout, only the silent unfinished members are evicted.
+    let tick = decide(60_000, &d.state, Event::Tick);
+    assert!(tick.state.members.contains_key(&done), "{}", tick.reason);
+    assert!(!tick
+        .state
+        .members
+        .contains_key(&id("node-a", Role::Trainer, 0)));
+}

@@ -10,8 +10,11 @@ use std::time::Duration;
 use crate::service::DataloaderService;
 use crate::shards::Dataset;
 use clap::Parser;
-use lillm_proto::client;
+use lillm_proto::client::{self, CoordinatorClient};
+use lillm_proto::net::{self, Action, ConnectSettings, RetryPolicy};
 use lillm_proto::v1 as pb;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -55,41 +58,85 @@ pub struct Args {
     heartbeat_ms: u64,
 }
 
-/// Registers (retrying while the coordinator is unreachable); refusals are fatal.
-async fn register(args: &Args, id: &pb::MemberId, address: &str) -> anyhow::Result<u32> {
+/// Registers (the retry policy waits for an unreachable coordinator); refusals are fatal.
+async fn register(
+    args: &Args,
+    client: &CoordinatorClient,
+    id: &pb::MemberId,
+    address: &str,
+) -> anyhow::Result<u32> {
+    let request = pb::RegisterRequest {
+        id: Some(id.clone()),
+        address: address.to_string(),
+        job_token: args.job_token.clone(),
+        config_fingerprint: String::new(),
+    };
+    let settings = ConnectSettings::from_env();
+    let reply = RetryPolicy::default()
+        .run("register with the coordinator", || {
+            let mut c = client.clone();
+            let request = request.clone();
+            let settings = &settings;
+            async move { net::call(COORDINATOR, settings, c.register(request)).await }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("registration with {} failed: {e}", args.coordinator))?;
+    tracing::info!(message = %reply.message, "registered");
+    Ok(reply.dataloader_index.unwrap_or_default())
+}
+
+/// Serves until `shutdown` is cancelled (by `main`, on SIGTERM or Ctrl-C), then leaves the
+/// job.
+pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(serve(args, shutdown))
+}
+
+const COORDINATOR: &str = "the coordinator";
+
+/// Heartbeats until `shutdown`; registers again when the coordinator no longer lists this
+/// dataloader (evicted while paused or partitioned).
+async fn heartbeats(
+    args: Arc<Args>,
+    client: CoordinatorClient,
+    id: pb::MemberId,
+    address: String,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let settings = ConnectSettings::from_env();
+    let mut every = tokio::time::interval(Duration::from_millis(args.heartbeat_ms));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned_at: Option<tokio::time::Instant> = None;
     loop {
-        let attempt = async {
-            let mut c = client::coordinator(&args.coordinator).await?;
-            c.register(pb::RegisterRequest {
-                id: Some(id.clone()),
-                address: address.to_string(),
-                job_token: args.job_token.clone(),
-                config_fingerprint: String::new(),
-            })
-            .await
-            .map_err(|s| format!("{}: {}", args.coordinator, s.message()))
-            .map(|r| r.into_inner())
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = every.tick() => {}
+        }
+        let request = pb::HeartbeatRequest {
+            id: Some(id.clone()),
+            job_token: args.job_token.clone(),
+            ..Default::default()
         };
-        match attempt.await {
-            Ok(reply) => {
-                tracing::info!("{}", reply.message);
-                return Ok(reply.dataloader_index.unwrap_or_default());
+        let mut c = client.clone();
+        match net::call(COORDINATOR, &settings, c.heartbeat(request)).await {
+            Ok(_) => {}
+            Err(e) if e.action() == Action::Register => {
+                tracing::warn!(
+                    "the coordinator no longer lists this dataloader; registering again"
+                );
+                register(&args, &client, &id, &address).await?;
             }
-            Err(e) if e.contains("cannot reach") => {
-                tracing::warn!("{e}; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+            Err(e) => {
+                let now = tokio::time::Instant::now();
+                if warned_at.is_none_or(|t| now - t >= Duration::from_secs(5)) {
+                    tracing::warn!(cause = %e, "heartbeat not delivered");
+                    warned_at = Some(now);
+                }
             }
-            Err(e) => anyhow::bail!("registration refused: {e}"),
         }
     }
 }
 
-/// Serves until Ctrl-C / SIGTERM.
-pub fn run(args: Args) -> anyhow::Result<()> {
-    tokio::runtime::Runtime::new()?.block_on(serve(args))
-}
-
-async fn serve(args: Args) -> anyhow::Result<()> {
+async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let args = Arc::new(args);
     let data = Arc::new(Dataset::open(&args.data)?);
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -99,47 +146,31 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let address = args.advertise.clone().unwrap_or_else(|| bound.to_string());
     let node = args.node.clone().unwrap_or_else(client::hostname);
     let id = client::member_id(&node, pb::Role::Dataloader, args.local_index);
-    let index = register(&args, &id, &address).await?;
+    let coordinator = CoordinatorClient::new(net::channel(
+        &args.coordinator,
+        &ConnectSettings::from_env(),
+    )?);
+    let index = tokio::select! {
+        index = register(&args, &coordinator, &id, &address) => index?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     tracing::info!(
-        "dataloader {index} serves {} on {address}",
-        args.data.display()
+        index,
+        data = %args.data.display(),
+        %address,
+        "serving batches"
     );
 
-    let heartbeat = {
-        let (args, id, address) = (args.clone(), id.clone(), address.clone());
-        async move {
-            let every = Duration::from_millis(args.heartbeat_ms);
-            loop {
-                tokio::time::sleep(every).await;
-                let beat = async {
-                    let mut c = client::coordinator(&args.coordinator).await?;
-                    c.heartbeat(pb::HeartbeatRequest {
-                        id: Some(id.clone()),
-                        job_token: args.job_token.clone(),
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|s| (s.code(), s.message().to_string()))
-                    .map_err(|(code, m)| format!("{code:?}: {m}"))
-                };
-                match beat.await {
-                    Ok(_) => {}
-                    // Evicted while unreachable (paused, partitioned): join again.
-                    Err(e) if e.starts_with("NotFound") => {
-                        tracing::warn!(
-                            "the coordinator no longer lists this dataloader; registering again"
-                        );
-                        if let Err(e) = register(&args, &id, &address).await {
-                            tracing::error!("{e}");
-                        }
-                    }
-                    Err(e) => tracing::warn!("heartbeat: {e}"),
-                }
-            }
-        }
-    };
-    tokio::spawn(heartbeat);
-
+    // The heartbeat loop and the batch server run side by side; the first to fail ends
+    // the other.
+    let mut loops: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    loops.spawn(heartbeats(
+        args.clone(),
+        coordinator.clone(),
+        id.clone(),
+        address.clone(),
+        shutdown.clone(),
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::dataloader_server::DataloaderServer<DataloaderService>>()
@@ -148,23 +179,34 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         builder = builder.tls_config(client::server_tls(cert, key).map_err(anyhow::Error::msg)?)?;
     }
-    builder
+    let server = builder
         .add_service(health_service)
         .add_service(pb::dataloader_server::DataloaderServer::new(
-            DataloaderService::new(data),
+            DataloaderService::new(data, shutdown.clone()),
         ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("install a SIGTERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            },
-        )
-        .await?;
-    Ok(())
+            shutdown.clone().cancelled_owned(),
+        );
+    loops.spawn(async move { Ok(server.await?) });
+    let mut outcome = Ok(());
+    while let Some(done) = loops.join_next().await {
+        shutdown.cancel();
+        if let (Ok(()), Err(e)) = (&outcome, done?) {
+            outcome = Err(e);
+        }
+    }
+    // Leaving on purpose: the coordinator drops this dataloader now, not after a timeout.
+    let mut c = coordinator.clone();
+    let leave = pb::LeaveRequest {
+        id: Some(id),
+        job_token: args.job_token.clone(),
+        reason: "shut down".into(),
+        finished: false,
+    };
+    if let Err(e) = net::call(COORDINATOR, &ConnectSettings::from_env(), c.leave(leave)).await {
+        tracing::warn!(cause = %e, "could not tell the coordinator this dataloader leaves");
+    }
+    tracing::info!("dataloader stopped");
+    outcome
 }

@@ -22,6 +22,12 @@ pub enum Error {
     Usage(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// Talking to a dataloader or the coordinator failed (after the retry policy).
+    #[error("dataloader stream: {0}")]
+    Network(#[from] lillm_proto::net::NetError),
+    /// A dataloader answered with something a trainer cannot use.
+    #[error("dataloader stream: {0}")]
+    Protocol(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use lillm_proto::v1 as pb;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::manifest::{Split, TokenDtype};
@@ -15,11 +16,13 @@ pub const DEFAULT_PREFETCH: u32 = 4;
 
 pub struct DataloaderService {
     data: Arc<Dataset>,
+    /// Ends every open stream (with UNAVAILABLE, so trainers reconnect elsewhere).
+    shutdown: CancellationToken,
 }
 
 impl DataloaderService {
-    pub fn new(data: Arc<Dataset>) -> Self {
-        Self { data }
+    pub fn new(data: Arc<Dataset>, shutdown: CancellationToken) -> Self {
+        Self { data, shutdown }
     }
 }
 
@@ -131,7 +134,7 @@ impl pb::dataloader_server::Dataloader for DataloaderService {
         } as usize;
         // The bounded channel is the backpressure: the producer blocks once `prefetch`
         // batches wait unread.
-        let (tx, rx) = tokio::sync::mpsc::channel(prefetch);
+        let (tx, mut produced) = tokio::sync::mpsc::channel(prefetch);
         let data = self.data.clone();
         tokio::task::spawn_blocking(move || {
             let dtype = data.manifest.dtype;
@@ -160,6 +163,27 @@ impl pb::dataloader_server::Dataloader for DataloaderService {
                             .map_err(|e| Status::internal(e.to_string()));
                     if tx.blocking_send(item).is_err() {
                         return; // The reader hung up.
+                    }
+                }
+            }
+        });
+        // Forwards batches until the reader leaves or the dataloader shuts down; then the
+        // producer's next send fails and it stops too.
+        let (out, rx) = tokio::sync::mpsc::channel(1);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let bye = Status::unavailable("the dataloader is shutting down; reconnect");
+                        let _ = out.try_send(Err(bye));
+                        return;
+                    }
+                    item = produced.recv() => {
+                        let Some(item) = item else { return };
+                        if out.send(item).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }

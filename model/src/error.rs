@@ -13,6 +13,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A prompt or sampling setting that generation cannot use.
+    #[error("invalid generation request: {0}")]
+    Generation(String),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

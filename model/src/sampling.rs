@@ -31,13 +31,13 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::Config(format!(
+            return Err(Error::Generation(format!(
                 "temperature must be >= 0, got {}",
                 self.temperature
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Config(format!(
+            return Err(Error::Generation(format!(
                 "top_p must be in (0, 1], got {}",
                 self.top_p
             )));
@@ -125,10 +125,10 @@ pub fn generate(
 ) -> Result<StopReason> {
     let cfg = model.config();
     if prompt.is_empty() {
-        return Err(Error::Config("the prompt encodes to no tokens".into()));
+        return Err(Error::Generation("the prompt encodes to no tokens".into()));
     }
     if prompt.len() >= cfg.max_seq_len {
-        return Err(Error::Config(format!(
+        return Err(Error::Generation(format!(
             "the prompt has {} tokens but the model's context is {} (max_seq_len); shorten it",
             prompt.len(),
             cfg.max_seq_len

@@ -85,7 +85,7 @@ impl CheckpointActor {
             _ => Err(self
                 .finish()
                 .err()
-                .unwrap_or_else(|| Error::Config("the checkpoint writer stopped".into()))),
+                .unwrap_or_else(|| Error::Writer("it stopped without saying why".into()))),
         }
     }
 
@@ -95,7 +95,7 @@ impl CheckpointActor {
         match self.worker.take() {
             Some(w) => w
                 .join()
-                .map_err(|_| Error::Config("the checkpoint writer panicked".into()))?,
+                .map_err(|_| Error::Writer("it panicked (see the message above)".into()))?,
             None => Ok(()),
         }
     }

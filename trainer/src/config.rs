@@ -24,7 +24,8 @@ pub struct TrainConfig {
     pub out: PathBuf,
     /// Sequences per micro-batch.
     pub batch_size: usize,
-    /// Tokens per sequence (at most the model's `max_seq_len`).
+    /// Tokens per sequence (at most the model's `max_seq_len`; 0 = the model's
+    /// `max_seq_len`, so every preset trains with its defaults).
     pub block_size: usize,
     /// Micro-batches per optimizer step (divided across ranks).
     pub grad_accum: usize,
@@ -131,7 +132,7 @@ impl Default for TrainConfig {
             data: PathBuf::from("data"),
             out: PathBuf::from("runs/pretrain"),
             batch_size: 128,
-            block_size: 512,
+            block_size: 0,
             grad_accum: 8,
             max_iters: 20_000,
             lr: 6e-4,
@@ -219,12 +220,11 @@ impl TrainConfig {
         }
         for (field, v) in [
             ("batch_size", self.batch_size),
-            ("block_size", self.block_size),
             ("grad_accum", self.grad_accum),
             ("keep_last", self.keep_last),
         ] {
             if v == 0 {
-                return bad(format!("{field} must be positive"));
+                return bad(format!("{field} must be at least 1, got 0"));
             }
         }
         for (field, v) in [
@@ -233,7 +233,9 @@ impl TrainConfig {
             ("log_interval", self.log_interval),
         ] {
             if v == 0 {
-                return bad(format!("{field} must be positive"));
+                return bad(format!(
+                    "{field} must be at least 1 (steps between two), got 0"
+                ));
             }
         }
         if self.lr.is_nan() || self.lr <= 0.0 || self.min_lr < 0.0 || self.min_lr > self.lr {
@@ -278,8 +280,8 @@ impl TrainConfig {
     /// every kept conversation is shorter than it.
     pub fn sequence_len(&self, model: &ModelConfig) -> usize {
         match self.objective {
-            Objective::Pretrain => self.block_size,
-            Objective::Sft => model.max_seq_len,
+            Objective::Pretrain if self.block_size > 0 => self.block_size,
+            Objective::Pretrain | Objective::Sft => model.max_seq_len,
         }
     }
 

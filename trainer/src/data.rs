@@ -16,7 +16,7 @@ pub enum TrainData {
     Tokens(Dataset),
     Sft(SftData),
     /// Token batches streamed by a dataloader actor.
-    Remote(RemoteData),
+    Remote(Box<RemoteData>),
 }
 
 /// Inputs and targets (−1 = no loss) of a micro-batch, row-major (batch × seq).

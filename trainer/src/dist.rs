@@ -133,7 +133,7 @@ impl ProcessGroup {
             )
         };
         if raw.is_null() {
-            return Err(Error::Distributed(format!(
+            return Err(Error::Collective(format!(
                 "rank {} could not join the {backend:?} group at {}:{}: {}",
                 rdzv.rank,
                 rdzv.store_host,
@@ -156,7 +156,7 @@ impl ProcessGroup {
             lillm_c10d_allreduce_sum(self.raw, tensor.as_mut_ptr() as *mut c_void, &mut err)
         };
         if rc != 0 {
-            return Err(Error::Distributed(format!(
+            return Err(Error::Collective(format!(
                 "all-reduce failed: {}",
                 take_error(err)
             )));
@@ -177,7 +177,7 @@ impl ProcessGroup {
             )
         };
         if rc != 0 {
-            return Err(Error::Distributed(format!(
+            return Err(Error::Collective(format!(
                 "broadcast failed: {}",
                 take_error(err)
             )));
@@ -216,7 +216,7 @@ impl ProcessGroup {
         self.all_reduce_sum(&mut votes)?;
         let diverged = votes.double_value(&[]);
         if diverged > 0.0 {
-            return Err(Error::Distributed(format!(
+            return Err(Error::Collective(format!(
                 "parameters diverged at step {step}: {diverged} rank(s) disagree with rank 0 (this rank: checksum {mine} vs {theirs}); stopping"
             )));
         }

@@ -127,6 +127,16 @@ pub fn run_dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
             cfg.out.display()
         )));
     }
+    for (flag, v) in [
+        ("--log-interval", cfg.log_interval),
+        ("--eval-interval", cfg.eval_interval),
+        ("--max-iters", cfg.max_iters),
+        ("--batch-size", cfg.batch_size as u64),
+    ] {
+        if v == 0 {
+            return Err(Error::Config(format!("{flag} must be at least 1, got 0")));
+        }
+    }
     if cfg.beta.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
         return Err(Error::Config(format!(
             "beta must be positive, got {}",

@@ -19,8 +19,21 @@ pub enum Error {
     Data(#[from] lillm_data::Error),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
-    #[error("distributed: {0}")]
-    Distributed(String),
+    /// A collective (c10d) failed or the group could not form.
+    #[error("collective: {0}")]
+    Collective(String),
+    /// Talking to the coordinator or a dataloader failed (after the retry policy).
+    #[error("network: {0}")]
+    Network(#[from] lillm_proto::net::NetError),
+    /// The coordinator refused this trainer or told it something it cannot act on.
+    #[error("job membership: {0}")]
+    Membership(String),
+    /// The checkpoint writer thread failed outside of an I/O error (it panicked).
+    #[error("checkpoint writer: {0}")]
+    Writer(String),
+    /// The run stopped on request before `max_iters` (see [`crate::stop`]).
+    #[error("training stopped: {0}")]
+    Stopped(crate::stop::StopReason),
     #[error("plot: {0}")]
     Plot(String),
 }

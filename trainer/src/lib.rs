@@ -13,7 +13,9 @@
 //! - `eval_actor`: scores committed checkpoints beside training.
 //! - `report`: [`report::Reporter`], progress and commits for whoever coordinates the run.
 //! - `remote_data`: batches streamed from a dataloader actor.
-//! - `member`: a trainer actor's membership of a job (register, assignment, heartbeats).
+//! - `member`: a trainer actor's membership of a job, as an actor (register, assignment,
+//!   heartbeats and commits on its own runtime).
+//! - `stop`: [`stop::Stop`], how a run is asked to stop between steps, and why.
 //! - `loaded`: [`LoadedModel`], a verified checkpoint ready for inference.
 //! - `eval`: perplexity of a text.
 //! - `metrics`, `plot`, `flops`: JSONL metrics, PNG loss curves, MFU's peak.
@@ -36,6 +38,7 @@ pub mod plot;
 pub mod remote_data;
 pub mod report;
 pub mod schedule;
+pub mod stop;
 pub mod train;
 
 pub use config::TrainConfig;

@@ -1,26 +1,31 @@
-//! A trainer actor's membership of a job: it registers with the coordinator, waits for its
-//! assignment (rank, rendezvous, dataloader, resume point), then heartbeats its progress and
-//! commits checkpoints. When the coordinator says its generation is over — another trainer
-//! died or restarted — the process exits with [`EXIT_REGROUP`] so its supervisor restarts
-//! it into the next group, which resumes from the last committed checkpoint.
+//! A trainer's membership of a job, as an actor: it registers with the coordinator, waits
+//! for its assignment (rank, rendezvous, dataloader, resume point), then runs two tasks on
+//! its own runtime — heartbeats (progress out, "your generation is over" in) and commits
+//! (checkpoints the writer finished, in order, retried by the one policy) — so neither ever
+//! depends on what the training thread is doing. A generation ending is a [`Stop`] request
+//! with [`StopReason::Regroup`], obeyed by the training loop between steps.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lillm_data::remote::Locate;
+use lillm_data::remote::{Locate, StreamSource};
 use lillm_proto::client::{self, CoordinatorClient};
+use lillm_proto::net::{self, Action, ConnectSettings, NetError, RetryPolicy};
 use lillm_proto::v1 as pb;
 use tokio::runtime::Runtime;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::dist::Rendezvous;
 use crate::eval_actor::{EvalActor, EvalPlan};
 use crate::metrics::Record;
 use crate::report::Reporter;
+use crate::stop::{Stop, StopReason};
 use crate::{Error, Result};
 
-/// Exit status of a trainer whose generation ended (EX_TEMPFAIL: start it again).
-pub const EXIT_REGROUP: i32 = 75;
+const COORDINATOR: &str = "the coordinator";
 
 #[derive(Debug, Clone)]
 pub struct MemberOptions {
@@ -35,11 +40,12 @@ pub struct MemberOptions {
     /// Hash of the training config (see `TrainConfig::fingerprint`).
     pub fingerprint: String,
     pub heartbeat: Duration,
-    /// How long to keep retrying an unreachable coordinator or dataloader.
-    pub patience: Duration,
+    pub connect: ConnectSettings,
+    /// How long an unreachable coordinator or dataloader is retried.
+    pub policy: RetryPolicy,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Progress {
     step: u64,
     loss: Option<f64>,
@@ -47,111 +53,102 @@ struct Progress {
     mfu: Option<f64>,
 }
 
-pub struct Membership {
-    rt: Runtime,
-    pub assignment: pb::Assignment,
-    /// Who this trainer is and what it reports (options, id, progress, evaluator).
-    reporter: Arc<CoordinatorReporter>,
+/// A checkpoint on disk, to be committed; or a request to say when all before it are.
+enum CommitCmd {
+    Commit {
+        step: u64,
+        path: String,
+        val_loss: Option<f64>,
+    },
+    Flush(oneshot::Sender<()>),
 }
 
-fn status_text(s: &tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
+/// What the member's tasks share. Owned by [`Membership`]; the tasks hold `Arc`s.
+struct Shared {
+    opts: MemberOptions,
+    id: pb::MemberId,
+    generation: u64,
+    /// Long-lived: one HTTP/2 connection (re-dialled when it breaks) for every call.
+    client: CoordinatorClient,
+    /// Written by the training thread at log intervals, read by the heartbeat task.
+    progress: Mutex<Progress>,
+    stop: Stop,
+    /// Rank 0's evaluation actor, fed by the commit task.
+    evaluator: Mutex<Option<EvalActor>>,
+    /// The first commit that failed for good (reported by [`Membership::finish`]).
+    commit_error: Mutex<Option<String>>,
+}
+
+pub struct Membership {
+    /// The member's own threads: heartbeats and commits run here, never on the training
+    /// thread.
+    rt: Runtime,
+    pub assignment: pb::Assignment,
+    shared: Arc<Shared>,
+    commits: mpsc::Sender<CommitCmd>,
+    tasks: TaskTracker,
+    /// Ends the heartbeat task.
+    done: CancellationToken,
 }
 
 impl Membership {
-    /// Registers and waits until a group forms. Refusals (token, config, full) are errors;
-    /// an unreachable coordinator is retried for `patience`.
-    pub fn join(opts: MemberOptions) -> Result<Self> {
+    /// Registers and waits until a group forms, then starts heartbeats and the commit task.
+    /// Refusals (token, config, full) are errors; an unreachable coordinator is retried by
+    /// `opts.policy`; a stop requested meanwhile ends the wait.
+    pub fn join(opts: MemberOptions, stop: Stop) -> Result<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(2)
+            .thread_name("membership")
             .enable_all()
             .build()
-            .map_err(|e| Error::Distributed(format!("cannot start the async runtime: {e}")))?;
+            .map_err(|e| Error::Membership(format!("cannot start the async runtime: {e}")))?;
         let id = client::member_id(&opts.node, pb::Role::Trainer, opts.local_rank);
-        let assignment = rt.block_on(Self::register_and_wait(&opts, &id))?;
+        let client = {
+            let _in_runtime = rt.enter();
+            CoordinatorClient::new(net::channel(&opts.coordinator, &opts.connect)?)
+        };
+        let stopped = stop.token();
+        let assignment = rt.block_on(async {
+            tokio::select! {
+                a = register_and_wait(&opts, &id, &client) => a,
+                _ = stopped.cancelled() => Err(Error::Membership(format!(
+                    "stopped before a group formed: {}",
+                    stop.reason().unwrap_or(StopReason::Shutdown)
+                ))),
+            }
+        })?;
         tracing::info!(
-            "generation {}: rank {} of {}, dataloader {} at {}, resuming from step {}",
-            assignment.generation,
-            assignment.rank,
-            assignment.world_size,
-            assignment.dataloader_index,
-            assignment.dataloader_address,
-            assignment.resume_step
+            generation = assignment.generation,
+            rank = assignment.rank,
+            world_size = assignment.world_size,
+            dataloader = assignment.dataloader_index,
+            dataloader_address = %assignment.dataloader_address,
+            resume_step = assignment.resume_step,
+            "joined the group"
         );
-        let reporter = Arc::new(CoordinatorReporter {
-            rt: rt.handle().clone(),
+        let shared = Arc::new(Shared {
             opts,
             id,
             generation: assignment.generation,
-            progress: Arc::default(),
+            client,
+            progress: Mutex::default(),
+            stop,
             evaluator: Mutex::new(None),
+            commit_error: Mutex::new(None),
         });
+        let (commits, inbox) = mpsc::channel(64);
+        let tasks = TaskTracker::new();
+        let done = CancellationToken::new();
+        tasks.spawn_on(heartbeats(shared.clone(), done.clone()), rt.handle());
+        tasks.spawn_on(commit_loop(shared.clone(), inbox), rt.handle());
         Ok(Self {
             rt,
             assignment,
-            reporter,
+            shared,
+            commits,
+            tasks,
+            done,
         })
-    }
-
-    async fn connect(opts: &MemberOptions) -> Result<CoordinatorClient> {
-        let started = tokio::time::Instant::now();
-        loop {
-            match client::coordinator(&opts.coordinator).await {
-                Ok(c) => return Ok(c),
-                Err(e) if started.elapsed() >= opts.patience => {
-                    return Err(Error::Distributed(e));
-                }
-                Err(e) => {
-                    tracing::warn!("{e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    }
-
-    async fn register_and_wait(opts: &MemberOptions, id: &pb::MemberId) -> Result<pb::Assignment> {
-        let mut c = Self::connect(opts).await?;
-        let reply = c
-            .register(pb::RegisterRequest {
-                id: Some(id.clone()),
-                address: opts.bind_host.clone(),
-                job_token: opts.job_token.clone(),
-                config_fingerprint: opts.fingerprint.clone(),
-            })
-            .await
-            .map_err(|s| {
-                Error::Distributed(format!(
-                    "the coordinator at {} refused this trainer: {}",
-                    opts.coordinator,
-                    status_text(&s)
-                ))
-            })?
-            .into_inner();
-        tracing::info!("{}", reply.message);
-        loop {
-            let answer = c
-                .await_assignment(pb::AwaitAssignmentRequest {
-                    id: Some(id.clone()),
-                    job_token: opts.job_token.clone(),
-                    wait_ms: 2_000,
-                })
-                .await;
-            match answer {
-                Ok(a) => return Ok(a.into_inner()),
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    tracing::info!("{}", s.message());
-                    if s.message().contains("cannot reach") || s.message().contains("transport") {
-                        c = Self::connect(opts).await?;
-                    }
-                }
-                Err(s) => {
-                    return Err(Error::Distributed(format!(
-                        "waiting for an assignment: {}",
-                        status_text(&s)
-                    )))
-                }
-            }
-        }
     }
 
     pub fn handle(&self) -> tokio::runtime::Handle {
@@ -164,7 +161,7 @@ impl Membership {
         Rendezvous {
             store_host: a.store_host.clone(),
             store_port: a.store_port as u16,
-            bind_host: self.reporter.opts.bind_host.clone(),
+            bind_host: self.shared.opts.bind_host.clone(),
             rank: a.rank as usize,
             world_size: a.world_size as usize,
             prefix: a.store_prefix.clone(),
@@ -172,111 +169,199 @@ impl Membership {
         }
     }
 
-    /// Where this trainer's dataloader is: the assigned address first; after a failure, the
-    /// address the coordinator now lists for the same dataloader index (it may have moved).
-    pub fn locate_dataloader(&self) -> Locate {
-        let coordinator = self.reporter.opts.coordinator.clone();
-        let index = self.assignment.dataloader_index;
-        let rt = self.handle();
-        let first = Mutex::new(Some(self.assignment.dataloader_address.clone()));
-        Arc::new(move || {
-            if let Some(address) = first.lock().expect("lock").take() {
-                return Ok(address);
-            }
-            rt.block_on(async {
-                let mut status =
-                    pb::status_client::StatusClient::new(client::channel(&coordinator).await?);
-                let job = status
-                    .get_status(pb::StatusRequest {})
-                    .await
-                    .map_err(|s| status_text(&s))?
-                    .into_inner();
-                job.members
-                    .iter()
-                    .find(|m| {
-                        m.id.as_ref()
-                            .is_some_and(|id| id.role == pb::Role::Dataloader as i32)
-                            && m.rank == Some(index)
-                    })
-                    .map(|m| m.address.clone())
-                    .ok_or_else(|| format!("dataloader {index} is not registered (yet)"))
-            })
-        })
-    }
-
-    fn heartbeat_request(&self) -> pb::HeartbeatRequest {
-        heartbeat_request(
-            &self.reporter.opts,
-            &self.reporter.id,
-            self.assignment.generation,
-            &self.reporter.progress,
-        )
-    }
-
-    /// Sends one last heartbeat so the coordinator shows where this trainer stopped.
-    pub fn final_heartbeat(&self) {
-        let request = self.heartbeat_request();
-        let coordinator = self.reporter.opts.coordinator.clone();
-        let sent = self.rt.block_on(async move {
-            let mut c = client::coordinator(&coordinator).await?;
-            c.heartbeat(request).await.map_err(|s| status_text(&s))
-        });
-        if let Err(e) = sent {
-            tracing::warn!("final heartbeat: {e}");
+    /// How to reach this trainer's dataloader: the assigned address, and after a failure
+    /// wherever the coordinator now lists it.
+    pub fn dataloader(&self) -> StreamSource {
+        let opts = &self.shared.opts;
+        StreamSource {
+            locate: Locate::Coordinator {
+                client: self.shared.client.clone(),
+                job_token: opts.job_token.clone(),
+                index: self.assignment.dataloader_index,
+                assigned: self.assignment.dataloader_address.clone(),
+            },
+            settings: opts.connect.clone(),
+            policy: opts.policy,
         }
     }
 
-    /// Starts heartbeating. A reply saying the generation is over ends the process with
-    /// [`EXIT_REGROUP`].
-    pub fn start_heartbeats(&self) {
-        let (opts, id, progress, generation) = (
-            self.reporter.opts.clone(),
-            self.reporter.id.clone(),
-            self.reporter.progress.clone(),
-            self.assignment.generation,
-        );
-        self.rt.spawn(async move {
-            let mut client: Option<CoordinatorClient> = None;
-            loop {
-                tokio::time::sleep(opts.heartbeat).await;
-                if client.is_none() {
-                    client = client::coordinator(&opts.coordinator).await.ok();
-                }
-                let Some(c) = client.as_mut() else {
-                    tracing::warn!("coordinator {} unreachable; will retry", opts.coordinator);
-                    continue;
-                };
-                let request = heartbeat_request(&opts, &id, generation, &progress);
-                match c.heartbeat(request).await {
-                    Ok(reply) if reply.get_ref().stale => {
-                        eprintln!(
-                            "error: generation {generation} is over (the job is now at generation {}): another trainer died or restarted; exiting so this trainer can be restarted into the new group",
-                            reply.get_ref().generation
-                        );
-                        std::process::exit(EXIT_REGROUP);
-                    }
-                    Ok(_) => {}
-                    Err(s) => {
-                        tracing::warn!("heartbeat: {}", status_text(&s));
-                        client = None;
-                    }
-                }
+    pub fn reporter(&self) -> Arc<dyn Reporter> {
+        Arc::new(MemberReporter {
+            shared: self.shared.clone(),
+            commits: self.commits.clone(),
+        })
+    }
+
+    /// Starts the evaluation actor: every committed checkpoint is scored and the score
+    /// reported to the coordinator.
+    pub fn start_evaluator(&self, plan: EvalPlan) {
+        let (rt, shared) = (self.handle(), self.shared.clone());
+        let sink = Box::new(move |step: u64, val_loss: f64, sample: &str| {
+            let request = pb::EvalReport {
+                job_token: shared.opts.job_token.clone(),
+                step,
+                val_loss,
+                sample: sample.to_string(),
+            };
+            let mut client = shared.client.clone();
+            let sent = rt.block_on(net::call(
+                COORDINATOR,
+                &shared.opts.connect,
+                client.report_eval(request),
+            ));
+            match sent {
+                Ok(_) => tracing::info!(step, val_loss, "evaluated the committed checkpoint"),
+                Err(e) => tracing::warn!(step, cause = %e, "could not report an evaluation"),
             }
         });
+        *self.shared.evaluator.lock().expect("evaluator lock") = Some(EvalActor::start(plan, sink));
+    }
+
+    /// Tells the coordinator this trainer is leaving on purpose, so its generation ends now
+    /// rather than after a heartbeat timeout.
+    fn leave(&self, reason: &str, finished: bool) {
+        let request = pb::LeaveRequest {
+            id: Some(self.shared.id.clone()),
+            job_token: self.shared.opts.job_token.clone(),
+            reason: reason.to_string(),
+            finished,
+        };
+        let mut client = self.shared.client.clone();
+        let left = self.rt.block_on(net::call(
+            COORDINATOR,
+            &self.shared.opts.connect,
+            client.leave(request),
+        ));
+        match left {
+            Ok(_) => tracing::info!(reason, "left the job"),
+            // Already gone from its view (evicted, or the coordinator forgot us): fine.
+            Err(e) if e.action() == Action::Register => {}
+            Err(e) => {
+                tracing::warn!(cause = %e, "could not tell the coordinator this trainer leaves")
+            }
+        }
+    }
+
+    /// Waits until every checkpoint handed over is committed and scored, then either leaves
+    /// the job (`leaving`: why) or, when the run finished, sends a last heartbeat (so status
+    /// shows where this trainer stopped) and says it finished; then stops the tasks.
+    pub fn finish(self, leaving: Option<&str>) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        if self.commits.blocking_send(CommitCmd::Flush(tx)).is_ok() {
+            let _ = rx.blocking_recv();
+        }
+        let evaluator = self.shared.evaluator.lock().expect("evaluator lock").take();
+        if let Some(mut e) = evaluator {
+            e.finish();
+        }
+        if let Some(reason) = leaving {
+            self.leave(reason, false);
+        } else if self.shared.stop.reason().is_none() {
+            // Done: a last heartbeat so status shows the final step, then say so, so that
+            // the coordinator stops expecting heartbeats while the others finish.
+            let mut client = self.shared.client.clone();
+            let request = heartbeat_request(&self.shared);
+            let sent = self.rt.block_on(net::call(
+                COORDINATOR,
+                &self.shared.opts.connect,
+                client.heartbeat(request),
+            ));
+            if let Err(e) = sent {
+                tracing::warn!(cause = %e, "final heartbeat");
+            }
+            self.leave("finished", true);
+        }
+        self.done.cancel();
+        drop(self.commits);
+        self.tasks.close();
+        self.rt.block_on(self.tasks.wait());
+        match self
+            .shared
+            .commit_error
+            .lock()
+            .expect("commit error lock")
+            .take()
+        {
+            Some(e) => Err(Error::Membership(e)),
+            None => Ok(()),
+        }
     }
 }
 
-fn heartbeat_request(
+/// Registers (retrying an unreachable coordinator), then asks for the assignment until a
+/// group forms; registers again if the coordinator forgot this trainer meanwhile.
+async fn register_and_wait(
     opts: &MemberOptions,
     id: &pb::MemberId,
-    generation: u64,
-    progress: &Mutex<Progress>,
-) -> pb::HeartbeatRequest {
-    let p = progress.lock().expect("progress lock");
+    client: &CoordinatorClient,
+) -> Result<pb::Assignment> {
+    let register = || async {
+        let request = pb::RegisterRequest {
+            id: Some(id.clone()),
+            address: opts.bind_host.clone(),
+            job_token: opts.job_token.clone(),
+            config_fingerprint: opts.fingerprint.clone(),
+        };
+        let reply = opts
+            .policy
+            .run("register with the coordinator", || {
+                let mut c = client.clone();
+                let request = request.clone();
+                async move { net::call(COORDINATOR, &opts.connect, c.register(request)).await }
+            })
+            .await
+            .map_err(|e| refused(opts, e))?;
+        tracing::info!(message = %reply.message, "registered");
+        Ok::<_, Error>(())
+    };
+    register().await?;
+    let mut last_said = String::new();
+    loop {
+        let request = pb::AwaitAssignmentRequest {
+            id: Some(id.clone()),
+            job_token: opts.job_token.clone(),
+            wait_ms: 2_000,
+        };
+        let answer =
+            opts.policy
+                .run("wait for a group", || {
+                    let mut c = client.clone();
+                    let request = request.clone();
+                    async move {
+                        net::call(COORDINATOR, &opts.connect, c.await_assignment(request)).await
+                    }
+                })
+                .await;
+        match answer {
+            Ok(a) if a.waiting.is_empty() => return Ok(a),
+            Ok(a) => {
+                if a.waiting != last_said {
+                    tracing::info!(waiting = %a.waiting, "no group yet");
+                    last_said = a.waiting;
+                }
+            }
+            Err(e) if e.action() == Action::Register => register().await?,
+            Err(e) => return Err(refused(opts, e)),
+        }
+    }
+}
+
+fn refused(opts: &MemberOptions, e: NetError) -> Error {
+    match e.action() {
+        Action::Fail if e.code().is_some() => Error::Membership(format!(
+            "the coordinator at {} refused this trainer: {e}",
+            opts.coordinator
+        )),
+        _ => Error::Network(e),
+    }
+}
+
+fn heartbeat_request(shared: &Shared) -> pb::HeartbeatRequest {
+    let p = *shared.progress.lock().expect("progress lock");
     pb::HeartbeatRequest {
-        id: Some(id.clone()),
-        job_token: opts.job_token.clone(),
-        generation,
+        id: Some(shared.id.clone()),
+        job_token: shared.opts.job_token.clone(),
+        generation: shared.generation,
         step: p.step,
         loss: p.loss,
         tokens_per_s: p.tokens_per_s,
@@ -284,117 +369,151 @@ fn heartbeat_request(
     }
 }
 
-/// Reports a trainer's progress into its heartbeats and its checkpoints as commits.
-pub struct CoordinatorReporter {
-    rt: tokio::runtime::Handle,
-    opts: MemberOptions,
-    id: pb::MemberId,
-    generation: u64,
-    progress: Arc<Mutex<Progress>>,
-    /// Scores each committed checkpoint (rank 0).
-    evaluator: Mutex<Option<EvalActor>>,
-}
-
-impl Membership {
-    pub fn reporter(&self) -> Arc<dyn Reporter> {
-        self.reporter.clone()
-    }
-
-    /// Starts the evaluation actor: every committed checkpoint is scored and the score
-    /// reported to the coordinator.
-    pub fn start_evaluator(&self, plan: EvalPlan) {
-        let (rt, coordinator, token) = (
-            self.handle(),
-            self.reporter.opts.coordinator.clone(),
-            self.reporter.opts.job_token.clone(),
-        );
-        let sink = Box::new(move |step: u64, val_loss: f64, sample: &str| {
-            let request = pb::EvalReport {
-                job_token: token.clone(),
-                step,
-                val_loss,
-                sample: sample.to_string(),
-            };
-            let coordinator = coordinator.clone();
-            let sent = rt.block_on(async move {
-                let mut c = client::coordinator(&coordinator).await?;
-                c.report_eval(request).await.map_err(|s| status_text(&s))
-            });
-            match sent {
-                Ok(_) => tracing::info!("checkpoint of step {step}: val loss {val_loss:.4}"),
-                Err(e) => tracing::warn!("reporting the evaluation of step {step}: {e}"),
+/// Heartbeats every `opts.heartbeat` until `done`. A reply saying the generation is over
+/// (or that the coordinator evicted this trainer) requests a regroup stop.
+async fn heartbeats(shared: Arc<Shared>, done: CancellationToken) {
+    let mut every = tokio::time::interval(shared.opts.heartbeat);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut warned_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let mut client = shared.client.clone();
+        let request = heartbeat_request(&shared);
+        let answer = net::call(COORDINATOR, &shared.opts.connect, client.heartbeat(request)).await;
+        let ended = match answer {
+            Ok(reply) if reply.stale => Some(format!(
+                "generation {} is over (the job is at generation {})",
+                shared.generation, reply.generation
+            )),
+            Ok(_) => {
+                if failing_since.take().is_some() {
+                    tracing::info!("the coordinator answers heartbeats again");
+                }
+                None
             }
-        });
-        *self.reporter.evaluator.lock().expect("evaluator lock") =
-            Some(EvalActor::start(plan, sink));
-    }
-
-    /// Waits for the evaluation actor to score what it has queued.
-    pub fn finish_evaluations(&self) {
-        let evaluator = self
-            .reporter
-            .evaluator
-            .lock()
-            .expect("evaluator lock")
-            .take();
-        if let Some(mut e) = evaluator {
-            e.finish();
+            Err(e) if matches!(e.action(), Action::Regroup | Action::Register) => {
+                Some(format!("the coordinator dropped this trainer: {e}"))
+            }
+            Err(e) => {
+                let now = tokio::time::Instant::now();
+                let since = *failing_since.get_or_insert(now);
+                if warned_at.is_none_or(|t| now - t >= Duration::from_secs(5)) {
+                    tracing::warn!(cause = %e, failing_for_s = (now - since).as_secs(), "heartbeat not delivered; training goes on");
+                    warned_at = Some(now);
+                }
+                None
+            }
+        };
+        if let Some(why) = ended {
+            tracing::warn!(reason = %why, "leaving the group to join the next one");
+            shared.stop.request(StopReason::Regroup {
+                generation: shared.generation,
+            });
+            return;
         }
     }
 }
 
-impl Reporter for CoordinatorReporter {
+/// Commits checkpoints in the order they were written. An unreachable coordinator is
+/// waited for (by the retry policy); a stale generation requests a regroup; any other
+/// refusal is remembered for [`Membership::finish`].
+async fn commit_loop(shared: Arc<Shared>, mut inbox: mpsc::Receiver<CommitCmd>) {
+    while let Some(cmd) = inbox.recv().await {
+        let (step, path, val_loss) = match cmd {
+            CommitCmd::Flush(tx) => {
+                let _ = tx.send(());
+                continue;
+            }
+            CommitCmd::Commit {
+                step,
+                path,
+                val_loss,
+            } => (step, path, val_loss),
+        };
+        let request = pb::CommitRequest {
+            id: Some(shared.id.clone()),
+            job_token: shared.opts.job_token.clone(),
+            generation: shared.generation,
+            step,
+            path: path.clone(),
+            val_loss,
+        };
+        let what = format!("commit the checkpoint of step {step}");
+        let committed = shared
+            .opts
+            .policy
+            .run(&what, || {
+                let mut c = shared.client.clone();
+                let request = request.clone();
+                let connect = &shared.opts.connect;
+                async move { net::call(COORDINATOR, connect, c.commit(request)).await }
+            })
+            .await;
+        match committed {
+            Ok(_) => {
+                tracing::info!(step, "committed the checkpoint");
+                if let Some(e) = shared.evaluator.lock().expect("evaluator lock").as_ref() {
+                    e.submit(step, path.into());
+                }
+            }
+            Err(e) if e.action() == Action::Regroup => {
+                tracing::warn!(step, cause = %e, "checkpoint not committed: the generation is over");
+                shared.stop.request(StopReason::Regroup {
+                    generation: shared.generation,
+                });
+            }
+            Err(e) => {
+                tracing::error!(step, cause = %e, "checkpoint not committed");
+                let mut first = shared.commit_error.lock().expect("commit error lock");
+                first.get_or_insert_with(|| {
+                    format!("the checkpoint of step {step} was not committed: {e}")
+                });
+            }
+        }
+    }
+}
+
+/// The training loop's view of the membership: progress into heartbeats, checkpoints into
+/// the commit task (never blocking on the network).
+struct MemberReporter {
+    shared: Arc<Shared>,
+    commits: mpsc::Sender<CommitCmd>,
+}
+
+impl Reporter for MemberReporter {
     fn progress(&self, record: &Record) {
-        let mut p = self.progress.lock().expect("progress lock");
-        p.step = record.step;
-        p.loss = record.loss;
-        p.tokens_per_s = record.tokens_per_s;
-        p.mfu = record.mfu;
+        *self.shared.progress.lock().expect("progress lock") = Progress {
+            step: record.step,
+            loss: record.loss,
+            tokens_per_s: record.tokens_per_s,
+            mfu: record.mfu,
+        };
     }
 
     fn checkpoint_written(&self, step: u64, dir: &Path, val_loss: Option<f64>) -> Result<()> {
-        let request = pb::CommitRequest {
-            id: Some(self.id.clone()),
-            job_token: self.opts.job_token.clone(),
-            generation: self.generation,
-            step,
-            path: std::fs::canonicalize(dir)
-                .unwrap_or_else(|_| dir.to_path_buf())
-                .display()
-                .to_string(),
-            val_loss,
-        };
-        let (coordinator, patience) = (self.opts.coordinator.clone(), self.opts.patience);
-        // An unreachable coordinator (restarting, say) is waited for; a refusal is final.
-        self.rt.block_on(async move {
-            let started = tokio::time::Instant::now();
-            loop {
-                let refused = match client::coordinator(&coordinator).await {
-                    Ok(mut c) => match c.commit(request.clone()).await {
-                        Ok(_) => return Ok(()),
-                        Err(s) if s.code() == tonic::Code::Unavailable => None,
-                        Err(s) => Some(status_text(&s)),
-                    },
-                    Err(_) => None,
-                };
-                if let Some(reason) = refused {
-                    return Err(Error::Distributed(format!(
-                        "the coordinator did not accept the checkpoint of step {step}: {reason}"
-                    )));
-                }
-                if started.elapsed() >= patience {
-                    return Err(Error::Distributed(format!(
-                        "could not reach the coordinator at {coordinator} to commit the checkpoint of step {step}"
-                    )));
-                }
-                tracing::warn!("coordinator {coordinator} unreachable; the commit of step {step} waits");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        })?;
-        tracing::info!("committed the checkpoint of step {step}");
-        if let Some(e) = self.evaluator.lock().expect("evaluator lock").as_ref() {
-            e.submit(step, dir.to_path_buf());
-        }
-        Ok(())
+        let path = std::fs::canonicalize(dir)
+            .unwrap_or_else(|_| dir.to_path_buf())
+            .display()
+            .to_string();
+        self.commits
+            .blocking_send(CommitCmd::Commit {
+                step,
+                path,
+                val_loss,
+            })
+            .map_err(|_| Error::Membership("the commit task has stopped".into()))
+    }
+
+    fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.commits
+            .blocking_send(CommitCmd::Flush(tx))
+            .map_err(|_| Error::Membership("the commit task has stopped".into()))?;
+        rx.blocking_recv()
+            .map_err(|_| Error::Membership("the commit task has stopped".into()))
     }
 }

@@ -4,9 +4,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
 
-use lillm_data::remote::{describe, Locate, RemoteBatches, StreamShape};
+use lillm_data::remote::{RemoteBatches, StreamShape, StreamSource};
 use lillm_data::shards::{Batch, BatchKey};
 use lillm_proto::v1 as pb;
 use tokio::runtime::Handle;
@@ -17,8 +16,7 @@ use crate::{Error, Result};
 pub struct RemoteData {
     pub info: pb::DatasetInfo,
     rt: Handle,
-    locate: Locate,
-    patience: Duration,
+    source: StreamSource,
     /// The training micro-batches this rank takes: `start .. start + count` of each step.
     train_micros: (u32, u32),
     streams: Mutex<HashMap<StreamShape, RemoteBatches>>,
@@ -30,12 +28,11 @@ impl RemoteData {
     /// written there so checkpoints can carry it.
     pub fn connect(
         rt: Handle,
-        locate: Locate,
+        source: StreamSource,
         train_micros: (u32, u32),
-        patience: Duration,
         tokenizer_dir: Option<PathBuf>,
     ) -> Result<Self> {
-        let info = describe(&rt, &locate, patience)?;
+        let info = rt.block_on(source.describe())?;
         let tokenizer_dir = match (tokenizer_dir, info.tokenizer_json.is_empty()) {
             (Some(dir), false) => {
                 std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -48,8 +45,7 @@ impl RemoteData {
         Ok(Self {
             info,
             rt,
-            locate,
-            patience,
+            source,
             train_micros,
             streams: Mutex::new(HashMap::new()),
             tokenizer_dir,
@@ -84,9 +80,9 @@ impl RemoteData {
             prefetch: 0,
         };
         let mut streams = self.streams.lock().expect("stream lock");
-        let stream = streams.entry(shape).or_insert_with(|| {
-            RemoteBatches::new(self.rt.clone(), self.locate.clone(), shape, self.patience)
-        });
+        let stream = streams
+            .entry(shape)
+            .or_insert_with(|| RemoteBatches::new(self.rt.clone(), self.source.clone(), shape));
         let windows = stream.windows(key.step, key.micro as u32)?;
         let b = Batch::from_windows(&windows, rows, seq);
         Ok(MicroBatch {

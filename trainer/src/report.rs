@@ -15,6 +15,11 @@ pub trait Reporter: Send + Sync {
     fn checkpoint_written(&self, _step: u64, _dir: &Path, _val_loss: Option<f64>) -> Result<()> {
         Ok(())
     }
+
+    /// Returns once every checkpoint reported so far is committed.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Reports to nobody.

@@ -20,6 +20,7 @@ use crate::dist::{ProcessGroup, Rendezvous};
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::report::{Reporter, Silent};
+use crate::stop::{Stop, StopReason};
 use crate::{flops, plot, Error, Result};
 
 /// Gradients are averaged over ranks in flat buckets of at most this many bytes.
@@ -34,6 +35,8 @@ pub struct TrainSummary {
     pub last_checkpoint: std::path::PathBuf,
     pub plot: Option<std::path::PathBuf>,
     pub num_params: usize,
+    /// Why the run ended before `max_iters` (`None`: it finished).
+    pub stopped: Option<StopReason>,
 }
 
 /// Moves a micro-batch to the device as (inputs, targets) of shape (B, T).
@@ -97,6 +100,8 @@ pub struct Setup {
     pub reporter: Arc<dyn Reporter>,
     /// Membership generation recorded in checkpoints.
     pub generation: u64,
+    /// Asks the loop to stop between steps (SIGTERM, or the generation ended).
+    pub stop: Stop,
 }
 
 impl Default for Setup {
@@ -107,6 +112,7 @@ impl Default for Setup {
             start: Start::Auto,
             reporter: Arc::new(Silent),
             generation: 0,
+            stop: Stop::default(),
         }
     }
 }
@@ -134,6 +140,7 @@ pub struct Trainer {
     /// Rank 0's checkpoint writer.
     writer: Option<CheckpointActor>,
     generation: u64,
+    stop: Stop,
 }
 
 impl Trainer {
@@ -288,6 +295,7 @@ impl Trainer {
             writer: None,
             reporter: setup.reporter,
             generation: setup.generation,
+            stop: setup.stop,
         })
     }
 
@@ -334,6 +342,36 @@ impl Trainer {
         Ok(dir)
     }
 
+    /// Whether to stop before the next step, agreed by every rank: a shutdown on any rank
+    /// stops all of them at the same step (one tiny all-reduce per step), the others with
+    /// [`StopReason::PeerShutdown`]. A regroup skips the collective: the group is broken.
+    fn agreed_stop(&self) -> Result<Option<StopReason>> {
+        let local = self.stop.reason();
+        let Some(group) = &self.group else {
+            return Ok(local);
+        };
+        if let Some(r @ StopReason::Regroup { .. }) = local {
+            return Ok(Some(r));
+        }
+        let mut votes = Tensor::from(f32::from(u8::from(local.is_some()))).to_device(self.device);
+        self.collective(group.all_reduce_sum(&mut votes))?;
+        Ok((votes.double_value(&[]) > 0.0).then_some(local.unwrap_or(StopReason::PeerShutdown)))
+    }
+
+    /// A failed collective usually means a peer died: when the coordinator confirms that the
+    /// generation ended (within a few heartbeats), the loop regroups instead of failing.
+    fn collective<T>(&self, result: Result<T>) -> Result<T> {
+        result.map_err(
+            |e| match self.stop.wait_for_reason(std::time::Duration::from_secs(5)) {
+                Some(reason @ StopReason::Regroup { .. }) => {
+                    tracing::warn!(cause = %e, "a collective failed: the group is gone");
+                    Error::Stopped(reason)
+                }
+                _ => e,
+            },
+        )
+    }
+
     fn evaluate(&self, log: &mut MetricsLog) -> Result<(f64, f64)> {
         let eval = |split| {
             estimate_loss(
@@ -356,8 +394,35 @@ impl Trainer {
         Ok((train, val))
     }
 
-    /// Runs until `max_iters` steps are done; returns what happened.
+    /// Runs until `max_iters` steps are done or a stop is requested (see [`Stop`]); returns
+    /// what happened. A regroup comes back as `stopped`, as does a shutdown, after which
+    /// rank 0 has checkpointed the step it stopped at.
     pub fn run(&mut self, show_progress: bool) -> Result<TrainSummary> {
+        match self.run_steps(show_progress) {
+            Err(Error::Stopped(reason)) => Ok(self.summary(None, None, Some(reason))),
+            other => other,
+        }
+    }
+
+    fn summary(
+        &self,
+        last_val: Option<f64>,
+        last_checkpoint: Option<PathBuf>,
+        stopped: Option<StopReason>,
+    ) -> TrainSummary {
+        TrainSummary {
+            steps: self.step,
+            final_val_loss: last_val,
+            best_val_loss: self.best_val,
+            last_checkpoint: last_checkpoint
+                .unwrap_or_else(|| checkpoint::checkpoint_dir(&self.cfg.out, self.step)),
+            plot: None,
+            num_params: self.model_cfg.num_params(),
+            stopped,
+        }
+    }
+
+    fn run_steps(&mut self, show_progress: bool) -> Result<TrainSummary> {
         let cfg = self.cfg.clone();
         std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
         if !self.data.has_val() {
@@ -412,7 +477,12 @@ impl Trainer {
         let mut window_steps = 0u64;
         let mut window_start = Instant::now();
         let mut last_ckpt = None;
+        let mut stopped = None;
         loop {
+            if let Some(reason) = self.agreed_stop()? {
+                stopped = Some(reason);
+                break;
+            }
             let at_end = self.step >= cfg.max_iters;
             let eval_due = self.step.is_multiple_of(cfg.eval_interval) || at_end;
             if let (true, false, Some(log)) = (eval_due, self.evaluated_at_step, log.as_mut()) {
@@ -454,7 +524,7 @@ impl Trainer {
                 loss_acc += loss.detach();
             }
             if let Some(group) = &self.group {
-                group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES)?;
+                self.collective(group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES))?;
             }
             let grad_norm = self.opt.clip_grad_norm(cfg.grad_clip);
             self.opt.step(lr);
@@ -463,7 +533,7 @@ impl Trainer {
             if let Some(group) = &self.group {
                 let every = cfg.check_params_every;
                 if every > 0 && self.step.is_multiple_of(every) {
-                    group.check_params_agree(self.opt.params(), self.step)?;
+                    self.collective(group.check_params_agree(self.opt.params(), self.step))?;
                 }
             }
             self.tokens_seen += tokens_per_step;
@@ -472,7 +542,7 @@ impl Trainer {
             bar.set_position(self.step);
             if self.step.is_multiple_of(cfg.log_interval) || self.step == cfg.max_iters {
                 if let Some(group) = &self.group {
-                    group.all_reduce_sum(&mut loss_acc)?;
+                    self.collective(group.all_reduce_sum(&mut loss_acc))?;
                     loss_acc /= cfg.world_size as f64;
                 }
                 // The only host sync of the step, once per log interval.
@@ -505,22 +575,44 @@ impl Trainer {
             }
         }
         bar.finish_and_clear();
+        if let Some(reason @ StopReason::Regroup { .. }) = stopped {
+            // The group is gone; what rank 0 has written is flushed, nothing new is saved
+            // (the coordinator would refuse to commit it).
+            if let Some(writer) = self.writer.as_mut() {
+                writer.finish()?;
+            }
+            return Err(Error::Stopped(reason));
+        }
+        if stopped.is_some() && leader {
+            say(format!(
+                "stopping at step {} as asked: checkpointing it first",
+                self.step
+            ));
+        }
+        // The last step is checkpointed unless it just was (also when stopping early, so a
+        // resume continues with the very next batch).
+        let saved_here = last_ckpt
+            .as_ref()
+            .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.out, self.step));
         let last_checkpoint = match (last_ckpt, leader) {
-            (Some(dir), _) => dir,
-            (None, true) => self.save_checkpoint(last_val)?,
-            (None, false) => checkpoint::checkpoint_dir(&cfg.out, self.step),
+            (Some(dir), _) if saved_here => dir,
+            (_, true) if self.step > 0 || stopped.is_none() => {
+                self.save_checkpoint(last_val.filter(|_| self.evaluated_at_step))?
+            }
+            (dir, _) => dir.unwrap_or_else(|| checkpoint::checkpoint_dir(&cfg.out, self.step)),
         };
         if let Some(writer) = self.writer.as_mut() {
             writer.finish()?;
         }
-        let plot = leader.then(|| plot::plot_run(&cfg.out).ok()).flatten();
-        Ok(TrainSummary {
-            steps: self.step,
-            final_val_loss: last_val,
-            best_val_loss: self.best_val,
-            last_checkpoint,
-            plot,
-            num_params: self.model_cfg.num_params(),
-        })
+        if let (Some(_), Some(group)) = (stopped, &self.group) {
+            // Nobody leaves before rank 0's checkpoint of this step is committed: a member
+            // leaving ends the generation, after which the commit would be refused.
+            self.reporter.flush()?;
+            let mut barrier = Tensor::zeros([], (Kind::Float, self.device));
+            self.collective(group.all_reduce_sum(&mut barrier))?;
+        }
+        let mut summary = self.summary(last_val, Some(last_checkpoint), stopped);
+        summary.plot = leader.then(|| plot::plot_run(&cfg.out).ok()).flatten();
+        Ok(summary)
     }
 }

@@ -72,7 +72,8 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-pub fn serve(args: ServeArgs) -> Result<()> {
+/// Serves until `shutdown` is cancelled (by `main`, on SIGTERM or Ctrl-C).
+pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
     let device = lillm_trainer::config::parse_device(&args.device)?;
     let loaded = LoadedModel::load(&args.checkpoint, device)?;
     let model_name = args.model_name.clone().unwrap_or_else(|| {
@@ -98,15 +99,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             )
         })?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            signal.cancel();
-        });
-        run(addr, state, shutdown).await
-    })
+    runtime.block_on(run(addr, state, shutdown))
 }
 
 /// Serves until `shutdown` is cancelled.

@@ -2,6 +2,8 @@
 //! project's Python (torch, transformers, tokenizers) as the interop oracle.
 #![allow(dead_code)]
 
+pub mod job;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

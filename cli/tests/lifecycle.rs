@@ -1,0 +1,219 @@
+//! How roles end: SIGTERM to each role stops it cleanly (exit 0, its step checkpointed and
+//! committed) and the job resumes on the exact next batch; and heartbeats keep arriving
+//! through steps and evaluations that take seconds.
+
+mod common;
+
+use common::job::*;
+use common::*;
+use std::time::{Duration, Instant};
+
+fn sigterm(actor: &Actor) {
+    // SAFETY: kill(2) on the pid of a child we have not reaped.
+    unsafe {
+        libc::kill(actor.child.id() as i32, libc::SIGTERM);
+    }
+}
+
+/// Waits for `actor` to exit and returns its status code, failing after `within`.
+fn exit_code(actor: &mut Actor, within: Duration) -> i32 {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = actor.child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} still running {within:?} after SIGTERM:\n{}",
+            actor.log.display(),
+            actor.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn long_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
+    let mut args = tiny_train_args(data, out, "300", "120");
+    set_flag(&mut args, "--eval-interval", "20");
+    set_flag(&mut args, "--lr-decay-iters", "120");
+    args
+}
+
+fn checkpoint_steps(run: &std::path::Path) -> Vec<u64> {
+    let mut steps: Vec<u64> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|d| {
+            d.filter_map(|e| {
+                let name = e.ok()?.file_name().to_string_lossy().into_owned();
+                name.strip_prefix("step-")?.parse().ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    steps.sort();
+    steps
+}
+
+#[test]
+fn sigterm_checkpoints_the_current_step_and_resume_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    lillm_ok(&long_run(s(&tiny.data), s(&straight)));
+
+    let run = dir.path().join("run");
+    let args = strings(&long_run(s(&tiny.data), s(&run)));
+    let mut trainer = Actor::lillm(&args, dir.path().join("train.log"));
+    wait_until(Duration::from_secs(120), "25 training steps", || {
+        losses(&run).len() >= 25
+    });
+    sigterm(&trainer);
+    let sent = Instant::now();
+    assert_eq!(
+        exit_code(&mut trainer, Duration::from_secs(20)),
+        0,
+        "{}",
+        trainer.log_text()
+    );
+    let took = sent.elapsed();
+    let stopped_at = losses(&run).last().unwrap().0;
+    assert!(stopped_at < 120, "stopped mid-run, at step {stopped_at}");
+    assert!(
+        checkpoint_steps(&run).contains(&stopped_at),
+        "the step it stopped at ({stopped_at}) is checkpointed: {:?}",
+        checkpoint_steps(&run)
+    );
+    eprintln!("stopped at step {stopped_at}, {took:?} after SIGTERM");
+
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    let refs: Vec<&str> = resume.iter().map(String::as_str).collect();
+    lillm_ok(&refs);
+    assert_same_losses(&losses(&straight), &losses(&run));
+}
+
+#[test]
+fn sigterm_to_each_role_of_a_job_exits_zero_and_the_job_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    lillm_ok(&long_run(s(&tiny.data), s(&straight)));
+
+    let run = dir.path().join("run");
+    let job = Job::new(dir.path(), 1, 2, &[]);
+    let loader_args = job.dataloader_args(&tiny.data, "local", "127.0.0.1:0");
+    let train = long_run(s(&tiny.data), s(&run));
+    let start_all = |round: &str| -> Vec<Actor> {
+        let mut actors = vec![job.start_coordinator()];
+        actors.push(Actor::lillm(
+            &loader_args,
+            dir.path().join(format!("loader-{round}.log")),
+        ));
+        for k in 0..2 {
+            actors.push(Actor::lillm(
+                &job.trainer_args(&train, "local", k, "127.0.0.1"),
+                dir.path().join(format!("trainer{k}-{round}.log")),
+            ));
+        }
+        actors
+    };
+    let mut first = start_all("1");
+    wait_until(Duration::from_secs(120), "25 training steps", || {
+        losses(&run).len() >= 25
+    });
+    // A trainer told to stop: it and its peer stop at the same step, rank 0 commits it,
+    // the one told exits 0 and the other 75 (regroup: its supervisor restarts it).
+    sigterm(&first[3]);
+    assert_eq!(
+        exit_code(&mut first[3], Duration::from_secs(20)),
+        0,
+        "{}",
+        first[3].log_text()
+    );
+    assert_eq!(
+        exit_code(&mut first[2], Duration::from_secs(20)),
+        75,
+        "{}",
+        first[2].log_text()
+    );
+    let stopped_at = losses(&run).last().unwrap().0;
+    assert!(stopped_at < 120, "stopped mid-run, at step {stopped_at}");
+    let status = job.status();
+    assert_eq!(
+        status["last_checkpoint"]["step"].as_u64(),
+        Some(stopped_at),
+        "the step both stopped at is committed: {status}"
+    );
+    // The services stop promptly too.
+    for actor in first[..2].iter_mut().rev() {
+        sigterm(actor);
+        assert_eq!(
+            exit_code(actor, Duration::from_secs(10)),
+            0,
+            "{}",
+            actor.log_text()
+        );
+    }
+    drop(first);
+
+    let mut second = start_all("2");
+    for trainer in &mut second[2..] {
+        trainer.finish(Duration::from_secs(180));
+    }
+    assert_same_losses(&losses(&straight), &losses(&run));
+}
+
+/// Steps of seconds and a long evaluation on rank 0 (while rank 1 waits for it in the next
+/// all-reduce) under a short heartbeat timeout: nobody is declared dead.
+#[test]
+fn heartbeats_arrive_through_steps_and_evaluations_of_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let run = dir.path().join("run");
+    let job = Job::new(dir.path(), 1, 2, &["--heartbeat-timeout-ms=3000"]);
+    let _coordinator = job.start_coordinator();
+    let _loader = Actor::lillm(
+        &job.dataloader_args(&tiny.data, "local", "127.0.0.1:0"),
+        dir.path().join("loader.log"),
+    );
+    let mut train = tiny_train_args(s(&tiny.data), s(&run), "300", "4");
+    for (flag, value) in [
+        ("--d-model", "256"),
+        ("--n-layers", "4"),
+        ("--max-seq-len", "128"),
+        ("--block-size", "128"),
+        ("--batch-size", "48"),
+        ("--eval-interval", "3"),
+        ("--eval-iters", "4"),
+    ] {
+        set_flag(&mut train, flag, value);
+    }
+    let mut trainers: Vec<Actor> = (0..2)
+        .map(|k| {
+            Actor::lillm(
+                &job.trainer_args(&train, "local", k, "127.0.0.1"),
+                dir.path().join(format!("trainer{k}.log")),
+            )
+        })
+        .collect();
+    for t in &mut trainers {
+        t.finish(Duration::from_secs(300));
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let step_ms: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step_ms"].as_f64())
+        .collect();
+    assert!(
+        step_ms.iter().all(|&ms| ms >= 1000.0),
+        "steps take seconds here (else this test proves nothing): {step_ms:?}"
+    );
+    let status = job.status();
+    assert_eq!(
+        status["generation"], 1,
+        "no member was declared dead: {status}"
+    );
+    assert_eq!(status["restarts"], 0, "{status}");
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
+    assert!(!log.contains("missed heartbeats"), "{log}");
+    eprintln!("step times (ms): {step_ms:?}");
+}
