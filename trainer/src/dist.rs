@@ -85,18 +85,22 @@ pub struct ProcessGroup {
     pub world_size: usize,
 }
 
-// SAFETY: the group is only used through `&self`/`&mut self` from one thread at a time;
-// c10d's Gloo backend is safe to move between threads.
+// SAFETY: `ProcessGroup` is not `Sync`, so only one thread at a time can call into the
+// group; c10d's Gloo and NCCL backends (both behind the same opaque pointer) hold no
+// thread-local state and may be used from whichever thread owns them.
 unsafe impl Send for ProcessGroup {}
 
 fn take_error(err: *mut c_char) -> String {
     if err.is_null() {
         return "unknown c10d error".into();
     }
-    // SAFETY: the shim returns a NUL-terminated string from strdup, freed right after.
+    // SAFETY: `err` is non-null and the shim set it to a NUL-terminated string from strdup,
+    // which nobody else owns.
     let msg = unsafe { CStr::from_ptr(err) }
         .to_string_lossy()
         .into_owned();
+    // SAFETY: `err` came from the shim's strdup and is freed exactly once, here, after the
+    // last read above.
     unsafe { lillm_c10d_free_error(err) };
     msg
 }
@@ -115,11 +119,12 @@ impl ProcessGroup {
         };
         let (store, bind, prefix) = (c(&rdzv.store_host)?, c(&rdzv.bind_host)?, c(&rdzv.prefix)?);
         let mut err = std::ptr::null_mut();
-        // SAFETY: all pointers are valid NUL-terminated strings for the call's duration.
         let new_group = match backend {
             Backend::Gloo => lillm_c10d_gloo_new,
             Backend::Nccl => lillm_c10d_nccl_new,
         };
+        // SAFETY: both constructors take the same arguments; the strings are NUL-terminated
+        // `CString`s alive until after the call, and `err` is a valid out-pointer.
         let raw = unsafe {
             new_group(
                 store.as_ptr(),
@@ -265,7 +270,8 @@ impl ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        // SAFETY: `raw` came from `lillm_c10d_gloo_new` and is freed exactly once.
+        // SAFETY: `raw` came from `lillm_c10d_gloo_new` or `lillm_c10d_nccl_new` (never
+        // null: `join` returns an error instead) and is freed exactly once, here.
         unsafe { lillm_c10d_free(self.raw) };
     }
 }
