@@ -60,6 +60,9 @@ pub enum DataCmd {
         batch_size: u32,
         #[arg(long, default_value_t = 128)]
         block_size: u32,
+        /// CA certificate (PEM) of the dataloader's TLS certificate: dial it over TLS.
+        #[arg(long, env = "LILLM_TLS_CA")]
+        tls_ca: Option<PathBuf>,
     },
 }
 
@@ -133,7 +136,8 @@ pub fn run(cmd: DataCmd) -> Result<()> {
             batches,
             batch_size,
             block_size,
-        } => stream_bench(dataloader, batches, batch_size, block_size)?,
+            tls_ca,
+        } => stream_bench(dataloader, batches, batch_size, block_size, tls_ca)?,
         DataCmd::Verify { dir } => {
             let data = Dataset::open(&dir)?;
             data.verify_checksums()?;
@@ -143,7 +147,13 @@ pub fn run(cmd: DataCmd) -> Result<()> {
     Ok(())
 }
 
-fn stream_bench(address: String, batches: u64, rows: u32, seq: u32) -> Result<()> {
+fn stream_bench(
+    address: String,
+    batches: u64,
+    rows: u32,
+    seq: u32,
+    tls_ca: Option<PathBuf>,
+) -> Result<()> {
     use lillm_data::remote::{Locate, RemoteBatches, StreamShape, StreamSource};
     use lillm_proto::net::{ConnectSettings, RetryPolicy};
     let rt = tokio::runtime::Runtime::new()?;
@@ -159,7 +169,7 @@ fn stream_bench(address: String, batches: u64, rows: u32, seq: u32) -> Result<()
     };
     let source = StreamSource {
         locate: Locate::Fixed(address),
-        settings: ConnectSettings::from_env(),
+        settings: ConnectSettings::with_tls_ca(tls_ca),
         policy: RetryPolicy {
             patience: std::time::Duration::from_secs(30),
             ..RetryPolicy::default()

@@ -65,6 +65,10 @@ pub struct ActorArgs {
         default_value = ""
     )]
     pub job_token: String,
+    /// CA certificate (PEM) of the servers' TLS certificates: dial the coordinator and
+    /// dataloaders over TLS.
+    #[arg(long, env = "LILLM_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// One trainer actor: join the job, train in the assigned group, report to the coordinator.
@@ -91,7 +95,7 @@ pub fn run_trainer_actor(
             job_token: args.job_token.clone(),
             fingerprint: cfg.fingerprint(),
             heartbeat: Duration::from_secs(1),
-            connect: ConnectSettings::from_env(),
+            connect: ConnectSettings::with_tls_ca(args.tls_ca.clone()),
             policy: RetryPolicy {
                 patience: PATIENCE,
                 ..RetryPolicy::default()

@@ -69,8 +69,9 @@ enum Command {
     Import(interop_cmd::ImportCmd),
 }
 
-/// Runs the command line; `trainer` is `lillm train` under another name.
-pub fn main() {
+/// Runs the command line and says how the process should exit; `trainer` is `lillm train`
+/// under another name. The binaries' `main` returns this.
+pub fn main() -> std::process::ExitCode {
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let invoked_as = std::path::Path::new(argv.first().map_or("".as_ref(), |a| a.as_os_str()))
         .file_name()
@@ -142,14 +143,17 @@ pub fn main() {
         Command::Export(cmd) => interop_cmd::export(cmd),
         Command::Import(cmd) => interop_cmd::import(cmd),
     };
-    if let Err(err) = result {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
         // A trainer whose generation ended exits with its own status, for its supervisor.
-        if let Some(regroup) = err.downcast_ref::<job_cmd::Regroup>() {
-            eprintln!("{regroup}");
-            std::process::exit(lillm_trainer::stop::EXIT_REGROUP);
+        Err(err) if err.downcast_ref::<job_cmd::Regroup>().is_some() => {
+            eprintln!("{err}");
+            std::process::ExitCode::from(lillm_trainer::stop::EXIT_REGROUP)
         }
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! The `lillm` command.
 
-fn main() {
+fn main() -> std::process::ExitCode {
     lillm_cli::main()
 }

@@ -17,14 +17,20 @@ pub struct StatusArgs {
     /// One JSON object per status (per line with --watch), for scripts.
     #[arg(long)]
     json: bool,
+    /// CA certificate (PEM) of the coordinator's TLS certificate: dial it over TLS.
+    #[arg(long, env = "LILLM_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let channel = net::connect(&args.coordinator, &net::ConnectSettings::from_env())
-            .await
-            .map_err(|e| anyhow::anyhow!("the coordinator: {e}"))?;
+        let channel = net::connect(
+            &args.coordinator,
+            &net::ConnectSettings::with_tls_ca(args.tls_ca.clone()),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("the coordinator: {e}"))?;
         let mut c = pb::status_client::StatusClient::new(channel);
         let show = |job: &pb::JobStatus| {
             if args.json {

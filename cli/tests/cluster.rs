@@ -191,21 +191,7 @@ fn a_job_killed_everywhere_resumes_on_the_exact_next_batch() {
     let trainer_args: Vec<Vec<String>> = (0..2)
         .map(|k| job.trainer_args(&train, "local", k, "127.0.0.1"))
         .collect();
-    let start_all = |round: &str| -> Vec<Actor> {
-        let mut actors = vec![job.start_coordinator()];
-        actors.push(Actor::lillm(
-            &loader_args,
-            dir.path().join(format!("loader-{round}.log")),
-        ));
-        for (k, args) in trainer_args.iter().enumerate() {
-            actors.push(Actor::lillm(
-                args,
-                dir.path().join(format!("trainer{k}-{round}.log")),
-            ));
-        }
-        actors
-    };
-    let mut first = start_all("1");
+    let mut first = job.start_all(&loader_args, &trainer_args, "1");
     wait_until(Duration::from_secs(120), "a committed checkpoint", || {
         job.status()["last_checkpoint"]["step"].as_u64() >= Some(20)
     });
@@ -219,7 +205,7 @@ fn a_job_killed_everywhere_resumes_on_the_exact_next_batch() {
     );
 
     // The same commands again.
-    let mut second = start_all("2");
+    let mut second = job.start_all(&loader_args, &trainer_args, "2");
     for trainer in &mut second[2..] {
         trainer.finish(Duration::from_secs(180));
     }

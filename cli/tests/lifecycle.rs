@@ -102,21 +102,10 @@ fn sigterm_to_each_role_of_a_job_exits_zero_and_the_job_resumes_exactly() {
     let job = Job::new(dir.path(), 1, 2, &[]);
     let loader_args = job.dataloader_args(&tiny.data, "local", "127.0.0.1:0");
     let train = long_run(s(&tiny.data), s(&run));
-    let start_all = |round: &str| -> Vec<Actor> {
-        let mut actors = vec![job.start_coordinator()];
-        actors.push(Actor::lillm(
-            &loader_args,
-            dir.path().join(format!("loader-{round}.log")),
-        ));
-        for k in 0..2 {
-            actors.push(Actor::lillm(
-                &job.trainer_args(&train, "local", k, "127.0.0.1"),
-                dir.path().join(format!("trainer{k}-{round}.log")),
-            ));
-        }
-        actors
-    };
-    let mut first = start_all("1");
+    let trainer_args: Vec<Vec<String>> = (0..2)
+        .map(|k| job.trainer_args(&train, "local", k, "127.0.0.1"))
+        .collect();
+    let mut first = job.start_all(&loader_args, &trainer_args, "1");
     wait_until(Duration::from_secs(120), "25 training steps", || {
         losses(&run).len() >= 25
     });
@@ -155,7 +144,7 @@ fn sigterm_to_each_role_of_a_job_exits_zero_and_the_job_resumes_exactly() {
     }
     drop(first);
 
-    let mut second = start_all("2");
+    let mut second = job.start_all(&loader_args, &trainer_args, "2");
     for trainer in &mut second[2..] {
         trainer.finish(Duration::from_secs(180));
     }

@@ -11,7 +11,7 @@ use crate::service::DataloaderService;
 use crate::shards::Dataset;
 use clap::Parser;
 use lillm_proto::client::{self, CoordinatorClient};
-use lillm_proto::net::{self, Action, ConnectSettings, RetryPolicy};
+use lillm_proto::net::{self, Action, ConnectSettings, RetryPolicy, WarnEvery};
 use lillm_proto::v1 as pb;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -56,12 +56,16 @@ pub struct Args {
     /// Milliseconds between heartbeats.
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// CA certificate (PEM) of the coordinator's TLS certificate: dial it over TLS.
+    #[arg(long, env = "LILLM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 /// Registers (the retry policy waits for an unreachable coordinator); refusals are fatal.
 async fn register(
     args: &Args,
     client: &CoordinatorClient,
+    settings: &ConnectSettings,
     id: &pb::MemberId,
     address: &str,
 ) -> anyhow::Result<u32> {
@@ -71,12 +75,10 @@ async fn register(
         job_token: args.job_token.clone(),
         config_fingerprint: String::new(),
     };
-    let settings = ConnectSettings::from_env();
     let reply = RetryPolicy::default()
         .run("register with the coordinator", || {
             let mut c = client.clone();
             let request = request.clone();
-            let settings = &settings;
             async move { net::call(COORDINATOR, settings, c.register(request)).await }
         })
         .await
@@ -98,14 +100,14 @@ const COORDINATOR: &str = "the coordinator";
 async fn heartbeats(
     args: Arc<Args>,
     client: CoordinatorClient,
+    settings: ConnectSettings,
     id: pb::MemberId,
     address: String,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let settings = ConnectSettings::from_env();
     let mut every = tokio::time::interval(Duration::from_millis(args.heartbeat_ms));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut warned_at: Option<tokio::time::Instant> = None;
+    let mut warn = WarnEvery::new(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -123,15 +125,10 @@ async fn heartbeats(
                 tracing::warn!(
                     "the coordinator no longer lists this dataloader; registering again"
                 );
-                register(&args, &client, &id, &address).await?;
+                register(&args, &client, &settings, &id, &address).await?;
             }
-            Err(e) => {
-                let now = tokio::time::Instant::now();
-                if warned_at.is_none_or(|t| now - t >= Duration::from_secs(5)) {
-                    tracing::warn!(cause = %e, "heartbeat not delivered");
-                    warned_at = Some(now);
-                }
-            }
+            Err(e) if warn.due() => tracing::warn!(cause = %e, "heartbeat not delivered"),
+            Err(_) => {}
         }
     }
 }
@@ -146,12 +143,10 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let address = args.advertise.clone().unwrap_or_else(|| bound.to_string());
     let node = args.node.clone().unwrap_or_else(client::hostname);
     let id = client::member_id(&node, pb::Role::Dataloader, args.local_index);
-    let coordinator = CoordinatorClient::new(net::channel(
-        &args.coordinator,
-        &ConnectSettings::from_env(),
-    )?);
+    let settings = ConnectSettings::with_tls_ca(args.tls_ca.clone());
+    let coordinator = CoordinatorClient::new(net::channel(&args.coordinator, &settings)?);
     let index = tokio::select! {
-        index = register(&args, &coordinator, &id, &address) => index?,
+        index = register(&args, &coordinator, &settings, &id, &address) => index?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     tracing::info!(
@@ -167,6 +162,7 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     loops.spawn(heartbeats(
         args.clone(),
         coordinator.clone(),
+        settings.clone(),
         id.clone(),
         address.clone(),
         shutdown.clone(),
@@ -204,7 +200,7 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
         reason: "shut down".into(),
         finished: false,
     };
-    if let Err(e) = net::call(COORDINATOR, &ConnectSettings::from_env(), c.leave(leave)).await {
+    if let Err(e) = net::call(COORDINATOR, &settings, c.leave(leave)).await {
         tracing::warn!(cause = %e, "could not tell the coordinator this dataloader leaves");
     }
     tracing::info!("dataloader stopped");

@@ -11,10 +11,6 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
 
-/// Environment variable naming the CA certificate (PEM) that signed the servers' TLS
-/// certificates. Only `main`s read it (through [`ConnectSettings::from_env`]).
-pub const TLS_CA_ENV: &str = "LILLM_TLS_CA";
-
 /// How members dial each other.
 #[derive(Debug, Clone)]
 pub struct ConnectSettings {
@@ -43,10 +39,11 @@ impl Default for ConnectSettings {
 }
 
 impl ConnectSettings {
-    /// The defaults, with TLS when `LILLM_TLS_CA` is set.
-    pub fn from_env() -> Self {
+    /// The defaults, with TLS when the servers' CA certificate is given (each binary takes
+    /// it as `--tls-ca`, or `LILLM_TLS_CA`).
+    pub fn with_tls_ca(tls_ca: Option<PathBuf>) -> Self {
         Self {
-            tls_ca: std::env::var_os(TLS_CA_ENV).map(PathBuf::from),
+            tls_ca,
             ..Self::default()
         }
     }
@@ -95,7 +92,7 @@ pub fn action_for(code: Code) -> Action {
 pub enum NetError {
     #[error("`{address}` is not a host:port address: {reason}")]
     BadAddress { address: String, reason: String },
-    #[error("TLS settings ({TLS_CA_ENV}={path}): {reason}")]
+    #[error("TLS CA certificate {path}: {reason}")]
     Tls { path: String, reason: String },
     #[error("cannot reach {address}: {cause}")]
     Unreachable { address: String, cause: String },
@@ -221,6 +218,30 @@ pub async fn call<T>(
     }
 }
 
+/// Says when a warning about a condition that persists is due again: at most once per
+/// `every`, on tokio's clock, so a long outage logs a line every few seconds, not per try.
+#[derive(Debug)]
+pub struct WarnEvery {
+    every: Duration,
+    last: Option<tokio::time::Instant>,
+}
+
+impl WarnEvery {
+    pub fn new(every: Duration) -> Self {
+        Self { every, last: None }
+    }
+
+    /// True at the first call and then once `every` has passed since the last true.
+    pub fn due(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let due = self.last.is_none_or(|t| now - t >= self.every);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
+
 /// The one retry policy: jittered exponential backoff between `first_delay` and
 /// `max_delay`, for at most `patience` after the first failure. Only errors whose action is
 /// [`Action::Retry`] are retried.
@@ -257,7 +278,7 @@ impl RetryPolicy {
             .without_max_times()
             .build();
         let mut first_failure = None;
-        let mut last_warning: Option<tokio::time::Instant> = None;
+        let mut warn = WarnEvery::new(Duration::from_secs(5));
         loop {
             let err = match attempt().await {
                 Ok(v) => return Ok(v),
@@ -274,9 +295,8 @@ impl RetryPolicy {
                     last: Box::new(err),
                 });
             }
-            if last_warning.is_none_or(|t| now - t >= Duration::from_secs(5)) {
+            if warn.due() {
                 tracing::warn!(cause = %err, "cannot {what} yet; retrying");
-                last_warning = Some(now);
             }
             let delay = delays.next().unwrap_or(self.max_delay);
             tokio::time::sleep(delay.min(self.patience - waited)).await;

@@ -1,6 +1,7 @@
 //! What every binary's `main` (and only `main`) does with signals: SIGTERM and SIGINT cancel
-//! one shutdown token that is passed into the roles' `run(config, shutdown)`; a second
-//! signal ends the process at once (exit status 130) for a user who will not wait.
+//! one shutdown token that is passed into the roles' `run(config, shutdown)`. After the
+//! first, both signals get their default action back, so a second one ends the process at
+//! once for a user who will not wait.
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -22,19 +23,20 @@ pub fn shutdown_on_signals() -> CancellationToken {
                 let mut term = signal(SignalKind::terminate()).expect("install a SIGTERM handler");
                 let mut int = signal(SignalKind::interrupt()).expect("install a SIGINT handler");
                 let _ = ready_tx.send(());
-                let mut received = 0;
-                loop {
-                    let name = tokio::select! {
-                        _ = term.recv() => "SIGTERM",
-                        _ = int.recv() => "SIGINT",
-                    };
-                    received += 1;
-                    if received > 1 {
-                        eprintln!("{name} again: stopping now");
-                        std::process::exit(130);
-                    }
-                    tracing::info!(signal = name, "shutting down");
-                    cancel.cancel();
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                tracing::info!(
+                    signal = name,
+                    "shutting down (send it again to stop at once)"
+                );
+                cancel.cancel();
+                // SAFETY: sigaction-level reset to the default disposition; no handler of ours
+                // runs afterwards, and tokio only stops receiving these two signals.
+                unsafe {
+                    libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                    libc::signal(libc::SIGINT, libc::SIG_DFL);
                 }
             });
         })

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use lillm_data::remote::{Locate, StreamSource};
 use lillm_proto::client::{self, CoordinatorClient};
-use lillm_proto::net::{self, Action, ConnectSettings, NetError, RetryPolicy};
+use lillm_proto::net::{self, Action, ConnectSettings, NetError, RetryPolicy, WarnEvery};
 use lillm_proto::v1 as pb;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
@@ -375,7 +375,7 @@ async fn heartbeats(shared: Arc<Shared>, done: CancellationToken) {
     let mut every = tokio::time::interval(shared.opts.heartbeat);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_since: Option<tokio::time::Instant> = None;
-    let mut warned_at: Option<tokio::time::Instant> = None;
+    let mut warn = WarnEvery::new(Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = done.cancelled() => return,
@@ -399,11 +399,9 @@ async fn heartbeats(shared: Arc<Shared>, done: CancellationToken) {
                 Some(format!("the coordinator dropped this trainer: {e}"))
             }
             Err(e) => {
-                let now = tokio::time::Instant::now();
-                let since = *failing_since.get_or_insert(now);
-                if warned_at.is_none_or(|t| now - t >= Duration::from_secs(5)) {
-                    tracing::warn!(cause = %e, failing_for_s = (now - since).as_secs(), "heartbeat not delivered; training goes on");
-                    warned_at = Some(now);
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if warn.due() {
+                    tracing::warn!(cause = %e, failing_for_s = since.elapsed().as_secs(), "heartbeat not delivered; training goes on");
                 }
                 None
             }

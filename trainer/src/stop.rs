@@ -2,7 +2,7 @@
 //! [`StopReason::Shutdown`] on SIGTERM/SIGINT; the membership actor requests
 //! [`StopReason::Regroup`] when the coordinator ends this trainer's generation. The training
 //! loop looks at it between steps (all ranks agree on the step, see `Trainer::run`), so a
-//! stop never interrupts libtorch mid-operation and nobody calls `process::exit`.
+//! stop never interrupts libtorch mid-operation; the process ends by returning from `main`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -23,7 +23,7 @@ pub enum StopReason {
 }
 
 /// Exit status of a trainer whose generation ended (EX_TEMPFAIL: start it again).
-pub const EXIT_REGROUP: i32 = 75;
+pub const EXIT_REGROUP: u8 = 75;
 
 impl std::fmt::Display for StopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

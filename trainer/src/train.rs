@@ -342,20 +342,33 @@ impl Trainer {
         Ok(dir)
     }
 
-    /// Whether to stop before the next step, agreed by every rank: a shutdown on any rank
-    /// stops all of them at the same step (one tiny all-reduce per step), the others with
-    /// [`StopReason::PeerShutdown`]. A regroup skips the collective: the group is broken.
-    fn agreed_stop(&self) -> Result<Option<StopReason>> {
-        let local = self.stop.reason();
-        let Some(group) = &self.group else {
-            return Ok(local);
-        };
-        if let Some(r @ StopReason::Regroup { .. }) = local {
-            return Ok(Some(r));
+    /// A stop this rank can act on alone, before the next step: any stop of a run without
+    /// a group, and a regroup (the group is broken, no collective can agree on anything). A
+    /// shutdown in a group waits for the ranks to agree on the step ([`Self::reduce_window`]).
+    fn stop_alone(&self) -> Option<StopReason> {
+        match (self.stop.reason(), &self.group) {
+            (reason, None) => reason,
+            (reason @ Some(StopReason::Regroup { .. }), Some(_)) => reason,
+            (_, Some(_)) => None,
         }
-        let mut votes = Tensor::from(f32::from(u8::from(local.is_some()))).to_device(self.device);
-        self.collective(group.all_reduce_sum(&mut votes))?;
-        Ok((votes.double_value(&[]) > 0.0).then_some(local.unwrap_or(StopReason::PeerShutdown)))
+    }
+
+    /// The mean loss of a log window over all ranks and whether the group stops after this
+    /// step, in one all-reduce read back in the log interval's only host sync: a shutdown
+    /// asked of any rank stops every rank at the same step, the others with
+    /// [`StopReason::PeerShutdown`]. So a job stops within `log_interval` steps.
+    fn reduce_window(&self, loss_acc: &Tensor) -> Result<(f64, Option<StopReason>)> {
+        let Some(group) = &self.group else {
+            return Ok((loss_acc.double_value(&[]), None));
+        };
+        let local = self.stop.reason();
+        let wish = Tensor::from(f32::from(u8::from(local.is_some()))).to_device(self.device);
+        let mut sums = Tensor::stack(&[loss_acc.to_kind(Kind::Float), wish], 0);
+        self.collective(group.all_reduce_sum(&mut sums))?;
+        let loss = (sums.get(0) / self.cfg.world_size as f64).double_value(&[]);
+        let stop =
+            (sums.double_value(&[1]) > 0.0).then_some(local.unwrap_or(StopReason::PeerShutdown));
+        Ok((loss, stop))
     }
 
     /// A failed collective usually means a peer died: when the coordinator confirms that the
@@ -479,7 +492,7 @@ impl Trainer {
         let mut last_ckpt = None;
         let mut stopped = None;
         loop {
-            if let Some(reason) = self.agreed_stop()? {
+            if let Some(reason) = self.stop_alone() {
                 stopped = Some(reason);
                 break;
             }
@@ -541,12 +554,10 @@ impl Trainer {
             window_steps += 1;
             bar.set_position(self.step);
             if self.step.is_multiple_of(cfg.log_interval) || self.step == cfg.max_iters {
-                if let Some(group) = &self.group {
-                    self.collective(group.all_reduce_sum(&mut loss_acc))?;
-                    loss_acc /= cfg.world_size as f64;
-                }
                 // The only host sync of the step, once per log interval.
-                let loss = loss_acc.double_value(&[]) / window_steps as f64;
+                let (window_loss, group_stop) = self.reduce_window(&loss_acc)?;
+                stopped = group_stop;
+                let loss = window_loss / window_steps as f64;
                 let secs = window_start.elapsed().as_secs_f64() / window_steps as f64;
                 let tokens_per_s = tokens_per_step as f64 / secs;
                 let mfu = peak.map(|p| flops_per_step / secs / p);
@@ -572,6 +583,9 @@ impl Trainer {
                 loss_acc = Tensor::zeros([], (Kind::Float, self.device));
                 window_steps = 0;
                 window_start = Instant::now();
+                if stopped.is_some() {
+                    break;
+                }
             }
         }
         bar.finish_and_clear();

@@ -1,5 +1,5 @@
 //! `trainer`: a trainer actor, i.e. `lillm train` (usually with `--coordinator`).
 
-fn main() {
+fn main() -> std::process::ExitCode {
     lillm_cli::main()
 }

@@ -134,6 +134,28 @@ impl Job {
         actor
     }
 
+    /// Starts the coordinator, a dataloader and one trainer per argument list, with logs
+    /// named after `round` (`loader-ROUND.log`, `trainerK-ROUND.log`).
+    pub fn start_all(
+        &self,
+        loader_args: &[String],
+        trainer_args: &[Vec<String>],
+        round: &str,
+    ) -> Vec<Actor> {
+        let mut actors = vec![self.start_coordinator()];
+        actors.push(Actor::lillm(
+            loader_args,
+            self.dir.join(format!("loader-{round}.log")),
+        ));
+        for (k, args) in trainer_args.iter().enumerate() {
+            actors.push(Actor::lillm(
+                args,
+                self.dir.join(format!("trainer{k}-{round}.log")),
+            ));
+        }
+        actors
+    }
+
     pub fn dataloader_args(&self, data: &Path, node: &str, listen: &str) -> Vec<String> {
         vec![
             "dataloader".into(),
