@@ -1,15 +1,14 @@
 //! Distributed jobs from the command line: a trainer actor (`lillm train --coordinator`) and
 //! a whole local job (`lillm train --nproc N`: coordinator + dataloader + N trainers).
 
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lillm_proto::client;
-use lillm_proto::net::{ConnectSettings, RetryPolicy};
+use lillm_proto::net::{self, ConnectSettings, RetryPolicy};
+use lillm_proto::v1 as pb;
 use lillm_trainer::config::Objective;
 use lillm_trainer::data::TrainData;
 use lillm_trainer::eval_actor::EvalPlan;
@@ -18,6 +17,8 @@ use lillm_trainer::remote_data::RemoteData;
 use lillm_trainer::stop::{Stop, StopReason, EXIT_REGROUP};
 use lillm_trainer::{checkpoint, Setup, Start, TrainConfig, Trainer};
 use tokio_util::sync::CancellationToken;
+
+use crate::supervisor::{Kind, OnTrainerDeath, Spec, Supervisor};
 
 /// How long an unreachable coordinator or dataloader is retried before a trainer gives up.
 const PATIENCE: Duration = Duration::from_secs(300);
@@ -195,54 +196,93 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// Starts `lillm ARGS`, to be killed if this process dies (so no actor outlives its job);
-/// its stderr goes to `log` (appended) when given.
-fn spawn_actor(what: &str, args: &[String], log: Option<&Path>) -> Result<Child> {
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(args);
-    if let Some(path) = log {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("{}: cannot open", path.display()))?;
-        cmd.stderr(file);
-    }
-    // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    cmd.spawn()
-        .with_context(|| format!("cannot start the {what}"))
-}
-
-/// The user's `lillm train` arguments without `--nproc`.
-fn train_args_without_nproc() -> Vec<String> {
+/// The user's `lillm train` arguments without the flags the launcher sets for each trainer.
+fn trainer_args_from_command_line(launcher_sets: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = std::env::args().skip(1);
     while let Some(arg) = rest.next() {
-        if arg == "--nproc" {
+        if launcher_sets.contains(&arg.as_str()) {
             rest.next();
-        } else if !arg.starts_with("--nproc=") {
+        } else if !launcher_sets
+            .iter()
+            .any(|flag| arg.starts_with(&format!("{flag}=")))
+        {
             out.push(arg);
         }
     }
     out
 }
 
-/// `lillm train --nproc N`: a coordinator, a dataloader and N trainer actors on this machine.
-/// The coordinator keeps its state in RUN_DIR/coordinator, so the same command with
-/// `--resume` continues a job that was stopped (even by SIGKILL).
-/// Each trainer gets its share of the cores unless `--threads` says otherwise (as torchrun
-/// sets one thread per worker): N trainers each using every core would fight over them.
+/// `--threads` for each of `nproc` trainers sharing this machine, unless the user set it:
+/// N trainers each using every core would fight over them (torchrun sets one thread per
+/// worker for the same reason).
+fn share_cores(args: &mut Vec<String>, nproc: usize, threads: Option<usize>) {
+    if threads.is_none() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let share = (cores / nproc).max(1);
+        eprintln!(
+            "{nproc} trainers on {cores} cores: {share} thread(s) each (set --threads to change)"
+        );
+        args.push(format!("--threads={share}"));
+    }
+}
+
+/// Pins trainer `local_rank` to its GPU: the `local_rank`-th of the devices this process may
+/// use (`CUDA_VISIBLE_DEVICES`, or all), so that each trainer sees it as `cuda:0`.
+fn gpu_pin(local_rank: usize) -> Vec<(String, String)> {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+    let device = match visible.as_deref() {
+        Some(list) if !list.trim().is_empty() => list.split(',').nth(local_rank).map(str::trim),
+        _ => None,
+    };
+    let device = device.map_or_else(|| local_rank.to_string(), str::to_string);
+    vec![("CUDA_VISIBLE_DEVICES".into(), device)]
+}
+
+/// What the supervisor does when a trainer dies: tells the coordinator at once (a `Leave`
+/// on the dead trainer's behalf), so its group ends now instead of after a heartbeat
+/// timeout. If the coordinator cannot be told, the heartbeat timeout still catches it.
+fn tell_coordinator_on_death(
+    coordinator: String,
+    node: String,
+    job_token: String,
+    connect: ConnectSettings,
+) -> OnTrainerDeath {
+    Box::new(move |local_rank, what| {
+        let request = pb::LeaveRequest {
+            id: Some(client::member_id(&node, pb::Role::Trainer, local_rank)),
+            job_token: job_token.clone(),
+            reason: format!("its process died ({what})"),
+            finished: false,
+        };
+        let told = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(async {
+                    let mut c =
+                        client::CoordinatorClient::new(net::channel(&coordinator, &connect)?);
+                    net::call("coordinator", &connect, c.leave(request)).await
+                })
+                .map_err(|e| e.to_string())
+            });
+        if let Err(e) = told {
+            tracing::warn!(cause = %e, "could not tell the coordinator that trainer {local_rank} died");
+        }
+    })
+}
+
+/// `lillm train --nproc N`: a coordinator, a dataloader and N trainer actors on this machine,
+/// under one [`Supervisor`] that restarts any of them that dies (up to `max_restarts`
+/// failures). The coordinator keeps its state in RUN_DIR/coordinator, so the same command
+/// with `--resume` continues a job that was stopped (even by SIGKILL).
 /// On `shutdown` the trainers stop first (they checkpoint and commit), then the services.
 pub fn launch_local_job(
     cfg: &TrainConfig,
     nproc: usize,
     threads: Option<usize>,
+    max_restarts: u32,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     TrainConfig {
@@ -270,83 +310,131 @@ pub fn launch_local_job(
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
     let coordinator = format!("127.0.0.1:{}", free_port()?);
-    let s = |v: &dyn ToString| v.to_string();
     // The services log to files; the terminal shows the trainers.
     let logs = cfg.out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create", logs.display()))?;
-    let mut services = vec![spawn_actor(
-        "coordinator",
-        &[
-            s(&"coordinator"),
-            s(&"--nodes=1"),
+    let mut supervisor = Supervisor::new(
+        max_restarts,
+        tell_coordinator_on_death(
+            coordinator.clone(),
+            LOCAL_NODE.into(),
+            String::new(),
+            ConnectSettings::default(),
+        ),
+    );
+    supervisor.start(Spec {
+        name: "the coordinator".into(),
+        kind: Kind::Service,
+        args: vec![
+            "coordinator".into(),
+            "--nodes=1".into(),
             format!("--trainers-per-node={nproc}"),
             format!("--listen={coordinator}"),
             format!("--metrics-listen=127.0.0.1:{}", free_port()?),
             format!("--store-port={}", free_port()?),
             format!("--state-dir={}", state_dir.display()),
-            // This command starts every member itself: a new group, whatever was saved.
-            s(&"--forget-members"),
         ],
-        Some(&logs.join("coordinator.log")),
-    )?];
-    wait_for_port(&coordinator, &mut services[0])?;
-    services.push(spawn_actor(
-        "dataloader",
-        &[
-            s(&"dataloader"),
+        // This command starts every member itself: a new group, whatever was saved. A
+        // restarted coordinator, though, must remember the members it had.
+        first_start_args: vec!["--forget-members".into()],
+        env: Vec::new(),
+        log: Some(logs.join("coordinator.log")),
+    })?;
+    wait_for_port(&coordinator, &mut supervisor)?;
+    supervisor.start(Spec {
+        name: "the dataloader".into(),
+        kind: Kind::Service,
+        args: vec![
+            "dataloader".into(),
             format!("--coordinator={coordinator}"),
             format!("--data={}", cfg.data.display()),
-            s(&"--node=local"),
+            format!("--node={LOCAL_NODE}"),
         ],
-        Some(&logs.join("dataloader.log")),
-    )?);
+        first_start_args: Vec::new(),
+        env: Vec::new(),
+        log: Some(logs.join("dataloader.log")),
+    })?;
     eprintln!(
         "job coordinator on {coordinator}: watch it with `lillm status --coordinator {coordinator} --watch`; service logs in {}",
         logs.display()
     );
-    let mut user = train_args_without_nproc();
-    if threads.is_none() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let share = (cores / nproc).max(1);
-        eprintln!(
-            "{nproc} trainers on {cores} cores: {share} thread(s) each (set --threads to change)"
-        );
-        user.push(format!("--threads={share}"));
-    }
-    let mut trainers = Vec::new();
-    for rank in 0..nproc {
-        let mut args = user.clone();
-        args.extend([
-            format!("--coordinator={coordinator}"),
-            format!("--local-rank={rank}"),
-            s(&"--node=local"),
-        ]);
-        trainers.push((rank, spawn_actor(&format!("trainer {rank}"), &args, None)?));
-    }
-    let outcome = supervise(&mut trainers, &mut services, shutdown);
-    // Trainers first: a stopping trainer checkpoints and commits to the coordinator.
-    for (_, child) in trainers.iter_mut() {
-        signal(child, libc::SIGTERM);
-    }
-    for (_, child) in trainers.iter_mut() {
-        terminate(child, TRAINER_GRACE);
-    }
-    for child in services.iter_mut() {
-        terminate(child, SERVICE_GRACE);
-    }
-    outcome
+    let mut user = trainer_args_from_command_line(&[
+        "--nproc",
+        "--max-restarts",
+        "--local-rank",
+        "--node",
+        "--coordinator",
+    ]);
+    share_cores(&mut user, nproc, threads);
+    user.extend([
+        format!("--coordinator={coordinator}"),
+        format!("--node={LOCAL_NODE}"),
+    ]);
+    start_trainers(&mut supervisor, &user, nproc)?;
+    Ok(supervisor.run(shutdown)?)
 }
 
-/// How long a trainer may take to checkpoint and leave after SIGTERM before SIGKILL.
-const TRAINER_GRACE: Duration = Duration::from_secs(60);
-/// How long a coordinator or dataloader may take to stop after SIGTERM.
-const SERVICE_GRACE: Duration = Duration::from_secs(5);
+/// The node name of every member of a `--nproc` job.
+const LOCAL_NODE: &str = "local";
 
-/// Waits until `address` accepts connections (the coordinator is up) or `child` exited.
-fn wait_for_port(address: &str, child: &mut Child) -> Result<()> {
+/// `lillm train --coordinator C --nproc G`: the node launcher that systemd or a Kubernetes
+/// pod runs. It starts G trainer actors of that job (`--local-rank 0..G-1`, each pinned to
+/// its GPU) and supervises them as `--nproc` does; SIGTERM is passed on to every trainer
+/// (each checkpoints and leaves), and the exit status says whether to retry (see
+/// [`GaveUp::exit_code`]).
+pub fn launch_node(
+    args: &ActorArgs,
+    coordinator: &str,
+    trainers: usize,
+    threads: Option<usize>,
+    max_restarts: u32,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let node = args.node.clone().unwrap_or_else(client::hostname);
+    let mut supervisor = Supervisor::new(
+        max_restarts,
+        tell_coordinator_on_death(
+            coordinator.to_string(),
+            node.clone(),
+            args.job_token.clone(),
+            ConnectSettings::with_tls_ca(args.tls_ca.clone()),
+        ),
+    );
+    let mut user = trainer_args_from_command_line(&["--nproc", "--max-restarts", "--local-rank"]);
+    share_cores(&mut user, trainers, threads);
+    if args.node.is_none() {
+        // Every trainer of this node under the one name the supervisor reports deaths with.
+        user.push(format!("--node={node}"));
+    }
+    eprintln!("node {node}: {trainers} trainer(s) of the job at {coordinator}");
+    start_trainers(&mut supervisor, &user, trainers)?;
+    Ok(supervisor.run(shutdown)?)
+}
+
+/// Starts trainers `0..n` with `args` plus their local rank, each pinned to its GPU.
+fn start_trainers(supervisor: &mut Supervisor, args: &[String], n: usize) -> Result<()> {
+    for local_rank in 0..n {
+        let mut args = args.to_vec();
+        args.push(format!("--local-rank={local_rank}"));
+        supervisor.start(Spec {
+            name: format!("trainer {local_rank}"),
+            kind: Kind::Trainer {
+                local_rank: local_rank as u32,
+            },
+            args,
+            first_start_args: Vec::new(),
+            env: gpu_pin(local_rank),
+            log: None,
+        })?;
+    }
+    Ok(())
+}
+
+/// Waits until `address` accepts connections (the coordinator is up) or it exited.
+fn wait_for_port(address: &str, supervisor: &mut Supervisor) -> Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(address).is_err() {
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = supervisor.exited("the coordinator") {
             bail!("the coordinator exited before listening on {address} ({status})");
         }
         if std::time::Instant::now() > deadline {
@@ -355,65 +443,4 @@ fn wait_for_port(address: &str, child: &mut Child) -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-/// Waits until every trainer has finished, something failed, or `shutdown`.
-fn supervise(
-    trainers: &mut Vec<(usize, Child)>,
-    services: &mut [Child],
-    shutdown: &CancellationToken,
-) -> Result<()> {
-    loop {
-        if shutdown.is_cancelled() {
-            eprintln!("stopping the job: each trainer checkpoints its step first");
-            return Ok(());
-        }
-        for (i, service) in services.iter_mut().enumerate() {
-            if let Some(status) = service.try_wait()? {
-                let name = ["coordinator", "dataloader"][i];
-                bail!("the {name} exited ({status}; see its log); the trainers were stopped");
-            }
-        }
-        let mut i = 0;
-        while i < trainers.len() {
-            match trainers[i].1.try_wait()? {
-                Some(status) if status.success() => {
-                    trainers.remove(i);
-                }
-                Some(status) => {
-                    let rank = trainers[i].0;
-                    bail!("trainer {rank} failed ({status}); the other processes were stopped");
-                }
-                None => i += 1,
-            }
-        }
-        if trainers.is_empty() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn signal(child: &mut Child, signal: i32) {
-    if child.try_wait().ok().flatten().is_none() {
-        // SAFETY: kill(2) on the pid of our own child, which has not been reaped (try_wait
-        // just saw it running), so the pid cannot name another process.
-        unsafe {
-            libc::kill(child.id() as i32, signal);
-        }
-    }
-}
-
-/// SIGTERM, then SIGKILL if the process has not gone within `grace`.
-fn terminate(child: &mut Child, grace: Duration) {
-    signal(child, libc::SIGTERM);
-    let deadline = std::time::Instant::now() + grace;
-    while std::time::Instant::now() < deadline {
-        if child.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -10,6 +10,7 @@ mod interop_cmd;
 mod job_cmd;
 mod serve;
 mod status_cmd;
+mod supervisor;
 mod text_stream;
 mod tokenizer_cmd;
 mod train_cmd;
@@ -152,8 +153,20 @@ pub fn main() -> std::process::ExitCode {
         }
         Err(err) => {
             eprintln!("error: {err:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(exit_code(&err))
         }
+    }
+}
+
+/// The exit status of a failed command: [`lillm_trainer::stop::EXIT_FATAL`] when running it
+/// again cannot help (a supervisor must not restart it), else 1.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    if let Some(gave_up) = err.downcast_ref::<supervisor::GaveUp>() {
+        return gave_up.exit_code();
+    }
+    match err.downcast_ref::<lillm_trainer::Error>() {
+        Some(e) if e.is_fatal() => lillm_trainer::stop::EXIT_FATAL,
+        _ => 1,
     }
 }
 

@@ -102,9 +102,15 @@ pub struct TrainArgs {
     #[arg(long)]
     init_from: Option<PathBuf>,
     /// Spawn this many local trainer processes plus a coordinator and a dataloader that
-    /// train together (c10d/Gloo), like `torchrun --standalone --nproc_per_node N`.
-    #[arg(long, default_value_t = 1)]
-    pub(crate) nproc: usize,
+    /// train together (c10d/Gloo), like `torchrun --standalone --nproc_per_node N`. With
+    /// --coordinator: start this many trainers of that job on this node, one per GPU (the
+    /// node launcher). Either way, children that die are restarted.
+    #[arg(long)]
+    pub(crate) nproc: Option<usize>,
+    /// Failed child processes restarted before `--nproc` gives up (a trainer told to regroup
+    /// is not a failure).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) max_restarts: u32,
     /// Join a distributed job as a trainer actor (see `lillm status`, deploy/).
     #[command(flatten)]
     pub(crate) actor: crate::job_cmd::ActorArgs,
@@ -212,11 +218,25 @@ pub fn run(args: TrainArgs, shutdown: tokio_util::sync::CancellationToken) -> Re
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    if args.nproc > 1 {
-        return crate::job_cmd::launch_local_job(&cfg, args.nproc, args.threads, &shutdown);
-    }
-    if let Some(coordinator) = &args.actor.coordinator {
-        return crate::job_cmd::run_trainer_actor(cfg, coordinator, &args.actor, &shutdown);
+    match (&args.actor.coordinator, args.nproc) {
+        (Some(coordinator), Some(n)) => {
+            return crate::job_cmd::launch_node(
+                &args.actor,
+                coordinator,
+                n,
+                args.threads,
+                args.max_restarts,
+                &shutdown,
+            )
+        }
+        (Some(coordinator), None) => {
+            return crate::job_cmd::run_trainer_actor(cfg, coordinator, &args.actor, &shutdown)
+        }
+        (None, Some(n)) if n > 1 => {
+            let restarts = args.max_restarts;
+            return crate::job_cmd::launch_local_job(&cfg, n, args.threads, restarts, &shutdown);
+        }
+        (None, _) => {}
     }
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;

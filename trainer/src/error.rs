@@ -25,9 +25,13 @@ pub enum Error {
     /// Talking to the coordinator or a dataloader failed (after the retry policy).
     #[error("network: {0}")]
     Network(#[from] lillm_proto::net::NetError),
-    /// The coordinator refused this trainer or told it something it cannot act on.
+    /// Talking to the coordinator went wrong in a way the network layer does not cover.
     #[error("job membership: {0}")]
     Membership(String),
+    /// The coordinator refused this trainer (token, config fingerprint, job full): starting
+    /// it again cannot help.
+    #[error("refused by the coordinator at {0}")]
+    Refused(String),
     /// The checkpoint writer thread failed outside of an I/O error (it panicked).
     #[error("checkpoint writer: {0}")]
     Writer(String),
@@ -41,6 +45,12 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Whether running the same process again cannot succeed (exit with
+    /// [`crate::stop::EXIT_FATAL`] so that no supervisor retries it).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Error::Config(_) | Error::Refused(_))
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -347,12 +347,11 @@ async fn register_and_wait(
 }
 
 fn refused(opts: &MemberOptions, e: NetError) -> Error {
-    match e.action() {
-        Action::Fail if e.code().is_some() => Error::Membership(format!(
-            "the coordinator at {} refused this trainer: {e}",
-            opts.coordinator
-        )),
-        _ => Error::Network(e),
+    match e {
+        NetError::Status { code, message, .. } if e.action() == Action::Fail => {
+            Error::Refused(format!("{} answered {code:?}: {message}", opts.coordinator))
+        }
+        e => Error::Network(e),
     }
 }
 

@@ -25,6 +25,11 @@ pub enum StopReason {
 /// Exit status of a trainer whose generation ended (EX_TEMPFAIL: start it again).
 pub const EXIT_REGROUP: u8 = 75;
 
+/// Exit status of a process that must not be started again as it is: its configuration is
+/// invalid or the coordinator refused it (EX_CONFIG). Supervisors stop instead of
+/// restarting it, and Kubernetes' pod failure policy fails the job on it.
+pub const EXIT_FATAL: u8 = 78;
+
 impl std::fmt::Display for StopReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

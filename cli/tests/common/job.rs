@@ -127,10 +127,17 @@ impl Job {
     }
 
     pub fn start_coordinator(&self) -> Actor {
-        let actor = Actor::lillm(&self.coordinator_args, self.dir.join("coordinator.log"));
-        wait_until(Duration::from_secs(30), "the coordinator to listen", || {
-            std::net::TcpStream::connect(&self.address).is_ok()
-        });
+        let mut actor = Actor::lillm(&self.coordinator_args, self.dir.join("coordinator.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&self.address).is_err() {
+            assert!(
+                Instant::now() < deadline && actor.running(),
+                "the coordinator did not listen on {}:\n{}",
+                self.address,
+                actor.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         actor
     }
 
