@@ -18,7 +18,7 @@ use lillm_trainer::stop::{Stop, StopReason, EXIT_REGROUP};
 use lillm_trainer::{checkpoint, Setup, Start, TrainConfig, Trainer};
 use tokio_util::sync::CancellationToken;
 
-use crate::supervisor::{Kind, OnTrainerDeath, Spec, Supervisor};
+use crate::supervisor::{Ended, Kind, OnTrainerDeath, Spec, Supervisor};
 
 /// How long an unreachable coordinator or dataloader is retried before a trainer gives up.
 const PATIENCE: Duration = Duration::from_secs(300);
@@ -371,7 +371,8 @@ pub fn launch_local_job(
         format!("--node={LOCAL_NODE}"),
     ]);
     start_trainers(&mut supervisor, &user, nproc)?;
-    Ok(supervisor.run(shutdown)?)
+    supervisor.run(shutdown)?;
+    Ok(())
 }
 
 /// The node name of every member of a `--nproc` job.
@@ -381,7 +382,7 @@ const LOCAL_NODE: &str = "local";
 /// pod runs. It starts G trainer actors of that job (`--local-rank 0..G-1`, each pinned to
 /// its GPU) and supervises them as `--nproc` does; SIGTERM is passed on to every trainer
 /// (each checkpoints and leaves), and the exit status says whether to retry (see
-/// [`GaveUp::exit_code`]).
+/// [`crate::supervisor::GaveUp::exit_code`]; [`crate::supervisor::EXIT_STOPPED`] after SIGTERM).
 pub fn launch_node(
     args: &ActorArgs,
     coordinator: &str,
@@ -408,8 +409,19 @@ pub fn launch_node(
     }
     eprintln!("node {node}: {trainers} trainer(s) of the job at {coordinator}");
     start_trainers(&mut supervisor, &user, trainers)?;
-    Ok(supervisor.run(shutdown)?)
+    match supervisor.run(shutdown)? {
+        Ended::Finished => Ok(()),
+        Ended::Stopped => Err(NodeStopped.into()),
+    }
 }
+
+/// The node launcher stopped on SIGTERM before the job finished; it exits with
+/// [`crate::supervisor::EXIT_STOPPED`] so that Kubernetes replaces the pod without counting a failure.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stopped before the job finished (its step is checkpointed); start this node again to rejoin"
+)]
+pub struct NodeStopped;
 
 /// Starts trainers `0..n` with `args` plus their local rank, each pinned to its GPU.
 fn start_trainers(supervisor: &mut Supervisor, args: &[String], n: usize) -> Result<()> {

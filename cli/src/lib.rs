@@ -164,6 +164,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     if let Some(gave_up) = err.downcast_ref::<supervisor::GaveUp>() {
         return gave_up.exit_code();
     }
+    if err.downcast_ref::<job_cmd::NodeStopped>().is_some() {
+        return supervisor::EXIT_STOPPED;
+    }
     match err.downcast_ref::<lillm_trainer::Error>() {
         Some(e) if e.is_fatal() => lillm_trainer::stop::EXIT_FATAL,
         _ => 1,

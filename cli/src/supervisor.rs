@@ -53,6 +53,19 @@ pub struct Spec {
     pub log: Option<PathBuf>,
 }
 
+/// How supervision ended when it did not give up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every trainer exited 0: the job is done.
+    Finished,
+    /// The shutdown token was cancelled (SIGTERM): the trainers checkpointed and stopped.
+    Stopped,
+}
+
+/// Exit status of a node launcher stopped by SIGTERM before its job finished (128 + 15, as
+/// if SIGTERM had ended it): its pod is to be replaced, which is not a failure of the job.
+pub const EXIT_STOPPED: u8 = 143;
+
 /// Why the supervisor gave up.
 #[derive(Debug, thiserror::Error)]
 pub enum GaveUp {
@@ -130,20 +143,20 @@ impl Supervisor {
         Some(describe(status))
     }
 
-    /// Supervises until every trainer has finished (Ok), `shutdown` is cancelled (Ok), or it
-    /// gives up; then stops every child that still runs, trainers first (a stopping trainer
+    /// Supervises until every trainer has finished, `shutdown` is cancelled, or it gives up;
+    /// then stops every child that still runs, trainers first (a stopping trainer
     /// checkpoints and commits to the coordinator, which must still be there).
-    pub fn run(&mut self, shutdown: &CancellationToken) -> Result<(), GaveUp> {
+    pub fn run(&mut self, shutdown: &CancellationToken) -> Result<Ended, GaveUp> {
         let outcome = self.watch(shutdown);
         self.stop_all();
         outcome
     }
 
-    fn watch(&mut self, shutdown: &CancellationToken) -> Result<(), GaveUp> {
+    fn watch(&mut self, shutdown: &CancellationToken) -> Result<Ended, GaveUp> {
         loop {
             if shutdown.is_cancelled() {
                 eprintln!("stopping: each trainer checkpoints its step first");
-                return Ok(());
+                return Ok(Ended::Stopped);
             }
             for i in 0..self.children.len() {
                 self.check(i)?;
@@ -153,7 +166,7 @@ impl Supervisor {
                 .iter()
                 .any(|r| matches!(r.spec.kind, Kind::Trainer { .. }) && !r.finished);
             if !trainers_left {
-                return Ok(());
+                return Ok(Ended::Finished);
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -33,6 +33,9 @@ pub struct Args {
     /// HTTP address of Prometheus /metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Also answer grpc.health.v1 in plaintext here, for probes that cannot speak TLS.
+    #[arg(long)]
+    health_listen: Option<SocketAddr>,
     /// Where the coordinator keeps its durable state.
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -66,6 +69,7 @@ struct Settings {
     dataloaders_per_node: usize,
     listen: SocketAddr,
     metrics_listen: SocketAddr,
+    health_listen: Option<SocketAddr>,
     state_dir: PathBuf,
     job_token: String,
     heartbeat_timeout_ms: u64,
@@ -82,6 +86,7 @@ impl Default for Settings {
             dataloaders_per_node: 1,
             listen: "127.0.0.1:7070".parse().expect("valid address"),
             metrics_listen: "127.0.0.1:7071".parse().expect("valid address"),
+            health_listen: None,
             state_dir: "coordinator-state".into(),
             job_token: String::new(),
             heartbeat_timeout_ms: 10_000,
@@ -106,6 +111,7 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
     s.dataloaders_per_node = args.dataloaders_per_node.unwrap_or(s.dataloaders_per_node);
     s.listen = args.listen.unwrap_or(s.listen);
     s.metrics_listen = args.metrics_listen.unwrap_or(s.metrics_listen);
+    s.health_listen = args.health_listen.or(s.health_listen);
     s.state_dir = args.state_dir.unwrap_or(s.state_dir);
     s.job_token = args.job_token.unwrap_or(s.job_token);
     s.heartbeat_timeout_ms = args.heartbeat_timeout_ms.unwrap_or(s.heartbeat_timeout_ms);
@@ -140,6 +146,7 @@ pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
         },
         listen: s.listen,
         metrics_listen: Some(s.metrics_listen),
+        health_listen: s.health_listen,
         state_dir: s.state_dir,
         tls: match (s.tls_cert, s.tls_key) {
             (Some(cert), Some(key)) => Some((cert, key)),

@@ -20,6 +20,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// HTTP address of `/metrics` (`None` = not served).
     pub metrics_listen: Option<SocketAddr>,
+    /// Plaintext address of grpc.health.v1 alone (`None` = only on `listen`).
+    pub health_listen: Option<SocketAddr>,
     /// Directory of the durable state (`coordinator.redb`).
     pub state_dir: PathBuf,
     /// Serve gRPC over TLS with this certificate and key (PEM).
@@ -97,6 +99,11 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
         }
     });
 
+    if let Some(addr) = cfg.health_listen {
+        let health =
+            lillm_proto::health::serve_plaintext(addr, health_service.clone(), shutdown.clone());
+        loops.spawn(async move { health.await.map_err(anyhow::Error::msg) });
+    }
     if let Some(addr) = cfg.metrics_listen {
         let source = coordinator.clone();
         let app = axum::Router::new().route(

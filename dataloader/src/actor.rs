@@ -31,6 +31,9 @@ pub struct Args {
     /// Address to serve batches on (loopback unless you mean otherwise; port 0 = any).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Also answer grpc.health.v1 in plaintext here, for probes that cannot speak TLS.
+    #[arg(long)]
+    health_listen: Option<SocketAddr>,
     /// Address trainers should dial, when it differs from --listen (e.g. behind NAT).
     #[arg(long)]
     advertise: Option<String>,
@@ -171,6 +174,11 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     health
         .set_serving::<pb::dataloader_server::DataloaderServer<DataloaderService>>()
         .await;
+    if let Some(addr) = args.health_listen {
+        let health =
+            lillm_proto::health::serve_plaintext(addr, health_service.clone(), shutdown.clone());
+        loops.spawn(async move { health.await.map_err(anyhow::Error::msg) });
+    }
     let mut builder = tonic::transport::Server::builder();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         builder = builder.tls_config(client::server_tls(cert, key).map_err(anyhow::Error::msg)?)?;

@@ -13,6 +13,7 @@ pub mod v1 {
 /// Encoded descriptors of every lillm.v1 file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lillm_v1_descriptor");
 
+pub mod health;
 pub mod net;
 pub mod process;
 
