@@ -167,6 +167,34 @@ fn rendered_manifests_keep_the_jobs_invariants() {
             );
         }
 
+        // Every mounted volume exists in its pod (or the StatefulSet's claim templates).
+        for (workload, template) in &templates {
+            let mut volumes: BTreeSet<String> = template["spec"]["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .chain(
+                    workload["spec"]["volumeClaimTemplates"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|t| &t["metadata"]),
+                )
+                .filter_map(|v| v["name"].as_str().map(String::from))
+                .collect();
+            volumes.retain(|v| !v.is_empty());
+            for container in template["spec"]["containers"].as_array().unwrap() {
+                for mount in container["volumeMounts"].as_array().into_iter().flatten() {
+                    let name = mount["name"].as_str().unwrap();
+                    assert!(
+                        volumes.contains(name),
+                        "{overlay}: {} mounts {name}, which its pod does not have ({volumes:?})",
+                        container["name"]
+                    );
+                }
+            }
+        }
+
         // The Job's subdomain is the headless Service of its own pods.
         let job = find(&objects, "Job", "lillm-trainers");
         let pod = &job["spec"]["template"];
