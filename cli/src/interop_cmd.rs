@@ -210,13 +210,18 @@ pub fn import(cmd: ImportCmd) -> Result<()> {
             let work = tempfile::tempdir()?;
             let script = work.path().join("convert.py");
             fs::write(&script, PT_CONVERTER)?;
-            let python = std::env::var("LILLM_PYTHON").unwrap_or_else(|_| "python3".into());
+            let python = project_python();
             let status = std::process::Command::new(&python)
                 .arg(&script)
                 .arg(&file)
                 .arg(work.path())
                 .status()
-                .with_context(|| format!("cannot run `{python}` (set LILLM_PYTHON to a Python with torch; `make` sets it up)"))?;
+                .with_context(|| {
+                    format!(
+                        "cannot run `{}` (set LILLM_PYTHON to a Python with torch)",
+                        python.display()
+                    )
+                })?;
             if !status.success() {
                 bail!(
                     "{}: conversion failed (see the message above)",
@@ -272,4 +277,29 @@ fn lillm_pt_config(fields: &Value, tensors: &BTreeMap<String, Tensor>) -> Result
     };
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The Python that reads original `.pt` files (it needs torch): `LILLM_PYTHON`, else the
+/// project's `.venv` that `scripts/bootstrap` made — found from this executable's place in
+/// `target/{release,debug}/`, as the binary finds libtorch — else `python3` on `PATH`.
+fn project_python() -> std::path::PathBuf {
+    if let Some(python) = std::env::var_os("LILLM_PYTHON") {
+        return python.into();
+    }
+    let exe = std::env::current_exe().ok();
+    let beside = exe
+        .as_deref()
+        .and_then(|e| e.parent())
+        .into_iter()
+        .flat_map(|dir| {
+            // target/release/lillm, or target/debug/deps/… for a test binary.
+            [
+                dir.join("../../.venv/bin/python"),
+                dir.join("../../../.venv/bin/python"),
+            ]
+        });
+    beside
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "python3".into())
 }

@@ -86,11 +86,24 @@ pub fn run_trainer_actor(
             "trainer actors stream pretraining batches; run SFT with `lillm sft` (single process)"
         );
     }
+    let node = args.node.clone().unwrap_or_else(client::hostname);
+    // Every log line of this trainer (and of its membership tasks) carries who it is; rank
+    // and generation once assigned, the step as training goes.
+    let span = tracing::info_span!(
+        "trainer",
+        role = "trainer",
+        node = %node,
+        local_rank = args.local_rank,
+        rank = tracing::field::Empty,
+        generation = tracing::field::Empty,
+        step = tracing::field::Empty,
+    );
+    let _entered = span.enter();
     let stop = Stop::new(shutdown);
     let membership = match Membership::join(
         MemberOptions {
             coordinator: coordinator.to_string(),
-            node: args.node.clone().unwrap_or_else(client::hostname),
+            node,
             local_rank: args.local_rank,
             bind_host: args.bind_host.clone(),
             job_token: args.job_token.clone(),
@@ -132,6 +145,9 @@ fn train_in_group(
     stop: Stop,
 ) -> Result<lillm_trainer::TrainSummary> {
     let a = membership.assignment.clone();
+    tracing::Span::current()
+        .record("rank", a.rank)
+        .record("generation", a.generation);
     let cfg = TrainConfig {
         rank: a.rank as usize,
         world_size: a.world_size as usize,

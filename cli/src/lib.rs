@@ -24,8 +24,18 @@ use clap::{Parser, Subcommand};
     about = "Train a little Llama-style language model end to end"
 )]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line for log collectors (each with the
+    /// actor's role, node, rank, generation and step). RUST_LOG sets the level.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LILLM_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -103,14 +113,25 @@ pub fn main() -> std::process::ExitCode {
         cli.command,
         Command::Coordinator(_) | Command::Dataloader(_)
     );
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| if service { "info" } else { "warn" }.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(interactive())
-        .init();
+    if cli.log_format == LogFormat::Json && std::env::var_os("LILLM_LOG_FORMAT").is_none() {
+        // Launchers' children (`--nproc`, the node launcher) log the same way. Set before
+        // any thread starts, so nothing reads the environment concurrently.
+        std::env::set_var("LILLM_LOG_FORMAT", "json");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| if service { "info" } else { "warn" }.into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(interactive()).init(),
+        // Span fields (role, node, rank, generation, step) flattened into each line.
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     // Long-running roles stop cleanly on SIGTERM/Ctrl-C (systemd and Kubernetes send
     // SIGTERM before SIGKILL); this is the only place that touches signals. Short commands
     // keep the default: Ctrl-C ends them.

@@ -178,15 +178,30 @@ with torch.no_grad():
     let reference = dir.path().join("reference_logits.pt");
     python(&make, &[s(&pt), IDS, s(&reference)]);
     let ckpt = dir.path().join("imported");
-    lillm_ok(&[
-        "import",
-        "lillm-pt",
-        s(&pt),
-        "--out",
-        s(&ckpt),
-        "--tokenizer",
-        s(&tiny.tokenizer),
-    ]);
+    // As a user runs it from a plain shell: no LILLM_PYTHON, no .venv on PATH; the binary
+    // finds the project's Python itself.
+    let plain_path: Vec<_> = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .filter(|p| !p.starts_with(repo_root().join(".venv")))
+        .collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args([
+            "import",
+            "lillm-pt",
+            s(&pt),
+            "--out",
+            s(&ckpt),
+            "--tokenizer",
+            s(&tiny.tokenizer),
+        ])
+        .env_remove("LILLM_PYTHON")
+        .env("PATH", std::env::join_paths(plain_path).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let ours = dir.path().join("ours.safetensors");
     our_logits(&ckpt, &ours);
     let diff = python(

@@ -102,3 +102,53 @@ fn a_refused_node_launcher_is_not_restarted_and_says_do_not_retry() {
     assert!(err.contains("trainer 0 was refused"), "{err}");
     assert!(!err.contains("restarting it"), "{err}");
 }
+
+#[test]
+fn json_logs_say_which_actor_rank_generation_and_step_each_line_comes_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let run = dir.path().join("run");
+    let mut args = tiny_train_args(s(&tiny.data), s(&run), "300", "12");
+    args.extend(["--nproc", "2", "--log-format", "json"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let lines = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    let trainer = lines(&err);
+    assert!(!trainer.is_empty(), "{err}");
+    for line in &trainer {
+        assert_eq!(line["span"]["role"], "trainer", "{line}");
+        assert_eq!(line["span"]["node"], "local", "{line}");
+    }
+    // Once training, a line carries rank, generation and step.
+    assert!(
+        trainer.iter().any(|l| {
+            let span = &l["span"];
+            span["rank"] == 0 && span["generation"] == 1 && span["step"].as_u64().is_some()
+        }),
+        "{err}"
+    );
+    let services = std::fs::read_to_string(run.join("logs/coordinator.log")).unwrap();
+    let coordinator = lines(&services);
+    assert!(
+        !coordinator.is_empty(),
+        "the services log JSON too: {services}"
+    );
+    // Every line but the signal handler's own (it belongs to the process, not the role).
+    assert!(
+        coordinator
+            .iter()
+            .filter(|l| l["target"] != "lillm_proto::process")
+            .all(|l| l["span"]["role"] == "coordinator"),
+        "{services}"
+    );
+}

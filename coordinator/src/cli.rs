@@ -156,5 +156,6 @@ pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
         forget_members,
     };
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(serve(cfg, shutdown))
+    let span = tracing::info_span!("coordinator", role = "coordinator");
+    rt.block_on(tracing::Instrument::instrument(serve(cfg, shutdown), span))
 }

@@ -86,18 +86,22 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
 
     // Every loop of the service; a failure of one ends them all.
     let mut loops: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let span = tracing::Span::current();
     let ticker = coordinator.clone();
     let period = Duration::from_millis((cfg.job.heartbeat_timeout_ms / 4).clamp(100, 1_000));
     let stop = shutdown.clone();
-    loops.spawn(async move {
-        let mut interval = tokio::time::interval(period);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                _ = interval.tick() => ticker.tick().await,
+    loops.spawn(tracing::Instrument::instrument(
+        async move {
+            let mut interval = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = interval.tick() => ticker.tick().await,
+                }
             }
-        }
-    });
+        },
+        span,
+    ));
 
     if let Some(addr) = cfg.health_listen {
         let health =
@@ -145,7 +149,11 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
         cfg.job.dataloaders,
         cfg.job.nodes
     );
-    let mut builder = tonic::transport::Server::builder();
+    // Each request is handled on its own task: give it the coordinator's span, so every
+    // log line says which role (and RPC) it came from.
+    let mut builder = tonic::transport::Server::builder().trace_fn(|request| {
+        tracing::info_span!("coordinator", role = "coordinator", rpc = %request.uri().path())
+    });
     if let Some((cert, key)) = &cfg.tls {
         builder = builder
             .tls_config(lillm_proto::client::server_tls(cert, key).map_err(anyhow::Error::msg)?)?;

@@ -15,6 +15,7 @@ use lillm_proto::net::{self, Action, ConnectSettings, RetryPolicy, WarnEvery};
 use lillm_proto::v1 as pb;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,14 +87,16 @@ async fn register(
         })
         .await
         .map_err(|e| anyhow::anyhow!("registration with {} failed: {e}", args.coordinator))?;
-    tracing::info!(message = %reply.message, "registered");
+    tracing::info!(coordinator_said = %reply.message, "registered");
     Ok(reply.dataloader_index.unwrap_or_default())
 }
 
 /// Serves until `shutdown` is cancelled (by `main`, on SIGTERM or Ctrl-C), then leaves the
 /// job.
 pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
-    tokio::runtime::Runtime::new()?.block_on(serve(args, shutdown))
+    let node = args.node.clone().unwrap_or_else(client::hostname);
+    let span = tracing::info_span!("dataloader", role = "dataloader", node = %node, local_index = args.local_index);
+    tokio::runtime::Runtime::new()?.block_on(serve(args, shutdown).instrument(span))
 }
 
 const COORDINATOR: &str = "the coordinator";
@@ -162,14 +165,17 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     // The heartbeat loop and the batch server run side by side; the first to fail ends
     // the other.
     let mut loops: JoinSet<anyhow::Result<()>> = JoinSet::new();
-    loops.spawn(heartbeats(
-        args.clone(),
-        coordinator.clone(),
-        settings.clone(),
-        id.clone(),
-        address.clone(),
-        shutdown.clone(),
-    ));
+    loops.spawn(
+        heartbeats(
+            args.clone(),
+            coordinator.clone(),
+            settings.clone(),
+            id.clone(),
+            address.clone(),
+            shutdown.clone(),
+        )
+        .instrument(tracing::Span::current()),
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<pb::dataloader_server::DataloaderServer<DataloaderService>>()
@@ -179,7 +185,8 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
             lillm_proto::health::serve_plaintext(addr, health_service.clone(), shutdown.clone());
         loops.spawn(async move { health.await.map_err(anyhow::Error::msg) });
     }
-    let mut builder = tonic::transport::Server::builder();
+    let span = tracing::Span::current();
+    let mut builder = tonic::transport::Server::builder().trace_fn(move |_| span.clone());
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         builder = builder.tls_config(client::server_tls(cert, key).map_err(anyhow::Error::msg)?)?;
     }

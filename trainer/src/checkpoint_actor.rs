@@ -49,9 +49,11 @@ impl CheckpointActor {
     pub fn start(out: PathBuf, keep_last: usize, reporter: Arc<dyn Reporter>) -> Self {
         // Capacity 0: a second snapshot waits until the writer has taken the first.
         let (tx, rx) = sync_channel::<Box<Snapshot>>(0);
+        let span = tracing::Span::current();
         let worker = std::thread::Builder::new()
             .name("checkpoint-writer".into())
             .spawn(move || -> Result<()> {
+                let _logs_as_the_trainer = span.enter();
                 for snap in rx {
                     checkpoint::write_checkpoint(
                         &snap.dir,

@@ -316,15 +316,35 @@ impl TrainConfig {
         parse_device(&self.device)
     }
 
-    /// Activation dtype: bf16 on CUDA, float32 on CPU, unless set explicitly.
+    /// Activation dtype (weights and optimizer state stay float32): bf16 on CUDA and on CPUs
+    /// with native bf16 arithmetic (see [`cpu_has_native_bf16`]), else float32, unless set
+    /// explicitly.
     pub fn compute_kind(&self, device: tch::Device) -> tch::Kind {
         match self.dtype.as_str() {
             "float32" => tch::Kind::Float,
             "bfloat16" => tch::Kind::BFloat16,
-            _ if device.is_cuda() => tch::Kind::BFloat16,
+            _ if device.is_cuda() || cpu_has_native_bf16() => tch::Kind::BFloat16,
             _ => tch::Kind::Float,
         }
     }
+}
+
+/// Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX-BF16), where bf16
+/// mixed precision roughly doubles training throughput over float32 (2.15× for lillm-39m on
+/// an AVX512-BF16 CPU); elsewhere libtorch emulates bf16 and it is slower.
+pub fn cpu_has_native_bf16() -> bool {
+    static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NATIVE.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| cpu_flags_have_bf16(&info))
+    })
+}
+
+fn cpu_flags_have_bf16(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|flag| flag == "avx512_bf16" || flag == "amx_bf16")
 }
 
 /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N` as a libtorch device.
@@ -342,5 +362,18 @@ pub fn parse_device(name: &str) -> Result<tch::Device> {
                     "device `{other}` is not one of auto, cpu, cuda, cuda:N"
                 ))
             }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn native_bf16_is_read_from_the_cpu_flags() {
+        let with = "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n";
+        let amx = "flags\t\t: fpu amx_bf16 amx_tile\n";
+        let without = "flags\t\t: fpu sse avx2 avx512f\nbugs\t\t: avx512_bf16\n";
+        assert!(super::cpu_flags_have_bf16(with));
+        assert!(super::cpu_flags_have_bf16(amx));
+        assert!(!super::cpu_flags_have_bf16(without));
     }
 }

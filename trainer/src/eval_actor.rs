@@ -81,13 +81,15 @@ impl EvalActor {
         // One waiting checkpoint at most: when scoring falls behind, newer checkpoints are
         // skipped rather than queued without bound.
         let (tx, rx) = sync_channel::<(u64, PathBuf)>(1);
+        let span = tracing::Span::current();
         let worker = std::thread::Builder::new()
             .name("evaluator".into())
             .spawn(move || {
+                let _logs_as_the_trainer = span.enter();
                 for (step, dir) in rx {
                     match score(&plan, &dir) {
                         Ok((loss, sample)) => sink(step, loss, &sample),
-                        Err(e) => tracing::warn!("evaluating {}: {e}", dir.display()),
+                        Err(e) => tracing::warn!(step, checkpoint = %dir.display(), cause = %e, "evaluation failed"),
                     }
                 }
             })

@@ -17,6 +17,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::dist::Rendezvous;
 use crate::eval_actor::{EvalActor, EvalPlan};
@@ -139,8 +140,16 @@ impl Membership {
         let (commits, inbox) = mpsc::channel(64);
         let tasks = TaskTracker::new();
         let done = CancellationToken::new();
-        tasks.spawn_on(heartbeats(shared.clone(), done.clone()), rt.handle());
-        tasks.spawn_on(commit_loop(shared.clone(), inbox), rt.handle());
+        // The tasks log under the trainer's span (role, node, rank, generation).
+        let span = tracing::Span::current();
+        tasks.spawn_on(
+            heartbeats(shared.clone(), done.clone()).instrument(span.clone()),
+            rt.handle(),
+        );
+        tasks.spawn_on(
+            commit_loop(shared.clone(), inbox).instrument(span),
+            rt.handle(),
+        );
         Ok(Self {
             rt,
             assignment,
@@ -311,7 +320,7 @@ async fn register_and_wait(
             })
             .await
             .map_err(|e| refused(opts, e))?;
-        tracing::info!(message = %reply.message, "registered");
+        tracing::info!(coordinator_said = %reply.message, "registered");
         Ok::<_, Error>(())
     };
     register().await?;

@@ -476,12 +476,13 @@ impl Trainer {
         };
         if leader {
             say(format!(
-                "model: {} parameters ({} layers, d_model {}); {} tokens per step; device {:?}; data: {}",
+                "model: {} parameters ({} layers, d_model {}); {} tokens per step; device {:?}; {}; data: {}",
                 self.model_cfg.num_params(),
                 self.model_cfg.n_layers,
                 self.model_cfg.d_model,
                 tokens_per_step,
                 self.device,
+                precision(&cfg.dtype, self.model.compute_kind(), self.device),
                 self.data.describe()
             ));
         }
@@ -543,6 +544,8 @@ impl Trainer {
             self.opt.step(lr);
             self.opt.zero_grad();
             self.step += 1;
+            // Log lines of this trainer carry the step (a no-op outside a trainer's span).
+            tracing::Span::current().record("step", self.step);
             if let Some(group) = &self.group {
                 let every = cfg.check_params_every;
                 if every > 0 && self.step.is_multiple_of(every) {
@@ -628,5 +631,19 @@ impl Trainer {
         let mut summary = self.summary(last_val, Some(last_checkpoint), stopped);
         summary.plot = leader.then(|| plot::plot_run(&cfg.out).ok()).flatten();
         Ok(summary)
+    }
+}
+
+/// How the run computes, for its banner: says when `--dtype auto` chose bf16 and why.
+fn precision(asked: &str, kind: Kind, device: tch::Device) -> String {
+    match (asked, kind) {
+        ("auto", Kind::BFloat16) if device.is_cuda() => "bf16 mixed precision (auto: CUDA)".into(),
+        ("auto", Kind::BFloat16) => {
+            "bf16 mixed precision (auto: this CPU has native bf16; --dtype float32 to change)"
+                .into()
+        }
+        ("auto", _) => "float32 (auto: no native bf16 on this device)".into(),
+        (_, Kind::BFloat16) => "bf16 mixed precision".into(),
+        _ => "float32".into(),
     }
 }
