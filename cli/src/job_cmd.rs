@@ -15,7 +15,7 @@ use lillm_trainer::eval_actor::EvalPlan;
 use lillm_trainer::member::{MemberOptions, Membership};
 use lillm_trainer::remote_data::RemoteData;
 use lillm_trainer::stop::{Stop, StopReason, EXIT_REGROUP};
-use lillm_trainer::{checkpoint, Setup, Start, TrainConfig, Trainer};
+use lillm_trainer::{checkpoint, Rewire, Setup, Start, TrainConfig, Trainer};
 use tokio_util::sync::CancellationToken;
 
 use crate::supervisor::{Ended, Kind, OnTrainerDeath, Spec, Supervisor};
@@ -73,8 +73,11 @@ pub struct ActorArgs {
 }
 
 /// One trainer actor: join the job, train in the assigned group, report to the coordinator.
-/// Stops between steps on `shutdown` (checkpointing first, then leaving the job: exit 0) or
-/// when its generation ends ([`Regroup`]).
+/// When its generation ends (a peer died, left or joined) it stays in its process: it joins
+/// the next generation and carries on with the weights, optimizer state and step it has
+/// ([`Trainer::regroup`]). Stops between steps on `shutdown` (checkpointing first, then
+/// leaving the job: exit 0). Only if re-forming the group in place fails does it exit with
+/// [`Regroup`]'s status, for its supervisor to start it afresh.
 pub fn run_trainer_actor(
     cfg: TrainConfig,
     coordinator: &str,
@@ -87,85 +90,89 @@ pub fn run_trainer_actor(
         );
     }
     let node = args.node.clone().unwrap_or_else(client::hostname);
-    // Every log line of this trainer (and of its membership tasks) carries who it is; rank
-    // and generation once assigned, the step as training goes.
+    // Every log line of this trainer (and of its membership tasks) carries who it is; within
+    // a group also its rank and generation (the membership's span); lines about a step
+    // carry it as a field.
     let span = tracing::info_span!(
         "trainer",
         role = "trainer",
         node = %node,
         local_rank = args.local_rank,
-        rank = tracing::field::Empty,
-        generation = tracing::field::Empty,
-        step = tracing::field::Empty,
     );
     let _entered = span.enter();
-    let stop = Stop::new(shutdown);
-    let membership = match Membership::join(
-        MemberOptions {
-            coordinator: coordinator.to_string(),
-            node,
-            local_rank: args.local_rank,
-            bind_host: args.bind_host.clone(),
-            job_token: args.job_token.clone(),
-            fingerprint: cfg.fingerprint(),
-            heartbeat: Duration::from_secs(1),
-            connect: ConnectSettings::with_tls_ca(args.tls_ca.clone()),
-            policy: RetryPolicy {
-                patience: PATIENCE,
-                ..RetryPolicy::default()
-            },
+    let mut options = MemberOptions {
+        coordinator: coordinator.to_string(),
+        node,
+        local_rank: args.local_rank,
+        bind_host: args.bind_host.clone(),
+        job_token: args.job_token.clone(),
+        fingerprint: cfg.fingerprint(),
+        heartbeat: Duration::from_secs(1),
+        connect: ConnectSettings::with_tls_ca(args.tls_ca.clone()),
+        policy: RetryPolicy {
+            patience: PATIENCE,
+            ..RetryPolicy::default()
         },
-        stop.clone(),
-    ) {
-        Err(_) if stop.reason() == Some(StopReason::Shutdown) => return Ok(()),
-        other => other?,
+        rejoining_from: None,
     };
-    let summary = match train_in_group(cfg, &membership, stop) {
-        Ok(summary) => summary,
-        Err(e) => {
-            let _ = membership.finish(Some("failed"));
-            return Err(e);
+    let mut trainer = None;
+    loop {
+        let stop = Stop::new(shutdown);
+        let membership = match Membership::join(options.clone(), stop.clone()) {
+            Err(_) if stop.reason() == Some(StopReason::Shutdown) => return Ok(()),
+            other => other?,
+        };
+        let summary = match train_in_group(&cfg, &membership, stop, &mut trainer) {
+            Ok(summary) => summary,
+            Err(e) => {
+                let _ = membership.finish(Some("failed"));
+                return Err(e);
+            }
+        };
+        match summary.stopped {
+            Some(StopReason::Regroup { .. } | StopReason::PeerShutdown) => {
+                options.rejoining_from = Some(membership.assignment.generation);
+                membership.finish(None)?;
+                tracing::info!(
+                    step = summary.steps,
+                    "the group is over; joining the next one in place"
+                );
+            }
+            // Commits what was checkpointed, then leaves: the others stop at once.
+            Some(StopReason::Shutdown) => return Ok(membership.finish(Some("shut down"))?),
+            None => return Ok(membership.finish(None)?),
         }
-    };
-    match summary.stopped {
-        Some(reason @ (StopReason::Regroup { .. } | StopReason::PeerShutdown)) => {
-            membership.finish(None)?;
-            Err(Regroup(reason).into())
-        }
-        // Commits what was checkpointed, then leaves: the others stop at once.
-        Some(StopReason::Shutdown) => Ok(membership.finish(Some("shut down"))?),
-        None => Ok(membership.finish(None)?),
     }
 }
 
 /// Trains in the group `membership` was assigned to; rank 0 also evaluates and reports.
+/// The first group builds `trainer`; later ones move it into the new group.
 fn train_in_group(
-    cfg: TrainConfig,
+    cfg: &TrainConfig,
     membership: &Membership,
     stop: Stop,
+    trainer: &mut Option<Trainer>,
 ) -> Result<lillm_trainer::TrainSummary> {
     let a = membership.assignment.clone();
-    tracing::Span::current()
-        .record("rank", a.rank)
-        .record("generation", a.generation);
+    let _in_group = membership.span().enter();
     let cfg = TrainConfig {
         rank: a.rank as usize,
         world_size: a.world_size as usize,
         rendezvous: None,
         resume: false,
-        ..cfg
+        ..cfg.clone()
     };
     cfg.validate()?;
     let local = (cfg.grad_accum / cfg.world_size) as u32;
     let leader = cfg.rank == 0;
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
-    let data = RemoteData::connect(
+    let data = TrainData::Remote(Box::new(RemoteData::connect(
         membership.handle(),
         membership.dataloader(),
         (a.rank * local, local),
         leader.then(|| cfg.out.join("tokenizer")),
-    )?;
+    )?));
     if leader {
         let eval_data =
             RemoteData::connect(membership.handle(), membership.dataloader(), (0, 1), None)?;
@@ -178,22 +185,46 @@ fn train_in_group(
             sample_tokens: 24,
         });
     }
-    let start = Start::Committed {
-        checkpoint: (!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)),
-        step: a.resume_step,
+    // A group even for one rank: a job runs the same collectives at every size.
+    let rendezvous = membership.rendezvous(COLLECTIVE_TIMEOUT);
+    let trainer = match trainer {
+        Some(trainer) => {
+            let moved = trainer.regroup(Rewire {
+                rank: cfg.rank,
+                world_size: cfg.world_size,
+                data,
+                rendezvous,
+                reporter: membership.reporter(),
+                generation: a.generation,
+                stop: stop.clone(),
+            });
+            if let Err(e) = moved {
+                tracing::warn!(cause = %e, "could not re-form the group in place");
+                return Err(Regroup(StopReason::Regroup {
+                    generation: a.generation,
+                })
+                .into());
+            }
+            trainer
+        }
+        None => {
+            let start = Start::Committed {
+                checkpoint: (!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)),
+                step: a.resume_step,
+            };
+            trainer.insert(Trainer::with(
+                cfg.clone(),
+                Setup {
+                    data: Some(data),
+                    rendezvous: Some(rendezvous),
+                    start,
+                    reporter: membership.reporter(),
+                    generation: a.generation,
+                    stop,
+                },
+            )?)
+        }
     };
-    let mut trainer = Trainer::with(
-        cfg.clone(),
-        Setup {
-            data: Some(TrainData::Remote(Box::new(data))),
-            // A group even for one rank: a job runs the same collectives at every size.
-            rendezvous: Some(membership.rendezvous(COLLECTIVE_TIMEOUT)),
-            start,
-            reporter: membership.reporter(),
-            generation: a.generation,
-            stop,
-        },
-    )?;
     if leader {
         let resolved = cfg.out.join("config.toml");
         std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)

@@ -125,11 +125,12 @@ pub fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.with_ansi(interactive()).init(),
-        // Span fields (role, node, rank, generation, step) flattened into each line.
+        // Each line lists its spans: role and node, and for a trainer in a group its rank
+        // and generation.
         LogFormat::Json => logs
             .json()
-            .with_current_span(true)
-            .with_span_list(false)
+            .with_current_span(false)
+            .with_span_list(true)
             .init(),
     }
     // Long-running roles stop cleanly on SIGTERM/Ctrl-C (systemd and Kubernetes send

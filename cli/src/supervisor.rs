@@ -77,6 +77,8 @@ pub enum GaveUp {
         status: String,
         max_restarts: u32,
     },
+    #[error("{name} died ({status}) after the other trainers had finished the job; check that its last checkpoint was committed (`lillm status`)")]
+    AfterFinish { name: String, status: String },
     #[error("cannot start {name}: {source}")]
     Spawn {
         name: String,
@@ -195,6 +197,10 @@ impl Supervisor {
             (_, Some(code)) if code == i32::from(EXIT_FATAL) || code == EXIT_USAGE => {
                 return Err(GaveUp::Fatal { name, status: said });
             }
+            (Kind::Trainer { .. }, _) if self.trainer_finished() => {
+                // The others completed the job: a new process would wait for a group forever.
+                return Err(GaveUp::AfterFinish { name, status: said });
+            }
             (kind, _) => {
                 if self.restarts >= self.max_restarts {
                     return Err(GaveUp::Exhausted {
@@ -217,6 +223,12 @@ impl Supervisor {
         let running = &mut self.children[i];
         running.child = Some(spawn(&running.spec, false)?);
         Ok(())
+    }
+
+    fn trainer_finished(&self) -> bool {
+        self.children
+            .iter()
+            .any(|r| r.finished && matches!(r.spec.kind, Kind::Trainer { .. }))
     }
 
     /// SIGTERM to every trainer, then waits for them (SIGKILL after [`TRAINER_GRACE`]);

@@ -110,7 +110,7 @@ fn sigterm_to_each_role_of_a_job_exits_zero_and_the_job_resumes_exactly() {
         losses(&run).len() >= 25
     });
     // A trainer told to stop: it and its peer stop at the same step, rank 0 commits it,
-    // the one told exits 0 and the other 75 (regroup: its supervisor restarts it).
+    // the one told exits 0 and the other stays, waiting in its process for the next group.
     sigterm(&first[3]);
     assert_eq!(
         exit_code(&mut first[3], Duration::from_secs(20)),
@@ -118,12 +118,8 @@ fn sigterm_to_each_role_of_a_job_exits_zero_and_the_job_resumes_exactly() {
         "{}",
         first[3].log_text()
     );
-    assert_eq!(
-        exit_code(&mut first[2], Duration::from_secs(20)),
-        75,
-        "{}",
-        first[2].log_text()
-    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(first[2].running(), "{}", first[2].log_text());
     let stopped_at = losses(&run).last().unwrap().0;
     assert!(stopped_at < 120, "stopped mid-run, at step {stopped_at}");
     let status = job.status();
@@ -132,8 +128,9 @@ fn sigterm_to_each_role_of_a_job_exits_zero_and_the_job_resumes_exactly() {
         Some(stopped_at),
         "the step both stopped at is committed: {status}"
     );
-    // The services stop promptly too.
-    for actor in first[..2].iter_mut().rev() {
+    // Waiting for a group, it stops promptly on SIGTERM; so do the services.
+    for i in [2, 1, 0] {
+        let actor = &mut first[i];
         sigterm(actor);
         assert_eq!(
             exit_code(actor, Duration::from_secs(10)),
@@ -170,7 +167,7 @@ fn heartbeats_arrive_through_steps_and_evaluations_of_seconds() {
         ("--n-layers", "4"),
         ("--max-seq-len", "128"),
         ("--block-size", "128"),
-        ("--batch-size", "48"),
+        ("--batch-size", "96"),
         ("--eval-interval", "3"),
         ("--eval-iters", "4"),
     ] {

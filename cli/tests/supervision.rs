@@ -33,7 +33,7 @@ fn long_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
 }
 
 #[test]
-fn a_trainer_killed_under_nproc_is_restarted_and_the_job_finishes_the_same_model() {
+fn a_killed_trainer_is_restarted_the_survivor_regroups_in_place_and_the_model_is_the_same() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = tiny_data(dir.path(), 300);
     let straight = dir.path().join("straight");
@@ -42,7 +42,18 @@ fn a_trainer_killed_under_nproc_is_restarted_and_the_job_finishes_the_same_model
     let run = dir.path().join("run");
     let mut args = strings(&long_run(s(&tiny.data), s(&run)));
     args.extend(strings(&["--nproc", "2", "--max-restarts", "2"]));
-    let mut job = Actor::lillm(&args, dir.path().join("job.log"));
+    let log_path = dir.path().join("job.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut job = Actor {
+        child,
+        log: log_path,
+    };
     wait_until(Duration::from_secs(120), "30 training steps", || {
         losses(&run).len() >= 30
     });
@@ -50,10 +61,20 @@ fn a_trainer_killed_under_nproc_is_restarted_and_the_job_finishes_the_same_model
     let victims = children_with(pid, "--local-rank=1");
     assert_eq!(victims.len(), 1, "one trainer 1 under {pid}: {victims:?}");
     let survivor = children_with(pid, "--local-rank=0");
+    assert_eq!(survivor.len(), 1, "one trainer 0 under {pid}: {survivor:?}");
     // SAFETY: kill(2) on a process id just read from /proc, a child of our child.
     unsafe {
         libc::kill(victims[0], libc::SIGKILL);
     }
+    // The survivor does not exit: it joins the next group in the same process and the
+    // group starts from the step it had reached, not from the last checkpoint.
+    wait_until(Duration::from_secs(60), "the survivor to regroup", || {
+        job.log_text().contains("joining the next one in place")
+    });
+    assert!(
+        std::path::Path::new(&format!("/proc/{}", survivor[0])).exists(),
+        "the survivor's process is still the same"
+    );
     job.finish(Duration::from_secs(240));
     let log = job.log_text();
     assert!(
@@ -66,7 +87,20 @@ fn a_trainer_killed_under_nproc_is_restarted_and_the_job_finishes_the_same_model
         coordinator.contains("local/trainer1 left (its process died (killed by SIGKILL))"),
         "the supervisor told the coordinator at once, not after a heartbeat timeout:\n{coordinator}"
     );
-    assert_eq!(survivor.len(), 1);
+    assert!(
+        !log.contains("trainer 0 died"),
+        "the survivor was never restarted:\n{log}"
+    );
+    let resumed_at = log
+        .lines()
+        .filter_map(|l| l.split("the group starts from the state of step ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    assert!(
+        resumed_at >= 30,
+        "the new group started where the survivor was (step {resumed_at}), not at a checkpoint"
+    );
     let max_diff = python(
         "import sys\nfrom safetensors.torch import load_file\na=load_file(sys.argv[1]);b=load_file(sys.argv[2])\nprint(max((a[k]-b[k]).abs().max().item() for k in a))",
         &[
@@ -104,7 +138,7 @@ fn a_refused_node_launcher_is_not_restarted_and_says_do_not_retry() {
 }
 
 #[test]
-fn json_logs_say_which_actor_rank_generation_and_step_each_line_comes_from() {
+fn json_logs_say_which_actor_rank_and_generation_each_line_comes_from() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = tiny_data(dir.path(), 300);
     let run = dir.path().join("run");
@@ -125,15 +159,26 @@ fn json_logs_say_which_actor_rank_generation_and_step_each_line_comes_from() {
     };
     let trainer = lines(&err);
     assert!(!trainer.is_empty(), "{err}");
+    // The fields of all of a line's spans, merged.
+    let fields = |line: &serde_json::Value| -> serde_json::Map<String, serde_json::Value> {
+        let mut all = serde_json::Map::new();
+        for span in line["spans"].as_array().into_iter().flatten() {
+            all.extend(span.as_object().unwrap().clone());
+        }
+        all
+    };
     for line in &trainer {
-        assert_eq!(line["span"]["role"], "trainer", "{line}");
-        assert_eq!(line["span"]["node"], "local", "{line}");
+        let f = fields(line);
+        assert_eq!(f["role"], "trainer", "{line}");
+        assert_eq!(f["node"], "local", "{line}");
     }
-    // Once training, a line carries rank, generation and step.
+    // In a group, lines carry rank and generation; a line about a step carries the step.
     assert!(
         trainer.iter().any(|l| {
-            let span = &l["span"];
-            span["rank"] == 0 && span["generation"] == 1 && span["step"].as_u64().is_some()
+            let f = fields(l);
+            f.get("rank") == Some(&0.into())
+                && f.get("generation") == Some(&1.into())
+                && l["fields"]["step"].as_u64().is_some()
         }),
         "{err}"
     );
@@ -148,7 +193,7 @@ fn json_logs_say_which_actor_rank_generation_and_step_each_line_comes_from() {
         coordinator
             .iter()
             .filter(|l| l["target"] != "lillm_proto::process")
-            .all(|l| l["span"]["role"] == "coordinator"),
+            .all(|l| l["spans"][0]["role"] == "coordinator"),
         "{services}"
     );
 }

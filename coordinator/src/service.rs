@@ -164,7 +164,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
                 id: id.clone(),
                 address: r.address,
                 config_fingerprint: r.config_fingerprint,
-                generation: None,
+                generation: (r.rejoining_from > 0).then_some(r.rejoining_from),
             })
             .await?,
         )?;

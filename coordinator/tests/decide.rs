@@ -325,6 +325,10 @@ fn a_restarted_trainer_ends_the_generation_until_all_trainers_register_again() {
         &d.state,
         register(&id("node-a", Role::Trainer, 0), Some(1)),
     );
+    assert_eq!(
+        d.state.failures, 1,
+        "a survivor rejoining from its process is not a failure"
+    );
     assert!(matches!(
         d.actions[..],
         [Action::StartGeneration { generation: 3, .. }]

@@ -78,6 +78,7 @@ async fn register(
         address: address.to_string(),
         job_token: args.job_token.clone(),
         config_fingerprint: String::new(),
+        rejoining_from: 0,
     };
     let reply = RetryPolicy::default()
         .run("register with the coordinator", || {

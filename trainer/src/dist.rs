@@ -190,12 +190,16 @@ impl ProcessGroup {
         Ok(())
     }
 
-    /// Replaces every rank's parameters with rank 0's.
-    pub fn broadcast_params<'a>(&self, params: impl Iterator<Item = &'a Tensor>) -> Result<()> {
+    /// Replaces every rank's parameters with rank `root`'s.
+    pub fn broadcast_params<'a>(
+        &self,
+        params: impl Iterator<Item = &'a Tensor>,
+        root: usize,
+    ) -> Result<()> {
         let _guard = tch::no_grad_guard();
         for p in params {
             let mut data = p.detach();
-            self.broadcast(&mut data, 0)?;
+            self.broadcast(&mut data, root)?;
         }
         Ok(())
     }

@@ -44,4 +44,4 @@ pub mod train;
 pub use config::TrainConfig;
 pub use error::{Error, Result};
 pub use loaded::{check_vocab, LoadedModel};
-pub use train::{Setup, Start, TrainSummary, Trainer};
+pub use train::{Rewire, Setup, Start, TrainSummary, Trainer};

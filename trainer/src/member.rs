@@ -44,6 +44,9 @@ pub struct MemberOptions {
     pub connect: ConnectSettings,
     /// How long an unreachable coordinator or dataloader is retried.
     pub policy: RetryPolicy,
+    /// The generation this trainer was in when it joins again from the same process
+    /// (`None`: a new process).
+    pub rejoining_from: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -90,6 +93,7 @@ pub struct Membership {
     tasks: TaskTracker,
     /// Ends the heartbeat task.
     done: CancellationToken,
+    span: tracing::Span,
 }
 
 impl Membership {
@@ -140,14 +144,18 @@ impl Membership {
         let (commits, inbox) = mpsc::channel(64);
         let tasks = TaskTracker::new();
         let done = CancellationToken::new();
-        // The tasks log under the trainer's span (role, node, rank, generation).
-        let span = tracing::Span::current();
+        // The tasks log under the trainer's span (role, node) and this group's.
+        let span = tracing::info_span!(
+            "group",
+            rank = assignment.rank,
+            generation = assignment.generation
+        );
         tasks.spawn_on(
             heartbeats(shared.clone(), done.clone()).instrument(span.clone()),
             rt.handle(),
         );
         tasks.spawn_on(
-            commit_loop(shared.clone(), inbox).instrument(span),
+            commit_loop(shared.clone(), inbox, done.clone()).instrument(span.clone()),
             rt.handle(),
         );
         Ok(Self {
@@ -157,7 +165,14 @@ impl Membership {
             commits,
             tasks,
             done,
+            span,
         })
+    }
+
+    /// The span of this trainer in its group (rank, generation): the training thread enters
+    /// it too, so all of the trainer's log lines carry both.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
     }
 
     pub fn handle(&self) -> tokio::runtime::Handle {
@@ -310,6 +325,7 @@ async fn register_and_wait(
             address: opts.bind_host.clone(),
             job_token: opts.job_token.clone(),
             config_fingerprint: opts.fingerprint.clone(),
+            rejoining_from: opts.rejoining_from.unwrap_or(0),
         };
         let reply = opts
             .policy
@@ -427,8 +443,22 @@ async fn heartbeats(shared: Arc<Shared>, done: CancellationToken) {
 /// Commits checkpoints in the order they were written. An unreachable coordinator is
 /// waited for (by the retry policy); a stale generation requests a regroup; any other
 /// refusal is remembered for [`Membership::finish`].
-async fn commit_loop(shared: Arc<Shared>, mut inbox: mpsc::Receiver<CommitCmd>) {
-    while let Some(cmd) = inbox.recv().await {
+/// Commits what the checkpoint writer hands over, in order, until `done` (which `finish`
+/// cancels after a flush: the run that holds the other end of `inbox` may live on into the
+/// next group).
+async fn commit_loop(
+    shared: Arc<Shared>,
+    mut inbox: mpsc::Receiver<CommitCmd>,
+    done: CancellationToken,
+) {
+    loop {
+        let cmd = tokio::select! {
+            cmd = inbox.recv() => match cmd {
+                Some(cmd) => cmd,
+                None => return,
+            },
+            _ = done.cancelled() => return,
+        };
         let (step, path, val_loss) = match cmd {
             CommitCmd::Flush(tx) => {
                 let _ = tx.send(());

@@ -117,6 +117,17 @@ impl Default for Setup {
     }
 }
 
+/// A new generation's wiring for a run that stays in its process ([`Trainer::regroup`]).
+pub struct Rewire {
+    pub rank: usize,
+    pub world_size: usize,
+    pub data: TrainData,
+    pub rendezvous: Rendezvous,
+    pub reporter: Arc<dyn Reporter>,
+    pub generation: u64,
+    pub stop: Stop,
+}
+
 /// A training run: the model, its optimizer, the data and where to write.
 pub struct Trainer {
     cfg: TrainConfig,
@@ -250,34 +261,12 @@ impl Trainer {
         let group = rendezvous
             .map(|r| ProcessGroup::join(&r, backend))
             .transpose()?;
-        if let Some(group) = &group {
-            group.broadcast_params(opt.params())?;
-            if matches!(
-                setup.start,
-                Start::Committed {
-                    checkpoint: Some(_),
-                    ..
-                }
-            ) {
-                // Moments and step count too: only rank 0 read the checkpoint.
-                let mut state = opt.state_tensors();
-                for t in state.values_mut() {
-                    // Collectives run on the parameters' device (NCCL has no host tensors).
-                    let mut on_device = t.to_device(device);
-                    group.broadcast(&mut on_device, 0)?;
-                    if t.device() != device {
-                        *t = on_device.to_device(t.device());
-                    }
-                }
-                opt.load_state_tensors(&state, &cfg.out)?;
-            }
-        }
         let (step, tokens_seen, best_val, evaluated_at_step) = match (&resume_from, received_step) {
             (Some((_, s)), _) => (s.step, s.tokens_seen, s.best_val_loss, s.evaluated_at_step),
             (None, Some(step)) => (step, 0, None, false),
             (None, None) => (0, 0, None, false),
         };
-        Ok(Self {
+        let mut trainer = Self {
             cfg,
             model_cfg,
             device,
@@ -291,12 +280,101 @@ impl Trainer {
             tokens_seen,
             best_val,
             evaluated_at_step,
-            group,
+            group: None,
             writer: None,
             reporter: setup.reporter,
             generation: setup.generation,
             stop: setup.stop,
-        })
+        };
+        if let Some(group) = group {
+            // A rank > 0 resuming left the checkpoint to rank 0: it has no state of its own.
+            trainer.sync_state(&group, received_step.is_none())?;
+            trainer.group = Some(group);
+        }
+        Ok(trainer)
+    }
+
+    /// Moves this run into a new generation's group without leaving the process: the
+    /// survivors of a failure keep their weights, optimizer state and step, and a new or
+    /// restarted member receives them (see [`Self::sync_state`]), so the job goes on from
+    /// the last step the survivors completed instead of the last checkpoint.
+    pub fn regroup(&mut self, wiring: Rewire) -> Result<()> {
+        // The old group first: its store (served by rank 0) must free its port.
+        self.group = None;
+        if let Some(mut writer) = self.writer.take() {
+            writer.finish()?;
+        }
+        // A step cut short by the failure leaves partial gradients behind.
+        self.opt.zero_grad();
+        self.cfg.rank = wiring.rank;
+        self.cfg.world_size = wiring.world_size;
+        self.cfg.validate()?;
+        if let Some(dir) = wiring.data.tokenizer_dir() {
+            self.tokenizer_dir = Some(dir);
+        }
+        self.data = wiring.data;
+        self.reporter = wiring.reporter;
+        self.generation = wiring.generation;
+        self.stop = wiring.stop;
+        let group = ProcessGroup::join(
+            &wiring.rendezvous,
+            crate::dist::Backend::for_device(self.device),
+        )?;
+        self.sync_state(&group, true)?;
+        self.group = Some(group);
+        Ok(())
+    }
+
+    /// Makes every rank of a new group hold one state: the most advanced any rank has. Each
+    /// rank says which step its state is at (or that it has none); the lowest rank at the
+    /// highest step sends its weights, optimizer state and counters to all. A new job (all
+    /// at step 0) and a resume (only rank 0 read the checkpoint) are sent from rank 0; a
+    /// group re-formed after a failure from a survivor.
+    fn sync_state(&mut self, group: &ProcessGroup, has_state: bool) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut steps = Tensor::zeros([group.world_size as i64], (Kind::Double, self.device));
+        let mine = if has_state { self.step as f64 } else { -1.0 };
+        let _ = steps.get(group.rank as i64).fill_(mine);
+        group.all_reduce_sum(&mut steps)?;
+        let steps = Vec::<f64>::try_from(&steps.to_device(Device::Cpu))?;
+        let source =
+            (0..steps.len()).fold(0, |best, r| if steps[r] > steps[best] { r } else { best });
+        if steps[source] < 0.0 {
+            return Err(Error::Collective(
+                "no rank of the new group holds a state to start from".into(),
+            ));
+        }
+        group.broadcast_params(self.opt.params(), source)?;
+        let mut state = self.opt.state_tensors();
+        for t in state.values_mut() {
+            // Collectives run on the parameters' device (NCCL has no host tensors).
+            let mut on_device = t.to_device(self.device);
+            group.broadcast(&mut on_device, source)?;
+            if t.device() != self.device {
+                *t = on_device.to_device(t.device());
+            }
+        }
+        self.opt.load_state_tensors(&state, &self.cfg.out)?;
+        let counters = [
+            self.step as f64,
+            self.tokens_seen as f64,
+            self.best_val.unwrap_or(f64::NAN),
+            f64::from(u8::from(self.evaluated_at_step)),
+        ];
+        let mut header = Tensor::from_slice(&counters).to_device(self.device);
+        group.broadcast(&mut header, source)?;
+        let header = Vec::<f64>::try_from(&header.to_device(Device::Cpu))?;
+        self.step = header[0] as u64;
+        self.tokens_seen = header[1] as u64;
+        self.best_val = (!header[2].is_nan()).then_some(header[2]);
+        self.evaluated_at_step = header[3] > 0.0;
+        tracing::info!(
+            step = self.step,
+            from_rank = source,
+            "the group starts from the state of step {} (rank {source} had it)",
+            self.step
+        );
+        Ok(())
     }
 
     pub fn model_config(&self) -> &ModelConfig {
@@ -411,10 +489,16 @@ impl Trainer {
     /// what happened. A regroup comes back as `stopped`, as does a shutdown, after which
     /// rank 0 has checkpointed the step it stopped at.
     pub fn run(&mut self, show_progress: bool) -> Result<TrainSummary> {
-        match self.run_steps(show_progress) {
-            Err(Error::Stopped(reason)) => Ok(self.summary(None, None, Some(reason))),
-            other => other,
+        let summary = match self.run_steps(show_progress) {
+            Err(Error::Stopped(reason)) => self.summary(None, None, Some(reason)),
+            other => other?,
+        };
+        if let Some(StopReason::Regroup { .. } | StopReason::PeerShutdown) = summary.stopped {
+            // Leave the group at once: as rank 0 this process serves the group's store on
+            // the job's store port, which the next group's rank 0 must be able to take.
+            self.group = None;
         }
+        Ok(summary)
     }
 
     fn summary(
@@ -516,6 +600,14 @@ impl Trainer {
             if at_end {
                 break;
             }
+            // Every `check_params_every` steps the ranks compare parameters, before the next
+            // step starts (so a failure here leaves every rank at a logged step).
+            if let Some(group) = &self.group {
+                let every = cfg.check_params_every;
+                if every > 0 && self.step > 0 && self.step.is_multiple_of(every) {
+                    self.collective(group.check_params_agree(self.opt.params(), self.step))?;
+                }
+            }
             let lr = schedule.at(self.step);
             // Dropout draws from libtorch's generator: reseed per step so a resume replays it.
             tch::manual_seed((cfg.seed ^ self.step.wrapping_mul(0x9E37_79B9)) as i64);
@@ -540,25 +632,23 @@ impl Trainer {
             if let Some(group) = &self.group {
                 self.collective(group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES))?;
             }
+            // The step's collectives all run before the update: a failure in any of them
+            // leaves every survivor at the last completed (and logged) step.
+            let next = self.step + 1;
+            let window = match next.is_multiple_of(cfg.log_interval) || next == cfg.max_iters {
+                // The only host sync of the step, once per log interval.
+                true => Some(self.reduce_window(&loss_acc)?),
+                false => None,
+            };
             let grad_norm = self.opt.clip_grad_norm(cfg.grad_clip);
             self.opt.step(lr);
             self.opt.zero_grad();
-            self.step += 1;
-            // Log lines of this trainer carry the step (a no-op outside a trainer's span).
-            tracing::Span::current().record("step", self.step);
-            if let Some(group) = &self.group {
-                let every = cfg.check_params_every;
-                if every > 0 && self.step.is_multiple_of(every) {
-                    self.collective(group.check_params_agree(self.opt.params(), self.step))?;
-                }
-            }
+            self.step = next;
             self.tokens_seen += tokens_per_step;
             self.evaluated_at_step = false;
             window_steps += 1;
             bar.set_position(self.step);
-            if self.step.is_multiple_of(cfg.log_interval) || self.step == cfg.max_iters {
-                // The only host sync of the step, once per log interval.
-                let (window_loss, group_stop) = self.reduce_window(&loss_acc)?;
+            if let Some((window_loss, group_stop)) = window {
                 stopped = group_stop;
                 let loss = window_loss / window_steps as f64;
                 let secs = window_start.elapsed().as_secs_f64() / window_steps as f64;
