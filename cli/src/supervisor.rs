@@ -210,9 +210,11 @@ impl Supervisor {
                     });
                 }
                 self.restarts += 1;
-                eprintln!(
+                // A timestamped line: when a failure was noticed is part of the record.
+                tracing::warn!(
                     "{name} died ({said}); restarting it (failure {} of at most {})",
-                    self.restarts, self.max_restarts
+                    self.restarts,
+                    self.max_restarts
                 );
                 if let Kind::Trainer { local_rank } = kind {
                     (self.on_trainer_death)(local_rank, &said);

@@ -116,10 +116,26 @@ impl Membership {
         let assignment = rt.block_on(async {
             tokio::select! {
                 a = register_and_wait(&opts, &id, &client) => a,
-                _ = stopped.cancelled() => Err(Error::Membership(format!(
-                    "stopped before a group formed: {}",
-                    stop.reason().unwrap_or(StopReason::Shutdown)
-                ))),
+                _ = stopped.cancelled() => {
+                    // Registered and counted as present: say we are gone, or the next group
+                    // would form with us in it.
+                    let request = pb::LeaveRequest {
+                        id: Some(id.clone()),
+                        job_token: opts.job_token.clone(),
+                        reason: "shut down while waiting for a group".into(),
+                        finished: false,
+                    };
+                    let mut c = client.clone();
+                    if let Err(e) = net::call(COORDINATOR, &opts.connect, c.leave(request)).await {
+                        if e.action() != Action::Register {
+                            tracing::warn!(cause = %e, "could not tell the coordinator this trainer leaves");
+                        }
+                    }
+                    Err(Error::Membership(format!(
+                        "stopped before a group formed: {}",
+                        stop.reason().unwrap_or(StopReason::Shutdown)
+                    )))
+                }
             }
         })?;
         tracing::info!(

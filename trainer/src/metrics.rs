@@ -52,12 +52,14 @@ impl MetricsLog {
     /// records up to `s` (those after it were logged past the checkpoint and will be redone).
     pub fn open(run: &Path, resume_from: Option<u64>) -> Result<Self> {
         let path = run.join(METRICS_FILE);
+        // The records up to the resume step, kept byte for byte (a parse and re-print
+        // could move a float by an ulp).
         let kept: Vec<String> = match resume_from {
-            Some(from) => read_records(&path)
+            Some(from) => fs::read_to_string(&path)
                 .unwrap_or_default()
-                .into_iter()
-                .filter(|r| r.step <= from)
-                .map(|r| serde_json::to_string(&r).expect("record serialises") + "\n")
+                .lines()
+                .filter(|l| serde_json::from_str::<Record>(l).is_ok_and(|r| r.step <= from))
+                .map(|l| format!("{l}\n"))
                 .collect(),
             None => Vec::new(),
         };
@@ -85,4 +87,20 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resuming_keeps_the_earlier_records_byte_for_byte_and_drops_the_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = r#"{"step":198,"loss":7.8402252197265625,"tokens_seen":101376}"#;
+        let later = r#"{"step":199,"loss":7.800789833068848}"#;
+        fs::write(dir.path().join(METRICS_FILE), format!("{first}\n{later}\n")).unwrap();
+        MetricsLog::open(dir.path(), Some(198)).unwrap();
+        let text = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(text, format!("{first}\n"));
+    }
 }
