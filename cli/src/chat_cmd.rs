@@ -56,10 +56,10 @@ pub fn chat(args: ChatArgs) -> Result<()> {
             content: line.to_string(),
         });
         // Forget the oldest turns when the conversation outgrows the context.
-        let mut prompt = tok.encode(&render_prompt(&history))?;
+        let mut prompt = tok.encode(&render_prompt(&history)?)?;
         while prompt.len() + 8 >= context && history.len() > 1 {
             history.remove(0);
-            prompt = tok.encode(&render_prompt(&history))?;
+            prompt = tok.encode(&render_prompt(&history)?)?;
         }
         if prompt.len() >= context {
             eprintln!(

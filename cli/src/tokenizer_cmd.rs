@@ -1,4 +1,4 @@
-//! `lillm tokenizer train|encode|decode`.
+//! `lillm tokenizer train|encode|render-chat|decode`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -64,6 +64,16 @@ pub enum TokenizerCmd {
         #[arg(long)]
         input: Option<PathBuf>,
     },
+    /// Print a conversation (a JSON array of {role, content}) as the chat template renders it
+    /// — the text a fine-tuned model reads.
+    RenderChat {
+        /// JSON file holding the messages.
+        #[arg(long)]
+        messages: PathBuf,
+        /// End with the header of the assistant's next reply (what `chat` and `serve` send).
+        #[arg(long)]
+        add_generation_prompt: bool,
+    },
     /// Print the text of token ids given as a JSON array (argument or stdin).
     Decode {
         #[arg(long)]
@@ -109,6 +119,24 @@ pub fn run(cmd: TokenizerCmd) -> Result<()> {
                 (None, None) => bail!("give the text with --text or a file with --input"),
             };
             println!("{}", serde_json::to_string(&tok.encode(&text)?)?);
+        }
+        TokenizerCmd::RenderChat {
+            messages,
+            add_generation_prompt,
+        } => {
+            let text = std::fs::read_to_string(&messages)
+                .with_context(|| format!("{}: cannot read", messages.display()))?;
+            let turns: Vec<lillm_data::sft::Message> =
+                serde_json::from_str(&text).with_context(|| {
+                    format!(
+                        "{}: expected a JSON array of {{\"role\": …, \"content\": …}} messages",
+                        messages.display()
+                    )
+                })?;
+            print!(
+                "{}",
+                lillm_data::chat_template::render(&turns, add_generation_prompt)?
+            );
         }
         TokenizerCmd::Decode { tokenizer, ids } => {
             let tok = Tokenizer::load(&tokenizer)?;

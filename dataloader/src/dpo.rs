@@ -72,7 +72,7 @@ pub fn read_pairs(
             }],
             Prompt::Turns(t) => t,
         };
-        let prompt = render_prompt(&turns);
+        let prompt = render_prompt(&turns)?;
         let prompt_len = tok.encode(&prompt)?.len();
         let chosen = encode_reply(tok, &prompt, prompt_len, &parsed.chosen)?;
         let rejected = encode_reply(tok, &prompt, prompt_len, &parsed.rejected)?;

@@ -13,6 +13,7 @@
 //! - `dpo`: preference pairs (prompt, chosen, rejected) with reply masks.
 
 pub mod actor;
+pub mod chat_template;
 pub mod corpus;
 pub mod dpo;
 mod error;

@@ -1,8 +1,8 @@
 //! Supervised fine-tuning examples: conversations rendered with the chat template, encoded,
 //! filtered by length, with the assistant-only loss mask of SPEC §6.
 //!
-//! Template (no spaces added): user and system turns `<r0>ROLE<r1>{content}</r2>`, assistant
-//! turns `<r0>assistant<r1>{content}</s>`. `mask[j] = 1` exactly when `ids[j]` is a loss
+//! Template ([`crate::chat_template`], no spaces added): user and system turns
+//! `<r0>ROLE<r1>{content}</r2>`, assistant turns `<r0>assistant<r1>{content}</s>`. `mask[j] = 1` exactly when `ids[j]` is a loss
 //! target: the tokens of an assistant's content and its closing `</s>`. Because `<r1>` and
 //! `</s>` are special tokens, assistant content never shares a token with the tags around it.
 
@@ -23,28 +23,13 @@ pub struct Message {
 }
 
 /// The template's text for a whole conversation, and the byte ranges that carry loss.
-pub fn render(messages: &[Message]) -> (String, Vec<std::ops::Range<usize>>) {
-    let mut text = String::new();
-    let mut targets = Vec::new();
-    for m in messages {
-        if m.role == "assistant" {
-            text.push_str("<r0>assistant<r1>");
-            let start = text.len();
-            text.push_str(&m.content);
-            text.push_str("</s>");
-            targets.push(start..text.len());
-        } else {
-            text.push_str(&format!("<r0>{}<r1>{}</r2>", m.role, m.content));
-        }
-    }
-    (text, targets)
+pub fn render(messages: &[Message]) -> Result<(String, Vec<std::ops::Range<usize>>)> {
+    crate::chat_template::render_with_targets(messages)
 }
 
 /// The prompt for the model's next reply: the conversation so far plus `<r0>assistant<r1>`.
-pub fn render_prompt(messages: &[Message]) -> String {
-    let (mut text, _) = render(messages);
-    text.push_str("<r0>assistant<r1>");
-    text
+pub fn render_prompt(messages: &[Message]) -> Result<String> {
+    crate::chat_template::render(messages, true)
 }
 
 /// One encoded conversation: `ids` unpadded, `mask[j]` = 1 when `ids[j]` is a loss target.
@@ -56,7 +41,7 @@ pub struct SftExample {
 
 /// Encodes a conversation and derives its mask from token offsets.
 pub fn encode_conversation(tok: &Tokenizer, messages: &[Message]) -> Result<(String, SftExample)> {
-    let (text, targets) = render(messages);
+    let (text, targets) = render(messages)?;
     let (ids, offsets) = tok.encode_with_offsets(&text)?;
     let mask = offsets
         .iter()

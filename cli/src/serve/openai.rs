@@ -356,7 +356,8 @@ pub async fn chat_completions(
             content,
         });
     }
-    let plan = plan(&state, &render_prompt(&turns), req.sampling)?;
+    let prompt = render_prompt(&turns).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let plan = plan(&state, &prompt, req.sampling)?;
     let rx = start(&state, &plan).await?;
     let id = format!("chatcmpl-{}", state.next_id());
     let (model, created, prompt_tokens) = (state.model_name.clone(), now(), plan.prompt.len());
