@@ -64,6 +64,12 @@ pub struct TrainArgs {
     /// Most recent checkpoints to keep (the best-val one is always kept too).
     #[arg(long)]
     keep_last: Option<usize>,
+    /// Also checkpoint every N steps, apart from evaluations (0: only at evaluations).
+    #[arg(long)]
+    checkpoint_interval: Option<u64>,
+    /// Also checkpoint when this many minutes passed since the last one (0: off).
+    #[arg(long)]
+    checkpoint_minutes: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
     /// auto, cpu, cuda or cuda:N.
@@ -181,6 +187,7 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         lr => "lr", min_lr => "min_lr", weight_decay => "weight_decay", grad_clip => "grad_clip",
         peak_tflops => "peak_tflops", dropout => "model.dropout", decay_lr => "decay_lr",
         beta1 => "beta1", beta2 => "beta2", adam_eps => "adam_eps",
+        checkpoint_minutes => "checkpoint_minutes",
     );
     macro_rules! int_flag {
         ($($field:ident => $key:expr),* $(,)?) => {
@@ -194,6 +201,7 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         max_iters => "max_iters", warmup_iters => "warmup_iters", lr_decay_iters => "lr_decay_iters",
         eval_interval => "eval_interval", eval_iters => "eval_iters", log_interval => "log_interval",
         keep_last => "keep_last", seed => "seed", threads => "threads",
+        checkpoint_interval => "checkpoint_interval",
         rank => "rank", world_size => "world_size", check_params_every => "check_params_every",
         d_model => "model.d_model", n_layers => "model.n_layers", q_heads => "model.q_heads",
         kv_heads => "model.kv_heads", max_seq_len => "model.max_seq_len", vocab_size => "model.vocab_size",

@@ -203,3 +203,65 @@ fn heartbeats_arrive_through_steps_and_evaluations_of_seconds() {
     assert!(!log.contains("missed heartbeats"), "{log}");
     eprintln!("step times (ms): {step_ms:?}");
 }
+
+/// Checkpoints have their own frequency, by steps or by time, apart from evaluations; a run
+/// resumed from one continues exactly.
+#[test]
+fn checkpoints_follow_their_own_interval_and_resume_from_them_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    let mut args = tiny_train_args(s(&tiny.data), s(&straight), "300", "24");
+    set_flag(&mut args, "--eval-interval", "100");
+    args.extend(["--checkpoint-interval", "5", "--keep-last", "100"]);
+    lillm_ok(&args);
+    // Steps 5, 10, 15, 20 by interval, 24 at the end; no evaluation in between.
+    assert_eq!(checkpoint_steps(&straight), [5, 10, 15, 20, 24]);
+
+    // A resume from step 15 (later ones removed) retrains 16..24 exactly.
+    let resumed = dir.path().join("resumed");
+    copy_dir(&straight, &resumed);
+    for step in [20, 24] {
+        std::fs::remove_dir_all(resumed.join(format!("checkpoints/step-{step:08}"))).unwrap();
+    }
+    set_flag(&mut args, "--out", s(&resumed));
+    args.push("--resume");
+    lillm_ok(&args);
+    assert_same_losses(&losses(&straight), &losses(&resumed));
+
+    // By time: a checkpoint whenever 30 ms have passed since the last one.
+    let timed = dir.path().join("timed");
+    let mut args = tiny_train_args(s(&tiny.data), s(&timed), "300", "30");
+    set_flag(&mut args, "--eval-interval", "100");
+    args.extend(["--checkpoint-minutes", "0.0005", "--keep-last", "100"]);
+    lillm_ok(&args);
+    assert!(
+        checkpoint_steps(&timed).len() > 2,
+        "time-based checkpoints between the evaluations: {:?}",
+        checkpoint_steps(&timed)
+    );
+    let err = lillm_err(&[
+        "train",
+        "--data",
+        s(&tiny.data),
+        "--out",
+        s(&dir.path().join("bad")),
+        "--preset",
+        "tiny",
+        "--checkpoint-minutes=-1",
+    ]);
+    assert!(err.contains("checkpoint_minutes"), "{err}");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

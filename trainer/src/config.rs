@@ -50,6 +50,14 @@ pub struct TrainConfig {
     pub log_interval: u64,
     /// Keep this many most recent checkpoints, plus the best-val one.
     pub keep_last: usize,
+    /// Also checkpoint every this many steps, apart from evaluations (0: only when
+    /// evaluating, at the end and on SIGTERM).
+    #[serde(default)]
+    pub checkpoint_interval: u64,
+    /// Also checkpoint when this many minutes passed since the last checkpoint (0: never by
+    /// time). Snapshots go to host memory; the training thread never waits on the disk.
+    #[serde(default)]
+    pub checkpoint_minutes: f64,
     /// Seed for initialisation, batch order and dropout.
     pub seed: u64,
     /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
@@ -149,6 +157,8 @@ impl Default for TrainConfig {
             eval_iters: 20,
             log_interval: 10,
             keep_last: 2,
+            checkpoint_interval: 0,
+            checkpoint_minutes: 0.0,
             seed: 1337,
             device: "auto".into(),
             dtype: "auto".into(),
@@ -237,6 +247,12 @@ impl TrainConfig {
                     "{field} must be at least 1 (steps between two), got 0"
                 ));
             }
+        }
+        if !(self.checkpoint_minutes >= 0.0 && self.checkpoint_minutes.is_finite()) {
+            return bad(format!(
+                "checkpoint_minutes must be 0 (off) or a positive number of minutes, got {}",
+                self.checkpoint_minutes
+            ));
         }
         if self.lr.is_nan() || self.lr <= 0.0 || self.min_lr < 0.0 || self.min_lr > self.lr {
             return bad(format!(

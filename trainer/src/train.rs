@@ -575,6 +575,8 @@ impl Trainer {
         let mut window_steps = 0u64;
         let mut window_start = Instant::now();
         let mut last_ckpt = None;
+        let mut last_save = Instant::now();
+        let started_at = self.step;
         let mut stopped = None;
         loop {
             if let Some(reason) = self.stop_alone() {
@@ -594,8 +596,23 @@ impl Trainer {
                 ));
                 if self.step > 0 {
                     last_ckpt = Some(self.save_checkpoint(Some(val))?);
+                    last_save = Instant::now();
                 }
                 window_start = Instant::now();
+            }
+            // Checkpoints apart from evaluations, by steps or by time (rank 0 alone: a
+            // snapshot to host memory, written by the checkpoint actor).
+            let by_steps =
+                cfg.checkpoint_interval > 0 && self.step.is_multiple_of(cfg.checkpoint_interval);
+            let by_time = cfg.checkpoint_minutes > 0.0
+                && last_save.elapsed().as_secs_f64() >= cfg.checkpoint_minutes * 60.0;
+            let saved_here = last_ckpt
+                .as_ref()
+                .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.out, self.step));
+            let fresh = self.step > started_at; // a resumed step already has its checkpoint
+            if leader && fresh && !at_end && !saved_here && (by_steps || by_time) {
+                last_ckpt = Some(self.save_checkpoint(None)?);
+                last_save = Instant::now();
             }
             if at_end {
                 break;
