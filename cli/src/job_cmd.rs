@@ -114,6 +114,7 @@ pub fn run_trainer_actor(
             ..RetryPolicy::default()
         },
         rejoining_from: None,
+        grad_accum: cfg.grad_accum as u64,
     };
     let mut trainer = None;
     loop {

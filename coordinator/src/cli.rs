@@ -18,9 +18,13 @@ pub struct Args {
     /// TOML file with any of the settings below (snake_case keys); flags win over it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Machines the job spans.
+    /// Machines the job spans: N, or MIN:MAX for an elastic job that goes on with as few
+    /// as MIN nodes once the others have been away for --elastic-grace-ms.
+    #[arg(long, value_parser = parse_nodes)]
+    nodes: Option<(usize, usize)>,
+    /// Elastic jobs: how long missing members may stay away before a smaller group forms.
     #[arg(long)]
-    nodes: Option<usize>,
+    elastic_grace_ms: Option<u64>,
     /// Trainer processes (GPUs) per node.
     #[arg(long)]
     trainers_per_node: Option<usize>,
@@ -65,6 +69,8 @@ pub struct Args {
 #[serde(deny_unknown_fields, default)]
 struct Settings {
     nodes: Option<usize>,
+    min_nodes: Option<usize>,
+    elastic_grace_ms: u64,
     trainers_per_node: usize,
     dataloaders_per_node: usize,
     listen: SocketAddr,
@@ -82,6 +88,8 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             nodes: None,
+            min_nodes: None,
+            elastic_grace_ms: 30_000,
             trainers_per_node: 1,
             dataloaders_per_node: 1,
             listen: "127.0.0.1:7070".parse().expect("valid address"),
@@ -106,7 +114,11 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
         }
         None => Settings::default(),
     };
-    s.nodes = args.nodes.or(s.nodes);
+    if let Some((min, max)) = args.nodes {
+        s.nodes = Some(max);
+        s.min_nodes = (min < max).then_some(min);
+    }
+    s.elastic_grace_ms = args.elastic_grace_ms.unwrap_or(s.elastic_grace_ms);
     s.trainers_per_node = args.trainers_per_node.unwrap_or(s.trainers_per_node);
     s.dataloaders_per_node = args.dataloaders_per_node.unwrap_or(s.dataloaders_per_node);
     s.listen = args.listen.unwrap_or(s.listen);
@@ -143,6 +155,8 @@ pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
             job_token: s.job_token,
             heartbeat_timeout_ms: s.heartbeat_timeout_ms,
             store_port: s.store_port,
+            min_nodes: s.min_nodes,
+            elastic_grace_ms: s.elastic_grace_ms,
         },
         listen: s.listen,
         metrics_listen: Some(s.metrics_listen),
@@ -158,4 +172,21 @@ pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let span = tracing::info_span!("coordinator", role = "coordinator");
     rt.block_on(tracing::Instrument::instrument(serve(cfg, shutdown), span))
+}
+
+/// `N` or `MIN:MAX` (1 <= MIN <= MAX).
+fn parse_nodes(text: &str) -> Result<(usize, usize), String> {
+    let number = |t: &str| {
+        t.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("`{text}` is not N or MIN:MAX (whole numbers of nodes)"))
+    };
+    let (min, max) = match text.split_once(':') {
+        Some((min, max)) => (number(min)?, number(max)?),
+        None => (number(text)?, number(text)?),
+    };
+    if min == 0 || min > max {
+        return Err(format!("`{text}`: need 1 <= MIN <= MAX"));
+    }
+    Ok((min, max))
 }

@@ -20,6 +20,8 @@ pub enum Event {
         config_fingerprint: String,
         /// The last generation this process belonged to; `None` for a freshly started one.
         generation: Option<u64>,
+        /// A trainer's micro-batches per step (its group's size must divide them).
+        grad_accum: Option<u64>,
     },
     /// A registered trainer is waiting for its assignment (counts as a heartbeat).
     Waiting { id: MemberId },
@@ -167,7 +169,18 @@ pub fn decide(now_ms: u64, state: &State, event: Event) -> Decision {
             address,
             config_fingerprint,
             generation,
-        } => register(now_ms, state, id, address, config_fingerprint, generation),
+            grad_accum,
+        } => register(
+            now_ms,
+            state,
+            Registration {
+                id,
+                address,
+                config_fingerprint,
+                generation,
+                grad_accum,
+            },
+        ),
         Event::Waiting { id } => {
             let Some(member) = state.members.get(&id) else {
                 return Decision::refuse(state, Refusal::UnknownMember(id));
@@ -280,14 +293,22 @@ fn leave(state: &State, id: MemberId, why: String, finished: bool) -> Decision {
     }
 }
 
-fn register(
-    now_ms: u64,
-    state: &State,
+struct Registration {
     id: MemberId,
     address: String,
     config_fingerprint: String,
     generation: Option<u64>,
-) -> Decision {
+    grad_accum: Option<u64>,
+}
+
+fn register(now_ms: u64, state: &State, r: Registration) -> Decision {
+    let Registration {
+        id,
+        address,
+        config_fingerprint,
+        generation,
+        grad_accum,
+    } = r;
     // Trainers must share one training config; dataloaders serve whatever they are asked.
     let checked = id.role == Role::Trainer;
     if let (true, Some(expected)) = (checked, &state.config_fingerprint) {
@@ -326,6 +347,7 @@ fn register(
     let mut next = state.clone();
     if checked {
         next.config_fingerprint = Some(config_fingerprint);
+        next.grad_accum = grad_accum.or(next.grad_accum);
     }
     // A fresh process in a known slot: its predecessor died.
     let restarted = previous.is_some() && generation.is_none();
@@ -407,12 +429,9 @@ fn end_generation(state: &mut State) {
 fn start_generation(state: &mut State) -> Action {
     state.generation += 1;
     state.phase = Phase::Running;
-    let trainers: Vec<MemberId> = state
-        .members
-        .keys()
-        .filter(|id| id.role == Role::Trainer)
-        .cloned()
-        .collect();
+    state.gathering_since_ms = 0;
+    // The ready trainers: all of them, except in an elastic start without the missing.
+    let trainers: Vec<MemberId> = state.ready_trainers().map(|m| m.id.clone()).collect();
     let loaders: Vec<(String, usize)> = state
         .members
         .values()
@@ -512,6 +531,41 @@ fn commit(
 }
 
 fn tick(now_ms: u64, state: &State) -> Decision {
+    let evicted = evict_silent(now_ms, state);
+    if !evicted.actions.is_empty() || state.phase != Phase::Gathering {
+        return evicted;
+    }
+    elastic(now_ms, state)
+}
+
+/// While gathering: note when it began, and once the grace period has passed start a
+/// generation with the trainers that are there, if the job is elastic and they suffice.
+fn elastic(now_ms: u64, state: &State) -> Decision {
+    if state.config.min_nodes.is_none() {
+        return Decision::quiet(state.clone());
+    }
+    let mut next = state.clone();
+    if next.gathering_since_ms == 0 {
+        next.gathering_since_ms = now_ms;
+        return Decision::quiet(next);
+    }
+    if state.elastic_start(now_ms).is_err() {
+        return Decision::quiet(next);
+    }
+    let ready = state.ready_trainers().count();
+    let action = start_generation(&mut next);
+    Decision {
+        reason: format!(
+            "elastic: {ready} of {} trainers present after {} ms; a generation of {ready} ranks starts without the others",
+            state.config.trainers, state.config.elastic_grace_ms
+        ),
+        state: next,
+        actions: vec![action],
+        refusal: None,
+    }
+}
+
+fn evict_silent(now_ms: u64, state: &State) -> Decision {
     let timeout = state.config.heartbeat_timeout_ms;
     let dead: Vec<MemberId> = state
         .members

@@ -165,6 +165,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
                 address: r.address,
                 config_fingerprint: r.config_fingerprint,
                 generation: (r.rejoining_from > 0).then_some(r.rejoining_from),
+                grad_accum: (r.grad_accum > 0).then_some(r.grad_accum),
             })
             .await?,
         )?;
@@ -333,7 +334,12 @@ fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
     Some(pb::Assignment {
         generation: state.generation,
         rank: rank as u32,
-        world_size: state.config.trainers as u32,
+        // The generation's ranks: fewer than the job's trainers after an elastic start.
+        world_size: state
+            .members
+            .values()
+            .filter(|m| m.id.role == Role::Trainer && m.rank.is_some())
+            .count() as u32,
         store_host: host_of(&leader.address),
         store_port: state.config.store_port as u32,
         store_prefix: format!("lillm/gen{}", state.generation),
@@ -351,12 +357,18 @@ fn gathering_message(state: &State) -> String {
         .values()
         .filter(|m| m.id.role == Role::Trainer && m.ready)
         .count();
-    format!(
+    let mut message = format!(
         "waiting for members: {ready}/{} trainers registered, {}/{} dataloaders",
         state.config.trainers,
         state.count(Role::Dataloader),
         state.config.dataloaders
-    )
+    );
+    if state.config.min_nodes.is_some() {
+        if let Err(why) = state.elastic_start(now_ms()) {
+            message.push_str(&format!(" (elastic: {why})"));
+        }
+    }
+    message
 }
 
 /// The job as `lillm status` shows it.

@@ -19,6 +19,16 @@ pub struct JobConfig {
     pub heartbeat_timeout_ms: u64,
     /// Port of the c10d store that rank 0 serves on its own address.
     pub store_port: u16,
+    /// Elastic jobs: a generation may form on as few as this many nodes once the missing
+    /// ones have stayed away for `elastic_grace_ms` (`None`: only with every node).
+    #[serde(default)]
+    pub min_nodes: Option<usize>,
+    #[serde(default = "default_elastic_grace_ms")]
+    pub elastic_grace_ms: u64,
+}
+
+fn default_elastic_grace_ms() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -96,6 +106,12 @@ pub struct State {
     pub last_eval: Option<EvalResult>,
     /// Members lost to heartbeat timeouts or restarts, over the job's life.
     pub failures: u64,
+    /// When the current gathering began (ms; 0 while running), for the elastic grace.
+    #[serde(default)]
+    pub gathering_since_ms: u64,
+    /// Micro-batches per step, pinned by the first trainer: a group's size must divide it.
+    #[serde(default)]
+    pub grad_accum: Option<u64>,
 }
 
 impl State {
@@ -109,6 +125,8 @@ impl State {
             last_commit: None,
             last_eval: None,
             failures: 0,
+            gathering_since_ms: 0,
+            grad_accum: None,
         }
     }
 
@@ -132,6 +150,55 @@ impl State {
             .filter(|m| m.id.role == Role::Trainer && m.ready)
             .count();
         ready == self.config.trainers && self.count(Role::Dataloader) == self.config.dataloaders
+    }
+
+    /// Trainers registered since the last membership change.
+    pub fn ready_trainers(&self) -> impl Iterator<Item = &Member> {
+        self.members
+            .values()
+            .filter(|m| m.id.role == Role::Trainer && m.ready)
+    }
+
+    /// Group sizes the job's step can be divided over: divisors of `grad_accum` up to the
+    /// job's trainers.
+    pub fn possible_sizes(&self) -> Vec<usize> {
+        (1..=self.config.trainers)
+            .filter(|&k| self.grad_accum.is_none_or(|g| g % k as u64 == 0))
+            .collect()
+    }
+
+    /// Whether an elastic generation may form now with the ready trainers, or why not.
+    pub fn elastic_start(&self, now_ms: u64) -> Result<(), String> {
+        let Some(min_nodes) = self.config.min_nodes else {
+            return Err("not elastic".into());
+        };
+        let waited = now_ms.saturating_sub(self.gathering_since_ms);
+        if self.gathering_since_ms == 0 || waited < self.config.elastic_grace_ms {
+            return Err(format!(
+                "waiting {} ms for missing members before an elastic start",
+                self.config.elastic_grace_ms
+            ));
+        }
+        let ready: Vec<&Member> = self.ready_trainers().collect();
+        let nodes: BTreeSet<&str> = ready.iter().map(|m| m.id.node.as_str()).collect();
+        if nodes.len() < min_nodes || ready.is_empty() {
+            return Err(format!(
+                "{} node(s) ready, the job needs at least {min_nodes}",
+                nodes.len()
+            ));
+        }
+        if self.count(Role::Dataloader) == 0 {
+            return Err("no dataloader".into());
+        }
+        if !self.possible_sizes().contains(&ready.len()) {
+            return Err(format!(
+                "{} trainers cannot divide grad_accum {}; possible sizes: {:?}",
+                ready.len(),
+                self.grad_accum.unwrap_or(0),
+                self.possible_sizes()
+            ));
+        }
+        Ok(())
     }
 
     /// Nodes that hold at least one member.

@@ -12,6 +12,8 @@ fn job() -> State {
         job_token: "s3cret".into(),
         heartbeat_timeout_ms: 5_000,
         store_port: 29500,
+        min_nodes: None,
+        elastic_grace_ms: 30_000,
     })
 }
 
@@ -29,6 +31,7 @@ fn register(id: &MemberId, generation: Option<u64>) -> Event {
         address: format!("10.0.0.{}:7000", id.node.len()),
         config_fingerprint: "cfg-1".into(),
         generation,
+        grad_accum: Some(2),
     }
 }
 
@@ -426,4 +429,93 @@ fn a_finished_trainer_stays_listed_and_is_never_evicted() {
         .state
         .members
         .contains_key(&id("node-a", Role::Trainer, 0)));
+}
+
+#[test]
+fn an_elastic_job_forms_without_a_node_that_stays_away_and_grows_back() {
+    let mut state = job();
+    state.config.min_nodes = Some(1);
+    state.config.elastic_grace_ms = 10_000;
+    state.config.heartbeat_timeout_ms = 60_000;
+    let (a, b) = (
+        id("node-a", Role::Trainer, 0),
+        id("node-b", Role::Trainer, 0),
+    );
+    let loader = id("node-a", Role::Dataloader, 0);
+    let mut s = state;
+    for (t, member) in [(0, &loader), (10, &a)] {
+        s = decide(t, &s, register(member, None)).state;
+    }
+    // Gathering is noticed, then nothing starts before the grace period has passed.
+    s = decide(1_000, &s, Event::Tick).state;
+    let early = decide(5_000, &s, Event::Tick);
+    assert!(early.actions.is_empty());
+    let late = decide(11_500, &early.state, Event::Tick);
+    assert!(
+        matches!(late.actions[..], [Action::StartGeneration { ref ranks, .. }] if ranks.len() == 1),
+        "{}",
+        late.reason
+    );
+    assert!(
+        late.reason.contains("elastic: 1 of 2 trainers"),
+        "{}",
+        late.reason
+    );
+    // The missing node returns: the generation ends and, everyone present, one of 2 forms.
+    let back = decide(12_000, &late.state, register(&b, None));
+    assert_eq!(back.state.phase, Phase::Gathering);
+    let again = decide(
+        12_100,
+        &back.state,
+        register(&a, Some(late.state.generation)),
+    );
+    assert!(
+        matches!(again.actions[..], [Action::StartGeneration { ref ranks, .. }] if ranks.len() == 2),
+        "{}",
+        again.reason
+    );
+}
+
+#[test]
+fn an_elastic_job_never_forms_a_group_that_cannot_divide_the_step() {
+    let mut state = job();
+    state.config.trainers = 4;
+    state.config.nodes = 4;
+    state.config.min_nodes = Some(1);
+    state.config.elastic_grace_ms = 0;
+    state.config.heartbeat_timeout_ms = 60_000;
+    let loader = id("node-a", Role::Dataloader, 0);
+    let nodes = ["node-a", "node-b", "node-c", "node-d"];
+    let mut s = decide(0, &state, register(&loader, None)).state;
+    for node in nodes {
+        s = decide(1, &s, register(&id(node, Role::Trainer, 0), None)).state;
+    }
+    assert_eq!(s.phase, Phase::Running);
+    let leave = |node: &str| Event::Leave {
+        id: id(node, Role::Trainer, 0),
+        reason: "gone".into(),
+        finished: false,
+    };
+    // Three left of four: 3 ranks cannot share grad_accum 2, so no group forms, and the
+    // reason names the sizes that can.
+    s = decide(2, &s, leave("node-d")).state;
+    for node in &nodes[..3] {
+        s = decide(3, &s, register(&id(node, Role::Trainer, 0), Some(1))).state;
+    }
+    s = decide(4, &s, Event::Tick).state;
+    let d = decide(5, &s, Event::Tick);
+    assert!(d.actions.is_empty(), "{}", d.reason);
+    let why = s.elastic_start(5).unwrap_err();
+    assert!(
+        why.contains("3 trainers cannot divide grad_accum 2; possible sizes: [1, 2]"),
+        "{why}"
+    );
+    // Down to two: they form a group.
+    s = decide(6, &d.state, leave("node-c")).state;
+    let d = decide(7, &s, Event::Tick);
+    assert!(
+        matches!(d.actions[..], [Action::StartGeneration { ref ranks, .. }] if ranks.len() == 2),
+        "{}",
+        d.reason
+    );
 }

@@ -79,6 +79,7 @@ async fn register(
         job_token: args.job_token.clone(),
         config_fingerprint: String::new(),
         rejoining_from: 0,
+        grad_accum: 0,
     };
     let reply = RetryPolicy::default()
         .run("register with the coordinator", || {

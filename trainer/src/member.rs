@@ -47,6 +47,8 @@ pub struct MemberOptions {
     /// The generation this trainer was in when it joins again from the same process
     /// (`None`: a new process).
     pub rejoining_from: Option<u64>,
+    /// Micro-batches per step: the coordinator forms groups whose size divides it.
+    pub grad_accum: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -342,6 +344,7 @@ async fn register_and_wait(
             job_token: opts.job_token.clone(),
             config_fingerprint: opts.fingerprint.clone(),
             rejoining_from: opts.rejoining_from.unwrap_or(0),
+            grad_accum: opts.grad_accum,
         };
         let reply = opts
             .policy

@@ -1,0 +1,91 @@
+//! An elastic job (`coordinator --nodes 1:2`): when a node disappears for good, the job
+//! goes on at the smaller size after the grace period, and grows back when the node
+//! returns — with the math of an uninterrupted run throughout, because the step's
+//! micro-batches are re-divided over whichever ranks there are.
+
+mod common;
+
+use common::job::*;
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn a_node_lost_for_good_shrinks_the_job_and_its_return_grows_it_with_the_same_math() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let mut long = tiny_train_args(s(&tiny.data), "-", "300", "160");
+    set_flag(&mut long, "--eval-interval", "20");
+    set_flag(&mut long, "--lr-decay-iters", "160");
+    let straight = dir.path().join("straight");
+    set_flag(&mut long, "--out", s(&straight));
+    lillm_ok(&long);
+
+    let run = dir.path().join("run");
+    set_flag(&mut long, "--out", s(&run));
+    let mut job = Job::new(
+        dir.path(),
+        2,
+        1,
+        &["--elastic-grace-ms=2000", "--heartbeat-timeout-ms=2000"],
+    );
+    for arg in job.coordinator_args.iter_mut() {
+        if arg == "--nodes=2" {
+            *arg = "--nodes=1:2".into();
+        }
+    }
+    let _coordinator = job.start_coordinator();
+    let node = |name: &str, round: &str| -> (Actor, Actor) {
+        let loader = Actor::lillm(
+            &job.dataloader_args(&tiny.data, name, "127.0.0.1:0"),
+            dir.path().join(format!("loader-{name}-{round}.log")),
+        );
+        let trainer = Actor::lillm(
+            &job.trainer_args(&long, name, 0, "127.0.0.1"),
+            dir.path().join(format!("trainer-{name}-{round}.log")),
+        );
+        (loader, trainer)
+    };
+    let (_loader_a, mut trainer_a) = node("node-a", "1");
+    let (mut loader_b, mut trainer_b) = node("node-b", "1");
+    wait_until(Duration::from_secs(120), "30 steps on two nodes", || {
+        losses(&run).len() >= 30
+    });
+    // Node b vanishes for good: its processes die without a word.
+    trainer_b.kill();
+    loader_b.kill();
+    let lost_at = losses(&run).len();
+    wait_until(Duration::from_secs(60), "training to go on alone", || {
+        losses(&run).len() >= lost_at + 20
+    });
+    let alone = job.status();
+    let ranked: Vec<_> = alone["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["rank"].is_u64() && m["role"] == "trainer")
+        .collect();
+    assert_eq!(ranked.len(), 1, "one rank left: {alone}");
+    // It comes back: the job grows to two ranks again.
+    let (_loader_b, mut trainer_b) = node("node-b", "2");
+    trainer_a.finish(Duration::from_secs(240));
+    trainer_b.finish(Duration::from_secs(60));
+    assert_same_losses(&losses(&straight), &losses(&run));
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
+    assert!(log.contains("elastic: 1 of 2 trainers present"), "{log}");
+    let back = log
+        .lines()
+        .filter(|l| l.contains("node-b/trainer0 registered"))
+        .count();
+    assert!(back >= 2, "node b joined again: {log}");
+    let max_diff = python(
+        "import sys\nfrom safetensors.torch import load_file\na=load_file(sys.argv[1]);b=load_file(sys.argv[2])\nprint(max((a[k]-b[k]).abs().max().item() for k in a))",
+        &[
+            s(&straight.join("checkpoints/step-00000160/model.safetensors")),
+            s(&run.join("checkpoints/step-00000160/model.safetensors")),
+        ],
+    );
+    assert!(
+        max_diff.trim().parse::<f64>().unwrap() <= 1e-5,
+        "final weights differ by {max_diff}"
+    );
+}
