@@ -171,10 +171,7 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
 /// Tiny-model flags for the kill tests: long enough to be killed mid-run, a checkpoint
 /// every 20 steps.
 fn long_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
-    let mut args = tiny_train_args(data, out, "300", "200");
-    set_flag(&mut args, "--eval-interval", "20");
-    set_flag(&mut args, "--lr-decay-iters", "200");
-    args
+    long_run_of(data, out, "200")
 }
 
 #[test]

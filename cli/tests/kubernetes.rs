@@ -70,6 +70,20 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
+/// The training config every trainer mounts (its name carries Kustomize's content hash).
+fn train_config(objects: &[Value]) -> &str {
+    objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "ConfigMap"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("lillm-train-config"))
+        })
+        .and_then(|o| o["data"]["train.toml"].as_str())
+        .expect("a lillm-train-config ConfigMap with train.toml")
+}
+
 fn strs(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
@@ -238,19 +252,9 @@ fn rendered_manifests_keep_the_jobs_invariants() {
             assert_eq!(*gpus, per_node, "{overlay}: one GPU per trainer");
         }
         // The training config is a valid config for that many ranks.
-        let config_map = objects
-            .iter()
-            .find(|o| {
-                o["kind"] == "ConfigMap"
-                    && o["metadata"]["name"]
-                        .as_str()
-                        .unwrap()
-                        .starts_with("lillm-train-config")
-            })
-            .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let toml = dir.path().join("train.toml");
-        std::fs::write(&toml, config_map["data"]["train.toml"].as_str().unwrap()).unwrap();
+        std::fs::write(&toml, train_config(&objects)).unwrap();
         let world = (nodes * per_node).to_string();
         lillm_ok(&[
             "train",
@@ -399,20 +403,8 @@ fn the_trainer_pods_command_joins_a_job_and_stops_cleanly_on_sigterm() {
     let per_node = flag(&strs(&container["args"]), "--nproc");
 
     // The mounted training config, with its volume paths moved into this test's directory.
-    let config_map = objects
-        .iter()
-        .find(|o| {
-            o["kind"] == "ConfigMap"
-                && o["metadata"]["name"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with("lillm-train-config")
-        })
-        .unwrap();
     let runs = dir.path().join("runs");
-    let config_text = config_map["data"]["train.toml"]
-        .as_str()
-        .unwrap()
+    let config_text = train_config(&objects)
         .replace("\"/runs/", &format!("\"{}/", runs.display()))
         .replace("\"/data\"", &format!("\"{}\"", tiny.data.display()));
     let etc = dir.path().join("etc");

@@ -33,10 +33,7 @@ fn exit_code(actor: &mut Actor, within: Duration) -> i32 {
 }
 
 fn long_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
-    let mut args = tiny_train_args(data, out, "300", "120");
-    set_flag(&mut args, "--eval-interval", "20");
-    set_flag(&mut args, "--lr-decay-iters", "120");
-    args
+    long_run_of(data, out, "120")
 }
 
 fn checkpoint_steps(run: &std::path::Path) -> Vec<u64> {

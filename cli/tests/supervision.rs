@@ -26,10 +26,7 @@ fn children_with(parent: u32, needle: &str) -> Vec<i32> {
 }
 
 fn long_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
-    let mut args = tiny_train_args(data, out, "300", "120");
-    set_flag(&mut args, "--eval-interval", "20");
-    set_flag(&mut args, "--lr-decay-iters", "120");
-    args
+    long_run_of(data, out, "120")
 }
 
 #[test]
@@ -101,17 +98,11 @@ fn a_killed_trainer_is_restarted_the_survivor_regroups_in_place_and_the_model_is
         resumed_at >= 30,
         "the new group started where the survivor was (step {resumed_at}), not at a checkpoint"
     );
-    let max_diff = python(
-        "import sys\nfrom safetensors.torch import load_file\na=load_file(sys.argv[1]);b=load_file(sys.argv[2])\nprint(max((a[k]-b[k]).abs().max().item() for k in a))",
-        &[
-            s(&straight.join("checkpoints/step-00000120/model.safetensors")),
-            s(&run.join("checkpoints/step-00000120/model.safetensors")),
-        ],
+    let max_diff = max_weight_diff(
+        &straight.join("checkpoints/step-00000120/model.safetensors"),
+        &run.join("checkpoints/step-00000120/model.safetensors"),
     );
-    assert!(
-        max_diff.trim().parse::<f64>().unwrap() <= 1e-5,
-        "final weights differ by {max_diff}"
-    );
+    assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
 }
 
 #[test]

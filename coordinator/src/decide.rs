@@ -504,6 +504,16 @@ fn commit(
         Some(_) => {}
     }
     if let Some(last) = &state.last_commit {
+        if step == last.step && path == last.path {
+            // A retry of a commit whose reply was lost (say, the coordinator restarted
+            // after saving it): it is done.
+            return Decision {
+                state: state.clone(),
+                actions: Vec::new(),
+                refusal: None,
+                reason: format!("step {step} was already committed"),
+            };
+        }
         if step <= last.step {
             return Decision::refuse(
                 state,

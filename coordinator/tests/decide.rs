@@ -247,7 +247,15 @@ fn a_silent_member_is_evicted_and_its_old_generation_is_fenced_off() {
         (3, 200, "lillm/gen3")
     );
     assert_eq!(d.state.failures, 1, "a survivor catching up is no failure");
-    // A commit must move forward.
+    // A retry of the last commit (its reply was lost) is accepted and changes nothing.
+    let retry = decide(9_150, &d.state, commit(3, 200, "ckpt/step-200", &leader));
+    assert!(
+        retry.refusal.is_none() && retry.actions.is_empty(),
+        "{}",
+        retry.reason
+    );
+    assert_eq!(retry.state, d.state);
+    // Otherwise a commit must move forward.
     let d = decide(9_200, &d.state, commit(3, 200, "again", &leader));
     assert_eq!(
         d.refusal,

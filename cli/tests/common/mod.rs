@@ -236,3 +236,22 @@ pub fn lillm_err_owned(args: &[String]) -> String {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     lillm_err(&refs)
 }
+
+/// The largest |difference| between two safetensors weight files (same tensor names).
+pub fn max_weight_diff(a: &Path, b: &Path) -> f64 {
+    python(
+        "import sys\nfrom safetensors.torch import load_file\na=load_file(sys.argv[1]);b=load_file(sys.argv[2])\nprint(max((a[k]-b[k]).abs().max().item() for k in a))",
+        &[s(a), s(b)],
+    )
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// A tiny run of `iters` steps that evaluates (and checkpoints) every 20 steps.
+pub fn long_run_of<'a>(data: &'a str, out: &'a str, iters: &'a str) -> Vec<&'a str> {
+    let mut args = tiny_train_args(data, out, "300", iters);
+    set_flag(&mut args, "--eval-interval", "20");
+    set_flag(&mut args, "--lr-decay-iters", iters);
+    args
+}
