@@ -24,8 +24,9 @@ use clap::{Parser, Subcommand};
     about = "Train a little Llama-style language model end to end"
 )]
 struct Cli {
-    /// Log lines as text, or as one JSON object per line for log collectors (each with the
-    /// actor's role, node, rank, generation and step). RUST_LOG sets the level.
+    /// Log lines as text, or as one JSON object per line for log collectors (each listing
+    /// its spans: the actor's role and node and, in a group, its rank and generation).
+    /// RUST_LOG sets the level.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LILLM_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
