@@ -125,6 +125,10 @@ pub fn status_text(job: &pb::JobStatus) -> String {
     if let (Some(step), Some(loss)) = (job.eval_step, job.eval_val_loss) {
         out += &format!("evaluation: step {step} val loss {loss:.4}\n");
     }
+    // The group's latest size changes and why (`--json` has all the coordinator keeps).
+    for change in job.changes.iter().rev().take(3).rev() {
+        out += &format!("change: {change}\n");
+    }
     out += &format!(
         "{:<28} {:>4} {:<22} {:>9} {:>7} {:>8} {:>9}\n",
         "MEMBER", "RANK", "ADDRESS", "HEARTBEAT", "STEP", "LOSS", "TOKENS/S"
@@ -172,6 +176,7 @@ pub fn status_json(job: &pb::JobStatus) -> serde_json::Value {
         "expected_trainers": job.expected_trainers,
         "expected_dataloaders": job.expected_dataloaders,
         "restarts": job.restarts,
+        "changes": job.changes,
         "tokens_per_s": job.tokens_per_s,
         "members": members,
         "last_checkpoint": job.last_checkpoint.as_ref().map(|c| serde_json::json!({

@@ -65,6 +65,16 @@ fn a_node_lost_for_good_shrinks_the_job_and_its_return_grows_it_with_the_same_ma
         .filter(|m| m["rank"].is_u64() && m["role"] == "trainer")
         .collect();
     assert_eq!(ranked.len(), 1, "one rank left: {alone}");
+    let changes = alone["changes"].as_array().unwrap();
+    assert!(
+        changes
+            .last()
+            .and_then(|c| c.as_str())
+            .is_some_and(|c| c.contains("(1 of 2 trainers): elastic: 1 of 2 trainers present")),
+        "status says the size changed and why: {alone}"
+    );
+    let text = lillm_ok(&["status", "--coordinator", &job.address]);
+    assert!(text.contains("change: generation"), "{text}");
     // It comes back: the job grows to two ranks again.
     let (_loader_b, mut trainer_b) = node("node-b", "2");
     trainer_a.finish(Duration::from_secs(240));

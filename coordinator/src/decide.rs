@@ -161,8 +161,35 @@ impl Decision {
     }
 }
 
-/// Applies `event` at time `now_ms` to `state`.
+/// Applies `event` at time `now_ms` to `state`; a decision that moves the generation is
+/// remembered among the state's `changes`, with the group's size and the reason.
 pub fn decide(now_ms: u64, state: &State, event: Event) -> Decision {
+    let mut decision = decide_event(now_ms, state, event);
+    let next = &mut decision.state;
+    if next.generation != state.generation && decision.refusal.is_none() {
+        let ranks = next
+            .members
+            .values()
+            .filter(|m| m.id.role == Role::Trainer && m.rank.is_some())
+            .count();
+        let size = match next.phase {
+            Phase::Running => format!("{ranks} of {} trainers", next.config.trainers),
+            Phase::Gathering => "gathering".into(),
+        };
+        next.changes.push(format!(
+            "generation {} ({size}): {}",
+            next.generation, decision.reason
+        ));
+        let excess = next
+            .changes
+            .len()
+            .saturating_sub(crate::state::CHANGES_KEPT);
+        next.changes.drain(..excess);
+    }
+    decision
+}
+
+fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
     match event {
         Event::Register {
             id,

@@ -419,6 +419,7 @@ pub fn job_status(state: &State, now: u64) -> pb::JobStatus {
             .map(|e| e.sample.clone())
             .unwrap_or_default(),
         restarts: state.failures,
+        changes: state.changes.clone(),
         tokens_per_s: state
             .members
             .values()

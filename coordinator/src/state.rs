@@ -112,7 +112,14 @@ pub struct State {
     /// Micro-batches per step, pinned by the first trainer: a group's size must divide it.
     #[serde(default)]
     pub grad_accum: Option<u64>,
+    /// The latest changes of the group (newest last, at most [`CHANGES_KEPT`]): when its
+    /// generation moved, to what size, and why — for `lillm status`.
+    #[serde(default)]
+    pub changes: Vec<String>,
 }
+
+/// How many group changes the state remembers.
+pub const CHANGES_KEPT: usize = 8;
 
 impl State {
     pub fn new(config: JobConfig) -> Self {
@@ -127,6 +134,7 @@ impl State {
             failures: 0,
             gathering_since_ms: 0,
             grad_accum: None,
+            changes: Vec::new(),
         }
     }
 
