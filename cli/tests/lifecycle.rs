@@ -262,3 +262,64 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// Steps of seconds, a trainer killed with no supervisor to report it (as when its machine
+/// dies) and a heartbeat timeout longer than a step: the survivor finds the group broken
+/// in its all-reduce, ends its generation itself and waits in place; the dead trainer's
+/// replacement joins it, takes the survivor's state, and the job ends with the losses of an
+/// uninterrupted run.
+#[test]
+fn a_survivor_regroups_in_place_when_a_peer_dies_mid_step_of_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let mut train = tiny_train_args(s(&tiny.data), "-", "300", "10");
+    for (flag, value) in [
+        ("--d-model", "256"),
+        ("--n-layers", "4"),
+        ("--max-seq-len", "128"),
+        ("--block-size", "128"),
+        ("--batch-size", "96"),
+        ("--eval-interval", "4"),
+        ("--lr-decay-iters", "10"),
+    ] {
+        set_flag(&mut train, flag, value);
+    }
+    let straight = dir.path().join("straight");
+    set_flag(&mut train, "--out", s(&straight));
+    lillm_ok(&train);
+
+    let run = dir.path().join("run");
+    set_flag(&mut train, "--out", s(&run));
+    let job = Job::new(dir.path(), 1, 2, &[]);
+    let loader_args = job.dataloader_args(&tiny.data, "local", "127.0.0.1:0");
+    let trainer_args: Vec<Vec<String>> = (0..2)
+        .map(|k| job.trainer_args(&train, "local", k, "127.0.0.1"))
+        .collect();
+    let mut actors = job.start_all(&loader_args, &trainer_args, "1");
+    wait_until(Duration::from_secs(120), "3 steps", || {
+        losses(&run).len() >= 3
+    });
+    actors[3].kill();
+    let killed_at = Instant::now();
+    // Long before the coordinator's 10 s heartbeat timeout, the survivor has re-registered.
+    wait_until(Duration::from_secs(8), "the survivor to rejoin", || {
+        let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
+        log.matches("local/trainer0 registered").count() >= 2
+    });
+    assert!(killed_at.elapsed() < Duration::from_secs(10));
+    assert!(actors[2].running(), "{}", actors[2].log_text());
+    // The replacement.
+    let mut replacement = Actor::lillm(&trainer_args[1], dir.path().join("trainer1-2.log"));
+    actors[2].finish(Duration::from_secs(240));
+    replacement.finish(Duration::from_secs(60));
+    assert_same_losses(&losses(&straight), &losses(&run));
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let step_ms: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step_ms"].as_f64())
+        .collect();
+    assert!(
+        step_ms.iter().all(|&ms| ms >= 1000.0),
+        "steps take seconds here: {step_ms:?}"
+    );
+}

@@ -449,18 +449,34 @@ impl Trainer {
         Ok((loss, stop))
     }
 
-    /// A failed collective usually means a peer died: when the coordinator confirms that the
-    /// generation ended (within a few heartbeats), the loop regroups instead of failing.
+    /// A failed collective means the group is broken (a peer died or hung up): the loop
+    /// regroups instead of failing. The coordinator usually says so within a heartbeat;
+    /// if it has not yet noticed (a peer on another machine, found dead only after the
+    /// heartbeat timeout), this trainer ends its generation itself — re-registering from
+    /// its process ends the generation at the coordinator at once.
     fn collective<T>(&self, result: Result<T>) -> Result<T> {
-        result.map_err(
-            |e| match self.stop.wait_for_reason(std::time::Duration::from_secs(5)) {
-                Some(reason @ StopReason::Regroup { .. }) => {
+        result.map_err(|e| {
+            if !matches!(e, Error::Collective(_)) {
+                return e;
+            }
+            match self.stop.wait_for_reason(std::time::Duration::from_secs(2)) {
+                Some(StopReason::Shutdown) => e,
+                Some(reason) => {
                     tracing::warn!(cause = %e, "a collective failed: the group is gone");
                     Error::Stopped(reason)
                 }
-                _ => e,
-            },
-        )
+                // Ranks wired by hand (no job, generation 0) have no group to re-form.
+                None if self.generation == 0 => e,
+                None => {
+                    tracing::warn!(cause = %e, "a collective failed: leaving the group to re-form it");
+                    let reason = StopReason::Regroup {
+                        generation: self.generation,
+                    };
+                    self.stop.request(reason);
+                    Error::Stopped(reason)
+                }
+            }
+        })
     }
 
     fn evaluate(&self, log: &mut MetricsLog) -> Result<(f64, f64)> {
