@@ -26,7 +26,7 @@ fn a_node_lost_for_good_shrinks_the_job_and_its_return_grows_it_with_the_same_ma
         dir.path(),
         2,
         1,
-        &["--elastic-grace-ms=2000", "--heartbeat-timeout-ms=2000"],
+        &["--elastic-grace-ms=2000", "--heartbeat-timeout-ms=3000"],
     );
     for arg in job.coordinator_args.iter_mut() {
         if arg == "--nodes=2" {

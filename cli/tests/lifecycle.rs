@@ -300,13 +300,21 @@ fn a_survivor_regroups_in_place_when_a_peer_dies_mid_step_of_seconds() {
         losses(&run).len() >= 3
     });
     actors[3].kill();
-    let killed_at = Instant::now();
-    // Long before the coordinator's 10 s heartbeat timeout, the survivor has re-registered.
-    wait_until(Duration::from_secs(8), "the survivor to rejoin", || {
-        let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
-        log.matches("local/trainer0 registered").count() >= 2
+    let coordinator_log = || std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
+    wait_until(Duration::from_secs(30), "the survivor to rejoin", || {
+        coordinator_log()
+            .matches("local/trainer0 registered")
+            .count()
+            >= 2
     });
-    assert!(killed_at.elapsed() < Duration::from_secs(10));
+    // It did not wait for the coordinator's 10 s heartbeat timeout to notice.
+    let log = coordinator_log();
+    let rejoined = log.rfind("local/trainer0 registered").unwrap();
+    assert!(
+        log.find("missed heartbeats")
+            .is_none_or(|evicted| evicted > rejoined),
+        "{log}"
+    );
     assert!(actors[2].running(), "{}", actors[2].log_text());
     // The replacement.
     let mut replacement = Actor::lillm(&trainer_args[1], dir.path().join("trainer1-2.log"));
