@@ -197,7 +197,7 @@ fn train_in_group(
                 rendezvous,
                 reporter: membership.reporter(),
                 generation: a.generation,
-                stop: stop.clone(),
+                stop,
             });
             if let Err(e) = moved {
                 tracing::warn!(cause = %e, "could not re-form the group in place");

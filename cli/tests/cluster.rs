@@ -185,9 +185,7 @@ fn a_job_killed_everywhere_resumes_on_the_exact_next_batch() {
     let job = Job::new(dir.path(), 1, 2, &[]);
     let loader_args = job.dataloader_args(&tiny.data, "local", "127.0.0.1:0");
     let train = long_run(s(&tiny.data), s(&run));
-    let trainer_args: Vec<Vec<String>> = (0..2)
-        .map(|k| job.trainer_args(&train, "local", k, "127.0.0.1"))
-        .collect();
+    let trainer_args = job.local_trainers(&train, 2);
     let mut first = job.start_all(&loader_args, &trainer_args, "1");
     wait_until(Duration::from_secs(120), "a committed checkpoint", || {
         job.status()["last_checkpoint"]["step"].as_u64() >= Some(20)

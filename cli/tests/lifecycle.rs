@@ -99,9 +99,7 @@ fn sigterm_to_each_role_of_a_job_exits_zero_and_the_job_resumes_exactly() {
     let job = Job::new(dir.path(), 1, 2, &[]);
     let loader_args = job.dataloader_args(&tiny.data, "local", "127.0.0.1:0");
     let train = long_run(s(&tiny.data), s(&run));
-    let trainer_args: Vec<Vec<String>> = (0..2)
-        .map(|k| job.trainer_args(&train, "local", k, "127.0.0.1"))
-        .collect();
+    let trainer_args = job.local_trainers(&train, 2);
     let mut first = job.start_all(&loader_args, &trainer_args, "1");
     wait_until(Duration::from_secs(120), "25 training steps", || {
         losses(&run).len() >= 25
@@ -292,9 +290,7 @@ fn a_survivor_regroups_in_place_when_a_peer_dies_mid_step_of_seconds() {
     set_flag(&mut train, "--out", s(&run));
     let job = Job::new(dir.path(), 1, 2, &[]);
     let loader_args = job.dataloader_args(&tiny.data, "local", "127.0.0.1:0");
-    let trainer_args: Vec<Vec<String>> = (0..2)
-        .map(|k| job.trainer_args(&train, "local", k, "127.0.0.1"))
-        .collect();
+    let trainer_args = job.local_trainers(&train, 2);
     let mut actors = job.start_all(&loader_args, &trainer_args, "1");
     wait_until(Duration::from_secs(120), "3 steps", || {
         losses(&run).len() >= 3

@@ -167,11 +167,7 @@ pub fn decide(now_ms: u64, state: &State, event: Event) -> Decision {
     let mut decision = decide_event(now_ms, state, event);
     let next = &mut decision.state;
     if next.generation != state.generation && decision.refusal.is_none() {
-        let ranks = next
-            .members
-            .values()
-            .filter(|m| m.id.role == Role::Trainer && m.rank.is_some())
-            .count();
+        let ranks = next.ranked_trainers();
         let size = match next.phase {
             Phase::Running => format!("{ranks} of {} trainers", next.config.trainers),
             Phase::Gathering => "gathering".into(),

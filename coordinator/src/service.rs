@@ -335,11 +335,7 @@ fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
         generation: state.generation,
         rank: rank as u32,
         // The generation's ranks: fewer than the job's trainers after an elastic start.
-        world_size: state
-            .members
-            .values()
-            .filter(|m| m.id.role == Role::Trainer && m.rank.is_some())
-            .count() as u32,
+        world_size: state.ranked_trainers() as u32,
         store_host: host_of(&leader.address),
         store_port: state.config.store_port as u32,
         store_prefix: format!("lillm/gen{}", state.generation),
@@ -352,11 +348,7 @@ fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
 }
 
 fn gathering_message(state: &State) -> String {
-    let ready = state
-        .members
-        .values()
-        .filter(|m| m.id.role == Role::Trainer && m.ready)
-        .count();
+    let ready = state.ready_trainers().count();
     let mut message = format!(
         "waiting for members: {ready}/{} trainers registered, {}/{} dataloaders",
         state.config.trainers,

@@ -152,12 +152,16 @@ impl State {
     /// Every expected trainer has (re-)registered since the last change and every
     /// dataloader is present: a group can form.
     pub fn can_start(&self) -> bool {
-        let ready = self
-            .members
+        self.ready_trainers().count() == self.config.trainers
+            && self.count(Role::Dataloader) == self.config.dataloaders
+    }
+
+    /// Trainers holding a rank in the running generation: its world size.
+    pub fn ranked_trainers(&self) -> usize {
+        self.members
             .values()
-            .filter(|m| m.id.role == Role::Trainer && m.ready)
-            .count();
-        ready == self.config.trainers && self.count(Role::Dataloader) == self.config.dataloaders
+            .filter(|m| m.id.role == Role::Trainer && m.rank.is_some())
+            .count()
     }
 
     /// Trainers registered since the last membership change.

@@ -93,7 +93,7 @@ pub struct Membership {
     shared: Arc<Shared>,
     commits: mpsc::Sender<CommitCmd>,
     tasks: TaskTracker,
-    /// Ends the heartbeat task.
+    /// Ends the heartbeat and commit tasks.
     done: CancellationToken,
     span: tracing::Span,
 }
@@ -121,18 +121,7 @@ impl Membership {
                 _ = stopped.cancelled() => {
                     // Registered and counted as present: say we are gone, or the next group
                     // would form with us in it.
-                    let request = pb::LeaveRequest {
-                        id: Some(id.clone()),
-                        job_token: opts.job_token.clone(),
-                        reason: "shut down while waiting for a group".into(),
-                        finished: false,
-                    };
-                    let mut c = client.clone();
-                    if let Err(e) = net::call(COORDINATOR, &opts.connect, c.leave(request)).await {
-                        if e.action() != Action::Register {
-                            tracing::warn!(cause = %e, "could not tell the coordinator this trainer leaves");
-                        }
-                    }
+                    leave(&opts, &id, &client, "shut down while waiting for a group", false).await;
                     Err(Error::Membership(format!(
                         "stopped before a group formed: {}",
                         stop.reason().unwrap_or(StopReason::Shutdown)
@@ -262,26 +251,9 @@ impl Membership {
     /// Tells the coordinator this trainer is leaving on purpose, so its generation ends now
     /// rather than after a heartbeat timeout.
     fn leave(&self, reason: &str, finished: bool) {
-        let request = pb::LeaveRequest {
-            id: Some(self.shared.id.clone()),
-            job_token: self.shared.opts.job_token.clone(),
-            reason: reason.to_string(),
-            finished,
-        };
-        let mut client = self.shared.client.clone();
-        let left = self.rt.block_on(net::call(
-            COORDINATOR,
-            &self.shared.opts.connect,
-            client.leave(request),
-        ));
-        match left {
-            Ok(_) => tracing::info!(reason, "left the job"),
-            // Already gone from its view (evicted, or the coordinator forgot us): fine.
-            Err(e) if e.action() == Action::Register => {}
-            Err(e) => {
-                tracing::warn!(cause = %e, "could not tell the coordinator this trainer leaves")
-            }
-        }
+        let s = &self.shared;
+        self.rt
+            .block_on(leave(&s.opts, &s.id, &s.client, reason, finished));
     }
 
     /// Waits until every checkpoint handed over is committed and scored, then either leaves
@@ -327,6 +299,30 @@ impl Membership {
             Some(e) => Err(Error::Membership(e)),
             None => Ok(()),
         }
+    }
+}
+
+/// Tells the coordinator this trainer is leaving on purpose (`finished`: it completed the
+/// job), so its generation ends now rather than after a heartbeat timeout.
+async fn leave(
+    opts: &MemberOptions,
+    id: &pb::MemberId,
+    client: &CoordinatorClient,
+    reason: &str,
+    finished: bool,
+) {
+    let request = pb::LeaveRequest {
+        id: Some(id.clone()),
+        job_token: opts.job_token.clone(),
+        reason: reason.to_string(),
+        finished,
+    };
+    let mut client = client.clone();
+    match net::call(COORDINATOR, &opts.connect, client.leave(request)).await {
+        Ok(_) => tracing::info!(reason, "left the job"),
+        // Already gone from its view (evicted, or the coordinator forgot us): fine.
+        Err(e) if e.action() == Action::Register => {}
+        Err(e) => tracing::warn!(cause = %e, "could not tell the coordinator this trainer leaves"),
     }
 }
 

@@ -16,9 +16,9 @@ pub enum StopReason {
     /// Another rank is shutting down: checkpoint the current step with it, then regroup
     /// (the job goes on without, or with a replacement of, the rank that left).
     PeerShutdown,
-    /// The coordinator ended this trainer's generation (a peer died, left or restarted):
-    /// leave the group and join the next one (exit status [`EXIT_REGROUP`] for a
-    /// supervisor that restarts the process).
+    /// This trainer's generation `generation` is over (a peer died, left or restarted, as
+    /// the coordinator or a failed collective says): leave the group and join the next one
+    /// from the same process ([`EXIT_REGROUP`] only if that fails).
     Regroup { generation: u64 },
 }
 
@@ -35,10 +35,9 @@ impl std::fmt::Display for StopReason {
         match self {
             StopReason::Shutdown => write!(f, "asked to shut down"),
             StopReason::PeerShutdown => write!(f, "another rank is shutting down"),
-            StopReason::Regroup { generation } => write!(
-                f,
-                "this trainer's generation is over (the job is at generation {generation})"
-            ),
+            StopReason::Regroup { generation } => {
+                write!(f, "this trainer's generation ({generation}) is over")
+            }
         }
     }
 }

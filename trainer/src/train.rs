@@ -301,9 +301,9 @@ impl Trainer {
     pub fn regroup(&mut self, wiring: Rewire) -> Result<()> {
         // The old group first: its store (served by rank 0) must free its port.
         self.group = None;
-        if let Some(mut writer) = self.writer.take() {
-            writer.finish()?;
-        }
+        // Finished when the run stopped; the next checkpoint starts a writer that reports
+        // to the new membership.
+        self.writer = None;
         // A step cut short by the failure leaves partial gradients behind.
         self.opt.zero_grad();
         self.cfg.rank = wiring.rank;
@@ -443,9 +443,10 @@ impl Trainer {
         let wish = Tensor::from(f32::from(u8::from(local.is_some()))).to_device(self.device);
         let mut sums = Tensor::stack(&[loss_acc.to_kind(Kind::Float), wish], 0);
         self.collective(group.all_reduce_sum(&mut sums))?;
-        let loss = (sums.get(0) / self.cfg.world_size as f64).double_value(&[]);
-        let stop =
-            (sums.double_value(&[1]) > 0.0).then_some(local.unwrap_or(StopReason::PeerShutdown));
+        // One copy to the host for both values (the mean in f32, as the tensor would be).
+        let sums = Vec::<f32>::try_from(&sums.to_device(Device::Cpu))?;
+        let loss = f64::from(sums[0] / self.cfg.world_size as f32);
+        let stop = (sums[1] > 0.0).then_some(local.unwrap_or(StopReason::PeerShutdown));
         Ok((loss, stop))
     }
 

@@ -190,6 +190,13 @@ impl Job {
         args
     }
 
+    /// The argument lists of `n` trainers on node `local` (local ranks 0..n).
+    pub fn local_trainers(&self, train: &[&str], n: usize) -> Vec<Vec<String>> {
+        (0..n)
+            .map(|k| self.trainer_args(train, "local", k, "127.0.0.1"))
+            .collect()
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let out = lillm_ok(&["status", "--coordinator", &self.address, "--json"]);
         serde_json::from_str(&out).unwrap()
