@@ -105,6 +105,7 @@ pub fn run_trainer_actor(
         node,
         local_rank: args.local_rank,
         bind_host: args.bind_host.clone(),
+        store_port: lillm_trainer::dist::serve_store(COLLECTIVE_TIMEOUT)?,
         job_token: args.job_token.clone(),
         fingerprint: cfg.fingerprint(),
         heartbeat: Duration::from_secs(1),

@@ -179,11 +179,7 @@ fn heartbeats_arrive_through_steps_and_evaluations_of_seconds() {
     for t in &mut trainers {
         t.finish(Duration::from_secs(300));
     }
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let step_ms: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step_ms"].as_f64())
-        .collect();
+    let step_ms = step_times_ms(&run);
     assert!(
         step_ms.iter().all(|&ms| ms >= 1000.0),
         "steps take seconds here (else this test proves nothing): {step_ms:?}"
@@ -271,17 +267,9 @@ fn a_survivor_regroups_in_place_when_a_peer_dies_mid_step_of_seconds() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = tiny_data(dir.path(), 300);
     let mut train = tiny_train_args(s(&tiny.data), "-", "300", "10");
-    for (flag, value) in [
-        ("--d-model", "256"),
-        ("--n-layers", "4"),
-        ("--max-seq-len", "128"),
-        ("--block-size", "128"),
-        ("--batch-size", "96"),
-        ("--eval-interval", "4"),
-        ("--lr-decay-iters", "10"),
-    ] {
-        set_flag(&mut train, flag, value);
-    }
+    seconds_per_step(&mut train);
+    set_flag(&mut train, "--eval-interval", "4");
+    set_flag(&mut train, "--lr-decay-iters", "10");
     let straight = dir.path().join("straight");
     set_flag(&mut train, "--out", s(&straight));
     lillm_ok(&train);
@@ -317,11 +305,7 @@ fn a_survivor_regroups_in_place_when_a_peer_dies_mid_step_of_seconds() {
     actors[2].finish(Duration::from_secs(240));
     replacement.finish(Duration::from_secs(60));
     assert_same_losses(&losses(&straight), &losses(&run));
-    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    let step_ms: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step_ms"].as_f64())
-        .collect();
+    let step_ms = step_times_ms(&run);
     assert!(
         step_ms.iter().all(|&ms| ms >= 1000.0),
         "steps take seconds here: {step_ms:?}"

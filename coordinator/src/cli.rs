@@ -49,7 +49,8 @@ pub struct Args {
     /// Milliseconds of silence after which a member counts as dead.
     #[arg(long)]
     heartbeat_timeout_ms: Option<u64>,
-    /// Port of the c10d store that rank 0 serves.
+    /// Port of the c10d store that rank 0 serves, for trainers that register a host without
+    /// a port (lillm trainers send the port of the store their process serves).
     #[arg(long)]
     store_port: Option<u16>,
     /// Restart a stopped job as a new group: forget its saved members and pinned training

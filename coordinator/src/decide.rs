@@ -481,16 +481,29 @@ fn start_generation(state: &mut State) -> Action {
         }
         ranks.push((id, rank));
     }
-    let leader_host = state
+    let (store_host, store_port) = state
         .trainer_with_rank(0)
-        .map(|m| host_of(&m.address))
-        .unwrap_or_else(|| "127.0.0.1".into());
+        .map(|m| store_of(&m.address, state.config.store_port))
+        .unwrap_or_else(|| ("127.0.0.1".into(), state.config.store_port));
     Action::StartGeneration {
         generation: state.generation,
         ranks,
-        store: format!("{leader_host}:{}", state.config.store_port),
+        store: format!("{store_host}:{store_port}"),
         prefix: format!("lillm/gen{}", state.generation),
         resume_step: state.resume_point().0,
+    }
+}
+
+/// Where rank 0 serves the c10d store: a trainer registers `host:port` with the port of
+/// the store its process serves for its whole life (so a group it gave up never blocks the
+/// next one's port); a trainer that sends only a host serves it on the job's `store_port`.
+pub fn store_of(trainer_address: &str, store_port: u16) -> (String, u16) {
+    match trainer_address.rsplit_once(':') {
+        Some((host, port)) => match port.parse::<u16>() {
+            Ok(port) => (host.to_string(), port),
+            Err(_) => (trainer_address.to_string(), store_port),
+        },
+        None => (trainer_address.to_string(), store_port),
     }
 }
 

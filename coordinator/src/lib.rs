@@ -21,7 +21,7 @@ mod service;
 mod state;
 mod store;
 
-pub use decide::{authorize, decide, host_of, Action, Decision, Event, Refusal};
+pub use decide::{authorize, decide, host_of, store_of, Action, Decision, Event, Refusal};
 pub use server::{serve, ServerConfig};
 pub use service::{job_status, now_ms, refusal_status, Coordinator};
 pub use state::{Commit, EvalResult, JobConfig, Member, MemberId, Phase, Role, State};

@@ -11,7 +11,9 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::store::StateStore;
-use crate::{authorize, decide, host_of, Decision, Event, MemberId, Phase, Refusal, Role, State};
+use crate::{
+    authorize, decide, host_of, store_of, Decision, Event, MemberId, Phase, Refusal, Role, State,
+};
 
 /// Milliseconds since the Unix epoch: wall time, so deadlines survive a coordinator restart.
 pub fn now_ms() -> u64 {
@@ -150,7 +152,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         let id = member_id(r.id)?;
         if r.address.trim().is_empty() {
             return Err(Status::invalid_argument(
-                "`address` is empty; send host:port (dataloaders) or the host to bind (trainers)",
+                "`address` is empty; send host:port (dataloaders: where they serve; trainers: the host they bind and the port of their c10d store)",
             ));
         }
         if id.role == Role::Dataloader && host_of(&r.address) == r.address {
@@ -331,13 +333,14 @@ fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
     let loader_index = member.dataloader?;
     let loader = state.dataloader(loader_index)?;
     let (resume_step, resume_path) = state.resume_point();
+    let (store_host, store_port) = store_of(&leader.address, state.config.store_port);
     Some(pb::Assignment {
         generation: state.generation,
         rank: rank as u32,
         // The generation's ranks: fewer than the job's trainers after an elastic start.
         world_size: state.ranked_trainers() as u32,
-        store_host: host_of(&leader.address),
-        store_port: state.config.store_port as u32,
+        store_host,
+        store_port: u32::from(store_port),
         store_prefix: format!("lillm/gen{}", state.generation),
         resume_step,
         resume_path: resume_path.unwrap_or_default().to_string(),

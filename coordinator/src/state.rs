@@ -17,7 +17,8 @@ pub struct JobConfig {
     pub job_token: String,
     /// A member silent for longer than this is considered dead.
     pub heartbeat_timeout_ms: u64,
-    /// Port of the c10d store that rank 0 serves on its own address.
+    /// Port of the c10d store that rank 0 serves on its own address, when its registered
+    /// address has none (see `decide::store_of`).
     pub store_port: u16,
     /// Elastic jobs: a generation may form on as few as this many nodes once the missing
     /// ones have stayed away for `elastic_grace_ms` (`None`: only with every node).

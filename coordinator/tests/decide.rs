@@ -88,7 +88,15 @@ fn ranks_are_assigned_once_everyone_is_present_whatever_the_order() {
     assert!(ranks.contains(&(id("node-a", Role::Trainer, 0), 0)));
     assert!(ranks.contains(&(id("node-b", Role::Trainer, 0), 1)));
     assert_eq!(ranks.len(), 2, "ranks are for trainers: {ranks:?}");
-    assert_eq!(store, "10.0.0.6:29500", "the store lives with rank 0");
+    assert_eq!(
+        store, "10.0.0.6:7000",
+        "the store lives with rank 0, on the port its process serves it"
+    );
+    assert_eq!(
+        lillm_coordinator::store_of("10.0.0.6", 29500),
+        ("10.0.0.6".to_string(), 29500),
+        "a trainer that sends only its host serves the job's store port"
+    );
 
     let ranks_of = |s: &State| -> Vec<(MemberId, Option<usize>)> {
         s.members.values().map(|m| (m.id.clone(), m.rank)).collect()

@@ -1,8 +1,11 @@
 //! Data-parallel collectives through libtorch's c10d (`csrc/c10d_shim.cpp`): a TCPStore
 //! rendezvous, a Gloo process group, gradient averaging in a few flat buckets and the
-//! parameter broadcast that starts every rank from the same weights.
+//! parameter broadcast that starts every rank from the same weights. A group can be
+//! aborted from another thread ([`AbortHandle`]): a collective waiting on a peer that went
+//! silent (stopped, partitioned) fails at once instead of after the collective timeout.
 
 use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
@@ -40,6 +43,8 @@ extern "C" {
         root: i32,
         err: *mut *mut c_char,
     ) -> i32;
+    fn lillm_c10d_serve_store(timeout_ms: i64, err: *mut *mut c_char) -> u16;
+    fn lillm_c10d_abort(group: *mut c_void);
     fn lillm_c10d_free(group: *mut c_void);
     fn lillm_c10d_free_error(err: *mut c_char);
 }
@@ -78,17 +83,70 @@ impl Backend {
     }
 }
 
-/// A process group. Collectives block until every rank has joined them.
+/// Starts, once per process, the c10d store this process serves whenever it is rank 0 of
+/// a group, on a port the OS picks; returns the port (the same on every call). Kept for the
+/// process's life: a group aborted mid-collective is never freed, and must not hold the
+/// port the next group's store needs.
+pub fn serve_store(timeout: std::time::Duration) -> Result<u16> {
+    let mut err = std::ptr::null_mut();
+    // SAFETY: `err` is a valid out-pointer; the shim serialises concurrent calls.
+    let port = unsafe { lillm_c10d_serve_store(timeout.as_millis() as i64, &mut err) };
+    if port == 0 {
+        return Err(Error::Collective(format!(
+            "cannot serve the c10d store: {}",
+            take_error(err)
+        )));
+    }
+    Ok(port)
+}
+
+/// The shim's group, freed when the group and every [`AbortHandle`] are gone.
+struct RawGroup(*mut c_void);
+
+// SAFETY: the pointer is only used through the shim: collectives by the one thread that owns
+// the `ProcessGroup` (which is not `Sync`), `lillm_c10d_abort` from any thread (the shim
+// makes it thread-safe) and `lillm_c10d_free` once, on the last reference.
+unsafe impl Send for RawGroup {}
+unsafe impl Sync for RawGroup {}
+
+impl Drop for RawGroup {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` came from `lillm_c10d_gloo_new` or `lillm_c10d_nccl_new` (never
+        // null: `join` returns an error instead) and is freed exactly once, here; the shim
+        // keeps it allocated if a collective was given up in flight.
+        unsafe { lillm_c10d_free(self.0) };
+    }
+}
+
+/// Aborts a group from another thread (the membership's, when the coordinator says the
+/// generation is over): its collectives, waiting or to come, fail at once.
+#[derive(Clone)]
+pub struct AbortHandle(Arc<RawGroup>);
+
+impl AbortHandle {
+    pub fn abort(&self) {
+        // SAFETY: the group is alive while this handle holds it; abort is thread-safe.
+        unsafe { lillm_c10d_abort(self.0 .0) };
+    }
+}
+
+impl std::fmt::Debug for AbortHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AbortHandle")
+    }
+}
+
+/// A process group. Collectives block until every rank has joined them, or the group is
+/// aborted.
 pub struct ProcessGroup {
-    raw: *mut c_void,
+    raw: Arc<RawGroup>,
     pub rank: usize,
     pub world_size: usize,
 }
 
-// SAFETY: `ProcessGroup` is not `Sync`, so only one thread at a time can call into the
-// group; c10d's Gloo and NCCL backends (both behind the same opaque pointer) hold no
-// thread-local state and may be used from whichever thread owns them.
-unsafe impl Send for ProcessGroup {}
+// `ProcessGroup` is `Send` (through `RawGroup`) but not `Sync`: one thread at a time runs
+// its collectives. c10d's Gloo and NCCL backends hold no thread-local state and may be used
+// from whichever thread owns them.
 
 fn take_error(err: *mut c_char) -> String {
     if err.is_null() {
@@ -147,18 +205,24 @@ impl ProcessGroup {
             )));
         }
         Ok(Self {
-            raw,
+            raw: Arc::new(RawGroup(raw)),
             rank: rdzv.rank,
             world_size: rdzv.world_size,
         })
     }
 
-    /// Sums `tensor` over all ranks, in place.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle(self.raw.clone())
+    }
+
+    /// Sums `tensor` over all ranks, in place. `tensor` must be a buffer the caller alone
+    /// uses: after an abort, a peer that wakes up may still complete the given-up collective
+    /// into it.
     pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         let mut err = std::ptr::null_mut();
         // SAFETY: `raw` is a live group; the tensor pointer is valid for the call.
         let rc = unsafe {
-            lillm_c10d_allreduce_sum(self.raw, tensor.as_mut_ptr() as *mut c_void, &mut err)
+            lillm_c10d_allreduce_sum(self.raw.0, tensor.as_mut_ptr() as *mut c_void, &mut err)
         };
         if rc != 0 {
             return Err(Error::Collective(format!(
@@ -169,14 +233,18 @@ impl ProcessGroup {
         Ok(())
     }
 
-    /// Overwrites `tensor` on every rank with rank `root`'s value.
+    /// Overwrites `tensor` on every rank with rank `root`'s value. The collective runs on a
+    /// private copy, so that a collective given up by an abort can never write into live
+    /// state (weights, optimizer moments) later.
     pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let mut buffer = tensor.copy();
         let mut err = std::ptr::null_mut();
         // SAFETY: as in `all_reduce_sum`.
         let rc = unsafe {
             lillm_c10d_broadcast(
-                self.raw,
-                tensor.as_mut_ptr() as *mut c_void,
+                self.raw.0,
+                buffer.as_mut_ptr() as *mut c_void,
                 root as i32,
                 &mut err,
             )
@@ -187,6 +255,7 @@ impl ProcessGroup {
                 take_error(err)
             )));
         }
+        tensor.copy_(&buffer);
         Ok(())
     }
 
@@ -272,14 +341,6 @@ impl ProcessGroup {
     }
 }
 
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        // SAFETY: `raw` came from `lillm_c10d_gloo_new` or `lillm_c10d_nccl_new` (never
-        // null: `join` returns an error instead) and is freed exactly once, here.
-        unsafe { lillm_c10d_free(self.raw) };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +369,61 @@ mod tests {
             .map(|rank| std::thread::spawn(move || f(rank, group(rank, port))))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    /// A peer that never reaches the collective (stopped, partitioned): an abort from
+    /// another thread ends the wait at once, later collectives of the group fail without
+    /// waiting, and the next group forms on the same store (the process's own).
+    #[test]
+    fn an_aborted_collective_fails_at_once_and_the_next_group_reuses_the_store() {
+        use std::time::{Duration, Instant};
+        let port = serve_store(Duration::from_secs(30)).unwrap();
+        assert_eq!(serve_store(Duration::from_secs(30)).unwrap(), port);
+        let rdzv = move |rank: usize, prefix: &str| Rendezvous {
+            store_host: "127.0.0.1".into(),
+            store_port: port,
+            bind_host: "127.0.0.1".into(),
+            rank,
+            world_size: 2,
+            prefix: prefix.into(),
+            timeout_ms: 30_000,
+        };
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let silent = std::thread::spawn(move || {
+            let _group = ProcessGroup::gloo(&rdzv(1, "gen1")).unwrap();
+            let _ = hold.recv();
+        });
+        let group = ProcessGroup::gloo(&rdzv(0, "gen1")).unwrap();
+        let handle = group.abort_handle();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            handle.abort();
+        });
+        let started = Instant::now();
+        let mut t = Tensor::from_slice(&[1.0f32]);
+        let err = group.all_reduce_sum(&mut t).unwrap_err().to_string();
+        assert!(err.contains("aborted"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let later = group.broadcast(&mut t, 0).unwrap_err().to_string();
+        assert!(later.contains("aborted"), "{later}");
+
+        let peer = std::thread::spawn(move || {
+            let g = ProcessGroup::gloo(&rdzv(1, "gen2")).unwrap();
+            let mut t = Tensor::from_slice(&[2.0f32]);
+            g.all_reduce_sum(&mut t).unwrap();
+            f32::try_from(&t).unwrap()
+        });
+        let next = ProcessGroup::gloo(&rdzv(0, "gen2")).unwrap();
+        let mut t = Tensor::from_slice(&[1.0f32]);
+        next.all_reduce_sum(&mut t).unwrap();
+        assert_eq!(f32::try_from(&t).unwrap(), 3.0);
+        assert_eq!(peer.join().unwrap(), 3.0);
+        release.send(()).unwrap();
+        silent.join().unwrap();
     }
 
     #[test]

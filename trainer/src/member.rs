@@ -37,6 +37,8 @@ pub struct MemberOptions {
     pub local_rank: u32,
     /// Address this trainer's c10d connections bind to (rank 0 also serves the store there).
     pub bind_host: String,
+    /// Port of the c10d store this process serves when it is rank 0 ([`crate::dist::serve_store`]).
+    pub store_port: u16,
     pub job_token: String,
     /// Hash of the training config (see `TrainConfig::fingerprint`).
     pub fingerprint: String,
@@ -336,7 +338,7 @@ async fn register_and_wait(
     let register = || async {
         let request = pb::RegisterRequest {
             id: Some(id.clone()),
-            address: opts.bind_host.clone(),
+            address: format!("{}:{}", opts.bind_host, opts.store_port),
             job_token: opts.job_token.clone(),
             config_fingerprint: opts.fingerprint.clone(),
             rejoining_from: opts.rejoining_from.unwrap_or(0),

@@ -3,8 +3,12 @@
 //! [`StopReason::Regroup`] when the coordinator ends this trainer's generation. The training
 //! loop looks at it between steps (all ranks agree on the step, see `Trainer::run`), so a
 //! stop never interrupts libtorch mid-operation; the process ends by returning from `main`.
+//! A regroup also aborts the process groups registered with [`Stop::abort_on_regroup`]: a
+//! collective stuck on a silent peer would otherwise hold the loop until its timeout.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::dist::AbortHandle;
 
 use tokio_util::sync::CancellationToken;
 
@@ -49,6 +53,8 @@ impl std::fmt::Display for StopReason {
 pub struct Stop {
     token: CancellationToken,
     reason: Arc<OnceLock<StopReason>>,
+    /// The groups a regroup gives up.
+    groups: Arc<Mutex<Vec<AbortHandle>>>,
 }
 
 impl Stop {
@@ -58,6 +64,7 @@ impl Stop {
         Self {
             token: shutdown.child_token(),
             reason: Arc::default(),
+            groups: Arc::default(),
         }
     }
 
@@ -66,6 +73,22 @@ impl Stop {
             tracing::info!(%reason, "stop requested");
         }
         self.token.cancel();
+        if matches!(reason, StopReason::Regroup { .. }) {
+            for group in self.groups.lock().expect("stop groups lock").iter() {
+                group.abort();
+            }
+        }
+    }
+
+    /// Aborts `group` when a regroup is requested (at once, if one already was): the
+    /// generation is over, and none of its collectives may wait for a peer any longer.
+    pub fn abort_on_regroup(&self, group: AbortHandle) {
+        // Under the lock: a regroup requested meanwhile either sees the group or is seen.
+        let mut groups = self.groups.lock().expect("stop groups lock");
+        if let Some(StopReason::Regroup { .. }) = self.reason.get() {
+            group.abort();
+        }
+        groups.push(group);
     }
 
     pub fn reason(&self) -> Option<StopReason> {

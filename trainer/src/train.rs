@@ -287,6 +287,7 @@ impl Trainer {
             stop: setup.stop,
         };
         if let Some(group) = group {
+            trainer.stop.abort_on_regroup(group.abort_handle());
             // A rank > 0 resuming left the checkpoint to rank 0: it has no state of its own.
             trainer.sync_state(&group, received_step.is_none())?;
             trainer.group = Some(group);
@@ -299,7 +300,8 @@ impl Trainer {
     /// restarted member receives them (see [`Self::sync_state`]), so the job goes on from
     /// the last step the survivors completed instead of the last checkpoint.
     pub fn regroup(&mut self, wiring: Rewire) -> Result<()> {
-        // The old group first: its store (served by rank 0) must free its port.
+        // The old group first: its connections and threads go (unless a collective was given
+        // up in flight, see `dist`).
         self.group = None;
         // Finished when the run stopped; the next checkpoint starts a writer that reports
         // to the new membership.
@@ -320,6 +322,7 @@ impl Trainer {
             &wiring.rendezvous,
             crate::dist::Backend::for_device(self.device),
         )?;
+        self.stop.abort_on_regroup(group.abort_handle());
         self.sync_state(&group, true)?;
         self.group = Some(group);
         Ok(())

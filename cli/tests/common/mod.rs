@@ -255,3 +255,26 @@ pub fn long_run_of<'a>(data: &'a str, out: &'a str, iters: &'a str) -> Vec<&'a s
     set_flag(&mut args, "--lr-decay-iters", iters);
     args
 }
+
+/// Makes a tiny run's steps take seconds on this CPU (a wider model, longer sequences and a
+/// bigger batch), as real jobs do: heartbeats and failure detection must hold up then too.
+pub fn seconds_per_step(args: &mut [&str]) {
+    for (flag, value) in [
+        ("--d-model", "256"),
+        ("--n-layers", "4"),
+        ("--max-seq-len", "128"),
+        ("--block-size", "128"),
+        ("--batch-size", "96"),
+    ] {
+        set_flag(args, flag, value);
+    }
+}
+
+/// Step times (ms) of a run's logged steps.
+pub fn step_times_ms(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step_ms"].as_f64())
+        .collect()
+}

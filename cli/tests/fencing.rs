@@ -1,0 +1,114 @@
+//! Silent failures: a trainer that stops answering without its sockets closing (SIGSTOP, a
+//! network partition). The others must not wait out the collective timeout: the coordinator
+//! ends the generation after its heartbeat timeout, the survivors abort the collective they
+//! are blocked in and go on without it; when it wakes up it is fenced — its generation is
+//! over, so it can neither heartbeat, commit nor add gradients to the new group — and it
+//! joins the job again from its own process. Steps take seconds here, as in real jobs.
+
+mod common;
+
+use common::job::*;
+use common::*;
+use std::time::{Duration, Instant};
+
+/// How many times the coordinator's log says `member` registered.
+fn registrations(dir: &std::path::Path, member: &str) -> usize {
+    std::fs::read_to_string(dir.join("coordinator.log"))
+        .unwrap_or_default()
+        .matches(&format!("{member} registered"))
+        .count()
+}
+
+#[test]
+fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let mut train = tiny_train_args(s(&tiny.data), "-", "300", "14");
+    seconds_per_step(&mut train);
+    set_flag(&mut train, "--eval-interval", "7");
+    set_flag(&mut train, "--lr-decay-iters", "14");
+    let straight = dir.path().join("straight");
+    set_flag(&mut train, "--out", s(&straight));
+    lillm_ok(&train);
+
+    let run = dir.path().join("run");
+    set_flag(&mut train, "--out", s(&run));
+    // Two nodes of one trainer each; the job may shrink to one.
+    let mut job = Job::new(
+        dir.path(),
+        2,
+        1,
+        &["--heartbeat-timeout-ms=3000", "--elastic-grace-ms=1000"],
+    );
+    for arg in job.coordinator_args.iter_mut() {
+        if arg == "--nodes=2" {
+            *arg = "--nodes=1:2".into();
+        }
+    }
+    let _coordinator = job.start_coordinator();
+    let mut actors = Vec::new();
+    for node in ["node-a", "node-b"] {
+        actors.push(Actor::lillm(
+            &job.dataloader_args(&tiny.data, node, "127.0.0.1:0"),
+            dir.path().join(format!("loader-{node}.log")),
+        ));
+        actors.push(Actor::lillm(
+            &job.trainer_args(&train, node, 0, "127.0.0.1"),
+            dir.path().join(format!("trainer-{node}.log")),
+        ));
+    }
+    wait_until(Duration::from_secs(120), "2 steps", || {
+        losses(&run).len() >= 2
+    });
+    // Rank 0 (node a: it also serves the group's store) freezes mid-step.
+    let stopped_pid = actors[1].child.id() as i32;
+    // SAFETY: signalling our own child process by pid.
+    unsafe { libc::kill(stopped_pid, libc::SIGSTOP) };
+    let stopped_at = Instant::now();
+    // The survivor leaves the frozen group (it was blocked in an all-reduce) and forms the
+    // next one alone: after the 3 s heartbeat timeout, far before the 600 s collective one.
+    wait_until(Duration::from_secs(20), "the survivor to regroup", || {
+        registrations(dir.path(), "node-b/trainer0") >= 2
+    });
+    let detected = stopped_at.elapsed();
+    let frozen_at = losses(&run).len();
+    wait_until(
+        Duration::from_secs(60),
+        "the survivor to train alone",
+        || losses(&run).len() >= frozen_at + 2,
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(stopped_pid, libc::SIGCONT) };
+    for k in [1, 3] {
+        actors[k].finish(Duration::from_secs(300));
+    }
+    let woken = actors[1].log_text();
+    // Its first heartbeat is refused (its generation is over, or it was evicted from it).
+    assert!(
+        woken.contains(
+            "leaving the group to join the next one reason=the coordinator dropped this trainer"
+        ) || woken.contains("leaving the group to join the next one reason=generation 1 is over"),
+        "the woken trainer is fenced\n{woken}"
+    );
+    // It joined again from the same process (no supervisor here could have restarted it,
+    // and it exited 0 above).
+    assert!(registrations(dir.path(), "node-a/trainer0") >= 2);
+    let survivor = actors[3].log_text();
+    assert!(
+        survivor.contains("aborted"),
+        "the survivor gave up its blocked collective\n{survivor}"
+    );
+    // The frozen trainer's step never reached the new group: the same math as a run
+    // without it.
+    assert_same_losses(&losses(&straight), &losses(&run));
+    let max_diff = max_weight_diff(
+        &straight.join("checkpoints/step-00000014/model.safetensors"),
+        &run.join("checkpoints/step-00000014/model.safetensors"),
+    );
+    assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
+    assert!(
+        step_times_ms(&straight).iter().all(|&ms| ms >= 1000.0),
+        "steps take seconds here"
+    );
+    eprintln!("stopped trainer detected and survivor regrouped in {detected:?}");
+}
