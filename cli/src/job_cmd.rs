@@ -173,7 +173,8 @@ fn train_in_group(
         membership.handle(),
         membership.dataloader(),
         (a.rank * local, local),
-        leader.then(|| cfg.out.join("tokenizer")),
+        // Checkpoint writers put the tokenizer into every checkpoint.
+        a.writes_checkpoints.then(|| cfg.out.join("tokenizer")),
     )?));
     if leader {
         let eval_data =
@@ -199,6 +200,7 @@ fn train_in_group(
                 reporter: membership.reporter(),
                 generation: a.generation,
                 stop,
+                writes_checkpoints: a.writes_checkpoints,
             });
             if let Err(e) = moved {
                 tracing::warn!(cause = %e, "could not re-form the group in place");
@@ -223,6 +225,7 @@ fn train_in_group(
                     reporter: membership.reporter(),
                     generation: a.generation,
                     stop,
+                    writes_checkpoints: Some(a.writes_checkpoints),
                 },
             )?)
         }

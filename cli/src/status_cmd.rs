@@ -118,7 +118,10 @@ pub fn status_text(job: &pb::JobStatus) -> String {
                 c.generation,
                 fmt_opt(c.val_loss, &|v| format!("{v:.4}")),
                 c.path
-            )
+            );
+            for copy in &c.copies {
+                out += &format!("  copy on {copy}\n");
+            }
         }
         None => out += "last checkpoint: none yet\n",
     }
@@ -181,6 +184,7 @@ pub fn status_json(job: &pb::JobStatus) -> serde_json::Value {
         "members": members,
         "last_checkpoint": job.last_checkpoint.as_ref().map(|c| serde_json::json!({
             "step": c.step, "path": c.path, "generation": c.generation, "val_loss": c.val_loss,
+            "copies": c.copies,
         })),
         "eval": job.eval_step.map(|step| serde_json::json!({
             "step": step, "val_loss": job.eval_val_loss, "sample": job.eval_sample,

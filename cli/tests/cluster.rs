@@ -68,16 +68,28 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
     for t in &mut trainers {
         t.finish(Duration::from_secs(180));
     }
-    // Rank 0 (node-a sorts first) wrote the run; rank 1 only trained.
+    // Rank 0 (node-a sorts first) logged the run; the checkpoint exists on both nodes'
+    // disks, identical, and the coordinator knows both copies.
     assert_eq!(losses(&run_a).len(), 12);
-    assert!(run_a
-        .join("checkpoints/step-00000012/manifest.json")
-        .is_file());
-    assert!(!run_b.join("checkpoints").exists());
+    assert!(losses(&run_b).is_empty());
+    let last = |run: &std::path::Path| run.join("checkpoints/step-00000012");
+    for run in [&run_a, &run_b] {
+        assert!(last(run).join("manifest.json").is_file());
+    }
+    let max_diff = max_weight_diff(
+        &last(&run_a).join("model.safetensors"),
+        &last(&run_b).join("model.safetensors"),
+    );
+    assert_eq!(max_diff, 0.0);
 
     let status = job.status();
     assert_eq!(status["phase"], "running");
     assert_eq!(status["last_checkpoint"]["step"], 12);
+    assert_eq!(
+        status["last_checkpoint"]["copies"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
     // The evaluation actor scored the final checkpoint from disk.
     assert_eq!(status["eval"]["step"], 12, "{status}");
     let (eval_loss, train_val) = (
@@ -97,7 +109,8 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
         .map(|m| {
             (
                 m["node"].as_str().unwrap().to_string(),
-                m["address"].as_str().unwrap().to_string(),
+                // host:port of the c10d store the trainer's process serves.
+                lillm_coordinator::host_of(m["address"].as_str().unwrap()),
                 m["rank"].as_u64().unwrap(),
                 m["step"].to_string(),
             )

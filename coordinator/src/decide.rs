@@ -6,6 +6,7 @@
 //! next group forms once every trainer has registered anew. Dataloaders are stateless
 //! servers: they keep their index across restarts and never end a generation.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::state::{Commit, EvalResult, JobConfig, Member, MemberId, Phase, Role, State};
@@ -98,7 +99,7 @@ impl fmt::Display for Refusal {
                 f,
                 "generation {given} is over (current {current}); re-register to join the new group"
             ),
-            Refusal::NotLeader(id) => write!(f, "{id} is not rank 0; only rank 0 commits checkpoints"),
+            Refusal::NotLeader(id) => write!(f, "{id} does not write checkpoints in this generation; rank 0 and the first rank on another node do"),
             Refusal::StepRegress { given, committed } => write!(
                 f,
                 "step {given} is not after the last committed step {committed}"
@@ -532,23 +533,39 @@ fn commit(
             },
         );
     }
+    let writers = state.checkpoint_writers();
     match state.members.get(&id) {
         None => return Decision::refuse(state, Refusal::UnknownMember(id)),
-        Some(m) if m.id.role != Role::Trainer || m.rank != Some(0) => {
+        Some(m) if m.id.role != Role::Trainer || !m.rank.is_some_and(|r| writers.contains(&r)) => {
             return Decision::refuse(state, Refusal::NotLeader(id))
         }
         Some(_) => {}
     }
-    if let Some(last) = &state.last_commit {
-        if step == last.step && path == last.path {
-            // A retry of a commit whose reply was lost (say, the coordinator restarted
-            // after saving it): it is done.
-            return Decision {
-                state: state.clone(),
-                actions: Vec::new(),
-                refusal: None,
-                reason: format!("step {step} was already committed"),
-            };
+    let node = id.node.clone();
+    let done = |reason: String| Decision {
+        state: state.clone(),
+        actions: Vec::new(),
+        refusal: None,
+        reason,
+    };
+    let mut next = state.clone();
+    if let Some(last) = next.last_commit.as_mut() {
+        if step == last.step {
+            let known = last.copies.get(&node);
+            // A retry whose reply was lost (say, the coordinator restarted after saving it).
+            if known == Some(&path) || (last.copies.is_empty() && last.path == path) {
+                return done(format!("step {step} was already committed"));
+            }
+            // A late copy of a durable checkpoint, from a node without one.
+            if known.is_none() && !last.copies.is_empty() {
+                last.copies.insert(node.clone(), path);
+                return Decision {
+                    state: next,
+                    actions: Vec::new(),
+                    refusal: None,
+                    reason: format!("step {step}: another copy, on {node}"),
+                };
+            }
         }
         if step <= last.step {
             return Decision::refuse(
@@ -560,21 +577,52 @@ fn commit(
             );
         }
     }
-    let commit = Commit {
-        step,
-        path,
-        generation,
-        val_loss,
+    let pending = match next.pending_commits.iter().position(|c| c.step == step) {
+        Some(i) => &mut next.pending_commits[i],
+        None => {
+            next.pending_commits.push(Commit {
+                step,
+                path: path.clone(),
+                generation,
+                val_loss,
+                copies: BTreeMap::new(),
+            });
+            next.pending_commits.sort_by_key(|c| c.step);
+            let i = next.pending_commits.iter().position(|c| c.step == step);
+            &mut next.pending_commits[i.expect("just inserted")]
+        }
     };
-    let mut next = state.clone();
+    pending.copies.insert(node.clone(), path);
+    pending.val_loss = pending.val_loss.or(val_loss);
+    let copies = pending.copies.len();
+    let needed = state.copies_needed();
+    if copies < needed {
+        // Bounded: a copy that never comes (its writer died) must not grow the state.
+        let excess = next
+            .pending_commits
+            .len()
+            .saturating_sub(PENDING_COMMITS_KEPT);
+        next.pending_commits.drain(..excess);
+        return Decision {
+            state: next,
+            actions: Vec::new(),
+            refusal: None,
+            reason: format!("step {step}: copy {copies} of {needed}, on {node}"),
+        };
+    }
+    let commit = pending.clone();
+    next.pending_commits.retain(|c| c.step > step);
     next.last_commit = Some(commit.clone());
     Decision {
         state: next,
         actions: vec![Action::Committed(commit)],
         refusal: None,
-        reason: format!("committed step {step}"),
+        reason: format!("committed step {step} ({copies} copies)"),
     }
 }
+
+/// Checkpoints waiting for their second copy that the state keeps.
+const PENDING_COMMITS_KEPT: usize = 4;
 
 fn tick(now_ms: u64, state: &State) -> Decision {
     let evicted = evict_silent(now_ms, state);

@@ -332,7 +332,14 @@ fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
     let leader = state.trainer_with_rank(0)?;
     let loader_index = member.dataloader?;
     let loader = state.dataloader(loader_index)?;
-    let (resume_step, resume_path) = state.resume_point();
+    let (resume_step, _) = state.resume_point();
+    // One reader per node that holds a copy: its first rank.
+    let first_on_node = !state.members.values().any(|m| {
+        m.id.role == Role::Trainer && m.id.node == id.node && m.rank.is_some_and(|r| r < rank)
+    });
+    let resume_path = first_on_node
+        .then(|| state.resume_copy_on(&id.node))
+        .flatten();
     let (store_host, store_port) = store_of(&leader.address, state.config.store_port);
     Some(pb::Assignment {
         generation: state.generation,
@@ -347,6 +354,7 @@ fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
         dataloader_index: loader_index as u32,
         dataloader_address: loader.address.clone(),
         waiting: String::new(),
+        writes_checkpoints: state.checkpoint_writers().contains(&rank),
     })
 }
 
@@ -405,6 +413,11 @@ pub fn job_status(state: &State, now: u64) -> pb::JobStatus {
             path: c.path.clone(),
             generation: c.generation,
             val_loss: c.val_loss,
+            copies: c
+                .copies
+                .iter()
+                .map(|(node, path)| format!("{node}: {path}"))
+                .collect(),
         }),
         eval_step: state.last_eval.as_ref().map(|e| e.step),
         eval_val_loss: state.last_eval.as_ref().map(|e| e.val_loss),

@@ -71,9 +71,14 @@ pub struct Member {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Commit {
     pub step: u64,
+    /// Where rank 0 wrote it (the first copy reported).
     pub path: String,
     pub generation: u64,
     pub val_loss: Option<f64>,
+    /// Every copy: node → directory on that node's disk. A commit is durable once
+    /// [`State::copies_needed`] nodes hold it.
+    #[serde(default)]
+    pub copies: BTreeMap<String, String>,
 }
 
 /// The evaluation actor's latest score.
@@ -103,7 +108,11 @@ pub struct State {
     pub config_fingerprint: Option<String>,
     #[serde(with = "members_as_list")]
     pub members: BTreeMap<MemberId, Member>,
+    /// The latest durable checkpoint: the one a (re)started group resumes from.
     pub last_commit: Option<Commit>,
+    /// Newer checkpoints reported by fewer nodes than needed (oldest first, a few at most).
+    #[serde(default)]
+    pub pending_commits: Vec<Commit>,
     pub last_eval: Option<EvalResult>,
     /// Members lost to heartbeat timeouts or restarts, over the job's life.
     pub failures: u64,
@@ -131,6 +140,7 @@ impl State {
             config_fingerprint: None,
             members: BTreeMap::new(),
             last_commit: None,
+            pending_commits: Vec::new(),
             last_eval: None,
             failures: 0,
             gathering_since_ms: 0,
@@ -252,6 +262,37 @@ impl State {
             Some(c) => (c.step, Some(c.path.as_str())),
             None => (0, None),
         }
+    }
+
+    /// Where `node` may find the resume checkpoint: its own copy, else rank 0's path (there
+    /// when the nodes share a volume). A trainer that finds no valid checkpoint there takes
+    /// the state from a rank that has one.
+    pub fn resume_copy_on(&self, node: &str) -> Option<&str> {
+        let c = self.last_commit.as_ref()?;
+        Some(c.copies.get(node).unwrap_or(&c.path))
+    }
+
+    /// The ranks that write checkpoints in the running generation: rank 0, and the lowest
+    /// rank on another node than rank 0's (when the group spans nodes), so that every
+    /// checkpoint exists on two nodes' disks. All ranks hold the same state, so the second
+    /// copy costs the network nothing.
+    pub fn checkpoint_writers(&self) -> Vec<usize> {
+        let Some(leader) = self.trainer_with_rank(0) else {
+            return Vec::new();
+        };
+        let second = self
+            .members
+            .values()
+            .filter(|m| m.id.role == Role::Trainer && m.id.node != leader.id.node)
+            .filter_map(|m| m.rank)
+            .min();
+        std::iter::once(0).chain(second).collect()
+    }
+
+    /// How many nodes must hold a checkpoint before it is durable: two, or one when the
+    /// group runs on a single node.
+    pub fn copies_needed(&self) -> usize {
+        self.checkpoint_writers().len()
     }
 }
 

@@ -1,5 +1,7 @@
 //! The coordinator's rules on hand-built states and virtual time.
 
+use std::collections::BTreeMap;
+
 use lillm_coordinator::{
     authorize, decide, Action, Event, JobConfig, MemberId, Phase, Refusal, Role, State,
 };
@@ -57,6 +59,29 @@ fn gather(ids: &[MemberId]) -> (State, Vec<Action>) {
         actions = d.actions;
     }
     (state, actions)
+}
+
+/// The state after both checkpoint writers of generation 1 (node a's and node b's trainer)
+/// committed `step` at `path`.
+fn committed_by_both(state: &State, step: u64, path: &str) -> State {
+    let mut state = state.clone();
+    for node in ["node-a", "node-b"] {
+        let d = decide(
+            100,
+            &state,
+            Event::Commit {
+                id: id(node, Role::Trainer, 0),
+                generation: 1,
+                step,
+                path: path.into(),
+                val_loss: Some(4.0),
+            },
+        );
+        assert!(d.refusal.is_none(), "{}", d.reason);
+        state = d.state;
+    }
+    assert_eq!(state.resume_point(), (step, Some(path)));
+    state
 }
 
 fn members() -> Vec<MemberId> {
@@ -203,11 +228,35 @@ fn a_silent_member_is_evicted_and_its_old_generation_is_fenced_off() {
         path: path.into(),
         val_loss: None,
     };
+    // Rank 0 and the first rank on the other node each write a copy: the checkpoint is
+    // durable when both are reported.
     let d = decide(3_100, &state, commit(1, 200, "ckpt/step-200", &leader));
-    assert!(matches!(d.actions[..], [Action::Committed(_)]));
+    assert!(
+        d.actions.is_empty(),
+        "one copy is not durable: {}",
+        d.reason
+    );
+    assert_eq!(d.state.last_commit, None);
+    let d = decide(3_150, &d.state, commit(1, 200, "b/step-200", &follower));
+    let [Action::Committed(c)] = &d.actions[..] else {
+        panic!("{:?}", d.actions)
+    };
+    assert_eq!(
+        c.copies,
+        BTreeMap::from([
+            ("node-a".to_string(), "ckpt/step-200".to_string()),
+            ("node-b".to_string(), "b/step-200".to_string())
+        ])
+    );
     state = d.state;
-    let d = decide(3_200, &state, commit(1, 300, "x", &follower));
-    assert_eq!(d.refusal, Some(Refusal::NotLeader(follower.clone())));
+    assert_eq!(state.resume_copy_on("node-b"), Some("b/step-200"));
+    assert_eq!(
+        state.resume_copy_on("node-c"),
+        Some("ckpt/step-200"),
+        "a node without a copy looks where rank 0 wrote it (a shared volume)"
+    );
+    let d = decide(3_200, &state, commit(1, 300, "x", &loader));
+    assert_eq!(d.refusal, Some(Refusal::NotLeader(loader.clone())));
 
     // The follower goes silent; at 8.5 s (5 s after its last heartbeat) it is evicted.
     state = decide(6_000, &state, heartbeat(&leader, 1, 250)).state;
@@ -277,19 +326,7 @@ fn a_silent_member_is_evicted_and_its_old_generation_is_fenced_off() {
 #[test]
 fn after_a_full_stop_the_restarted_processes_form_one_new_generation() {
     let (mut state, _) = gather(&members());
-    let leader = id("node-a", Role::Trainer, 0);
-    state = decide(
-        100,
-        &state,
-        Event::Commit {
-            id: leader.clone(),
-            generation: 1,
-            step: 40,
-            path: "run/step-00000040".into(),
-            val_loss: Some(4.0),
-        },
-    )
-    .state;
+    state = committed_by_both(&state, 40, "run/step-00000040");
     // Every process is killed and started again, in any order.
     let mut starts = Vec::new();
     for (t, m) in members().iter().rev().enumerate() {
@@ -369,18 +406,7 @@ fn the_state_survives_a_save_and_load() {
 #[test]
 fn a_job_restarted_as_a_new_group_accepts_a_changed_config_and_keeps_its_commit() {
     let (mut state, _) = gather(&members());
-    state = decide(
-        100,
-        &state,
-        Event::Commit {
-            id: id("node-a", Role::Trainer, 0),
-            generation: 1,
-            step: 40,
-            path: "run/step-00000040".into(),
-            val_loss: None,
-        },
-    )
-    .state;
+    state = committed_by_both(&state, 40, "run/step-00000040");
     let fresh = state.without_members();
     assert!(fresh.members.is_empty());
     assert_eq!(fresh.phase, Phase::Gathering);

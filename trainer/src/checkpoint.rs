@@ -91,12 +91,19 @@ pub struct CheckpointData<'a> {
 
 /// Writes `data` as `dir` atomically: a temp sibling, fsynced, manifest last, then a rename.
 pub fn write_checkpoint(dir: &Path, data: &CheckpointData) -> Result<()> {
+    write_checkpoint_as(dir, data, "")
+}
+
+/// [`write_checkpoint`] by one of several writers of the same step (`writer` names it in
+/// the temporary directory): the two copy writers of a job may share one volume, and the
+/// copy that lands second, identical by the job's exact math, gives way to the first.
+pub fn write_checkpoint_as(dir: &Path, data: &CheckpointData, writer: &str) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let name = dir
         .file_name()
         .map_or("checkpoint".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = parent.join(format!(".tmp-{name}"));
+    let tmp = parent.join(format!(".tmp-{name}{writer}"));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
@@ -149,10 +156,18 @@ pub fn write_checkpoint(dir: &Path, data: &CheckpointData) -> Result<()> {
         &tmp.join(MANIFEST_FILE),
         &serde_json::to_vec_pretty(&manifest).expect("manifest serialises"),
     )?;
-    if dir.exists() {
+    let same_step = |dir: &Path| verify_checkpoint(dir).is_ok_and(|s| s.step == data.state.step);
+    if dir.exists() && !same_step(dir) {
+        // Incomplete, damaged or of another run: replaced.
         fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    match fs::rename(&tmp, dir) {
+        Ok(()) => {}
+        // The step is already there (the other copy writer on a shared volume, or a
+        // rewrite after a resume): keep it.
+        Err(_) if same_step(dir) => fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?,
+        Err(e) => return Err(Error::io(dir, e)),
+    }
     if let Ok(d) = fs::File::open(parent) {
         let _ = d.sync_all();
     }
@@ -273,7 +288,11 @@ pub fn apply_retention(run: &Path, keep_last: usize) -> Result<()> {
     let cutoff = all.len().saturating_sub(keep_last);
     for (step, dir) in &all[..cutoff] {
         if Some(*step) != best {
-            fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            match fs::remove_dir_all(dir) {
+                // Another writer of the same run directory removed it first.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                other => other.map_err(|e| Error::io(dir, e))?,
+            }
         }
     }
     Ok(())

@@ -46,7 +46,13 @@ pub struct CheckpointActor {
 
 impl CheckpointActor {
     /// Starts the writer for the run directory `out`, keeping `keep_last` checkpoints + best.
-    pub fn start(out: PathBuf, keep_last: usize, reporter: Arc<dyn Reporter>) -> Self {
+    /// `writer` tells the job's two copy writers apart (see `checkpoint::write_checkpoint_as`).
+    pub fn start(
+        out: PathBuf,
+        keep_last: usize,
+        writer: &'static str,
+        reporter: Arc<dyn Reporter>,
+    ) -> Self {
         // Capacity 0: a second snapshot waits until the writer has taken the first.
         let (tx, rx) = sync_channel::<Box<Snapshot>>(0);
         let span = tracing::Span::current();
@@ -55,7 +61,7 @@ impl CheckpointActor {
             .spawn(move || -> Result<()> {
                 let _logs_as_the_trainer = span.enter();
                 for snap in rx {
-                    checkpoint::write_checkpoint(
+                    checkpoint::write_checkpoint_as(
                         &snap.dir,
                         &CheckpointData {
                             state: snap.state.clone(),
@@ -63,6 +69,7 @@ impl CheckpointActor {
                             optimizer: Some(snap.optimizer),
                             tokenizer: snap.tokenizer.as_deref(),
                         },
+                        writer,
                     )?;
                     checkpoint::apply_retention(&out, keep_last)?;
                     reporter.checkpoint_written(snap.state.step, &snap.dir, snap.state.val_loss)?;

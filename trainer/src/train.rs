@@ -78,11 +78,13 @@ pub enum Start {
     /// checkpoint; a run directory that already holds checkpoints needs `cfg.resume`.
     #[default]
     Auto,
-    /// Exactly this checkpoint, the one of `step` (`None`: fresh), whatever else the run
-    /// directory holds: a distributed job resumes from the coordinator's last commit, never
-    /// from a checkpoint an ended generation wrote but did not commit. Only rank 0 reads it;
-    /// the other ranks receive its weights and optimizer state from rank 0, so nodes need
-    /// no shared file system.
+    /// Exactly this checkpoint, the one of `step` (`None`: fresh, or this rank holds no
+    /// copy of it), whatever else the run directory holds: a distributed job resumes from
+    /// the coordinator's last durable commit, never from a checkpoint an ended generation
+    /// wrote but did not commit. The ranks given a copy read it (one per node that holds
+    /// one); the others receive weights and optimizer state from the lowest of those, so
+    /// nodes need no shared file system, and a lost or damaged copy costs nothing while
+    /// another node has one.
     Committed {
         checkpoint: Option<PathBuf>,
         step: u64,
@@ -102,6 +104,9 @@ pub struct Setup {
     pub generation: u64,
     /// Asks the loop to stop between steps (SIGTERM, or the generation ended).
     pub stop: Stop,
+    /// Whether this rank writes checkpoints (`None`: rank 0 alone). A job has two writers
+    /// on different nodes, so every checkpoint exists on two disks.
+    pub writes_checkpoints: Option<bool>,
 }
 
 impl Default for Setup {
@@ -113,6 +118,7 @@ impl Default for Setup {
             reporter: Arc::new(Silent),
             generation: 0,
             stop: Stop::default(),
+            writes_checkpoints: None,
         }
     }
 }
@@ -126,6 +132,7 @@ pub struct Rewire {
     pub reporter: Arc<dyn Reporter>,
     pub generation: u64,
     pub stop: Stop,
+    pub writes_checkpoints: bool,
 }
 
 /// A training run: the model, its optimizer, the data and where to write.
@@ -148,7 +155,9 @@ pub struct Trainer {
     /// checkpoints, logs).
     group: Option<ProcessGroup>,
     reporter: Arc<dyn Reporter>,
-    /// Rank 0's checkpoint writer.
+    /// Whether this rank writes checkpoints (see [`Setup::writes_checkpoints`]).
+    writes_checkpoints: bool,
+    /// The checkpoint writer, on ranks that write.
     writer: Option<CheckpointActor>,
     generation: u64,
     stop: Stop,
@@ -168,23 +177,39 @@ impl Trainer {
             tch::set_num_threads(cfg.threads as i32);
         }
         let device = cfg.device()?;
-        // Set when this rank resumes at that step with state received from rank 0.
+        // Set when this rank resumes at that step with state received from another rank.
         let mut received_step = None;
+        let in_group = setup.rendezvous.is_some() || cfg.world_size > 1;
         let resume_from = match &setup.start {
             Start::Committed {
-                checkpoint: Some(_),
+                checkpoint: Some(dir),
                 step,
-            } if cfg.rank > 0 => {
-                received_step = Some(*step);
+            } => match checkpoint::verify_checkpoint(dir) {
+                Ok(state) if state.step == *step => Some((dir.clone(), state)),
+                Ok(_) | Err(_) if in_group => {
+                    tracing::warn!(
+                        checkpoint = %dir.display(),
+                        step,
+                        "this node's copy of the checkpoint is missing or damaged: taking the state from a rank that has one"
+                    );
+                    received_step = Some(*step);
+                    None
+                }
+                Ok(state) => {
+                    return Err(Error::checkpoint(
+                        dir,
+                        format!("holds step {}, not the committed step {step}", state.step),
+                    ))
+                }
+                Err(e) => return Err(e),
+            },
+            Start::Committed {
+                checkpoint: None,
+                step,
+            } => {
+                received_step = (*step > 0).then_some(*step);
                 None
             }
-            Start::Committed {
-                checkpoint: Some(dir),
-                ..
-            } => Some((dir.clone(), checkpoint::verify_checkpoint(dir)?)),
-            Start::Committed {
-                checkpoint: None, ..
-            } => None,
             Start::Auto if cfg.resume => checkpoint::latest_valid(&cfg.out),
             Start::Auto => None,
         };
@@ -266,6 +291,7 @@ impl Trainer {
             (None, Some(step)) => (step, 0, None, false),
             (None, None) => (0, 0, None, false),
         };
+        let cfg_rank_is_leader = cfg.rank == 0;
         let mut trainer = Self {
             cfg,
             model_cfg,
@@ -281,6 +307,7 @@ impl Trainer {
             best_val,
             evaluated_at_step,
             group: None,
+            writes_checkpoints: setup.writes_checkpoints.unwrap_or(cfg_rank_is_leader),
             writer: None,
             reporter: setup.reporter,
             generation: setup.generation,
@@ -318,6 +345,7 @@ impl Trainer {
         self.reporter = wiring.reporter;
         self.generation = wiring.generation;
         self.stop = wiring.stop;
+        self.writes_checkpoints = wiring.writes_checkpoints;
         let group = ProcessGroup::join(
             &wiring.rendezvous,
             crate::dist::Backend::for_device(self.device),
@@ -417,8 +445,9 @@ impl Trainer {
             self.cfg.keep_last,
             self.reporter.clone(),
         );
+        let tag = if self.cfg.rank == 0 { "" } else { "-copy" };
         self.writer
-            .get_or_insert_with(|| CheckpointActor::start(out, keep, reporter))
+            .get_or_insert_with(|| CheckpointActor::start(out, keep, tag, reporter))
             .submit(snapshot)?;
         Ok(dir)
     }
@@ -434,23 +463,48 @@ impl Trainer {
         }
     }
 
-    /// The mean loss of a log window over all ranks and whether the group stops after this
-    /// step, in one all-reduce read back in the log interval's only host sync: a shutdown
+    /// The mean loss of a log window over all ranks, whether the group stops after this
+    /// step and whether a timed checkpoint is due (`checkpoint_wish`: rank 0's clock says
+    /// so), in one all-reduce read back in the log interval's only host sync: a shutdown
     /// asked of any rank stops every rank at the same step, the others with
     /// [`StopReason::PeerShutdown`]. So a job stops within `log_interval` steps.
-    fn reduce_window(&self, loss_acc: &Tensor) -> Result<(f64, Option<StopReason>)> {
+    fn reduce_window(
+        &self,
+        loss_acc: &Tensor,
+        checkpoint_wish: bool,
+    ) -> Result<(f64, Option<StopReason>, bool)> {
         let Some(group) = &self.group else {
-            return Ok((loss_acc.double_value(&[]), None));
+            return Ok((loss_acc.double_value(&[]), None, false));
         };
         let local = self.stop.reason();
-        let wish = Tensor::from(f32::from(u8::from(local.is_some()))).to_device(self.device);
-        let mut sums = Tensor::stack(&[loss_acc.to_kind(Kind::Float), wish], 0);
+        let flag = |on: bool| Tensor::from(f32::from(u8::from(on))).to_device(self.device);
+        let mut sums = Tensor::stack(
+            &[
+                loss_acc.to_kind(Kind::Float),
+                flag(local.is_some()),
+                flag(checkpoint_wish),
+            ],
+            0,
+        );
         self.collective(group.all_reduce_sum(&mut sums))?;
-        // One copy to the host for both values (the mean in f32, as the tensor would be).
+        // One copy to the host for all values (the mean in f32, as the tensor would be).
         let sums = Vec::<f32>::try_from(&sums.to_device(Device::Cpu))?;
         let loss = f64::from(sums[0] / self.cfg.world_size as f32);
         let stop = (sums[1] > 0.0).then_some(local.unwrap_or(StopReason::PeerShutdown));
-        Ok((loss, stop))
+        Ok((loss, stop, sums[2] > 0.0))
+    }
+
+    /// Rank 0's (train, val) losses of an evaluation, on every rank (`mine`: this rank's,
+    /// `Some` on rank 0).
+    fn share_evaluation(&self, mine: Option<(f64, f64)>) -> Result<(f64, f64)> {
+        let Some(group) = &self.group else {
+            return mine.ok_or_else(|| Error::Config("only rank 0 evaluates".into()));
+        };
+        let (train, val) = mine.unwrap_or_default();
+        let mut both = Tensor::from_slice(&[train, val]).to_device(self.device);
+        self.collective(group.broadcast(&mut both, 0))?;
+        let both = Vec::<f64>::try_from(&both.to_device(Device::Cpu))?;
+        Ok((both[0], both[1]))
     }
 
     /// A failed collective means the group is broken (a peer died or hung up): the loop
@@ -596,6 +650,12 @@ impl Trainer {
         let mut window_start = Instant::now();
         let mut last_ckpt = None;
         let mut last_save = Instant::now();
+        let time_wish = |last_save: &Instant| {
+            cfg.checkpoint_minutes > 0.0
+                && last_save.elapsed().as_secs_f64() >= cfg.checkpoint_minutes * 60.0
+        };
+        // In a group: rank 0's clock says a timed checkpoint is due (see `reduce_window`).
+        let mut time_due = false;
         let started_at = self.step;
         let mut stopped = None;
         loop {
@@ -605,32 +665,43 @@ impl Trainer {
             }
             let at_end = self.step >= cfg.max_iters;
             let eval_due = self.step.is_multiple_of(cfg.eval_interval) || at_end;
-            if let (true, false, Some(log)) = (eval_due, self.evaluated_at_step, log.as_mut()) {
-                let (train, val) = self.evaluate(log)?;
+            if eval_due && !self.evaluated_at_step {
+                // Rank 0 evaluates; every rank learns the losses, so that both checkpoint
+                // writers save the same state.
+                let mine = match log.as_mut() {
+                    Some(log) => Some(self.evaluate(log)?),
+                    None => None,
+                };
+                let (train, val) = self.share_evaluation(mine)?;
                 last_val = Some(val);
                 self.best_val = Some(self.best_val.map_or(val, |b: f64| b.min(val)));
                 self.evaluated_at_step = true;
-                say(format!(
-                    "step {:>6}: train loss {train:.4}, val loss {val:.4}",
-                    self.step
-                ));
-                if self.step > 0 {
+                if leader {
+                    say(format!(
+                        "step {:>6}: train loss {train:.4}, val loss {val:.4}",
+                        self.step
+                    ));
+                }
+                if self.step > 0 && self.writes_checkpoints {
                     last_ckpt = Some(self.save_checkpoint(Some(val))?);
                     last_save = Instant::now();
                 }
                 window_start = Instant::now();
             }
-            // Checkpoints apart from evaluations, by steps or by time (rank 0 alone: a
-            // snapshot to host memory, written by the checkpoint actor).
+            // Checkpoints apart from evaluations, by steps or by time (by rank 0's clock,
+            // shared at log intervals, so both writers save the same steps): a snapshot to
+            // host memory, written by the checkpoint actor.
             let by_steps =
                 cfg.checkpoint_interval > 0 && self.step.is_multiple_of(cfg.checkpoint_interval);
-            let by_time = cfg.checkpoint_minutes > 0.0
-                && last_save.elapsed().as_secs_f64() >= cfg.checkpoint_minutes * 60.0;
+            let by_time = match self.group {
+                Some(_) => std::mem::take(&mut time_due),
+                None => time_wish(&last_save),
+            };
             let saved_here = last_ckpt
                 .as_ref()
                 .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.out, self.step));
             let fresh = self.step > started_at; // a resumed step already has its checkpoint
-            if leader && fresh && !at_end && !saved_here && (by_steps || by_time) {
+            if self.writes_checkpoints && fresh && !at_end && !saved_here && (by_steps || by_time) {
                 last_ckpt = Some(self.save_checkpoint(None)?);
                 last_save = Instant::now();
             }
@@ -674,7 +745,7 @@ impl Trainer {
             let next = self.step + 1;
             let window = match next.is_multiple_of(cfg.log_interval) || next == cfg.max_iters {
                 // The only host sync of the step, once per log interval.
-                true => Some(self.reduce_window(&loss_acc)?),
+                true => Some(self.reduce_window(&loss_acc, leader && time_wish(&last_save))?),
                 false => None,
             };
             let grad_norm = self.opt.clip_grad_norm(cfg.grad_clip);
@@ -685,8 +756,9 @@ impl Trainer {
             self.evaluated_at_step = false;
             window_steps += 1;
             bar.set_position(self.step);
-            if let Some((window_loss, group_stop)) = window {
+            if let Some((window_loss, group_stop, checkpoint_due)) = window {
                 stopped = group_stop;
+                time_due = checkpoint_due;
                 let loss = window_loss / window_steps as f64;
                 let secs = window_start.elapsed().as_secs_f64() / window_steps as f64;
                 let tokens_per_s = tokens_per_step as f64 / secs;
@@ -738,7 +810,7 @@ impl Trainer {
         let saved_here = last_ckpt
             .as_ref()
             .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.out, self.step));
-        let last_checkpoint = match (last_ckpt, leader) {
+        let last_checkpoint = match (last_ckpt, self.writes_checkpoints) {
             (Some(dir), _) if saved_here => dir,
             (_, true) if self.step > 0 || stopped.is_none() => {
                 self.save_checkpoint(last_val.filter(|_| self.evaluated_at_step))?
