@@ -22,17 +22,13 @@ fn a_node_lost_for_good_shrinks_the_job_and_its_return_grows_it_with_the_same_ma
 
     let run = dir.path().join("run");
     set_flag(&mut long, "--out", s(&run));
-    let mut job = Job::new(
+    let job = Job::new(
         dir.path(),
         2,
         1,
         &["--elastic-grace-ms=2000", "--heartbeat-timeout-ms=3000"],
-    );
-    for arg in job.coordinator_args.iter_mut() {
-        if arg == "--nodes=2" {
-            *arg = "--nodes=1:2".into();
-        }
-    }
+    )
+    .elastic(1);
     let _coordinator = job.start_coordinator();
     let node = |name: &str, round: &str| -> (Actor, Actor) {
         let loader = Actor::lillm(

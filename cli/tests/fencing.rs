@@ -34,17 +34,13 @@ fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
     let run = dir.path().join("run");
     set_flag(&mut train, "--out", s(&run));
     // Two nodes of one trainer each; the job may shrink to one.
-    let mut job = Job::new(
+    let job = Job::new(
         dir.path(),
         2,
         1,
         &["--heartbeat-timeout-ms=3000", "--elastic-grace-ms=1000"],
-    );
-    for arg in job.coordinator_args.iter_mut() {
-        if arg == "--nodes=2" {
-            *arg = "--nodes=1:2".into();
-        }
-    }
+    )
+    .elastic(1);
     let _coordinator = job.start_coordinator();
     let mut actors = Vec::new();
     for node in ["node-a", "node-b"] {
@@ -111,4 +107,89 @@ fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
         "steps take seconds here"
     );
     eprintln!("stopped trainer detected and survivor regrouped in {detected:?}");
+}
+
+/// Node b lives in its own network namespace; its link goes down mid-step (no socket
+/// closes, packets just stop). The coordinator misses its heartbeats, the job shrinks to
+/// node a and goes on; when the link comes back node b's trainer finds itself fenced (its
+/// generation is over), joins again from its own process and the job grows back — with
+/// the math of an uninterrupted run.
+#[test]
+fn a_partitioned_node_is_left_behind_fenced_and_taken_back_with_the_same_math() {
+    let ns = match common::netns::Netns::create("part") {
+        Ok(ns) => ns,
+        Err(e) => {
+            eprintln!("skipping: cannot create a network namespace here ({e}); run as root");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let mut train = tiny_train_args(s(&tiny.data), "-", "300", "14");
+    seconds_per_step(&mut train);
+    set_flag(&mut train, "--eval-interval", "7");
+    set_flag(&mut train, "--lr-decay-iters", "14");
+    let straight = dir.path().join("straight");
+    set_flag(&mut train, "--out", s(&straight));
+    lillm_ok(&train);
+
+    let run = dir.path().join("run");
+    set_flag(&mut train, "--out", s(&run));
+    let job = Job::on_host(
+        dir.path(),
+        &ns.outside,
+        2,
+        1,
+        &["--heartbeat-timeout-ms=3000", "--elastic-grace-ms=1000"],
+    )
+    .elastic(1);
+    let _coordinator = job.start_coordinator();
+    let lillm = env!("CARGO_BIN_EXE_lillm");
+    let mut actors = Vec::new();
+    for (node, host) in [("node-a", &ns.outside), ("node-b", &ns.inside)] {
+        let loader = job.dataloader_args(&tiny.data, node, &format!("{host}:0"));
+        let trainer = job.trainer_args(&train, node, 0, host);
+        for (role, args) in [("loader", loader), ("trainer", trainer)] {
+            let log = dir.path().join(format!("{role}-{node}.log"));
+            actors.push(match node {
+                "node-a" => Actor::lillm(&args, log),
+                _ => {
+                    let (program, args) = ns.wrap(lillm, &args);
+                    Actor::start(&program, &args, log)
+                }
+            });
+        }
+    }
+    wait_until(Duration::from_secs(120), "2 steps", || {
+        losses(&run).len() >= 2
+    });
+    ns.partition();
+    let cut_at = Instant::now();
+    wait_until(Duration::from_secs(20), "node a to go on alone", || {
+        registrations(dir.path(), "node-a/trainer0") >= 2
+    });
+    let detected = cut_at.elapsed();
+    let cut_steps = losses(&run).len();
+    wait_until(Duration::from_secs(60), "node a to train alone", || {
+        losses(&run).len() >= cut_steps + 2
+    });
+    ns.heal();
+    for k in [1, 3] {
+        actors[k].finish(Duration::from_secs(300));
+    }
+    let node_b = actors[3].log_text();
+    assert!(
+        node_b.contains(
+            "leaving the group to join the next one reason=the coordinator dropped this trainer"
+        ) || node_b.contains("leaving the group to join the next one reason=generation 1 is over"),
+        "node b is fenced when its link comes back\n{node_b}"
+    );
+    assert!(registrations(dir.path(), "node-b/trainer0") >= 2);
+    assert_same_losses(&losses(&straight), &losses(&run));
+    let max_diff = max_weight_diff(
+        &straight.join("checkpoints/step-00000014/model.safetensors"),
+        &run.join("checkpoints/step-00000014/model.safetensors"),
+    );
+    assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
+    eprintln!("partition detected and node a regrouped in {detected:?}");
 }

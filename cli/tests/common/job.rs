@@ -106,7 +106,18 @@ pub struct Job {
 
 impl Job {
     pub fn new(dir: &Path, nodes: usize, trainers_per_node: usize, extra: &[&str]) -> Self {
-        let address = format!("127.0.0.1:{}", free_port());
+        Self::on_host(dir, "127.0.0.1", nodes, trainers_per_node, extra)
+    }
+
+    /// A coordinator listening on `host` (an address other network namespaces can reach).
+    pub fn on_host(
+        dir: &Path,
+        host: &str,
+        nodes: usize,
+        trainers_per_node: usize,
+        extra: &[&str],
+    ) -> Self {
+        let address = format!("{host}:{}", free_port());
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut coordinator_args = strings(&["coordinator"]);
         coordinator_args.extend([
@@ -124,6 +135,16 @@ impl Job {
             metrics,
             coordinator_args,
         }
+    }
+
+    /// Lets the job run on as few as `min` of its nodes (`--nodes MIN:MAX`).
+    pub fn elastic(mut self, min: usize) -> Self {
+        for arg in self.coordinator_args.iter_mut() {
+            if let Some(max) = arg.strip_prefix("--nodes=") {
+                *arg = format!("--nodes={min}:{max}");
+            }
+        }
+        self
     }
 
     pub fn start_coordinator(&self) -> Actor {
