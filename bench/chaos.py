@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Chaos run: a `lillm train --nproc N` job under its supervisor while a random member
-(trainer, dataloader or coordinator) is SIGKILLed every few seconds; then the final weights
-are compared with an uninterrupted run of the same job.
+(trainer, dataloader or coordinator) is SIGKILLed every few seconds, and every other trainer
+fault is a freeze instead (SIGSTOP for --freeze seconds, past the heartbeat timeout, then
+SIGCONT: a silent failure whose sockets stay open); then the final weights are compared
+with an uninterrupted run of the same job.
 
-Prints failures injected and detected, detection time (kill -> the supervisor's report),
-recovery time (kill -> the next completed step), steps recomputed per failure, steps whose
-loss differs from the uninterrupted run, and the final max |dW|. Exits 1 if the model
-differs or a failure went undetected.
+Prints failures injected and detected, detection time (kill -> the supervisor's report;
+freeze -> the coordinator's eviction), recovery time (kill or SIGCONT -> the next completed
+step), steps recomputed per failure, steps whose loss differs from the uninterrupted run,
+and the final max |dW|. Exits 1 if the model differs or a failure went undetected.
 
   python bench/chaos.py --lillm target/release/lillm --data DATA --out DIR \
-      [--duration 60] [--every 4] [--nproc 2] [--seed 1] [--json FILE] -- TRAIN_ARGS...
+      [--duration 60] [--every 4] [--freeze 4.5] [--nproc 2] [--seed 1] [--json FILE] \
+      -- TRAIN_ARGS...
 
 TRAIN_ARGS are `lillm train` flags (model, steps, ...) without --data/--out/--nproc.
 """
@@ -101,6 +104,8 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of fault injection")
     parser.add_argument("--every", type=float, default=4.0, help="mean seconds between kills")
+    parser.add_argument("--freeze", type=float, default=4.5,
+                        help="seconds a frozen trainer stays stopped (0: SIGKILL only)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", help="also write the figures here")
@@ -121,16 +126,24 @@ def main():
     log_path = os.path.join(opts.out, "chaos.log")
     log = open(log_path, "w")
     job = train(opts.lillm, train_args, opts.data, run, opts.nproc, ["--max-restarts", "1000"], env, log)
-    kills = []  # (time, role, pid, last step seen)
+    kills = []  # (time, role, pid, last step seen, "kill" or "freeze", time the fault ended)
     seen = {}  # step -> first time its loss line was seen
     start = time.time()
     next_kill = start + rng.uniform(0.5, 1.5) * opts.every
     order = []
+    frozen = None  # (pid, when to SIGCONT, index in kills)
+    trainer_faults = 0
     while job.poll() is None:
         now = time.time()
         for step in losses(run):
             seen.setdefault(step, now)
-        if now - start < opts.duration and now >= next_kill and seen:
+        if frozen and now >= frozen[1]:
+            os.kill(frozen[0], signal.SIGCONT)
+            kills[frozen[2]] = kills[frozen[2]][:5] + (time.time(),)
+            print(f"{now - start:6.1f} s: SIGCONT trainer {frozen[0]}", flush=True)
+            frozen = None
+            next_kill = time.time() + rng.uniform(0.5, 1.5) * opts.every
+        if not frozen and now - start < opts.duration and now >= next_kill and seen:
             if not order:  # every role in turn, in a random order
                 order = list(ROLES)
                 rng.shuffle(order)
@@ -138,11 +151,19 @@ def main():
             victims = [c for c in children(job.pid) if c[1] == role]
             if victims:
                 pid, _, _ = rng.choice(victims)
-                os.kill(pid, signal.SIGKILL)
-                kills.append((time.time(), role, pid, max(seen)))
-                print(f"{time.time() - start:6.1f} s: SIGKILL {role} {pid} at step {max(seen)}", flush=True)
+                freeze = role == "trainer" and opts.freeze > 0 and trainer_faults % 2 == 1
+                trainer_faults += role == "trainer"
+                sig = signal.SIGSTOP if freeze else signal.SIGKILL
+                os.kill(pid, sig)
+                when = time.time()
+                kills.append((when, role, pid, max(seen), "freeze" if freeze else "kill", when))
+                if freeze:
+                    frozen = (pid, when + opts.freeze, len(kills) - 1)
+                print(f"{when - start:6.1f} s: {sig.name} {role} {pid} at step {max(seen)}", flush=True)
             next_kill = time.time() + rng.uniform(0.5, 1.5) * opts.every
         time.sleep(0.02)
+    if frozen:
+        os.kill(frozen[0], signal.SIGCONT)
     now = time.time()
     for step in losses(run):
         seen.setdefault(step, now)
@@ -154,15 +175,17 @@ def main():
     # recomputed: where the next group started (the state it took) vs the last step the
     # job had completed when the trainer was killed.
     deaths = [t for t, _ in log_matches(log_path, r"died \(killed by SIGKILL\)")]
+    evictions = [t for t, _ in log_matches(os.path.join(run, "logs", "coordinator.log"), r"missed heartbeats")]
     regroups = [(t, int(m.group(1))) for t, m in log_matches(log_path, r"the group starts from the state of step (\d+)")]
     detection, recovery, recomputed, undetected = [], [], [], 0
-    for when, role, pid, last_step in kills:
-        after = [t - when for t in deaths if t >= when - 0.05]
+    for when, role, pid, last_step, kind, ended in kills:
+        reports = evictions if kind == "freeze" else deaths
+        after = [t - when for t in reports if t >= when - 0.05]
         if after:
             detection.append(max(0.0, min(after)))
         else:
             undetected += 1
-        next_steps = [t - when for s, t in seen.items() if t > when]
+        next_steps = [t - ended for s, t in seen.items() if t > ended]
         if next_steps:
             recovery.append(min(next_steps))
         if role == "trainer":
@@ -177,6 +200,7 @@ def main():
         "duration_s": round(time.time() - start, 1),
         "failures_injected": len(kills),
         "by_role": {r: sum(1 for k in kills if k[1] == r) for r in ROLES},
+        "trainer_freezes": sum(1 for k in kills if k[4] == "freeze"),
         "failures_detected": len(kills) - undetected,
         "detection_s_median": statistics.median(detection) if detection else None,
         "detection_s_max": max(detection) if detection else None,
@@ -187,9 +211,10 @@ def main():
         "final_checkpoint": got_name,
         "final_max_abs_dw": max_dw,
     }
-    print(f"failures injected: {len(kills)} {figures['by_role']}; detected: {figures['failures_detected']}")
+    print(f"failures injected: {len(kills)} {figures['by_role']} ({figures['trainer_freezes']} trainer freezes); "
+          f"detected: {figures['failures_detected']}")
     print(f"detection s: median {pct(detection, statistics.median)}, max {pct(detection, max)}")
-    print(f"recovery s (kill -> next completed step): median {pct(recovery, statistics.median)}, max {pct(recovery, max)}")
+    print(f"recovery s (kill or SIGCONT -> next completed step): median {pct(recovery, statistics.median)}, max {pct(recovery, max)}")
     print(f"steps recomputed per trainer failure: max {figures['steps_recomputed_per_trainer_failure_max']}")
     print(f"steps whose loss differs from the uninterrupted run: {differing} of {len(ref)}")
     print(f"final weights ({got_name} vs {ref_name}): max |dW| = {max_dw:.3g}")

@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::supervisor::{Ended, Kind, OnTrainerDeath, Spec, Supervisor};
 
+/// Between two heartbeats: six of them fit in the coordinator's default 3 s timeout.
+const HEARTBEAT: Duration = Duration::from_millis(500);
 /// How long an unreachable coordinator or dataloader is retried before a trainer gives up.
 const PATIENCE: Duration = Duration::from_secs(300);
 /// How long ranks wait for each other in a collective before failing. It bounds how long
@@ -108,7 +110,7 @@ pub fn run_trainer_actor(
         store_port: lillm_trainer::dist::serve_store(COLLECTIVE_TIMEOUT)?,
         job_token: args.job_token.clone(),
         fingerprint: cfg.fingerprint(),
-        heartbeat: Duration::from_secs(1),
+        heartbeat: HEARTBEAT,
         connect: ConnectSettings::with_tls_ca(args.tls_ca.clone()),
         policy: RetryPolicy {
             patience: PATIENCE,

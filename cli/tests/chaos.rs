@@ -1,6 +1,7 @@
 //! A short chaos run (bench/chaos.py): a `--nproc 2` job keeps training while a random
-//! trainer, dataloader or coordinator is SIGKILLed every ~2 s, each role at least once, and
-//! ends with exactly the model of an uninterrupted run. `make bench` runs the long one.
+//! trainer, dataloader or coordinator is SIGKILLed every ~2 s, each role at least once (and
+//! a trainer frozen by SIGSTOP past the heartbeat timeout), and ends with exactly the model
+//! of an uninterrupted run. `make bench` runs the long one.
 
 mod common;
 
@@ -34,7 +35,7 @@ fn a_job_under_random_sigkills_of_every_role_trains_the_same_model() {
         "--out",
         s(&out),
         "--duration",
-        "14",
+        "20",
         "--every",
         "2",
         "--json",
@@ -58,6 +59,7 @@ fn a_job_under_random_sigkills_of_every_role_trains_the_same_model() {
             "{role} never killed: {report}"
         );
     }
+    assert!(f["trainer_freezes"].as_u64().unwrap() >= 1, "{report}");
     assert_eq!(f["failures_detected"], f["failures_injected"], "{report}");
     assert_eq!(f["steps_with_a_different_loss"], 0, "{report}");
     assert_eq!(

@@ -276,7 +276,7 @@ fn a_survivor_regroups_in_place_when_a_peer_dies_mid_step_of_seconds() {
 
     let run = dir.path().join("run");
     set_flag(&mut train, "--out", s(&run));
-    let job = Job::new(dir.path(), 1, 2, &[]);
+    let job = Job::new(dir.path(), 1, 2, &["--heartbeat-timeout-ms=10000"]);
     let loader_args = job.dataloader_args(&tiny.data, "local", "127.0.0.1:0");
     let trainer_args = job.local_trainers(&train, 2);
     let mut actors = job.start_all(&loader_args, &trainer_args, "1");
