@@ -11,7 +11,7 @@ step), steps recomputed per failure, steps whose loss differs from the uninterru
 and the final max |dW|. Exits 1 if the model differs or a failure went undetected.
 
   python bench/chaos.py --lillm target/release/lillm --data DATA --out DIR \
-      [--duration 60] [--every 4] [--freeze 4.5] [--nproc 2] [--seed 1] [--json FILE] \
+      [--duration 60] [--every 4] [--freeze 3.5] [--nproc 2] [--seed 1] [--json FILE] \
       -- TRAIN_ARGS...
 
 TRAIN_ARGS are `lillm train` flags (model, steps, ...) without --data/--out/--nproc.
@@ -104,7 +104,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of fault injection")
     parser.add_argument("--every", type=float, default=4.0, help="mean seconds between kills")
-    parser.add_argument("--freeze", type=float, default=4.5,
+    parser.add_argument("--freeze", type=float, default=3.5,
                         help="seconds a frozen trainer stays stopped (0: SIGKILL only)")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)

@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::supervisor::{Ended, Kind, OnTrainerDeath, Spec, Supervisor};
 
-/// Between two heartbeats: six of them fit in the coordinator's default 3 s timeout.
-const HEARTBEAT: Duration = Duration::from_millis(500);
+/// Between two heartbeats: eight of them fit in the coordinator's default 2 s timeout.
+const HEARTBEAT: Duration = Duration::from_millis(250);
 /// How long an unreachable coordinator or dataloader is retried before a trainer gives up.
 const PATIENCE: Duration = Duration::from_secs(300);
 /// How long ranks wait for each other in a collective before failing. It bounds how long

@@ -46,8 +46,8 @@ pub struct Args {
     /// Token every member must present.
     #[arg(long, env = "LILLM_JOB_TOKEN", hide_env_values = true)]
     job_token: Option<String>,
-    /// Milliseconds of silence after which a member counts as dead (default 3000; members
-    /// heartbeat every 500 ms).
+    /// Milliseconds of silence after which a member counts as dead (default 2000; members
+    /// heartbeat every 250 ms).
     #[arg(long)]
     heartbeat_timeout_ms: Option<u64>,
     /// Port of the c10d store that rank 0 serves, for trainers that register a host without
@@ -99,7 +99,7 @@ impl Default for Settings {
             health_listen: None,
             state_dir: "coordinator-state".into(),
             job_token: String::new(),
-            heartbeat_timeout_ms: 3_000,
+            heartbeat_timeout_ms: 2_000,
             store_port: 29500,
             tls_cert: None,
             tls_key: None,

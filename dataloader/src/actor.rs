@@ -58,7 +58,7 @@ pub struct Args {
     #[arg(long, env = "LILLM_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Milliseconds between heartbeats.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 250)]
     heartbeat_ms: u64,
     /// CA certificate (PEM) of the coordinator's TLS certificate: dial it over TLS.
     #[arg(long, env = "LILLM_TLS_CA")]

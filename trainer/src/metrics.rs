@@ -45,6 +45,8 @@ pub struct Record {
 pub struct MetricsLog {
     path: PathBuf,
     file: fs::File,
+    /// The step of the latest training-step record in the file.
+    last_loss_step: Option<u64>,
 }
 
 impl MetricsLog {
@@ -64,11 +66,21 @@ impl MetricsLog {
             None => Vec::new(),
         };
         fs::write(&path, kept.concat()).map_err(|e| Error::io(&path, e))?;
+        let last_loss_step = kept
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Record>(l).ok())
+            .filter(|r| r.loss.is_some())
+            .map(|r| r.step)
+            .max();
         let file = OpenOptions::new()
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        Ok(Self { path, file })
+        Ok(Self {
+            path,
+            file,
+            last_loss_step,
+        })
     }
 
     pub fn append(&mut self, record: &Record) -> Result<()> {
@@ -76,7 +88,16 @@ impl MetricsLog {
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
-            .map_err(|e| Error::io(&self.path, e))
+            .map_err(|e| Error::io(&self.path, e))?;
+        if record.loss.is_some() {
+            self.last_loss_step = Some(record.step);
+        }
+        Ok(())
+    }
+
+    /// The step of the latest training-step record logged.
+    pub fn last_loss_step(&self) -> Option<u64> {
+        self.last_loss_step
     }
 }
 
@@ -102,5 +123,25 @@ mod tests {
         MetricsLog::open(dir.path(), Some(198)).unwrap();
         let text = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
         assert_eq!(text, format!("{first}\n"));
+    }
+
+    #[test]
+    fn the_log_knows_its_latest_training_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = [
+            r#"{"step":10,"loss":2.5}"#,
+            r#"{"step":10,"val_loss":2.6}"#,
+            r#"{"step":11,"val_loss":2.4}"#,
+        ];
+        fs::write(dir.path().join(METRICS_FILE), lines.join("\n")).unwrap();
+        let mut log = MetricsLog::open(dir.path(), Some(11)).unwrap();
+        assert_eq!(log.last_loss_step(), Some(10));
+        log.append(&Record {
+            step: 12,
+            loss: Some(2.0),
+            ..Record::default()
+        })
+        .unwrap();
+        assert_eq!(log.last_loss_step(), Some(12));
     }
 }

@@ -151,6 +151,9 @@ pub struct Trainer {
     tokens_seen: u64,
     best_val: Option<f64>,
     evaluated_at_step: bool,
+    /// The latest training-step record (every rank computes it): a group re-formed after
+    /// rank 0 died between its update and its log line logs it again (see `sync_state`).
+    last_window: Option<Record>,
     /// The data-parallel group when the job has several ranks; rank 0 leads (evaluates,
     /// checkpoints, logs).
     group: Option<ProcessGroup>,
@@ -306,6 +309,7 @@ impl Trainer {
             tokens_seen,
             best_val,
             evaluated_at_step,
+            last_window: None,
             group: None,
             writes_checkpoints: setup.writes_checkpoints.unwrap_or(cfg_rank_is_leader),
             writer: None,
@@ -386,12 +390,13 @@ impl Trainer {
             }
         }
         self.opt.load_state_tensors(&state, &self.cfg.out)?;
-        let counters = [
+        let mut counters = vec![
             self.step as f64,
             self.tokens_seen as f64,
             self.best_val.unwrap_or(f64::NAN),
             f64::from(u8::from(self.evaluated_at_step)),
         ];
+        counters.extend(window_to_floats(self.last_window.as_ref()));
         let mut header = Tensor::from_slice(&counters).to_device(self.device);
         group.broadcast(&mut header, source)?;
         let header = Vec::<f64>::try_from(&header.to_device(Device::Cpu))?;
@@ -399,6 +404,7 @@ impl Trainer {
         self.tokens_seen = header[1] as u64;
         self.best_val = (!header[2].is_nan()).then_some(header[2]);
         self.evaluated_at_step = header[3] > 0.0;
+        self.last_window = window_from_floats(&header[4..]);
         tracing::info!(
             step = self.step,
             from_rank = source,
@@ -608,6 +614,13 @@ impl Trainer {
             true => Some(MetricsLog::open(&cfg.out, resumed.then_some(self.step))?),
             false => None,
         };
+        // The record of the step the group starts from, if the rank 0 that computed it died
+        // before logging it.
+        if let (Some(log), Some(record)) = (log.as_mut(), &self.last_window) {
+            if record.step == self.step && log.last_loss_step() < Some(self.step) {
+                log.append(record)?;
+            }
+        }
         let schedule = cfg.schedule();
         let tokens_per_step = (cfg.batch_size * self.seq * cfg.grad_accum) as u64;
         let flops_per_step =
@@ -778,6 +791,7 @@ impl Trainer {
                     log.append(&record)?;
                 }
                 self.reporter.progress(&record);
+                self.last_window = Some(record);
                 bar.set_message(format!(
                     "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s{}",
                     mfu.map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0))
@@ -831,6 +845,41 @@ impl Trainer {
         summary.plot = leader.then(|| plot::plot_run(&cfg.out).ok()).flatten();
         Ok(summary)
     }
+}
+
+/// A training-step record as floats for a broadcast (NaN for absent values; the first one
+/// says whether there is a record at all).
+fn window_to_floats(record: Option<&Record>) -> [f64; 9] {
+    let or_nan = |v: Option<f64>| v.unwrap_or(f64::NAN);
+    match record {
+        None => [0.0; 9],
+        Some(r) => [
+            1.0,
+            r.step as f64,
+            or_nan(r.loss),
+            or_nan(r.lr),
+            or_nan(r.grad_norm),
+            or_nan(r.tokens_per_s),
+            or_nan(r.step_ms),
+            or_nan(r.mfu),
+            r.tokens_seen.map_or(f64::NAN, |t| t as f64),
+        ],
+    }
+}
+
+fn window_from_floats(f: &[f64]) -> Option<Record> {
+    let some = |v: f64| (!v.is_nan()).then_some(v);
+    (f[0] > 0.0).then(|| Record {
+        step: f[1] as u64,
+        loss: some(f[2]),
+        lr: some(f[3]),
+        grad_norm: some(f[4]),
+        tokens_per_s: some(f[5]),
+        step_ms: some(f[6]),
+        mfu: some(f[7]),
+        tokens_seen: some(f[8]).map(|t| t as u64),
+        ..Record::default()
+    })
 }
 
 /// How the run computes, for its banner: says when `--dtype auto` chose bf16 and why.
