@@ -48,7 +48,7 @@ fn a_node_lost_for_good_shrinks_the_job_and_its_return_grows_it_with_the_same_ma
             .collect();
         (loader, trainers)
     };
-    let (_loader_a, mut trainers_a) = node("node-a", "1");
+    let (_loader_a, trainers_a) = node("node-a", "1");
     let (mut loader_b, mut trainers_b) = node("node-b", "1");
     wait_until(Duration::from_secs(120), "30 steps on two nodes", || {
         losses(&run).len() >= 30
