@@ -202,6 +202,19 @@ impl State {
                 self.config.elastic_grace_ms
             ));
         }
+        // A trainer still listed but not registered again is alive (the silent are evicted)
+        // and between generations, finishing its step: a group formed without it would
+        // start from an older state than the job has.
+        let between = self
+            .members
+            .values()
+            .filter(|m| m.id.role == Role::Trainer && !m.ready && !m.finished)
+            .count();
+        if between > 0 {
+            return Err(format!(
+                "{between} live trainer(s) have yet to register again for the next generation"
+            ));
+        }
         let ready: Vec<&Member> = self.ready_trainers().collect();
         let nodes: BTreeSet<&str> = ready.iter().map(|m| m.id.node.as_str()).collect();
         if nodes.len() < min_nodes || ready.is_empty() {

@@ -516,6 +516,19 @@ fn an_elastic_job_forms_without_a_node_that_stays_away_and_grows_back() {
         "{}",
         again.reason
     );
+    // A restarts: B is alive but still finishing its step when the grace has passed. No
+    // group forms without it (it holds the job's newest state) until it registers again.
+    let restarted = decide(13_000, &again.state, register(&a, None));
+    let mut s = decide(13_100, &restarted.state, Event::Tick).state;
+    let waiting = decide(30_000, &s, Event::Tick);
+    assert!(waiting.actions.is_empty(), "{}", waiting.reason);
+    s = waiting.state;
+    let both = decide(30_100, &s, register(&b, Some(again.state.generation)));
+    assert!(
+        matches!(both.actions[..], [Action::StartGeneration { ref ranks, .. }] if ranks.len() == 2),
+        "{}",
+        both.reason
+    );
 }
 
 #[test]

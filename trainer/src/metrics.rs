@@ -55,12 +55,18 @@ impl MetricsLog {
     pub fn open(run: &Path, resume_from: Option<u64>) -> Result<Self> {
         let path = run.join(METRICS_FILE);
         // The records up to the resume step, kept byte for byte (a parse and re-print
-        // could move a float by an ulp).
+        // could move a float by an ulp), each step's training and evaluation record once:
+        // a rank 0 that froze and woke up after the job went on without it may have
+        // appended a record the job had logged already.
+        let mut seen = std::collections::HashSet::new();
         let kept: Vec<String> = match resume_from {
             Some(from) => fs::read_to_string(&path)
                 .unwrap_or_default()
                 .lines()
-                .filter(|l| serde_json::from_str::<Record>(l).is_ok_and(|r| r.step <= from))
+                .filter(|l| {
+                    serde_json::from_str::<Record>(l)
+                        .is_ok_and(|r| r.step <= from && seen.insert((r.step, r.loss.is_some())))
+                })
                 .map(|l| format!("{l}\n"))
                 .collect(),
             None => Vec::new(),
@@ -123,6 +129,21 @@ mod tests {
         MetricsLog::open(dir.path(), Some(198)).unwrap();
         let text = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
         assert_eq!(text, format!("{first}\n"));
+    }
+
+    #[test]
+    fn resuming_keeps_one_record_per_step_and_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = [
+            r#"{"step":3,"loss":2.5}"#,
+            r#"{"step":3,"val_loss":2.6}"#,
+            r#"{"step":4,"loss":2.4}"#,
+            r#"{"step":3,"loss":2.5}"#,
+        ];
+        fs::write(dir.path().join(METRICS_FILE), lines.join("\n")).unwrap();
+        MetricsLog::open(dir.path(), Some(4)).unwrap();
+        let text = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(text, format!("{}\n", lines[..3].join("\n")));
     }
 
     #[test]
