@@ -126,8 +126,16 @@ pub fn run_trainer_actor(
             Err(_) if stop.reason() == Some(StopReason::Shutdown) => return Ok(()),
             other => other?,
         };
-        let summary = match train_in_group(&cfg, &membership, stop, &mut trainer) {
+        let summary = match train_in_group(&cfg, &membership, stop.clone(), &mut trainer) {
             Ok(summary) => summary,
+            // The generation ended while its group was forming (a peer froze or vanished
+            // before the rendezvous): the state, if any, is intact; join the next one.
+            Err(e) if stop.regrouping() => {
+                tracing::warn!(cause = %e, "the group did not form; joining the next one");
+                options.rejoining_from = trainer.as_ref().map(|_| membership.assignment.generation);
+                membership.finish(None)?;
+                continue;
+            }
             Err(e) => {
                 let _ = membership.finish(Some("failed"));
                 return Err(e);
@@ -192,6 +200,7 @@ fn train_in_group(
     }
     // A group even for one rank: a job runs the same collectives at every size.
     let rendezvous = membership.rendezvous(COLLECTIVE_TIMEOUT);
+    let regrouping = stop.clone();
     let trainer = match trainer {
         Some(trainer) => {
             let moved = trainer.regroup(Rewire {
@@ -205,6 +214,9 @@ fn train_in_group(
                 writes_checkpoints: a.writes_checkpoints,
             });
             if let Err(e) = moved {
+                if regrouping.regrouping() {
+                    return Err(e.into());
+                }
                 tracing::warn!(cause = %e, "could not re-form the group in place");
                 return Err(Regroup(StopReason::Regroup {
                     generation: a.generation,

@@ -142,11 +142,11 @@ pub struct ProcessGroup {
     raw: Arc<RawGroup>,
     pub rank: usize,
     pub world_size: usize,
+    /// `Send` but not `Sync`: one thread at a time runs the group's collectives. (c10d's
+    /// Gloo and NCCL backends hold no thread-local state and may be used from whichever
+    /// thread owns them.)
+    _one_thread: std::marker::PhantomData<std::cell::Cell<()>>,
 }
-
-// `ProcessGroup` is `Send` (through `RawGroup`) but not `Sync`: one thread at a time runs
-// its collectives. c10d's Gloo and NCCL backends hold no thread-local state and may be used
-// from whichever thread owns them.
 
 fn take_error(err: *mut c_char) -> String {
     if err.is_null() {
@@ -208,7 +208,42 @@ impl ProcessGroup {
             raw: Arc::new(RawGroup(raw)),
             rank: rdzv.rank,
             world_size: rdzv.world_size,
+            _one_thread: std::marker::PhantomData,
         })
+    }
+
+    /// [`Self::join`], given up as soon as `give_up()` says so (checked every 50 ms): a peer
+    /// that froze before the group formed would otherwise hold every rank for the whole
+    /// rendezvous timeout. The rendezvous goes on in a thread of its own; a group that forms
+    /// after all is dropped there.
+    pub fn join_unless(
+        rdzv: &Rendezvous,
+        backend: Backend,
+        give_up: impl Fn() -> bool,
+    ) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let rendezvous = rdzv.clone();
+        std::thread::Builder::new()
+            .name("c10d-rendezvous".into())
+            .spawn(move || {
+                let _ = tx.send(Self::join(&rendezvous, backend));
+            })
+            .map_err(|e| Error::Collective(format!("cannot start the rendezvous: {e}")))?;
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(joined) => return joined,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if give_up() => {
+                    return Err(Error::Collective(format!(
+                        "aborted: rank {} gave up forming the group at {}:{}",
+                        rdzv.rank, rdzv.store_host, rdzv.store_port
+                    )))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Collective("the rendezvous thread died".into()))
+                }
+            }
+        }
     }
 
     pub fn abort_handle(&self) -> AbortHandle {
@@ -424,6 +459,36 @@ mod tests {
         assert_eq!(peer.join().unwrap(), 3.0);
         release.send(()).unwrap();
         silent.join().unwrap();
+    }
+
+    /// A peer that never arrives: forming the group is given up on request, long before
+    /// the rendezvous timeout.
+    #[test]
+    fn forming_a_group_can_be_given_up() {
+        use std::time::{Duration, Instant};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let rdzv = Rendezvous {
+            store_host: "127.0.0.1".into(),
+            store_port: port,
+            bind_host: "127.0.0.1".into(),
+            rank: 0,
+            world_size: 2,
+            prefix: "alone".into(),
+            timeout_ms: 20_000,
+        };
+        let started = Instant::now();
+        let err = ProcessGroup::join_unless(&rdzv, Backend::Gloo, || {
+            started.elapsed() > Duration::from_millis(300)
+        })
+        .err()
+        .expect("no peer, no group")
+        .to_string();
+        assert!(err.contains("gave up forming the group"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -98,6 +98,11 @@ impl Stop {
         }
     }
 
+    /// Whether this generation is over (a regroup was requested).
+    pub fn regrouping(&self) -> bool {
+        matches!(self.reason(), Some(StopReason::Regroup { .. }))
+    }
+
     /// Cancelled once a stop is requested (for async tasks to select on).
     pub fn token(&self) -> CancellationToken {
         self.token.clone()

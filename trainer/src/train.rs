@@ -287,7 +287,7 @@ impl Trainer {
         };
         let backend = crate::dist::Backend::for_device(device);
         let group = rendezvous
-            .map(|r| ProcessGroup::join(&r, backend))
+            .map(|r| ProcessGroup::join_unless(&r, backend, || setup.stop.regrouping()))
             .transpose()?;
         let (step, tokens_seen, best_val, evaluated_at_step) = match (&resume_from, received_step) {
             (Some((_, s)), _) => (s.step, s.tokens_seen, s.best_val_loss, s.evaluated_at_step),
@@ -350,9 +350,10 @@ impl Trainer {
         self.generation = wiring.generation;
         self.stop = wiring.stop;
         self.writes_checkpoints = wiring.writes_checkpoints;
-        let group = ProcessGroup::join(
+        let group = ProcessGroup::join_unless(
             &wiring.rendezvous,
             crate::dist::Backend::for_device(self.device),
+            || self.stop.regrouping(),
         )?;
         self.stop.abort_on_regroup(group.abort_handle());
         self.sync_state(&group, true)?;
