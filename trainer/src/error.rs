@@ -44,6 +44,15 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl From<lillm_c10d::Error> for Error {
+    fn from(e: lillm_c10d::Error) -> Self {
+        match e {
+            lillm_c10d::Error::Collective(m) => Error::Collective(m),
+            lillm_c10d::Error::Config(m) => Error::Config(m),
+        }
+    }
+}
+
 impl Error {
     /// Whether running the same process again cannot succeed (exit with
     /// [`crate::stop::EXIT_FATAL`] so that no supervisor retries it).

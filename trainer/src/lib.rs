@@ -5,7 +5,8 @@
 //! - `schedule`: warmup + cosine learning-rate schedule.
 //! - `optim`: AdamW with checkpointable state, gradient clipping.
 //! - `data`: token shards or SFT conversations behind one deterministic batch function.
-//! - `dist`: c10d (Gloo) process groups: rendezvous, gradient averaging, broadcast.
+//! - `dist`: c10d process groups (the `lillm-c10d` crate, re-exported): rendezvous,
+//!   gradient averaging, broadcast, abort.
 //! - `dpo`: preference tuning against a frozen reference.
 //! - `train`: the training loop ([`Trainer`]) with evaluation and checkpointing.
 //! - `checkpoint`: atomic checkpoint directories, verification, retention, resolution.
@@ -24,7 +25,7 @@ pub mod checkpoint;
 pub mod checkpoint_actor;
 pub mod config;
 pub mod data;
-pub mod dist;
+pub use lillm_c10d as dist;
 pub mod dpo;
 mod error;
 pub mod eval;

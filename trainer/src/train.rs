@@ -519,8 +519,9 @@ impl Trainer {
     /// if it has not yet noticed (a peer on another machine, found dead only after the
     /// heartbeat timeout), this trainer ends its generation itself — re-registering from
     /// its process ends the generation at the coordinator at once.
-    fn collective<T>(&self, result: Result<T>) -> Result<T> {
+    fn collective<T>(&self, result: lillm_c10d::Result<T>) -> Result<T> {
         result.map_err(|e| {
+            let e = Error::from(e);
             if !matches!(e, Error::Collective(_)) {
                 return e;
             }

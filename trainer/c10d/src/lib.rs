@@ -9,7 +9,17 @@ use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
-use crate::{Error, Result};
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A collective or the rendezvous failed (or was aborted).
+    #[error("collective: {0}")]
+    Collective(String),
+    /// An argument the shim cannot take.
+    #[error("invalid c10d argument: {0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
 
 extern "C" {
     fn lillm_c10d_gloo_new(
