@@ -9,7 +9,52 @@ mod common;
 
 use common::job::*;
 use common::*;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+/// 14 steps of seconds each, trained once in one process (`straight`) for the job under
+/// test (`run`) to match.
+struct Runs {
+    dir: tempfile::TempDir,
+    tiny: TinyData,
+    straight: PathBuf,
+    run: PathBuf,
+}
+
+impl Runs {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = tiny_data(dir.path(), 300);
+        let (straight, run) = (dir.path().join("straight"), dir.path().join("run"));
+        let runs = Self {
+            dir,
+            tiny,
+            straight,
+            run,
+        };
+        let mut alone = runs.train();
+        set_flag(&mut alone, "--out", s(&runs.straight));
+        lillm_ok(&alone);
+        runs
+    }
+
+    /// The trainers' arguments, writing to `run`.
+    fn train(&self) -> Vec<&str> {
+        let mut train = tiny_train_args(s(&self.tiny.data), s(&self.run), "300", "14");
+        seconds_per_step(&mut train);
+        set_flag(&mut train, "--eval-interval", "7");
+        set_flag(&mut train, "--lr-decay-iters", "14");
+        train
+    }
+
+    /// The job's per-step losses and final weights are the single process's.
+    fn assert_same_model(&self) {
+        assert_same_losses(&losses(&self.straight), &losses(&self.run));
+        let last = "checkpoints/step-00000014/model.safetensors";
+        let max_diff = max_weight_diff(&self.straight.join(last), &self.run.join(last));
+        assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
+    }
+}
 
 /// How many times the coordinator's log says `member` registered.
 fn registrations(dir: &std::path::Path, member: &str) -> usize {
@@ -21,18 +66,8 @@ fn registrations(dir: &std::path::Path, member: &str) -> usize {
 
 #[test]
 fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = tiny_data(dir.path(), 300);
-    let mut train = tiny_train_args(s(&tiny.data), "-", "300", "14");
-    seconds_per_step(&mut train);
-    set_flag(&mut train, "--eval-interval", "7");
-    set_flag(&mut train, "--lr-decay-iters", "14");
-    let straight = dir.path().join("straight");
-    set_flag(&mut train, "--out", s(&straight));
-    lillm_ok(&train);
-
-    let run = dir.path().join("run");
-    set_flag(&mut train, "--out", s(&run));
+    let runs = Runs::new();
+    let (dir, tiny, run, train) = (&runs.dir, &runs.tiny, &runs.run, runs.train());
     // Two nodes of one trainer each; the job may shrink to one.
     let job = Job::new(
         dir.path(),
@@ -54,7 +89,7 @@ fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
         ));
     }
     wait_until(Duration::from_secs(120), "2 steps", || {
-        losses(&run).len() >= 2
+        losses(run).len() >= 2
     });
     // Rank 0 (node a: it also serves the group's store) freezes mid-step.
     let stopped_pid = actors[1].child.id() as i32;
@@ -67,11 +102,11 @@ fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
         registrations(dir.path(), "node-b/trainer0") >= 2
     });
     let detected = stopped_at.elapsed();
-    let frozen_at = losses(&run).len();
+    let frozen_at = losses(run).len();
     wait_until(
         Duration::from_secs(60),
         "the survivor to train alone",
-        || losses(&run).len() >= frozen_at + 2,
+        || losses(run).len() >= frozen_at + 2,
     );
     // SAFETY: as above.
     unsafe { libc::kill(stopped_pid, libc::SIGCONT) };
@@ -96,14 +131,9 @@ fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
     );
     // The frozen trainer's step never reached the new group: the same math as a run
     // without it.
-    assert_same_losses(&losses(&straight), &losses(&run));
-    let max_diff = max_weight_diff(
-        &straight.join("checkpoints/step-00000014/model.safetensors"),
-        &run.join("checkpoints/step-00000014/model.safetensors"),
-    );
-    assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
+    runs.assert_same_model();
     assert!(
-        step_times_ms(&straight).iter().all(|&ms| ms >= 1000.0),
+        step_times_ms(&runs.straight).iter().all(|&ms| ms >= 1000.0),
         "steps take seconds here"
     );
     eprintln!("stopped trainer detected and survivor regrouped in {detected:?}");
@@ -123,18 +153,8 @@ fn a_partitioned_node_is_left_behind_fenced_and_taken_back_with_the_same_math() 
             return;
         }
     };
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = tiny_data(dir.path(), 300);
-    let mut train = tiny_train_args(s(&tiny.data), "-", "300", "14");
-    seconds_per_step(&mut train);
-    set_flag(&mut train, "--eval-interval", "7");
-    set_flag(&mut train, "--lr-decay-iters", "14");
-    let straight = dir.path().join("straight");
-    set_flag(&mut train, "--out", s(&straight));
-    lillm_ok(&train);
-
-    let run = dir.path().join("run");
-    set_flag(&mut train, "--out", s(&run));
+    let runs = Runs::new();
+    let (dir, tiny, run, train) = (&runs.dir, &runs.tiny, &runs.run, runs.train());
     let job = Job::on_host(
         dir.path(),
         &ns.outside,
@@ -161,7 +181,7 @@ fn a_partitioned_node_is_left_behind_fenced_and_taken_back_with_the_same_math() 
         }
     }
     wait_until(Duration::from_secs(120), "2 steps", || {
-        losses(&run).len() >= 2
+        losses(run).len() >= 2
     });
     ns.partition();
     let cut_at = Instant::now();
@@ -169,9 +189,9 @@ fn a_partitioned_node_is_left_behind_fenced_and_taken_back_with_the_same_math() 
         registrations(dir.path(), "node-a/trainer0") >= 2
     });
     let detected = cut_at.elapsed();
-    let cut_steps = losses(&run).len();
+    let cut_steps = losses(run).len();
     wait_until(Duration::from_secs(60), "node a to train alone", || {
-        losses(&run).len() >= cut_steps + 2
+        losses(run).len() >= cut_steps + 2
     });
     ns.heal();
     for k in [1, 3] {
@@ -185,11 +205,6 @@ fn a_partitioned_node_is_left_behind_fenced_and_taken_back_with_the_same_math() 
         "node b is fenced when its link comes back\n{node_b}"
     );
     assert!(registrations(dir.path(), "node-b/trainer0") >= 2);
-    assert_same_losses(&losses(&straight), &losses(&run));
-    let max_diff = max_weight_diff(
-        &straight.join("checkpoints/step-00000014/model.safetensors"),
-        &run.join("checkpoints/step-00000014/model.safetensors"),
-    );
-    assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
+    runs.assert_same_model();
     eprintln!("partition detected and node a regrouped in {detected:?}");
 }

@@ -157,17 +157,9 @@ fn heartbeats_arrive_through_steps_and_evaluations_of_seconds() {
         dir.path().join("loader.log"),
     );
     let mut train = tiny_train_args(s(&tiny.data), s(&run), "300", "4");
-    for (flag, value) in [
-        ("--d-model", "256"),
-        ("--n-layers", "4"),
-        ("--max-seq-len", "128"),
-        ("--block-size", "128"),
-        ("--batch-size", "96"),
-        ("--eval-interval", "3"),
-        ("--eval-iters", "4"),
-    ] {
-        set_flag(&mut train, flag, value);
-    }
+    seconds_per_step(&mut train);
+    set_flag(&mut train, "--eval-interval", "3");
+    set_flag(&mut train, "--eval-iters", "4");
     let mut trainers: Vec<Actor> = (0..2)
         .map(|k| {
             Actor::lillm(
