@@ -157,6 +157,9 @@ pub struct DpoArgs {
     seed: u64,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Continue the run in --out from its latest checkpoint (same --init, data and flags).
+    #[arg(long)]
+    resume: bool,
 }
 
 pub fn dpo(args: DpoArgs) -> Result<()> {
@@ -176,6 +179,7 @@ pub fn dpo(args: DpoArgs) -> Result<()> {
         val_fraction: args.val_fraction,
         seed: args.seed,
         device,
+        resume: args.resume,
     };
     let s = lillm_trainer::dpo::run_dpo(&cfg, crate::interactive())?;
     println!(

@@ -157,6 +157,7 @@ fn write_imported(
         evaluated_at_step: false,
         dataset_fingerprint: None,
         source: source.into(),
+        reference_sha256: None,
     };
     write_checkpoint(
         out,

@@ -210,10 +210,8 @@ fn sft_learns_the_assistant_replies_from_a_pretrained_checkpoint() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("history cleared"));
 }
 
-#[test]
-fn dpo_prefers_the_chosen_replies_on_held_out_pairs() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, pre) = tiny_pretrained(dir.path(), "64", "10");
+/// 60 preference pairs: the chosen reply praises, the rejected one does not.
+fn preference_pairs(dir: &std::path::Path) -> std::path::PathBuf {
     const WHO: &[&str] = &["king", "queen", "prince", "lord", "man", "friend"];
     let pairs: Vec<String> = (0..60)
         .map(|i| {
@@ -221,8 +219,16 @@ fn dpo_prefers_the_chosen_replies_on_held_out_pairs() {
             serde_json::json!({"prompt": format!("who is the {who}?"), "chosen": format!("the {who} is good."), "rejected": format!("sleep {who} death.")}).to_string()
         })
         .collect();
-    let data = dir.path().join("pairs.jsonl");
+    let data = dir.join("pairs.jsonl");
     fs::write(&data, pairs.join("\n")).unwrap();
+    data
+}
+
+#[test]
+fn dpo_prefers_the_chosen_replies_on_held_out_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pre) = tiny_pretrained(dir.path(), "64", "10");
+    let data = preference_pairs(dir.path());
     let run = dir.path().join("dpo");
     let out = lillm_ok(&[
         "dpo",
@@ -277,6 +283,66 @@ fn dpo_prefers_the_chosen_replies_on_held_out_pairs() {
     ]);
     assert!(
         err.contains("bad.jsonl:1") && err.contains("rejected"),
+        "{err}"
+    );
+}
+
+/// A DPO run stopped halfway and resumed (`--resume`) continues with the optimizer state and
+/// the next batch: the same losses and final weights as one uninterrupted run. A resume
+/// against another reference is refused.
+#[test]
+fn dpo_resumes_exactly_and_only_against_its_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tiny, pre) = tiny_pretrained(dir.path(), "64", "10");
+    let data = preference_pairs(dir.path());
+    let dpo = |out: &std::path::Path, iters: &str, extra: &[&str]| {
+        let mut args = vec![
+            "dpo",
+            "--init",
+            s(&pre),
+            "--data",
+            s(&data),
+            "--max-iters",
+            iters,
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--eval-interval",
+            "10",
+            "--log-interval",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            s(out),
+        ];
+        args.extend(extra);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| lillm_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (straight, halves) = (dir.path().join("straight"), dir.path().join("halves"));
+    run(dpo(&straight, "20", &[]));
+    run(dpo(&halves, "10", &[]));
+    let refused = lillm_err_owned(&dpo(&halves, "20", &[]));
+    assert!(refused.contains("pass --resume"), "{refused}");
+    run(dpo(&halves, "20", &["--resume"]));
+    assert_eq!(losses(&straight), losses(&halves));
+    let last = "checkpoints/step-00000020/model.safetensors";
+    let max_diff = max_weight_diff(&straight.join(last), &halves.join(last));
+    assert!(max_diff <= 1e-6, "final weights differ by {max_diff}");
+
+    // Another reference: refused, naming what to do.
+    let other = dir.path().join("other");
+    let mut train = tiny_train_args(s(&tiny.data), s(&other), "300", "2");
+    set_flag(&mut train, "--max-seq-len", "64");
+    lillm_ok(&train);
+    let mut wrong = dpo(&halves, "30", &["--resume"]);
+    let i = wrong.iter().position(|a| a == "--init").unwrap();
+    wrong[i + 1] = s(&other).to_string();
+    let err = lillm_err_owned(&wrong);
+    assert!(
+        err.contains("resume with the --init the run started from"),
         "{err}"
     );
 }

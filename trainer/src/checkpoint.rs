@@ -50,8 +50,11 @@ pub struct CheckpointState {
     /// Whether the evaluation scheduled at `step` already ran (so a resume does not repeat it).
     pub evaluated_at_step: bool,
     pub dataset_fingerprint: Option<String>,
-    /// `train`, `import-hf`, `import-lillm-pt`.
+    /// `train`, `dpo`, `import-hf`, `import-lillm-pt`.
     pub source: String,
+    /// DPO: SHA-256 of the frozen reference's weights, so a resume uses the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,7 +72,7 @@ struct CheckpointManifest {
 
 const FORMAT: &str = "lillm-checkpoint/v1";
 
-fn sha256_file(path: &Path) -> Result<(u64, String)> {
+pub(crate) fn sha256_file(path: &Path) -> Result<(u64, String)> {
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     Ok((bytes.len() as u64, hex::encode(Sha256::digest(&bytes))))
 }

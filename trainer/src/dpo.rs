@@ -35,6 +35,9 @@ pub struct DpoConfig {
     pub val_fraction: f64,
     pub seed: u64,
     pub device: Device,
+    /// Continue the run in `out` from its latest checkpoint (weights, optimizer state,
+    /// step) with the same reference.
+    pub resume: bool,
 }
 
 /// Preference metrics over a set of pairs.
@@ -121,9 +124,13 @@ fn evaluate(
 
 /// Runs DPO; checkpoints at every evaluation (the lowest held-out DPO loss is kept).
 pub fn run_dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
-    if !checkpoint::list_checkpoints(&cfg.out).is_empty() {
+    let resume_from = match cfg.resume {
+        true => checkpoint::latest_valid(&cfg.out),
+        false => None,
+    };
+    if !cfg.resume && !checkpoint::list_checkpoints(&cfg.out).is_empty() {
         return Err(Error::Config(format!(
-            "{} already holds checkpoints; choose another --out",
+            "{} already holds checkpoints; pass --resume to continue that run or choose another --out",
             cfg.out.display()
         )));
     }
@@ -144,6 +151,8 @@ pub fn run_dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
         )));
     }
     let reference = LoadedModel::load(&cfg.init, cfg.device)?;
+    let (_, reference_sha256) =
+        checkpoint::sha256_file(&reference.dir.join(checkpoint::MODEL_FILE))?;
     let tokenizer = reference.tokenizer()?;
     let model_cfg = ModelConfig {
         dropout: 0.0,
@@ -172,9 +181,29 @@ pub fn run_dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
         weight_decay: cfg.weight_decay,
     };
     let mut opt = AdamW::new(adam, vs.variables().into_iter().collect());
-    let mut log = MetricsLog::open(&cfg.out, None)?;
+    let start = match &resume_from {
+        Some((dir, state)) => {
+            if state.source != "dpo" || state.reference_sha256.as_deref() != Some(&reference_sha256)
+            {
+                return Err(Error::checkpoint(
+                    dir,
+                    format!(
+                        "is not a DPO checkpoint against the reference {} (its weights differ); resume with the --init the run started from",
+                        reference.dir.display()
+                    ),
+                ));
+            }
+            weights::load_var_store(&vs, &dir.join(checkpoint::MODEL_FILE))?;
+            let opt_state = weights::read_tensors(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+            opt.load_state_tensors(&opt_state, dir)?;
+            tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
+            state.step
+        }
+        None => 0,
+    };
+    let mut log = MetricsLog::open(&cfg.out, resume_from.as_ref().map(|_| start))?;
 
-    let save = |step: u64, scores: &DpoScores| -> Result<PathBuf> {
+    let save = |step: u64, scores: &DpoScores, opt: &AdamW| -> Result<PathBuf> {
         let dir = checkpoint::checkpoint_dir(&cfg.out, step);
         let state = CheckpointState {
             step,
@@ -189,11 +218,12 @@ pub fn run_dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
             evaluated_at_step: true,
             dataset_fingerprint: None,
             source: "dpo".into(),
+            reference_sha256: Some(reference_sha256.clone()),
         };
         let data = CheckpointData {
             state,
             model: weights::var_store_tensors(&vs),
-            optimizer: None,
+            optimizer: Some(opt.state_tensors()),
             tokenizer: Some(&reference.dir),
         };
         checkpoint::write_checkpoint(&dir, &data)?;
@@ -208,8 +238,11 @@ pub fn run_dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
         ..Record::default()
     };
 
-    let initial = evaluate(&policy, &reference.model, &val, cfg);
-    log.append(&record(0, &initial))?;
+    // The policy starts as the reference: the initial scores are the reference's.
+    let initial = evaluate(&reference.model, &reference.model, &val, cfg);
+    if start == 0 {
+        log.append(&record(0, &initial))?;
+    }
     let bar = if show_progress {
         ProgressBar::new(cfg.max_iters)
     } else {
@@ -218,9 +251,10 @@ pub fn run_dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg}").expect("valid template"),
     );
+    bar.set_position(start);
     let mut last = initial;
-    let mut last_ckpt = None;
-    for step in 0..cfg.max_iters {
+    let mut last_ckpt = resume_from.map(|(dir, _)| dir);
+    for step in start..cfg.max_iters {
         tch::manual_seed((cfg.seed ^ step.wrapping_mul(0x9E37_79B9)) as i64);
         let idx = batch_indices(train.len(), cfg.seed, step, 0, 1, cfg.batch_size);
         let batch: Vec<&PreferencePair> = idx.iter().map(|&i| &train[i]).collect();
@@ -258,16 +292,16 @@ pub fn run_dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
         if done % cfg.eval_interval == 0 || done == cfg.max_iters {
             last = evaluate(&policy, &reference.model, &val, cfg);
             log.append(&record(done, &last))?;
-            last_ckpt = Some(save(done, &last)?);
+            last_ckpt = Some(save(done, &last, &opt)?);
         }
     }
     bar.finish_and_clear();
     let last_checkpoint = match last_ckpt {
         Some(dir) => dir,
-        None => save(0, &last)?,
+        None => save(0, &last, &opt)?,
     };
     Ok(DpoSummary {
-        steps: cfg.max_iters,
+        steps: cfg.max_iters - start.min(cfg.max_iters),
         initial,
         last,
         train_pairs: train.len(),

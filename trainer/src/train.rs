@@ -439,6 +439,7 @@ impl Trainer {
             evaluated_at_step: self.evaluated_at_step,
             dataset_fingerprint: Some(self.data.tokenizer_fingerprint().to_string()),
             source: "train".into(),
+            reference_sha256: None,
         };
         let snapshot = Snapshot {
             dir: dir.clone(),
