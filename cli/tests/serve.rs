@@ -1,6 +1,7 @@
 //! `lillm serve`: the official `openai` Python client talks to it (plain and streaming), bad
 //! requests get OpenAI-shaped 4xx errors while the server keeps serving, concurrent requests
-//! do not interfere, and a headless Chromium chats through the web page.
+//! do not interfere, a burst past the queue gets 429 with `Retry-After`, and a headless
+//! Chromium chats through the web page.
 
 mod common;
 use common::*;
@@ -97,6 +98,52 @@ out["concurrent"] = results
 out["sequential"] = client.completions.create(model="tiny", prompt="good night", max_tokens=10, seed=42, temperature=1.0).choices[0].text
 print(json.dumps(out))
 "#;
+
+const BURST: &str = r#"
+import json, sys, threading
+from openai import OpenAI, APIStatusError
+url = sys.argv[1]
+client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+results = [None] * 8
+start = threading.Barrier(8)
+def worker(i):
+    start.wait()
+    try:
+        client.completions.create(model="tiny", prompt="the king", max_tokens=120, seed=i, temperature=1.0)
+        results[i] = {"ok": True}
+    except APIStatusError as e:
+        results[i] = {"status": e.status_code, "body": e.body, "retry_after": e.response.headers.get("retry-after")}
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+after = client.completions.create(model="tiny", prompt="the king", max_tokens=4, seed=1).choices[0].finish_reason
+print(json.dumps({"burst": results, "after": after}))
+"#;
+
+/// One request generating and one waiting (`--max-queue 1`): the rest of a burst of eight
+/// is refused at once with 429, OpenAI's error shape and `Retry-After`, and the server goes
+/// on serving.
+#[test]
+fn a_burst_past_the_queue_gets_429_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = model(dir.path());
+    let server = serve(&run, &["--max-queue", "1"]);
+    let out: serde_json::Value =
+        serde_json::from_str(python(BURST, &[&server.url]).trim()).unwrap();
+    let burst = out["burst"].as_array().unwrap();
+    let served = burst.iter().filter(|r| r["ok"] == true).count();
+    let refused: Vec<_> = burst.iter().filter(|r| r["status"] == 429).collect();
+    assert!(served >= 1 && served + refused.len() == 8, "{out}");
+    assert!(!refused.is_empty(), "a burst of 8 past a queue of 1: {out}");
+    for r in refused {
+        assert_eq!(r["retry_after"], "1", "{r}");
+        assert_eq!(r["body"]["code"], "server_busy", "{r}");
+        assert_eq!(r["body"]["type"], "rate_limit_error", "{r}");
+    }
+    assert!(out["after"].is_string(), "still serving: {out}");
+    let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--max-queue", "0"]);
+    assert!(zero.contains("--max-queue must be at least 1"), "{zero}");
+}
 
 #[test]
 fn openai_client_talks_to_the_server_and_errors_are_openai_shaped() {

@@ -37,8 +37,19 @@ pub struct Generator {
     pub context: usize,
 }
 
+/// Why a request was not queued.
+#[derive(Debug)]
+pub enum Refused {
+    /// `max_queue` requests already wait: come back later.
+    Full(usize),
+    /// The generation thread is gone.
+    Stopped,
+}
+
 impl Generator {
-    pub fn new(mut loaded: LoadedModel) -> anyhow::Result<Self> {
+    /// Starts the generation thread; at most `max_queue` requests wait behind the one it
+    /// runs, and further ones are refused at once (the HTTP layer answers 429).
+    pub fn new(mut loaded: LoadedModel, max_queue: usize) -> anyhow::Result<Self> {
         let tokenizer = Arc::new(loaded.tokenizer.take().ok_or_else(|| {
             anyhow::anyhow!(
                 "{}: has no tokenizer.json to serve with",
@@ -46,8 +57,8 @@ impl Generator {
             )
         })?);
         let context = loaded.model.config().max_seq_len;
-        // Bounded: a burst of requests waits here instead of growing memory without limit.
-        let (jobs, mut rx) = mpsc::channel::<GenRequest>(64);
+        // Bounded: a burst past the queue is refused, never held in memory.
+        let (jobs, mut rx) = mpsc::channel::<GenRequest>(max_queue);
         let tok = tokenizer.clone();
         std::thread::Builder::new()
             .name("lillm-generator".into())
@@ -63,12 +74,12 @@ impl Generator {
         })
     }
 
-    /// Queues a request; its events arrive on `req.events`.
-    pub async fn submit(&self, req: GenRequest) -> anyhow::Result<()> {
-        self.jobs
-            .send(req)
-            .await
-            .map_err(|_| anyhow::anyhow!("the generation thread has stopped"))
+    /// Queues a request unless the queue is full; its events arrive on `req.events`.
+    pub fn submit(&self, req: GenRequest) -> Result<(), Refused> {
+        self.jobs.try_send(req).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Refused::Full(self.jobs.max_capacity()),
+            mpsc::error::TrySendError::Closed(_) => Refused::Stopped,
+        })
     }
 }
 

@@ -60,6 +60,10 @@ pub struct ServeArgs {
     model_name: Option<String>,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Requests that may wait behind the one being generated; past that the server answers
+    /// 429 with `Retry-After` instead of queueing without bound.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -74,6 +78,9 @@ pub fn router(state: AppState) -> Router {
 
 /// Serves until `shutdown` is cancelled (by `main`, on SIGTERM or Ctrl-C).
 pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
+    if args.max_queue == 0 {
+        anyhow::bail!("--max-queue must be at least 1 (requests waiting behind the running one)");
+    }
     let device = lillm_trainer::config::parse_device(&args.device)?;
     let loaded = LoadedModel::load(&args.checkpoint, device)?;
     let model_name = args.model_name.clone().unwrap_or_else(|| {
@@ -82,7 +89,7 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
             .map_or("lillm".into(), |n| n.to_string_lossy().into_owned())
     });
     let state = AppState {
-        generator: Generator::new(loaded)?,
+        generator: Generator::new(loaded, args.max_queue)?,
         model_name,
         api_key: args.api_key.clone(),
         started: std::time::SystemTime::now()

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::generator::{GenEvent, GenRequest};
+use super::generator::{GenEvent, GenRequest, Refused};
 use super::AppState;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -27,6 +27,8 @@ pub struct ApiError {
     message: String,
     kind: &'static str,
     code: Option<&'static str>,
+    /// Seconds a client should wait before trying again (`Retry-After`).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -36,6 +38,7 @@ impl ApiError {
             message: message.into(),
             kind: "invalid_request_error",
             code: None,
+            retry_after: None,
         }
     }
     fn with(
@@ -49,6 +52,7 @@ impl ApiError {
             message: message.into(),
             kind,
             code: Some(code),
+            retry_after: None,
         }
     }
 }
@@ -56,7 +60,13 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -245,13 +255,24 @@ async fn start(state: &AppState, plan: &Plan) -> Result<mpsc::Receiver<GenEvent>
         stops: plan.stops.clone(),
         events: tx,
     };
-    state.generator.submit(req).await.map_err(|e| {
-        ApiError::with(
+    state.generator.submit(req).map_err(|refused| match refused {
+        Refused::Full(queued) => ApiError {
+            retry_after: Some(1),
+            ..ApiError::with(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "server_busy",
+                format!(
+                    "the server is busy: {queued} requests are already waiting (--max-queue); retry after a second"
+                ),
+            )
+        },
+        Refused::Stopped => ApiError::with(
             StatusCode::SERVICE_UNAVAILABLE,
             "server_error",
             "unavailable",
-            e.to_string(),
-        )
+            "the generation thread has stopped",
+        ),
     })?;
     Ok(rx)
 }
