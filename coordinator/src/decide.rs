@@ -577,21 +577,19 @@ fn commit(
             );
         }
     }
-    let pending = match next.pending_commits.iter().position(|c| c.step == step) {
-        Some(i) => &mut next.pending_commits[i],
-        None => {
-            next.pending_commits.push(Commit {
-                step,
-                path: path.clone(),
-                generation,
-                val_loss,
-                copies: BTreeMap::new(),
-            });
-            next.pending_commits.sort_by_key(|c| c.step);
-            let i = next.pending_commits.iter().position(|c| c.step == step);
-            &mut next.pending_commits[i.expect("just inserted")]
-        }
-    };
+    // Oldest first: the first copy of a step inserts it in order.
+    let at = next.pending_commits.partition_point(|c| c.step < step);
+    if next.pending_commits.get(at).is_none_or(|c| c.step != step) {
+        let first = Commit {
+            step,
+            path: path.clone(),
+            generation,
+            val_loss,
+            copies: BTreeMap::new(),
+        };
+        next.pending_commits.insert(at, first);
+    }
+    let pending = &mut next.pending_commits[at];
     pending.copies.insert(node.clone(), path);
     pending.val_loss = pending.val_loss.or(val_loss);
     let copies = pending.copies.len();

@@ -457,12 +457,11 @@ async fn heartbeats(shared: Arc<Shared>, done: CancellationToken) {
     }
 }
 
-/// Commits checkpoints in the order they were written. An unreachable coordinator is
-/// waited for (by the retry policy); a stale generation requests a regroup; any other
-/// refusal is remembered for [`Membership::finish`].
-/// Commits what the checkpoint writer hands over, in order, until `done` (which `finish`
-/// cancels after a flush: the run that holds the other end of `inbox` may live on into the
-/// next group).
+/// Commits what the checkpoint writer hands over, in the order written, until `done`
+/// (which `finish` cancels after a flush: the run that holds the other end of `inbox` may
+/// live on into the next group). An unreachable coordinator is waited for (by the retry
+/// policy); a stale generation requests a regroup; any other refusal is remembered for
+/// [`Membership::finish`].
 async fn commit_loop(
     shared: Arc<Shared>,
     mut inbox: mpsc::Receiver<CommitCmd>,

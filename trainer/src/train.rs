@@ -572,16 +572,10 @@ impl Trainer {
     /// what happened. A regroup comes back as `stopped`, as does a shutdown, after which
     /// rank 0 has checkpointed the step it stopped at.
     pub fn run(&mut self, show_progress: bool) -> Result<TrainSummary> {
-        let summary = match self.run_steps(show_progress) {
-            Err(Error::Stopped(reason)) => self.summary(None, None, Some(reason)),
-            other => other?,
-        };
-        if let Some(StopReason::Regroup { .. } | StopReason::PeerShutdown) = summary.stopped {
-            // Leave the group at once: as rank 0 this process serves the group's store on
-            // the job's store port, which the next group's rank 0 must be able to take.
-            self.group = None;
+        match self.run_steps(show_progress) {
+            Err(Error::Stopped(reason)) => Ok(self.summary(None, None, Some(reason))),
+            other => other,
         }
-        Ok(summary)
     }
 
     fn summary(
