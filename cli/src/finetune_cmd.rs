@@ -48,6 +48,12 @@ pub struct SftArgs {
     /// Continue the run in --out from its latest checkpoint.
     #[arg(long)]
     resume: bool,
+    /// CPU threads for libtorch (default: libtorch's; with --nproc, a share of the cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Here, as `--nproc` local ranks (grad-accum is divided over them), or in a job.
+    #[command(flatten)]
+    launch: crate::job_cmd::LaunchArgs,
 }
 
 /// Fine-tunes until done or until `shutdown` (SIGTERM/Ctrl-C), which checkpoints the
@@ -77,8 +83,12 @@ pub fn sft(args: SftArgs, shutdown: tokio_util::sync::CancellationToken) -> Resu
         device: args.device,
         resume: args.resume,
         keep_last: 1,
+        threads: args.threads.unwrap_or(0),
         ..TrainConfig::default()
     };
+    if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
+        return launched;
+    }
     std::fs::create_dir_all(&cfg.out)?;
     let setup = lillm_trainer::Setup {
         stop: lillm_trainer::stop::Stop::new(&shutdown),

@@ -1,5 +1,6 @@
 //! Distributed jobs from the command line: a trainer actor (`lillm train --coordinator`) and
-//! a whole local job (`lillm train --nproc N`: coordinator + dataloader + N trainers).
+//! a whole local job (`lillm train --nproc N`: coordinator + dataloader + N trainers), and
+//! how a command chooses between them ([`launch`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +10,6 @@ use clap::Args;
 use lillm_proto::client;
 use lillm_proto::net::{self, ConnectSettings, RetryPolicy};
 use lillm_proto::v1 as pb;
-use lillm_trainer::config::Objective;
 use lillm_trainer::data::TrainData;
 use lillm_trainer::eval_actor::EvalPlan;
 use lillm_trainer::member::{MemberOptions, Membership};
@@ -74,6 +74,53 @@ pub struct ActorArgs {
     pub tls_ca: Option<PathBuf>,
 }
 
+/// How a training or fine-tuning run executes, shared by `lillm train`, `sft` and `dpo`.
+#[derive(Args, Debug, Default)]
+pub struct LaunchArgs {
+    /// Spawn this many local trainer processes plus a coordinator (and, for pretraining, a
+    /// dataloader) that train together (c10d/Gloo), like `torchrun --standalone
+    /// --nproc_per_node N`. With --coordinator: start this many trainers of that job on this
+    /// node, one per GPU (the node launcher). Either way, children that die are restarted.
+    #[arg(long)]
+    pub nproc: Option<usize>,
+    /// Failed child processes restarted before `--nproc` gives up (a trainer told to regroup
+    /// is not a failure).
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
+    /// Join a distributed job as a trainer actor (see `lillm status`, deploy/).
+    #[command(flatten)]
+    pub actor: ActorArgs,
+}
+
+/// Runs `cfg` where `launch` says: as a node launcher, a trainer actor or a whole local
+/// job. `None`: none of those, the caller trains in this process.
+pub fn launch(
+    cfg: &TrainConfig,
+    launch: &LaunchArgs,
+    threads: Option<usize>,
+    shutdown: &CancellationToken,
+) -> Option<Result<()>> {
+    let restarts = launch.max_restarts;
+    match (&launch.actor.coordinator, launch.nproc) {
+        (Some(coordinator), Some(n)) => Some(launch_node(
+            &launch.actor,
+            coordinator,
+            n,
+            threads,
+            restarts,
+            shutdown,
+        )),
+        (Some(coordinator), None) => Some(run_trainer_actor(
+            cfg.clone(),
+            coordinator,
+            &launch.actor,
+            shutdown,
+        )),
+        (None, Some(n)) if n > 1 => Some(launch_local_job(cfg, n, threads, restarts, shutdown)),
+        (None, _) => None,
+    }
+}
+
 /// One trainer actor: join the job, train in the assigned group, report to the coordinator.
 /// When its generation ends (a peer died, left or joined) it stays in its process: it joins
 /// the next generation and carries on with the weights, optimizer state and step it has
@@ -86,11 +133,6 @@ pub fn run_trainer_actor(
     args: &ActorArgs,
     shutdown: &CancellationToken,
 ) -> Result<()> {
-    if cfg.objective != Objective::Pretrain {
-        bail!(
-            "trainer actors stream pretraining batches; run SFT with `lillm sft` (single process)"
-        );
-    }
     let node = args.node.clone().unwrap_or_else(client::hostname);
     // Every log line of this trainer (and of its membership tasks) carries who it is; within
     // a group also its rank and generation (the membership's span); lines about a step
@@ -179,18 +221,30 @@ fn train_in_group(
     let leader = cfg.rank == 0;
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
-    let data = TrainData::Remote(Box::new(RemoteData::connect(
-        membership.handle(),
-        membership.dataloader(),
-        (a.rank * local, local),
-        // Checkpoint writers put the tokenizer into every checkpoint.
-        a.writes_checkpoints.then(|| cfg.out.join("tokenizer")),
-    )?));
+    let streamed = TrainData::streamed(cfg.objective);
+    // This rank's share of the stream; data a trainer reads itself serves every rank.
+    let data = match streamed {
+        true => Some(TrainData::Remote(Box::new(RemoteData::connect(
+            membership.handle(),
+            membership.dataloader(),
+            (a.rank * local, local),
+            // Checkpoint writers put the tokenizer into every checkpoint.
+            a.writes_checkpoints.then(|| cfg.out.join("tokenizer")),
+        )?))),
+        false => None,
+    };
     if leader {
-        let eval_data =
-            RemoteData::connect(membership.handle(), membership.dataloader(), (0, 1), None)?;
+        let eval_data = match streamed {
+            true => TrainData::Remote(Box::new(RemoteData::connect(
+                membership.handle(),
+                membership.dataloader(),
+                (0, 1),
+                None,
+            )?)),
+            false => TrainData::open_like_trainer(&cfg)?,
+        };
         membership.start_evaluator(EvalPlan {
-            data: TrainData::Remote(Box::new(eval_data)),
+            data: eval_data,
             seed: cfg.seed,
             batches: cfg.eval_iters,
             rows: cfg.batch_size,
@@ -233,7 +287,7 @@ fn train_in_group(
             trainer.insert(Trainer::with(
                 cfg.clone(),
                 Setup {
-                    data: Some(data),
+                    data,
                     rendezvous: Some(rendezvous),
                     start,
                     reporter: membership.reporter(),
@@ -339,7 +393,8 @@ fn tell_coordinator_on_death(
     })
 }
 
-/// `lillm train --nproc N`: a coordinator, a dataloader and N trainer actors on this machine,
+/// `lillm train|sft --nproc N`: a coordinator, a dataloader (for pretraining, whose batches
+/// it streams) and N trainer actors on this machine,
 /// under one [`Supervisor`] that restarts any of them that dies (up to `max_restarts`
 /// failures). The coordinator keeps its state in RUN_DIR/coordinator, so the same command
 /// with `--resume` continues a job that was stopped (even by SIGKILL).
@@ -356,9 +411,7 @@ pub fn launch_local_job(
         ..cfg.clone()
     }
     .validate()?;
-    if cfg.objective != Objective::Pretrain {
-        bail!("--nproc runs pretraining jobs; fine-tune with `lillm sft` in one process");
-    }
+    let streamed = TrainData::streamed(cfg.objective);
     let state_dir = cfg.out.join("coordinator");
     let has_checkpoints = !checkpoint::list_checkpoints(&cfg.out).is_empty();
     match (cfg.resume, state_dir.exists() || has_checkpoints) {
@@ -395,6 +448,7 @@ pub fn launch_local_job(
             "coordinator".into(),
             "--nodes=1".into(),
             format!("--trainers-per-node={nproc}"),
+            format!("--dataloaders-per-node={}", u8::from(streamed)),
             format!("--listen={coordinator}"),
             format!("--metrics-listen=127.0.0.1:{}", free_port()?),
             format!("--store-port={}", free_port()?),
@@ -407,19 +461,21 @@ pub fn launch_local_job(
         log: Some(logs.join("coordinator.log")),
     })?;
     wait_for_port(&coordinator, &mut supervisor)?;
-    supervisor.start(Spec {
-        name: "the dataloader".into(),
-        kind: Kind::Service,
-        args: vec![
-            "dataloader".into(),
-            format!("--coordinator={coordinator}"),
-            format!("--data={}", cfg.data.display()),
-            format!("--node={LOCAL_NODE}"),
-        ],
-        first_start_args: Vec::new(),
-        env: Vec::new(),
-        log: Some(logs.join("dataloader.log")),
-    })?;
+    if streamed {
+        supervisor.start(Spec {
+            name: "the dataloader".into(),
+            kind: Kind::Service,
+            args: vec![
+                "dataloader".into(),
+                format!("--coordinator={coordinator}"),
+                format!("--data={}", cfg.data.display()),
+                format!("--node={LOCAL_NODE}"),
+            ],
+            first_start_args: Vec::new(),
+            env: Vec::new(),
+            log: Some(logs.join("dataloader.log")),
+        })?;
+    }
     eprintln!(
         "job coordinator on {coordinator}: watch it with `lillm status --coordinator {coordinator} --watch`; service logs in {}",
         logs.display()

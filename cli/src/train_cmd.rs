@@ -107,19 +107,9 @@ pub struct TrainArgs {
     /// Start from this checkpoint's weights.
     #[arg(long)]
     init_from: Option<PathBuf>,
-    /// Spawn this many local trainer processes plus a coordinator and a dataloader that
-    /// train together (c10d/Gloo), like `torchrun --standalone --nproc_per_node N`. With
-    /// --coordinator: start this many trainers of that job on this node, one per GPU (the
-    /// node launcher). Either way, children that die are restarted.
-    #[arg(long)]
-    pub(crate) nproc: Option<usize>,
-    /// Failed child processes restarted before `--nproc` gives up (a trainer told to regroup
-    /// is not a failure).
-    #[arg(long, default_value_t = 3)]
-    pub(crate) max_restarts: u32,
-    /// Join a distributed job as a trainer actor (see `lillm status`, deploy/).
+    /// Where the run executes: here, as `--nproc` local ranks, or as part of a job.
     #[command(flatten)]
-    pub(crate) actor: crate::job_cmd::ActorArgs,
+    pub(crate) launch: crate::job_cmd::LaunchArgs,
     /// This process's rank in a data-parallel job (set by --nproc or a launcher).
     #[arg(long)]
     rank: Option<usize>,
@@ -226,25 +216,8 @@ pub fn run(args: TrainArgs, shutdown: tokio_util::sync::CancellationToken) -> Re
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    match (&args.actor.coordinator, args.nproc) {
-        (Some(coordinator), Some(n)) => {
-            return crate::job_cmd::launch_node(
-                &args.actor,
-                coordinator,
-                n,
-                args.threads,
-                args.max_restarts,
-                &shutdown,
-            )
-        }
-        (Some(coordinator), None) => {
-            return crate::job_cmd::run_trainer_actor(cfg, coordinator, &args.actor, &shutdown)
-        }
-        (None, Some(n)) if n > 1 => {
-            let restarts = args.max_restarts;
-            return crate::job_cmd::launch_local_job(&cfg, n, args.threads, restarts, &shutdown);
-        }
-        (None, _) => {}
+    if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
+        return launched;
     }
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;

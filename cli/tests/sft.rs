@@ -346,3 +346,79 @@ fn dpo_resumes_exactly_and_only_against_its_reference() {
         "{err}"
     );
 }
+
+/// `lillm sft --nproc 2` (two trainer processes, Gloo, one micro-batch each) computes the
+/// single-process run with the same global batch: the same per-step losses and final weights,
+/// dropout included. A run stopped halfway and resumed equals one uninterrupted run.
+#[test]
+fn sft_at_two_ranks_equals_one_process_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pre) = tiny_pretrained(dir.path(), "64", "10");
+    let conv = dir.path().join("chat.jsonl");
+    fs::write(&conv, conversations(60)).unwrap();
+    let sft = |out: &std::path::Path, iters: &str, extra: &[&str]| {
+        let mut args = vec![
+            "sft",
+            "--init",
+            s(&pre),
+            "--data",
+            s(&conv),
+            "--max-iters",
+            iters,
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "3e-3",
+            "--dropout",
+            "0.1",
+            "--eval-interval",
+            "5",
+            "--eval-iters",
+            "2",
+            "--log-interval",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            s(out),
+        ];
+        args.extend(extra);
+        lillm_ok(&args)
+    };
+    let one = dir.path().join("one");
+    sft(&one, "10", &[]);
+    let two = dir.path().join("two");
+    sft(&two, "10", &["--nproc", "2"]);
+    assert!(two.join("coordinator").is_dir(), "--nproc 2 ran as a job");
+    let world: Vec<u64> = fs::read_dir(two.join("checkpoints"))
+        .unwrap()
+        .map(|e| {
+            let state = fs::read_to_string(e.unwrap().path().join("state.json")).unwrap();
+            serde_json::from_str::<serde_json::Value>(&state).unwrap()["world_size"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        !world.is_empty() && world.iter().all(|&w| w == 2),
+        "checkpoints of a 2-rank group: {world:?}"
+    );
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 10, "{a:?}");
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5, "step {step}: {x} vs {y}");
+    }
+    let last = "checkpoints/step-00000010/model.safetensors";
+    let diff = max_weight_diff(&one.join(last), &two.join(last));
+    assert!(diff <= 1e-5, "final weights differ by {diff}");
+
+    let halves = dir.path().join("halves");
+    sft(&halves, "5", &[]);
+    sft(&halves, "10", &["--resume"]);
+    assert_eq!(losses(&one), losses(&halves));
+    let diff = max_weight_diff(&one.join(last), &halves.join(last));
+    assert!(diff <= 1e-6, "resumed weights differ by {diff}");
+}

@@ -28,7 +28,8 @@ pub struct Args {
     /// Trainer processes (GPUs) per node.
     #[arg(long)]
     trainers_per_node: Option<usize>,
-    /// Dataloader processes per node.
+    /// Dataloader processes per node (0: the trainers read their data themselves, as SFT
+    /// and DPO jobs do).
     #[arg(long)]
     dataloaders_per_node: Option<usize>,
     /// gRPC address (loopback unless you mean otherwise).
@@ -145,7 +146,6 @@ pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     for (name, v) in [
         ("--nodes", nodes),
         ("--trainers-per-node", s.trainers_per_node),
-        ("--dataloaders-per-node", s.dataloaders_per_node),
     ] {
         anyhow::ensure!(v >= 1, "{name} must be at least 1, got {v}");
     }

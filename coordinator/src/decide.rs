@@ -471,14 +471,15 @@ fn start_generation(state: &mut State) -> Action {
             .map(|(_, i)| *i)
             .collect();
         let seen = per_node_seen.entry(id.node.clone()).or_default();
-        let dataloader = match local.is_empty() {
-            false => local[*seen % local.len()],
-            true => loaders[rank % loaders.len()].1,
+        let dataloader = match (local.is_empty(), loaders.is_empty()) {
+            (false, _) => Some(local[*seen % local.len()]),
+            (true, false) => Some(loaders[rank % loaders.len()].1),
+            (true, true) => None,
         };
         *seen += 1;
         if let Some(m) = state.members.get_mut(&id) {
             m.rank = Some(rank);
-            m.dataloader = Some(dataloader);
+            m.dataloader = dataloader;
         }
         ranks.push((id, rank));
     }

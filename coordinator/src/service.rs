@@ -330,8 +330,12 @@ fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
     }
     let rank = member.rank?;
     let leader = state.trainer_with_rank(0)?;
-    let loader_index = member.dataloader?;
-    let loader = state.dataloader(loader_index)?;
+    // A job whose trainers read their data themselves (SFT, DPO) has no dataloader.
+    let loader = match member.dataloader {
+        Some(index) => Some((index, state.dataloader(index)?)),
+        None if state.config.dataloaders == 0 => None,
+        None => return None,
+    };
     let (resume_step, _) = state.resume_point();
     // One reader per node that holds a copy: its first rank.
     let first_on_node = !state.members.values().any(|m| {
@@ -351,8 +355,8 @@ fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
         store_prefix: format!("lillm/gen{}", state.generation),
         resume_step,
         resume_path: resume_path.unwrap_or_default().to_string(),
-        dataloader_index: loader_index as u32,
-        dataloader_address: loader.address.clone(),
+        dataloader_index: loader.map_or(0, |(index, _)| index as u32),
+        dataloader_address: loader.map_or_else(String::new, |(_, m)| m.address.clone()),
         waiting: String::new(),
         writes_checkpoints: state.checkpoint_writers().contains(&rank),
     })

@@ -223,7 +223,7 @@ impl State {
                 nodes.len()
             ));
         }
-        if self.count(Role::Dataloader) == 0 {
+        if self.config.dataloaders > 0 && self.count(Role::Dataloader) == 0 {
             return Err("no dataloader".into());
         }
         if !self.possible_sizes().contains(&ready.len()) {

@@ -48,6 +48,26 @@ impl TrainData {
         }
     }
 
+    /// Opens the data of a run that reads its own (SFT) as [`crate::Trainer`] does: with the
+    /// initial checkpoint's tokenizer and context length. An evaluator beside the run uses
+    /// it to read the same validation batches.
+    pub fn open_like_trainer(cfg: &TrainConfig) -> Result<Self> {
+        match &cfg.init_from {
+            Some(init) => {
+                let dir = crate::checkpoint::resolve(init)?;
+                let state = crate::checkpoint::verify_checkpoint(&dir)?;
+                Self::open(cfg, Some(&dir), state.model.max_seq_len)
+            }
+            None => Self::open(cfg, None, cfg.model_config()?.max_seq_len),
+        }
+    }
+
+    /// Whether a dataloader actor serves this objective's batches; otherwise each trainer
+    /// reads the data itself (batches are a pure function of the key either way).
+    pub fn streamed(objective: Objective) -> bool {
+        objective == Objective::Pretrain
+    }
+
     pub fn tokenizer_fingerprint(&self) -> &str {
         match self {
             Self::Tokens(d) => &d.manifest.tokenizer_fingerprint,

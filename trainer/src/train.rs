@@ -127,7 +127,9 @@ impl Default for Setup {
 pub struct Rewire {
     pub rank: usize,
     pub world_size: usize,
-    pub data: TrainData,
+    /// The new group's data (a stream of this rank's share); `None` keeps the data the run
+    /// reads itself, which serves any rank.
+    pub data: Option<TrainData>,
     pub rendezvous: Rendezvous,
     pub reporter: Arc<dyn Reporter>,
     pub generation: u64,
@@ -342,10 +344,12 @@ impl Trainer {
         self.cfg.rank = wiring.rank;
         self.cfg.world_size = wiring.world_size;
         self.cfg.validate()?;
-        if let Some(dir) = wiring.data.tokenizer_dir() {
-            self.tokenizer_dir = Some(dir);
+        if let Some(data) = wiring.data {
+            if let Some(dir) = data.tokenizer_dir() {
+                self.tokenizer_dir = Some(dir);
+            }
+            self.data = data;
         }
-        self.data = wiring.data;
         self.reporter = wiring.reporter;
         self.generation = wiring.generation;
         self.stop = wiring.stop;
@@ -727,8 +731,6 @@ impl Trainer {
                 }
             }
             let lr = schedule.at(self.step);
-            // Dropout draws from libtorch's generator: reseed per step so a resume replays it.
-            tch::manual_seed((cfg.seed ^ self.step.wrapping_mul(0x9E37_79B9)) as i64);
             // Each rank takes its share of the step's micro-batches: rank r does micro-batches
             // r·local .. (r+1)·local, so the union over ranks is the single-process step.
             let local = cfg.grad_accum / cfg.world_size;
@@ -739,6 +741,9 @@ impl Trainer {
                     step: self.step,
                     micro: (cfg.rank * local + m) as u64,
                 };
+                // Dropout draws from libtorch's generator: seeded per micro-batch, so a resume
+                // replays it and any number of ranks draws the single process's masks.
+                tch::manual_seed(dropout_seed(cfg.seed, key.step, key.micro));
                 let batch =
                     self.data
                         .batch(key, cfg.grad_accum as u64, cfg.batch_size, self.seq)?;
@@ -846,6 +851,11 @@ impl Trainer {
 
 /// A training-step record as floats for a broadcast (NaN for absent values; the first one
 /// says whether there is a record at all).
+/// The dropout seed of one micro-batch of one step.
+fn dropout_seed(seed: u64, step: u64, micro: u64) -> i64 {
+    (seed ^ step.wrapping_mul(0x9E37_79B9) ^ micro.wrapping_mul(0x85EB_CA6B).rotate_left(32)) as i64
+}
+
 fn window_to_floats(record: Option<&Record>) -> [f64; 9] {
     let or_nan = |v: Option<f64>| v.unwrap_or(f64::NAN);
     match record {
