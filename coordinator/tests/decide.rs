@@ -574,3 +574,26 @@ fn an_elastic_job_never_forms_a_group_that_cannot_divide_the_step() {
         d.reason
     );
 }
+
+/// A job whose trainers read their data themselves (SFT, DPO) has no dataloader: its first
+/// generation starts once the trainers are there, and no trainer is paired with a loader.
+#[test]
+fn a_job_without_dataloaders_starts_with_its_trainers() {
+    let mut state = job();
+    state.config.dataloaders = 0;
+    let trainers = [
+        id("node-a", Role::Trainer, 0),
+        id("node-b", Role::Trainer, 0),
+    ];
+    for (t, m) in trainers.iter().enumerate() {
+        let d = decide(t as u64, &state, register(m, None));
+        assert!(d.refusal.is_none(), "{}", d.reason);
+        state = d.state;
+    }
+    assert_eq!(state.phase, Phase::Running);
+    assert_eq!(state.generation, 1);
+    for m in &trainers {
+        let member = &state.members[m];
+        assert!(member.rank.is_some() && member.dataloader.is_none(), "{member:?}");
+    }
+}
