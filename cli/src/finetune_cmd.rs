@@ -7,7 +7,7 @@ use clap::Args;
 use lillm_data::sft;
 use lillm_data::tokenizer::Tokenizer;
 use lillm_trainer::config::{ModelOverrides, Objective};
-use lillm_trainer::{TrainConfig, Trainer};
+use lillm_trainer::TrainConfig;
 
 #[derive(Args)]
 pub struct SftArgs {
@@ -78,7 +78,7 @@ pub fn sft(args: SftArgs, shutdown: tokio_util::sync::CancellationToken) -> Resu
         eval_interval: args.eval_interval,
         eval_iters: args.eval_iters,
         log_interval: args.log_interval,
-        sft_val_fraction: args.val_fraction,
+        val_fraction: args.val_fraction,
         seed: args.seed,
         device: args.device,
         resume: args.resume,
@@ -89,15 +89,7 @@ pub fn sft(args: SftArgs, shutdown: tokio_util::sync::CancellationToken) -> Resu
     if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
         return launched;
     }
-    std::fs::create_dir_all(&cfg.out)?;
-    let setup = lillm_trainer::Setup {
-        stop: lillm_trainer::stop::Stop::new(&shutdown),
-        ..Default::default()
-    };
-    let mut trainer = Trainer::with(cfg.clone(), setup)?;
-    std::fs::write(cfg.out.join("config.toml"), toml::to_string_pretty(&cfg)?)?;
-    let summary = trainer.run(crate::interactive())?;
-    crate::train_cmd::report(&summary, &cfg.out);
+    crate::train_cmd::train_here(&cfg, &shutdown)?;
     Ok(())
 }
 
@@ -153,11 +145,17 @@ pub struct DpoArgs {
     lr: f64,
     #[arg(long, default_value_t = 200)]
     max_iters: u64,
-    /// Pairs per step.
+    /// Pairs per micro-batch.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Micro-batches per step (divided over the ranks with --nproc).
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
     #[arg(long, default_value_t = 50)]
     eval_interval: u64,
+    /// Batches of pairs per split in each evaluation.
+    #[arg(long, default_value_t = 5)]
+    eval_iters: u64,
     #[arg(long, default_value_t = 10)]
     log_interval: u64,
     /// Fraction of pairs held out for evaluation.
@@ -170,44 +168,67 @@ pub struct DpoArgs {
     /// Continue the run in --out from its latest checkpoint (same --init, data and flags).
     #[arg(long)]
     resume: bool,
+    /// CPU threads for libtorch (default: libtorch's; with --nproc, a share of the cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Here, as `--nproc` local ranks (grad-accum is divided over them), or in a job.
+    #[command(flatten)]
+    launch: crate::job_cmd::LaunchArgs,
 }
 
-pub fn dpo(args: DpoArgs) -> Result<()> {
-    let device = lillm_trainer::config::parse_device(&args.device)?;
-    let cfg = lillm_trainer::dpo::DpoConfig {
-        init: args.init,
+/// Preference-tunes until done or until `shutdown`, through the same engine as `sft`.
+pub fn dpo(args: DpoArgs, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
+    let cfg = TrainConfig {
+        objective: Objective::Dpo,
+        init_from: Some(args.init),
         data: args.data,
         out: args.out,
-        beta: args.beta,
-        lr: args.lr,
-        weight_decay: 0.0,
-        grad_clip: 1.0,
+        dpo_beta: args.beta,
         max_iters: args.max_iters,
         batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        min_lr: args.lr,
+        decay_lr: false,
+        warmup_iters: 0,
+        weight_decay: 0.0,
+        // The policy is the reference at step 0 and neither drops out.
+        model: ModelOverrides {
+            dropout: Some(0.0),
+            ..Default::default()
+        },
         eval_interval: args.eval_interval,
+        eval_iters: args.eval_iters,
         log_interval: args.log_interval,
         val_fraction: args.val_fraction,
         seed: args.seed,
-        device,
+        device: args.device,
         resume: args.resume,
+        keep_last: 1,
+        threads: args.threads.unwrap_or(0),
+        ..TrainConfig::default()
     };
-    let s = lillm_trainer::dpo::run_dpo(&cfg, crate::interactive())?;
-    println!(
-        "DPO: {} steps on {} pairs ({} held out, {} filtered as too long)",
-        s.steps, s.train_pairs, s.val_pairs, s.filtered
-    );
-    println!(
-        "held-out reward accuracy {:.3} → {:.3}, margin {:.3} → {:.3}, loss {:.4} → {:.4}",
-        s.initial.reward_accuracy,
-        s.last.reward_accuracy,
-        s.initial.reward_margin,
-        s.last.reward_margin,
-        s.initial.loss,
-        s.last.loss
-    );
-    println!("checkpoint: {}", s.last_checkpoint.display());
-    if let Some(p) = s.plot {
-        println!("loss plot: {}", p.display());
+    if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
+        return launched;
+    }
+    let summary = crate::train_cmd::train_here(&cfg, &shutdown)?;
+    // The held-out figures at the start (the reference's) and at the last evaluation.
+    let evals: Vec<_> = lillm_trainer::metrics::read_records(&cfg.out.join("metrics.jsonl"))?
+        .into_iter()
+        .filter(|r| r.reward_accuracy.is_some() && r.val_loss.is_some())
+        .collect();
+    if let (Some(first), Some(last), None) = (evals.first(), evals.last(), summary.stopped) {
+        let figures = |r: &lillm_trainer::metrics::Record| {
+            (
+                r.reward_accuracy.unwrap_or(0.0),
+                r.reward_margin.unwrap_or(0.0),
+                r.val_loss.unwrap_or(0.0),
+            )
+        };
+        let ((a0, m0, l0), (a1, m1, l1)) = (figures(first), figures(last));
+        println!(
+            "held-out reward accuracy {a0:.3} → {a1:.3}, margin {m0:.3} → {m1:.3}, loss {l0:.4} → {l1:.4}"
+        );
     }
     Ok(())
 }

@@ -144,6 +144,7 @@ pub fn main() -> std::process::ExitCode {
             | Command::Dataloader(_)
             | Command::Serve(_)
             | Command::Sft(_)
+            | Command::Dpo(_)
     );
     let shutdown = match stoppable {
         true => lillm_proto::process::shutdown_on_signals(),
@@ -157,7 +158,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Dataloader(args) => lillm_data::actor::run(args, shutdown),
         Command::Status(args) => status_cmd::status(args),
         Command::Sft(args) => finetune_cmd::sft(*args, shutdown),
-        Command::Dpo(args) => finetune_cmd::dpo(*args),
+        Command::Dpo(args) => finetune_cmd::dpo(*args, shutdown),
         Command::Eval(args) => infer_cmd::eval(args),
         Command::Generate(args) => infer_cmd::generate(args),
         Command::Chat(args) => chat_cmd::chat(args),

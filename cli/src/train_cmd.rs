@@ -219,24 +219,34 @@ pub fn run(args: TrainArgs, shutdown: tokio_util::sync::CancellationToken) -> Re
     if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
         return launched;
     }
+    train_here(&cfg, &shutdown)?;
+    Ok(())
+}
+
+/// Runs `cfg` in this process (as the rank it names) until done or `shutdown`; rank 0
+/// writes the resolved config beside the run and prints the report.
+pub fn train_here(
+    cfg: &TrainConfig,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<TrainSummary> {
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
     let leader = cfg.rank == 0;
     let setup = lillm_trainer::Setup {
-        stop: lillm_trainer::stop::Stop::new(&shutdown),
+        stop: lillm_trainer::stop::Stop::new(shutdown),
         ..Default::default()
     };
     let mut trainer = Trainer::with(cfg.clone(), setup)?;
     if leader {
         let resolved = cfg.out.join("config.toml");
-        std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)
+        std::fs::write(&resolved, toml::to_string_pretty(cfg)?)
             .with_context(|| format!("{}: cannot write", resolved.display()))?;
     }
     let summary = trainer.run(leader && crate::interactive())?;
     if leader {
         report(&summary, &cfg.out);
     }
-    Ok(())
+    Ok(summary)
 }
 
 /// What a finished training or fine-tuning run prints.

@@ -392,7 +392,36 @@ fn sft_at_two_ranks_equals_one_process_and_resumes_exactly() {
     let two = dir.path().join("two");
     sft(&two, "10", &["--nproc", "2"]);
     assert!(two.join("coordinator").is_dir(), "--nproc 2 ran as a job");
-    let world: Vec<u64> = fs::read_dir(two.join("checkpoints"))
+    let world = checkpoint_world_sizes(&two);
+    assert!(
+        !world.is_empty() && world.iter().all(|&w| w == 2),
+        "{world:?}"
+    );
+    assert_same_run(&one, &two, 10, 1e-5);
+    let halves = dir.path().join("halves");
+    sft(&halves, "5", &[]);
+    sft(&halves, "10", &["--resume"]);
+    assert_eq!(losses(&one), losses(&halves));
+    assert_same_run(&one, &halves, 10, 1e-6);
+}
+
+/// Two runs logged the same losses at every step and ended with the same weights (within
+/// `tolerance`); the second ran as a job of two ranks when its run directory says so.
+fn assert_same_run(a: &std::path::Path, b: &std::path::Path, last_step: u64, tolerance: f64) {
+    let (x, y) = (losses(a), losses(b));
+    assert_eq!(x.len() as u64, last_step, "{x:?}");
+    assert_eq!(x.len(), y.len(), "{x:?} vs {y:?}");
+    for ((step, p), (_, q)) in x.iter().zip(&y) {
+        assert!((p - q).abs() <= tolerance, "step {step}: {p} vs {q}");
+    }
+    let last = format!("checkpoints/step-{last_step:08}/model.safetensors");
+    let diff = max_weight_diff(&a.join(&last), &b.join(&last));
+    assert!(diff <= tolerance, "final weights differ by {diff}");
+}
+
+/// The world size every checkpoint of a run was written at.
+fn checkpoint_world_sizes(run: &std::path::Path) -> Vec<u64> {
+    fs::read_dir(run.join("checkpoints"))
         .unwrap()
         .map(|e| {
             let state = fs::read_to_string(e.unwrap().path().join("state.json")).unwrap();
@@ -400,25 +429,77 @@ fn sft_at_two_ranks_equals_one_process_and_resumes_exactly() {
                 .as_u64()
                 .unwrap()
         })
-        .collect();
+        .collect()
+}
+
+/// `lillm dpo --nproc 2` runs the one training engine as a job: the same per-step losses,
+/// reward figures and final weights as one process with the same global batch.
+#[test]
+fn dpo_at_two_ranks_equals_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, pre) = tiny_pretrained(dir.path(), "64", "10");
+    let data = preference_pairs(dir.path());
+    let dpo = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "dpo",
+            "--init",
+            s(&pre),
+            "--data",
+            s(&data),
+            "--max-iters",
+            "8",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "3e-3",
+            "--beta",
+            "0.5",
+            "--eval-interval",
+            "4",
+            "--eval-iters",
+            "2",
+            "--log-interval",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            s(out),
+        ];
+        args.extend(extra);
+        lillm_ok(&args)
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let printed = dpo(&one, &[]);
+    assert!(printed.contains("held-out reward accuracy"), "{printed}");
+    dpo(&two, &["--nproc", "2"]);
+    let world = checkpoint_world_sizes(&two);
     assert!(
         !world.is_empty() && world.iter().all(|&w| w == 2),
-        "checkpoints of a 2-rank group: {world:?}"
+        "{world:?}"
     );
-    let (a, b) = (losses(&one), losses(&two));
-    assert_eq!(a.len(), 10, "{a:?}");
-    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
-    for ((step, x), (_, y)) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-5, "step {step}: {x} vs {y}");
+    assert_same_run(&one, &two, 8, 1e-5);
+    let rewards = |run: &std::path::Path| -> Vec<(f64, f64)> {
+        fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("loss").is_some())
+            .map(|v| {
+                (
+                    v["reward_accuracy"].as_f64().unwrap(),
+                    v["reward_margin"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (r1, r2) = (rewards(&one), rewards(&two));
+    assert_eq!(r1.len(), 8);
+    for ((a1, m1), (a2, m2)) in r1.iter().zip(&r2) {
+        assert!(
+            (a1 - a2).abs() <= 1e-6 && (m1 - m2).abs() <= 1e-5,
+            "{r1:?} vs {r2:?}"
+        );
     }
-    let last = "checkpoints/step-00000010/model.safetensors";
-    let diff = max_weight_diff(&one.join(last), &two.join(last));
-    assert!(diff <= 1e-5, "final weights differ by {diff}");
-
-    let halves = dir.path().join("halves");
-    sft(&halves, "5", &[]);
-    sft(&halves, "10", &["--resume"]);
-    assert_eq!(losses(&one), losses(&halves));
-    let diff = max_weight_diff(&one.join(last), &halves.join(last));
-    assert!(diff <= 1e-6, "resumed weights differ by {diff}");
 }

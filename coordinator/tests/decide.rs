@@ -594,6 +594,9 @@ fn a_job_without_dataloaders_starts_with_its_trainers() {
     assert_eq!(state.generation, 1);
     for m in &trainers {
         let member = &state.members[m];
-        assert!(member.rank.is_some() && member.dataloader.is_none(), "{member:?}");
+        assert!(
+            member.rank.is_some() && member.dataloader.is_none(),
+            "{member:?}"
+        );
     }
 }

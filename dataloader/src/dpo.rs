@@ -88,6 +88,45 @@ pub fn read_pairs(
     Ok((pairs, filtered))
 }
 
+/// The encoded pairs of a JSONL file, split, with what was filtered.
+#[derive(Debug, Clone)]
+pub struct PairData {
+    pub train: Vec<PreferencePair>,
+    pub val: Vec<PreferencePair>,
+    /// Pairs dropped because a reply's encoding has ≥ max_seq_len tokens.
+    pub filtered_too_long: usize,
+    pub tokenizer_fingerprint: String,
+}
+
+/// Reads, encodes and splits `path`, holding out `val_fraction` of the pairs (seeded).
+pub fn build(
+    tok: &Tokenizer,
+    path: &Path,
+    max_seq_len: usize,
+    val_fraction: f64,
+    seed: u64,
+) -> Result<PairData> {
+    let (pairs, filtered) = read_pairs(tok, path, max_seq_len)?;
+    let (train, val) = crate::prepare::split_by_hash(pairs, val_fraction, seed);
+    if val.is_empty() || train.is_empty() {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "too few pairs to hold {} out for evaluation ({} train, {} held out); add pairs or change the validation fraction",
+                if val.is_empty() { "any" } else { "all" },
+                train.len(),
+                val.len()
+            ),
+        ));
+    }
+    Ok(PairData {
+        train,
+        val,
+        filtered_too_long: filtered,
+        tokenizer_fingerprint: tok.fingerprint()?,
+    })
+}
+
 /// Rows `[chosen_0 … chosen_{B-1}, rejected_0 … rejected_{B-1}]` padded to the longest, as
 /// (inputs, targets with −1 outside the replies, row length).
 pub fn pair_batch(pairs: &[&PreferencePair]) -> (Vec<i64>, Vec<i64>, usize) {

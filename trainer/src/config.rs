@@ -75,7 +75,8 @@ pub struct TrainConfig {
     /// resuming.
     #[serde(default)]
     pub init_from: Option<PathBuf>,
-    /// `pretrain` (token shards in `data`) or `sft` (conversations JSONL in `data`).
+    /// `pretrain` (token shards in `data`), `sft` (conversations JSONL in `data`) or `dpo`
+    /// (preference pairs JSONL in `data`).
     #[serde(default)]
     pub objective: Objective,
     /// Data-parallel ranks in the job (1 = single process).
@@ -91,9 +92,12 @@ pub struct TrainConfig {
     /// and stop every rank if they differ (0 = never).
     #[serde(default = "default_check_params_every")]
     pub check_params_every: u64,
-    /// SFT: fraction of conversations held out for evaluation.
-    #[serde(default = "default_sft_val_fraction")]
-    pub sft_val_fraction: f64,
+    /// SFT and DPO: fraction of conversations (pairs) held out for evaluation.
+    #[serde(default = "default_val_fraction", alias = "sft_val_fraction")]
+    pub val_fraction: f64,
+    /// DPO: β, how far the policy may move from the reference (the implicit reward's scale).
+    #[serde(default = "default_dpo_beta")]
+    pub dpo_beta: f64,
 }
 
 fn default_check_params_every() -> u64 {
@@ -104,8 +108,12 @@ fn one() -> usize {
     1
 }
 
-fn default_sft_val_fraction() -> f64 {
+fn default_val_fraction() -> f64 {
     0.05
+}
+
+fn default_dpo_beta() -> f64 {
+    0.1
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +124,9 @@ pub enum Objective {
     Pretrain,
     /// Next-token prediction on assistant tokens of chat conversations only.
     Sft,
+    /// Direct Preference Optimization on (prompt, chosen, rejected) pairs, against a frozen
+    /// copy of the initial checkpoint.
+    Dpo,
 }
 
 /// Optional per-field overrides of the preset's model config.
@@ -171,7 +182,8 @@ impl Default for TrainConfig {
             rank: 0,
             rendezvous: None,
             check_params_every: default_check_params_every(),
-            sft_val_fraction: default_sft_val_fraction(),
+            val_fraction: default_val_fraction(),
+            dpo_beta: default_dpo_beta(),
         }
     }
 }
@@ -203,7 +215,6 @@ impl TrainConfig {
         }
     }
 
-    /// Checks values the loop relies on; each error names the field.
     /// Hash of everything that must be equal on every rank of a job: the config minus the
     /// per-process fields (rank, world size, rendezvous, threads, resume, device, data path).
     pub fn fingerprint(&self) -> String {
@@ -223,8 +234,17 @@ impl TrainConfig {
         hex::encode(&Sha256::digest(&json)[..8])
     }
 
+    /// Checks values the loop relies on; each error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
+        if self.objective == Objective::Dpo {
+            if self.init_from.is_none() {
+                return bad("DPO needs init_from: the checkpoint the policy and its frozen reference start from".into());
+            }
+            if self.dpo_beta.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+                return bad(format!("beta must be positive, got {}", self.dpo_beta));
+            }
+        }
         if self.init_from.is_none() {
             self.check_against_model(&self.model_config()?)?;
         }
@@ -292,12 +312,12 @@ impl TrainConfig {
         Ok(())
     }
 
-    /// Tokens per sequence: `block_size` for pretraining; for SFT the model's context, since
-    /// every kept conversation is shorter than it.
+    /// Tokens per sequence: `block_size` for pretraining; for SFT and DPO the model's
+    /// context, since every kept conversation (reply) is shorter than it.
     pub fn sequence_len(&self, model: &ModelConfig) -> usize {
         match self.objective {
             Objective::Pretrain if self.block_size > 0 => self.block_size,
-            Objective::Pretrain | Objective::Sft => model.max_seq_len,
+            Objective::Pretrain | Objective::Sft | Objective::Dpo => model.max_seq_len,
         }
     }
 

@@ -1,8 +1,9 @@
-//! What a run trains on: token shards (pretraining) or encoded conversations (SFT), behind
-//! one deterministic batch function.
+//! What a run trains on: token shards (pretraining), encoded conversations (SFT) or
+//! preference pairs (DPO), behind one deterministic batch function.
 
 use std::path::{Path, PathBuf};
 
+use lillm_data::dpo::{self, PairData};
 use lillm_data::manifest::Split;
 use lillm_data::sft::{self, SftData};
 use lillm_data::shards::{sample_batch, BatchKey, Dataset};
@@ -15,11 +16,13 @@ use crate::{Error, Result};
 pub enum TrainData {
     Tokens(Dataset),
     Sft(SftData),
+    Pairs(PairData),
     /// Token batches streamed by a dataloader actor.
     Remote(Box<RemoteData>),
 }
 
-/// Inputs and targets (−1 = no loss) of a micro-batch, row-major (batch × seq).
+/// Inputs and targets (−1 = no loss) of a micro-batch, row-major (batch × seq). A batch of
+/// preference pairs has 2 × batch rows: every chosen reply, then every rejected one.
 pub struct MicroBatch {
     pub inputs: Vec<i64>,
     pub targets: Vec<i64>,
@@ -33,22 +36,26 @@ impl TrainData {
     pub fn open(cfg: &TrainConfig, tokenizer: Option<&Path>, max_seq_len: usize) -> Result<Self> {
         match cfg.objective {
             Objective::Pretrain => Ok(Self::Tokens(Dataset::open(&cfg.data)?)),
-            Objective::Sft => {
+            Objective::Sft | Objective::Dpo => {
                 let tok_path = tokenizer.ok_or_else(|| {
                     Error::Config(
-                        "SFT needs a tokenizer: start from a checkpoint that carries one (--init)"
+                        "fine-tuning needs a tokenizer: start from a checkpoint that carries one (--init)"
                             .into(),
                     )
                 })?;
                 let tok = Tokenizer::load(tok_path)?;
-                let data =
-                    sft::build(&tok, &cfg.data, max_seq_len, cfg.sft_val_fraction, cfg.seed)?;
-                Ok(Self::Sft(data))
+                let (data, fraction) = (&cfg.data, cfg.val_fraction);
+                Ok(match cfg.objective {
+                    Objective::Dpo => {
+                        Self::Pairs(dpo::build(&tok, data, max_seq_len, fraction, cfg.seed)?)
+                    }
+                    _ => Self::Sft(sft::build(&tok, data, max_seq_len, fraction, cfg.seed)?),
+                })
             }
         }
     }
 
-    /// Opens the data of a run that reads its own (SFT) as [`crate::Trainer`] does: with the
+    /// Opens the data of a run that reads its own (SFT, DPO) as [`crate::Trainer`] does: with the
     /// initial checkpoint's tokenizer and context length. An evaluator beside the run uses
     /// it to read the same validation batches.
     pub fn open_like_trainer(cfg: &TrainConfig) -> Result<Self> {
@@ -72,6 +79,7 @@ impl TrainData {
         match self {
             Self::Tokens(d) => &d.manifest.tokenizer_fingerprint,
             Self::Sft(d) => &d.tokenizer_fingerprint,
+            Self::Pairs(d) => &d.tokenizer_fingerprint,
             Self::Remote(d) => &d.info.tokenizer_fingerprint,
         }
     }
@@ -80,7 +88,7 @@ impl TrainData {
     pub fn vocab_size(&self) -> Option<usize> {
         match self {
             Self::Tokens(d) => Some(d.manifest.vocab_size),
-            Self::Sft(_) => None,
+            Self::Sft(_) | Self::Pairs(_) => None,
             Self::Remote(d) => Some(d.info.vocab_size as usize),
         }
     }
@@ -89,6 +97,7 @@ impl TrainData {
         match self {
             Self::Tokens(d) => !d.manifest.val.is_empty(),
             Self::Sft(d) => !d.val.is_empty(),
+            Self::Pairs(d) => !d.val.is_empty(),
             Self::Remote(d) => d.info.val_tokens > 0,
         }
     }
@@ -101,7 +110,7 @@ impl TrainData {
                 .join("tokenizer.json")
                 .is_file()
                 .then(|| d.dir.clone()),
-            Self::Sft(_) => None,
+            Self::Sft(_) | Self::Pairs(_) => None,
             Self::Remote(d) => d.tokenizer_dir(),
         }
     }
@@ -134,6 +143,28 @@ impl TrainData {
                 );
                 sft::sft_batch(examples, &idx, seq)
             }
+            Self::Pairs(d) => {
+                let pairs = match key.split {
+                    Split::Train => &d.train,
+                    Split::Val => &d.val,
+                };
+                let idx = sft::batch_indices(
+                    pairs.len(),
+                    key.seed,
+                    key.step,
+                    key.micro,
+                    micros_per_step,
+                    rows,
+                );
+                let chosen: Vec<_> = idx.iter().map(|&i| &pairs[i]).collect();
+                let (inputs, targets, seq) = dpo::pair_batch(&chosen);
+                return Ok(MicroBatch {
+                    inputs,
+                    targets,
+                    rows: 2 * rows,
+                    seq,
+                });
+            }
             Self::Remote(d) => return d.batch(key, micros_per_step, rows, seq),
         };
         Ok(MicroBatch {
@@ -158,6 +189,12 @@ impl TrainData {
                 d.val.len(),
                 d.filtered_too_long,
                 d.max_seq_len
+            ),
+            Self::Pairs(d) => format!(
+                "{} train / {} val preference pairs ({} filtered as too long)",
+                d.train.len(),
+                d.val.len(),
+                d.filtered_too_long
             ),
             Self::Remote(d) => format!(
                 "{} train / {} val tokens streamed by a dataloader",

@@ -4,11 +4,14 @@
 //! - `config`: [`TrainConfig`], the typed run configuration (seed defaults).
 //! - `schedule`: warmup + cosine learning-rate schedule.
 //! - `optim`: AdamW with checkpointable state, gradient clipping.
-//! - `data`: token shards or SFT conversations behind one deterministic batch function.
+//! - `data`: token shards, SFT conversations or DPO pairs behind one deterministic batch
+//!   function.
+//! - `loss`: what a step minimises: next-token cross-entropy, or DPO's preference loss
+//!   against a frozen reference.
 //! - `dist`: c10d process groups (the `lillm-c10d` crate, re-exported): rendezvous,
 //!   gradient averaging, broadcast, abort.
-//! - `dpo`: preference tuning against a frozen reference.
-//! - `train`: the training loop ([`Trainer`]) with evaluation and checkpointing.
+//! - `train`: the training engine ([`Trainer`]) of every objective, with evaluation and
+//!   checkpointing.
 //! - `checkpoint`: atomic checkpoint directories, verification, retention, resolution.
 //! - `checkpoint_actor`: writes checkpoints off the training thread.
 //! - `eval_actor`: scores committed checkpoints beside training.
@@ -26,12 +29,12 @@ pub mod checkpoint_actor;
 pub mod config;
 pub mod data;
 pub use lillm_c10d as dist;
-pub mod dpo;
 mod error;
 pub mod eval;
 pub mod eval_actor;
 pub mod flops;
 mod loaded;
+pub mod loss;
 pub mod member;
 pub mod metrics;
 pub mod optim;

@@ -1,6 +1,7 @@
-//! The training loop — of one process, or of one rank of a job: batches → forward/backward →
-//! gradient averaging → clip → AdamW, with periodic evaluation, checkpoints (handed to the
-//! checkpoint actor), metrics and a progress display.
+//! The training engine — of one process, or of one rank of a job: batches → forward/backward
+//! of the objective's loss → gradient averaging → clip → AdamW, with periodic evaluation,
+//! checkpoints (handed to the checkpoint actor), metrics and a progress display. Pretraining,
+//! SFT and DPO differ only in their data and their [`Loss`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,9 +15,10 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
 use crate::checkpoint_actor::{host_copy, CheckpointActor, Snapshot};
-use crate::config::TrainConfig;
+use crate::config::{Objective, TrainConfig};
 use crate::data::{MicroBatch, TrainData};
 use crate::dist::{ProcessGroup, Rendezvous};
+use crate::loss::{Loss, Reference, FIGURES};
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::report::{Reporter, Silent};
@@ -47,17 +49,18 @@ fn batch_tensors(batch: &MicroBatch, device: Device) -> (Tensor, Tensor) {
     (x, y)
 }
 
-/// Mean loss over `cfg.eval_iters` seeded batches of a split.
-fn estimate_loss(
+/// Mean figures ([`Loss::score`]) over `cfg.eval_iters` seeded batches of a split.
+fn estimate(
     model: &LilLM,
+    loss: &Loss,
     data: &TrainData,
     cfg: &TrainConfig,
     seq: usize,
     split: Split,
     device: Device,
-) -> Result<f64> {
+) -> Result<[f64; FIGURES as usize]> {
     let _guard = tch::no_grad_guard();
-    let mut total = 0.0;
+    let mut total = Tensor::zeros([FIGURES], (Kind::Double, device));
     for i in 0..cfg.eval_iters {
         let key = BatchKey {
             seed: cfg.seed ^ 0xE7A1,
@@ -66,9 +69,13 @@ fn estimate_loss(
             micro: 0,
         };
         let (x, y) = batch_tensors(&data.batch(key, 1, cfg.batch_size, seq)?, device);
-        total += model.loss(&x, &y, false).double_value(&[]);
+        total += loss
+            .score(model, &x, &y, false)
+            .figures
+            .to_kind(Kind::Double);
     }
-    Ok(total / cfg.eval_iters as f64)
+    let means = Vec::<f64>::try_from(&(total / cfg.eval_iters as f64).to_device(Device::Cpu))?;
+    Ok([means[0], means[1], means[2]])
 }
 
 /// Where a run starts from.
@@ -146,6 +153,7 @@ pub struct Trainer {
     model: LilLM,
     opt: AdamW,
     data: TrainData,
+    loss: Loss,
     /// Tokens per sequence (see [`TrainConfig::sequence_len`]).
     seq: usize,
     tokenizer_dir: Option<std::path::PathBuf>,
@@ -227,8 +235,11 @@ impl Trainer {
         }
         // The model's shape comes from the checkpoint being resumed, else the initial
         // checkpoint (fine-tuning; only dropout may change), else the config.
+        // DPO keeps the initial checkpoint as its reference, resumed or not.
+        let dpo = cfg.objective == Objective::Dpo;
         let init = match (&resume_from, &cfg.init_from) {
             (None, Some(path)) => Some(crate::LoadedModel::load(path, device)?),
+            (Some(_), Some(path)) if dpo => Some(crate::LoadedModel::load(path, device)?),
             _ => None,
         };
         let model_cfg = match (&resume_from, &init) {
@@ -269,7 +280,19 @@ impl Trainer {
             weight_decay: cfg.weight_decay,
         };
         let mut opt = AdamW::new(adam, vs.variables().into_iter().collect());
+        // The initial checkpoint stays on as DPO's frozen reference.
+        let (init, reference) = match init {
+            Some(loaded) if dpo => {
+                let kind = model.compute_kind();
+                (None, Some(Reference::new(loaded, cfg.dpo_beta, kind)?))
+            }
+            other => (other, None),
+        };
+        let init = init.as_ref().or(reference.as_ref().map(Reference::loaded));
         if let Some((dir, state)) = &resume_from {
+            if let Some(reference) = &reference {
+                reference.check_resumed(dir, state)?;
+            }
             if state.dataset_fingerprint.as_deref() != Some(data.tokenizer_fingerprint()) {
                 return Err(Error::checkpoint(
                     dir,
@@ -280,9 +303,10 @@ impl Trainer {
             let opt_state = weights::read_tensors(&dir.join(OPTIMIZER_FILE))?;
             opt.load_state_tensors(&opt_state, dir)?;
             tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
-        } else if let Some(loaded) = &init {
+        } else if let Some(loaded) = init {
             weights::load_into(&vs, &weights::var_store_tensors(&loaded.vs), &loaded.dir)?;
         }
+        let loss = reference.map_or(Loss::NextToken, |r| Loss::Preference(Box::new(r)));
         let rendezvous = match setup.rendezvous {
             Some(r) => Some(r),
             None => cfg.rendezvous()?,
@@ -305,6 +329,7 @@ impl Trainer {
             model,
             opt,
             data,
+            loss,
             seq,
             tokenizer_dir,
             step,
@@ -442,8 +467,14 @@ impl Trainer {
             generation: self.generation,
             evaluated_at_step: self.evaluated_at_step,
             dataset_fingerprint: Some(self.data.tokenizer_fingerprint().to_string()),
-            source: "train".into(),
-            reference_sha256: None,
+            source: match self.loss {
+                Loss::NextToken => "train".into(),
+                Loss::Preference(_) => "dpo".into(),
+            },
+            reference_sha256: match &self.loss {
+                Loss::NextToken => None,
+                Loss::Preference(r) => Some(r.sha256.clone()),
+            },
         };
         let snapshot = Snapshot {
             dir: dir.clone(),
@@ -475,35 +506,44 @@ impl Trainer {
         }
     }
 
-    /// The mean loss of a log window over all ranks, whether the group stops after this
+    /// The figures of a log window ([`Loss::score`], summed over its steps) averaged over all
+    /// ranks, whether the group stops after this
     /// step and whether a timed checkpoint is due (`checkpoint_wish`: rank 0's clock says
     /// so), in one all-reduce read back in the log interval's only host sync: a shutdown
     /// asked of any rank stops every rank at the same step, the others with
     /// [`StopReason::PeerShutdown`]. So a job stops within `log_interval` steps.
     fn reduce_window(
         &self,
-        loss_acc: &Tensor,
+        figures: &Tensor,
         checkpoint_wish: bool,
-    ) -> Result<(f64, Option<StopReason>, bool)> {
+    ) -> Result<(Vec<f64>, Option<StopReason>, bool)> {
         let Some(group) = &self.group else {
-            return Ok((loss_acc.double_value(&[]), None, false));
+            return Ok((
+                Vec::<f64>::try_from(&figures.to_device(Device::Cpu))?,
+                None,
+                false,
+            ));
         };
         let local = self.stop.reason();
         let flag = |on: bool| Tensor::from(f32::from(u8::from(on))).to_device(self.device);
-        let mut sums = Tensor::stack(
+        let mut sums = Tensor::cat(
             &[
-                loss_acc.to_kind(Kind::Float),
-                flag(local.is_some()),
-                flag(checkpoint_wish),
+                figures.to_kind(Kind::Float),
+                flag(local.is_some()).view([1]),
+                flag(checkpoint_wish).view([1]),
             ],
             0,
         );
         self.collective(group.all_reduce_sum(&mut sums))?;
-        // One copy to the host for all values (the mean in f32, as the tensor would be).
+        // One copy to the host for all values (the means in f32, as the tensor would be).
         let sums = Vec::<f32>::try_from(&sums.to_device(Device::Cpu))?;
-        let loss = f64::from(sums[0] / self.cfg.world_size as f32);
-        let stop = (sums[1] > 0.0).then_some(local.unwrap_or(StopReason::PeerShutdown));
-        Ok((loss, stop, sums[2] > 0.0))
+        let n = FIGURES as usize;
+        let means = sums[..n]
+            .iter()
+            .map(|&v| f64::from(v / self.cfg.world_size as f32))
+            .collect();
+        let stop = (sums[n] > 0.0).then_some(local.unwrap_or(StopReason::PeerShutdown));
+        Ok((means, stop, sums[n + 1] > 0.0))
     }
 
     /// Rank 0's (train, val) losses of an evaluation, on every rank (`mine`: this rank's,
@@ -550,10 +590,13 @@ impl Trainer {
         })
     }
 
+    /// Train and val loss of the current weights, logged (for DPO with the held-out reward
+    /// accuracy and margin).
     fn evaluate(&self, log: &mut MetricsLog) -> Result<(f64, f64)> {
         let eval = |split| {
-            estimate_loss(
+            estimate(
                 &self.model,
+                &self.loss,
                 &self.data,
                 &self.cfg,
                 self.seq,
@@ -562,14 +605,17 @@ impl Trainer {
             )
         };
         let (train, val) = (eval(Split::Train)?, eval(Split::Val)?);
+        let preference = self.loss.is_preference();
         log.append(&Record {
             step: self.step,
-            val_loss: Some(val),
-            train_loss: Some(train),
+            val_loss: Some(val[0]),
+            train_loss: Some(train[0]),
             tokens_seen: Some(self.tokens_seen),
+            reward_accuracy: preference.then_some(val[1]),
+            reward_margin: preference.then_some(val[2]),
             ..Record::default()
         })?;
-        Ok((train, val))
+        Ok((train[0], val[0]))
     }
 
     /// Runs until `max_iters` steps are done or a stop is requested (see [`Stop`]); returns
@@ -659,7 +705,8 @@ impl Trainer {
             ));
         }
         let mut last_val = None;
-        let mut loss_acc = Tensor::zeros([], (Kind::Float, self.device));
+        // The window's figures ([`Loss::score`]) summed over its steps.
+        let mut window_acc = Tensor::zeros([FIGURES], (Kind::Float, self.device));
         let mut window_steps = 0u64;
         let mut window_start = Instant::now();
         let mut last_ckpt = None;
@@ -748,9 +795,9 @@ impl Trainer {
                     self.data
                         .batch(key, cfg.grad_accum as u64, cfg.batch_size, self.seq)?;
                 let (x, y) = batch_tensors(&batch, self.device);
-                let loss = self.model.loss(&x, &y, true) / local as f64;
-                loss.backward();
-                loss_acc += loss.detach();
+                let scored = self.loss.score(&self.model, &x, &y, true);
+                (scored.loss / local as f64).backward();
+                window_acc += scored.figures / local as f64;
             }
             if let Some(group) = &self.group {
                 self.collective(group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES))?;
@@ -760,7 +807,7 @@ impl Trainer {
             let next = self.step + 1;
             let window = match next.is_multiple_of(cfg.log_interval) || next == cfg.max_iters {
                 // The only host sync of the step, once per log interval.
-                true => Some(self.reduce_window(&loss_acc, leader && time_wish(&last_save))?),
+                true => Some(self.reduce_window(&window_acc, leader && time_wish(&last_save))?),
                 false => None,
             };
             let grad_norm = self.opt.clip_grad_norm(cfg.grad_clip);
@@ -771,10 +818,12 @@ impl Trainer {
             self.evaluated_at_step = false;
             window_steps += 1;
             bar.set_position(self.step);
-            if let Some((window_loss, group_stop, checkpoint_due)) = window {
+            if let Some((figures, group_stop, checkpoint_due)) = window {
                 stopped = group_stop;
                 time_due = checkpoint_due;
-                let loss = window_loss / window_steps as f64;
+                let mean = |i: usize| figures[i] / window_steps as f64;
+                let loss = mean(0);
+                let preference = self.loss.is_preference();
                 let secs = window_start.elapsed().as_secs_f64() / window_steps as f64;
                 let tokens_per_s = tokens_per_step as f64 / secs;
                 let mfu = peak.map(|p| flops_per_step / secs / p);
@@ -787,6 +836,8 @@ impl Trainer {
                     step_ms: Some(secs * 1e3),
                     mfu,
                     tokens_seen: Some(self.tokens_seen),
+                    reward_accuracy: preference.then(|| mean(1)),
+                    reward_margin: preference.then(|| mean(2)),
                     ..Record::default()
                 };
                 if let Some(log) = log.as_mut() {
@@ -798,7 +849,7 @@ impl Trainer {
                     "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s{}",
                     mfu.map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0))
                 ));
-                loss_acc = Tensor::zeros([], (Kind::Float, self.device));
+                window_acc = Tensor::zeros([FIGURES], (Kind::Float, self.device));
                 window_steps = 0;
                 window_start = Instant::now();
                 if stopped.is_some() {
@@ -849,17 +900,17 @@ impl Trainer {
     }
 }
 
-/// A training-step record as floats for a broadcast (NaN for absent values; the first one
-/// says whether there is a record at all).
 /// The dropout seed of one micro-batch of one step.
 fn dropout_seed(seed: u64, step: u64, micro: u64) -> i64 {
     (seed ^ step.wrapping_mul(0x9E37_79B9) ^ micro.wrapping_mul(0x85EB_CA6B).rotate_left(32)) as i64
 }
 
-fn window_to_floats(record: Option<&Record>) -> [f64; 9] {
+/// A training-step record as floats for a broadcast (NaN for absent values; the first one
+/// says whether there is a record at all).
+fn window_to_floats(record: Option<&Record>) -> [f64; 11] {
     let or_nan = |v: Option<f64>| v.unwrap_or(f64::NAN);
     match record {
-        None => [0.0; 9],
+        None => [0.0; 11],
         Some(r) => [
             1.0,
             r.step as f64,
@@ -870,6 +921,8 @@ fn window_to_floats(record: Option<&Record>) -> [f64; 9] {
             or_nan(r.step_ms),
             or_nan(r.mfu),
             r.tokens_seen.map_or(f64::NAN, |t| t as f64),
+            or_nan(r.reward_accuracy),
+            or_nan(r.reward_margin),
         ],
     }
 }
@@ -885,6 +938,8 @@ fn window_from_floats(f: &[f64]) -> Option<Record> {
         step_ms: some(f[6]),
         mfu: some(f[7]),
         tokens_seen: some(f[8]).map(|t| t as u64),
+        reward_accuracy: some(f[9]),
+        reward_margin: some(f[10]),
         ..Record::default()
     })
 }
