@@ -10,7 +10,7 @@ use lillm_data::tokenizer::EOS_ID;
 use lillm_model::generate;
 
 use crate::infer_cmd::SamplingArgs;
-use crate::text_stream::{IncrementalText, Step};
+use lillm_serve::text_stream::{IncrementalText, Step};
 
 #[derive(Args)]
 pub struct ChatArgs {

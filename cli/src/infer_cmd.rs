@@ -5,12 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use lillm_checkpoint::LoadedModel;
 use lillm_data::tokenizer::EOS_ID;
+use lillm_model::eval::eval_ids;
+use lillm_model::parse_device;
 use lillm_model::{generate as generate_tokens, Sampler, SamplingParams, StopReason};
-use lillm_trainer::config::parse_device;
-use lillm_trainer::{eval::eval_ids, LoadedModel};
 
-use crate::text_stream::{IncrementalText, Step};
+use lillm_serve::text_stream::{IncrementalText, Step};
 
 /// Sampling flags shared by `generate` and `chat`.
 #[derive(Args)]
@@ -72,7 +73,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             args.text_file.display()
         );
     }
-    let result = eval_ids(&loaded, &ids)?;
+    let result = eval_ids(&loaded.model, &ids);
     println!(
         "loss={:.6} tokens={} perplexity={:.3}",
         result.loss,

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
+use lillm_checkpoint::{
+    check_vocab, write_checkpoint, CheckpointData, CheckpointState, LoadedModel,
+};
 use lillm_data::tokenizer::{Tokenizer, BOS_ID, EOS_ID};
 use lillm_model::{hf, weights, LilLM, ModelConfig};
-use lillm_trainer::checkpoint::{write_checkpoint, CheckpointData, CheckpointState};
-use lillm_trainer::{check_vocab, LoadedModel};
 use serde_json::{json, Value};
 use tch::{nn::VarStore, Device, Tensor};
 

@@ -8,10 +8,8 @@ mod finetune_cmd;
 mod infer_cmd;
 mod interop_cmd;
 mod job_cmd;
-mod serve;
 mod status_cmd;
 mod supervisor;
-mod text_stream;
 mod tokenizer_cmd;
 mod train_cmd;
 
@@ -67,7 +65,7 @@ enum Command {
     /// Chat with a fine-tuned model in the terminal.
     Chat(chat_cmd::ChatArgs),
     /// Serve a web chat page and an OpenAI-compatible API.
-    Serve(serve::ServeArgs),
+    Serve(lillm_serve::ServeArgs),
     /// Draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl.
     Plot(train_cmd::PlotArgs),
     /// Model presets and parameter counts.
@@ -162,7 +160,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Eval(args) => infer_cmd::eval(args),
         Command::Generate(args) => infer_cmd::generate(args),
         Command::Chat(args) => chat_cmd::chat(args),
-        Command::Serve(args) => serve::serve(args, shutdown),
+        Command::Serve(args) => lillm_serve::serve(args, shutdown),
         Command::Plot(args) => train_cmd::plot(args),
         Command::Model(cmd) => train_cmd::model(cmd),
         Command::Export(cmd) => interop_cmd::export(cmd),

@@ -322,7 +322,7 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
             ids,
             out,
         } => {
-            let loaded = lillm_trainer::LoadedModel::load(&checkpoint, tch::Device::Cpu)?;
+            let loaded = lillm_checkpoint::LoadedModel::load(&checkpoint, tch::Device::Cpu)?;
             let ids: Vec<i64> =
                 serde_json::from_str(&ids).context("--ids must be a JSON array of token ids")?;
             let vocab = loaded.model.config().vocab_size as i64;

@@ -6,10 +6,14 @@
 //! - `kv_cache`: [`KvCache`] for incremental decoding.
 //! - `sampling`: temperature / top-k / top-p [`Sampler`] and the [`generate`] loop.
 //! - `weights`: safetensors IO with named, checked errors.
+//! - `eval`: perplexity of a token sequence in context windows.
+//! - `device`: device names (`auto`, `cpu`, `cuda:N`).
 //! - `hf`: Hugging Face Llama naming, RoPE permutation and `config.json`.
 
 mod config;
+mod device;
 mod error;
+pub mod eval;
 pub mod hf;
 mod kv_cache;
 mod lillm;
@@ -17,6 +21,7 @@ mod sampling;
 pub mod weights;
 
 pub use config::{ModelConfig, PRESETS};
+pub use device::parse_device;
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use lillm::LilLM;

@@ -349,7 +349,7 @@ impl TrainConfig {
 
     /// The libtorch device this config asks for.
     pub fn device(&self) -> Result<tch::Device> {
-        parse_device(&self.device)
+        Ok(parse_device(&self.device)?)
     }
 
     /// Activation dtype (weights and optimizer state stay float32): bf16 on CUDA and on CPUs
@@ -383,23 +383,7 @@ fn cpu_flags_have_bf16(cpuinfo: &str) -> bool {
         .any(|flag| flag == "avx512_bf16" || flag == "amx_bf16")
 }
 
-/// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N` as a libtorch device.
-pub fn parse_device(name: &str) -> Result<tch::Device> {
-    match name {
-        "auto" => Ok(tch::Device::cuda_if_available()),
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::Cuda(0)),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(tch::Device::Cuda)
-            .ok_or_else(|| {
-                Error::Config(format!(
-                    "device `{other}` is not one of auto, cpu, cuda, cuda:N"
-                ))
-            }),
-    }
-}
+pub use lillm_model::parse_device;
 
 #[cfg(test)]
 mod tests {

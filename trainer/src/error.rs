@@ -53,6 +53,20 @@ impl From<lillm_c10d::Error> for Error {
     }
 }
 
+impl From<lillm_checkpoint::Error> for Error {
+    fn from(e: lillm_checkpoint::Error) -> Self {
+        use lillm_checkpoint::Error as E;
+        match e {
+            E::Checkpoint { path, message } => Error::Checkpoint { path, message },
+            E::Io { path, source } => Error::Io { path, source },
+            E::TokenizerMismatch(m) => Error::Config(m),
+            E::Model(e) => Error::Model(e),
+            E::Data(e) => Error::Data(e),
+            E::Torch(e) => Error::Torch(e),
+        }
+    }
+}
+
 impl Error {
     /// Whether running the same process again cannot succeed (exit with
     /// [`crate::stop::EXIT_FATAL`] so that no supervisor retries it).

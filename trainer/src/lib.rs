@@ -12,7 +12,7 @@
 //!   gradient averaging, broadcast, abort.
 //! - `train`: the training engine ([`Trainer`]) of every objective, with evaluation and
 //!   checkpointing.
-//! - `checkpoint`: atomic checkpoint directories, verification, retention, resolution.
+//! - `checkpoint`: the checkpoint format (the `lillm-checkpoint` crate, re-exported).
 //! - `checkpoint_actor`: writes checkpoints off the training thread.
 //! - `eval_actor`: scores committed checkpoints beside training.
 //! - `report`: [`report::Reporter`], progress and commits for whoever coordinates the run.
@@ -20,20 +20,16 @@
 //! - `member`: a trainer actor's membership of a job, as an actor (register, assignment,
 //!   heartbeats and commits on its own runtime).
 //! - `stop`: [`stop::Stop`], how a run is asked to stop between steps, and why.
-//! - `loaded`: [`LoadedModel`], a verified checkpoint ready for inference.
-//! - `eval`: perplexity of a text.
 //! - `metrics`, `plot`, `flops`: JSONL metrics, PNG loss curves, MFU's peak.
 
-pub mod checkpoint;
+pub use lillm_checkpoint as checkpoint;
 pub mod checkpoint_actor;
 pub mod config;
 pub mod data;
 pub use lillm_c10d as dist;
 mod error;
-pub mod eval;
 pub mod eval_actor;
 pub mod flops;
-mod loaded;
 pub mod loss;
 pub mod member;
 pub mod metrics;
@@ -47,5 +43,5 @@ pub mod train;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};
-pub use loaded::{check_vocab, LoadedModel};
+pub use lillm_checkpoint::{check_vocab, LoadedModel};
 pub use train::{Rewire, Setup, Start, TrainSummary, Trainer};

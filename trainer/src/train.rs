@@ -214,7 +214,7 @@ impl Trainer {
                         format!("holds step {}, not the committed step {step}", state.step),
                     ))
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             },
             Start::Committed {
                 checkpoint: None,
@@ -461,7 +461,7 @@ impl Trainer {
             val_loss,
             best_val_loss: self.best_val,
             model: self.model_cfg.clone(),
-            train: Some(self.cfg.clone()),
+            train: Some(serde_json::to_value(&self.cfg).expect("the config serialises")),
             world_size: self.cfg.world_size,
             seed: self.cfg.seed,
             generation: self.generation,

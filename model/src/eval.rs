@@ -1,8 +1,8 @@
-//! `lillm eval`: mean next-token cross entropy of a text under a checkpoint.
+//! `lillm eval`: mean next-token cross entropy of a text's tokens under a model.
 
 use tch::{Kind, Tensor};
 
-use crate::{LoadedModel, Result};
+use crate::LilLM;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TextEval {
@@ -20,10 +20,10 @@ impl TextEval {
 
 /// Scores `ids` in consecutive windows of `max_seq_len` predictions; each token after the
 /// first is predicted exactly once, from up to `max_seq_len` tokens of context.
-pub fn eval_ids(loaded: &LoadedModel, ids: &[u32]) -> Result<TextEval> {
+pub fn eval_ids(model: &LilLM, ids: &[u32]) -> TextEval {
     let _guard = tch::no_grad_guard();
-    let window = loaded.model.config().max_seq_len;
-    let device = loaded.model.device();
+    let window = model.config().max_seq_len;
+    let device = model.device();
     let (mut sum, mut count) = (0.0, 0usize);
     let mut start = 0;
     while start + 1 < ids.len() {
@@ -34,17 +34,17 @@ pub fn eval_ids(loaded: &LoadedModel, ids: &[u32]) -> Result<TextEval> {
             .view([1, n])
             .to(device);
         let y = Tensor::from_slice(&chunk[1..]).view([1, n]).to(device);
-        let losses = loaded.model.token_losses(&x, &y, false);
+        let losses = model.token_losses(&x, &y, false);
         sum += losses.sum(Kind::Double).double_value(&[]);
         count += n as usize;
         start = end - 1;
     }
-    Ok(TextEval {
+    TextEval {
         loss: if count == 0 {
             f64::NAN
         } else {
             sum / count as f64
         },
         tokens: count,
-    })
+    }
 }

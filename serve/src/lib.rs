@@ -1,12 +1,17 @@
-//! `lillm serve`: a web chat page and an OpenAI-compatible API over one model.
+//! Serving a model (`lillm serve`): a web chat page and an OpenAI-compatible API over one
+//! checkpoint. Depends on the model and the checkpoint format only: serving never links
+//! the training engine or c10d.
 //!
 //! Layout:
 //! - `generator`: the actor thread that owns the model and runs requests in order.
 //! - `openai`: request validation and the `/v1/*` handlers (JSON and SSE).
+//! - `text_stream`: text decoded as tokens arrive, with stop strings (also used by
+//!   `lillm generate` and `lillm chat`).
 //! - `page.html`: the self-contained chat page served at `/`.
 
 mod generator;
 mod openai;
+pub mod text_stream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +23,7 @@ use axum::response::Html;
 use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
-use lillm_trainer::LoadedModel;
+use lillm_checkpoint::LoadedModel;
 use tokio_util::sync::CancellationToken;
 
 pub use generator::Generator;
@@ -81,7 +86,7 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1 (requests waiting behind the running one)");
     }
-    let device = lillm_trainer::config::parse_device(&args.device)?;
+    let device = lillm_model::parse_device(&args.device)?;
     let loaded = LoadedModel::load(&args.checkpoint, device)?;
     let model_name = args.model_name.clone().unwrap_or_else(|| {
         let path = std::fs::canonicalize(&args.checkpoint).unwrap_or(args.checkpoint.clone());

@@ -1,4 +1,8 @@
-//! Checkpoints: one directory per step, written atomically, committed by `manifest.json`.
+//! The checkpoint format, shared by everything that writes or reads a model: one directory
+//! per step, written atomically, committed by `manifest.json`; and [`LoadedModel`], a
+//! verified checkpoint ready for inference, evaluation or export. Training (which writes
+//! checkpoints) and serving (which only reads them) both depend on this crate and on nothing
+//! of each other.
 //!
 //! ```text
 //! RUN/checkpoints/step-00000200/
@@ -21,8 +25,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
-use crate::config::TrainConfig;
-use crate::{Error, Result};
+mod error;
+mod loaded;
+
+pub use error::{Error, Result};
+pub use loaded::{check_vocab, LoadedModel};
 
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
@@ -41,9 +48,11 @@ pub struct CheckpointState {
     pub val_loss: Option<f64>,
     pub best_val_loss: Option<f64>,
     pub model: ModelConfig,
-    pub train: Option<TrainConfig>,
+    /// The training config of the run that wrote it, as that run's trainer recorded it.
+    pub train: Option<serde_json::Value>,
     pub world_size: usize,
-    /// Seed of batch order and dropout; dropout is reseeded from (seed, step) every step.
+    /// Seed of batch order and dropout; dropout is reseeded from (seed, step, micro-batch)
+    /// before every micro-batch.
     pub seed: u64,
     /// Membership generation of the job that wrote it (0 for single-process runs).
     pub generation: u64,
@@ -72,7 +81,8 @@ struct CheckpointManifest {
 
 const FORMAT: &str = "lillm-checkpoint/v1";
 
-pub(crate) fn sha256_file(path: &Path) -> Result<(u64, String)> {
+/// Size and SHA-256 (hex) of a file.
+pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
     let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
     Ok((bytes.len() as u64, hex::encode(Sha256::digest(&bytes))))
 }

@@ -6,8 +6,7 @@ use lillm_data::tokenizer::Tokenizer;
 use lillm_model::{weights, LilLM};
 use tch::nn::VarStore;
 
-use crate::checkpoint::{self, CheckpointState, MODEL_FILE};
-use crate::{Error, Result};
+use crate::{CheckpointState, Error, Result, MODEL_FILE};
 
 /// A verified checkpoint with its model built and weights loaded.
 pub struct LoadedModel {
@@ -21,8 +20,8 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads `path` (a checkpoint, or a run directory meaning its latest checkpoint).
     pub fn load(path: &Path, device: tch::Device) -> Result<Self> {
-        let dir = checkpoint::resolve(path)?;
-        let state = checkpoint::verify_checkpoint(&dir)?;
+        let dir = crate::resolve(path)?;
+        let state = crate::verify_checkpoint(&dir)?;
         let vs = VarStore::new(device);
         let model = LilLM::new(&vs.root(), &state.model)?;
         weights::load_var_store(&vs, &dir.join(MODEL_FILE))?;
@@ -57,7 +56,7 @@ impl LoadedModel {
 /// A tokenizer can drive a model only if all its ids are rows of the embedding.
 pub fn check_vocab(tok: &Tokenizer, model_vocab: usize) -> Result<()> {
     if tok.vocab_size() > model_vocab {
-        return Err(Error::Config(format!(
+        return Err(Error::TokenizerMismatch(format!(
             "tokenizer {} has {} tokens but the model's vocab_size is {model_vocab}; use the tokenizer the model was trained with",
             tok.path.display(),
             tok.vocab_size()

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
+use lillm_checkpoint::LoadedModel;
 use lillm_data::tokenizer::{Tokenizer, EOS_ID};
 use lillm_model::{generate, Sampler, SamplingParams, StopReason};
-use lillm_trainer::LoadedModel;
 use tokio::sync::mpsc;
 
 use crate::text_stream::{IncrementalText, Step};
