@@ -23,7 +23,7 @@ impl LoadedModel {
         let dir = crate::resolve(path)?;
         let state = crate::verify_checkpoint(&dir)?;
         let vs = VarStore::new(device);
-        let model = LilLM::new(&vs.root(), &state.model)?;
+        let model = LilLM::for_loading(&vs.root(), &state.model)?;
         weights::load_var_store(&vs, &dir.join(MODEL_FILE))?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.is_file() {

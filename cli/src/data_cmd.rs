@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 use lillm_data::manifest::Split;
-use lillm_data::prepare::{prepare, PrepareOptions};
 use lillm_data::shards::Dataset;
+use lillm_prepare::shards::{prepare, PrepareOptions};
 
 use crate::tokenizer_cmd::CorpusArgs;
 
@@ -154,7 +154,7 @@ fn stream_bench(
     seq: u32,
     tls_ca: Option<PathBuf>,
 ) -> Result<()> {
-    use lillm_data::remote::{Locate, RemoteBatches, StreamShape, StreamSource};
+    use lillm_dataloader::remote::{Locate, RemoteBatches, StreamShape, StreamSource};
     use lillm_proto::net::{ConnectSettings, RetryPolicy};
     let rt = tokio::runtime::Runtime::new()?;
     let shape = StreamShape {

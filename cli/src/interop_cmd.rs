@@ -143,7 +143,7 @@ fn write_imported(
         check_vocab(&Tokenizer::load(tok)?, cfg.vocab_size)?;
     }
     let vs = VarStore::new(Device::Cpu);
-    LilLM::new(&vs.root(), &cfg)?;
+    LilLM::for_loading(&vs.root(), &cfg)?;
     weights::load_into(&vs, &tensors, origin)?;
     let state = CheckpointState {
         step: 0,

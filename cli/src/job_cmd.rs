@@ -10,6 +10,7 @@ use clap::Args;
 use lillm_proto::client;
 use lillm_proto::net::{self, ConnectSettings, RetryPolicy};
 use lillm_proto::v1 as pb;
+use lillm_trainer::config::Objective;
 use lillm_trainer::data::TrainData;
 use lillm_trainer::eval_actor::EvalPlan;
 use lillm_trainer::member::{MemberOptions, Membership};
@@ -233,7 +234,9 @@ fn train_in_group(
         )?))),
         false => None,
     };
-    if leader {
+    // The evaluator scores next-token loss; DPO's held-out loss needs the reference, and
+    // rank 0 reports it with each commit instead.
+    if leader && cfg.objective != Objective::Dpo {
         let eval_data = match streamed {
             true => TrainData::Remote(Box::new(RemoteData::connect(
                 membership.handle(),

@@ -51,7 +51,7 @@ enum Command {
     /// Run a job's coordinator (the same as the `coordinator` binary).
     Coordinator(lillm_coordinator::cli::Args),
     /// Run a dataloader actor (the same as the `dataloader` binary).
-    Dataloader(lillm_data::actor::Args),
+    Dataloader(lillm_dataloader::actor::Args),
     /// Show a distributed job: members, ranks, step, loss, throughput, checkpoints.
     Status(status_cmd::StatusArgs),
     /// Supervised fine-tuning on conversations (loss on assistant tokens only).
@@ -153,7 +153,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Train(args) => train_cmd::run(*args, shutdown),
         Command::Coordinator(args) => lillm_coordinator::cli::run(args, shutdown),
-        Command::Dataloader(args) => lillm_data::actor::run(args, shutdown),
+        Command::Dataloader(args) => lillm_dataloader::actor::run(args, shutdown),
         Command::Status(args) => status_cmd::status(args),
         Command::Sft(args) => finetune_cmd::sft(*args, shutdown),
         Command::Dpo(args) => finetune_cmd::dpo(*args, shutdown),

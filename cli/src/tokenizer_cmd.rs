@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use lillm_data::corpus::{CorpusSpec, TextUnit};
-use lillm_data::tokenizer::{self, Tokenizer, TrainOptions};
+use lillm_data::tokenizer::Tokenizer;
+use lillm_prepare::corpus::{CorpusSpec, TextUnit};
+use lillm_prepare::tokenizer_training::{self, TrainOptions};
 
 /// Where documents come from; shared by `tokenizer train` and `data prepare`.
 #[derive(Args, Debug, Clone)]
@@ -98,7 +99,7 @@ pub fn run(cmd: TokenizerCmd) -> Result<()> {
                 min_frequency,
                 show_progress: crate::interactive(),
             };
-            let tok = tokenizer::train(&corpus.spec(), &opts, &out)?;
+            let tok = tokenizer_training::train(&corpus.spec(), &opts, &out)?;
             println!(
                 "trained tokenizer: {} tokens in {:.1}s → {}",
                 tok.vocab_size(),

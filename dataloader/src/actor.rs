@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::service::DataloaderService;
-use crate::shards::Dataset;
 use clap::Parser;
+use lillm_data::shards::Dataset;
 use lillm_proto::client::{self, CoordinatorClient};
 use lillm_proto::net::{self, Action, ConnectSettings, RetryPolicy, WarnEvery};
 use lillm_proto::v1 as pb;

@@ -1,4 +1,4 @@
-//! `dataloader`: a dataloader actor (see `lillm_data::actor`).
+//! `dataloader`: a dataloader actor (see `lillm_dataloader::actor`).
 
 use clap::Parser;
 
@@ -10,7 +10,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let shutdown = lillm_proto::process::shutdown_on_signals();
-    if let Err(err) = lillm_data::actor::run(lillm_data::actor::Args::parse(), shutdown) {
+    if let Err(err) = lillm_dataloader::actor::run(lillm_dataloader::actor::Args::parse(), shutdown)
+    {
         eprintln!("error: {err:#}");
         std::process::exit(1);
     }

@@ -10,9 +10,9 @@ use pb::dataloader_client::DataloaderClient;
 use tokio::runtime::Handle;
 use tonic::transport::Channel;
 
-use crate::manifest::Split;
 use crate::service::decode_tokens;
 use crate::{Error, Result};
+use lillm_data::manifest::Split;
 
 /// Where a trainer's dataloader is.
 #[derive(Clone)]

@@ -8,8 +8,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::manifest::{Split, TokenDtype};
-use crate::shards::{sample_windows, BatchKey, Dataset};
+use lillm_data::manifest::{Split, TokenDtype};
+use lillm_data::shards::{sample_windows, BatchKey, Dataset};
 
 /// Default number of batches produced ahead of the reader.
 pub const DEFAULT_PREFETCH: u32 = 4;

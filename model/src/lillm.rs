@@ -90,28 +90,67 @@ fn linear(x: &Tensor, weight: &Tensor) -> Tensor {
     x.linear(&weight.to_kind(x.kind()), None::<&Tensor>)
 }
 
-fn normal_weight(vs: &nn::Path, name: &str, out_dim: usize, in_dim: usize, std: f64) -> Tensor {
-    vs.var(
-        name,
-        &[out_dim as i64, in_dim as i64],
-        nn::Init::Randn {
+/// How a new model's weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// The original's random initialisation.
+    Random,
+    /// Zeros, to be overwritten by loaded weights: draws nothing from libtorch's generator.
+    ToLoad,
+}
+
+fn normal_weight(
+    vs: &nn::Path,
+    name: &str,
+    (out_dim, in_dim): (usize, usize),
+    std: f64,
+    start: Start,
+) -> Tensor {
+    let init = match start {
+        Start::Random => nn::Init::Randn {
             mean: 0.0,
             stdev: std,
         },
-    )
+        Start::ToLoad => nn::Init::Const(0.0),
+    };
+    vs.var(name, &[out_dim as i64, in_dim as i64], init)
 }
 
 impl Attention {
-    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &ModelConfig, start: Start) -> Self {
         let d = cfg.d_model;
         let hd = cfg.head_dim();
         let std_in = (d as f64).powf(-0.5);
         let std_out = 0.02 / (2.0 * cfg.n_layers as f64).sqrt();
         Self {
-            wq: normal_weight(&(&vs / "wq"), "weight", cfg.q_heads * hd, d, std_in),
-            wk: normal_weight(&(&vs / "wk"), "weight", cfg.kv_heads * hd, d, std_in),
-            wv: normal_weight(&(&vs / "wv"), "weight", cfg.kv_heads * hd, d, std_in),
-            wo: normal_weight(&(&vs / "wo"), "weight", d, cfg.q_heads * hd, std_out),
+            wq: normal_weight(
+                &(&vs / "wq"),
+                "weight",
+                (cfg.q_heads * hd, d),
+                std_in,
+                start,
+            ),
+            wk: normal_weight(
+                &(&vs / "wk"),
+                "weight",
+                (cfg.kv_heads * hd, d),
+                std_in,
+                start,
+            ),
+            wv: normal_weight(
+                &(&vs / "wv"),
+                "weight",
+                (cfg.kv_heads * hd, d),
+                std_in,
+                start,
+            ),
+            wo: normal_weight(
+                &(&vs / "wo"),
+                "weight",
+                (d, cfg.q_heads * hd),
+                std_out,
+                start,
+            ),
             q_heads: cfg.q_heads as i64,
             kv_heads: cfg.kv_heads as i64,
             head_dim: hd as i64,
@@ -175,14 +214,15 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(vs: nn::Path, cfg: &ModelConfig) -> Self {
+    fn new(vs: nn::Path, cfg: &ModelConfig, start: Start) -> Self {
         let d = cfg.d_model;
         let h = cfg.ffn_hidden_dim();
         let std_out = 0.02 / (2.0 * cfg.n_layers as f64).sqrt();
+        let d_std = (d as f64).powf(-0.5);
         Self {
-            w1: normal_weight(&(&vs / "w1"), "weight", h, d, (d as f64).powf(-0.5)),
-            w2: normal_weight(&(&vs / "w2"), "weight", d, h, std_out),
-            w3: normal_weight(&(&vs / "w3"), "weight", h, d, (d as f64).powf(-0.5)),
+            w1: normal_weight(&(&vs / "w1"), "weight", (h, d), d_std, start),
+            w2: normal_weight(&(&vs / "w2"), "weight", (d, h), std_out, start),
+            w3: normal_weight(&(&vs / "w3"), "weight", (h, d), d_std, start),
         }
     }
 
@@ -216,14 +256,26 @@ pub struct LilLM {
 impl LilLM {
     /// Builds the model with the original initialisation, parameters named like the original.
     pub fn new(vs: &nn::Path, cfg: &ModelConfig) -> Result<Self> {
+        Self::build(vs, cfg, Start::Random)
+    }
+
+    /// Builds the model with zero weights, for loading a checkpoint into: it skips the random
+    /// initialisation and draws nothing from libtorch's generator, so a model loaded on one
+    /// thread (an evaluator beside training) never shifts the seeded dropout of another.
+    pub fn for_loading(vs: &nn::Path, cfg: &ModelConfig) -> Result<Self> {
+        Self::build(vs, cfg, Start::ToLoad)
+    }
+
+    fn build(vs: &nn::Path, cfg: &ModelConfig, start: Start) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.d_model;
+        let embedding = (cfg.vocab_size, d);
         let tok_emb = normal_weight(
             &(vs / "tok_emb"),
             "weight",
-            cfg.vocab_size,
-            d,
+            embedding,
             (d as f64).powf(-0.5),
+            start,
         );
         let blocks = vs / "transformer_blocks";
         let transformer_blocks = (0..cfg.n_layers)
@@ -231,9 +283,9 @@ impl LilLM {
                 let block = &blocks / i;
                 TransformerBlock {
                     attn_norm: RmsNorm::new(&block / "attn_norm", d, cfg.eps),
-                    attn: Attention::new(&block / "attn", cfg),
+                    attn: Attention::new(&block / "attn", cfg, start),
                     ffn_norm: RmsNorm::new(&block / "ffn_norm", d, cfg.eps),
-                    ffn: FeedForward::new(&block / "ffn", cfg),
+                    ffn: FeedForward::new(&block / "ffn", cfg, start),
                 }
             })
             .collect();

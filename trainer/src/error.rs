@@ -25,6 +25,9 @@ pub enum Error {
     /// Talking to the coordinator or a dataloader failed (after the retry policy).
     #[error("network: {0}")]
     Network(#[from] lillm_proto::net::NetError),
+    /// A dataloader answered with something this trainer cannot use.
+    #[error("dataloader stream: {0}")]
+    Stream(String),
     /// Talking to the coordinator went wrong in a way the network layer does not cover.
     #[error("job membership: {0}")]
     Membership(String),
@@ -49,6 +52,16 @@ impl From<lillm_c10d::Error> for Error {
         match e {
             lillm_c10d::Error::Collective(m) => Error::Collective(m),
             lillm_c10d::Error::Config(m) => Error::Config(m),
+        }
+    }
+}
+
+impl From<lillm_dataloader::Error> for Error {
+    fn from(e: lillm_dataloader::Error) -> Self {
+        match e {
+            lillm_dataloader::Error::Data(e) => Error::Data(e),
+            lillm_dataloader::Error::Network(e) => Error::Network(e),
+            lillm_dataloader::Error::Protocol(m) => Error::Stream(m),
         }
     }
 }

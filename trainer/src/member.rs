@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lillm_data::remote::{Locate, StreamSource};
+use lillm_dataloader::remote::{Locate, StreamSource};
 use lillm_proto::client::{self, CoordinatorClient};
 use lillm_proto::net::{self, Action, ConnectSettings, NetError, RetryPolicy, WarnEvery};
 use lillm_proto::v1 as pb;

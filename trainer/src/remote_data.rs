@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use lillm_data::remote::{RemoteBatches, StreamShape, StreamSource};
 use lillm_data::shards::{Batch, BatchKey};
+use lillm_dataloader::remote::{RemoteBatches, StreamShape, StreamSource};
 use lillm_proto::v1 as pb;
 use tokio::runtime::Handle;
 

@@ -7,7 +7,7 @@ use memmap2::Mmap;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use crate::manifest::{Manifest, Split, TokenDtype};
-use crate::prepare::splitmix64;
+use crate::split::splitmix64;
 use crate::{Error, Result};
 
 /// One split of a dataset as a single virtual token stream over its shards.

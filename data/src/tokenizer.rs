@@ -1,20 +1,12 @@
-//! The byte-level BPE tokenizer: training, loading, fingerprinting, Hugging Face config files.
+//! The byte-level BPE tokenizer: loading, encoding, fingerprinting, Hugging Face config
+//! files. Training one is offline preparation (`lillm-prepare`).
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-use tokenizers::models::TrainerWrapper;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
-    TokenizerBuilder,
-};
 
-use crate::corpus::{CorpusSpec, CorpusStats};
 use crate::{Error, Result};
 
 /// The 16 special tokens, ids 0..16 in this order.
@@ -63,6 +55,11 @@ pub fn tokenizer_file(path: &Path) -> PathBuf {
 }
 
 impl Tokenizer {
+    /// A tokenizer built in memory (a freshly trained one), to be saved at `path`.
+    pub fn from_inner(inner: tokenizers::Tokenizer, path: PathBuf) -> Self {
+        Self { inner, path }
+    }
+
     /// Loads a `tokenizer.json`, or the one inside a directory.
     pub fn load(path: &Path) -> Result<Self> {
         let file = tokenizer_file(path);
@@ -160,78 +157,4 @@ pub fn write_tokenizer_config(dir: &Path) -> Result<()> {
     let path = dir.join("tokenizer_config.json");
     let text = serde_json::to_string_pretty(&config).expect("static json");
     fs::write(&path, text).map_err(|e| Error::io(&path, e))
-}
-
-/// Options for training a tokenizer.
-#[derive(Debug, Clone)]
-pub struct TrainOptions {
-    pub vocab_size: usize,
-    pub min_frequency: u64,
-    pub show_progress: bool,
-}
-
-/// Trains a byte-level BPE tokenizer on the corpus and writes it to `out`.
-pub fn train(corpus: &CorpusSpec, opts: &TrainOptions, out: &Path) -> Result<Tokenizer> {
-    let specials = special_tokens();
-    if opts.vocab_size < 256 + specials.len() {
-        return Err(Error::Usage(format!(
-            "--vocab-size {} is too small: it must hold the 256 byte symbols and the {} special tokens",
-            opts.vocab_size,
-            specials.len()
-        )));
-    }
-    let trainer = BpeTrainerBuilder::new()
-        .show_progress(opts.show_progress)
-        .vocab_size(opts.vocab_size)
-        .min_frequency(opts.min_frequency)
-        .special_tokens(
-            specials
-                .iter()
-                .map(|s| AddedToken::from(s.clone(), true))
-                .collect(),
-        )
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .build();
-    let mut trainer = TrainerWrapper::BpeTrainer(trainer);
-    let mut builder = TokenizerBuilder::new()
-        .with_model(BPE::default().into())
-        .with_normalizer(None::<NormalizerWrapper>)
-        .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(
-            ByteLevel::default().add_prefix_space(false),
-        )))
-        .with_post_processor(None::<PostProcessorWrapper>)
-        .with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())))
-        .build()
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
-
-    let stats = Arc::new(CorpusStats::default());
-    let first_error: Arc<Mutex<Option<Error>>> = Arc::default();
-    let mut documents = 0usize;
-    let docs = corpus.documents(stats)?.map_while(|doc| match doc {
-        Ok(text) => {
-            documents += 1;
-            Some(text)
-        }
-        Err(e) => {
-            *first_error.lock().expect("not poisoned") = Some(e);
-            None
-        }
-    });
-    builder
-        .train(&mut trainer, docs)
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
-    if let Some(e) = first_error.lock().expect("not poisoned").take() {
-        return Err(e);
-    }
-    if documents == 0 {
-        return Err(Error::Usage(
-            "the corpus holds no text: every input file is empty".into(),
-        ));
-    }
-    let tokenizer = Tokenizer {
-        inner: builder.into(),
-        path: out.join("tokenizer.json"),
-    };
-    tokenizer.save_dir(out)?;
-    Ok(tokenizer)
 }

@@ -107,7 +107,7 @@ pub fn build(
     seed: u64,
 ) -> Result<PairData> {
     let (pairs, filtered) = read_pairs(tok, path, max_seq_len)?;
-    let (train, val) = crate::prepare::split_by_hash(pairs, val_fraction, seed);
+    let (train, val) = crate::split::split_by_hash(pairs, val_fraction, seed);
     if val.is_empty() || train.is_empty() {
         return Err(Error::invalid(
             path,

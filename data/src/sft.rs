@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::prepare::{split_by_hash, splitmix64};
+use crate::split::{split_by_hash, splitmix64};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::schema::types::Type;
 
-use crate::{Error, Result};
+use lillm_data::{Error, Result};
 
 /// How a plain-text file is cut into documents (each document is followed by `</s>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
