@@ -1,7 +1,8 @@
 //! `lillm serve`: the official `openai` Python client talks to it (plain and streaming), bad
 //! requests get OpenAI-shaped 4xx errors while the server keeps serving, concurrent requests
-//! do not interfere, a burst past the queue gets 429 with `Retry-After`, and a headless
-//! Chromium chats through the web page.
+//! are decoded together and answer as they do alone, a client that goes away frees its
+//! place, a burst past the queue gets 429 with `Retry-After`, and a headless Chromium chats
+//! through the web page.
 
 mod common;
 use common::*;
@@ -120,14 +121,14 @@ after = client.completions.create(model="tiny", prompt="the king", max_tokens=4,
 print(json.dumps({"burst": results, "after": after}))
 "#;
 
-/// One request generating and one waiting (`--max-queue 1`): the rest of a burst of eight
-/// is refused at once with 429, OpenAI's error shape and `Retry-After`, and the server goes
-/// on serving.
+/// One request generating and one waiting (`--max-batch 1 --max-queue 1`): the rest of a
+/// burst of eight is refused at once with 429, OpenAI's error shape and `Retry-After`, and
+/// the server goes on serving.
 #[test]
 fn a_burst_past_the_queue_gets_429_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let run = model(dir.path());
-    let server = serve(&run, &["--max-queue", "1"]);
+    let server = serve(&run, &["--max-batch", "1", "--max-queue", "1"]);
     let out: serde_json::Value =
         serde_json::from_str(python(BURST, &[&server.url]).trim()).unwrap();
     let burst = out["burst"].as_array().unwrap();
@@ -135,6 +136,7 @@ fn a_burst_past_the_queue_gets_429_with_retry_after() {
     let refused: Vec<_> = burst.iter().filter(|r| r["status"] == 429).collect();
     assert!(served >= 1 && served + refused.len() == 8, "{out}");
     assert!(!refused.is_empty(), "a burst of 8 past a queue of 1: {out}");
+    let refused_n = refused.len();
     for r in refused {
         assert_eq!(r["retry_after"], "1", "{r}");
         assert_eq!(r["body"]["code"], "server_busy", "{r}");
@@ -143,6 +145,134 @@ fn a_burst_past_the_queue_gets_429_with_retry_after() {
     assert!(out["after"].is_string(), "still serving: {out}");
     let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--max-queue", "0"]);
     assert!(zero.contains("--max-queue must be at least 1"), "{zero}");
+    let metrics = http_get(&format!("{}/metrics", server.url));
+    let busy = metric(&metrics, "lillm_serve_requests_total{outcome=\"busy\"}");
+    assert_eq!(busy as usize, refused_n, "{metrics}");
+}
+
+const BATCHED: &str = r#"
+import json, sys, threading, time
+from openai import OpenAI
+url = sys.argv[1]
+client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+prompts = ["the king", "good night sweet prince, and", "who", "the queen of the land is here and", "to be or not", "night"]
+def greedy(i):
+    return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=30 + 15 * i, temperature=0).choices[0].text
+def sampled():
+    return client.completions.create(model="tiny", prompt="once upon a time", max_tokens=60, temperature=1.0, seed=7).choices[0].text
+alone = [greedy(i) for i in range(6)] + [sampled()]
+together = [None] * 7
+start = threading.Barrier(7)
+def worker(i):
+    start.wait()
+    time.sleep(0.002 * i)  # staggered: later requests join a batch that is already running
+    together[i] = greedy(i) if i < 6 else sampled()
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(7)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps({"alone": alone, "together": together}))
+"#;
+
+const CANCEL: &str = r#"
+import json, sys
+from openai import OpenAI
+url = sys.argv[1]
+client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+# A long stream whose client goes away after its first chunk, then a plain request that
+# the same client abandons (its timeout), then one that waits for its answer.
+stream = client.completions.create(model="tiny", prompt="the king", max_tokens=400, temperature=1.0, seed=3, stream=True)
+next(iter(stream))
+stream.close()
+try:
+    client.with_options(timeout=0.5).completions.create(model="tiny", prompt="the king", max_tokens=400, temperature=1.0, seed=4)
+    abandoned = "answered"
+except Exception as e:
+    abandoned = type(e).__name__
+after = client.completions.create(model="tiny", prompt="the king", max_tokens=3, temperature=0).choices[0].finish_reason
+print(json.dumps({"abandoned": abandoned, "after": after}))
+"#;
+
+/// Requests decoded together (continuous batching) — different prompt lengths and token
+/// budgets, joining a running batch and leaving it as they end — answer exactly what each
+/// answers alone: greedy token for token, and a sampled request with a seed the same text
+/// alone and among six others. `/metrics` shows that they did run together.
+#[test]
+fn requests_decoded_together_answer_as_they_do_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = model(dir.path());
+    let server = serve(&run, &["--max-batch", "8"]);
+    let out: serde_json::Value =
+        serde_json::from_str(python(BATCHED, &[&server.url]).trim()).unwrap();
+    assert_eq!(out["alone"], out["together"], "{out}");
+    let metrics = http_get(&format!("{}/metrics", server.url));
+    let peak = metric(&metrics, "lillm_serve_batch_size_peak");
+    eprintln!("at most {peak} requests decoded together");
+    assert!(peak >= 2.0, "requests ran together: {metrics}");
+    // Seven requests alone, seven together: each timed to its first token, each completed.
+    let first_tokens = metric(&metrics, "lillm_serve_time_to_first_token_seconds_count");
+    assert_eq!(first_tokens, 14.0, "{metrics}");
+    let completed = metric(
+        &metrics,
+        "lillm_serve_requests_total{outcome=\"completed\"}",
+    );
+    assert_eq!(completed, 14.0, "{metrics}");
+    let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--max-batch", "0"]);
+    assert!(zero.contains("--max-batch must be at least 1"), "{zero}");
+}
+
+/// With one place in the batch (`--max-batch 1`), a long request whose client goes away —
+/// a stream closed after its first chunk, a plain request past its client's timeout — stops
+/// at the next step: the request after it is answered at once, and `/metrics` counts both
+/// as cancelled, neither as completed. Decoding takes milliseconds per token here, so each
+/// of the 400-token requests would otherwise run for seconds.
+#[test]
+fn a_client_that_goes_away_frees_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let run = dir.path().join("slow");
+    let mut args = tiny_train_args(s(&tiny.data), s(&run), "300", "1");
+    for (flag, value) in [
+        ("--d-model", "512"),
+        ("--n-layers", "8"),
+        ("--q-heads", "8"),
+        ("--kv-heads", "4"),
+        ("--max-seq-len", "512"),
+        ("--batch-size", "1"),
+    ] {
+        set_flag(&mut args, flag, value);
+    }
+    lillm_ok(&args);
+    let server = serve(&run, &["--max-batch", "1"]);
+    let out: serde_json::Value =
+        serde_json::from_str(python(CANCEL, &[&server.url]).trim()).unwrap();
+    assert!(
+        out["abandoned"].as_str().unwrap().contains("Timeout"),
+        "{out}"
+    );
+    assert!(out["after"].is_string(), "{out}");
+    let metrics = http_get(&format!("{}/metrics", server.url));
+    let count = |outcome: &str| {
+        metric(
+            &metrics,
+            &format!("lillm_serve_requests_total{{outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(count("cancelled"), 2.0, "{metrics}");
+    assert_eq!(count("completed"), 1.0, "{metrics}");
+}
+
+fn http_get(url: &str) -> String {
+    python(
+        "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1]).read().decode())",
+        &[url],
+    )
+}
+
+/// The value of one sample line of a Prometheus exposition.
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {sample} in\n{text}"))
 }
 
 #[test]

@@ -59,6 +59,11 @@ impl KvCache {
         (k, v)
     }
 
+    pub(crate) fn layer_ref(&self, i: usize) -> (&Tensor, &Tensor) {
+        let (k, v) = &self.layers[i];
+        (k, v)
+    }
+
     pub(crate) fn advance(&mut self, tokens: usize) {
         assert!(
             self.len + tokens <= self.capacity,

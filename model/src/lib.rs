@@ -4,6 +4,8 @@
 //! - `config`: [`ModelConfig`], presets, validation, parameter and FLOP counts.
 //! - `lillm`: [`LilLM`], the transformer itself (RMSNorm, RoPE, GQA attention, SwiGLU).
 //! - `kv_cache`: [`KvCache`] for incremental decoding.
+//! - `slot_cache`: [`SlotCache`], the KV cache of sequences decoded together (continuous
+//!   batching, [`LilLM::decode_slots`]).
 //! - `sampling`: temperature / top-k / top-p [`Sampler`] and the [`generate`] loop.
 //! - `weights`: safetensors IO with named, checked errors.
 //! - `eval`: perplexity of a token sequence in context windows.
@@ -18,6 +20,7 @@ pub mod hf;
 mod kv_cache;
 mod lillm;
 mod sampling;
+mod slot_cache;
 pub mod weights;
 
 pub use config::{ModelConfig, PRESETS};
@@ -26,3 +29,4 @@ pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use lillm::LilLM;
 pub use sampling::{generate, Sampler, SamplingParams, StopReason};
+pub use slot_cache::SlotCache;

@@ -5,7 +5,7 @@
 
 use tch::{nn, Kind, Tensor};
 
-use crate::{KvCache, ModelConfig, Result};
+use crate::{KvCache, ModelConfig, Result, SlotCache};
 
 /// RMSNorm with a learned `gain`; statistics in float32, result cast back before the gain.
 #[derive(Debug)]
@@ -60,14 +60,27 @@ impl Rope {
 
     /// Rotates `x` of shape (B, T, H, hd) whose first position is `start_pos`.
     fn apply(&self, x: &Tensor, start_pos: i64) -> Tensor {
-        let (b, t, h, hd) = x.size4().expect("rope input is 4-d");
+        let (_, t, _, hd) = x.size4().expect("rope input is 4-d");
         let cos = self.cos.narrow(0, start_pos, t).view([1, t, 1, hd / 2]);
         let sin = self.sin.narrow(0, start_pos, t).view([1, t, 1, hd / 2]);
+        Self::rotate(x, &cos, &sin)
+    }
+
+    /// Rotates `x` of shape (B, 1, H, hd) whose row `i` is at position `positions[i]`.
+    fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Tensor {
+        let (b, _, _, hd) = x.size4().expect("rope input is 4-d");
+        let cos = self.cos.index_select(0, positions).view([b, 1, 1, hd / 2]);
+        let sin = self.sin.index_select(0, positions).view([b, 1, 1, hd / 2]);
+        Self::rotate(x, &cos, &sin)
+    }
+
+    fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let (b, t, h, hd) = x.size4().expect("rope input is 4-d");
         let pairs = x.to_kind(Kind::Float).view([b, t, h, hd / 2, 2]);
         let even = pairs.select(4, 0);
         let odd = pairs.select(4, 1);
-        let rotated_even = &even * &cos - &odd * &sin;
-        let rotated_odd = &even * &sin + &odd * &cos;
+        let rotated_even = &even * cos - &odd * sin;
+        let rotated_odd = &even * sin + &odd * cos;
         Tensor::stack(&[rotated_even, rotated_odd], 4)
             .view([b, t, h, hd])
             .to_kind(x.kind())
@@ -202,6 +215,50 @@ impl Attention {
             true,
         );
         let out = out.transpose(1, 2).contiguous().view([b, t, -1]);
+        linear(&out, &self.wo)
+    }
+
+    /// One new token for each of `b` sequences in cache slots `0..b`, row `i` at position
+    /// `positions[i]` (`max_len`: the longest sequence after this token).
+    fn forward_slots(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        positions: &Tensor,
+        (cache_k, cache_v): (&mut Tensor, &mut Tensor),
+        max_len: i64,
+    ) -> Tensor {
+        let (b, _, _) = x.size3().expect("attention input is 3-d");
+        let q = linear(x, &self.wq).view([b, 1, self.q_heads, self.head_dim]);
+        let k = linear(x, &self.wk).view([b, 1, self.kv_heads, self.head_dim]);
+        let v = linear(x, &self.wv).view([b, 1, self.kv_heads, self.head_dim]);
+        let q = rope.apply_at(&q, positions).transpose(1, 2);
+        let k = rope.apply_at(&k, positions).transpose(1, 2);
+        let v = v.transpose(1, 2);
+        // Row i's key and value go to (slot i, position i): indices on dims 0 and 2.
+        let rows = Tensor::arange(b, (Kind::Int64, x.device()));
+        let at = [Some(rows), None, Some(positions.shallow_clone())];
+        let _ = cache_k.index_put_(&at, &k.squeeze_dim(2).to_kind(cache_k.kind()), false);
+        let _ = cache_v.index_put_(&at, &v.squeeze_dim(2).to_kind(cache_v.kind()), false);
+        let k = cache_k.narrow(0, 0, b).narrow(2, 0, max_len);
+        let v = cache_v.narrow(0, 0, b).narrow(2, 0, max_len);
+        // Each row sees its own positions only: (b, 1, 1, max_len).
+        let cols = Tensor::arange(max_len, (Kind::Int64, x.device()));
+        let mask = cols
+            .unsqueeze(0)
+            .le_tensor(&positions.unsqueeze(1))
+            .view([b, 1, 1, max_len]);
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k.to_kind(q.kind()),
+            &v.to_kind(q.kind()),
+            Some(&mask),
+            0.0,
+            false,
+            None,
+            true,
+        );
+        let out = out.transpose(1, 2).contiguous().view([b, 1, -1]);
         linear(&out, &self.wo)
     }
 }
@@ -375,6 +432,36 @@ impl LilLM {
             .view([-1, vocab])
             .cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::None, -1, 0.0)
             .view_as(targets)
+    }
+
+    /// One decode step of continuous batching: `tokens[i]` is the next token of the sequence
+    /// in slot `i` of `cache` (all used slots, in order); returns their logits (used, vocab).
+    /// Each sequence attends to its own positions only, so its logits are those it would
+    /// get decoded alone.
+    #[allow(clippy::assign_op_pattern)]
+    pub fn decode_slots(&self, tokens: &[u32], cache: &mut SlotCache) -> Tensor {
+        let b = tokens.len();
+        assert_eq!(b, cache.used(), "one token per used slot");
+        let device = self.device();
+        let positions: Vec<i64> = (0..b).map(|i| cache.len(i) as i64).collect();
+        let max_len = positions.iter().max().map_or(1, |p| p + 1);
+        let positions = Tensor::from_slice(&positions).to(device);
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::from_slice(&ids).view([b as i64, 1]).to(device);
+        let mut x =
+            Tensor::embedding(&self.tok_emb, &ids, -1, false, false).to_kind(self.compute_kind);
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            let attn_in = block.attn_norm.forward(&x);
+            let attn =
+                block
+                    .attn
+                    .forward_slots(&attn_in, &self.rope, &positions, cache.layer(i), max_len);
+            x = x + attn;
+            let ffn_out = block.ffn.forward(&block.ffn_norm.forward(&x));
+            x = x + ffn_out;
+        }
+        cache.advance_all();
+        self.head(&self.norm.forward(&x).select(1, 0))
     }
 
     /// Runs `tokens` (B, T) at positions `cache.len()..` through the model, extending the

@@ -1,21 +1,35 @@
-//! The generation actor: one thread owns the model and serves requests in arrival order, so
-//! concurrent HTTP requests never share mutable model state; each streams its events back.
+//! The generation actor: one thread owns the model and decodes every running request
+//! together (continuous batching). Each step runs one forward for all decoding sequences;
+//! a new request is prefilled (in chunks, one chunk per step, so running streams keep
+//! flowing) and joins at the next step, and a finished, failed or abandoned one leaves at
+//! once. Each request keeps its own sampler, stop strings and token budget, so its output
+//! does not depend on what else runs beside it.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use lillm_checkpoint::LoadedModel;
 use lillm_data::tokenizer::{Tokenizer, EOS_ID};
-use lillm_model::{generate, Sampler, SamplingParams, StopReason};
+use lillm_model::{KvCache, LilLM, Sampler, SamplingParams, SlotCache};
+use tch::{Device, Tensor};
 use tokio::sync::mpsc;
 
+use crate::metrics::{Metrics, Outcome as Ended};
 use crate::text_stream::{IncrementalText, Step};
+
+/// Prompt tokens prefilled per step: bounds how long a long prompt holds up running streams.
+const PREFILL_CHUNK: usize = 128;
 
 pub struct GenRequest {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stops: Vec<String>,
-    pub events: mpsc::Sender<GenEvent>,
+    /// Unbounded, so that one slow reader never stalls the batch; a reply holds at most
+    /// `max_tokens` events.
+    pub events: mpsc::UnboundedSender<GenEvent>,
+    /// When the request arrived (time to first token counts from here).
+    pub arrived: Instant,
 }
 
 #[derive(Debug)]
@@ -35,6 +49,7 @@ pub struct Generator {
     pub tokenizer: Arc<Tokenizer>,
     /// The model's context length in tokens.
     pub context: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why a request was not queued.
@@ -46,10 +61,18 @@ pub enum Refused {
     Stopped,
 }
 
+/// Batching limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sequences decoded together.
+    pub max_batch: usize,
+    /// Requests waiting for a place in the batch; past that, requests are refused.
+    pub max_queue: usize,
+}
+
 impl Generator {
-    /// Starts the generation thread; at most `max_queue` requests wait behind the one it
-    /// runs, and further ones are refused at once (the HTTP layer answers 429).
-    pub fn new(mut loaded: LoadedModel, max_queue: usize) -> anyhow::Result<Self> {
+    /// Starts the generation thread.
+    pub fn new(mut loaded: LoadedModel, limits: Limits) -> anyhow::Result<Self> {
         let tokenizer = Arc::new(loaded.tokenizer.take().ok_or_else(|| {
             anyhow::anyhow!(
                 "{}: has no tokenizer.json to serve with",
@@ -58,20 +81,26 @@ impl Generator {
         })?);
         let context = loaded.model.config().max_seq_len;
         // Bounded: a burst past the queue is refused, never held in memory.
-        let (jobs, mut rx) = mpsc::channel::<GenRequest>(max_queue);
-        let tok = tokenizer.clone();
+        let (jobs, rx) = mpsc::channel::<GenRequest>(limits.max_queue);
+        let (tok, metrics) = (tokenizer.clone(), Arc::new(Metrics::default()));
+        let figures = metrics.clone();
         std::thread::Builder::new()
             .name("lillm-generator".into())
             .spawn(move || {
-                while let Some(job) = rx.blocking_recv() {
-                    run_job(&loaded, &tok, job);
-                }
+                let _guard = tch::no_grad_guard();
+                Batch::new(&loaded.model, &tok, &figures, limits.max_batch).run(rx);
             })?;
         Ok(Self {
             jobs,
             tokenizer,
             context,
+            metrics,
         })
+    }
+
+    /// Requests waiting for a place in the batch.
+    pub fn queued(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
     }
 
     /// Queues a request unless the queue is full; its events arrive on `req.events`.
@@ -83,64 +112,238 @@ impl Generator {
     }
 }
 
-fn run_job(loaded: &LoadedModel, tok: &Tokenizer, job: GenRequest) {
-    let events = job.events;
-    let mut text = IncrementalText::new(tok, job.stops);
-    let mut finish = "length";
-    let mut failure = None;
-    let result = Sampler::new(job.sampling)
-        .map_err(anyhow::Error::from)
-        .and_then(|mut sampler| {
-            Ok(generate(
-                &loaded.model,
-                &job.prompt,
-                job.max_tokens,
-                &mut sampler,
-                &[EOS_ID],
-                |id| match text.push(id) {
-                    Ok(Step::Continue(delta)) => {
-                        delta.is_empty() || events.blocking_send(GenEvent::Delta(delta)).is_ok()
-                    }
-                    Ok(Step::Stop(delta)) => {
-                        finish = "stop";
-                        if !delta.is_empty() {
-                            let _ = events.blocking_send(GenEvent::Delta(delta));
-                        }
-                        false
-                    }
-                    Err(e) => {
-                        failure = Some(e.to_string());
-                        false
-                    }
-                },
-            )?)
-        });
-    let reason = match result {
-        Ok(reason) => reason,
-        Err(e) => {
-            let _ = events.blocking_send(GenEvent::Failed(e.to_string()));
-            return;
+/// One request being answered.
+struct Sequence<'t> {
+    sampler: Sampler,
+    text: IncrementalText<'t>,
+    max_tokens: usize,
+    events: mpsc::UnboundedSender<GenEvent>,
+    /// The token to feed at the next decode step.
+    next: u32,
+    metrics: &'t Metrics,
+    arrived: Instant,
+    last_token: Option<Instant>,
+}
+
+/// A request whose prompt is being prefilled into its own cache.
+struct Prefill<'t> {
+    sequence: Sequence<'t>,
+    prompt: Vec<u32>,
+    cache: KvCache,
+}
+
+/// What a sampled token did to its sequence.
+enum Outcome {
+    Continue,
+    Finished,
+}
+
+/// The running batch: the sequences decoding in `slots` (sequence `i` in slot `i`) and the
+/// one being prefilled.
+struct Batch<'a> {
+    model: &'a LilLM,
+    tok: &'a Tokenizer,
+    metrics: &'a Metrics,
+    slots: SlotCache,
+    decoding: Vec<Sequence<'a>>,
+    prefill: Option<Prefill<'a>>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(model: &'a LilLM, tok: &'a Tokenizer, metrics: &'a Metrics, max_batch: usize) -> Self {
+        let cfg = model.config();
+        Self {
+            model,
+            tok,
+            metrics,
+            slots: SlotCache::new(cfg, max_batch, model.compute_kind(), model.device()),
+            decoding: Vec::new(),
+            prefill: None,
         }
-    };
-    if let Some(e) = failure {
-        let _ = events.blocking_send(GenEvent::Failed(e));
-        return;
     }
-    let stopped_by_string = finish == "stop";
-    if reason == StopReason::StopToken {
-        finish = "stop";
+
+    /// Serves until every handle is dropped and the last request is answered.
+    fn run(mut self, mut jobs: mpsc::Receiver<GenRequest>) {
+        loop {
+            if self.prefill.is_none() && !self.slots.is_full() {
+                let job = match self.decoding.is_empty() {
+                    // Nothing running: wait for work.
+                    true => match jobs.blocking_recv() {
+                        Some(job) => Some(job),
+                        None => return,
+                    },
+                    false => jobs.try_recv().ok(),
+                };
+                if let Some(job) = job {
+                    self.start(job);
+                }
+            }
+            self.drop_abandoned();
+            self.prefill_chunk();
+            self.decode_step();
+        }
     }
-    // Text held back as a possible stop-sequence prefix is real output unless a stop
-    // sequence actually ended the reply.
-    if !stopped_by_string {
-        if let Ok(rest) = text.finish() {
-            if !rest.is_empty() {
-                let _ = events.blocking_send(GenEvent::Delta(rest));
+
+    fn start(&mut self, job: GenRequest) {
+        let sampler = match Sampler::new(job.sampling) {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.count(Ended::Failed);
+                let _ = job.events.send(GenEvent::Failed(e.to_string()));
+                return;
+            }
+        };
+        let cfg = self.model.config();
+        self.prefill = Some(Prefill {
+            sequence: Sequence {
+                sampler,
+                text: IncrementalText::new(self.tok, job.stops),
+                max_tokens: job.max_tokens,
+                events: job.events,
+                next: 0,
+                metrics: self.metrics,
+                arrived: job.arrived,
+                last_token: None,
+            },
+            prompt: job.prompt,
+            cache: KvCache::new(cfg, 1, self.model.compute_kind(), self.model.device()),
+        });
+    }
+
+    /// Clients that went away (a closed stream or an abandoned request) free their place.
+    fn drop_abandoned(&mut self) {
+        if self
+            .prefill
+            .as_ref()
+            .is_some_and(|p| p.sequence.events.is_closed())
+        {
+            self.prefill = None;
+            self.metrics.count(Ended::Cancelled);
+        }
+        for i in (0..self.decoding.len()).rev() {
+            if self.decoding[i].events.is_closed() {
+                self.remove(i);
+                self.metrics.count(Ended::Cancelled);
             }
         }
     }
-    let _ = events.blocking_send(GenEvent::Done {
-        finish_reason: finish,
-        completion_tokens: text.tokens(),
-    });
+
+    /// Prefills the next chunk of the waiting prompt; a finished prompt samples its first
+    /// token and joins the batch.
+    fn prefill_chunk(&mut self) {
+        let Some(p) = self.prefill.as_mut() else {
+            return;
+        };
+        let done = p.cache.len();
+        let end = (done + PREFILL_CHUNK).min(p.prompt.len());
+        let ids: Vec<i64> = p.prompt[done..end].iter().map(|&t| t as i64).collect();
+        let chunk = Tensor::from_slice(&ids)
+            .view([1, -1])
+            .to(self.model.device());
+        let logits = self.model.forward_cached(&chunk, &mut p.cache);
+        if end < p.prompt.len() {
+            return;
+        }
+        let Prefill {
+            mut sequence,
+            cache,
+            ..
+        } = self.prefill.take().expect("a prefill");
+        let logits = logits.get(0).to_device(Device::Cpu);
+        if let Outcome::Continue = sequence.take(&logits, cache.remaining()) {
+            self.slots.admit(&cache);
+            self.decoding.push(sequence);
+            self.metrics.set_batch(self.decoding.len());
+        }
+    }
+
+    /// One forward for every decoding sequence, then one sampled token each.
+    fn decode_step(&mut self) {
+        if self.decoding.is_empty() {
+            return;
+        }
+        let tokens: Vec<u32> = self.decoding.iter().map(|s| s.next).collect();
+        let logits = self
+            .model
+            .decode_slots(&tokens, &mut self.slots)
+            .to_device(Device::Cpu);
+        let mut finished = Vec::new();
+        for (i, sequence) in self.decoding.iter_mut().enumerate() {
+            let room = self.slots.remaining(i);
+            if let Outcome::Finished = sequence.take(&logits.get(i as i64), room) {
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            self.remove(i);
+        }
+    }
+
+    /// Removes sequence `i`; the last one moves into its slot (see [`SlotCache::release`]).
+    fn remove(&mut self, i: usize) {
+        self.slots.release(i);
+        self.decoding.swap_remove(i);
+        self.metrics.set_batch(self.decoding.len());
+    }
+}
+
+impl Sequence<'_> {
+    /// Samples the next token from `logits` and sends what it adds to the reply; `room` is
+    /// the context left for feeding it back.
+    fn take(&mut self, logits: &Tensor, room: usize) -> Outcome {
+        let id = self.sampler.sample(logits);
+        let now = Instant::now();
+        match self.last_token.replace(now) {
+            None => self.metrics.time_to_first_token.observe(now - self.arrived),
+            Some(last) => self.metrics.inter_token_latency.observe(now - last),
+        }
+        if id == EOS_ID {
+            return self.finish("stop", true);
+        }
+        match self.text.push(id) {
+            Ok(Step::Continue(delta)) => {
+                if !delta.is_empty() {
+                    let _ = self.events.send(GenEvent::Delta(delta));
+                }
+            }
+            Ok(Step::Stop(delta)) => {
+                if !delta.is_empty() {
+                    let _ = self.events.send(GenEvent::Delta(delta));
+                }
+                // A stop sequence ended the reply: what it held back is not output.
+                return self.finish("stop", false);
+            }
+            Err(e) => {
+                self.metrics.count(Ended::Failed);
+                let _ = self.events.send(GenEvent::Failed(e.to_string()));
+                return Outcome::Finished;
+            }
+        }
+        self.metrics
+            .generated_tokens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.text.tokens() >= self.max_tokens || room == 0 {
+            return self.finish("length", true);
+        }
+        self.next = id;
+        Outcome::Continue
+    }
+
+    /// Ends the reply: text held back as a possible stop-string prefix is real output
+    /// unless a stop string ended it (`flush`).
+    fn finish(&mut self, finish_reason: &'static str, flush: bool) -> Outcome {
+        if flush {
+            if let Ok(rest) = self.text.finish() {
+                if !rest.is_empty() {
+                    let _ = self.events.send(GenEvent::Delta(rest));
+                }
+            }
+        }
+        let _ = self.events.send(GenEvent::Done {
+            finish_reason,
+            completion_tokens: self.text.tokens(),
+        });
+        self.metrics.count(Ended::Completed);
+        Outcome::Finished
+    }
 }

@@ -3,13 +3,16 @@
 //! the training engine or c10d.
 //!
 //! Layout:
-//! - `generator`: the actor thread that owns the model and runs requests in order.
+//! - `generator`: the actor thread that owns the model and decodes the running requests
+//!   together (continuous batching).
+//! - `metrics`: `/metrics` for Prometheus (requests, queue, batch, latencies).
 //! - `openai`: request validation and the `/v1/*` handlers (JSON and SSE).
 //! - `text_stream`: text decoded as tokens arrive, with stop strings (also used by
 //!   `lillm generate` and `lillm chat`).
 //! - `page.html`: the self-contained chat page served at `/`.
 
 mod generator;
+mod metrics;
 mod openai;
 pub mod text_stream;
 
@@ -19,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use axum::extract::State;
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::Router;
@@ -26,7 +30,7 @@ use clap::Args;
 use lillm_checkpoint::LoadedModel;
 use tokio_util::sync::CancellationToken;
 
-pub use generator::Generator;
+pub use generator::{Generator, Limits};
 
 const PAGE: &str = include_str!("page.html");
 
@@ -43,6 +47,10 @@ pub struct AppState {
 impl AppState {
     fn next_id(&self) -> u64 {
         self.counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn metrics(&self) -> &metrics::Metrics {
+        &self.generator.metrics
     }
 }
 
@@ -65,8 +73,12 @@ pub struct ServeArgs {
     model_name: Option<String>,
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Requests that may wait behind the one being generated; past that the server answers
-    /// 429 with `Retry-After` instead of queueing without bound.
+    /// Requests decoded together (continuous batching): each step runs one forward for all
+    /// of them, and a new request joins at the next step.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Requests that may wait for a place in the batch; past that the server answers 429
+    /// with `Retry-After` instead of queueing without bound.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
 }
@@ -75,6 +87,12 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/health", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(|State(state): State<AppState>| async move {
+                state.metrics().render(state.generator.queued())
+            }),
+        )
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
@@ -84,7 +102,10 @@ pub fn router(state: AppState) -> Router {
 /// Serves until `shutdown` is cancelled (by `main`, on SIGTERM or Ctrl-C).
 pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
     if args.max_queue == 0 {
-        anyhow::bail!("--max-queue must be at least 1 (requests waiting behind the running one)");
+        anyhow::bail!("--max-queue must be at least 1 (requests waiting for a place in the batch)");
+    }
+    if args.max_batch == 0 {
+        anyhow::bail!("--max-batch must be at least 1 (requests decoded together)");
     }
     let device = lillm_model::parse_device(&args.device)?;
     let loaded = LoadedModel::load(&args.checkpoint, device)?;
@@ -94,7 +115,13 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
             .map_or("lillm".into(), |n| n.to_string_lossy().into_owned())
     });
     let state = AppState {
-        generator: Generator::new(loaded, args.max_queue)?,
+        generator: Generator::new(
+            loaded,
+            Limits {
+                max_batch: args.max_batch,
+                max_queue: args.max_queue,
+            },
+        )?,
         model_name,
         api_key: args.api_key.clone(),
         started: std::time::SystemTime::now()

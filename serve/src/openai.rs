@@ -15,11 +15,12 @@ use lillm_model::SamplingParams;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 use super::generator::{GenEvent, GenRequest, Refused};
 use super::AppState;
+use crate::metrics::Outcome;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 pub struct ApiError {
@@ -206,7 +207,19 @@ fn plan(state: &AppState, prompt_text: &str, s: Sampling) -> Result<Plan, ApiErr
                 "max_tokens must be at least 1, got {n}"
             )))
         }
-        Some(n) => (n as usize).min(room),
+        // Refused before any work, as OpenAI does, rather than cut short silently.
+        Some(n) if n as usize > room => {
+            return Err(ApiError::with(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "context_length_exceeded",
+                format!(
+                    "the prompt has {} tokens and max_tokens is {n}, but the model's context is {context} tokens; ask for at most {room} tokens or shorten the prompt",
+                    prompt.len()
+                ),
+            ))
+        }
+        Some(n) => n as usize,
         None => room,
     };
     let temperature = s.temperature.unwrap_or(1.0);
@@ -246,14 +259,18 @@ fn plan(state: &AppState, prompt_text: &str, s: Sampling) -> Result<Plan, ApiErr
     })
 }
 
-async fn start(state: &AppState, plan: &Plan) -> Result<mpsc::Receiver<GenEvent>, ApiError> {
-    let (tx, rx) = mpsc::channel(32);
+async fn start(
+    state: &AppState,
+    plan: &Plan,
+) -> Result<mpsc::UnboundedReceiver<GenEvent>, ApiError> {
+    let (tx, rx) = mpsc::unbounded_channel();
     let req = GenRequest {
         prompt: plan.prompt.clone(),
         max_tokens: plan.max_tokens,
         sampling: plan.sampling.clone(),
         stops: plan.stops.clone(),
         events: tx,
+        arrived: std::time::Instant::now(),
     };
     state.generator.submit(req).map_err(|refused| match refused {
         Refused::Full(queued) => ApiError {
@@ -279,7 +296,7 @@ async fn start(state: &AppState, plan: &Plan) -> Result<mpsc::Receiver<GenEvent>
 
 /// Collects a whole reply: (text, finish_reason, completion tokens).
 async fn collect(
-    mut rx: mpsc::Receiver<GenEvent>,
+    mut rx: mpsc::UnboundedReceiver<GenEvent>,
 ) -> Result<(String, &'static str, usize), ApiError> {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
@@ -313,7 +330,7 @@ fn usage(prompt: usize, completion: usize) -> Value {
 
 /// Streams events as SSE chunks built by `chunk(delta, finish_reason)`, then `[DONE]`.
 fn sse(
-    rx: mpsc::Receiver<GenEvent>,
+    rx: mpsc::UnboundedReceiver<GenEvent>,
     first: Option<Value>,
     prompt_tokens: usize,
     chunk: impl Fn(Option<&str>, Option<&str>, Option<Value>) -> Value + Send + 'static,
@@ -321,7 +338,7 @@ fn sse(
     let head = tokio_stream::iter(
         first.map(|v| Ok::<_, Infallible>(Event::default().data(v.to_string()))),
     );
-    let body = ReceiverStream::new(rx).map(move |ev| {
+    let body = UnboundedReceiverStream::new(rx).map(move |ev| {
         let value = match ev {
             GenEvent::Delta(d) => chunk(Some(&d), None, None),
             GenEvent::Done {
@@ -355,7 +372,31 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    counted(&state, chat(&state, headers, body).await)
+}
+
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    counted(&state, completion(&state, headers, body).await)
+}
+
+/// Counts a request refused before generation (the generator counts the others).
+fn counted(state: &AppState, result: Result<Response, ApiError>) -> Result<Response, ApiError> {
+    if let Err(e) = &result {
+        match e.status {
+            StatusCode::TOO_MANY_REQUESTS => state.metrics().count(Outcome::Busy),
+            s if s.is_client_error() => state.metrics().count(Outcome::Invalid),
+            _ => {}
+        }
+    }
+    result
+}
+
+async fn chat(state: &AppState, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorize(state, &headers)?;
     let req: ChatRequest = parse(&body)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages must not be empty"));
@@ -378,8 +419,8 @@ pub async fn chat_completions(
         });
     }
     let prompt = render_prompt(&turns).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let plan = plan(&state, &prompt, req.sampling)?;
-    let rx = start(&state, &plan).await?;
+    let plan = plan(state, &prompt, req.sampling)?;
+    let rx = start(state, &plan).await?;
     let id = format!("chatcmpl-{}", state.next_id());
     let (model, created, prompt_tokens) = (state.model_name.clone(), now(), plan.prompt.len());
     if plan.stream {
@@ -409,15 +450,15 @@ pub async fn chat_completions(
     .into_response())
 }
 
-pub async fn completions(
-    State(state): State<AppState>,
+async fn completion(
+    state: &AppState,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    authorize(state, &headers)?;
     let req: CompletionRequest = parse(&body)?;
-    let plan = plan(&state, &req.prompt, req.sampling)?;
-    let rx = start(&state, &plan).await?;
+    let plan = plan(state, &req.prompt, req.sampling)?;
+    let rx = start(state, &plan).await?;
     let id = format!("cmpl-{}", state.next_id());
     let (model, created, prompt_tokens) = (state.model_name.clone(), now(), plan.prompt.len());
     if plan.stream {

@@ -1,0 +1,135 @@
+//! What the server reports at `/metrics` (Prometheus text format): requests by outcome, the
+//! queue and the batch, tokens generated, and time-to-first-token and inter-token latency
+//! histograms. Updated lock-free by the HTTP handlers and the generation thread.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histograms' buckets.
+const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A Prometheus histogram of durations with fixed buckets.
+#[derive(Default)]
+pub struct Histogram {
+    /// Observations at most `BUCKETS[i]` (not cumulative; summed when rendered).
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    /// Sum of the observations in microseconds.
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, n) in BUCKETS.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    /// Answered to the end (`stop` or `length`).
+    Completed = 0,
+    /// Refused before any work (a bad request: 4xx).
+    Invalid,
+    /// Refused because the queue was full (429).
+    Busy,
+    /// The client went away before the end; its place was freed.
+    Cancelled,
+    /// Generation failed (500).
+    Failed,
+}
+
+const OUTCOMES: [&str; 5] = ["completed", "invalid", "busy", "cancelled", "failed"];
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: [AtomicU64; OUTCOMES.len()],
+    /// Sequences in the running batch, now and at most so far.
+    pub batch: AtomicU64,
+    pub batch_peak: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn count(&self, outcome: Outcome) {
+        self.requests[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_batch(&self, size: usize) {
+        self.batch.store(size as u64, Ordering::Relaxed);
+        self.batch_peak.fetch_max(size as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus exposition, with `queued` requests waiting for a place in the batch.
+    pub fn render(&self, queued: usize) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP lillm_serve_requests_total Requests by how they ended.\n# TYPE lillm_serve_requests_total counter"
+        );
+        for (name, n) in OUTCOMES.iter().zip(&self.requests) {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(out, "lillm_serve_requests_total{{outcome=\"{name}\"}} {n}");
+        }
+        let gauges = [
+            (
+                "lillm_serve_queue_length",
+                "Requests waiting for a place in the batch.",
+                queued as u64,
+            ),
+            (
+                "lillm_serve_batch_size",
+                "Sequences decoded together now.",
+                self.batch.load(Ordering::Relaxed),
+            ),
+            (
+                "lillm_serve_batch_size_peak",
+                "Most sequences decoded together so far.",
+                self.batch_peak.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let tokens = self.generated_tokens.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP lillm_serve_generated_tokens_total Tokens generated.\n# TYPE lillm_serve_generated_tokens_total counter\nlillm_serve_generated_tokens_total {tokens}"
+        );
+        self.time_to_first_token.render(
+            &mut out,
+            "lillm_serve_time_to_first_token_seconds",
+            "From a request's arrival to its first token.",
+        );
+        self.inter_token_latency.render(
+            &mut out,
+            "lillm_serve_inter_token_latency_seconds",
+            "Between consecutive tokens of one request.",
+        );
+        out
+    }
+}
