@@ -73,9 +73,17 @@ impl Sampler {
             .enumerate()
             .map(|(i, p)| (i as u32, p))
             .collect();
-        ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
+        // Only a top-k or top-p cut needs the tokens in order of probability; a plain draw
+        // walks them as they are (a sort of the whole vocabulary per token is the costliest
+        // part of sampling a batch).
+        let by_probability =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if self.params.top_k > 0 && self.params.top_k < ranked.len() {
+            ranked.select_nth_unstable_by(self.params.top_k - 1, by_probability);
             ranked.truncate(self.params.top_k);
+        }
+        if self.params.top_k > 0 || self.params.top_p < 1.0 {
+            ranked.sort_unstable_by(by_probability);
         }
         if self.params.top_p < 1.0 {
             let mut cumulative = 0.0;
