@@ -19,7 +19,8 @@ def completion_stream(seed, max_tokens=64):
     would be the bottleneck)."""
     conn = http.client.HTTPConnection(host.hostname, host.port, timeout=120)
     body = json.dumps({"model": model, "prompt": "The king", "max_tokens": max_tokens,
-                       "temperature": 1.0, "seed": seed, "stream": True})
+                       "temperature": 1.0, "seed": seed, "stream": True,
+                       "stream_options": {"include_usage": True}})
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     response = conn.getresponse()
     if response.status != 200:
@@ -29,7 +30,8 @@ def completion_stream(seed, max_tokens=64):
             continue
         event = json.loads(line[6:])
         usage = event.get("usage")
-        yield event["choices"][0]["text"], usage and usage["completion_tokens"]
+        text = event["choices"][0]["text"] if event["choices"] else ""
+        yield text, usage and usage["completion_tokens"]
     conn.close()
 
 

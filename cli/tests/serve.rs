@@ -71,6 +71,27 @@ c = client.completions.create(model="tiny", prompt="the king", max_tokens=6, see
 out["completion"] = {"text": c.choices[0].text, "usage": c.usage.model_dump()}
 sc = list(client.completions.create(model="tiny", prompt="the king", max_tokens=6, seed=3, temperature=0.9, stop=["\n"], stream=True))
 out["completion_stream"] = "".join(x.choices[0].text for x in sc)
+# n choices: choice i samples with seed + i, so choice 0 is the single answer; streamed with
+# include_usage, the chunks spell the same choices and a last chunk carries the usage.
+many = client.completions.create(model="tiny", prompt="the king", max_tokens=6, seed=3, temperature=0.9, stop=["\n"], n=3)
+out["n"] = {"texts": [c.text for c in sorted(many.choices, key=lambda c: c.index)], "usage": many.usage.model_dump()}
+streamed = {}
+usage_chunks = []
+for x in client.completions.create(model="tiny", prompt="the king", max_tokens=6, seed=3, temperature=0.9, stop=["\n"], n=3, stream=True, stream_options={"include_usage": True}):
+    if x.usage:
+        usage_chunks.append({"usage": x.usage.model_dump(), "choices": len(x.choices)})
+    for c in x.choices:
+        streamed[c.index] = streamed.get(c.index, "") + c.text
+out["n_stream"] = {"texts": [streamed.get(i, "") for i in range(3)], "usage_chunks": usage_chunks}
+plain = list(client.completions.create(model="tiny", prompt="the king", max_tokens=4, stream=True))
+out["usage_without_asking"] = sum(1 for x in plain if x.usage)
+chat3 = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "who is the king?"}], max_tokens=8, seed=1, temperature=0.7, n=3)
+out["chat_n"] = [c.message.content for c in sorted(chat3.choices, key=lambda c: c.index)]
+# A frequency penalty makes greedy decoding avoid repeating itself.
+def greedy(**kw):
+    return client.completions.create(model="tiny", prompt="the king", max_tokens=40, temperature=0, **kw).choices[0].text
+out["greedy"] = greedy()
+out["penalised"] = greedy(frequency_penalty=2.0, presence_penalty=2.0)
 
 def status(call):
     try:
@@ -80,6 +101,10 @@ def status(call):
         return {"status": e.status_code, "body": e.body}
 out["unknown_model"] = status(lambda: client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}]))
 out["too_long"] = status(lambda: client.completions.create(model="tiny", prompt="the king " * 400, max_tokens=5))
+out["past_context"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5000))
+out["logprobs"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, logprobs=2))
+out["bad_n"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, n=0))
+out["bad_penalty"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, presence_penalty=3))
 out["negative"] = status(lambda: client.completions.create(model="tiny", prompt="x", max_tokens=-3))
 out["no_key"] = status(lambda: OpenAI(base_url=url + "/v1", api_key="wrong").models.list())
 req = urllib.request.Request(url + "/v1/chat/completions", data=b"{not json", headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
@@ -320,6 +345,54 @@ fn openai_client_talks_to_the_server_and_errors_are_openai_shaped() {
         .contains("gpt-9"));
     assert_eq!(out["too_long"]["status"], 400);
     assert_eq!(out["too_long"]["body"]["code"], "context_length_exceeded");
+    // prompt + max_tokens past the context: refused up front, not cut short.
+    assert_eq!(out["past_context"]["status"], 400, "{out}");
+    assert_eq!(
+        out["past_context"]["body"]["code"],
+        "context_length_exceeded"
+    );
+    for (case, word) in [
+        ("logprobs", "logprobs"),
+        ("bad_n", "n must"),
+        ("bad_penalty", "presence_penalty"),
+    ] {
+        assert_eq!(out[case]["status"], 400, "{case}: {out}");
+        let message = out[case]["body"]["message"].as_str().unwrap();
+        assert!(message.contains(word), "{case}: {message}");
+    }
+    // n = 3: three choices, the first the single answer, the stream the same three texts,
+    // one usage chunk (no choices) only when asked for, counting every choice's tokens.
+    let texts = out["n"]["texts"].as_array().unwrap();
+    assert_eq!(texts.len(), 3, "{out}");
+    assert_eq!(texts[0], out["completion"]["text"], "{out}");
+    assert!(
+        texts[1] != texts[0] || texts[2] != texts[0],
+        "different seeds: {out}"
+    );
+    assert_eq!(out["n_stream"]["texts"], out["n"]["texts"], "{out}");
+    let usage_chunks = out["n_stream"]["usage_chunks"].as_array().unwrap();
+    assert_eq!(usage_chunks.len(), 1, "{out}");
+    assert_eq!(usage_chunks[0]["choices"], 0);
+    assert_eq!(usage_chunks[0]["usage"], out["n"]["usage"], "{out}");
+    assert_eq!(out["usage_without_asking"], 0, "{out}");
+    assert_eq!(out["chat_n"].as_array().unwrap().len(), 3);
+    assert_eq!(out["chat_n"][0], chat["text"], "{out}");
+    // The penalties change what greedy decoding says, and it repeats itself less.
+    let distinct = |text: &str| {
+        text.split_whitespace()
+            .collect::<std::collections::HashSet<_>>()
+            .len() as f64
+            / text.split_whitespace().count().max(1) as f64
+    };
+    let (greedy, penalised) = (
+        out["greedy"].as_str().unwrap(),
+        out["penalised"].as_str().unwrap(),
+    );
+    assert_ne!(greedy, penalised);
+    assert!(
+        distinct(penalised) >= distinct(greedy),
+        "{greedy:?} vs {penalised:?}"
+    );
     assert_eq!(out["negative"]["status"], 400);
     assert!(out["negative"]["body"]["message"]
         .as_str()

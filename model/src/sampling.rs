@@ -15,6 +15,10 @@ pub struct SamplingParams {
     /// Keep the smallest set of tokens whose probability reaches p (1.0 = no limit).
     pub top_p: f64,
     pub seed: u64,
+    /// Subtracted from the logit of every token already sampled (OpenAI's semantics).
+    pub presence_penalty: f64,
+    /// Subtracted from a token's logit once per time it was already sampled.
+    pub frequency_penalty: f64,
 }
 
 impl Default for SamplingParams {
@@ -24,6 +28,8 @@ impl Default for SamplingParams {
             top_k: 50,
             top_p: 0.95,
             seed: 1337,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
         }
     }
 }
@@ -42,6 +48,14 @@ impl SamplingParams {
                 self.top_p
             )));
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::Generation(format!("{name} must be finite, got {v}")));
+            }
+        }
         Ok(())
     }
 }
@@ -51,18 +65,45 @@ impl SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// How often each token was sampled so far (for the penalties).
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Self { params, rng })
+        Ok(Self {
+            params,
+            rng,
+            counts: Default::default(),
+        })
     }
 
     /// Picks a token id from float logits of shape (vocab,).
     pub fn sample(&mut self, logits: &Tensor) -> u32 {
-        let logits = logits.to_kind(Kind::Float).to_device(tch::Device::Cpu);
+        let logits = self.penalised(logits.to_kind(Kind::Float).to_device(tch::Device::Cpu));
+        let id = self.pick(logits);
+        *self.counts.entry(id).or_default() += 1;
+        id
+    }
+
+    /// `logits` less the presence and frequency penalties of the tokens sampled so far.
+    fn penalised(&self, logits: Tensor) -> Tensor {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if self.counts.is_empty() || (presence == 0.0 && frequency == 0.0) {
+            return logits;
+        }
+        let mut values = Vec::<f32>::try_from(&logits).expect("logits are float32");
+        for (&id, &n) in &self.counts {
+            if let Some(v) = values.get_mut(id as usize) {
+                *v -= (presence + frequency * f64::from(n)) as f32;
+            }
+        }
+        Tensor::from_slice(&values)
+    }
+
+    fn pick(&mut self, logits: Tensor) -> u32 {
         if self.params.temperature == 0.0 {
             return logits.argmax(0, false).int64_value(&[]) as u32;
         }

@@ -1,5 +1,6 @@
 //! The OpenAI-compatible API: `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
-//! non-streaming and streaming (server-sent events ending with `data: [DONE]`).
+//! non-streaming and streaming (server-sent events ending with `data: [DONE]`), with `n`
+//! choices, `stream_options.include_usage` and presence/frequency penalties.
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -119,6 +120,12 @@ enum Stop {
 }
 
 #[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
 struct Sampling {
     model: Option<String>,
     max_tokens: Option<i64>,
@@ -128,9 +135,19 @@ struct Sampling {
     top_k: Option<usize>,
     stop: Option<Stop>,
     seed: Option<u64>,
+    n: Option<i64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    /// Not supported: refused with a 400 that says so rather than ignored.
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
     #[serde(default)]
     stream: bool,
+    stream_options: Option<StreamOptions>,
 }
+
+/// Most choices one request may ask for (`n`): each takes a place in the batch.
+const MAX_CHOICES: i64 = 8;
 
 #[derive(Deserialize)]
 struct ChatRequest {
@@ -157,13 +174,16 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A validated generation: prompt ids, token budget, sampling, stops.
+/// A validated generation: prompt ids, token budget, sampling, stops, choices.
 struct Plan {
     prompt: Vec<u32>,
     max_tokens: usize,
     sampling: SamplingParams,
     stops: Vec<String>,
     stream: bool,
+    /// Choices to generate (`n`); choice `i` samples with seed `seed + i`.
+    choices: usize,
+    include_usage: bool,
 }
 
 fn plan(state: &AppState, prompt_text: &str, s: Sampling) -> Result<Plan, ApiError> {
@@ -240,6 +260,33 @@ fn plan(state: &AppState, prompt_text: &str, s: Sampling) -> Result<Plan, ApiErr
         Some(Stop::Many(v)) if v.len() <= 4 => v,
         Some(Stop::Many(_)) => return Err(ApiError::invalid("stop may hold at most 4 sequences")),
     };
+    let unsupported = [
+        ("logprobs", s.logprobs.as_ref()),
+        ("top_logprobs", s.top_logprobs.as_ref()),
+    ];
+    for (name, value) in unsupported {
+        if value.is_some_and(|v| !v.is_null() && *v != Value::Bool(false)) {
+            return Err(ApiError::invalid(format!(
+                "{name} is not supported by this server; leave it out"
+            )));
+        }
+    }
+    let choices = match s.n.unwrap_or(1) {
+        n if (1..=MAX_CHOICES).contains(&n) => n as usize,
+        n => {
+            return Err(ApiError::invalid(format!(
+                "n must be between 1 and {MAX_CHOICES}, got {n}"
+            )))
+        }
+    };
+    let penalty = |name: &str, value: Option<f64>| match value.unwrap_or(0.0) {
+        v if (-2.0..=2.0).contains(&v) => Ok(v),
+        v => Err(ApiError::invalid(format!(
+            "{name} must be between -2 and 2, got {v}"
+        ))),
+    };
+    let presence_penalty = penalty("presence_penalty", s.presence_penalty)?;
+    let frequency_penalty = penalty("frequency_penalty", s.frequency_penalty)?;
     let seed = s.seed.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -253,45 +300,82 @@ fn plan(state: &AppState, prompt_text: &str, s: Sampling) -> Result<Plan, ApiErr
             top_k: s.top_k.unwrap_or(0),
             top_p,
             seed,
+            presence_penalty,
+            frequency_penalty,
         },
         stops,
         stream: s.stream,
+        choices,
+        include_usage: s.stream_options.is_some_and(|o| o.include_usage),
     })
 }
 
+/// Queues one generation per choice; their events arrive on the returned receivers (in
+/// choice order). If the queue cannot take them all, none runs.
 async fn start(
     state: &AppState,
     plan: &Plan,
-) -> Result<mpsc::UnboundedReceiver<GenEvent>, ApiError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let req = GenRequest {
-        prompt: plan.prompt.clone(),
-        max_tokens: plan.max_tokens,
-        sampling: plan.sampling.clone(),
-        stops: plan.stops.clone(),
-        events: tx,
-        arrived: std::time::Instant::now(),
-    };
-    state.generator.submit(req).map_err(|refused| match refused {
-        Refused::Full(queued) => ApiError {
-            retry_after: Some(1),
-            ..ApiError::with(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                "server_busy",
-                format!(
-                    "the server is busy: {queued} requests are already waiting (--max-queue); retry after a second"
-                ),
-            )
-        },
-        Refused::Stopped => ApiError::with(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "unavailable",
-            "the generation thread has stopped",
-        ),
-    })?;
-    Ok(rx)
+) -> Result<Vec<mpsc::UnboundedReceiver<GenEvent>>, ApiError> {
+    let mut receivers = Vec::with_capacity(plan.choices);
+    for choice in 0..plan.choices {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let req = GenRequest {
+            prompt: plan.prompt.clone(),
+            max_tokens: plan.max_tokens,
+            sampling: SamplingParams {
+                seed: plan.sampling.seed.wrapping_add(choice as u64),
+                ..plan.sampling.clone()
+            },
+            stops: plan.stops.clone(),
+            events: tx,
+            arrived: std::time::Instant::now(),
+        };
+        // Receivers dropped on a refusal cancel the choices already queued.
+        state.generator.submit(req).map_err(|refused| match refused {
+            Refused::Full(queued) => ApiError {
+                retry_after: Some(1),
+                ..ApiError::with(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    "server_busy",
+                    format!(
+                        "the server is busy: {queued} requests are already waiting (--max-queue); retry after a second"
+                    ),
+                )
+            },
+            Refused::Stopped => ApiError::with(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "unavailable",
+                "the generation thread has stopped",
+            ),
+        })?;
+        receivers.push(rx);
+    }
+    Ok(receivers)
+}
+
+/// One finished choice: its text, finish reason and completion tokens.
+struct Reply {
+    text: String,
+    finish_reason: &'static str,
+    tokens: usize,
+}
+
+/// Collects every choice's whole reply.
+async fn collect_all(
+    receivers: Vec<mpsc::UnboundedReceiver<GenEvent>>,
+) -> Result<Vec<Reply>, ApiError> {
+    let mut replies = Vec::with_capacity(receivers.len());
+    for rx in receivers {
+        let (text, finish_reason, tokens) = collect(rx).await?;
+        replies.push(Reply {
+            text,
+            finish_reason,
+            tokens,
+        });
+    }
+    Ok(replies)
 }
 
 /// Collects a whole reply: (text, finish_reason, completion tokens).
@@ -328,33 +412,57 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// Streams events as SSE chunks built by `chunk(delta, finish_reason)`, then `[DONE]`.
+/// How one streamed chunk of a choice looks: `(choice, delta text, finish reason)`.
+type ChunkFn = Box<dyn Fn(usize, Option<&str>, Option<&str>) -> Value + Send>;
+
+/// Streams every choice's events as SSE chunks built by `chunk`, after `head` (one per
+/// choice, if any); with `include_usage`, a last chunk with no choices carries the usage;
+/// then `[DONE]`. A relay task merges the choices; when the client goes away it stops and
+/// drops the choices' receivers, which cancels their generations.
 fn sse(
-    rx: mpsc::UnboundedReceiver<GenEvent>,
-    first: Option<Value>,
-    prompt_tokens: usize,
-    chunk: impl Fn(Option<&str>, Option<&str>, Option<Value>) -> Value + Send + 'static,
+    receivers: Vec<mpsc::UnboundedReceiver<GenEvent>>,
+    head: Option<ChunkFn>,
+    chunk: ChunkFn,
+    usage_chunk: Option<Box<dyn FnOnce(usize) -> Value + Send>>,
 ) -> Response {
-    let head = tokio_stream::iter(
-        first.map(|v| Ok::<_, Infallible>(Event::default().data(v.to_string()))),
-    );
-    let body = UnboundedReceiverStream::new(rx).map(move |ev| {
-        let value = match ev {
-            GenEvent::Delta(d) => chunk(Some(&d), None, None),
-            GenEvent::Done {
-                finish_reason,
-                completion_tokens,
-            } => chunk(
-                None,
-                Some(finish_reason),
-                Some(usage(prompt_tokens, completion_tokens)),
-            ),
-            GenEvent::Failed(e) => json!({"error": {"message": e, "type": "server_error"}}),
-        };
-        Ok(Event::default().data(value.to_string()))
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let choices = receivers.len();
+        let mut streams = tokio_stream::StreamMap::new();
+        for (i, r) in receivers.into_iter().enumerate() {
+            streams.insert(i, UnboundedReceiverStream::new(r));
+        }
+        let send = |v: Value| tx.send(v.to_string()).is_ok();
+        if let Some(head) = &head {
+            if !(0..choices).all(|i| send(head(i, None, None))) {
+                return;
+            }
+        }
+        let mut completion_tokens = 0;
+        while let Some((i, ev)) = streams.next().await {
+            let value = match ev {
+                GenEvent::Delta(d) => chunk(i, Some(&d), None),
+                GenEvent::Done {
+                    finish_reason,
+                    completion_tokens: n,
+                } => {
+                    completion_tokens += n;
+                    chunk(i, None, Some(finish_reason))
+                }
+                GenEvent::Failed(e) => json!({"error": {"message": e, "type": "server_error"}}),
+            };
+            if !send(value) {
+                return;
+            }
+        }
+        if let Some(usage_chunk) = usage_chunk {
+            send(usage_chunk(completion_tokens));
+        }
+        let _ = tx.send("[DONE]".into());
     });
-    let done = tokio_stream::iter([Ok(Event::default().data("[DONE]"))]);
-    Sse::new(head.chain(body).chain(done)).into_response()
+    let events = UnboundedReceiverStream::new(rx)
+        .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
+    Sse::new(events).into_response()
 }
 
 pub async fn models(
@@ -420,34 +528,44 @@ async fn chat(state: &AppState, headers: HeaderMap, body: Bytes) -> Result<Respo
     }
     let prompt = render_prompt(&turns).map_err(|e| ApiError::invalid(e.to_string()))?;
     let plan = plan(state, &prompt, req.sampling)?;
-    let rx = start(state, &plan).await?;
+    let receivers = start(state, &plan).await?;
     let id = format!("chatcmpl-{}", state.next_id());
     let (model, created, prompt_tokens) = (state.model_name.clone(), now(), plan.prompt.len());
+    let envelope = move |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
     if plan.stream {
-        let head = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                          "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]});
+        let head = envelope.clone();
+        let usage_chunk = envelope.clone();
         return Ok(sse(
-            rx,
-            Some(head),
-            prompt_tokens,
-            move |delta, finish, usage| {
+            receivers,
+            Some(Box::new(move |i, _, _| {
+                head(
+                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+                )
+            })),
+            Box::new(move |i, delta, finish| {
                 let delta = delta.map_or(json!({}), |d| json!({"content": d}));
-                let mut v = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-                if let Some(u) = usage {
-                    v["usage"] = u;
-                }
-                v
-            },
+                envelope(json!([{"index": i, "delta": delta, "finish_reason": finish}]))
+            }),
+            plan.include_usage.then(|| {
+                Box::new(move |completion: usize| {
+                    let mut v = usage_chunk(json!([]));
+                    v["usage"] = usage(prompt_tokens, completion);
+                    v
+                }) as Box<dyn FnOnce(usize) -> Value + Send>
+            }),
         ));
     }
-    let (text, finish, completion) = collect(rx).await?;
-    Ok(Json(json!({
-        "id": id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-        "usage": usage(prompt_tokens, completion),
-    }))
-    .into_response())
+    let replies = collect_all(receivers).await?;
+    let completion: usize = replies.iter().map(|r| r.tokens).sum();
+    let choices: Vec<Value> = replies
+        .iter()
+        .enumerate()
+        .map(|(i, r)| json!({"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}))
+        .collect();
+    let mut response = envelope(Value::Array(choices));
+    response["object"] = json!("chat.completion");
+    response["usage"] = usage(prompt_tokens, completion);
+    Ok(Json(response).into_response())
 }
 
 async fn completion(
@@ -458,24 +576,37 @@ async fn completion(
     authorize(state, &headers)?;
     let req: CompletionRequest = parse(&body)?;
     let plan = plan(state, &req.prompt, req.sampling)?;
-    let rx = start(state, &plan).await?;
+    let receivers = start(state, &plan).await?;
     let id = format!("cmpl-{}", state.next_id());
     let (model, created, prompt_tokens) = (state.model_name.clone(), now(), plan.prompt.len());
+    let envelope = move |choices: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices});
     if plan.stream {
-        return Ok(sse(rx, None, prompt_tokens, move |delta, finish, usage| {
-            let mut v = json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                               "choices": [{"index": 0, "text": delta.unwrap_or(""), "finish_reason": finish}]});
-            if let Some(u) = usage {
-                v["usage"] = u;
-            }
-            v
-        }));
+        let usage_chunk = envelope.clone();
+        return Ok(sse(
+            receivers,
+            None,
+            Box::new(move |i, delta, finish| {
+                envelope(
+                    json!([{"index": i, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}]),
+                )
+            }),
+            plan.include_usage.then(|| {
+                Box::new(move |completion: usize| {
+                    let mut v = usage_chunk(json!([]));
+                    v["usage"] = usage(prompt_tokens, completion);
+                    v
+                }) as Box<dyn FnOnce(usize) -> Value + Send>
+            }),
+        ));
     }
-    let (text, finish, completion) = collect(rx).await?;
-    Ok(Json(json!({
-        "id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}],
-        "usage": usage(prompt_tokens, completion),
-    }))
-    .into_response())
+    let replies = collect_all(receivers).await?;
+    let completion: usize = replies.iter().map(|r| r.tokens).sum();
+    let choices: Vec<Value> = replies
+        .iter()
+        .enumerate()
+        .map(|(i, r)| json!({"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": null}))
+        .collect();
+    let mut response = envelope(Value::Array(choices));
+    response["usage"] = usage(prompt_tokens, completion);
+    Ok(Json(response).into_response())
 }
