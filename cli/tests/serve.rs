@@ -253,20 +253,7 @@ fn requests_decoded_together_answer_as_they_do_alone() {
 #[test]
 fn a_client_that_goes_away_frees_its_place() {
     let dir = tempfile::tempdir().unwrap();
-    let tiny = tiny_data(dir.path(), 300);
-    let run = dir.path().join("slow");
-    let mut args = tiny_train_args(s(&tiny.data), s(&run), "300", "1");
-    for (flag, value) in [
-        ("--d-model", "512"),
-        ("--n-layers", "8"),
-        ("--q-heads", "8"),
-        ("--kv-heads", "4"),
-        ("--max-seq-len", "512"),
-        ("--batch-size", "1"),
-    ] {
-        set_flag(&mut args, flag, value);
-    }
-    lillm_ok(&args);
+    let run = slow_model(dir.path());
     let server = serve(&run, &["--max-batch", "1"]);
     let out: serde_json::Value =
         serde_json::from_str(python(CANCEL, &[&server.url]).trim()).unwrap();
@@ -284,6 +271,87 @@ fn a_client_that_goes_away_frees_its_place() {
     };
     assert_eq!(count("cancelled"), 2.0, "{metrics}");
     assert_eq!(count("completed"), 1.0, "{metrics}");
+}
+
+/// A model that decodes in milliseconds per token on this CPU (untrained: its text is
+/// noise), so that a long request runs for seconds.
+fn slow_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let tiny = tiny_data(dir, 300);
+    let run = dir.join("slow");
+    let mut args = tiny_train_args(s(&tiny.data), s(&run), "300", "1");
+    for (flag, value) in [
+        ("--d-model", "512"),
+        ("--n-layers", "8"),
+        ("--q-heads", "8"),
+        ("--kv-heads", "4"),
+        ("--max-seq-len", "512"),
+        ("--batch-size", "1"),
+    ] {
+        set_flag(&mut args, flag, value);
+    }
+    lillm_ok(&args);
+    run
+}
+
+const DRAIN: &str = r#"
+import http.client, json, sys
+from urllib.parse import urlparse
+u = urlparse(sys.argv[1])
+conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "the king", "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": True}), {"Content-Type": "application/json"})
+response = conn.getresponse()
+events, done, finish = 0, False, None
+for line in response:
+    if line.startswith(b"data: [DONE]"):
+        done = True
+    elif line.startswith(b"data: "):
+        events += 1
+        if events == 1:
+            print("started", flush=True)
+        finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+try:
+    http.client.HTTPConnection(u.hostname, u.port, timeout=5).request("GET", "/health")
+    refused = False
+except OSError:
+    refused = True
+print(json.dumps({"events": events, "done": done, "finish": finish, "new_connection_refused": refused}))
+"#;
+
+/// SIGTERM while a long reply streams: the server stops accepting connections, finishes
+/// the reply to its `[DONE]`, and exits 0.
+#[test]
+fn sigterm_finishes_the_running_replies_then_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = slow_model(dir.path());
+    let mut server = serve(&run, &[]);
+    let mut client = Command::new(python_path())
+        .args(["-c", DRAIN, &server.url])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "started");
+    unsafe {
+        libc::kill(server.child.id() as i32, libc::SIGTERM);
+    }
+    let out: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(client.wait().unwrap().success());
+    assert_eq!(out["done"], true, "the reply ran to its end: {out}");
+    assert_eq!(out["finish"], "length", "{out}");
+    assert!(out["events"].as_u64().unwrap() > 10, "{out}");
+    assert_eq!(out["new_connection_refused"], true, "{out}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running after its last reply"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
 }
 
 fn http_get(url: &str) -> String {
