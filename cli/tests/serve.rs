@@ -87,6 +87,13 @@ plain = list(client.completions.create(model="tiny", prompt="the king", max_toke
 out["usage_without_asking"] = sum(1 for x in plain if x.usage)
 chat3 = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "who is the king?"}], max_tokens=8, seed=1, temperature=0.7, n=3)
 out["chat_n"] = [c.message.content for c in sorted(chat3.choices, key=lambda c: c.index)]
+# Log-probabilities: greedy, so each chosen token is its own most likely alternative.
+lp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "who is the king?"}], max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+out["chat_logprobs"] = {"content": [e.model_dump() for e in lp.choices[0].logprobs.content], "tokens": lp.usage.completion_tokens}
+lps = [e for x in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "who is the king?"}], max_tokens=6, temperature=0, logprobs=True, stream=True) if x.choices and x.choices[0].logprobs for e in x.choices[0].logprobs.content]
+out["chat_logprobs_stream"] = [e.model_dump() for e in lps]
+clp = client.completions.create(model="tiny", prompt="the king", max_tokens=6, temperature=0, logprobs=2)
+out["completion_logprobs"] = {"logprobs": clp.choices[0].logprobs.model_dump(), "tokens": clp.usage.completion_tokens}
 # A frequency penalty makes greedy decoding avoid repeating itself.
 def greedy(**kw):
     return client.completions.create(model="tiny", prompt="the king", max_tokens=40, temperature=0, **kw).choices[0].text
@@ -102,7 +109,8 @@ def status(call):
 out["unknown_model"] = status(lambda: client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}]))
 out["too_long"] = status(lambda: client.completions.create(model="tiny", prompt="the king " * 400, max_tokens=5))
 out["past_context"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5000))
-out["logprobs"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, logprobs=2))
+out["bad_logprobs"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, logprobs=9))
+out["top_without_logprobs"] = status(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, top_logprobs=2))
 out["bad_n"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, n=0))
 out["bad_penalty"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, presence_penalty=3))
 out["negative"] = status(lambda: client.completions.create(model="tiny", prompt="x", max_tokens=-3))
@@ -420,7 +428,8 @@ fn openai_client_talks_to_the_server_and_errors_are_openai_shaped() {
         "context_length_exceeded"
     );
     for (case, word) in [
-        ("logprobs", "logprobs"),
+        ("bad_logprobs", "logprobs must be"),
+        ("top_without_logprobs", "top_logprobs needs logprobs"),
         ("bad_n", "n must"),
         ("bad_penalty", "presence_penalty"),
     ] {
@@ -445,6 +454,48 @@ fn openai_client_talks_to_the_server_and_errors_are_openai_shaped() {
     assert_eq!(out["usage_without_asking"], 0, "{out}");
     assert_eq!(out["chat_n"].as_array().unwrap().len(), 3);
     assert_eq!(out["chat_n"][0], chat["text"], "{out}");
+    // Log-probabilities: one entry per generated token, each at most 0, with the asked-for
+    // alternatives; greedy decoding chose the most likely one each time. Streamed (without
+    // alternatives), the same tokens and values.
+    let content = out["chat_logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        out["chat_logprobs"]["tokens"].as_u64().unwrap()
+    );
+    for e in content {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        let (chosen, best) = (
+            e["logprob"].as_f64().unwrap(),
+            top[0]["logprob"].as_f64().unwrap(),
+        );
+        assert!(chosen <= 0.0 && (chosen - best).abs() < 1e-5, "{e}");
+    }
+    let without_alternatives: Vec<serde_json::Value> = content
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e["top_logprobs"] = serde_json::json!([]);
+            e
+        })
+        .collect();
+    assert_eq!(
+        out["chat_logprobs_stream"],
+        serde_json::Value::Array(without_alternatives)
+    );
+    let completion_lp = &out["completion_logprobs"]["logprobs"];
+    let n = out["completion_logprobs"]["tokens"].as_u64().unwrap() as usize;
+    assert_eq!(
+        completion_lp["tokens"].as_array().unwrap().len(),
+        n,
+        "{completion_lp}"
+    );
+    assert_eq!(completion_lp["token_logprobs"].as_array().unwrap().len(), n);
+    assert_eq!(completion_lp["text_offset"][0], 0);
+    for top in completion_lp["top_logprobs"].as_array().unwrap() {
+        let k = top.as_object().unwrap().len();
+        assert!((1..=2).contains(&k), "{completion_lp}");
+    }
     // The penalties change what greedy decoding says, and it repeats itself less.
     let distinct = |text: &str| {
         text.split_whitespace()

@@ -30,11 +30,26 @@ pub struct GenRequest {
     pub events: mpsc::UnboundedSender<GenEvent>,
     /// When the request arrived (time to first token counts from here).
     pub arrived: Instant,
+    /// Report each token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
+}
+
+/// A generated token's log-probability under the model (its distribution before
+/// temperature and penalties), with the most likely alternatives when asked for.
+#[derive(Debug, Clone)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
 }
 
 #[derive(Debug)]
 pub enum GenEvent {
-    Delta(String),
+    /// New text, with the log-probabilities of the tokens it completes (when asked for).
+    Delta {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     Done {
         finish_reason: &'static str,
         completion_tokens: usize,
@@ -123,6 +138,10 @@ struct Sequence<'t> {
     metrics: &'t Metrics,
     arrived: Instant,
     last_token: Option<Instant>,
+    tok: &'t Tokenizer,
+    logprobs: Option<usize>,
+    /// Log-probabilities of tokens whose text is still held back.
+    pending: Vec<TokenLogprob>,
 }
 
 /// A request whose prompt is being prefilled into its own cache.
@@ -204,6 +223,9 @@ impl<'a> Batch<'a> {
                 metrics: self.metrics,
                 arrived: job.arrived,
                 last_token: None,
+                tok: self.tok,
+                logprobs: job.logprobs,
+                pending: Vec::new(),
             },
             prompt: job.prompt,
             cache: KvCache::new(cfg, 1, self.model.compute_kind(), self.model.device()),
@@ -292,6 +314,9 @@ impl Sequence<'_> {
     /// the context left for feeding it back.
     fn take(&mut self, logits: &Tensor, room: usize) -> Outcome {
         let id = self.sampler.sample(logits);
+        if id != EOS_ID {
+            self.note_logprob(logits, id);
+        }
         let now = Instant::now();
         match self.last_token.replace(now) {
             None => self.metrics.time_to_first_token.observe(now - self.arrived),
@@ -303,12 +328,12 @@ impl Sequence<'_> {
         match self.text.push(id) {
             Ok(Step::Continue(delta)) => {
                 if !delta.is_empty() {
-                    let _ = self.events.send(GenEvent::Delta(delta));
+                    self.send_delta(delta);
                 }
             }
             Ok(Step::Stop(delta)) => {
                 if !delta.is_empty() {
-                    let _ = self.events.send(GenEvent::Delta(delta));
+                    self.send_delta(delta);
                 }
                 // A stop sequence ended the reply: what it held back is not output.
                 return self.finish("stop", false);
@@ -329,13 +354,42 @@ impl Sequence<'_> {
         Outcome::Continue
     }
 
+    fn send_delta(&mut self, text: String) {
+        let logprobs = std::mem::take(&mut self.pending);
+        let _ = self.events.send(GenEvent::Delta { text, logprobs });
+    }
+
+    /// Records token `id`'s log-probability (and the top alternatives) under `logits`, when
+    /// the request asked for them.
+    fn note_logprob(&mut self, logits: &Tensor, id: u32) {
+        let Some(top) = self.logprobs else {
+            return;
+        };
+        let logprobs = logits.log_softmax(0, tch::Kind::Float);
+        let text = |id: i64| self.tok.decode(&[id as u32]).unwrap_or_default();
+        let alternatives = match top {
+            0 => Vec::new(),
+            k => {
+                let (values, ids) = logprobs.topk(k as i64, 0, true, true);
+                let values = Vec::<f32>::try_from(&values).unwrap_or_default();
+                let ids = Vec::<i64>::try_from(&ids).unwrap_or_default();
+                ids.into_iter().map(text).zip(values).collect()
+            }
+        };
+        self.pending.push(TokenLogprob {
+            token: text(id as i64),
+            logprob: logprobs.double_value(&[id as i64]) as f32,
+            top: alternatives,
+        });
+    }
+
     /// Ends the reply: text held back as a possible stop-string prefix is real output
     /// unless a stop string ended it (`flush`).
     fn finish(&mut self, finish_reason: &'static str, flush: bool) -> Outcome {
         if flush {
             if let Ok(rest) = self.text.finish() {
-                if !rest.is_empty() {
-                    let _ = self.events.send(GenEvent::Delta(rest));
+                if !rest.is_empty() || !self.pending.is_empty() {
+                    self.send_delta(rest);
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible API: `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
 //! non-streaming and streaming (server-sent events ending with `data: [DONE]`), with `n`
-//! choices, `stream_options.include_usage` and presence/frequency penalties.
+//! choices, `stream_options.include_usage`, presence/frequency penalties and log-probabilities
+//! (`logprobs`/`top_logprobs` for chat, `logprobs: k` for completions).
 
 use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::generator::{GenEvent, GenRequest, Refused};
+use super::generator::{GenEvent, GenRequest, Refused, TokenLogprob};
 use super::AppState;
 use crate::metrics::Outcome;
 
@@ -138,8 +139,9 @@ struct Sampling {
     n: Option<i64>,
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
-    /// Not supported: refused with a 400 that says so rather than ignored.
+    /// Chat: true/false; completions: how many alternatives (0–5).
     logprobs: Option<Value>,
+    /// Chat: how many alternatives (0–20), with `logprobs: true`.
     top_logprobs: Option<Value>,
     #[serde(default)]
     stream: bool,
@@ -148,6 +150,94 @@ struct Sampling {
 
 /// Most choices one request may ask for (`n`): each takes a place in the batch.
 const MAX_CHOICES: i64 = 8;
+
+/// Which API a request came through: their `logprobs` fields differ.
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Chat,
+    Completions,
+}
+
+/// The log-probabilities a request asks for: `Some(k)` = each token's, with `k`
+/// alternatives.
+fn logprobs_wanted(s: &Sampling, api: Api) -> Result<Option<usize>, ApiError> {
+    let count = |v: &Value, name: &str, max: u64| match v.as_u64() {
+        Some(k) if k <= max => Ok(k as usize),
+        _ => Err(ApiError::invalid(format!(
+            "{name} must be a whole number from 0 to {max}, got {v}"
+        ))),
+    };
+    let top = s.top_logprobs.as_ref().filter(|v| !v.is_null());
+    match api {
+        Api::Chat => {
+            let on = match s.logprobs.as_ref().filter(|v| !v.is_null()) {
+                None => false,
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    ApiError::invalid(format!("logprobs must be true or false, got {v}"))
+                })?,
+            };
+            match (on, top) {
+                (false, Some(_)) => Err(ApiError::invalid("top_logprobs needs logprobs: true")),
+                (false, None) => Ok(None),
+                (true, top) => Ok(Some(
+                    top.map(|v| count(v, "top_logprobs", 20))
+                        .transpose()?
+                        .unwrap_or(0),
+                )),
+            }
+        }
+        Api::Completions => {
+            if top.is_some() {
+                return Err(ApiError::invalid(
+                    "top_logprobs is a chat completions field; completions take logprobs: k",
+                ));
+            }
+            s.logprobs
+                .as_ref()
+                .filter(|v| !v.is_null())
+                .map(|v| count(v, "logprobs", 5))
+                .transpose()
+        }
+    }
+}
+
+/// Chat's `logprobs` of some tokens: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
+fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
+    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|t| {
+            let mut v = entry(&t.token, t.logprob);
+            v["top_logprobs"] = t.top.iter().map(|(tok, lp)| entry(tok, *lp)).collect();
+            v
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// Completions' `logprobs` of some tokens, the first at character `offset` of the reply.
+fn completion_logprobs(tokens: &[TokenLogprob], mut offset: usize) -> Value {
+    let mut text_offset = Vec::with_capacity(tokens.len());
+    for t in tokens {
+        text_offset.push(offset);
+        offset += t.token.chars().count();
+    }
+    let top: Vec<serde_json::Map<String, Value>> = tokens
+        .iter()
+        .map(|t| {
+            t.top
+                .iter()
+                .map(|(tok, lp)| (tok.clone(), json!(lp)))
+                .collect()
+        })
+        .collect();
+    json!({
+        "tokens": tokens.iter().map(|t| t.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": text_offset,
+    })
+}
 
 #[derive(Deserialize)]
 struct ChatRequest {
@@ -184,9 +274,11 @@ struct Plan {
     /// Choices to generate (`n`); choice `i` samples with seed `seed + i`.
     choices: usize,
     include_usage: bool,
+    logprobs: Option<usize>,
 }
 
-fn plan(state: &AppState, prompt_text: &str, s: Sampling) -> Result<Plan, ApiError> {
+fn plan(state: &AppState, prompt_text: &str, s: Sampling, api: Api) -> Result<Plan, ApiError> {
+    let logprobs = logprobs_wanted(&s, api)?;
     if let Some(model) = &s.model {
         if model != &state.model_name {
             return Err(ApiError::with(
@@ -260,17 +352,6 @@ fn plan(state: &AppState, prompt_text: &str, s: Sampling) -> Result<Plan, ApiErr
         Some(Stop::Many(v)) if v.len() <= 4 => v,
         Some(Stop::Many(_)) => return Err(ApiError::invalid("stop may hold at most 4 sequences")),
     };
-    let unsupported = [
-        ("logprobs", s.logprobs.as_ref()),
-        ("top_logprobs", s.top_logprobs.as_ref()),
-    ];
-    for (name, value) in unsupported {
-        if value.is_some_and(|v| !v.is_null() && *v != Value::Bool(false)) {
-            return Err(ApiError::invalid(format!(
-                "{name} is not supported by this server; leave it out"
-            )));
-        }
-    }
     let choices = match s.n.unwrap_or(1) {
         n if (1..=MAX_CHOICES).contains(&n) => n as usize,
         n => {
@@ -307,6 +388,7 @@ fn plan(state: &AppState, prompt_text: &str, s: Sampling) -> Result<Plan, ApiErr
         stream: s.stream,
         choices,
         include_usage: s.stream_options.is_some_and(|o| o.include_usage),
+        logprobs,
     })
 }
 
@@ -329,6 +411,7 @@ async fn start(
             stops: plan.stops.clone(),
             events: tx,
             arrived: std::time::Instant::now(),
+            logprobs: plan.logprobs,
         };
         // Receivers dropped on a refusal cancel the choices already queued.
         state.generator.submit(req).map_err(|refused| match refused {
@@ -355,11 +438,13 @@ async fn start(
     Ok(receivers)
 }
 
-/// One finished choice: its text, finish reason and completion tokens.
+/// One finished choice: its text, finish reason, completion tokens and (when asked for)
+/// their log-probabilities.
 struct Reply {
     text: String,
     finish_reason: &'static str,
     tokens: usize,
+    logprobs: Vec<TokenLogprob>,
 }
 
 /// Collects every choice's whole reply.
@@ -368,28 +453,34 @@ async fn collect_all(
 ) -> Result<Vec<Reply>, ApiError> {
     let mut replies = Vec::with_capacity(receivers.len());
     for rx in receivers {
-        let (text, finish_reason, tokens) = collect(rx).await?;
-        replies.push(Reply {
-            text,
-            finish_reason,
-            tokens,
-        });
+        replies.push(collect(rx).await?);
     }
     Ok(replies)
 }
 
-/// Collects a whole reply: (text, finish_reason, completion tokens).
-async fn collect(
-    mut rx: mpsc::UnboundedReceiver<GenEvent>,
-) -> Result<(String, &'static str, usize), ApiError> {
-    let mut text = String::new();
+/// Collects a whole reply.
+async fn collect(mut rx: mpsc::UnboundedReceiver<GenEvent>) -> Result<Reply, ApiError> {
+    let (mut text, mut logprobs) = (String::new(), Vec::new());
     while let Some(ev) = rx.recv().await {
         match ev {
-            GenEvent::Delta(d) => text.push_str(&d),
+            GenEvent::Delta {
+                text: d,
+                logprobs: l,
+            } => {
+                text.push_str(&d);
+                logprobs.extend(l);
+            }
             GenEvent::Done {
                 finish_reason,
                 completion_tokens,
-            } => return Ok((text, finish_reason, completion_tokens)),
+            } => {
+                return Ok(Reply {
+                    text,
+                    finish_reason,
+                    tokens: completion_tokens,
+                    logprobs,
+                })
+            }
             GenEvent::Failed(e) => {
                 return Err(ApiError::with(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -412,8 +503,34 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// How one streamed chunk of a choice looks: `(choice, delta text, finish reason)`.
-type ChunkFn = Box<dyn Fn(usize, Option<&str>, Option<&str>) -> Value + Send>;
+/// One streamed chunk of a choice.
+struct Piece<'a> {
+    choice: usize,
+    text: Option<&'a str>,
+    finish_reason: Option<&'a str>,
+    logprobs: &'a [TokenLogprob],
+    /// Characters of this choice's reply sent before this chunk.
+    offset: usize,
+}
+
+fn piece<'a>(
+    choice: usize,
+    text: Option<&'a str>,
+    finish_reason: Option<&'a str>,
+    logprobs: &'a [TokenLogprob],
+    offset: usize,
+) -> Piece<'a> {
+    Piece {
+        choice,
+        text,
+        finish_reason,
+        logprobs,
+        offset,
+    }
+}
+
+/// How one streamed chunk looks.
+type ChunkFn = Box<dyn Fn(Piece) -> Value + Send>;
 
 /// Streams every choice's events as SSE chunks built by `chunk`, after `head` (one per
 /// choice, if any); with `include_usage`, a last chunk with no choices carries the usage;
@@ -434,20 +551,25 @@ fn sse(
         }
         let send = |v: Value| tx.send(v.to_string()).is_ok();
         if let Some(head) = &head {
-            if !(0..choices).all(|i| send(head(i, None, None))) {
+            if !(0..choices).all(|i| send(head(piece(i, None, None, &[], 0)))) {
                 return;
             }
         }
         let mut completion_tokens = 0;
+        let mut offsets = vec![0; choices];
         while let Some((i, ev)) = streams.next().await {
             let value = match ev {
-                GenEvent::Delta(d) => chunk(i, Some(&d), None),
+                GenEvent::Delta { text, logprobs } => {
+                    let v = chunk(piece(i, Some(&text), None, &logprobs, offsets[i]));
+                    offsets[i] += text.chars().count();
+                    v
+                }
                 GenEvent::Done {
                     finish_reason,
                     completion_tokens: n,
                 } => {
                     completion_tokens += n;
-                    chunk(i, None, Some(finish_reason))
+                    chunk(piece(i, None, Some(finish_reason), &[], offsets[i]))
                 }
                 GenEvent::Failed(e) => json!({"error": {"message": e, "type": "server_error"}}),
             };
@@ -527,9 +649,10 @@ async fn chat(state: &AppState, headers: HeaderMap, body: Bytes) -> Result<Respo
         });
     }
     let prompt = render_prompt(&turns).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let plan = plan(state, &prompt, req.sampling)?;
+    let plan = plan(state, &prompt, req.sampling, Api::Chat)?;
     let receivers = start(state, &plan).await?;
     let id = format!("chatcmpl-{}", state.next_id());
+    let with_logprobs = plan.logprobs.is_some();
     let (model, created, prompt_tokens) = (state.model_name.clone(), now(), plan.prompt.len());
     let envelope = move |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
     if plan.stream {
@@ -537,14 +660,20 @@ async fn chat(state: &AppState, headers: HeaderMap, body: Bytes) -> Result<Respo
         let usage_chunk = envelope.clone();
         return Ok(sse(
             receivers,
-            Some(Box::new(move |i, _, _| {
+            Some(Box::new(move |p: Piece| {
                 head(
-                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+                    json!([{"index": p.choice, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
                 )
             })),
-            Box::new(move |i, delta, finish| {
-                let delta = delta.map_or(json!({}), |d| json!({"content": d}));
-                envelope(json!([{"index": i, "delta": delta, "finish_reason": finish}]))
+            Box::new(move |p: Piece| {
+                let delta = p.text.map_or(json!({}), |d| json!({"content": d}));
+                let logprobs = match with_logprobs && p.text.is_some() {
+                    true => chat_logprobs(p.logprobs),
+                    false => Value::Null,
+                };
+                envelope(
+                    json!([{"index": p.choice, "delta": delta, "logprobs": logprobs, "finish_reason": p.finish_reason}]),
+                )
             }),
             plan.include_usage.then(|| {
                 Box::new(move |completion: usize| {
@@ -560,7 +689,10 @@ async fn chat(state: &AppState, headers: HeaderMap, body: Bytes) -> Result<Respo
     let choices: Vec<Value> = replies
         .iter()
         .enumerate()
-        .map(|(i, r)| json!({"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}))
+        .map(|(i, r)| {
+            let logprobs = with_logprobs.then(|| chat_logprobs(&r.logprobs));
+            json!({"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs, "finish_reason": r.finish_reason})
+        })
         .collect();
     let mut response = envelope(Value::Array(choices));
     response["object"] = json!("chat.completion");
@@ -575,9 +707,10 @@ async fn completion(
 ) -> Result<Response, ApiError> {
     authorize(state, &headers)?;
     let req: CompletionRequest = parse(&body)?;
-    let plan = plan(state, &req.prompt, req.sampling)?;
+    let plan = plan(state, &req.prompt, req.sampling, Api::Completions)?;
     let receivers = start(state, &plan).await?;
     let id = format!("cmpl-{}", state.next_id());
+    let with_logprobs = plan.logprobs.is_some();
     let (model, created, prompt_tokens) = (state.model_name.clone(), now(), plan.prompt.len());
     let envelope = move |choices: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices});
     if plan.stream {
@@ -585,9 +718,13 @@ async fn completion(
         return Ok(sse(
             receivers,
             None,
-            Box::new(move |i, delta, finish| {
+            Box::new(move |p: Piece| {
+                let logprobs = match with_logprobs && p.text.is_some() {
+                    true => completion_logprobs(p.logprobs, p.offset),
+                    false => Value::Null,
+                };
                 envelope(
-                    json!([{"index": i, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}]),
+                    json!([{"index": p.choice, "text": p.text.unwrap_or(""), "finish_reason": p.finish_reason, "logprobs": logprobs}]),
                 )
             }),
             plan.include_usage.then(|| {
@@ -604,7 +741,10 @@ async fn completion(
     let choices: Vec<Value> = replies
         .iter()
         .enumerate()
-        .map(|(i, r)| json!({"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": null}))
+        .map(|(i, r)| {
+            let logprobs = with_logprobs.then(|| completion_logprobs(&r.logprobs, 0));
+            json!({"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": logprobs})
+        })
         .collect();
     let mut response = envelope(Value::Array(choices));
     response["usage"] = usage(prompt_tokens, completion);
