@@ -56,6 +56,58 @@ impl Runs {
     }
 }
 
+/// A failed run prints what its processes logged and the job's metrics: the reason a
+/// timing-dependent failure happened is in them, and the temporary directory goes away.
+impl Drop for Runs {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        files.sort();
+        files.push(self.run.join("metrics.jsonl"));
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            eprintln!(
+                "==== {} (last {} lines)\n{}",
+                file.display(),
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+/// Waits until both nodes' trainers hold a rank in one group (an elastic job may start with
+/// whichever registered first, alone) and that group has logged two steps: the failure
+/// under test must hit a group of two.
+fn wait_for_two_rank_group(job: &Job, run: &std::path::Path) {
+    wait_until(
+        Duration::from_secs(120),
+        "both trainers in one group",
+        || {
+            let status = job.status();
+            let ranked = status["members"].as_array().unwrap().iter();
+            ranked
+                .filter(|m| m["role"] == "trainer" && !m["rank"].is_null())
+                .count()
+                == 2
+        },
+    );
+    let joined_at = losses(run).len();
+    wait_until(Duration::from_secs(120), "2 steps of the group", || {
+        losses(run).len() >= joined_at + 2
+    });
+}
+
 /// How many times the coordinator's log says `member` registered.
 fn registrations(dir: &std::path::Path, member: &str) -> usize {
     std::fs::read_to_string(dir.join("coordinator.log"))
@@ -88,9 +140,7 @@ fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
             dir.path().join(format!("trainer-{node}.log")),
         ));
     }
-    wait_until(Duration::from_secs(120), "2 steps", || {
-        losses(run).len() >= 2
-    });
+    wait_for_two_rank_group(&job, run);
     // Rank 0 (node a: it also serves the group's store) freezes mid-step.
     let stopped_pid = actors[1].child.id() as i32;
     // SAFETY: signalling our own child process by pid.
@@ -180,9 +230,7 @@ fn a_partitioned_node_is_left_behind_fenced_and_taken_back_with_the_same_math() 
             });
         }
     }
-    wait_until(Duration::from_secs(120), "2 steps", || {
-        losses(run).len() >= 2
-    });
+    wait_for_two_rank_group(&job, run);
     ns.partition();
     let cut_at = Instant::now();
     wait_until(Duration::from_secs(20), "node a to go on alone", || {

@@ -4,6 +4,29 @@ use tch::{Device, Kind, Tensor};
 
 use crate::ModelConfig;
 
+/// Zeroed keys and values for every layer, shape (rows, kv_heads, max_seq_len, head_dim).
+pub(crate) fn zeroed_layers(
+    cfg: &ModelConfig,
+    rows: usize,
+    kind: Kind,
+    device: Device,
+) -> Vec<(Tensor, Tensor)> {
+    let shape = [
+        rows as i64,
+        cfg.kv_heads as i64,
+        cfg.max_seq_len as i64,
+        cfg.head_dim() as i64,
+    ];
+    (0..cfg.n_layers)
+        .map(|_| {
+            (
+                Tensor::zeros(shape, (kind, device)),
+                Tensor::zeros(shape, (kind, device)),
+            )
+        })
+        .collect()
+}
+
 /// Keys and values of every layer for positions `0..len`, preallocated to `max_seq_len`.
 #[derive(Debug)]
 pub struct KvCache {
@@ -14,22 +37,8 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(cfg: &ModelConfig, batch: usize, kind: Kind, device: Device) -> Self {
-        let shape = [
-            batch as i64,
-            cfg.kv_heads as i64,
-            cfg.max_seq_len as i64,
-            cfg.head_dim() as i64,
-        ];
-        let layers = (0..cfg.n_layers)
-            .map(|_| {
-                (
-                    Tensor::zeros(shape, (kind, device)),
-                    Tensor::zeros(shape, (kind, device)),
-                )
-            })
-            .collect();
         Self {
-            layers,
+            layers: zeroed_layers(cfg, batch, kind, device),
             len: 0,
             capacity: cfg.max_seq_len,
         }

@@ -19,22 +19,8 @@ pub struct SlotCache {
 
 impl SlotCache {
     pub fn new(cfg: &ModelConfig, slots: usize, kind: Kind, device: Device) -> Self {
-        let shape = [
-            slots as i64,
-            cfg.kv_heads as i64,
-            cfg.max_seq_len as i64,
-            cfg.head_dim() as i64,
-        ];
-        let layers = (0..cfg.n_layers)
-            .map(|_| {
-                (
-                    Tensor::zeros(shape, (kind, device)),
-                    Tensor::zeros(shape, (kind, device)),
-                )
-            })
-            .collect();
         Self {
-            layers,
+            layers: crate::kv_cache::zeroed_layers(cfg, slots, kind, device),
             lens: Vec::with_capacity(slots),
             slots,
             capacity: cfg.max_seq_len,

@@ -438,6 +438,41 @@ async fn start(
     Ok(receivers)
 }
 
+/// A non-streamed response: every choice collected and shown by `choice`, in `envelope`,
+/// with the usage of all of them.
+async fn whole(
+    receivers: Vec<mpsc::UnboundedReceiver<GenEvent>>,
+    envelope: impl Fn(Value) -> Value,
+    prompt_tokens: usize,
+    choice: impl Fn(usize, &Reply) -> Value,
+) -> Result<Value, ApiError> {
+    let replies = collect_all(receivers).await?;
+    let completion: usize = replies.iter().map(|r| r.tokens).sum();
+    let choices = replies
+        .iter()
+        .enumerate()
+        .map(|(i, r)| choice(i, r))
+        .collect();
+    let mut response = envelope(Value::Array(choices));
+    response["usage"] = usage(prompt_tokens, completion);
+    Ok(response)
+}
+
+/// The last chunk of a stream that asked for `include_usage`: no choices, the usage of all.
+fn usage_chunk(
+    include_usage: bool,
+    envelope: impl Fn(Value) -> Value + Send + 'static,
+    prompt_tokens: usize,
+) -> Option<Box<dyn FnOnce(usize) -> Value + Send>> {
+    include_usage.then(|| {
+        Box::new(move |completion: usize| {
+            let mut v = envelope(json!([]));
+            v["usage"] = usage(prompt_tokens, completion);
+            v
+        }) as Box<dyn FnOnce(usize) -> Value + Send>
+    })
+}
+
 /// One finished choice: its text, finish reason, completion tokens and (when asked for)
 /// their log-probabilities.
 struct Reply {
@@ -657,7 +692,7 @@ async fn chat(state: &AppState, headers: HeaderMap, body: Bytes) -> Result<Respo
     let envelope = move |choices: Value| json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices});
     if plan.stream {
         let head = envelope.clone();
-        let usage_chunk = envelope.clone();
+        let envelope_for_usage = envelope.clone();
         return Ok(sse(
             receivers,
             Some(Box::new(move |p: Piece| {
@@ -675,28 +710,15 @@ async fn chat(state: &AppState, headers: HeaderMap, body: Bytes) -> Result<Respo
                     json!([{"index": p.choice, "delta": delta, "logprobs": logprobs, "finish_reason": p.finish_reason}]),
                 )
             }),
-            plan.include_usage.then(|| {
-                Box::new(move |completion: usize| {
-                    let mut v = usage_chunk(json!([]));
-                    v["usage"] = usage(prompt_tokens, completion);
-                    v
-                }) as Box<dyn FnOnce(usize) -> Value + Send>
-            }),
+            usage_chunk(plan.include_usage, envelope_for_usage, prompt_tokens),
         ));
     }
-    let replies = collect_all(receivers).await?;
-    let completion: usize = replies.iter().map(|r| r.tokens).sum();
-    let choices: Vec<Value> = replies
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let logprobs = with_logprobs.then(|| chat_logprobs(&r.logprobs));
-            json!({"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs, "finish_reason": r.finish_reason})
-        })
-        .collect();
-    let mut response = envelope(Value::Array(choices));
+    let mut response = whole(receivers, envelope, prompt_tokens, |i, r| {
+        let logprobs = with_logprobs.then(|| chat_logprobs(&r.logprobs));
+        json!({"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": logprobs, "finish_reason": r.finish_reason})
+    })
+    .await?;
     response["object"] = json!("chat.completion");
-    response["usage"] = usage(prompt_tokens, completion);
     Ok(Json(response).into_response())
 }
 
@@ -714,7 +736,7 @@ async fn completion(
     let (model, created, prompt_tokens) = (state.model_name.clone(), now(), plan.prompt.len());
     let envelope = move |choices: Value| json!({"id": id, "object": "text_completion", "created": created, "model": model, "choices": choices});
     if plan.stream {
-        let usage_chunk = envelope.clone();
+        let envelope_for_usage = envelope.clone();
         return Ok(sse(
             receivers,
             None,
@@ -727,26 +749,13 @@ async fn completion(
                     json!([{"index": p.choice, "text": p.text.unwrap_or(""), "finish_reason": p.finish_reason, "logprobs": logprobs}]),
                 )
             }),
-            plan.include_usage.then(|| {
-                Box::new(move |completion: usize| {
-                    let mut v = usage_chunk(json!([]));
-                    v["usage"] = usage(prompt_tokens, completion);
-                    v
-                }) as Box<dyn FnOnce(usize) -> Value + Send>
-            }),
+            usage_chunk(plan.include_usage, envelope_for_usage, prompt_tokens),
         ));
     }
-    let replies = collect_all(receivers).await?;
-    let completion: usize = replies.iter().map(|r| r.tokens).sum();
-    let choices: Vec<Value> = replies
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let logprobs = with_logprobs.then(|| completion_logprobs(&r.logprobs, 0));
-            json!({"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": logprobs})
-        })
-        .collect();
-    let mut response = envelope(Value::Array(choices));
-    response["usage"] = usage(prompt_tokens, completion);
+    let response = whole(receivers, envelope, prompt_tokens, |i, r| {
+        let logprobs = with_logprobs.then(|| completion_logprobs(&r.logprobs, 0));
+        json!({"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": logprobs})
+    })
+    .await?;
     Ok(Json(response).into_response())
 }
