@@ -396,12 +396,12 @@ fn tell_coordinator_on_death(
     })
 }
 
-/// `lillm train|sft --nproc N`: a coordinator, a dataloader (for pretraining, whose batches
-/// it streams) and N trainer actors on this machine,
-/// under one [`Supervisor`] that restarts any of them that dies (up to `max_restarts`
-/// failures). The coordinator keeps its state in RUN_DIR/coordinator, so the same command
-/// with `--resume` continues a job that was stopped (even by SIGKILL).
-/// On `shutdown` the trainers stop first (they checkpoint and commit), then the services.
+/// `lillm train|sft|dpo --nproc N`: a coordinator, a dataloader (for pretraining, whose
+/// batches it streams) and N trainer actors on this machine, under one [`Supervisor`] that
+/// restarts any of them that dies (up to `max_restarts` failures). The coordinator keeps its
+/// state in RUN_DIR/coordinator, so the same command with `--resume` continues a job that
+/// was stopped (even by SIGKILL). On `shutdown` the trainers stop first (they checkpoint and
+/// commit), then the services.
 pub fn launch_local_job(
     cfg: &TrainConfig,
     nproc: usize,

@@ -507,11 +507,11 @@ impl Trainer {
     }
 
     /// The figures of a log window ([`Loss::score`], summed over its steps) averaged over all
-    /// ranks, whether the group stops after this
-    /// step and whether a timed checkpoint is due (`checkpoint_wish`: rank 0's clock says
-    /// so), in one all-reduce read back in the log interval's only host sync: a shutdown
-    /// asked of any rank stops every rank at the same step, the others with
-    /// [`StopReason::PeerShutdown`]. So a job stops within `log_interval` steps.
+    /// ranks, whether the group stops after this step and whether a timed checkpoint is due
+    /// (`checkpoint_wish`: rank 0's clock says so), in one all-reduce read back in the log
+    /// interval's only host sync: a shutdown asked of any rank stops every rank at the same
+    /// step, the others with [`StopReason::PeerShutdown`]. So a job stops within
+    /// `log_interval` steps.
     fn reduce_window(
         &self,
         figures: &Tensor,

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -81,6 +82,17 @@ int wait_for(Group* g, const c10::intrusive_ptr<c10d::Work>& work, char** err) {
   return 0;
 }
 
+// libtorch's flight recorder (a process-wide log of collectives) corrupts its own map when
+// process groups of one process enqueue from several threads at once — as a group given up
+// mid-collective and its successor, or the ranks of a test, may. It crashed the process
+// (SIGSEGV in FlightRecorder::recordWithResetEnabled, about 1 run in 8 of this crate's
+// tests); it is off unless the user set TORCH_FR_BUFFER_SIZE. It reads the variable once,
+// when the first group records, so this runs before any group exists.
+void disable_flight_recorder() {
+  static std::once_flag once;
+  std::call_once(once, [] { setenv("TORCH_FR_BUFFER_SIZE", "0", /*overwrite=*/0); });
+}
+
 int refuse_if_aborted(Group* g, char** err) {
   if (!g->aborted.load()) return 0;
   *err = strdup("aborted: the group was given up");
@@ -93,6 +105,7 @@ extern "C" {
 // Starts (once per process) the store this process serves when it is rank 0; returns its
 // port, or 0 with `err` set.
 uint16_t lillm_c10d_serve_store(int64_t timeout_ms, char** err) {
+  disable_flight_recorder();
   try {
     std::lock_guard<std::mutex> lock(server_mutex);
     if (!server) {
@@ -112,6 +125,7 @@ uint16_t lillm_c10d_serve_store(int64_t timeout_ms, char** err) {
 
 void* lillm_c10d_gloo_new(const char* store_host, uint16_t store_port, const char* bind_host, int rank,
                           int world, const char* prefix, int64_t timeout_ms, char** err) {
+  disable_flight_recorder();
   try {
     auto store = make_store(store_host, store_port, rank, world, prefix, timeout_ms);
     auto pg_opts = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
@@ -128,6 +142,7 @@ void* lillm_c10d_gloo_new(const char* store_host, uint16_t store_port, const cha
 // (NCCL_SOCKET_IFNAME steers it).
 void* lillm_c10d_nccl_new(const char* store_host, uint16_t store_port, const char* bind_host, int rank,
                           int world, const char* prefix, int64_t timeout_ms, char** err) {
+  disable_flight_recorder();
 #ifdef LILLM_WITH_NCCL
   try {
     auto store = make_store(store_host, store_port, rank, world, prefix, timeout_ms);
