@@ -41,31 +41,54 @@ pub struct Record {
     pub reward_margin: Option<f64>,
 }
 
-/// Appends records; each line is flushed so a killed run keeps what it logged.
+/// Appends records; each line is flushed so a killed run keeps what it logged. The file
+/// holds one record per step and kind (training step or evaluation).
 pub struct MetricsLog {
     path: PathBuf,
     file: fs::File,
     /// The step of the latest training-step record in the file.
     last_loss_step: Option<u64>,
+    /// (step, is a training-step record) of every record in the file.
+    logged: std::collections::HashSet<(u64, bool)>,
+}
+
+/// How a run opens its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reopen {
+    /// A new run: an empty log.
+    Fresh,
+    /// A resume from this step in one process: records after it are dropped, since the
+    /// run redoes those steps (possibly with changed settings).
+    After(u64),
+    /// A group of a job, at any step: every record is kept. A job's settings are fixed
+    /// (fingerprinted) and its math deterministic, so a record is right whichever group
+    /// computed it; a group that starts behind (without the most advanced trainer) must
+    /// not delete records that a later group, which has that trainer back, will not
+    /// compute again.
+    Keep,
 }
 
 impl MetricsLog {
-    /// Opens the log. A new run starts an empty file; a resume from step `s` keeps only the
-    /// records up to `s` (those after it were logged past the checkpoint and will be redone).
-    pub fn open(run: &Path, resume_from: Option<u64>) -> Result<Self> {
+    /// Opens the log as `reopen` says.
+    pub fn open(run: &Path, reopen: Reopen) -> Result<Self> {
         let path = run.join(METRICS_FILE);
         // The records up to the resume step, kept byte for byte (a parse and re-print
         // could move a float by an ulp), each step's training and evaluation record once:
         // a rank 0 that froze and woke up after the job went on without it may have
         // appended a record the job had logged already.
         let mut seen = std::collections::HashSet::new();
-        let kept: Vec<String> = match resume_from {
-            Some(from) => fs::read_to_string(&path)
+        let last = match reopen {
+            Reopen::Fresh => None,
+            Reopen::After(step) => Some(step),
+            Reopen::Keep => Some(u64::MAX),
+        };
+        let kept: Vec<String> = match last {
+            Some(last) => fs::read_to_string(&path)
                 .unwrap_or_default()
                 .lines()
                 .filter(|l| {
                     serde_json::from_str::<Record>(l)
-                        .is_ok_and(|r| r.step <= from && seen.insert((r.step, r.loss.is_some())))
+                        .is_ok_and(|r| r.step <= last && seen.insert((r.step, r.loss.is_some())))
                 })
                 .map(|l| format!("{l}\n"))
                 .collect(),
@@ -86,10 +109,15 @@ impl MetricsLog {
             path,
             file,
             last_loss_step,
+            logged: seen,
         })
     }
 
+    /// Appends `record` unless the log already holds a record of its step and kind.
     pub fn append(&mut self, record: &Record) -> Result<()> {
+        if !self.logged.insert((record.step, record.loss.is_some())) {
+            return Ok(());
+        }
         let mut line = serde_json::to_string(record).expect("record serialises");
         line.push('\n');
         self.file
@@ -126,7 +154,7 @@ mod tests {
         let first = r#"{"step":198,"loss":7.8402252197265625,"tokens_seen":101376}"#;
         let later = r#"{"step":199,"loss":7.800789833068848}"#;
         fs::write(dir.path().join(METRICS_FILE), format!("{first}\n{later}\n")).unwrap();
-        MetricsLog::open(dir.path(), Some(198)).unwrap();
+        MetricsLog::open(dir.path(), Reopen::After(198)).unwrap();
         let text = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
         assert_eq!(text, format!("{first}\n"));
     }
@@ -141,9 +169,32 @@ mod tests {
             r#"{"step":3,"loss":2.5}"#,
         ];
         fs::write(dir.path().join(METRICS_FILE), lines.join("\n")).unwrap();
-        MetricsLog::open(dir.path(), Some(4)).unwrap();
+        MetricsLog::open(dir.path(), Reopen::After(4)).unwrap();
         let text = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
         assert_eq!(text, format!("{}\n", lines[..3].join("\n")));
+    }
+
+    /// A group of a job that starts behind keeps the records a more advanced trainer's
+    /// group logged, and logs each step once.
+    #[test]
+    fn a_job_group_keeps_every_record_and_logs_each_step_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let lines = [r#"{"step":2,"loss":2.5}"#, r#"{"step":3,"loss":2.4}"#];
+        fs::write(dir.path().join(METRICS_FILE), lines.join("\n")).unwrap();
+        let mut log = MetricsLog::open(dir.path(), Reopen::Keep).unwrap();
+        for step in [3, 4] {
+            let again = Record {
+                step,
+                loss: Some(9.0),
+                ..Record::default()
+            };
+            log.append(&again).unwrap();
+        }
+        let text = fs::read_to_string(dir.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(
+            text,
+            format!("{}\n{}\n", lines.join("\n"), r#"{"step":4,"loss":9.0}"#)
+        );
     }
 
     #[test]
@@ -155,7 +206,7 @@ mod tests {
             r#"{"step":11,"val_loss":2.4}"#,
         ];
         fs::write(dir.path().join(METRICS_FILE), lines.join("\n")).unwrap();
-        let mut log = MetricsLog::open(dir.path(), Some(11)).unwrap();
+        let mut log = MetricsLog::open(dir.path(), Reopen::After(11)).unwrap();
         assert_eq!(log.last_loss_step(), Some(10));
         log.append(&Record {
             step: 12,

@@ -19,7 +19,7 @@ use crate::config::{Objective, TrainConfig};
 use crate::data::{MicroBatch, TrainData};
 use crate::dist::{ProcessGroup, Rendezvous};
 use crate::loss::{Loss, Reference, FIGURES};
-use crate::metrics::{MetricsLog, Record};
+use crate::metrics::{MetricsLog, Record, Reopen};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::report::{Reporter, Silent};
 use crate::stop::{Stop, StopReason};
@@ -658,13 +658,21 @@ impl Trainer {
         let leader = cfg.rank == 0;
         let resumed = self.step > 0 || self.evaluated_at_step;
         let mut log = match leader {
-            true => Some(MetricsLog::open(&cfg.out, resumed.then_some(self.step))?),
+            true => {
+                let reopen = match (resumed, self.generation > 0) {
+                    (true, true) => Reopen::Keep,
+                    (true, false) => Reopen::After(self.step),
+                    (false, _) => Reopen::Fresh,
+                };
+                Some(MetricsLog::open(&cfg.out, reopen)?)
+            }
             false => None,
         };
         // The record of the step the group starts from, if the rank 0 that computed it died
         // before logging it.
         if let (Some(log), Some(record)) = (log.as_mut(), &self.last_window) {
-            if record.step == self.step && log.last_loss_step() < Some(self.step) {
+            if record.step == self.step {
+                // Skipped if the log has it.
                 log.append(record)?;
             }
         }
