@@ -22,15 +22,31 @@ pub struct Reference {
     beta: f64,
 }
 
-/// A micro-batch's loss (with its graph when training) and its figures, detached:
-/// [loss, reward accuracy, reward margin] (the last two 0 for next-token loss).
+/// A micro-batch's loss (with its graph when training) and, for DPO, its reward accuracy
+/// and margin (detached).
 pub struct Scored {
     pub loss: Tensor,
-    pub figures: Tensor,
+    rewards: Option<(Tensor, Tensor)>,
 }
 
-/// Figures per micro-batch; see [`Scored`].
+/// Figures per micro-batch: [loss, reward accuracy, reward margin] (see [`Scored::add_to`]).
 pub const FIGURES: i64 = 3;
+
+impl Scored {
+    /// Adds `weight` × this micro-batch's figures to `acc` (shape [`FIGURES`]) in place, on
+    /// its device: no host sync and no new tensor per micro-batch beyond the products.
+    pub fn add_to(&self, acc: &Tensor, weight: f64) {
+        let add = |i: i64, v: &Tensor| {
+            let mut slot = acc.narrow(0, i, 1);
+            slot += (v.detach().to_kind(acc.kind()) * weight).view([1]);
+        };
+        add(0, &self.loss);
+        if let Some((accuracy, margin)) = &self.rewards {
+            add(1, accuracy);
+            add(2, margin);
+        }
+    }
+}
 
 impl Reference {
     /// The reference from the initial checkpoint, computing in `kind` as the policy does (so
@@ -76,16 +92,10 @@ impl Loss {
         match self {
             Self::NextToken => {
                 let loss = model.loss(x, y, train);
-                let zero = Tensor::zeros([], (Kind::Float, x.device()));
-                let figures = Tensor::stack(
-                    &[
-                        loss.detach().to_kind(Kind::Float),
-                        zero.shallow_clone(),
-                        zero,
-                    ],
-                    0,
-                );
-                Scored { loss, figures }
+                Scored {
+                    loss,
+                    rewards: None,
+                }
             }
             Self::Preference(r) => {
                 let policy = sequence_logp(model, x, y, train);
@@ -96,8 +106,8 @@ impl Loss {
                 let loss = -diff.log_sigmoid().mean(Kind::Float);
                 let diff = diff.detach();
                 let accuracy = diff.gt(0.0).to_kind(Kind::Float).mean(Kind::Float);
-                let figures = Tensor::stack(&[loss.detach(), accuracy, diff.mean(Kind::Float)], 0);
-                Scored { loss, figures }
+                let rewards = Some((accuracy, diff.mean(Kind::Float)));
+                Scored { loss, rewards }
             }
         }
     }

@@ -49,7 +49,7 @@ fn batch_tensors(batch: &MicroBatch, device: Device) -> (Tensor, Tensor) {
     (x, y)
 }
 
-/// Mean figures ([`Loss::score`]) over `cfg.eval_iters` seeded batches of a split.
+/// Mean figures ([`crate::loss::Scored::add_to`]) over `cfg.eval_iters` seeded batches of a split.
 fn estimate(
     model: &LilLM,
     loss: &Loss,
@@ -60,7 +60,7 @@ fn estimate(
     device: Device,
 ) -> Result<[f64; FIGURES as usize]> {
     let _guard = tch::no_grad_guard();
-    let mut total = Tensor::zeros([FIGURES], (Kind::Double, device));
+    let total = Tensor::zeros([FIGURES], (Kind::Double, device));
     for i in 0..cfg.eval_iters {
         let key = BatchKey {
             seed: cfg.seed ^ 0xE7A1,
@@ -69,10 +69,7 @@ fn estimate(
             micro: 0,
         };
         let (x, y) = batch_tensors(&data.batch(key, 1, cfg.batch_size, seq)?, device);
-        total += loss
-            .score(model, &x, &y, false)
-            .figures
-            .to_kind(Kind::Double);
+        loss.score(model, &x, &y, false).add_to(&total, 1.0);
     }
     let means = Vec::<f64>::try_from(&(total / cfg.eval_iters as f64).to_device(Device::Cpu))?;
     Ok([means[0], means[1], means[2]])
@@ -506,7 +503,7 @@ impl Trainer {
         }
     }
 
-    /// The figures of a log window ([`Loss::score`], summed over its steps) averaged over all
+    /// The figures of a log window ([`crate::loss::Scored::add_to`], summed over its steps) averaged over all
     /// ranks, whether the group stops after this step and whether a timed checkpoint is due
     /// (`checkpoint_wish`: rank 0's clock says so), in one all-reduce read back in the log
     /// interval's only host sync: a shutdown asked of any rank stops every rank at the same
@@ -713,7 +710,7 @@ impl Trainer {
             ));
         }
         let mut last_val = None;
-        // The window's figures ([`Loss::score`]) summed over its steps.
+        // The window's figures ([`crate::loss::Scored::add_to`]) summed over its steps.
         let mut window_acc = Tensor::zeros([FIGURES], (Kind::Float, self.device));
         let mut window_steps = 0u64;
         let mut window_start = Instant::now();
@@ -804,8 +801,8 @@ impl Trainer {
                         .batch(key, cfg.grad_accum as u64, cfg.batch_size, self.seq)?;
                 let (x, y) = batch_tensors(&batch, self.device);
                 let scored = self.loss.score(&self.model, &x, &y, true);
-                (scored.loss / local as f64).backward();
-                window_acc += scored.figures / local as f64;
+                (&scored.loss / local as f64).backward();
+                scored.add_to(&window_acc, 1.0 / local as f64);
             }
             if let Some(group) = &self.group {
                 self.collective(group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES))?;
