@@ -18,7 +18,8 @@ const PT_CONVERTER: &str = include_str!("python/lillm_pt_to_safetensors.py");
 
 #[derive(Subcommand)]
 pub enum ExportCmd {
-    /// Write a Hugging Face Llama model directory (config.json, model.safetensors, tokenizer).
+    /// Write a Hugging Face model directory (config.json, model.safetensors, tokenizer):
+    /// LlamaForCausalLM, or MixtralForCausalLM for a Mixture-of-Experts model.
     Hf {
         /// Checkpoint directory, or a run directory (its latest checkpoint).
         #[arg(long)]
@@ -31,7 +32,7 @@ pub enum ExportCmd {
 
 #[derive(Subcommand)]
 pub enum ImportCmd {
-    /// Import a Hugging Face Llama model directory as a lillm checkpoint.
+    /// Import a Hugging Face Llama or Mixtral model directory as a lillm checkpoint.
     Hf {
         /// Directory with config.json and model.safetensors (or sharded safetensors + index).
         dir: PathBuf,
@@ -93,9 +94,14 @@ pub fn export(cmd: ExportCmd) -> Result<()> {
     }
     fs::rename(&tmp, &out)?;
     println!(
-        "exported {} → {} (Hugging Face Llama)",
+        "exported {} → {} (Hugging Face {})",
         loaded.dir.display(),
-        out.display()
+        out.display(),
+        if cfg.moe.is_some() {
+            "Mixtral"
+        } else {
+            "Llama"
+        }
     );
     Ok(())
 }
@@ -170,10 +176,10 @@ fn write_imported(
         },
     )?;
     println!(
-        "imported {} → {} ({} parameters)",
+        "imported {} → {} ({})",
         origin.display(),
         out.display(),
-        cfg.num_params()
+        cfg.size_summary()
     );
     Ok(())
 }
@@ -276,6 +282,7 @@ fn lillm_pt_config(fields: &Value, tensors: &BTreeMap<String, Tensor>) -> Result
         eps: fields.get("eps").and_then(Value::as_f64).unwrap_or(1e-6),
         rope_theta: 10000.0,
         dropout: 0.0,
+        moe: None,
     };
     cfg.validate()?;
     Ok(cfg)

@@ -18,7 +18,8 @@ pub struct TrainArgs {
     /// Print the resolved config as TOML and exit.
     #[arg(long)]
     print_config: bool,
-    /// Model preset: lillm-39m, lillm-300m or tiny.
+    /// Model preset: lillm-39m, lillm-300m, tiny, or a Mixture of Experts: lillm-moe-8x39m,
+    /// tiny-moe (`lillm model presets`).
     #[arg(long)]
     preset: Option<String>,
     /// Prepared dataset directory.
@@ -101,6 +102,27 @@ pub struct TrainArgs {
     /// SwiGLU hidden size (default: derived from d_model as in the original).
     #[arg(long)]
     hidden_dim: Option<usize>,
+    /// Mixture of Experts: experts per sparse layer (makes a dense preset sparse).
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Mixture of Experts: experts each token is routed to (top-k).
+    #[arg(long)]
+    experts_per_token: Option<usize>,
+    /// Mixture of Experts: each expert's hidden size (default: the dense FFN's).
+    #[arg(long)]
+    expert_hidden_dim: Option<usize>,
+    /// Mixture of Experts: sparse feed-forward on every n-th layer only.
+    #[arg(long)]
+    moe_every: Option<usize>,
+    /// Mixture of Experts: add a shared expert every token goes through.
+    #[arg(long)]
+    shared_expert: Option<bool>,
+    /// Mixture of Experts: weight of the load-balancing loss.
+    #[arg(long)]
+    aux_loss_coef: Option<f64>,
+    /// Mixture of Experts: weight of the router z-loss.
+    #[arg(long)]
+    z_loss_coef: Option<f64>,
     /// Continue from the run directory's latest valid checkpoint.
     #[arg(long)]
     resume: bool,
@@ -177,7 +199,8 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         lr => "lr", min_lr => "min_lr", weight_decay => "weight_decay", grad_clip => "grad_clip",
         peak_tflops => "peak_tflops", dropout => "model.dropout", decay_lr => "decay_lr",
         beta1 => "beta1", beta2 => "beta2", adam_eps => "adam_eps",
-        checkpoint_minutes => "checkpoint_minutes",
+        checkpoint_minutes => "checkpoint_minutes", shared_expert => "model.moe.shared_expert",
+        aux_loss_coef => "model.moe.aux_loss_coef", z_loss_coef => "model.moe.z_loss_coef",
     );
     macro_rules! int_flag {
         ($($field:ident => $key:expr),* $(,)?) => {
@@ -195,7 +218,9 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         rank => "rank", world_size => "world_size", check_params_every => "check_params_every",
         d_model => "model.d_model", n_layers => "model.n_layers", q_heads => "model.q_heads",
         kv_heads => "model.kv_heads", max_seq_len => "model.max_seq_len", vocab_size => "model.vocab_size",
-        hidden_dim => "model.hidden_dim",
+        hidden_dim => "model.hidden_dim", experts => "model.moe.experts",
+        experts_per_token => "model.moe.experts_per_token",
+        expert_hidden_dim => "model.moe.expert_hidden_dim", moe_every => "model.moe.every",
     );
     if args.resume {
         builder = builder.set_override("resume", true)?;
@@ -252,8 +277,8 @@ pub fn train_here(
 /// What a finished training or fine-tuning run prints.
 pub fn report(summary: &TrainSummary, run: &std::path::Path) {
     println!(
-        "trained {} steps of a {}-parameter model",
-        summary.steps, summary.num_params
+        "trained {} steps of a model of {}",
+        summary.steps, summary.model_size
     );
     if let Some(reason) = summary.stopped {
         println!("stopped early ({reason}); continue with --resume");
@@ -287,9 +312,9 @@ pub fn plot(args: PlotArgs) -> Result<()> {
 
 #[derive(Subcommand)]
 pub enum ModelCmd {
-    /// Print a preset's shape and exact parameter count.
+    /// Print a preset's shape and exact parameter counts (total, and active per token).
     Info {
-        /// lillm-39m, lillm-300m or tiny.
+        /// lillm-39m, lillm-300m, tiny, lillm-moe-8x39m or tiny-moe.
         #[arg(long, default_value = "lillm-39m")]
         preset: String,
     },
@@ -313,8 +338,12 @@ pub fn model(cmd: ModelCmd) -> Result<()> {
         ModelCmd::Info { preset } => {
             let cfg = ModelConfig::preset(&preset)?;
             println!("{}", serde_json::to_string_pretty(&cfg)?);
-            println!("ffn hidden dim: {}", cfg.ffn_hidden_dim());
+            match &cfg.moe {
+                None => println!("ffn hidden dim: {}", cfg.ffn_hidden_dim()),
+                Some(_) => println!("expert hidden dim: {}", cfg.expert_hidden_dim()),
+            }
             println!("parameters: {}", cfg.num_params());
+            println!("active parameters per token: {}", cfg.active_params());
         }
         ModelCmd::Presets => PRESETS.iter().for_each(|p| println!("{p}")),
         ModelCmd::Logits {

@@ -405,33 +405,6 @@ fn sft_at_two_ranks_equals_one_process_and_resumes_exactly() {
     assert_same_run(&one, &halves, 10, 1e-6);
 }
 
-/// Two runs logged the same losses at every step and ended with the same weights (within
-/// `tolerance`); the second ran as a job of two ranks when its run directory says so.
-fn assert_same_run(a: &std::path::Path, b: &std::path::Path, last_step: u64, tolerance: f64) {
-    let (x, y) = (losses(a), losses(b));
-    assert_eq!(x.len() as u64, last_step, "{x:?}");
-    assert_eq!(x.len(), y.len(), "{x:?} vs {y:?}");
-    for ((step, p), (_, q)) in x.iter().zip(&y) {
-        assert!((p - q).abs() <= tolerance, "step {step}: {p} vs {q}");
-    }
-    let last = format!("checkpoints/step-{last_step:08}/model.safetensors");
-    let diff = max_weight_diff(&a.join(&last), &b.join(&last));
-    assert!(diff <= tolerance, "final weights differ by {diff}");
-}
-
-/// The world size every checkpoint of a run was written at.
-fn checkpoint_world_sizes(run: &std::path::Path) -> Vec<u64> {
-    fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .map(|e| {
-            let state = fs::read_to_string(e.unwrap().path().join("state.json")).unwrap();
-            serde_json::from_str::<serde_json::Value>(&state).unwrap()["world_size"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect()
-}
-
 /// `lillm dpo --nproc 2` runs the one training engine as a job: the same per-step losses,
 /// reward figures and final weights as one process with the same global batch.
 #[test]

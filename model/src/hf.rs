@@ -1,4 +1,5 @@
-//! Hugging Face Llama interop: tensor renaming, the RoPE row permutation and `config.json`.
+//! Hugging Face interop — `LlamaForCausalLM` for dense models, `MixtralForCausalLM` for
+//! Mixture-of-Experts ones: tensor renaming, the RoPE row permutation and `config.json`.
 //!
 //! lilLM rotates adjacent pairs (x[2i], x[2i+1]); Hugging Face Llama rotates x[i] with
 //! x[i + hd/2]. Permuting the output rows of `wq` and `wk` inside each head maps one onto the
@@ -9,7 +10,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 use tch::Tensor;
 
-use crate::{Error, ModelConfig, Result};
+use crate::{Error, ModelConfig, MoeConfig, Result};
 
 /// Rows of a (heads·hd, d) projection from adjacent-pair order to half-split order.
 fn pairs_to_halves(w: &Tensor, heads: usize) -> Tensor {
@@ -29,18 +30,39 @@ fn halves_to_pairs(w: &Tensor, heads: usize) -> Tensor {
         .reshape([rows, cols])
 }
 
-/// (lilLM suffix, HF suffix) of each per-layer tensor.
+/// (lilLM suffix, HF suffix) of each per-layer tensor every layer has.
 const LAYER_NAMES: &[(&str, &str)] = &[
     ("attn.wq.weight", "self_attn.q_proj.weight"),
     ("attn.wk.weight", "self_attn.k_proj.weight"),
     ("attn.wv.weight", "self_attn.v_proj.weight"),
     ("attn.wo.weight", "self_attn.o_proj.weight"),
-    ("ffn.w1.weight", "mlp.gate_proj.weight"),
-    ("ffn.w3.weight", "mlp.up_proj.weight"),
-    ("ffn.w2.weight", "mlp.down_proj.weight"),
     ("attn_norm.gain", "input_layernorm.weight"),
     ("ffn_norm.gain", "post_attention_layernorm.weight"),
 ];
+
+/// (lilLM suffix, HF suffix) of a dense layer's feed-forward.
+const DENSE_FFN_NAMES: &[(&str, &str)] = &[
+    ("ffn.w1.weight", "mlp.gate_proj.weight"),
+    ("ffn.w3.weight", "mlp.up_proj.weight"),
+    ("ffn.w2.weight", "mlp.down_proj.weight"),
+];
+
+/// Our stacked experts (`moe.experts.wN`, (experts, out, in)) and Mixtral's per-expert
+/// checkpoint names (`block_sparse_moe.experts.{j}.wN.weight`), the layout Mixtral
+/// checkpoints are published in and every loader reads.
+const EXPERT_WEIGHTS: &[&str] = &["w1", "w2", "w3"];
+
+/// Refuses MoE shapes Mixtral cannot express.
+fn check_mixtral(cfg: &ModelConfig) -> Result<()> {
+    let Some(moe) = &cfg.moe else { return Ok(()) };
+    if moe.shared_expert || moe.every != 1 {
+        return Err(Error::Config(format!(
+            "MixtralForCausalLM has no shared expert and a sparse feed-forward on every layer; this model has shared_expert = {} and moe.every = {}, so it cannot be exported",
+            moe.shared_expert, moe.every
+        )));
+    }
+    Ok(())
+}
 
 fn take(map: &mut BTreeMap<String, Tensor>, name: &str) -> Result<Tensor> {
     map.remove(name).ok_or_else(|| {
@@ -61,8 +83,14 @@ pub fn to_hf(
         take(&mut src, "tok_emb.weight")?,
     );
     out.insert("model.norm.weight".into(), take(&mut src, "norm.gain")?);
+    check_mixtral(cfg)?;
     for i in 0..cfg.n_layers {
-        for (ours, theirs) in LAYER_NAMES {
+        let dense = if cfg.is_moe_layer(i) {
+            &[][..]
+        } else {
+            DENSE_FFN_NAMES
+        };
+        for (ours, theirs) in LAYER_NAMES.iter().chain(dense) {
             let mut t = take(&mut src, &format!("transformer_blocks.{i}.{ours}"))?;
             if *ours == "attn.wq.weight" {
                 t = pairs_to_halves(&t, cfg.q_heads);
@@ -70,6 +98,18 @@ pub fn to_hf(
                 t = pairs_to_halves(&t, cfg.kv_heads);
             }
             out.insert(format!("model.layers.{i}.{theirs}"), t);
+        }
+        if cfg.is_moe_layer(i) {
+            let ours = format!("transformer_blocks.{i}.moe");
+            let theirs = format!("model.layers.{i}.block_sparse_moe");
+            let router = take(&mut src, &format!("{ours}.router.weight"))?;
+            out.insert(format!("{theirs}.gate.weight"), router);
+            for w in EXPERT_WEIGHTS {
+                let stacked = take(&mut src, &format!("{ours}.experts.{w}"))?;
+                for (j, expert) in stacked.unbind(0).into_iter().enumerate() {
+                    out.insert(format!("{theirs}.experts.{j}.{w}.weight"), expert);
+                }
+            }
         }
     }
     if let Some(extra) = src.keys().next() {
@@ -97,8 +137,14 @@ pub fn from_hf(
     }
     out.insert("tok_emb.weight".into(), emb);
     out.insert("norm.gain".into(), take(&mut src, "model.norm.weight")?);
+    check_mixtral(cfg)?;
     for i in 0..cfg.n_layers {
-        for (ours, theirs) in LAYER_NAMES {
+        let dense = if cfg.is_moe_layer(i) {
+            &[][..]
+        } else {
+            DENSE_FFN_NAMES
+        };
+        for (ours, theirs) in LAYER_NAMES.iter().chain(dense) {
             let mut t = take(&mut src, &format!("model.layers.{i}.{theirs}"))?;
             if *ours == "attn.wq.weight" {
                 t = halves_to_pairs(&t, cfg.q_heads);
@@ -106,6 +152,14 @@ pub fn from_hf(
                 t = halves_to_pairs(&t, cfg.kv_heads);
             }
             out.insert(format!("transformer_blocks.{i}.{ours}"), t);
+        }
+        if let Some(moe) = cfg.moe.as_ref().filter(|_| cfg.is_moe_layer(i)) {
+            let experts = mixtral_experts(&mut src, i, moe.experts)?;
+            let ours = format!("transformer_blocks.{i}.moe");
+            out.insert(format!("{ours}.router.weight"), experts.router);
+            for (w, stacked) in EXPERT_WEIGHTS.iter().zip(experts.stacked) {
+                out.insert(format!("{ours}.experts.{w}"), stacked);
+            }
         }
     }
     // Rotary tables are recomputed from the config; anything else is a different model.
@@ -118,8 +172,74 @@ pub fn from_hf(
     Ok(out)
 }
 
-/// The `config.json` of an exported model.
+/// One Mixtral layer's router and its experts' w1, w2, w3, each stacked (experts, out, in).
+struct MixtralExperts {
+    router: Tensor,
+    stacked: Vec<Tensor>,
+}
+
+/// Layer `i`'s experts, from the published per-expert layout
+/// (`block_sparse_moe.experts.{j}.w1.weight` …) or from the fused one transformers 5 keeps
+/// in memory (`mlp.experts.gate_up_proj`, (experts, 2·hidden, d), and `mlp.experts.down_proj`).
+fn mixtral_experts(
+    src: &mut BTreeMap<String, Tensor>,
+    i: usize,
+    experts: usize,
+) -> Result<MixtralExperts> {
+    let fused = format!("model.layers.{i}.mlp");
+    if src.contains_key(&format!("{fused}.experts.gate_up_proj")) {
+        let gate_up = take(src, &format!("{fused}.experts.gate_up_proj"))?;
+        let hidden = gate_up.size()[1] / 2;
+        return Ok(MixtralExperts {
+            router: take(src, &format!("{fused}.gate.weight"))?,
+            stacked: vec![
+                gate_up.narrow(1, 0, hidden).contiguous(),
+                take(src, &format!("{fused}.experts.down_proj"))?,
+                gate_up.narrow(1, hidden, hidden).contiguous(),
+            ],
+        });
+    }
+    let theirs = format!("model.layers.{i}.block_sparse_moe");
+    let router = take(src, &format!("{theirs}.gate.weight"))?;
+    let stacked = EXPERT_WEIGHTS
+        .iter()
+        .map(|w| {
+            let each = (0..experts)
+                .map(|j| take(src, &format!("{theirs}.experts.{j}.{w}.weight")))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&each, 0))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(MixtralExperts { router, stacked })
+}
+
+/// The `config.json` of an exported model: Llama's, or Mixtral's for an MoE model.
 pub fn hf_config(cfg: &ModelConfig, bos_id: u32, eos_id: u32) -> Value {
+    let mut v = llama_config(cfg, bos_id, eos_id);
+    if let Some(moe) = &cfg.moe {
+        let fields = json!({
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "intermediate_size": cfg.expert_hidden_dim(),
+            "num_local_experts": moe.experts,
+            "num_experts_per_tok": moe.experts_per_token,
+            "router_aux_loss_coef": moe.aux_loss_coef,
+            "output_router_logits": false,
+            "router_jitter_noise": 0.0,
+            "sliding_window": null,
+        });
+        let map = v.as_object_mut().expect("config is an object");
+        for (k, val) in fields.as_object().expect("an object") {
+            map.insert(k.clone(), val.clone());
+        }
+        for llama_only in ["attention_bias", "mlp_bias"] {
+            map.remove(llama_only);
+        }
+    }
+    v
+}
+
+fn llama_config(cfg: &ModelConfig, bos_id: u32, eos_id: u32) -> Value {
     json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -143,7 +263,8 @@ pub fn hf_config(cfg: &ModelConfig, bos_id: u32, eos_id: u32) -> Value {
     })
 }
 
-/// Reads a Hugging Face Llama `config.json` into a lilLM config, refusing what lilLM lacks.
+/// Reads a Hugging Face Llama or Mixtral `config.json` into a lilLM config, refusing what
+/// lilLM lacks.
 pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
     let get = |field: &str| -> Result<usize> {
         v.get(field)
@@ -156,10 +277,15 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
             })
     };
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-    if model_type != "llama" {
+    if model_type != "llama" && model_type != "mixtral" {
         return Err(Error::Config(format!(
-            "config.json: model_type is `{model_type}`, only `llama` can be imported"
+            "config.json: model_type is `{model_type}`; `llama` and `mixtral` can be imported"
         )));
+    }
+    if model_type == "mixtral" && v.get("sliding_window").is_some_and(|w| !w.is_null()) {
+        return Err(Error::Config(
+            "config.json: sliding_window is set; lilLM attends to the whole context".into(),
+        ));
     }
     if v.get("rope_scaling").is_some_and(|r| !r.is_null()) {
         return Err(Error::Config(
@@ -175,6 +301,20 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
             )));
         }
     }
+    let moe = match model_type {
+        "mixtral" => {
+            let mut moe = MoeConfig::new(
+                get("num_local_experts")?,
+                get("num_experts_per_tok")?,
+                Some(get("intermediate_size")?),
+            );
+            if let Some(coef) = v.get("router_aux_loss_coef").and_then(Value::as_f64) {
+                moe.aux_loss_coef = coef;
+            }
+            Some(moe)
+        }
+        _ => None,
+    };
     let cfg = ModelConfig {
         vocab_size: get("vocab_size")?,
         d_model,
@@ -182,7 +322,10 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
         max_seq_len: get("max_position_embeddings")?,
         q_heads,
         kv_heads: get("num_key_value_heads").unwrap_or(q_heads),
-        hidden_dim: Some(get("intermediate_size")?),
+        hidden_dim: moe
+            .is_none()
+            .then(|| get("intermediate_size"))
+            .transpose()?,
         multiple_of: 128,
         eps: v
             .get("rms_norm_eps")
@@ -193,6 +336,7 @@ pub fn config_from_hf(v: &Value) -> Result<ModelConfig> {
             .and_then(Value::as_f64)
             .unwrap_or(10000.0),
         dropout: 0.0,
+        moe,
     };
     cfg.validate()?;
     Ok(cfg)

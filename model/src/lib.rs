@@ -3,6 +3,7 @@
 //! Layout:
 //! - `config`: [`ModelConfig`], presets, validation, parameter and FLOP counts.
 //! - `lillm`: [`LilLM`], the transformer itself (RMSNorm, RoPE, GQA attention, SwiGLU).
+//! - `moe`: the sparse Mixture-of-Experts feed-forward and its [`Routing`] statistics.
 //! - `kv_cache`: [`KvCache`] for incremental decoding.
 //! - `slot_cache`: [`SlotCache`], the KV cache of sequences decoded together (continuous
 //!   batching, [`LilLM::decode_slots`]).
@@ -19,14 +20,16 @@ pub mod eval;
 pub mod hf;
 mod kv_cache;
 mod lillm;
+mod moe;
 mod sampling;
 mod slot_cache;
 pub mod weights;
 
-pub use config::{ModelConfig, PRESETS};
+pub use config::{ModelConfig, MoeConfig, PRESETS};
 pub use device::parse_device;
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use lillm::LilLM;
+pub use moe::Routing;
 pub use sampling::{generate, Sampler, SamplingParams, StopReason};
 pub use slot_cache::SlotCache;

@@ -5,6 +5,7 @@
 
 use tch::{nn, Kind, Tensor};
 
+use crate::moe::{LayerRouting, Moe, Routing};
 use crate::{KvCache, ModelConfig, Result, SlotCache};
 
 /// RMSNorm with a learned `gain`; statistics in float32, result cast back before the gain.
@@ -99,20 +100,20 @@ struct Attention {
 }
 
 /// A bias-free linear layer with weight (out, in), computed in the activation's dtype.
-fn linear(x: &Tensor, weight: &Tensor) -> Tensor {
+pub(crate) fn linear(x: &Tensor, weight: &Tensor) -> Tensor {
     x.linear(&weight.to_kind(x.kind()), None::<&Tensor>)
 }
 
 /// How a new model's weights start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Start {
+pub(crate) enum Start {
     /// The original's random initialisation.
     Random,
     /// Zeros, to be overwritten by loaded weights: draws nothing from libtorch's generator.
     ToLoad,
 }
 
-fn normal_weight(
+pub(crate) fn normal_weight(
     vs: &nn::Path,
     name: &str,
     (out_dim, in_dim): (usize, usize),
@@ -264,7 +265,7 @@ impl Attention {
 }
 
 #[derive(Debug)]
-struct FeedForward {
+pub(crate) struct FeedForward {
     w1: Tensor,
     w2: Tensor,
     w3: Tensor,
@@ -272,8 +273,11 @@ struct FeedForward {
 
 impl FeedForward {
     fn new(vs: nn::Path, cfg: &ModelConfig, start: Start) -> Self {
+        Self::with_hidden(vs, cfg, cfg.ffn_hidden_dim(), start)
+    }
+
+    pub(crate) fn with_hidden(vs: nn::Path, cfg: &ModelConfig, h: usize, start: Start) -> Self {
         let d = cfg.d_model;
-        let h = cfg.ffn_hidden_dim();
         let std_out = 0.02 / (2.0 * cfg.n_layers as f64).sqrt();
         let d_std = (d as f64).powf(-0.5);
         Self {
@@ -283,11 +287,28 @@ impl FeedForward {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         linear(
             &(linear(x, &self.w1).silu() * linear(x, &self.w3)),
             &self.w2,
         )
+    }
+}
+
+/// A block's feed-forward: the original's dense SwiGLU (`ffn.*`) or a sparse MoE (`moe.*`).
+#[derive(Debug)]
+enum Mlp {
+    Dense(FeedForward),
+    Sparse(Moe),
+}
+
+impl Mlp {
+    /// The output, and the layer's routing when sparse and `with_routing`.
+    fn forward(&self, x: &Tensor, with_routing: bool) -> (Tensor, Option<LayerRouting>) {
+        match self {
+            Self::Dense(ffn) => (ffn.forward(x), None),
+            Self::Sparse(moe) => moe.forward(x, with_routing),
+        }
     }
 }
 
@@ -296,7 +317,7 @@ struct TransformerBlock {
     attn_norm: RmsNorm,
     attn: Attention,
     ffn_norm: RmsNorm,
-    ffn: FeedForward,
+    mlp: Mlp,
 }
 
 /// The whole model. Parameters live in the `VarStore` the model was built from.
@@ -342,7 +363,10 @@ impl LilLM {
                     attn_norm: RmsNorm::new(&block / "attn_norm", d, cfg.eps),
                     attn: Attention::new(&block / "attn", cfg, start),
                     ffn_norm: RmsNorm::new(&block / "ffn_norm", d, cfg.eps),
-                    ffn: FeedForward::new(&block / "ffn", cfg, start),
+                    mlp: match cfg.is_moe_layer(i) {
+                        true => Mlp::Sparse(Moe::new(&block / "moe", cfg, start)),
+                        false => Mlp::Dense(FeedForward::new(&block / "ffn", cfg, start)),
+                    },
                 }
             })
             .collect();
@@ -374,7 +398,8 @@ impl LilLM {
         self.compute_kind = kind;
     }
 
-    /// Hidden states after the final norm, shape (B, T, d).
+    /// Hidden states after the final norm, shape (B, T, d), and when training an MoE model
+    /// what its routers did.
     // `x = x + f(x)` on purpose: tch's `+=` is an in-place add, which would overwrite a
     // tensor autograd still needs for the backward pass.
     #[allow(clippy::assign_op_pattern)]
@@ -384,20 +409,22 @@ impl LilLM {
         start_pos: i64,
         mut cache: Option<&mut KvCache>,
         train: bool,
-    ) -> Tensor {
+    ) -> (Tensor, Option<Routing>) {
         let dropout = if train { self.cfg.dropout } else { 0.0 };
         let mut x =
             Tensor::embedding(&self.tok_emb, tokens, -1, false, false).to_kind(self.compute_kind);
+        let mut routing = Vec::new();
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer(i));
             let attn_in = block.attn_norm.forward(&x);
             x = x + block
                 .attn
                 .forward(&attn_in, &self.rope, start_pos, layer_cache, dropout);
-            let ffn_out = block.ffn.forward(&block.ffn_norm.forward(&x));
+            let (ffn_out, layer_routing) = block.mlp.forward(&block.ffn_norm.forward(&x), train);
+            routing.extend(layer_routing);
             x = x + ffn_out.dropout(dropout, train);
         }
-        self.norm.forward(&x)
+        (self.norm.forward(&x), Routing::combine(routing))
     }
 
     fn head(&self, hidden: &Tensor) -> Tensor {
@@ -406,13 +433,24 @@ impl LilLM {
 
     /// Logits (B, T, vocab) in float32 for every position.
     pub fn forward(&self, tokens: &Tensor, train: bool) -> Tensor {
-        self.head(&self.hidden(tokens, 0, None, train))
+        self.forward_routed(tokens, train).0
+    }
+
+    /// Logits, and for an MoE model in training its routing: the router losses training
+    /// adds ([`Routing::penalty`]) and each expert's load.
+    pub fn forward_routed(&self, tokens: &Tensor, train: bool) -> (Tensor, Option<Routing>) {
+        let (hidden, routing) = self.hidden(tokens, 0, None, train);
+        (self.head(&hidden), routing)
     }
 
     /// Mean token cross entropy over the targets that are not −1: sum(mask·CE)/sum(mask),
     /// with the count floored at 1 so an all-masked batch gives 0, never NaN.
     pub fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Tensor {
-        let logits = self.forward(tokens, train);
+        Self::mean_cross_entropy(&self.forward(tokens, train), targets)
+    }
+
+    /// [`Self::loss`] of given logits.
+    pub fn mean_cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
         let vocab = logits.size()[2];
         let total = logits.view([-1, vocab]).cross_entropy_loss::<Tensor>(
             &targets.view([-1]),
@@ -426,7 +464,11 @@ impl LilLM {
 
     /// Per-token cross entropy (B, T), 0 where the target is −1. SFT weights it by its mask.
     pub fn token_losses(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Tensor {
-        let logits = self.forward(tokens, train);
+        Self::token_cross_entropy(&self.forward(tokens, train), targets)
+    }
+
+    /// [`Self::token_losses`] of given logits.
+    pub fn token_cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
         let vocab = logits.size()[2];
         logits
             .view([-1, vocab])
@@ -457,7 +499,7 @@ impl LilLM {
                     .attn
                     .forward_slots(&attn_in, &self.rope, &positions, cache.layer(i), max_len);
             x = x + attn;
-            let ffn_out = block.ffn.forward(&block.ffn_norm.forward(&x));
+            let (ffn_out, _) = block.mlp.forward(&block.ffn_norm.forward(&x), false);
             x = x + ffn_out;
         }
         cache.advance_all();
@@ -469,7 +511,7 @@ impl LilLM {
     pub fn forward_cached(&self, tokens: &Tensor, cache: &mut KvCache) -> Tensor {
         let start = cache.len() as i64;
         let t = tokens.size()[1];
-        let hidden = self.hidden(tokens, start, Some(cache), false);
+        let (hidden, _) = self.hidden(tokens, start, Some(cache), false);
         cache.advance(t as usize);
         self.head(&hidden.select(1, t - 1))
     }

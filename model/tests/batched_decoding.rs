@@ -2,7 +2,7 @@
 //! lengths, joining and leaving mid-batch — get at every step the logits of a full forward
 //! pass over each sequence alone.
 
-use lillm_model::{KvCache, LilLM, ModelConfig, SlotCache};
+use lillm_model::{KvCache, LilLM, ModelConfig, MoeConfig, SlotCache};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 fn tiny() -> ModelConfig {
@@ -24,8 +24,21 @@ struct Seq {
 
 #[test]
 fn batched_decoding_gives_each_sequence_its_own_logits() {
+    batched_decoding_gives_each_sequence_its_own_logits_of(tiny());
+}
+
+/// A Mixture-of-Experts model: each row is routed on its own, so batching changes nothing.
+#[test]
+fn moe_batched_decoding_gives_each_sequence_its_own_logits() {
+    let cfg = ModelConfig {
+        moe: Some(MoeConfig::new(4, 2, Some(48))),
+        ..tiny()
+    };
+    batched_decoding_gives_each_sequence_its_own_logits_of(cfg);
+}
+
+fn batched_decoding_gives_each_sequence_its_own_logits_of(cfg: ModelConfig) {
     tch::manual_seed(11);
-    let cfg = tiny();
     let vs = VarStore::new(Device::Cpu);
     let model = LilLM::new(&vs.root(), &cfg).unwrap();
     let _guard = tch::no_grad_guard();

@@ -1,7 +1,8 @@
 //! The forward pass: incremental decoding with the KV cache gives the logits of a full
-//! forward pass, attention is causal, and the parameter names mirror the original model.
+//! forward pass (dense and Mixture of Experts), attention is causal, and the parameter
+//! names mirror the original model.
 
-use lillm_model::{KvCache, LilLM, ModelConfig};
+use lillm_model::{KvCache, LilLM, ModelConfig, MoeConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 fn tiny() -> ModelConfig {
@@ -13,10 +14,26 @@ fn tiny() -> ModelConfig {
     cfg
 }
 
+/// `tiny` with 4 experts of hidden size 48, top-2, on every layer.
+fn tiny_moe() -> ModelConfig {
+    ModelConfig {
+        moe: Some(MoeConfig::new(4, 2, Some(48))),
+        ..tiny()
+    }
+}
+
 #[test]
 fn kv_cache_decoding_matches_full_forward() {
+    kv_cache_decoding_matches_full_forward_of(tiny());
+}
+
+#[test]
+fn moe_kv_cache_decoding_matches_full_forward() {
+    kv_cache_decoding_matches_full_forward_of(tiny_moe());
+}
+
+fn kv_cache_decoding_matches_full_forward_of(cfg: ModelConfig) {
     tch::manual_seed(3);
-    let cfg = tiny();
     let vs = VarStore::new(Device::Cpu);
     let model = LilLM::new(&vs.root(), &cfg).unwrap();
     let ids = Tensor::randint(97, [1, 12], (Kind::Int64, Device::Cpu));

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use lillm_model::ModelConfig;
+use lillm_model::{ModelConfig, MoeConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::LrSchedule;
@@ -13,7 +13,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Model preset (`lillm-39m`, `lillm-300m`, `tiny`); `model` fields override it.
+    /// Model preset (`lillm-39m`, `lillm-300m`, `tiny`, `lillm-moe-8x39m`, `tiny-moe`);
+    /// `model` fields override it.
     pub preset: String,
     /// Overrides of individual model fields (e.g. `d_model = 96`).
     #[serde(default)]
@@ -141,6 +142,46 @@ pub struct ModelOverrides {
     pub kv_heads: Option<usize>,
     pub hidden_dim: Option<usize>,
     pub dropout: Option<f64>,
+    /// Mixture-of-Experts fields (`[model.moe]`): change an MoE preset's, or make a dense
+    /// preset sparse by setting `experts`.
+    #[serde(default)]
+    pub moe: Option<MoeOverrides>,
+}
+
+/// Optional overrides of the fields of [`MoeConfig`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeOverrides {
+    pub experts: Option<usize>,
+    pub experts_per_token: Option<usize>,
+    pub expert_hidden_dim: Option<usize>,
+    pub shared_expert: Option<bool>,
+    pub aux_loss_coef: Option<f64>,
+    pub z_loss_coef: Option<f64>,
+    pub every: Option<usize>,
+}
+
+impl MoeOverrides {
+    /// `base` (the preset's MoE section, if any) with these fields set.
+    fn apply(&self, base: Option<MoeConfig>) -> Result<MoeConfig> {
+        let mut moe = match (base, self.experts) {
+            (Some(moe), _) => moe,
+            (None, Some(experts)) => MoeConfig::new(experts, 2.min(experts), None),
+            (None, None) => {
+                return Err(Error::Config(
+                    "model.moe sets fields of a dense preset without model.moe.experts; set it (--experts N) or choose an MoE preset (tiny-moe, lillm-moe-8x39m)".into(),
+                ))
+            }
+        };
+        moe.experts = self.experts.unwrap_or(moe.experts);
+        moe.experts_per_token = self.experts_per_token.unwrap_or(moe.experts_per_token);
+        moe.expert_hidden_dim = self.expert_hidden_dim.or(moe.expert_hidden_dim);
+        moe.shared_expert = self.shared_expert.unwrap_or(moe.shared_expert);
+        moe.aux_loss_coef = self.aux_loss_coef.unwrap_or(moe.aux_loss_coef);
+        moe.z_loss_coef = self.z_loss_coef.unwrap_or(moe.z_loss_coef);
+        moe.every = self.every.unwrap_or(moe.every);
+        Ok(moe)
+    }
 }
 
 impl Default for TrainConfig {
@@ -201,6 +242,9 @@ impl TrainConfig {
         cfg.kv_heads = o.kv_heads.unwrap_or(cfg.kv_heads);
         cfg.hidden_dim = o.hidden_dim.or(cfg.hidden_dim);
         cfg.dropout = o.dropout.unwrap_or(cfg.dropout);
+        if let Some(moe) = &o.moe {
+            cfg.moe = Some(moe.apply(cfg.moe.take())?);
+        }
         cfg.validate()?;
         Ok(cfg)
     }

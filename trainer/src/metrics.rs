@@ -39,6 +39,23 @@ pub struct Record {
     /// DPO: mean reward(chosen) − reward(rejected).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reward_margin: Option<f64>,
+    /// MoE: the load-balancing loss, mean over sparse layers (experts_per_token when the
+    /// routing is balanced, up to experts_per_token × experts when it has collapsed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aux_loss: Option<f64>,
+    /// MoE: the router z-loss, mean over sparse layers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub z_loss: Option<f64>,
+    /// MoE: each expert's share of the routed tokens, averaged over sparse layers (sums to 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_load: Option<Vec<f64>>,
+    /// MoE: the least-loaded expert of any sparse layer, in fair shares (1 = balanced, 0 =
+    /// an expert that got no token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_load_min: Option<f64>,
+    /// MoE: the most-loaded expert of any sparse layer, in fair shares.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_load_max: Option<f64>,
 }
 
 /// Appends records; each line is flushed so a killed run keeps what it logged. The file

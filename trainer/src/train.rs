@@ -18,7 +18,7 @@ use crate::checkpoint_actor::{host_copy, CheckpointActor, Snapshot};
 use crate::config::{Objective, TrainConfig};
 use crate::data::{MicroBatch, TrainData};
 use crate::dist::{ProcessGroup, Rendezvous};
-use crate::loss::{Loss, Reference, FIGURES};
+use crate::loss::{record_routing, train_figures, Loss, Reference, FIGURES};
 use crate::metrics::{MetricsLog, Record, Reopen};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::report::{Reporter, Silent};
@@ -36,7 +36,8 @@ pub struct TrainSummary {
     pub best_val_loss: Option<f64>,
     pub last_checkpoint: std::path::PathBuf,
     pub plot: Option<std::path::PathBuf>,
-    pub num_params: usize,
+    /// "N parameters", with the active ones for MoE ([`ModelConfig::size_summary`]).
+    pub model_size: String,
     /// Why the run ended before `max_iters` (`None`: it finished).
     pub stopped: Option<StopReason>,
 }
@@ -534,7 +535,7 @@ impl Trainer {
         self.collective(group.all_reduce_sum(&mut sums))?;
         // One copy to the host for all values (the means in f32, as the tensor would be).
         let sums = Vec::<f32>::try_from(&sums.to_device(Device::Cpu))?;
-        let n = FIGURES as usize;
+        let n = figures.size()[0] as usize;
         let means = sums[..n]
             .iter()
             .map(|&v| f64::from(v / self.cfg.world_size as f32))
@@ -638,7 +639,7 @@ impl Trainer {
             last_checkpoint: last_checkpoint
                 .unwrap_or_else(|| checkpoint::checkpoint_dir(&self.cfg.out, self.step)),
             plot: None,
-            num_params: self.model_cfg.num_params(),
+            model_size: self.model_cfg.size_summary(),
             stopped,
         }
     }
@@ -699,8 +700,8 @@ impl Trainer {
         };
         if leader {
             say(format!(
-                "model: {} parameters ({} layers, d_model {}); {} tokens per step; device {:?}; {}; data: {}",
-                self.model_cfg.num_params(),
+                "model: {} ({} layers, d_model {}); {} tokens per step; device {:?}; {}; data: {}",
+                self.model_cfg.size_summary(),
                 self.model_cfg.n_layers,
                 self.model_cfg.d_model,
                 tokens_per_step,
@@ -711,7 +712,8 @@ impl Trainer {
         }
         let mut last_val = None;
         // The window's figures ([`crate::loss::Scored::add_to`]) summed over its steps.
-        let mut window_acc = Tensor::zeros([FIGURES], (Kind::Float, self.device));
+        let figures_len = train_figures(&self.model_cfg);
+        let mut window_acc = Tensor::zeros([figures_len], (Kind::Float, self.device));
         let mut window_steps = 0u64;
         let mut window_start = Instant::now();
         let mut last_ckpt = None;
@@ -801,7 +803,7 @@ impl Trainer {
                         .batch(key, cfg.grad_accum as u64, cfg.batch_size, self.seq)?;
                 let (x, y) = batch_tensors(&batch, self.device);
                 let scored = self.loss.score(&self.model, &x, &y, true);
-                (&scored.loss / local as f64).backward();
+                (&scored.objective / local as f64).backward();
                 scored.add_to(&window_acc, 1.0 / local as f64);
             }
             if let Some(group) = &self.group {
@@ -832,7 +834,7 @@ impl Trainer {
                 let secs = window_start.elapsed().as_secs_f64() / window_steps as f64;
                 let tokens_per_s = tokens_per_step as f64 / secs;
                 let mfu = peak.map(|p| flops_per_step / secs / p);
-                let record = Record {
+                let mut record = Record {
                     step: self.step,
                     loss: Some(loss),
                     lr: Some(lr),
@@ -845,6 +847,8 @@ impl Trainer {
                     reward_margin: preference.then(|| mean(2)),
                     ..Record::default()
                 };
+                let means: Vec<f64> = figures.iter().map(|f| f / window_steps as f64).collect();
+                record_routing(&self.model_cfg, &means, &mut record);
                 if let Some(log) = log.as_mut() {
                     log.append(&record)?;
                 }
@@ -854,7 +858,7 @@ impl Trainer {
                     "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s{}",
                     mfu.map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0))
                 ));
-                window_acc = Tensor::zeros([FIGURES], (Kind::Float, self.device));
+                window_acc = Tensor::zeros([figures_len], (Kind::Float, self.device));
                 window_steps = 0;
                 window_start = Instant::now();
                 if stopped.is_some() {

@@ -279,3 +279,30 @@ pub fn step_times_ms(run: &Path) -> Vec<f64> {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step_ms"].as_f64())
         .collect()
 }
+
+/// Two runs logged the same losses at every step and ended with the same weights (within
+/// `tolerance`); the second ran as a job of two ranks when its run directory says so.
+pub fn assert_same_run(a: &Path, b: &Path, last_step: u64, tolerance: f64) {
+    let (x, y) = (losses(a), losses(b));
+    assert_eq!(x.len() as u64, last_step, "{x:?}");
+    assert_eq!(x.len(), y.len(), "{x:?} vs {y:?}");
+    for ((step, p), (_, q)) in x.iter().zip(&y) {
+        assert!((p - q).abs() <= tolerance, "step {step}: {p} vs {q}");
+    }
+    let last = format!("checkpoints/step-{last_step:08}/model.safetensors");
+    let diff = max_weight_diff(&a.join(&last), &b.join(&last));
+    assert!(diff <= tolerance, "final weights differ by {diff}");
+}
+
+/// The world size every checkpoint of a run was written at.
+pub fn checkpoint_world_sizes(run: &Path) -> Vec<u64> {
+    std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| {
+            let state = std::fs::read_to_string(e.unwrap().path().join("state.json")).unwrap();
+            serde_json::from_str::<serde_json::Value>(&state).unwrap()["world_size"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
