@@ -20,7 +20,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use lillm_model::ModelConfig;
+use lillm_model::{LoraConfig, ModelConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Tensor;
@@ -64,6 +64,39 @@ pub struct CheckpointState {
     /// DPO: SHA-256 of the frozen reference's weights, so a resume uses the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_sha256: Option<String>,
+    /// A LoRA fine-tune: `model.safetensors` holds only the adapters, trained on this base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraBase>,
+}
+
+/// What a LoRA checkpoint's adapters were trained on: its adapter config and the base
+/// checkpoint, by path and by the SHA-256 of its weights (a moved base can be named
+/// again, a different one is refused).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraBase {
+    pub config: LoraConfig,
+    /// The base checkpoint directory (absolute).
+    pub base: PathBuf,
+    /// SHA-256 of the base's `model.safetensors`.
+    pub base_sha256: String,
+}
+
+impl LoraBase {
+    /// Refuses a base whose weights are not the ones the adapters were trained on.
+    pub fn check_base(&self, base_dir: &Path) -> Result<()> {
+        let (_, sha) = sha256_file(&base_dir.join(MODEL_FILE))?;
+        if sha != self.base_sha256 {
+            return Err(Error::checkpoint(
+                base_dir,
+                format!(
+                    "is not the base these LoRA adapters were trained on (its weights' SHA-256 is {sha}, the adapters need {}, from {}); name that base",
+                    self.base_sha256,
+                    self.base.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

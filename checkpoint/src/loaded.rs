@@ -18,10 +18,23 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads `path` (a checkpoint, or a run directory meaning its latest checkpoint).
+    /// Loads `path` (a checkpoint, or a run directory meaning its latest checkpoint). A
+    /// LoRA checkpoint loads its base (by the path it records) with the adapters merged in.
     pub fn load(path: &Path, device: tch::Device) -> Result<Self> {
         let dir = crate::resolve(path)?;
         let state = crate::verify_checkpoint(&dir)?;
+        if let Some(lora) = &state.lora {
+            if !lora.base.exists() {
+                return Err(Error::checkpoint(
+                    &dir,
+                    format!(
+                        "holds LoRA adapters for the base checkpoint {}, which is gone; pass the base with --checkpoint and this adapter with --lora",
+                        lora.base.display()
+                    ),
+                ));
+            }
+            return Self::load_adapted(&lora.base.clone(), &dir, device);
+        }
         let vs = VarStore::new(device);
         let model = LilLM::for_loading(&vs.root(), &state.model)?;
         weights::load_var_store(&vs, &dir.join(MODEL_FILE))?;
@@ -40,6 +53,34 @@ impl LoadedModel {
             model,
             tokenizer,
         })
+    }
+
+    /// The base checkpoint `base` with the LoRA adapters of checkpoint `adapter` merged into
+    /// its weights; refused unless the adapters were trained on exactly this base.
+    pub fn load_adapted(base: &Path, adapter: &Path, device: tch::Device) -> Result<Self> {
+        let adapter_dir = crate::resolve(adapter)?;
+        let state = crate::verify_checkpoint(&adapter_dir)?;
+        let Some(lora) = &state.lora else {
+            return Err(Error::checkpoint(
+                &adapter_dir,
+                "holds a whole model, not LoRA adapters; load it with --checkpoint",
+            ));
+        };
+        let mut loaded = Self::load(base, device)?;
+        lora.check_base(&loaded.dir)?;
+        let adapters = VarStore::new(device);
+        loaded.model.attach_lora(&adapters.root(), &lora.config)?;
+        weights::load_var_store(&adapters, &adapter_dir.join(MODEL_FILE))?;
+        loaded.model.merge_lora();
+        let tok_path = adapter_dir.join("tokenizer.json");
+        if tok_path.is_file() {
+            let tok = Tokenizer::load(&tok_path)?;
+            check_vocab(&tok, state.model.vocab_size)?;
+            loaded.tokenizer = Some(tok);
+        }
+        loaded.dir = adapter_dir;
+        loaded.state = state;
+        Ok(loaded)
     }
 
     /// The checkpoint's tokenizer, or an error saying how to attach one.

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use lillm_data::sft;
 use lillm_data::tokenizer::Tokenizer;
+use lillm_model::LoraConfig;
 use lillm_trainer::config::{ModelOverrides, Objective};
 use lillm_trainer::TrainConfig;
 
@@ -51,6 +52,22 @@ pub struct SftArgs {
     /// CPU threads for libtorch (default: libtorch's; with --nproc, a share of the cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Train LoRA adapters of this rank on the frozen --init weights instead of all weights
+    /// (the original: 8); checkpoints then hold only the adapters.
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA scale numerator: adapters add (alpha / rank)·B·A.
+    #[arg(long, default_value_t = 16.0, requires = "lora_rank")]
+    lora_alpha: f64,
+    /// Projections that get adapters, among wq, wk, wv, wo, w1, w2, w3 (default: the
+    /// square ones, wq and wo, as the original).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "wq,wo",
+        requires = "lora_rank"
+    )]
+    lora_targets: Vec<String>,
     /// Here, as `--nproc` local ranks (grad-accum is divided over them), or in a job.
     #[command(flatten)]
     launch: crate::job_cmd::LaunchArgs,
@@ -84,6 +101,11 @@ pub fn sft(args: SftArgs, shutdown: tokio_util::sync::CancellationToken) -> Resu
         resume: args.resume,
         keep_last: 1,
         threads: args.threads.unwrap_or(0),
+        lora: args.lora_rank.map(|rank| LoraConfig {
+            rank,
+            alpha: args.lora_alpha,
+            targets: args.lora_targets.clone(),
+        }),
         ..TrainConfig::default()
     };
     if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {

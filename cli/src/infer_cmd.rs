@@ -31,6 +31,10 @@ pub struct SamplingArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// LoRA adapter checkpoint (`lillm sft --lora-rank`) to merge into --checkpoint, which
+    /// must be the base it was trained on.
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
 }
 
 impl SamplingArgs {
@@ -44,9 +48,13 @@ impl SamplingArgs {
         })?)
     }
 
-    /// Loads the checkpoint on the requested device.
+    /// Loads the checkpoint (with the --lora adapter merged in) on the requested device.
     pub fn load(&self, checkpoint: &std::path::Path) -> Result<LoadedModel> {
-        Ok(LoadedModel::load(checkpoint, parse_device(&self.device)?)?)
+        let device = parse_device(&self.device)?;
+        Ok(match &self.lora {
+            Some(adapter) => LoadedModel::load_adapted(checkpoint, adapter, device)?,
+            None => LoadedModel::load(checkpoint, device)?,
+        })
     }
 }
 

@@ -27,6 +27,19 @@ pub enum ExportCmd {
         /// Output directory (must not exist or be empty).
         #[arg(long)]
         out: PathBuf,
+        /// The checkpoint holds LoRA adapters: export its base with them merged in.
+        #[arg(long)]
+        merge_lora: bool,
+    },
+    /// Write a LoRA checkpoint's adapters as a PEFT adapter directory (adapter_config.json,
+    /// adapter_model.safetensors) for its base exported with `lillm export hf`.
+    Peft {
+        /// LoRA checkpoint (`lillm sft --lora-rank`), or its run directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Output directory (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -62,11 +75,20 @@ fn ensure_fresh_dir(out: &Path) -> Result<()> {
 }
 
 pub fn export(cmd: ExportCmd) -> Result<()> {
-    let ExportCmd::Hf { checkpoint, out } = cmd;
-    ensure_fresh_dir(&out)?;
-    let loaded = LoadedModel::load(&checkpoint, Device::Cpu)?;
-    let cfg = loaded.model.config().clone();
-    let tensors = hf::to_hf(&cfg, weights::var_store_tensors(&loaded.vs))?;
+    match cmd {
+        ExportCmd::Hf {
+            checkpoint,
+            out,
+            merge_lora,
+        } => export_hf(&checkpoint, &out, merge_lora),
+        ExportCmd::Peft { checkpoint, out } => export_peft(&checkpoint, &out),
+    }
+}
+
+/// Fills a fresh `out` through `fill(tmp)`, written beside it and renamed into place, so
+/// a failed export leaves nothing behind.
+fn write_dir(out: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    ensure_fresh_dir(out)?;
     let tmp = out.with_file_name(format!(
         ".{}.partial",
         out.file_name().unwrap_or_default().to_string_lossy()
@@ -75,33 +97,90 @@ pub fn export(cmd: ExportCmd) -> Result<()> {
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir_all(&tmp)?;
-    weights::write_tensors(&tmp.join("model.safetensors"), &tensors)?;
-    let write_json = |name: &str, v: &Value| -> Result<()> {
-        fs::write(tmp.join(name), serde_json::to_string_pretty(v)?)?;
-        Ok(())
-    };
-    write_json("config.json", &hf::hf_config(&cfg, BOS_ID, EOS_ID))?;
-    write_json(
-        "generation_config.json",
-        &json!({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": true,
-                "temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_length": cfg.max_seq_len}),
-    )?;
-    if let Some(tok) = &loaded.tokenizer {
-        tok.save_dir(&tmp)?;
-    }
+    fill(&tmp)?;
     if out.exists() {
-        fs::remove_dir(&out)?;
+        fs::remove_dir(out)?;
     }
-    fs::rename(&tmp, &out)?;
+    fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
+    fs::write(dir.join(name), serde_json::to_string_pretty(v)?)?;
+    Ok(())
+}
+
+fn export_hf(checkpoint: &Path, out: &Path, merge_lora: bool) -> Result<()> {
+    ensure_fresh_dir(out)?;
+    let loaded = LoadedModel::load(checkpoint, Device::Cpu)?;
+    match (&loaded.state.lora, merge_lora) {
+        (Some(_), false) => bail!(
+            "{}: holds LoRA adapters; pass --merge-lora to export its base with them merged, or use `lillm export peft` for the adapters alone",
+            loaded.dir.display()
+        ),
+        (None, true) => bail!(
+            "{}: has no LoRA adapters to merge; drop --merge-lora",
+            loaded.dir.display()
+        ),
+        _ => {}
+    }
+    let cfg = loaded.model.config().clone();
+    let tensors = hf::to_hf(&cfg, weights::var_store_tensors(&loaded.vs))?;
+    write_dir(out, |tmp| {
+        weights::write_tensors(&tmp.join("model.safetensors"), &tensors)?;
+        write_json(tmp, "config.json", &hf::hf_config(&cfg, BOS_ID, EOS_ID))?;
+        write_json(
+            tmp,
+            "generation_config.json",
+            &json!({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": true,
+                    "temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_length": cfg.max_seq_len}),
+        )?;
+        if let Some(tok) = &loaded.tokenizer {
+            tok.save_dir(tmp)?;
+        }
+        Ok(())
+    })?;
     println!(
-        "exported {} → {} (Hugging Face {})",
+        "exported {} → {} (Hugging Face {}{})",
         loaded.dir.display(),
         out.display(),
         if cfg.moe.is_some() {
             "Mixtral"
         } else {
             "Llama"
-        }
+        },
+        if merge_lora { ", LoRA merged" } else { "" }
+    );
+    Ok(())
+}
+
+fn export_peft(checkpoint: &Path, out: &Path) -> Result<()> {
+    ensure_fresh_dir(out)?;
+    let dir = lillm_checkpoint::resolve(checkpoint)?;
+    let state = lillm_checkpoint::verify_checkpoint(&dir)?;
+    let Some(lora) = &state.lora else {
+        bail!(
+            "{}: holds a whole model, not LoRA adapters; export it with `lillm export hf`",
+            dir.display()
+        );
+    };
+    let adapters = weights::read_tensors(&dir.join(lillm_checkpoint::MODEL_FILE))?;
+    let tensors = hf::to_peft(&state.model, adapters)?;
+    let base = lora.base.display().to_string();
+    write_dir(out, |tmp| {
+        weights::write_tensors(&tmp.join("adapter_model.safetensors"), &tensors)?;
+        write_json(
+            tmp,
+            "adapter_config.json",
+            &hf::peft_config(&lora.config, &base),
+        )
+    })?;
+    println!(
+        "exported {} → {} (PEFT LoRA adapter, rank {} on {}; base: {base}, exported with `lillm export hf`)",
+        dir.display(),
+        out.display(),
+        lora.config.rank,
+        lora.config.targets.join(", ")
     );
     Ok(())
 }
@@ -165,6 +244,7 @@ fn write_imported(
         dataset_fingerprint: None,
         source: source.into(),
         reference_sha256: None,
+        lora: None,
     };
     write_checkpoint(
         out,

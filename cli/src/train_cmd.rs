@@ -280,6 +280,11 @@ pub fn report(summary: &TrainSummary, run: &std::path::Path) {
         "trained {} steps of a model of {}",
         summary.steps, summary.model_size
     );
+    println!(
+        "trained parameters: {} (optimizer state {:.2} MiB)",
+        summary.trained_params,
+        summary.optimizer_bytes as f64 / (1024.0 * 1024.0)
+    );
     if let Some(reason) = summary.stopped {
         println!("stopped early ({reason}); continue with --resume");
     }

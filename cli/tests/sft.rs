@@ -95,21 +95,6 @@ fn render_pins_text_ids_and_assistant_only_mask() {
     );
 }
 
-fn conversations(n: usize) -> String {
-    const WHO: &[&str] = &["king", "queen", "prince", "lord"];
-    (0..n)
-        .map(|i| {
-            let who = WHO[i % WHO.len()];
-            serde_json::json!({"messages": [
-                {"role": "user", "content": format!("who is the {who}?")},
-                {"role": "assistant", "content": format!("the {who} is my friend.")},
-            ]})
-            .to_string()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 #[test]
 fn sft_learns_the_assistant_replies_from_a_pretrained_checkpoint() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 use tch::Tensor;
 
-use crate::{Error, ModelConfig, MoeConfig, Result};
+use crate::{Error, LoraConfig, ModelConfig, MoeConfig, Result};
 
 /// Rows of a (heads·hd, d) projection from adjacent-pair order to half-split order.
 fn pairs_to_halves(w: &Tensor, heads: usize) -> Tensor {
@@ -170,6 +170,70 @@ pub fn from_hf(
         )));
     }
     Ok(out)
+}
+
+/// Our LoRA adapter tensors (`transformer_blocks.{i}.attn.wq.lora_A` …) → PEFT's
+/// `adapter_model.safetensors` for our Hugging Face export
+/// (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` …). B's rows of `wq`
+/// and `wk` get the export's RoPE permutation, so B·A is the exported weight's update.
+pub fn to_peft(
+    cfg: &ModelConfig,
+    src: BTreeMap<String, Tensor>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (name, t) in src {
+        let unexpected = || Error::Config(format!("`{name}` is not a LoRA adapter tensor"));
+        let parts: Vec<&str> = name.split('.').collect();
+        let [_, layer, group, target, matrix] = parts[..] else {
+            return Err(unexpected());
+        };
+        let ours = format!("{group}.{target}.weight");
+        let (_, theirs) = LAYER_NAMES
+            .iter()
+            .chain(DENSE_FFN_NAMES)
+            .find(|(o, _)| *o == ours)
+            .ok_or_else(unexpected)?;
+        let module = theirs.trim_end_matches(".weight");
+        let t = match (target, matrix) {
+            ("wq", "lora_B") => pairs_to_halves(&t, cfg.q_heads),
+            ("wk", "lora_B") => pairs_to_halves(&t, cfg.kv_heads),
+            (_, "lora_A" | "lora_B") => t,
+            _ => return Err(unexpected()),
+        };
+        out.insert(
+            format!("base_model.model.model.layers.{layer}.{module}.{matrix}.weight"),
+            t,
+        );
+    }
+    Ok(out)
+}
+
+/// PEFT's `adapter_config.json` for [`to_peft`]'s tensors.
+pub fn peft_config(lora: &LoraConfig, base: &str) -> Value {
+    let module = |target: &String| {
+        LAYER_NAMES
+            .iter()
+            .chain(DENSE_FFN_NAMES)
+            .find(|(o, _)| o.split('.').nth(1) == Some(target.as_str()))
+            .map(|(_, t)| t.split('.').nth(1).unwrap_or_default().to_string())
+    };
+    let targets: Vec<String> = lora.targets.iter().filter_map(module).collect();
+    json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+        "modules_to_save": null,
+    })
 }
 
 /// One Mixtral layer's router and its experts' w1, w2, w3, each stacked (experts, out, in).

@@ -3,6 +3,8 @@
 //! Layout:
 //! - `config`: [`ModelConfig`], presets, validation, parameter and FLOP counts.
 //! - `lillm`: [`LilLM`], the transformer itself (RMSNorm, RoPE, GQA attention, SwiGLU).
+//! - `lora`: LoRA adapters ([`LoraConfig`]) on the projections, attached for fine-tuning
+//!   and merged for inference.
 //! - `moe`: the sparse Mixture-of-Experts feed-forward and its [`Routing`] statistics.
 //! - `kv_cache`: [`KvCache`] for incremental decoding.
 //! - `slot_cache`: [`SlotCache`], the KV cache of sequences decoded together (continuous
@@ -20,6 +22,7 @@ pub mod eval;
 pub mod hf;
 mod kv_cache;
 mod lillm;
+mod lora;
 mod moe;
 mod sampling;
 mod slot_cache;
@@ -30,6 +33,7 @@ pub use device::parse_device;
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use lillm::LilLM;
+pub use lora::{LoraConfig, LORA_TARGETS};
 pub use moe::Routing;
 pub use sampling::{generate, Sampler, SamplingParams, StopReason};
 pub use slot_cache::SlotCache;

@@ -5,6 +5,7 @@
 
 use tch::{nn, Kind, Tensor};
 
+use crate::lora::{LoraConfig, Weight};
 use crate::moe::{LayerRouting, Moe, Routing};
 use crate::{KvCache, ModelConfig, Result, SlotCache};
 
@@ -90,10 +91,10 @@ impl Rope {
 
 #[derive(Debug)]
 struct Attention {
-    wq: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    wo: Tensor,
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    wo: Weight,
     q_heads: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -137,34 +138,34 @@ impl Attention {
         let std_in = (d as f64).powf(-0.5);
         let std_out = 0.02 / (2.0 * cfg.n_layers as f64).sqrt();
         Self {
-            wq: normal_weight(
+            wq: Weight::new(normal_weight(
                 &(&vs / "wq"),
                 "weight",
                 (cfg.q_heads * hd, d),
                 std_in,
                 start,
-            ),
-            wk: normal_weight(
+            )),
+            wk: Weight::new(normal_weight(
                 &(&vs / "wk"),
                 "weight",
                 (cfg.kv_heads * hd, d),
                 std_in,
                 start,
-            ),
-            wv: normal_weight(
+            )),
+            wv: Weight::new(normal_weight(
                 &(&vs / "wv"),
                 "weight",
                 (cfg.kv_heads * hd, d),
                 std_in,
                 start,
-            ),
-            wo: normal_weight(
+            )),
+            wo: Weight::new(normal_weight(
                 &(&vs / "wo"),
                 "weight",
                 (d, cfg.q_heads * hd),
                 std_out,
                 start,
-            ),
+            )),
             q_heads: cfg.q_heads as i64,
             kv_heads: cfg.kv_heads as i64,
             head_dim: hd as i64,
@@ -180,9 +181,9 @@ impl Attention {
         dropout: f64,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("attention input is 3-d");
-        let q = linear(x, &self.wq).view([b, t, self.q_heads, self.head_dim]);
-        let k = linear(x, &self.wk).view([b, t, self.kv_heads, self.head_dim]);
-        let v = linear(x, &self.wv).view([b, t, self.kv_heads, self.head_dim]);
+        let q = linear(x, &self.wq.get()).view([b, t, self.q_heads, self.head_dim]);
+        let k = linear(x, &self.wk.get()).view([b, t, self.kv_heads, self.head_dim]);
+        let v = linear(x, &self.wv.get()).view([b, t, self.kv_heads, self.head_dim]);
         let q = rope.apply(&q, start_pos).transpose(1, 2);
         let k = rope.apply(&k, start_pos).transpose(1, 2);
         let v = v.transpose(1, 2);
@@ -216,7 +217,7 @@ impl Attention {
             true,
         );
         let out = out.transpose(1, 2).contiguous().view([b, t, -1]);
-        linear(&out, &self.wo)
+        linear(&out, &self.wo.get())
     }
 
     /// One new token for each of `b` sequences in cache slots `0..b`, row `i` at position
@@ -230,9 +231,9 @@ impl Attention {
         max_len: i64,
     ) -> Tensor {
         let (b, _, _) = x.size3().expect("attention input is 3-d");
-        let q = linear(x, &self.wq).view([b, 1, self.q_heads, self.head_dim]);
-        let k = linear(x, &self.wk).view([b, 1, self.kv_heads, self.head_dim]);
-        let v = linear(x, &self.wv).view([b, 1, self.kv_heads, self.head_dim]);
+        let q = linear(x, &self.wq.get()).view([b, 1, self.q_heads, self.head_dim]);
+        let k = linear(x, &self.wk.get()).view([b, 1, self.kv_heads, self.head_dim]);
+        let v = linear(x, &self.wv.get()).view([b, 1, self.kv_heads, self.head_dim]);
         let q = rope.apply_at(&q, positions).transpose(1, 2);
         let k = rope.apply_at(&k, positions).transpose(1, 2);
         let v = v.transpose(1, 2);
@@ -260,15 +261,15 @@ impl Attention {
             true,
         );
         let out = out.transpose(1, 2).contiguous().view([b, 1, -1]);
-        linear(&out, &self.wo)
+        linear(&out, &self.wo.get())
     }
 }
 
 #[derive(Debug)]
 pub(crate) struct FeedForward {
-    w1: Tensor,
-    w2: Tensor,
-    w3: Tensor,
+    w1: Weight,
+    w2: Weight,
+    w3: Weight,
 }
 
 impl FeedForward {
@@ -281,16 +282,22 @@ impl FeedForward {
         let std_out = 0.02 / (2.0 * cfg.n_layers as f64).sqrt();
         let d_std = (d as f64).powf(-0.5);
         Self {
-            w1: normal_weight(&(&vs / "w1"), "weight", (h, d), d_std, start),
-            w2: normal_weight(&(&vs / "w2"), "weight", (d, h), std_out, start),
-            w3: normal_weight(&(&vs / "w3"), "weight", (h, d), d_std, start),
+            w1: Weight::new(normal_weight(&(&vs / "w1"), "weight", (h, d), d_std, start)),
+            w2: Weight::new(normal_weight(
+                &(&vs / "w2"),
+                "weight",
+                (d, h),
+                std_out,
+                start,
+            )),
+            w3: Weight::new(normal_weight(&(&vs / "w3"), "weight", (h, d), d_std, start)),
         }
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         linear(
-            &(linear(x, &self.w1).silu() * linear(x, &self.w3)),
-            &self.w2,
+            &(linear(x, &self.w1.get()).silu() * linear(x, &self.w3.get())),
+            &self.w2.get(),
         )
     }
 }
@@ -382,6 +389,58 @@ impl LilLM {
 
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// Adds trainable LoRA adapters to the `lora.targets` projections of every layer, as
+    /// variables of `path` (`transformer_blocks.{i}.attn.wq.lora_A` …). Freezing the base
+    /// weights is the caller's (their `VarStore`'s) business.
+    pub fn attach_lora(&mut self, path: &nn::Path, lora: &LoraConfig) -> Result<()> {
+        lora.validate()?;
+        let blocks = path / "transformer_blocks";
+        for (i, block) in self.transformer_blocks.iter_mut().enumerate() {
+            let layer = &blocks / i;
+            for target in &lora.targets {
+                let (group, weight) = match (target.as_str(), &mut block.mlp) {
+                    ("wq", _) => ("attn", &mut block.attn.wq),
+                    ("wk", _) => ("attn", &mut block.attn.wk),
+                    ("wv", _) => ("attn", &mut block.attn.wv),
+                    ("wo", _) => ("attn", &mut block.attn.wo),
+                    ("w1", Mlp::Dense(ffn)) => ("ffn", &mut ffn.w1),
+                    ("w2", Mlp::Dense(ffn)) => ("ffn", &mut ffn.w2),
+                    ("w3", Mlp::Dense(ffn)) => ("ffn", &mut ffn.w3),
+                    (ffn, Mlp::Sparse(_)) => {
+                        return Err(crate::Error::Config(format!(
+                            "lora target `{ffn}`: layer {i} is a Mixture-of-Experts layer, whose experts take no adapters; target the attention projections (wq, wk, wv, wo)"
+                        )))
+                    }
+                    (other, _) => {
+                        return Err(crate::Error::Config(format!("unknown lora target `{other}`")))
+                    }
+                };
+                weight.attach(&(&(&layer / group) / target.as_str()), lora);
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds every adapter into its base weight, leaving a plain model (for inference and
+    /// export: no per-forward cost).
+    pub fn merge_lora(&mut self) {
+        for block in &mut self.transformer_blocks {
+            for w in [
+                &mut block.attn.wq,
+                &mut block.attn.wk,
+                &mut block.attn.wv,
+                &mut block.attn.wo,
+            ] {
+                w.merge();
+            }
+            if let Mlp::Dense(ffn) = &mut block.mlp {
+                for w in [&mut ffn.w1, &mut ffn.w2, &mut ffn.w3] {
+                    w.merge();
+                }
+            }
+        }
     }
 
     pub fn device(&self) -> tch::Device {

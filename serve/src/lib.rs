@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// Checkpoint (or run directory) to serve; it must carry its tokenizer.
     #[arg(long)]
     checkpoint: PathBuf,
+    /// LoRA adapter checkpoint (`lillm sft --lora-rank`) merged into --checkpoint, which
+    /// must be the base it was trained on.
+    #[arg(long)]
+    lora: Option<PathBuf>,
     /// Address to bind; loopback unless you mean to expose it (then set --api-key).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -108,7 +112,10 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
         anyhow::bail!("--max-batch must be at least 1 (requests decoded together)");
     }
     let device = lillm_model::parse_device(&args.device)?;
-    let loaded = LoadedModel::load(&args.checkpoint, device)?;
+    let loaded = match &args.lora {
+        Some(adapter) => LoadedModel::load_adapted(&args.checkpoint, adapter, device)?,
+        None => LoadedModel::load(&args.checkpoint, device)?,
+    };
     let model_name = args.model_name.clone().unwrap_or_else(|| {
         let path = std::fs::canonicalize(&args.checkpoint).unwrap_or(args.checkpoint.clone());
         path.file_name()

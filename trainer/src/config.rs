@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use lillm_model::{ModelConfig, MoeConfig};
+use lillm_model::{LoraConfig, ModelConfig, MoeConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::schedule::LrSchedule;
@@ -99,6 +99,9 @@ pub struct TrainConfig {
     /// DPO: β, how far the policy may move from the reference (the implicit reward's scale).
     #[serde(default = "default_dpo_beta")]
     pub dpo_beta: f64,
+    /// Fine-tune LoRA adapters on the frozen `init_from` weights instead of all weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
 }
 
 fn default_check_params_every() -> u64 {
@@ -225,6 +228,7 @@ impl Default for TrainConfig {
             check_params_every: default_check_params_every(),
             val_fraction: default_val_fraction(),
             dpo_beta: default_dpo_beta(),
+            lora: None,
         }
     }
 }
@@ -288,6 +292,15 @@ impl TrainConfig {
             if self.dpo_beta.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
                 return bad(format!("beta must be positive, got {}", self.dpo_beta));
             }
+        }
+        if let Some(lora) = &self.lora {
+            if self.init_from.is_none() {
+                return bad(
+                    "LoRA adapts a trained model: set init_from (--init), the base checkpoint"
+                        .into(),
+                );
+            }
+            lora.validate()?;
         }
         if self.init_from.is_none() {
             self.check_against_model(&self.model_config()?)?;

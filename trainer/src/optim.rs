@@ -55,6 +55,20 @@ impl AdamW {
         self.steps
     }
 
+    /// Elements of the parameters it trains.
+    pub fn trained_numel(&self) -> usize {
+        self.slots.iter().map(|s| s.param.numel()).sum()
+    }
+
+    /// Bytes of its state (both moments of every trained parameter).
+    pub fn state_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        self.slots
+            .iter()
+            .map(|s| bytes(&s.exp_avg) + bytes(&s.exp_avg_sq))
+            .sum()
+    }
+
     pub fn params(&self) -> impl Iterator<Item = &Tensor> {
         self.slots.iter().map(|s| &s.param)
     }

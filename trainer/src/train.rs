@@ -10,10 +10,10 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use lillm_data::manifest::Split;
 use lillm_data::shards::BatchKey;
-use lillm_model::{weights, LilLM, ModelConfig};
+use lillm_model::{weights, LilLM, LoraConfig, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::checkpoint::{self, CheckpointState, MODEL_FILE, OPTIMIZER_FILE};
+use crate::checkpoint::{self, CheckpointState, LoraBase, MODEL_FILE, OPTIMIZER_FILE};
 use crate::checkpoint_actor::{host_copy, CheckpointActor, Snapshot};
 use crate::config::{Objective, TrainConfig};
 use crate::data::{MicroBatch, TrainData};
@@ -38,6 +38,9 @@ pub struct TrainSummary {
     pub plot: Option<std::path::PathBuf>,
     /// "N parameters", with the active ones for MoE ([`ModelConfig::size_summary`]).
     pub model_size: String,
+    /// Parameters the run trained (with LoRA: the adapters') and its optimizer state's bytes.
+    pub trained_params: usize,
+    pub optimizer_bytes: usize,
     /// Why the run ended before `max_iters` (`None`: it finished).
     pub stopped: Option<StopReason>,
 }
@@ -74,6 +77,27 @@ fn estimate(
     }
     let means = Vec::<f64>::try_from(&(total / cfg.eval_iters as f64).to_device(Device::Cpu))?;
     Ok([means[0], means[1], means[2]])
+}
+
+/// The adapters a run trains: the config's, or those of the checkpoint it resumes (which
+/// the config may not contradict).
+fn lora_config(
+    cfg: &TrainConfig,
+    resume_from: Option<&(PathBuf, CheckpointState)>,
+) -> Result<Option<LoraConfig>> {
+    let resumed = resume_from.map(|(dir, state)| (dir, state.lora.as_ref().map(|l| &l.config)));
+    match (resumed, &cfg.lora) {
+        (Some((dir, Some(trained))), Some(asked)) if trained != asked => Err(Error::checkpoint(
+            dir,
+            format!("holds LoRA adapters {trained:?}, not the {asked:?} asked for; resume with the same --lora-* flags"),
+        )),
+        (Some((dir, None)), Some(_)) => Err(Error::checkpoint(
+            dir,
+            "was not trained with LoRA; resume it without --lora-rank",
+        )),
+        (Some((_, trained)), _) => Ok(trained.cloned()),
+        (None, asked) => Ok(asked.clone()),
+    }
 }
 
 /// Where a run starts from.
@@ -147,8 +171,11 @@ pub struct Trainer {
     cfg: TrainConfig,
     model_cfg: ModelConfig,
     device: Device,
+    /// The weights the run trains and checkpoints: the model's, or with LoRA its adapters.
     vs: VarStore,
     model: LilLM,
+    /// With LoRA: the frozen base the adapters were attached to.
+    lora_base: Option<LoraBase>,
     opt: AdamW,
     data: TrainData,
     loss: Loss,
@@ -234,10 +261,14 @@ impl Trainer {
         // The model's shape comes from the checkpoint being resumed, else the initial
         // checkpoint (fine-tuning; only dropout may change), else the config.
         // DPO keeps the initial checkpoint as its reference, resumed or not.
+        // LoRA keeps it as the frozen base its adapters add to, resumed or not.
         let dpo = cfg.objective == Objective::Dpo;
+        let lora = lora_config(&cfg, resume_from.as_ref())?;
         let init = match (&resume_from, &cfg.init_from) {
             (None, Some(path)) => Some(crate::LoadedModel::load(path, device)?),
-            (Some(_), Some(path)) if dpo => Some(crate::LoadedModel::load(path, device)?),
+            (Some(_), Some(path)) if dpo || lora.is_some() => {
+                Some(crate::LoadedModel::load(path, device)?)
+            }
             _ => None,
         };
         let model_cfg = match (&resume_from, &init) {
@@ -268,9 +299,20 @@ impl Trainer {
         }
         let seq = cfg.sequence_len(&model_cfg);
         tch::manual_seed(cfg.seed as i64);
-        let vs = VarStore::new(device);
+        let mut vs = VarStore::new(device);
         let mut model = LilLM::new(&vs.root(), &model_cfg)?;
         model.set_compute_kind(cfg.compute_kind(device));
+        // With LoRA the run trains (optimizes, checkpoints, all-reduces) the adapters only;
+        // the model's own weights are the frozen base.
+        let frozen_base = match &lora {
+            Some(lora) => {
+                vs.freeze();
+                let adapters = VarStore::new(device);
+                model.attach_lora(&adapters.root(), lora)?;
+                Some(std::mem::replace(&mut vs, adapters))
+            }
+            None => None,
+        };
         let adam = AdamWConfig {
             beta1: cfg.beta1,
             beta2: cfg.beta2,
@@ -301,9 +343,36 @@ impl Trainer {
             let opt_state = weights::read_tensors(&dir.join(OPTIMIZER_FILE))?;
             opt.load_state_tensors(&opt_state, dir)?;
             tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
-        } else if let Some(loaded) = init {
-            weights::load_into(&vs, &weights::var_store_tensors(&loaded.vs), &loaded.dir)?;
         }
+        let lora_base = match (&lora, init) {
+            (Some(config), Some(base)) => {
+                let (_, base_sha256) =
+                    checkpoint::sha256_file(&base.dir.join(checkpoint::MODEL_FILE))?;
+                let lora_base = checkpoint::LoraBase {
+                    config: config.clone(),
+                    base: base
+                        .dir
+                        .canonicalize()
+                        .map_err(|e| Error::io(&base.dir, e))?,
+                    base_sha256,
+                };
+                if let Some((dir, state)) = &resume_from {
+                    if let Some(trained_on) = &state.lora {
+                        trained_on
+                            .check_base(&base.dir)
+                            .map_err(|e| Error::checkpoint(dir, format!("resume refused: {e}")))?;
+                    }
+                }
+                let frozen = frozen_base.as_ref().expect("a LoRA run has a frozen base");
+                weights::load_into(frozen, &weights::var_store_tensors(&base.vs), &base.dir)?;
+                Some(lora_base)
+            }
+            (None, Some(loaded)) if resume_from.is_none() => {
+                weights::load_into(&vs, &weights::var_store_tensors(&loaded.vs), &loaded.dir)?;
+                None
+            }
+            _ => None,
+        };
         let loss = reference.map_or(Loss::NextToken, |r| Loss::Preference(Box::new(r)));
         let rendezvous = match setup.rendezvous {
             Some(r) => Some(r),
@@ -325,6 +394,7 @@ impl Trainer {
             device,
             vs,
             model,
+            lora_base,
             opt,
             data,
             loss,
@@ -473,6 +543,7 @@ impl Trainer {
                 Loss::NextToken => None,
                 Loss::Preference(r) => Some(r.sha256.clone()),
             },
+            lora: self.lora_base.clone(),
         };
         let snapshot = Snapshot {
             dir: dir.clone(),
@@ -640,6 +711,8 @@ impl Trainer {
                 .unwrap_or_else(|| checkpoint::checkpoint_dir(&self.cfg.out, self.step)),
             plot: None,
             model_size: self.model_cfg.size_summary(),
+            trained_params: self.opt.trained_numel(),
+            optimizer_bytes: self.opt.state_bytes(),
             stopped,
         }
     }
@@ -699,6 +772,21 @@ impl Trainer {
             }
         };
         if leader {
+            let trained = match &self.lora_base {
+                None => "all weights".to_string(),
+                Some(l) => format!(
+                    "LoRA rank {} (alpha {}) on {} over the frozen base {}",
+                    l.config.rank,
+                    l.config.alpha,
+                    l.config.targets.join(", "),
+                    l.base.display()
+                ),
+            };
+            say(format!(
+                "training {} parameters ({trained}); optimizer state {:.2} MiB",
+                self.opt.trained_numel(),
+                self.opt.state_bytes() as f64 / (1024.0 * 1024.0)
+            ));
             say(format!(
                 "model: {} ({} layers, d_model {}); {} tokens per step; device {:?}; {}; data: {}",
                 self.model_cfg.size_summary(),

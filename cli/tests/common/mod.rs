@@ -306,3 +306,18 @@ pub fn checkpoint_world_sizes(run: &Path) -> Vec<u64> {
         })
         .collect()
 }
+
+pub fn conversations(n: usize) -> String {
+    const WHO: &[&str] = &["king", "queen", "prince", "lord"];
+    (0..n)
+        .map(|i| {
+            let who = WHO[i % WHO.len()];
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("who is the {who}?")},
+                {"role": "assistant", "content": format!("the {who} is my friend.")},
+            ]})
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
