@@ -117,7 +117,9 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
         None => LoadedModel::load(&args.checkpoint, device)?,
     };
     let model_name = args.model_name.clone().unwrap_or_else(|| {
-        let path = std::fs::canonicalize(&args.checkpoint).unwrap_or(args.checkpoint.clone());
+        // Named after what was fine-tuned last: the adapter, if any.
+        let named = args.lora.as_ref().unwrap_or(&args.checkpoint);
+        let path = std::fs::canonicalize(named).unwrap_or(named.clone());
         path.file_name()
             .map_or("lillm".into(), |n| n.to_string_lossy().into_owned())
     });
