@@ -52,6 +52,16 @@ pub struct SftArgs {
     /// CPU threads for libtorch (default: libtorch's; with --nproc, a share of the cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    lora: LoraArgs,
+    /// Here, as `--nproc` local ranks (grad-accum is divided over them), or in a job.
+    #[command(flatten)]
+    launch: crate::job_cmd::LaunchArgs,
+}
+
+/// LoRA flags of `sft` and `dpo`.
+#[derive(Args)]
+pub struct LoraArgs {
     /// Train LoRA adapters of this rank on the frozen --init weights instead of all weights
     /// (the original: 8); checkpoints then hold only the adapters.
     #[arg(long)]
@@ -68,9 +78,16 @@ pub struct SftArgs {
         requires = "lora_rank"
     )]
     lora_targets: Vec<String>,
-    /// Here, as `--nproc` local ranks (grad-accum is divided over them), or in a job.
-    #[command(flatten)]
-    launch: crate::job_cmd::LaunchArgs,
+}
+
+impl LoraArgs {
+    fn config(&self) -> Option<LoraConfig> {
+        self.lora_rank.map(|rank| LoraConfig {
+            rank,
+            alpha: self.lora_alpha,
+            targets: self.lora_targets.clone(),
+        })
+    }
 }
 
 /// Fine-tunes until done or until `shutdown` (SIGTERM/Ctrl-C), which checkpoints the
@@ -101,11 +118,7 @@ pub fn sft(args: SftArgs, shutdown: tokio_util::sync::CancellationToken) -> Resu
         resume: args.resume,
         keep_last: 1,
         threads: args.threads.unwrap_or(0),
-        lora: args.lora_rank.map(|rank| LoraConfig {
-            rank,
-            alpha: args.lora_alpha,
-            targets: args.lora_targets.clone(),
-        }),
+        lora: args.lora.config(),
         ..TrainConfig::default()
     };
     if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
@@ -193,6 +206,9 @@ pub struct DpoArgs {
     /// CPU threads for libtorch (default: libtorch's; with --nproc, a share of the cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// LoRA: the policy is --init plus adapters; the reference is --init itself.
+    #[command(flatten)]
+    lora: LoraArgs,
     /// Here, as `--nproc` local ranks (grad-accum is divided over them), or in a job.
     #[command(flatten)]
     launch: crate::job_cmd::LaunchArgs,
@@ -228,6 +244,7 @@ pub fn dpo(args: DpoArgs, shutdown: tokio_util::sync::CancellationToken) -> Resu
         resume: args.resume,
         keep_last: 1,
         threads: args.threads.unwrap_or(0),
+        lora: args.lora.config(),
         ..TrainConfig::default()
     };
     if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
