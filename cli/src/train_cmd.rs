@@ -1,15 +1,15 @@
 //! `lillm train`, `lillm plot`, `lillm model`: configuration layering and the training run.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use lillm_model::{ModelConfig, PRESETS};
+use lillm_trainer::config::ModelOverrides;
 use lillm_trainer::{plot, TrainConfig, TrainSummary, Trainer};
+use serde::Serialize;
 
-/// Every field of the training config as an optional flag; unset flags leave the value from
-/// the lower layers (defaults < --config TOML < LILLM_* environment < flags).
+/// `lillm train`: where the config comes from, its fields as flags, and where it runs.
 #[derive(Args, Debug, Default)]
 pub struct TrainArgs {
     /// TOML file with any fields of the training config.
@@ -18,6 +18,18 @@ pub struct TrainArgs {
     /// Print the resolved config as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(flatten)]
+    fields: ConfigFlags,
+    /// Where the run executes: here, as `--nproc` local ranks, or as part of a job.
+    #[command(flatten)]
+    pub(crate) launch: crate::job_cmd::LaunchArgs,
+}
+
+/// Every field of [`TrainConfig`] as an optional flag, in the config's own shape: what is
+/// set here serialises into the top layer of the config (defaults < --config TOML <
+/// `LILLM_*` environment < flags), so a flag and a TOML key are one name.
+#[derive(Args, Debug, Default, Serialize)]
+struct ConfigFlags {
     /// Model preset: lillm-39m, lillm-300m, tiny, or a Mixture of Experts: lillm-moe-8x39m,
     /// tiny-moe (`lillm model presets`).
     #[arg(long)]
@@ -84,54 +96,13 @@ pub struct TrainArgs {
     peak_tflops: Option<f64>,
     #[arg(long)]
     threads: Option<usize>,
-    /// Dropout on attention and FFN outputs.
-    #[arg(long)]
-    dropout: Option<f64>,
-    #[arg(long)]
-    d_model: Option<usize>,
-    #[arg(long)]
-    n_layers: Option<usize>,
-    #[arg(long)]
-    q_heads: Option<usize>,
-    #[arg(long)]
-    kv_heads: Option<usize>,
-    #[arg(long)]
-    max_seq_len: Option<usize>,
-    #[arg(long)]
-    vocab_size: Option<usize>,
-    /// SwiGLU hidden size (default: derived from d_model as in the original).
-    #[arg(long)]
-    hidden_dim: Option<usize>,
-    /// Mixture of Experts: experts per sparse layer (makes a dense preset sparse).
-    #[arg(long)]
-    experts: Option<usize>,
-    /// Mixture of Experts: experts each token is routed to (top-k).
-    #[arg(long)]
-    experts_per_token: Option<usize>,
-    /// Mixture of Experts: each expert's hidden size (default: the dense FFN's).
-    #[arg(long)]
-    expert_hidden_dim: Option<usize>,
-    /// Mixture of Experts: sparse feed-forward on every n-th layer only.
-    #[arg(long)]
-    moe_every: Option<usize>,
-    /// Mixture of Experts: add a shared expert every token goes through.
-    #[arg(long)]
-    shared_expert: Option<bool>,
-    /// Mixture of Experts: weight of the load-balancing loss.
-    #[arg(long)]
-    aux_loss_coef: Option<f64>,
-    /// Mixture of Experts: weight of the router z-loss.
-    #[arg(long)]
-    z_loss_coef: Option<f64>,
     /// Continue from the run directory's latest valid checkpoint.
     #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     resume: bool,
     /// Start from this checkpoint's weights.
     #[arg(long)]
     init_from: Option<PathBuf>,
-    /// Where the run executes: here, as `--nproc` local ranks, or as part of a job.
-    #[command(flatten)]
-    pub(crate) launch: crate::job_cmd::LaunchArgs,
     /// This process's rank in a data-parallel job (set by --nproc or a launcher).
     #[arg(long)]
     rank: Option<usize>,
@@ -144,17 +115,60 @@ pub struct TrainArgs {
     /// Compare parameters across ranks every N steps and stop if they differ (0 = never).
     #[arg(long)]
     check_params_every: Option<u64>,
+    /// The model's shape (`[model]` in TOML), over the preset's.
+    #[command(flatten)]
+    model: ModelOverrides,
 }
 
-/// `LILLM_<FIELD>` variables naming a config field (`LILLM_MODEL__D_MODEL` for nested ones).
-fn env_overrides(known: &toml::Table) -> HashMap<String, String> {
-    std::env::vars()
-        .filter_map(|(k, v)| {
-            let key = k.strip_prefix("LILLM_")?.to_ascii_lowercase();
-            let top = key.split("__").next()?;
-            known.contains_key(top).then(|| (key.replace("__", "."), v))
-        })
-        .collect()
+/// `LILLM_<FIELD>` variables naming a config field (`LILLM_MODEL__D_MODEL` for nested ones)
+/// as a table of strings (typed when the config is read); other `LILLM_*` variables
+/// (`LILLM_PYTHON`, `LILLM_API_KEY`) are not the config's.
+fn env_layer(known: &toml::Table) -> toml::Table {
+    let mut layer = toml::Table::new();
+    for (k, v) in std::env::vars() {
+        let Some(key) = k.strip_prefix("LILLM_").map(str::to_ascii_lowercase) else {
+            continue;
+        };
+        let path: Vec<&str> = key.split("__").collect();
+        if !known.contains_key(path[0]) {
+            continue;
+        }
+        insert_at(&mut layer, &path, v);
+    }
+    layer
+}
+
+/// Sets `path` (`["model", "d_model"]`) of `table` to the string `v`.
+fn insert_at(table: &mut toml::Table, path: &[&str], v: String) {
+    match path {
+        [] => {}
+        [last] => {
+            table.insert(last.to_string(), toml::Value::String(v));
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(inner) = entry {
+                insert_at(inner, rest, v);
+            }
+        }
+    }
+}
+
+/// `v` without its nulls and empty tables: the flags that were not given.
+fn given(v: serde_json::Value) -> Option<serde_json::Value> {
+    match v {
+        serde_json::Value::Null => None,
+        serde_json::Value::Object(map) => {
+            let kept: serde_json::Map<_, _> = map
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, given(v)?)))
+                .collect();
+            (!kept.is_empty()).then_some(serde_json::Value::Object(kept))
+        }
+        other => Some(other),
+    }
 }
 
 pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
@@ -171,59 +185,14 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         builder =
             builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
     }
-    for (key, value) in env_overrides(&default_table) {
-        builder = builder.set_override(key, value)?;
-    }
-    macro_rules! flag {
-        ($($field:ident => $key:expr),* $(,)?) => {
-            $(if let Some(v) = &args.$field {
-                builder = builder.set_override($key, config::Value::from(v.clone()))?;
-            })*
-        };
-    }
-    let path_str = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-    if let Some(p) = path_str(&args.data) {
-        builder = builder.set_override("data", p)?;
-    }
-    if let Some(p) = path_str(&args.out) {
-        builder = builder.set_override("out", p)?;
-    }
-    if let Some(p) = path_str(&args.init_from) {
-        builder = builder.set_override("init_from", p)?;
-    }
-    if let Some(r) = &args.rendezvous {
-        builder = builder.set_override("rendezvous", r.clone())?;
-    }
-    flag!(
-        preset => "preset", device => "device", dtype => "dtype",
-        lr => "lr", min_lr => "min_lr", weight_decay => "weight_decay", grad_clip => "grad_clip",
-        peak_tflops => "peak_tflops", dropout => "model.dropout", decay_lr => "decay_lr",
-        beta1 => "beta1", beta2 => "beta2", adam_eps => "adam_eps",
-        checkpoint_minutes => "checkpoint_minutes", shared_expert => "model.moe.shared_expert",
-        aux_loss_coef => "model.moe.aux_loss_coef", z_loss_coef => "model.moe.z_loss_coef",
-    );
-    macro_rules! int_flag {
-        ($($field:ident => $key:expr),* $(,)?) => {
-            $(if let Some(v) = args.$field {
-                builder = builder.set_override($key, v as i64)?;
-            })*
-        };
-    }
-    int_flag!(
-        batch_size => "batch_size", block_size => "block_size", grad_accum => "grad_accum",
-        max_iters => "max_iters", warmup_iters => "warmup_iters", lr_decay_iters => "lr_decay_iters",
-        eval_interval => "eval_interval", eval_iters => "eval_iters", log_interval => "log_interval",
-        keep_last => "keep_last", seed => "seed", threads => "threads",
-        checkpoint_interval => "checkpoint_interval",
-        rank => "rank", world_size => "world_size", check_params_every => "check_params_every",
-        d_model => "model.d_model", n_layers => "model.n_layers", q_heads => "model.q_heads",
-        kv_heads => "model.kv_heads", max_seq_len => "model.max_seq_len", vocab_size => "model.vocab_size",
-        hidden_dim => "model.hidden_dim", experts => "model.moe.experts",
-        experts_per_token => "model.moe.experts_per_token",
-        expert_hidden_dim => "model.moe.expert_hidden_dim", moe_every => "model.moe.every",
-    );
-    if args.resume {
-        builder = builder.set_override("resume", true)?;
+    let env = env_layer(&default_table);
+    let flags = given(serde_json::to_value(&args.fields)?);
+    let layers = [
+        Some(toml::to_string(&env)?),
+        flags.map(|f| toml::to_string(&f)).transpose()?,
+    ];
+    for layer in layers.into_iter().flatten() {
+        builder = builder.add_source(config::File::from_str(&layer, config::FileFormat::Toml));
     }
     let cfg: TrainConfig = builder
         .build()?
@@ -241,7 +210,9 @@ pub fn run(args: TrainArgs, shutdown: tokio_util::sync::CancellationToken) -> Re
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
+    if let Some(launched) =
+        crate::job_cmd::launch(&cfg, &args.launch, args.fields.threads, &shutdown)
+    {
         return launched;
     }
     train_here(&cfg, &shutdown)?;

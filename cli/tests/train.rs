@@ -227,6 +227,26 @@ fn bad_configs_are_refused_with_the_field_named() {
         out.contains("batch_size = 7") && out.contains("lr = 0.25") && out.contains("d_model = 64"),
         "{out}"
     );
+    // The environment layers between the TOML file and the flags, nested keys included.
+    let layered = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args([
+            "train",
+            "--config",
+            s(&cfg),
+            "--lr",
+            "0.25",
+            "--print-config",
+        ])
+        .env("LILLM_LR", "0.125")
+        .env("LILLM_BATCH_SIZE", "9")
+        .env("LILLM_MODEL__MOE__EXPERTS", "4")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&layered.stdout);
+    assert!(
+        out.contains("batch_size = 9") && out.contains("lr = 0.25") && out.contains("experts = 4"),
+        "{out}"
+    );
     fs::write(&cfg, "batch_sise = 7\n").unwrap();
     let err = lillm_err(&["train", "--config", s(&cfg), "--print-config"]);
     assert!(err.contains("batch_sise"), "{err}");

@@ -133,38 +133,68 @@ pub enum Objective {
     Dpo,
 }
 
-/// Optional per-field overrides of the preset's model config.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// Optional per-field overrides of the preset's model config (`[model]` in TOML; the same
+/// names as `lillm train` flags).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct ModelOverrides {
+    #[arg(long)]
     pub vocab_size: Option<usize>,
+    #[arg(long)]
     pub d_model: Option<usize>,
+    #[arg(long)]
     pub n_layers: Option<usize>,
+    #[arg(long)]
     pub max_seq_len: Option<usize>,
+    #[arg(long)]
     pub q_heads: Option<usize>,
+    #[arg(long)]
     pub kv_heads: Option<usize>,
+    /// SwiGLU hidden size (default: derived from d_model as in the original).
+    #[arg(long)]
     pub hidden_dim: Option<usize>,
+    /// Dropout on attention and FFN outputs.
+    #[arg(long)]
     pub dropout: Option<f64>,
     /// Mixture-of-Experts fields (`[model.moe]`): change an MoE preset's, or make a dense
     /// preset sparse by setting `experts`.
-    #[serde(default)]
-    pub moe: Option<MoeOverrides>,
+    #[serde(default, skip_serializing_if = "MoeOverrides::is_empty")]
+    #[command(flatten)]
+    pub moe: MoeOverrides,
 }
 
 /// Optional overrides of the fields of [`MoeConfig`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct MoeOverrides {
+    /// Mixture of Experts: experts per sparse layer (makes a dense preset sparse).
+    #[arg(long)]
     pub experts: Option<usize>,
+    /// Mixture of Experts: experts each token is routed to (top-k).
+    #[arg(long)]
     pub experts_per_token: Option<usize>,
+    /// Mixture of Experts: each expert's hidden size (default: the dense FFN's).
+    #[arg(long)]
     pub expert_hidden_dim: Option<usize>,
+    /// Mixture of Experts: add a shared expert every token goes through.
+    #[arg(long)]
     pub shared_expert: Option<bool>,
+    /// Mixture of Experts: weight of the load-balancing loss.
+    #[arg(long)]
     pub aux_loss_coef: Option<f64>,
+    /// Mixture of Experts: weight of the router z-loss.
+    #[arg(long)]
     pub z_loss_coef: Option<f64>,
+    /// Mixture of Experts: sparse feed-forward on every n-th layer only.
+    #[arg(long = "moe-every")]
     pub every: Option<usize>,
 }
 
 impl MoeOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
     /// `base` (the preset's MoE section, if any) with these fields set.
     fn apply(&self, base: Option<MoeConfig>) -> Result<MoeConfig> {
         let mut moe = match (base, self.experts) {
@@ -246,8 +276,8 @@ impl TrainConfig {
         cfg.kv_heads = o.kv_heads.unwrap_or(cfg.kv_heads);
         cfg.hidden_dim = o.hidden_dim.or(cfg.hidden_dim);
         cfg.dropout = o.dropout.unwrap_or(cfg.dropout);
-        if let Some(moe) = &o.moe {
-            cfg.moe = Some(moe.apply(cfg.moe.take())?);
+        if !o.moe.is_empty() {
+            cfg.moe = Some(o.moe.apply(cfg.moe.take())?);
         }
         cfg.validate()?;
         Ok(cfg)
