@@ -9,16 +9,7 @@ const IDS: &str = "[1, 17, 42, 99, 5, 250, 3, 4, 77, 123, 200, 2, 64, 8]";
 
 /// Our logits for IDS from a checkpoint, via `lillm model logits`.
 fn our_logits(checkpoint: &Path, out: &Path) {
-    lillm_ok(&[
-        "model",
-        "logits",
-        "--checkpoint",
-        s(checkpoint),
-        "--ids",
-        IDS,
-        "--out",
-        s(out),
-    ]);
+    model_logits(checkpoint, IDS, out);
 }
 
 fn trained_run(dir: &Path) -> std::path::PathBuf {

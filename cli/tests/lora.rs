@@ -47,19 +47,6 @@ fn sft<'a>(
     lillm_ok(&args)
 }
 
-fn logits(checkpoint: &Path, out: &Path) {
-    lillm_ok(&[
-        "model",
-        "logits",
-        "--checkpoint",
-        s(checkpoint),
-        "--ids",
-        IDS,
-        "--out",
-        s(out),
-    ]);
-}
-
 fn last_checkpoint(run: &Path) -> std::path::PathBuf {
     let mut dirs: Vec<_> = fs::read_dir(run.join("checkpoints"))
         .unwrap()
@@ -147,7 +134,7 @@ fn lora_trains_adapters_only_and_matches_peft() {
 
     // Our logits of base + adapter, by the recorded base and by --lora on top of the base.
     let ours = dir.path().join("ours.safetensors");
-    logits(&adapter, &ours);
+    model_logits(&adapter, IDS, &ours);
     let gen = |extra: &[&str]| {
         let mut args = vec![
             "generate",
@@ -193,24 +180,18 @@ fn lora_trains_adapters_only_and_matches_peft() {
         "--out",
         s(&peft),
     ]);
-    let err = lillm_err(&[
+    let mut merge = vec![
         "export",
         "hf",
         "--checkpoint",
         s(&adapter),
         "--out",
         s(&merged),
-    ]);
+    ];
+    let err = lillm_err(&merge);
     assert!(err.contains("--merge-lora"), "{err}");
-    lillm_ok(&[
-        "export",
-        "hf",
-        "--checkpoint",
-        s(&adapter),
-        "--out",
-        s(&merged),
-        "--merge-lora",
-    ]);
+    merge.push("--merge-lora");
+    lillm_ok(&merge);
     let script = r#"
 import json, sys, torch
 from safetensors.torch import load_file

@@ -87,16 +87,7 @@ fn moe_export_matches_transformers_mixtral_and_imports_back() {
     let short = "[1, 17]";
     let logits = |checkpoint: &Path, ids: &str, name: &str| {
         let out = dir.path().join(name);
-        lillm_ok(&[
-            "model",
-            "logits",
-            "--checkpoint",
-            s(checkpoint),
-            "--ids",
-            ids,
-            "--out",
-            s(&out),
-        ]);
+        model_logits(checkpoint, ids, &out);
         out
     };
     let ours = logits(&run, ids, "ours.safetensors");

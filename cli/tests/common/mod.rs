@@ -321,3 +321,18 @@ pub fn conversations(n: usize) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Writes the logits of token ids `ids` (a JSON array) under `checkpoint` to `out`
+/// (`lillm model logits`: tensor `logits`).
+pub fn model_logits(checkpoint: &Path, ids: &str, out: &Path) {
+    lillm_ok(&[
+        "model",
+        "logits",
+        "--checkpoint",
+        s(checkpoint),
+        "--ids",
+        ids,
+        "--out",
+        s(out),
+    ]);
+}
