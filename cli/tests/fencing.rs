@@ -108,6 +108,17 @@ fn wait_for_two_rank_group(job: &Job, run: &std::path::Path) {
     });
 }
 
+/// Asserts the coordinator never evicted `member` for missed heartbeats: a trainer that
+/// finishes a step of seconds after its generation ended is alive, not dead.
+fn assert_never_evicted(dir: &std::path::Path, member: &str) {
+    let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default();
+    let evictions: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("missed heartbeats") && l.contains(member))
+        .collect();
+    assert!(evictions.is_empty(), "{member} was evicted: {evictions:?}");
+}
+
 /// How many times the coordinator's log says `member` registered.
 fn registrations(dir: &std::path::Path, member: &str) -> usize {
     std::fs::read_to_string(dir.join("coordinator.log"))
@@ -179,6 +190,9 @@ fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
         survivor.contains("aborted"),
         "the survivor gave up its blocked collective\n{survivor}"
     );
+    // The survivor's generation ended again when the woken trainer came back, mid-step:
+    // it stayed alive through that step of seconds (3 s timeout).
+    assert_never_evicted(dir.path(), "node-b/trainer0");
     // The frozen trainer's step never reached the new group: the same math as a run
     // without it.
     runs.assert_same_model();
@@ -253,6 +267,7 @@ fn a_partitioned_node_is_left_behind_fenced_and_taken_back_with_the_same_math() 
         "node b is fenced when its link comes back\n{node_b}"
     );
     assert!(registrations(dir.path(), "node-b/trainer0") >= 2);
+    assert_never_evicted(dir.path(), "node-a/trainer0");
     runs.assert_same_model();
     eprintln!("partition detected and node a regrouped in {detected:?}");
 }

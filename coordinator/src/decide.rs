@@ -143,9 +143,16 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Refuses the event; the state is unchanged.
     fn refuse(state: &State, refusal: Refusal) -> Self {
+        Self::refuse_with(state.clone(), refusal)
+    }
+
+    /// Refuses the event but keeps `next`, which may differ from the state only in
+    /// liveness (a member's last heartbeat): nothing worth saving.
+    fn refuse_with(next: State, refusal: Refusal) -> Self {
         Self {
-            state: state.clone(),
+            state: next,
             actions: Vec::new(),
             reason: format!("refused: {refusal}"),
             refusal: Some(refusal),
@@ -231,8 +238,20 @@ fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
                 return Decision::refuse(state, Refusal::UnknownMember(id));
             };
             if id.role == Role::Trainer && generation < state.generation {
-                return Decision::refuse(
-                    state,
+                // A trainer still finishing a step of the generation that ended is alive:
+                // its heartbeat is refused (it must register again) but keeps it from
+                // eviction, so a step of several seconds does not turn a regroup into a
+                // failure of every slow trainer.
+                let mut next = state.clone();
+                next.members.insert(
+                    id,
+                    Member {
+                        last_heartbeat_ms: now_ms,
+                        ..member.clone()
+                    },
+                );
+                return Decision::refuse_with(
+                    next,
                     Refusal::StaleGeneration {
                         given: generation,
                         current: state.generation,

@@ -55,6 +55,8 @@ impl Coordinator {
         let decision = decide(now_ms(), &state, event);
         if decision.refusal.is_some() {
             tracing::warn!(reason = %decision.reason, "refused");
+            // A refusal changes at most a member's liveness, which is never saved.
+            *state = decision.state.clone();
             return Ok(decision);
         }
         if !decision.reason.is_empty() {

@@ -452,6 +452,42 @@ fn a_trainer_leaving_on_purpose_ends_the_generation_at_once_without_a_failure() 
     );
 }
 
+/// After a regroup a trainer finishes the step it is in before registering again; with
+/// steps of several seconds that outlasts the heartbeat timeout. Its heartbeats, refused as
+/// stale, still prove it alive: it is not evicted (no failure, no cascade), while a trainer
+/// that sends nothing is.
+#[test]
+fn a_trainer_finishing_a_long_step_after_a_regroup_is_not_evicted() {
+    let (state, _) = gather(&members());
+    let ended = decide(1_000, &state, leave(&id("node-b", Role::Trainer, 0), false)).state;
+    let survivor = id("node-a", Role::Trainer, 0);
+    let loader = id("node-a", Role::Dataloader, 0);
+    let mut with_beats = ended.clone();
+    for t in [3_000, 6_000, 9_000] {
+        let d = decide(t, &with_beats, heartbeat(&survivor, state.generation, 7));
+        assert!(matches!(d.refusal, Some(Refusal::StaleGeneration { .. })));
+        with_beats = decide(t, &d.state, heartbeat(&loader, ended.generation, 0)).state;
+    }
+    let d = decide(10_000, &with_beats, Event::Tick);
+    assert!(d.actions.is_empty(), "{}", d.reason);
+    assert_eq!(d.state.failures, state.failures);
+    assert!(d.state.members.contains_key(&survivor));
+    let registered = decide(
+        10_500,
+        &d.state,
+        register(&survivor, Some(state.generation)),
+    );
+    assert!(registered.refusal.is_none(), "{}", registered.reason);
+
+    // Silence for longer than the timeout is a failure, as before.
+    let mut silent = ended;
+    for t in [3_000, 6_000, 9_000] {
+        silent = decide(t, &silent, heartbeat(&loader, silent.generation, 0)).state;
+    }
+    let d = decide(10_000, &silent, Event::Tick);
+    assert_eq!(d.actions, vec![Action::Evicted(vec![survivor])]);
+}
+
 #[test]
 fn a_finished_trainer_stays_listed_and_is_never_evicted() {
     let (state, _) = gather(&members());

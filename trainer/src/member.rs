@@ -410,13 +410,21 @@ fn heartbeat_request(shared: &Shared) -> pb::HeartbeatRequest {
     }
 }
 
+/// How long a trainer told that its generation is over keeps heartbeating while its
+/// training thread finishes the step in progress: the coordinator counts those (refused)
+/// heartbeats as signs of life, so a multi-second step is not taken for a dead trainer.
+const LEAVING_HEARTBEATS: Duration = Duration::from_secs(600);
+
 /// Heartbeats every `opts.heartbeat` until `done`. A reply saying the generation is over
-/// (or that the coordinator evicted this trainer) requests a regroup stop.
+/// (or that the coordinator evicted this trainer) requests a regroup stop; heartbeats go
+/// on (see [`LEAVING_HEARTBEATS`]) until the training thread has stopped and `done` ends
+/// them.
 async fn heartbeats(shared: Arc<Shared>, done: CancellationToken) {
     let mut every = tokio::time::interval(shared.opts.heartbeat);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_since: Option<tokio::time::Instant> = None;
     let mut warn = WarnEvery::new(Duration::from_secs(5));
+    let mut leaving_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = done.cancelled() => return,
@@ -425,6 +433,13 @@ async fn heartbeats(shared: Arc<Shared>, done: CancellationToken) {
         let mut client = shared.client.clone();
         let request = heartbeat_request(&shared);
         let answer = net::call(COORDINATOR, &shared.opts.connect, client.heartbeat(request)).await;
+        if let Some(since) = leaving_since {
+            if since.elapsed() > LEAVING_HEARTBEATS {
+                tracing::warn!("the training thread has not stopped after its generation ended; heartbeats stop");
+                return;
+            }
+            continue;
+        }
         let ended = match answer {
             Ok(reply) if reply.stale => Some(format!(
                 "generation {} is over (the job is at generation {})",
@@ -452,7 +467,7 @@ async fn heartbeats(shared: Arc<Shared>, done: CancellationToken) {
             shared.stop.request(StopReason::Regroup {
                 generation: shared.generation,
             });
-            return;
+            leaving_since = Some(tokio::time::Instant::now());
         }
     }
 }
