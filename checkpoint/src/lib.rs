@@ -85,6 +85,11 @@ impl LoraBase {
     /// Refuses a base whose weights are not the ones the adapters were trained on.
     pub fn check_base(&self, base_dir: &Path) -> Result<()> {
         let (_, sha) = sha256_file(&base_dir.join(MODEL_FILE))?;
+        self.check_base_sha(base_dir, &sha)
+    }
+
+    /// [`Self::check_base`] for a base whose weights' SHA-256 (`sha`) is known.
+    pub fn check_base_sha(&self, base_dir: &Path, sha: &str) -> Result<()> {
         if sha != self.base_sha256 {
             return Err(Error::checkpoint(
                 base_dir,

@@ -33,19 +33,12 @@ impl LoadedModel {
                     ),
                 ));
             }
-            return Self::load_adapted(&lora.base.clone(), &dir, device);
+            return Self::adapted(&lora.base.clone(), dir, state, device);
         }
         let vs = VarStore::new(device);
         let model = LilLM::for_loading(&vs.root(), &state.model)?;
         weights::load_var_store(&vs, &dir.join(MODEL_FILE))?;
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.is_file() {
-            let tok = Tokenizer::load(&tok_path)?;
-            check_vocab(&tok, state.model.vocab_size)?;
-            Some(tok)
-        } else {
-            None
-        };
+        let tokenizer = tokenizer_in(&dir, state.model.vocab_size)?;
         Ok(Self {
             dir,
             state,
@@ -58,8 +51,18 @@ impl LoadedModel {
     /// The base checkpoint `base` with the LoRA adapters of checkpoint `adapter` merged into
     /// its weights; refused unless the adapters were trained on exactly this base.
     pub fn load_adapted(base: &Path, adapter: &Path, device: tch::Device) -> Result<Self> {
-        let adapter_dir = crate::resolve(adapter)?;
-        let state = crate::verify_checkpoint(&adapter_dir)?;
+        let dir = crate::resolve(adapter)?;
+        let state = crate::verify_checkpoint(&dir)?;
+        Self::adapted(base, dir, state, device)
+    }
+
+    /// [`Self::load_adapted`] of an adapter checkpoint already verified.
+    fn adapted(
+        base: &Path,
+        adapter_dir: PathBuf,
+        state: CheckpointState,
+        device: tch::Device,
+    ) -> Result<Self> {
         let Some(lora) = &state.lora else {
             return Err(Error::checkpoint(
                 &adapter_dir,
@@ -72,10 +75,7 @@ impl LoadedModel {
         loaded.model.attach_lora(&adapters.root(), &lora.config)?;
         weights::load_var_store(&adapters, &adapter_dir.join(MODEL_FILE))?;
         loaded.model.merge_lora();
-        let tok_path = adapter_dir.join("tokenizer.json");
-        if tok_path.is_file() {
-            let tok = Tokenizer::load(&tok_path)?;
-            check_vocab(&tok, state.model.vocab_size)?;
+        if let Some(tok) = tokenizer_in(&adapter_dir, state.model.vocab_size)? {
             loaded.tokenizer = Some(tok);
         }
         loaded.dir = adapter_dir;
@@ -92,6 +92,17 @@ impl LoadedModel {
             )
         })
     }
+}
+
+/// The checkpoint's `tokenizer.json`, if it has one, checked against the model's vocabulary.
+fn tokenizer_in(dir: &Path, model_vocab: usize) -> Result<Option<Tokenizer>> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let tok = Tokenizer::load(&path)?;
+    check_vocab(&tok, model_vocab)?;
+    Ok(Some(tok))
 }
 
 /// A tokenizer can drive a model only if all its ids are rows of the embedding.

@@ -212,20 +212,10 @@ fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
                 grad_accum,
             },
         ),
-        Event::Waiting { id } => {
-            let Some(member) = state.members.get(&id) else {
-                return Decision::refuse(state, Refusal::UnknownMember(id));
-            };
-            let mut next = state.clone();
-            next.members.insert(
-                id,
-                Member {
-                    last_heartbeat_ms: now_ms,
-                    ..member.clone()
-                },
-            );
-            Decision::quiet(next)
-        }
+        Event::Waiting { id } => match alive(now_ms, state, &id) {
+            Some(next) => Decision::quiet(next),
+            None => Decision::refuse(state, Refusal::UnknownMember(id)),
+        },
         Event::Heartbeat {
             id,
             generation,
@@ -234,7 +224,7 @@ fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
             tokens_per_s,
             mfu,
         } => {
-            let Some(member) = state.members.get(&id) else {
+            let Some(mut next) = alive(now_ms, state, &id) else {
                 return Decision::refuse(state, Refusal::UnknownMember(id));
             };
             if id.role == Role::Trainer && generation < state.generation {
@@ -242,14 +232,6 @@ fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
                 // its heartbeat is refused (it must register again) but keeps it from
                 // eviction, so a step of several seconds does not turn a regroup into a
                 // failure of every slow trainer.
-                let mut next = state.clone();
-                next.members.insert(
-                    id,
-                    Member {
-                        last_heartbeat_ms: now_ms,
-                        ..member.clone()
-                    },
-                );
                 return Decision::refuse_with(
                     next,
                     Refusal::StaleGeneration {
@@ -258,18 +240,12 @@ fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
                     },
                 );
             }
-            let mut next = state.clone();
-            next.members.insert(
-                id,
-                Member {
-                    last_heartbeat_ms: now_ms,
-                    step,
-                    loss,
-                    tokens_per_s,
-                    mfu,
-                    ..member.clone()
-                },
-            );
+            if let Some(member) = next.members.get_mut(&id) {
+                member.step = step;
+                member.loss = loss;
+                member.tokens_per_s = tokens_per_s;
+                member.mfu = mfu;
+            }
             Decision::quiet(next)
         }
         Event::Commit {
@@ -304,6 +280,13 @@ fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
         } => leave(state, id, reason, finished),
         Event::Tick => tick(now_ms, state),
     }
+}
+
+/// `state` with member `id` seen alive at `now_ms`; `None` if it is not a member.
+fn alive(now_ms: u64, state: &State, id: &MemberId) -> Option<State> {
+    let mut next = state.clone();
+    next.members.get_mut(id)?.last_heartbeat_ms = now_ms;
+    Some(next)
 }
 
 fn leave(state: &State, id: MemberId, why: String, finished: bool) -> Decision {

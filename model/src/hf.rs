@@ -172,6 +172,17 @@ pub fn from_hf(
     Ok(out)
 }
 
+/// The Hugging Face module of our projection `{group}.{target}` (`attn.wq` →
+/// `self_attn.q_proj`).
+fn hf_module(group: &str, target: &str) -> Option<&'static str> {
+    let ours = format!("{group}.{target}.weight");
+    LAYER_NAMES
+        .iter()
+        .chain(DENSE_FFN_NAMES)
+        .find(|(o, _)| *o == ours)
+        .map(|(_, theirs)| theirs.trim_end_matches(".weight"))
+}
+
 /// Our LoRA adapter tensors (`transformer_blocks.{i}.attn.wq.lora_A` …) → PEFT's
 /// `adapter_model.safetensors` for our Hugging Face export
 /// (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` …). B's rows of `wq`
@@ -187,13 +198,7 @@ pub fn to_peft(
         let [_, layer, group, target, matrix] = parts[..] else {
             return Err(unexpected());
         };
-        let ours = format!("{group}.{target}.weight");
-        let (_, theirs) = LAYER_NAMES
-            .iter()
-            .chain(DENSE_FFN_NAMES)
-            .find(|(o, _)| *o == ours)
-            .ok_or_else(unexpected)?;
-        let module = theirs.trim_end_matches(".weight");
+        let module = hf_module(group, target).ok_or_else(unexpected)?;
         let t = match (target, matrix) {
             ("wq", "lora_B") => pairs_to_halves(&t, cfg.q_heads),
             ("wk", "lora_B") => pairs_to_halves(&t, cfg.kv_heads),
@@ -210,14 +215,13 @@ pub fn to_peft(
 
 /// PEFT's `adapter_config.json` for [`to_peft`]'s tensors.
 pub fn peft_config(lora: &LoraConfig, base: &str) -> Value {
-    let module = |target: &String| {
-        LAYER_NAMES
-            .iter()
-            .chain(DENSE_FFN_NAMES)
-            .find(|(o, _)| o.split('.').nth(1) == Some(target.as_str()))
-            .map(|(_, t)| t.split('.').nth(1).unwrap_or_default().to_string())
-    };
-    let targets: Vec<String> = lora.targets.iter().filter_map(module).collect();
+    // PEFT matches the module's last name: `q_proj`, `gate_proj` …
+    let targets: Vec<&str> = lora
+        .targets
+        .iter()
+        .filter_map(|t| hf_module("attn", t).or_else(|| hf_module("ffn", t)))
+        .filter_map(|module| module.split('.').nth(1))
+        .collect();
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

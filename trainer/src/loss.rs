@@ -81,7 +81,8 @@ impl Scored {
             add(1, accuracy);
             add(2, margin);
         }
-        if let (Some(routing), true) = (&self.routing, acc.size()[0] > FIGURES) {
+        // Only training scores routing, into a window of `train_figures` slots.
+        if let Some(routing) = &self.routing {
             add(FIGURES, &routing.aux_loss);
             add(FIGURES + 1, &routing.z_loss);
             add(FIGURES + 2, &routing.load);

@@ -359,7 +359,7 @@ impl Trainer {
                 if let Some((dir, state)) = &resume_from {
                     if let Some(trained_on) = &state.lora {
                         trained_on
-                            .check_base(&base.dir)
+                            .check_base_sha(&base.dir, &lora_base.base_sha256)
                             .map_err(|e| Error::checkpoint(dir, format!("resume refused: {e}")))?;
                     }
                 }
