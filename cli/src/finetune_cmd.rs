@@ -8,7 +8,7 @@ use lillm_data::sft;
 use lillm_data::tokenizer::Tokenizer;
 use lillm_model::LoraConfig;
 use lillm_trainer::config::{ModelOverrides, Objective};
-use lillm_trainer::TrainConfig;
+use lillm_trainer::{JobConfig, ProcessConfig, TrainConfig};
 
 #[derive(Args)]
 pub struct SftArgs {
@@ -94,32 +94,37 @@ impl LoraArgs {
 /// current step first so `--resume` continues it.
 pub fn sft(args: SftArgs, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
     let cfg = TrainConfig {
-        objective: Objective::Sft,
-        init_from: Some(args.init),
-        data: args.data,
-        out: args.out,
-        max_iters: args.max_iters,
-        batch_size: args.batch_size,
-        grad_accum: args.grad_accum,
-        lr: args.lr,
-        min_lr: args.lr,
-        decay_lr: false,
-        warmup_iters: 0,
-        model: ModelOverrides {
-            dropout: Some(args.dropout),
-            ..Default::default()
+        job: JobConfig {
+            objective: Objective::Sft,
+            init_from: Some(args.init),
+            max_iters: args.max_iters,
+            batch_size: args.batch_size,
+            grad_accum: args.grad_accum,
+            lr: args.lr,
+            min_lr: args.lr,
+            decay_lr: false,
+            warmup_iters: 0,
+            model: ModelOverrides {
+                dropout: Some(args.dropout),
+                ..Default::default()
+            },
+            eval_interval: args.eval_interval,
+            eval_iters: args.eval_iters,
+            log_interval: args.log_interval,
+            val_fraction: args.val_fraction,
+            seed: args.seed,
+            keep_last: 1,
+            lora: args.lora.config(),
+            ..JobConfig::default()
         },
-        eval_interval: args.eval_interval,
-        eval_iters: args.eval_iters,
-        log_interval: args.log_interval,
-        val_fraction: args.val_fraction,
-        seed: args.seed,
-        device: args.device,
-        resume: args.resume,
-        keep_last: 1,
-        threads: args.threads.unwrap_or(0),
-        lora: args.lora.config(),
-        ..TrainConfig::default()
+        process: ProcessConfig {
+            data: args.data,
+            out: args.out,
+            device: args.device,
+            resume: args.resume,
+            threads: args.threads.unwrap_or(0),
+            ..ProcessConfig::default()
+        },
     };
     if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
         return launched;
@@ -217,45 +222,51 @@ pub struct DpoArgs {
 /// Preference-tunes until done or until `shutdown`, through the same engine as `sft`.
 pub fn dpo(args: DpoArgs, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
     let cfg = TrainConfig {
-        objective: Objective::Dpo,
-        init_from: Some(args.init),
-        data: args.data,
-        out: args.out,
-        dpo_beta: args.beta,
-        max_iters: args.max_iters,
-        batch_size: args.batch_size,
-        grad_accum: args.grad_accum,
-        lr: args.lr,
-        min_lr: args.lr,
-        decay_lr: false,
-        warmup_iters: 0,
-        weight_decay: 0.0,
-        // The policy is the reference at step 0 and neither drops out.
-        model: ModelOverrides {
-            dropout: Some(0.0),
-            ..Default::default()
+        job: JobConfig {
+            objective: Objective::Dpo,
+            init_from: Some(args.init),
+            dpo_beta: args.beta,
+            max_iters: args.max_iters,
+            batch_size: args.batch_size,
+            grad_accum: args.grad_accum,
+            lr: args.lr,
+            min_lr: args.lr,
+            decay_lr: false,
+            warmup_iters: 0,
+            weight_decay: 0.0,
+            // The policy is the reference at step 0 and neither drops out.
+            model: ModelOverrides {
+                dropout: Some(0.0),
+                ..Default::default()
+            },
+            eval_interval: args.eval_interval,
+            eval_iters: args.eval_iters,
+            log_interval: args.log_interval,
+            val_fraction: args.val_fraction,
+            seed: args.seed,
+            keep_last: 1,
+            lora: args.lora.config(),
+            ..JobConfig::default()
         },
-        eval_interval: args.eval_interval,
-        eval_iters: args.eval_iters,
-        log_interval: args.log_interval,
-        val_fraction: args.val_fraction,
-        seed: args.seed,
-        device: args.device,
-        resume: args.resume,
-        keep_last: 1,
-        threads: args.threads.unwrap_or(0),
-        lora: args.lora.config(),
-        ..TrainConfig::default()
+        process: ProcessConfig {
+            data: args.data,
+            out: args.out,
+            device: args.device,
+            resume: args.resume,
+            threads: args.threads.unwrap_or(0),
+            ..ProcessConfig::default()
+        },
     };
     if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
         return launched;
     }
     let summary = crate::train_cmd::train_here(&cfg, &shutdown)?;
     // The held-out figures at the start (the reference's) and at the last evaluation.
-    let evals: Vec<_> = lillm_trainer::metrics::read_records(&cfg.out.join("metrics.jsonl"))?
-        .into_iter()
-        .filter(|r| r.reward_accuracy.is_some() && r.val_loss.is_some())
-        .collect();
+    let evals: Vec<_> =
+        lillm_trainer::metrics::read_records(&cfg.process.out.join("metrics.jsonl"))?
+            .into_iter()
+            .filter(|r| r.reward_accuracy.is_some() && r.val_loss.is_some())
+            .collect();
     if let (Some(first), Some(last), None) = (evals.first(), evals.last(), summary.stopped) {
         let figures = |r: &lillm_trainer::metrics::Record| {
             (

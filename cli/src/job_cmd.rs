@@ -16,7 +16,7 @@ use lillm_trainer::eval_actor::EvalPlan;
 use lillm_trainer::member::{MemberOptions, Membership};
 use lillm_trainer::remote_data::RemoteData;
 use lillm_trainer::stop::{Stop, StopReason, EXIT_REGROUP};
-use lillm_trainer::{checkpoint, Rewire, Setup, Start, TrainConfig, Trainer};
+use lillm_trainer::{checkpoint, ProcessConfig, Rewire, Setup, Start, TrainConfig, Trainer};
 use tokio_util::sync::CancellationToken;
 
 use crate::supervisor::{Ended, Kind, OnTrainerDeath, Spec, Supervisor};
@@ -152,7 +152,7 @@ pub fn run_trainer_actor(
         bind_host: args.bind_host.clone(),
         store_port: lillm_trainer::dist::serve_store(COLLECTIVE_TIMEOUT)?,
         job_token: args.job_token.clone(),
-        fingerprint: cfg.fingerprint(),
+        fingerprint: cfg.job.fingerprint(),
         heartbeat: HEARTBEAT,
         connect: ConnectSettings::with_tls_ca(args.tls_ca.clone()),
         policy: RetryPolicy {
@@ -160,7 +160,7 @@ pub fn run_trainer_actor(
             ..RetryPolicy::default()
         },
         rejoining_from: None,
-        grad_accum: cfg.grad_accum as u64,
+        grad_accum: cfg.job.grad_accum as u64,
     };
     let mut trainer = None;
     loop {
@@ -211,18 +211,25 @@ fn train_in_group(
     let a = membership.assignment.clone();
     let _in_group = membership.span().enter();
     let cfg = TrainConfig {
-        rank: a.rank as usize,
-        world_size: a.world_size as usize,
-        rendezvous: None,
-        resume: false,
-        ..cfg.clone()
+        job: cfg.job.clone(),
+        process: ProcessConfig {
+            rank: a.rank as usize,
+            world_size: a.world_size as usize,
+            rendezvous: None,
+            resume: false,
+            ..cfg.process.clone()
+        },
     };
     cfg.validate()?;
-    let local = (cfg.grad_accum / cfg.world_size) as u32;
-    let leader = cfg.rank == 0;
-    std::fs::create_dir_all(&cfg.out)
-        .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
-    let streamed = TrainData::streamed(cfg.objective);
+    let local = (cfg.job.grad_accum / cfg.process.world_size) as u32;
+    let leader = cfg.process.rank == 0;
+    std::fs::create_dir_all(&cfg.process.out).with_context(|| {
+        format!(
+            "{}: cannot create the run directory",
+            cfg.process.out.display()
+        )
+    })?;
+    let streamed = TrainData::streamed(cfg.job.objective);
     // This rank's share of the stream; data a trainer reads itself serves every rank.
     let data = match streamed {
         true => Some(TrainData::Remote(Box::new(RemoteData::connect(
@@ -230,13 +237,14 @@ fn train_in_group(
             membership.dataloader(),
             (a.rank * local, local),
             // Checkpoint writers put the tokenizer into every checkpoint.
-            a.writes_checkpoints.then(|| cfg.out.join("tokenizer")),
+            a.writes_checkpoints
+                .then(|| cfg.process.out.join("tokenizer")),
         )?))),
         false => None,
     };
     // The evaluator scores next-token loss; DPO's held-out loss needs the reference, and
     // rank 0 reports it with each commit instead.
-    if leader && cfg.objective != Objective::Dpo {
+    if leader && cfg.job.objective != Objective::Dpo {
         let eval_data = match streamed {
             true => TrainData::Remote(Box::new(RemoteData::connect(
                 membership.handle(),
@@ -248,10 +256,10 @@ fn train_in_group(
         };
         membership.start_evaluator(EvalPlan {
             data: eval_data,
-            seed: cfg.seed,
-            batches: cfg.eval_iters,
-            rows: cfg.batch_size,
-            seq: cfg.sequence_len(&cfg.model_config()?),
+            seed: cfg.job.seed,
+            batches: cfg.job.eval_iters,
+            rows: cfg.job.batch_size,
+            seq: cfg.job.sequence_len(&cfg.job.model_config()?),
             sample_tokens: 24,
         });
     }
@@ -261,8 +269,8 @@ fn train_in_group(
     let trainer = match trainer {
         Some(trainer) => {
             let moved = trainer.regroup(Rewire {
-                rank: cfg.rank,
-                world_size: cfg.world_size,
+                rank: cfg.process.rank,
+                world_size: cfg.process.world_size,
                 data,
                 rendezvous,
                 reporter: membership.reporter(),
@@ -302,13 +310,13 @@ fn train_in_group(
         }
     };
     if leader {
-        let resolved = cfg.out.join("config.toml");
+        let resolved = cfg.process.out.join("config.toml");
         std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)
             .with_context(|| format!("{}: cannot write", resolved.display()))?;
     }
     let summary = trainer.run(leader && crate::interactive())?;
     if leader && summary.stopped.is_none() {
-        crate::train_cmd::report(&summary, &cfg.out);
+        crate::train_cmd::report(&summary, &cfg.process.out);
     }
     Ok(summary)
 }
@@ -410,30 +418,37 @@ pub fn launch_local_job(
     shutdown: &CancellationToken,
 ) -> Result<()> {
     TrainConfig {
-        world_size: nproc,
-        ..cfg.clone()
+        job: cfg.job.clone(),
+        process: ProcessConfig {
+            world_size: nproc,
+            ..cfg.process.clone()
+        },
     }
     .validate()?;
-    let streamed = TrainData::streamed(cfg.objective);
-    let state_dir = cfg.out.join("coordinator");
-    let has_checkpoints = !checkpoint::list_checkpoints(&cfg.out).is_empty();
-    match (cfg.resume, state_dir.exists() || has_checkpoints) {
+    let streamed = TrainData::streamed(cfg.job.objective);
+    let state_dir = cfg.process.out.join("coordinator");
+    let has_checkpoints = !checkpoint::list_checkpoints(&cfg.process.out).is_empty();
+    match (cfg.process.resume, state_dir.exists() || has_checkpoints) {
         (false, true) => bail!(
             "{} already holds a run; pass --resume to continue it or choose another --out",
-            cfg.out.display()
+            cfg.process.out.display()
         ),
         (true, _) if has_checkpoints && !state_dir.exists() => bail!(
             "{} holds checkpoints but no job state ({}); it was not written by --nproc — resume it without --nproc",
-            cfg.out.display(),
+            cfg.process.out.display(),
             state_dir.display()
         ),
         _ => {}
     }
-    std::fs::create_dir_all(&cfg.out)
-        .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
+    std::fs::create_dir_all(&cfg.process.out).with_context(|| {
+        format!(
+            "{}: cannot create the run directory",
+            cfg.process.out.display()
+        )
+    })?;
     let coordinator = format!("127.0.0.1:{}", free_port()?);
     // The services log to files; the terminal shows the trainers.
-    let logs = cfg.out.join("logs");
+    let logs = cfg.process.out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create", logs.display()))?;
     let mut supervisor = Supervisor::new(
         max_restarts,
@@ -471,7 +486,7 @@ pub fn launch_local_job(
             args: vec![
                 "dataloader".into(),
                 format!("--coordinator={coordinator}"),
-                format!("--data={}", cfg.data.display()),
+                format!("--data={}", cfg.process.data.display()),
                 format!("--node={LOCAL_NODE}"),
             ],
             first_start_args: Vec::new(),

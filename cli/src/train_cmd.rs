@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use lillm_model::{ModelConfig, PRESETS};
+use lillm_trainer::config::field_names;
 use lillm_trainer::config::ModelOverrides;
-use lillm_trainer::{plot, TrainConfig, TrainSummary, Trainer};
+use lillm_trainer::{plot, JobConfig, ProcessConfig, TrainConfig, TrainSummary, Trainer};
 use serde::Serialize;
 
 /// `lillm train`: where the config comes from, its fields as flags, and where it runs.
@@ -30,16 +31,24 @@ pub struct TrainArgs {
 /// `LILLM_*` environment < flags), so a flag and a TOML key are one name.
 #[derive(Args, Debug, Default, Serialize)]
 struct ConfigFlags {
+    #[command(flatten)]
+    #[serde(flatten)]
+    job: JobFlags,
+    #[command(
+        flatten,
+        next_help_heading = "This process (may differ from rank to rank)"
+    )]
+    #[serde(flatten)]
+    process: ProcessFlags,
+}
+
+/// [`JobConfig`]'s fields: what every rank of a job shares.
+#[derive(Args, Debug, Default, Serialize)]
+struct JobFlags {
     /// Model preset: lillm-39m, lillm-300m, tiny, or a Mixture of Experts: lillm-moe-8x39m,
     /// tiny-moe (`lillm model presets`).
     #[arg(long)]
     preset: Option<String>,
-    /// Prepared dataset directory.
-    #[arg(long)]
-    data: Option<PathBuf>,
-    /// Run directory (checkpoints, metrics.jsonl, loss.png).
-    #[arg(long)]
-    out: Option<PathBuf>,
     #[arg(long)]
     batch_size: Option<usize>,
     #[arg(long)]
@@ -85,24 +94,41 @@ struct ConfigFlags {
     checkpoint_minutes: Option<f64>,
     #[arg(long)]
     seed: Option<u64>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long)]
-    device: Option<String>,
     /// auto, float32 or bfloat16.
     #[arg(long)]
     dtype: Option<String>,
     /// Device peak TFLOP/s for MFU.
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// Start from this checkpoint's weights.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
+    /// Compare parameters across ranks every N steps and stop if they differ (0 = never).
+    #[arg(long)]
+    check_params_every: Option<u64>,
+    /// The model's shape (`[model]` in TOML), over the preset's.
+    #[command(flatten)]
+    model: ModelOverrides,
+}
+
+/// [`ProcessConfig`]'s fields.
+#[derive(Args, Debug, Default, Serialize)]
+struct ProcessFlags {
+    /// Prepared dataset directory.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Run directory (checkpoints, metrics.jsonl, loss.png).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
     #[arg(long)]
     threads: Option<usize>,
     /// Continue from the run directory's latest valid checkpoint.
     #[arg(long)]
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     resume: bool,
-    /// Start from this checkpoint's weights.
-    #[arg(long)]
-    init_from: Option<PathBuf>,
     /// This process's rank in a data-parallel job (set by --nproc or a launcher).
     #[arg(long)]
     rank: Option<usize>,
@@ -112,12 +138,6 @@ struct ConfigFlags {
     /// host:port of the rendezvous store that rank 0 serves.
     #[arg(long)]
     rendezvous: Option<String>,
-    /// Compare parameters across ranks every N steps and stop if they differ (0 = never).
-    #[arg(long)]
-    check_params_every: Option<u64>,
-    /// The model's shape (`[model]` in TOML), over the preset's.
-    #[command(flatten)]
-    model: ModelOverrides,
 }
 
 /// `LILLM_<FIELD>` variables naming a config field (`LILLM_MODEL__D_MODEL` for nested ones)
@@ -194,12 +214,37 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     for layer in layers.into_iter().flatten() {
         builder = builder.add_source(config::File::from_str(&layer, config::FileFormat::Toml));
     }
-    let cfg: TrainConfig = builder
-        .build()?
-        .try_deserialize()
-        .context("invalid training config (check field names and value types)")?;
+    let sources = match &args.config {
+        Some(path) => format!("{}, LILLM_* variables and flags", path.display()),
+        None => "LILLM_* variables and flags".into(),
+    };
+    let cfg = split_config(builder.build()?)
+        .with_context(|| format!("invalid training config from {sources}"))?;
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The layered config's one flat table as the job's settings and this process's: each part
+/// is read strictly, so a misspelt key is an error rather than ignored.
+fn split_config(layered: config::Config) -> Result<TrainConfig, config::ConfigError> {
+    let table: config::Map<String, config::Value> = layered.try_deserialize()?;
+    let (job_fields, process_fields) = (field_names::<JobConfig>(), field_names::<ProcessConfig>());
+    let known = |key: &str| job_fields.contains(&key) || process_fields.contains(&key);
+    if let Some(unknown) = table.keys().find(|key| !known(key)) {
+        let mut fields = [job_fields, process_fields].concat();
+        fields.sort();
+        return Err(config::ConfigError::Message(format!(
+            "unknown field `{unknown}`; the fields are {}",
+            fields.join(", ")
+        )));
+    }
+    let (process, job): (config::Map<_, _>, config::Map<_, _>) = table
+        .into_iter()
+        .partition(|(key, _)| process_fields.contains(&key.as_str()));
+    Ok(TrainConfig {
+        job: config::Value::new(None, job).try_deserialize()?,
+        process: config::Value::new(None, process).try_deserialize()?,
+    })
 }
 
 /// Trains until done or until `shutdown` (SIGTERM/Ctrl-C), which checkpoints the current
@@ -211,7 +256,7 @@ pub fn run(args: TrainArgs, shutdown: tokio_util::sync::CancellationToken) -> Re
         return Ok(());
     }
     if let Some(launched) =
-        crate::job_cmd::launch(&cfg, &args.launch, args.fields.threads, &shutdown)
+        crate::job_cmd::launch(&cfg, &args.launch, args.fields.process.threads, &shutdown)
     {
         return launched;
     }
@@ -225,22 +270,26 @@ pub fn train_here(
     cfg: &TrainConfig,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<TrainSummary> {
-    std::fs::create_dir_all(&cfg.out)
-        .with_context(|| format!("{}: cannot create the run directory", cfg.out.display()))?;
-    let leader = cfg.rank == 0;
+    std::fs::create_dir_all(&cfg.process.out).with_context(|| {
+        format!(
+            "{}: cannot create the run directory",
+            cfg.process.out.display()
+        )
+    })?;
+    let leader = cfg.process.rank == 0;
     let setup = lillm_trainer::Setup {
         stop: lillm_trainer::stop::Stop::new(shutdown),
         ..Default::default()
     };
     let mut trainer = Trainer::with(cfg.clone(), setup)?;
     if leader {
-        let resolved = cfg.out.join("config.toml");
+        let resolved = cfg.process.out.join("config.toml");
         std::fs::write(&resolved, toml::to_string_pretty(cfg)?)
             .with_context(|| format!("{}: cannot write", resolved.display()))?;
     }
     let summary = trainer.run(leader && crate::interactive())?;
     if leader {
-        report(&summary, &cfg.out);
+        report(&summary, &cfg.process.out);
     }
     Ok(summary)
 }

@@ -247,9 +247,18 @@ fn bad_configs_are_refused_with_the_field_named() {
         out.contains("batch_size = 9") && out.contains("lr = 0.25") && out.contains("experts = 4"),
         "{out}"
     );
-    fs::write(&cfg, "batch_sise = 7\n").unwrap();
-    let err = lillm_err(&["train", "--config", s(&cfg), "--print-config"]);
-    assert!(err.contains("batch_sise"), "{err}");
+    // Misspelt keys of the job's part and of the process's part are both refused by name,
+    // with the file and the fields a config may hold.
+    for bad in ["batch_sise = 7\n", "devcie = \"cpu\"\n"] {
+        fs::write(&cfg, bad).unwrap();
+        let err = lillm_err(&["train", "--config", s(&cfg), "--print-config"]);
+        let key = bad.split(' ').next().unwrap();
+        assert!(err.contains(&format!("unknown field `{key}`")), "{err}");
+        assert!(
+            err.contains(s(&cfg)) && err.contains("device, dpo_beta"),
+            "{err}"
+        );
+    }
     assert!(
         !run.join("checkpoints").exists(),
         "nothing was written by refused runs"

@@ -2,27 +2,36 @@
 
 use std::path::PathBuf;
 
-use lillm_model::{LoraConfig, ModelConfig, MoeConfig};
+use lillm_model::{LoraConfig, ModelConfig};
 use serde::{Deserialize, Serialize};
 
+pub use crate::model_overrides::{ModelOverrides, MoeOverrides};
 use crate::schedule::LrSchedule;
 use crate::{Error, Result};
 
-/// Everything a training run needs. Built by the CLI from defaults < TOML file < `LILLM_*`
+/// A training run: the job's settings, which every rank of a job shares, and this
+/// process's own. In TOML, flags and `LILLM_*` variables both are one flat table (`lillm
+/// train --print-config`). Built by the CLI from defaults < TOML file < `LILLM_*`
 /// environment < flags; libraries and tests construct it directly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TrainConfig {
+    #[serde(flatten)]
+    pub job: JobConfig,
+    #[serde(flatten)]
+    pub process: ProcessConfig,
+}
+
+/// What a job trains and how: identical on every rank (a member whose
+/// [`JobConfig::fingerprint`] differs from the job's is refused).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TrainConfig {
+pub struct JobConfig {
     /// Model preset (`lillm-39m`, `lillm-300m`, `tiny`, `lillm-moe-8x39m`, `tiny-moe`);
     /// `model` fields override it.
     pub preset: String,
     /// Overrides of individual model fields (e.g. `d_model = 96`).
     #[serde(default)]
     pub model: ModelOverrides,
-    /// Prepared dataset directory (`lillm data prepare --out`).
-    pub data: PathBuf,
-    /// Run directory: checkpoints, metrics.jsonl, loss.png.
-    pub out: PathBuf,
     /// Sequences per micro-batch.
     pub batch_size: usize,
     /// Tokens per sequence (at most the model's `max_seq_len`; 0 = the model's
@@ -61,17 +70,11 @@ pub struct TrainConfig {
     pub checkpoint_minutes: f64,
     /// Seed for initialisation, batch order and dropout.
     pub seed: u64,
-    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
     /// `auto` (bf16 on CUDA, float32 on CPU), `float32` or `bfloat16`.
     pub dtype: String,
     /// Device peak TFLOP/s for MFU; unset: 989 (H100 SXM bf16) on CUDA, measured on CPU.
     #[serde(default)]
     pub peak_tflops: Option<f64>,
-    /// CPU threads for libtorch (0 = libtorch's default).
-    pub threads: usize,
-    /// Continue from the run directory's latest valid checkpoint.
-    pub resume: bool,
     /// Start from this checkpoint's weights and model config (fine-tuning); ignored when
     /// resuming.
     #[serde(default)]
@@ -80,15 +83,6 @@ pub struct TrainConfig {
     /// (preference pairs JSONL in `data`).
     #[serde(default)]
     pub objective: Objective,
-    /// Data-parallel ranks in the job (1 = single process).
-    #[serde(default = "one")]
-    pub world_size: usize,
-    /// This process's rank, 0-based.
-    #[serde(default)]
-    pub rank: usize,
-    /// `host:port` of the rendezvous store (rank 0 serves it); needed when world_size > 1.
-    #[serde(default)]
-    pub rendezvous: Option<String>,
     /// With several ranks, compare parameter checksums across ranks every this many steps
     /// and stop every rank if they differ (0 = never).
     #[serde(default = "default_check_params_every")]
@@ -104,12 +98,31 @@ pub struct TrainConfig {
     pub lora: Option<LoraConfig>,
 }
 
-fn default_check_params_every() -> u64 {
-    100
+/// Where this process reads, writes and computes, and its place in the job: may differ
+/// from rank to rank and from one generation of a job to the next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Prepared dataset directory (`lillm data prepare --out`).
+    pub data: PathBuf,
+    /// Run directory: checkpoints, metrics.jsonl, loss.png.
+    pub out: PathBuf,
+    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// CPU threads for libtorch (0 = libtorch's default).
+    pub threads: usize,
+    /// Continue from the run directory's latest valid checkpoint.
+    pub resume: bool,
+    /// Data-parallel ranks in the job (1 = single process).
+    pub world_size: usize,
+    /// This process's rank, 0-based.
+    pub rank: usize,
+    /// `host:port` of the rendezvous store (rank 0 serves it); needed when world_size > 1.
+    pub rendezvous: Option<String>,
 }
 
-fn one() -> usize {
-    1
+fn default_check_params_every() -> u64 {
+    100
 }
 
 fn default_val_fraction() -> f64 {
@@ -133,97 +146,11 @@ pub enum Objective {
     Dpo,
 }
 
-/// Optional per-field overrides of the preset's model config (`[model]` in TOML; the same
-/// names as `lillm train` flags).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct ModelOverrides {
-    #[arg(long)]
-    pub vocab_size: Option<usize>,
-    #[arg(long)]
-    pub d_model: Option<usize>,
-    #[arg(long)]
-    pub n_layers: Option<usize>,
-    #[arg(long)]
-    pub max_seq_len: Option<usize>,
-    #[arg(long)]
-    pub q_heads: Option<usize>,
-    #[arg(long)]
-    pub kv_heads: Option<usize>,
-    /// SwiGLU hidden size (default: derived from d_model as in the original).
-    #[arg(long)]
-    pub hidden_dim: Option<usize>,
-    /// Dropout on attention and FFN outputs.
-    #[arg(long)]
-    pub dropout: Option<f64>,
-    /// Mixture-of-Experts fields (`[model.moe]`): change an MoE preset's, or make a dense
-    /// preset sparse by setting `experts`.
-    #[serde(default, skip_serializing_if = "MoeOverrides::is_empty")]
-    #[command(flatten)]
-    pub moe: MoeOverrides,
-}
-
-/// Optional overrides of the fields of [`MoeConfig`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct MoeOverrides {
-    /// Mixture of Experts: experts per sparse layer (makes a dense preset sparse).
-    #[arg(long)]
-    pub experts: Option<usize>,
-    /// Mixture of Experts: experts each token is routed to (top-k).
-    #[arg(long)]
-    pub experts_per_token: Option<usize>,
-    /// Mixture of Experts: each expert's hidden size (default: the dense FFN's).
-    #[arg(long)]
-    pub expert_hidden_dim: Option<usize>,
-    /// Mixture of Experts: add a shared expert every token goes through.
-    #[arg(long)]
-    pub shared_expert: Option<bool>,
-    /// Mixture of Experts: weight of the load-balancing loss.
-    #[arg(long)]
-    pub aux_loss_coef: Option<f64>,
-    /// Mixture of Experts: weight of the router z-loss.
-    #[arg(long)]
-    pub z_loss_coef: Option<f64>,
-    /// Mixture of Experts: sparse feed-forward on every n-th layer only.
-    #[arg(long = "moe-every")]
-    pub every: Option<usize>,
-}
-
-impl MoeOverrides {
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-
-    /// `base` (the preset's MoE section, if any) with these fields set.
-    fn apply(&self, base: Option<MoeConfig>) -> Result<MoeConfig> {
-        let mut moe = match (base, self.experts) {
-            (Some(moe), _) => moe,
-            (None, Some(experts)) => MoeConfig::new(experts, 2.min(experts), None),
-            (None, None) => {
-                return Err(Error::Config(
-                    "model.moe sets fields of a dense preset without model.moe.experts; set it (--experts N) or choose an MoE preset (tiny-moe, lillm-moe-8x39m)".into(),
-                ))
-            }
-        };
-        moe.experts = self.experts.unwrap_or(moe.experts);
-        moe.experts_per_token = self.experts_per_token.unwrap_or(moe.experts_per_token);
-        moe.expert_hidden_dim = self.expert_hidden_dim.or(moe.expert_hidden_dim);
-        moe.shared_expert = self.shared_expert.unwrap_or(moe.shared_expert);
-        moe.aux_loss_coef = self.aux_loss_coef.unwrap_or(moe.aux_loss_coef);
-        moe.z_loss_coef = self.z_loss_coef.unwrap_or(moe.z_loss_coef);
-        moe.every = self.every.unwrap_or(moe.every);
-        Ok(moe)
-    }
-}
-
-impl Default for TrainConfig {
+impl Default for JobConfig {
     fn default() -> Self {
         Self {
             preset: "lillm-39m".into(),
             model: ModelOverrides::default(),
-            data: PathBuf::from("data"),
-            out: PathBuf::from("runs/pretrain"),
             batch_size: 128,
             block_size: 0,
             grad_accum: 8,
@@ -245,16 +172,10 @@ impl Default for TrainConfig {
             checkpoint_interval: 0,
             checkpoint_minutes: 0.0,
             seed: 1337,
-            device: "auto".into(),
             dtype: "auto".into(),
             peak_tflops: None,
-            threads: 0,
-            resume: false,
             init_from: None,
             objective: Objective::Pretrain,
-            world_size: 1,
-            rank: 0,
-            rendezvous: None,
             check_params_every: default_check_params_every(),
             val_fraction: default_val_fraction(),
             dpo_beta: default_dpo_beta(),
@@ -263,7 +184,59 @@ impl Default for TrainConfig {
     }
 }
 
-impl TrainConfig {
+/// The keys serde reads for the struct `T`, aliases included: what a config file may say.
+pub fn field_names<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    let mut names: &'static [&'static str] = &[];
+    let _ = T::deserialize(FieldProbe(&mut names));
+    names
+}
+
+/// A deserializer that only notes which fields a struct asks for.
+struct FieldProbe<'a>(&'a mut &'static [&'static str]);
+
+impl<'de> serde::Deserializer<'de> for FieldProbe<'_> {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        *self.0 = fields;
+        Err(serde::de::Error::custom("fields noted"))
+    }
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(
+        self,
+        _visitor: V,
+    ) -> std::result::Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("not a struct"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            data: PathBuf::from("data"),
+            out: PathBuf::from("runs/pretrain"),
+            device: "auto".into(),
+            threads: 0,
+            resume: false,
+            world_size: 1,
+            rank: 0,
+            rendezvous: None,
+        }
+    }
+}
+
+impl JobConfig {
     /// The model config: the preset with overrides applied, validated.
     pub fn model_config(&self) -> Result<ModelConfig> {
         let mut cfg = ModelConfig::preset(&self.preset)?;
@@ -293,22 +266,10 @@ impl TrainConfig {
         }
     }
 
-    /// Hash of everything that must be equal on every rank of a job: the config minus the
-    /// per-process fields (rank, world size, rendezvous, threads, resume, device, data path).
+    /// Hash of the job's settings, which every rank must share.
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
-        let shared = TrainConfig {
-            rank: 0,
-            world_size: 1,
-            rendezvous: None,
-            threads: 0,
-            resume: false,
-            device: String::new(),
-            data: PathBuf::new(),
-            out: PathBuf::new(),
-            ..self.clone()
-        };
-        let json = serde_json::to_vec(&shared).expect("config serialises");
+        let json = serde_json::to_vec(self).expect("config serialises");
         hex::encode(&Sha256::digest(&json)[..8])
     }
 
@@ -367,18 +328,6 @@ impl TrainConfig {
                 self.lr, self.min_lr
             ));
         }
-        if self.world_size == 0 || self.rank >= self.world_size {
-            return bad(format!(
-                "rank {} is not within world_size {}",
-                self.rank, self.world_size
-            ));
-        }
-        if !self.grad_accum.is_multiple_of(self.world_size) {
-            return bad(format!(
-                "grad_accum ({}) must be divisible by world_size ({}): the accumulation steps are divided across ranks",
-                self.grad_accum, self.world_size
-            ));
-        }
         if !matches!(self.dtype.as_str(), "auto" | "float32" | "bfloat16") {
             return bad(format!(
                 "dtype `{}` is not one of auto, float32, bfloat16",
@@ -408,12 +357,44 @@ impl TrainConfig {
         }
     }
 
+    /// Activation dtype (weights and optimizer state stay float32): bf16 on CUDA and on CPUs
+    /// with native bf16 arithmetic (see [`cpu_has_native_bf16`]), else float32, unless set
+    /// explicitly.
+    pub fn compute_kind(&self, device: tch::Device) -> tch::Kind {
+        match self.dtype.as_str() {
+            "float32" => tch::Kind::Float,
+            "bfloat16" => tch::Kind::BFloat16,
+            _ if device.is_cuda() || cpu_has_native_bf16() => tch::Kind::BFloat16,
+            _ => tch::Kind::Float,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the job's settings and this process's place in it; each error names the field.
+    pub fn validate(&self) -> Result<()> {
+        self.job.validate()?;
+        let (rank, world_size) = (self.process.rank, self.process.world_size);
+        if world_size == 0 || rank >= world_size {
+            return Err(Error::Config(format!(
+                "rank {rank} is not within world_size {world_size}"
+            )));
+        }
+        if !self.job.grad_accum.is_multiple_of(world_size) {
+            return Err(Error::Config(format!(
+                "grad_accum ({}) must be divisible by world_size ({world_size}): the accumulation steps are divided across ranks",
+                self.job.grad_accum
+            )));
+        }
+        Ok(())
+    }
+
     /// The c10d rendezvous of this rank, when the job has several.
     pub fn rendezvous(&self) -> Result<Option<crate::dist::Rendezvous>> {
-        if self.world_size == 1 {
+        if self.process.world_size == 1 {
             return Ok(None);
         }
-        let Some(addr) = self.rendezvous.as_deref() else {
+        let Some(addr) = self.process.rendezvous.as_deref() else {
             return Err(Error::Config(
                 "world_size > 1 needs rendezvous = \"host:port\" (or a coordinator: --coordinator)"
                     .into(),
@@ -427,8 +408,8 @@ impl TrainConfig {
             store_host: host.clone(),
             store_port: port,
             bind_host: host,
-            rank: self.rank,
-            world_size: self.world_size,
+            rank: self.process.rank,
+            world_size: self.process.world_size,
             prefix: "lillm/0".into(),
             timeout_ms: 600_000,
         }))
@@ -436,19 +417,12 @@ impl TrainConfig {
 
     /// The libtorch device this config asks for.
     pub fn device(&self) -> Result<tch::Device> {
-        Ok(parse_device(&self.device)?)
+        Ok(parse_device(&self.process.device)?)
     }
 
-    /// Activation dtype (weights and optimizer state stay float32): bf16 on CUDA and on CPUs
-    /// with native bf16 arithmetic (see [`cpu_has_native_bf16`]), else float32, unless set
-    /// explicitly.
+    /// Activation dtype for this process's device (see [`JobConfig::compute_kind`]).
     pub fn compute_kind(&self, device: tch::Device) -> tch::Kind {
-        match self.dtype.as_str() {
-            "float32" => tch::Kind::Float,
-            "bfloat16" => tch::Kind::BFloat16,
-            _ if device.is_cuda() || cpu_has_native_bf16() => tch::Kind::BFloat16,
-            _ => tch::Kind::Float,
-        }
+        self.job.compute_kind(device)
     }
 }
 
@@ -474,13 +448,24 @@ pub use lillm_model::parse_device;
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flat_table_splits_by_field_name_into_job_and_process() {
+        let process = field_names::<ProcessConfig>();
+        let job = field_names::<JobConfig>();
+        assert!(process.contains(&"rank") && process.contains(&"out"));
+        assert!(job.contains(&"lr") && job.contains(&"sft_val_fraction"));
+        assert!(job.iter().all(|k| !process.contains(k)));
+    }
+
     #[test]
     fn native_bf16_is_read_from_the_cpu_flags() {
         let with = "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n";
         let amx = "flags\t\t: fpu amx_bf16 amx_tile\n";
         let without = "flags\t\t: fpu sse avx2 avx512f\nbugs\t\t: avx512_bf16\n";
-        assert!(super::cpu_flags_have_bf16(with));
-        assert!(super::cpu_flags_have_bf16(amx));
-        assert!(!super::cpu_flags_have_bf16(without));
+        assert!(cpu_flags_have_bf16(with));
+        assert!(cpu_flags_have_bf16(amx));
+        assert!(!cpu_flags_have_bf16(without));
     }
 }

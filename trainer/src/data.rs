@@ -34,8 +34,8 @@ impl TrainData {
     /// Opens `cfg.data` for the configured objective. SFT encodes with `tokenizer` (the one
     /// the initial checkpoint carries) and keeps conversations shorter than `max_seq_len`.
     pub fn open(cfg: &TrainConfig, tokenizer: Option<&Path>, max_seq_len: usize) -> Result<Self> {
-        match cfg.objective {
-            Objective::Pretrain => Ok(Self::Tokens(Dataset::open(&cfg.data)?)),
+        match cfg.job.objective {
+            Objective::Pretrain => Ok(Self::Tokens(Dataset::open(&cfg.process.data)?)),
             Objective::Sft | Objective::Dpo => {
                 let tok_path = tokenizer.ok_or_else(|| {
                     Error::Config(
@@ -44,12 +44,12 @@ impl TrainData {
                     )
                 })?;
                 let tok = Tokenizer::load(tok_path)?;
-                let (data, fraction) = (&cfg.data, cfg.val_fraction);
-                Ok(match cfg.objective {
+                let (data, fraction) = (&cfg.process.data, cfg.job.val_fraction);
+                Ok(match cfg.job.objective {
                     Objective::Dpo => {
-                        Self::Pairs(dpo::build(&tok, data, max_seq_len, fraction, cfg.seed)?)
+                        Self::Pairs(dpo::build(&tok, data, max_seq_len, fraction, cfg.job.seed)?)
                     }
-                    _ => Self::Sft(sft::build(&tok, data, max_seq_len, fraction, cfg.seed)?),
+                    _ => Self::Sft(sft::build(&tok, data, max_seq_len, fraction, cfg.job.seed)?),
                 })
             }
         }
@@ -59,13 +59,13 @@ impl TrainData {
     /// initial checkpoint's tokenizer and context length. An evaluator beside the run uses
     /// it to read the same validation batches.
     pub fn open_like_trainer(cfg: &TrainConfig) -> Result<Self> {
-        match &cfg.init_from {
+        match &cfg.job.init_from {
             Some(init) => {
                 let dir = crate::checkpoint::resolve(init)?;
                 let state = crate::checkpoint::verify_checkpoint(&dir)?;
                 Self::open(cfg, Some(&dir), state.model.max_seq_len)
             }
-            None => Self::open(cfg, None, cfg.model_config()?.max_seq_len),
+            None => Self::open(cfg, None, cfg.job.model_config()?.max_seq_len),
         }
     }
 

@@ -1,7 +1,9 @@
 //! Training lilLM.
 //!
 //! Layout:
-//! - `config`: [`TrainConfig`], the typed run configuration (seed defaults).
+//! - `config`: [`TrainConfig`], the typed run configuration (seed defaults): the job's
+//!   settings, shared by every rank, apart from the process's own.
+//! - `model_overrides`: its `[model]` table, the preset's fields a run may change.
 //! - `schedule`: warmup + cosine learning-rate schedule.
 //! - `optim`: AdamW with checkpointable state, gradient clipping.
 //! - `data`: token shards, SFT conversations or DPO pairs behind one deterministic batch
@@ -33,6 +35,7 @@ pub mod flops;
 pub mod loss;
 pub mod member;
 pub mod metrics;
+mod model_overrides;
 pub mod optim;
 pub mod plot;
 pub mod remote_data;
@@ -41,7 +44,7 @@ pub mod schedule;
 pub mod stop;
 pub mod train;
 
-pub use config::TrainConfig;
+pub use config::{JobConfig, ProcessConfig, TrainConfig};
 pub use error::{Error, Result};
 pub use lillm_checkpoint::{check_vocab, LoadedModel};
 pub use train::{Rewire, Setup, Start, TrainSummary, Trainer};

@@ -40,7 +40,7 @@ pub struct MemberOptions {
     /// Port of the c10d store this process serves when it is rank 0 ([`crate::dist::serve_store`]).
     pub store_port: u16,
     pub job_token: String,
-    /// Hash of the training config (see `TrainConfig::fingerprint`).
+    /// Hash of the job's settings (see `JobConfig::fingerprint`).
     pub fingerprint: String,
     pub heartbeat: Duration,
     pub connect: ConnectSettings,

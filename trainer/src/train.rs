@@ -65,17 +65,17 @@ fn estimate(
 ) -> Result<[f64; FIGURES as usize]> {
     let _guard = tch::no_grad_guard();
     let total = Tensor::zeros([FIGURES], (Kind::Double, device));
-    for i in 0..cfg.eval_iters {
+    for i in 0..cfg.job.eval_iters {
         let key = BatchKey {
-            seed: cfg.seed ^ 0xE7A1,
+            seed: cfg.job.seed ^ 0xE7A1,
             split,
             step: i,
             micro: 0,
         };
-        let (x, y) = batch_tensors(&data.batch(key, 1, cfg.batch_size, seq)?, device);
+        let (x, y) = batch_tensors(&data.batch(key, 1, cfg.job.batch_size, seq)?, device);
         loss.score(model, &x, &y, false).add_to(&total, 1.0);
     }
-    let means = Vec::<f64>::try_from(&(total / cfg.eval_iters as f64).to_device(Device::Cpu))?;
+    let means = Vec::<f64>::try_from(&(total / cfg.job.eval_iters as f64).to_device(Device::Cpu))?;
     Ok([means[0], means[1], means[2]])
 }
 
@@ -86,7 +86,7 @@ fn lora_config(
     resume_from: Option<&(PathBuf, CheckpointState)>,
 ) -> Result<Option<LoraConfig>> {
     let resumed = resume_from.map(|(dir, state)| (dir, state.lora.as_ref().map(|l| &l.config)));
-    match (resumed, &cfg.lora) {
+    match (resumed, &cfg.job.lora) {
         (Some((dir, Some(trained))), Some(asked)) if trained != asked => Err(Error::checkpoint(
             dir,
             format!("holds LoRA adapters {trained:?}, not the {asked:?} asked for; resume with the same --lora-* flags"),
@@ -211,13 +211,13 @@ impl Trainer {
     /// Builds the run as `setup` wires it (see [`Setup`]).
     pub fn with(cfg: TrainConfig, setup: Setup) -> Result<Self> {
         cfg.validate()?;
-        if cfg.threads > 0 {
-            tch::set_num_threads(cfg.threads as i32);
+        if cfg.process.threads > 0 {
+            tch::set_num_threads(cfg.process.threads as i32);
         }
         let device = cfg.device()?;
         // Set when this rank resumes at that step with state received from another rank.
         let mut received_step = None;
-        let in_group = setup.rendezvous.is_some() || cfg.world_size > 1;
+        let in_group = setup.rendezvous.is_some() || cfg.process.world_size > 1;
         let resume_from = match &setup.start {
             Start::Committed {
                 checkpoint: Some(dir),
@@ -248,23 +248,24 @@ impl Trainer {
                 received_step = (*step > 0).then_some(*step);
                 None
             }
-            Start::Auto if cfg.resume => checkpoint::latest_valid(&cfg.out),
+            Start::Auto if cfg.process.resume => checkpoint::latest_valid(&cfg.process.out),
             Start::Auto => None,
         };
         let auto = matches!(setup.start, Start::Auto);
-        if auto && !cfg.resume && !checkpoint::list_checkpoints(&cfg.out).is_empty() {
+        if auto && !cfg.process.resume && !checkpoint::list_checkpoints(&cfg.process.out).is_empty()
+        {
             return Err(Error::Config(format!(
                 "{} already holds checkpoints; pass --resume to continue that run or choose another --out",
-                cfg.out.display()
+                cfg.process.out.display()
             )));
         }
         // The model's shape comes from the checkpoint being resumed, else the initial
         // checkpoint (fine-tuning; only dropout may change), else the config.
         // DPO keeps the initial checkpoint as its reference, resumed or not.
         // LoRA keeps it as the frozen base its adapters add to, resumed or not.
-        let dpo = cfg.objective == Objective::Dpo;
+        let dpo = cfg.job.objective == Objective::Dpo;
         let lora = lora_config(&cfg, resume_from.as_ref())?;
-        let init = match (&resume_from, &cfg.init_from) {
+        let init = match (&resume_from, &cfg.job.init_from) {
             (None, Some(path)) => Some(crate::LoadedModel::load(path, device)?),
             (Some(_), Some(path)) if dpo || lora.is_some() => {
                 Some(crate::LoadedModel::load(path, device)?)
@@ -274,12 +275,12 @@ impl Trainer {
         let model_cfg = match (&resume_from, &init) {
             (Some((_, state)), _) => state.model.clone(),
             (None, Some(loaded)) => ModelConfig {
-                dropout: cfg.model.dropout.unwrap_or(loaded.state.model.dropout),
+                dropout: cfg.job.model.dropout.unwrap_or(loaded.state.model.dropout),
                 ..loaded.state.model.clone()
             },
-            (None, None) => cfg.model_config()?,
+            (None, None) => cfg.job.model_config()?,
         };
-        cfg.check_against_model(&model_cfg)?;
+        cfg.job.check_against_model(&model_cfg)?;
         let checkpoint_tokenizer = match (&resume_from, &init) {
             (Some((dir, _)), _) => Some(dir.clone()),
             (None, Some(loaded)) => loaded.tokenizer.is_some().then(|| loaded.dir.clone()),
@@ -293,12 +294,12 @@ impl Trainer {
         if let Some(vocab) = data.vocab_size().filter(|&v| v > model_cfg.vocab_size) {
             return Err(Error::Config(format!(
                 "the dataset {} was tokenized with {vocab} tokens but the model's vocab_size is {}; set model.vocab_size to at least {vocab}",
-                cfg.data.display(),
+                cfg.process.data.display(),
                 model_cfg.vocab_size,
             )));
         }
-        let seq = cfg.sequence_len(&model_cfg);
-        tch::manual_seed(cfg.seed as i64);
+        let seq = cfg.job.sequence_len(&model_cfg);
+        tch::manual_seed(cfg.job.seed as i64);
         let mut vs = VarStore::new(device);
         let mut model = LilLM::new(&vs.root(), &model_cfg)?;
         model.set_compute_kind(cfg.compute_kind(device));
@@ -314,17 +315,17 @@ impl Trainer {
             None => None,
         };
         let adam = AdamWConfig {
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.adam_eps,
-            weight_decay: cfg.weight_decay,
+            beta1: cfg.job.beta1,
+            beta2: cfg.job.beta2,
+            eps: cfg.job.adam_eps,
+            weight_decay: cfg.job.weight_decay,
         };
         let mut opt = AdamW::new(adam, vs.variables().into_iter().collect());
         // The initial checkpoint stays on as DPO's frozen reference.
         let (init, reference) = match init {
             Some(loaded) if dpo => {
                 let kind = model.compute_kind();
-                (None, Some(Reference::new(loaded, cfg.dpo_beta, kind)?))
+                (None, Some(Reference::new(loaded, cfg.job.dpo_beta, kind)?))
             }
             other => (other, None),
         };
@@ -387,7 +388,7 @@ impl Trainer {
             (None, Some(step)) => (step, 0, None, false),
             (None, None) => (0, 0, None, false),
         };
-        let cfg_rank_is_leader = cfg.rank == 0;
+        let cfg_rank_is_leader = cfg.process.rank == 0;
         let mut trainer = Self {
             cfg,
             model_cfg,
@@ -434,8 +435,8 @@ impl Trainer {
         self.writer = None;
         // A step cut short by the failure leaves partial gradients behind.
         self.opt.zero_grad();
-        self.cfg.rank = wiring.rank;
-        self.cfg.world_size = wiring.world_size;
+        self.cfg.process.rank = wiring.rank;
+        self.cfg.process.world_size = wiring.world_size;
         self.cfg.validate()?;
         if let Some(data) = wiring.data {
             if let Some(dir) = data.tokenizer_dir() {
@@ -487,7 +488,7 @@ impl Trainer {
                 *t = on_device.to_device(t.device());
             }
         }
-        self.opt.load_state_tensors(&state, &self.cfg.out)?;
+        self.opt.load_state_tensors(&state, &self.cfg.process.out)?;
         let mut counters = vec![
             self.step as f64,
             self.tokens_seen as f64,
@@ -522,7 +523,7 @@ impl Trainer {
 
     /// Hands a snapshot of the run to the checkpoint actor; returns where it will be.
     fn save_checkpoint(&mut self, val_loss: Option<f64>) -> Result<PathBuf> {
-        let dir = checkpoint::checkpoint_dir(&self.cfg.out, self.step);
+        let dir = checkpoint::checkpoint_dir(&self.cfg.process.out, self.step);
         let state = CheckpointState {
             step: self.step,
             tokens_seen: self.tokens_seen,
@@ -530,8 +531,8 @@ impl Trainer {
             best_val_loss: self.best_val,
             model: self.model_cfg.clone(),
             train: Some(serde_json::to_value(&self.cfg).expect("the config serialises")),
-            world_size: self.cfg.world_size,
-            seed: self.cfg.seed,
+            world_size: self.cfg.process.world_size,
+            seed: self.cfg.job.seed,
             generation: self.generation,
             evaluated_at_step: self.evaluated_at_step,
             dataset_fingerprint: Some(self.data.tokenizer_fingerprint().to_string()),
@@ -553,11 +554,15 @@ impl Trainer {
             tokenizer: self.tokenizer_dir.clone(),
         };
         let (out, keep, reporter) = (
-            self.cfg.out.clone(),
-            self.cfg.keep_last,
+            self.cfg.process.out.clone(),
+            self.cfg.job.keep_last,
             self.reporter.clone(),
         );
-        let tag = if self.cfg.rank == 0 { "" } else { "-copy" };
+        let tag = if self.cfg.process.rank == 0 {
+            ""
+        } else {
+            "-copy"
+        };
         self.writer
             .get_or_insert_with(|| CheckpointActor::start(out, keep, tag, reporter))
             .submit(snapshot)?;
@@ -609,7 +614,7 @@ impl Trainer {
         let n = figures.size()[0] as usize;
         let means = sums[..n]
             .iter()
-            .map(|&v| f64::from(v / self.cfg.world_size as f32))
+            .map(|&v| f64::from(v / self.cfg.process.world_size as f32))
             .collect();
         let stop = (sums[n] > 0.0).then_some(local.unwrap_or(StopReason::PeerShutdown));
         Ok((means, stop, sums[n + 1] > 0.0))
@@ -708,7 +713,7 @@ impl Trainer {
             final_val_loss: last_val,
             best_val_loss: self.best_val,
             last_checkpoint: last_checkpoint
-                .unwrap_or_else(|| checkpoint::checkpoint_dir(&self.cfg.out, self.step)),
+                .unwrap_or_else(|| checkpoint::checkpoint_dir(&self.cfg.process.out, self.step)),
             plot: None,
             model_size: self.model_cfg.size_summary(),
             trained_params: self.opt.trained_numel(),
@@ -719,14 +724,14 @@ impl Trainer {
 
     fn run_steps(&mut self, show_progress: bool) -> Result<TrainSummary> {
         let cfg = self.cfg.clone();
-        std::fs::create_dir_all(&cfg.out).map_err(|e| Error::io(&cfg.out, e))?;
+        std::fs::create_dir_all(&cfg.process.out).map_err(|e| Error::io(&cfg.process.out, e))?;
         if !self.data.has_val() {
             return Err(Error::Config(format!(
                 "{} has no validation split; prepare it with a validation fraction > 0",
-                cfg.data.display()
+                cfg.process.data.display()
             )));
         }
-        let leader = cfg.rank == 0;
+        let leader = cfg.process.rank == 0;
         let resumed = self.step > 0 || self.evaluated_at_step;
         let mut log = match leader {
             true => {
@@ -735,7 +740,7 @@ impl Trainer {
                     (true, false) => Reopen::After(self.step),
                     (false, _) => Reopen::Fresh,
                 };
-                Some(MetricsLog::open(&cfg.out, reopen)?)
+                Some(MetricsLog::open(&cfg.process.out, reopen)?)
             }
             false => None,
         };
@@ -747,13 +752,13 @@ impl Trainer {
                 log.append(record)?;
             }
         }
-        let schedule = cfg.schedule();
-        let tokens_per_step = (cfg.batch_size * self.seq * cfg.grad_accum) as u64;
+        let schedule = cfg.job.schedule();
+        let tokens_per_step = (cfg.job.batch_size * self.seq * cfg.job.grad_accum) as u64;
         let flops_per_step =
             self.model_cfg.train_flops_per_token(self.seq) * tokens_per_step as f64;
-        let peak = flops::peak_flops(cfg.peak_tflops, self.device);
+        let peak = flops::peak_flops(cfg.job.peak_tflops, self.device);
         let bar = if show_progress {
-            ProgressBar::new(cfg.max_iters)
+            ProgressBar::new(cfg.job.max_iters)
         } else {
             ProgressBar::hidden()
         };
@@ -794,7 +799,7 @@ impl Trainer {
                 self.model_cfg.d_model,
                 tokens_per_step,
                 self.device,
-                precision(&cfg.dtype, self.model.compute_kind(), self.device),
+                precision(&cfg.job.dtype, self.model.compute_kind(), self.device),
                 self.data.describe()
             ));
         }
@@ -807,8 +812,8 @@ impl Trainer {
         let mut last_ckpt = None;
         let mut last_save = Instant::now();
         let time_wish = |last_save: &Instant| {
-            cfg.checkpoint_minutes > 0.0
-                && last_save.elapsed().as_secs_f64() >= cfg.checkpoint_minutes * 60.0
+            cfg.job.checkpoint_minutes > 0.0
+                && last_save.elapsed().as_secs_f64() >= cfg.job.checkpoint_minutes * 60.0
         };
         // In a group: rank 0's clock says a timed checkpoint is due (see `reduce_window`).
         let mut time_due = false;
@@ -819,8 +824,8 @@ impl Trainer {
                 stopped = Some(reason);
                 break;
             }
-            let at_end = self.step >= cfg.max_iters;
-            let eval_due = self.step.is_multiple_of(cfg.eval_interval) || at_end;
+            let at_end = self.step >= cfg.job.max_iters;
+            let eval_due = self.step.is_multiple_of(cfg.job.eval_interval) || at_end;
             if eval_due && !self.evaluated_at_step {
                 // Rank 0 evaluates; every rank learns the losses, so that both checkpoint
                 // writers save the same state.
@@ -847,15 +852,15 @@ impl Trainer {
             // Checkpoints apart from evaluations, by steps or by time (by rank 0's clock,
             // shared at log intervals, so both writers save the same steps): a snapshot to
             // host memory, written by the checkpoint actor.
-            let by_steps =
-                cfg.checkpoint_interval > 0 && self.step.is_multiple_of(cfg.checkpoint_interval);
+            let by_steps = cfg.job.checkpoint_interval > 0
+                && self.step.is_multiple_of(cfg.job.checkpoint_interval);
             let by_time = match self.group {
                 Some(_) => std::mem::take(&mut time_due),
                 None => time_wish(&last_save),
             };
             let saved_here = last_ckpt
                 .as_ref()
-                .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.out, self.step));
+                .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.process.out, self.step));
             let fresh = self.step > started_at; // a resumed step already has its checkpoint
             if self.writes_checkpoints && fresh && !at_end && !saved_here && (by_steps || by_time) {
                 last_ckpt = Some(self.save_checkpoint(None)?);
@@ -867,7 +872,7 @@ impl Trainer {
             // Every `check_params_every` steps the ranks compare parameters, before the next
             // step starts (so a failure here leaves every rank at a logged step).
             if let Some(group) = &self.group {
-                let every = cfg.check_params_every;
+                let every = cfg.job.check_params_every;
                 if every > 0 && self.step > 0 && self.step.is_multiple_of(every) {
                     self.collective(group.check_params_agree(self.opt.params(), self.step))?;
                 }
@@ -875,20 +880,23 @@ impl Trainer {
             let lr = schedule.at(self.step);
             // Each rank takes its share of the step's micro-batches: rank r does micro-batches
             // r·local .. (r+1)·local, so the union over ranks is the single-process step.
-            let local = cfg.grad_accum / cfg.world_size;
+            let local = cfg.job.grad_accum / cfg.process.world_size;
             for m in 0..local {
                 let key = BatchKey {
-                    seed: cfg.seed,
+                    seed: cfg.job.seed,
                     split: Split::Train,
                     step: self.step,
-                    micro: (cfg.rank * local + m) as u64,
+                    micro: (cfg.process.rank * local + m) as u64,
                 };
                 // Dropout draws from libtorch's generator: seeded per micro-batch, so a resume
                 // replays it and any number of ranks draws the single process's masks.
-                tch::manual_seed(dropout_seed(cfg.seed, key.step, key.micro));
-                let batch =
-                    self.data
-                        .batch(key, cfg.grad_accum as u64, cfg.batch_size, self.seq)?;
+                tch::manual_seed(dropout_seed(cfg.job.seed, key.step, key.micro));
+                let batch = self.data.batch(
+                    key,
+                    cfg.job.grad_accum as u64,
+                    cfg.job.batch_size,
+                    self.seq,
+                )?;
                 let (x, y) = batch_tensors(&batch, self.device);
                 let scored = self.loss.score(&self.model, &x, &y, true);
                 (&scored.objective / local as f64).backward();
@@ -900,12 +908,13 @@ impl Trainer {
             // The step's collectives all run before the update: a failure in any of them
             // leaves every survivor at the last completed (and logged) step.
             let next = self.step + 1;
-            let window = match next.is_multiple_of(cfg.log_interval) || next == cfg.max_iters {
-                // The only host sync of the step, once per log interval.
-                true => Some(self.reduce_window(&window_acc, leader && time_wish(&last_save))?),
-                false => None,
-            };
-            let grad_norm = self.opt.clip_grad_norm(cfg.grad_clip);
+            let window =
+                match next.is_multiple_of(cfg.job.log_interval) || next == cfg.job.max_iters {
+                    // The only host sync of the step, once per log interval.
+                    true => Some(self.reduce_window(&window_acc, leader && time_wish(&last_save))?),
+                    false => None,
+                };
+            let grad_norm = self.opt.clip_grad_norm(cfg.job.grad_clip);
             self.opt.step(lr);
             self.opt.zero_grad();
             self.step = next;
@@ -973,13 +982,15 @@ impl Trainer {
         // resume continues with the very next batch).
         let saved_here = last_ckpt
             .as_ref()
-            .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.out, self.step));
+            .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.process.out, self.step));
         let last_checkpoint = match (last_ckpt, self.writes_checkpoints) {
             (Some(dir), _) if saved_here => dir,
             (_, true) if self.step > 0 || stopped.is_none() => {
                 self.save_checkpoint(last_val.filter(|_| self.evaluated_at_step))?
             }
-            (dir, _) => dir.unwrap_or_else(|| checkpoint::checkpoint_dir(&cfg.out, self.step)),
+            (dir, _) => {
+                dir.unwrap_or_else(|| checkpoint::checkpoint_dir(&cfg.process.out, self.step))
+            }
         };
         if let Some(writer) = self.writer.as_mut() {
             writer.finish()?;
@@ -992,7 +1003,9 @@ impl Trainer {
             self.collective(group.all_reduce_sum(&mut barrier))?;
         }
         let mut summary = self.summary(last_val, Some(last_checkpoint), stopped);
-        summary.plot = leader.then(|| plot::plot_run(&cfg.out).ok()).flatten();
+        summary.plot = leader
+            .then(|| plot::plot_run(&cfg.process.out).ok())
+            .flatten();
         Ok(summary)
     }
 }
