@@ -194,16 +194,19 @@ def greedy(i):
 def sampled():
     return client.completions.create(model="tiny", prompt="once upon a time", max_tokens=60, temperature=1.0, seed=7).choices[0].text
 alone = [greedy(i) for i in range(6)] + [sampled()]
-together = [None] * 7
-start = threading.Barrier(7)
-def worker(i):
-    start.wait()
-    time.sleep(0.002 * i)  # staggered: later requests join a batch that is already running
-    together[i] = greedy(i) if i < 6 else sampled()
-threads = [threading.Thread(target=worker, args=(i,)) for i in range(7)]
-[t.start() for t in threads]
-[t.join() for t in threads]
-print(json.dumps({"alone": alone, "together": together}))
+def together(stagger):
+    answers = [None] * 7
+    start = threading.Barrier(7)
+    def worker(i):
+        start.wait()
+        time.sleep(stagger * i)  # staggered: later requests join a batch already running
+        answers[i] = greedy(i) if i < 6 else sampled()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(7)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return answers
+# A burst (prompts prefilled together in one forward), then staggered arrivals.
+print(json.dumps({"alone": alone, "burst": together(0.0), "staggered": together(0.002)}))
 "#;
 
 const CANCEL: &str = r#"
@@ -226,8 +229,8 @@ print(json.dumps({"abandoned": abandoned, "after": after}))
 "#;
 
 /// Requests decoded together (continuous batching) — different prompt lengths and token
-/// budgets, joining a running batch and leaving it as they end — answer exactly what each
-/// answers alone: greedy token for token, and a sampled request with a seed the same text
+/// budgets, arriving in a burst (prefilled together) or joining a running batch, and
+/// leaving it as they end — answer exactly what each answers alone: greedy token for token, and a sampled request with a seed the same text
 /// alone and among six others. `/metrics` shows that they did run together.
 #[test]
 fn requests_decoded_together_answer_as_they_do_alone() {
@@ -236,19 +239,25 @@ fn requests_decoded_together_answer_as_they_do_alone() {
     let server = serve(&run, &["--max-batch", "8"]);
     let out: serde_json::Value =
         serde_json::from_str(python(BATCHED, &[&server.url]).trim()).unwrap();
-    assert_eq!(out["alone"], out["together"], "{out}");
+    assert_eq!(out["alone"], out["burst"], "{out}");
+    assert_eq!(out["alone"], out["staggered"], "{out}");
     let metrics = http_get(&format!("{}/metrics", server.url));
     let peak = metric(&metrics, "lillm_serve_batch_size_peak");
-    eprintln!("at most {peak} requests decoded together");
+    let prefilled = metric(&metrics, "lillm_serve_prefill_batch_peak");
+    eprintln!("at most {peak} requests decoded and {prefilled} prompts prefilled together");
     assert!(peak >= 2.0, "requests ran together: {metrics}");
-    // Seven requests alone, seven together: each timed to its first token, each completed.
+    assert!(
+        prefilled >= 2.0,
+        "prompts were prefilled together: {metrics}"
+    );
+    // Seven requests alone, fourteen together: each timed to its first token, each completed.
     let first_tokens = metric(&metrics, "lillm_serve_time_to_first_token_seconds_count");
-    assert_eq!(first_tokens, 14.0, "{metrics}");
+    assert_eq!(first_tokens, 21.0, "{metrics}");
     let completed = metric(
         &metrics,
         "lillm_serve_requests_total{outcome=\"completed\"}",
     );
-    assert_eq!(completed, 14.0, "{metrics}");
+    assert_eq!(completed, 21.0, "{metrics}");
     let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--max-batch", "0"]);
     assert!(zero.contains("--max-batch must be at least 1"), "{zero}");
 }

@@ -4,17 +4,18 @@ use tch::{Device, Kind, Tensor};
 
 use crate::ModelConfig;
 
-/// Zeroed keys and values for every layer, shape (rows, kv_heads, max_seq_len, head_dim).
+/// Zeroed keys and values for every layer, shape (rows, kv_heads, positions, head_dim).
 pub(crate) fn zeroed_layers(
     cfg: &ModelConfig,
     rows: usize,
+    positions: usize,
     kind: Kind,
     device: Device,
 ) -> Vec<(Tensor, Tensor)> {
     let shape = [
         rows as i64,
         cfg.kv_heads as i64,
-        cfg.max_seq_len as i64,
+        positions as i64,
         cfg.head_dim() as i64,
     ];
     (0..cfg.n_layers)
@@ -37,10 +38,23 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(cfg: &ModelConfig, batch: usize, kind: Kind, device: Device) -> Self {
+        Self::with_capacity(cfg, batch, cfg.max_seq_len, kind, device)
+    }
+
+    /// A cache of `positions` (at most the context) instead of the whole context: for
+    /// prefilling prompts that then move into a [`crate::SlotCache`].
+    pub fn with_capacity(
+        cfg: &ModelConfig,
+        batch: usize,
+        positions: usize,
+        kind: Kind,
+        device: Device,
+    ) -> Self {
+        let capacity = positions.min(cfg.max_seq_len);
         Self {
-            layers: zeroed_layers(cfg, batch, kind, device),
+            layers: zeroed_layers(cfg, batch, capacity, kind, device),
             len: 0,
-            capacity: cfg.max_seq_len,
+            capacity,
         }
     }
 

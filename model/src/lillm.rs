@@ -565,6 +565,40 @@ impl LilLM {
         self.head(&self.norm.forward(&x).select(1, 0))
     }
 
+    /// Prefills several prompts in one forward: right-padded into one (P, L) batch written
+    /// to `cache` (P rows, empty, holding at least L positions), returning the logits
+    /// (P, vocab) at each prompt's last token. Padding comes after a prompt's tokens, so
+    /// under causal attention no real position sees it: row `p`'s logits, and its keys and
+    /// values at positions `0..prompts[p].len()`, are those of the prompt run alone.
+    ///
+    /// # Panics
+    /// If a prompt is empty or `cache` is not empty.
+    pub fn prefill_rows(&self, prompts: &[&[u32]], cache: &mut KvCache) -> Tensor {
+        assert!(cache.is_empty(), "prefill_rows starts from an empty cache");
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut ids = vec![0i64; prompts.len() * longest];
+        for (row, prompt) in ids.chunks_mut(longest.max(1)).zip(prompts) {
+            assert!(!prompt.is_empty(), "an empty prompt has no next token");
+            for (id, &t) in row.iter_mut().zip(prompt.iter()) {
+                *id = t as i64;
+            }
+        }
+        let device = self.device();
+        let tokens = Tensor::from_slice(&ids)
+            .view([prompts.len() as i64, longest as i64])
+            .to(device);
+        let (hidden, _) = self.hidden(&tokens, 0, Some(cache), false);
+        cache.advance(longest);
+        let last: Vec<i64> = prompts.iter().map(|p| p.len() as i64 - 1).collect();
+        let last = Tensor::from_slice(&last).to(device).view([-1, 1, 1]);
+        let d = hidden.size()[2];
+        self.head(
+            &hidden
+                .gather(1, &last.expand([-1, 1, d], false), false)
+                .squeeze_dim(1),
+        )
+    }
+
     /// Runs `tokens` (B, T) at positions `cache.len()..` through the model, extending the
     /// cache, and returns the logits (B, vocab) of the last position.
     pub fn forward_cached(&self, tokens: &Tensor, cache: &mut KvCache) -> Tensor {

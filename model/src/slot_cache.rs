@@ -20,7 +20,7 @@ pub struct SlotCache {
 impl SlotCache {
     pub fn new(cfg: &ModelConfig, slots: usize, kind: Kind, device: Device) -> Self {
         Self {
-            layers: crate::kv_cache::zeroed_layers(cfg, slots, kind, device),
+            layers: crate::kv_cache::zeroed_layers(cfg, slots, cfg.max_seq_len, kind, device),
             lens: Vec::with_capacity(slots),
             slots,
             capacity: cfg.max_seq_len,
@@ -46,24 +46,31 @@ impl SlotCache {
         self.capacity - self.lens[slot]
     }
 
-    /// Moves a prefilled sequence into the next free slot and returns that slot.
+    /// Moves the first `len` positions of row `row` of `cache` (a prefilled prompt) into
+    /// the next free slot and returns that slot.
     ///
     /// # Panics
-    /// If every slot is used (check [`Self::is_full`]) or `cache` is not of this model.
-    pub fn admit(&mut self, cache: &KvCache) -> usize {
+    /// If every slot is used (check [`Self::is_full`]), `len` exceeds what `cache` holds, or
+    /// `cache` is not of this model.
+    pub fn admit(&mut self, cache: &KvCache, row: usize, len: usize) -> usize {
         assert!(!self.is_full(), "no free slot");
+        assert!(
+            len <= cache.len(),
+            "admitting {len} of {} positions",
+            cache.len()
+        );
         let slot = self.lens.len();
-        let len = cache.len() as i64;
+        let (row, len_i) = (row as i64, len as i64);
         for (i, (k, v)) in self.layers.iter_mut().enumerate() {
             let (ck, cv) = cache.layer_ref(i);
             k.narrow(0, slot as i64, 1)
-                .narrow(2, 0, len)
-                .copy_(&ck.narrow(2, 0, len));
+                .narrow(2, 0, len_i)
+                .copy_(&ck.narrow(0, row, 1).narrow(2, 0, len_i));
             v.narrow(0, slot as i64, 1)
-                .narrow(2, 0, len)
-                .copy_(&cv.narrow(2, 0, len));
+                .narrow(2, 0, len_i)
+                .copy_(&cv.narrow(0, row, 1).narrow(2, 0, len_i));
         }
-        self.lens.push(cache.len());
+        self.lens.push(len);
         slot
     }
 

@@ -1,6 +1,6 @@
-//! Continuous batching: sequences decoded together in a [`SlotCache`] — of different
-//! lengths, joining and leaving mid-batch — get at every step the logits of a full forward
-//! pass over each sequence alone.
+//! Continuous batching: sequences prefilled together and decoded together in a
+//! [`SlotCache`] — of different lengths, joining and leaving mid-batch — get at every step
+//! the logits of a full forward pass over each sequence alone.
 
 use lillm_model::{KvCache, LilLM, ModelConfig, MoeConfig, SlotCache};
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -59,17 +59,36 @@ fn batched_decoding_gives_each_sequence_its_own_logits_of(cfg: ModelConfig) {
             &Tensor::from_slice(&s.ids[..s.prompt]).view([1, -1]),
             &mut cache,
         );
-        slots.admit(&cache)
+        slots.admit(&cache, 0, s.prompt)
     };
     let mut slots = SlotCache::new(&cfg, 4, Kind::Float, Device::Cpu);
     // Three sequences start with prompts of 3, 9 and 1 tokens and different lengths; a
     // fourth joins after two steps, and sequences leave as they end (the last slot's
     // sequence then moves into the freed slot).
+    // The three are prefilled together (right-padded to 9 tokens in one forward); each
+    // row's last logits are its prompt's alone, and only its own positions join a slot.
     let mut running: Vec<(Seq, Tensor)> = Vec::new();
-    for s in [seq(3, 12, 1), seq(9, 14, 2), seq(1, 6, 3)] {
-        let slot = prefill(&s, &mut slots);
-        assert_eq!(slot, running.len());
+    let first = [seq(3, 12, 1), seq(9, 14, 2), seq(1, 6, 3)];
+    let prompts: Vec<Vec<u32>> = first
+        .iter()
+        .map(|s| s.ids[..s.prompt].iter().map(|&t| t as u32).collect())
+        .collect();
+    let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let mut together = KvCache::with_capacity(&cfg, 3, 9, Kind::Float, Device::Cpu);
+    let last = model.prefill_rows(&prompts, &mut together);
+    for (row, s) in first.into_iter().enumerate() {
         let want = reference(&s);
+        let at_prompt_end = want.get(0).get(s.prompt as i64 - 1);
+        let diff = (last.get(row as i64) - at_prompt_end)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            diff < 1e-4,
+            "prompt {row} prefilled in a batch: diff {diff}"
+        );
+        let slot = slots.admit(&together, row, s.prompt);
+        assert_eq!((slot, slots.len(slot)), (row, s.prompt));
         running.push((s, want));
     }
     let mut late = Some(seq(5, 20, 4));

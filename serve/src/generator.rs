@@ -1,8 +1,9 @@
 //! The generation actor: one thread owns the model and decodes every running request
-//! together (continuous batching). Each step runs one forward for all decoding sequences;
-//! a new request is prefilled (in chunks, one chunk per step, so running streams keep
-//! flowing) and joins at the next step, and a finished, failed or abandoned one leaves at
-//! once. Each request keeps its own sampler, stop strings and token budget, so its output
+//! together (continuous batching). Each step runs one forward for all decoding sequences.
+//! Every request that arrived meanwhile is admitted at once: the short prompts are
+//! prefilled together in one forward, a long one in chunks (one chunk per step, so running
+//! streams keep flowing); each joins the decoding at the next step, and a finished, failed
+//! or abandoned one leaves at once. Each request keeps its own sampler, stop strings and token budget, so its output
 //! does not depend on what else runs beside it.
 
 use std::sync::Arc;
@@ -144,7 +145,13 @@ struct Sequence<'t> {
     pending: Vec<TokenLogprob>,
 }
 
-/// A request whose prompt is being prefilled into its own cache.
+/// A request admitted but not yet prefilled.
+struct Arrival<'t> {
+    sequence: Sequence<'t>,
+    prompt: Vec<u32>,
+}
+
+/// A long request whose prompt is being prefilled, chunk by chunk, into its own cache.
 struct Prefill<'t> {
     sequence: Sequence<'t>,
     prompt: Vec<u32>,
@@ -157,14 +164,16 @@ enum Outcome {
     Finished,
 }
 
-/// The running batch: the sequences decoding in `slots` (sequence `i` in slot `i`) and the
-/// one being prefilled.
+/// The running batch: the sequences decoding in `slots` (sequence `i` in slot `i`), those
+/// admitted since the last step, and the long one being prefilled.
 struct Batch<'a> {
     model: &'a LilLM,
     tok: &'a Tokenizer,
     metrics: &'a Metrics,
     slots: SlotCache,
+    max_batch: usize,
     decoding: Vec<Sequence<'a>>,
+    arrivals: Vec<Arrival<'a>>,
     prefill: Option<Prefill<'a>>,
 }
 
@@ -176,44 +185,57 @@ impl<'a> Batch<'a> {
             tok,
             metrics,
             slots: SlotCache::new(cfg, max_batch, model.compute_kind(), model.device()),
+            max_batch,
             decoding: Vec::new(),
+            arrivals: Vec::new(),
             prefill: None,
         }
+    }
+
+    /// Requests holding a place in the batch.
+    fn placed(&self) -> usize {
+        self.decoding.len() + self.arrivals.len() + usize::from(self.prefill.is_some())
     }
 
     /// Serves until every handle is dropped and the last request is answered.
     fn run(mut self, mut jobs: mpsc::Receiver<GenRequest>) {
         loop {
-            if self.prefill.is_none() && !self.slots.is_full() {
-                let job = match self.decoding.is_empty() {
+            // Admit every waiting request there is a place for, so a burst starts together.
+            while self.placed() < self.max_batch {
+                let job = match self.placed() {
                     // Nothing running: wait for work.
-                    true => match jobs.blocking_recv() {
-                        Some(job) => Some(job),
+                    0 => match jobs.blocking_recv() {
+                        Some(job) => job,
                         None => return,
                     },
-                    false => jobs.try_recv().ok(),
+                    _ => match jobs.try_recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    },
                 };
-                if let Some(job) = job {
-                    self.start(job);
-                }
+                self.start(job);
             }
             self.drop_abandoned();
+            self.prefill_arrivals();
             self.prefill_chunk();
             self.decode_step();
         }
     }
 
     fn start(&mut self, job: GenRequest) {
-        let sampler = match Sampler::new(job.sampling) {
-            Ok(s) => s,
-            Err(e) => {
+        let sampler = match (job.prompt.is_empty(), Sampler::new(job.sampling)) {
+            (false, Ok(s)) => s,
+            (empty, sampler) => {
+                let why = match sampler {
+                    Err(e) if !empty => e.to_string(),
+                    _ => "the prompt is empty: there is no token to continue".into(),
+                };
                 self.metrics.count(Ended::Failed);
-                let _ = job.events.send(GenEvent::Failed(e.to_string()));
+                let _ = job.events.send(GenEvent::Failed(why));
                 return;
             }
         };
-        let cfg = self.model.config();
-        self.prefill = Some(Prefill {
+        self.arrivals.push(Arrival {
             sequence: Sequence {
                 sampler,
                 text: IncrementalText::new(self.tok, job.stops),
@@ -228,7 +250,6 @@ impl<'a> Batch<'a> {
                 pending: Vec::new(),
             },
             prompt: job.prompt,
-            cache: KvCache::new(cfg, 1, self.model.compute_kind(), self.model.device()),
         });
     }
 
@@ -242,12 +263,71 @@ impl<'a> Batch<'a> {
             self.prefill = None;
             self.metrics.count(Ended::Cancelled);
         }
+        let before = self.arrivals.len();
+        self.arrivals.retain(|a| !a.sequence.events.is_closed());
+        for _ in self.arrivals.len()..before {
+            self.metrics.count(Ended::Cancelled);
+        }
         for i in (0..self.decoding.len()).rev() {
             if self.decoding[i].events.is_closed() {
                 self.remove(i);
                 self.metrics.count(Ended::Cancelled);
             }
         }
+    }
+
+    /// Prefills every short arrival together in one forward (see
+    /// [`LilLM::prefill_rows`]); a long one becomes the chunked prefill when that is free.
+    fn prefill_arrivals(&mut self) {
+        let (short, long): (Vec<_>, Vec<_>) = std::mem::take(&mut self.arrivals)
+            .into_iter()
+            .partition(|a| a.prompt.len() <= PREFILL_CHUNK);
+        let mut long = long.into_iter();
+        if self.prefill.is_none() {
+            self.prefill = long.next().map(|a| Prefill {
+                sequence: a.sequence,
+                prompt: a.prompt,
+                cache: KvCache::new(
+                    self.model.config(),
+                    1,
+                    self.model.compute_kind(),
+                    self.model.device(),
+                ),
+            });
+        }
+        self.arrivals.extend(long);
+        if short.is_empty() {
+            return;
+        }
+        let prompts: Vec<&[u32]> = short.iter().map(|a| a.prompt.as_slice()).collect();
+        self.metrics
+            .prefill_peak
+            .fetch_max(prompts.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
+        let mut cache = KvCache::with_capacity(
+            self.model.config(),
+            prompts.len(),
+            longest,
+            self.model.compute_kind(),
+            self.model.device(),
+        );
+        let logits = self
+            .model
+            .prefill_rows(&prompts, &mut cache)
+            .to_device(Device::Cpu);
+        let context = self.model.config().max_seq_len;
+        for (row, arrival) in short.into_iter().enumerate() {
+            let Arrival {
+                mut sequence,
+                prompt,
+            } = arrival;
+            let room = context - prompt.len();
+            if let Outcome::Continue = sequence.take(&logits.get(row as i64), room) {
+                self.slots.admit(&cache, row, prompt.len());
+                self.decoding.push(sequence);
+            }
+        }
+        self.metrics.set_batch(self.decoding.len());
     }
 
     /// Prefills the next chunk of the waiting prompt; a finished prompt samples its first
@@ -273,7 +353,7 @@ impl<'a> Batch<'a> {
         } = self.prefill.take().expect("a prefill");
         let logits = logits.get(0).to_device(Device::Cpu);
         if let Outcome::Continue = sequence.take(&logits, cache.remaining()) {
-            self.slots.admit(&cache);
+            self.slots.admit(&cache, 0, cache.len());
             self.decoding.push(sequence);
             self.metrics.set_batch(self.decoding.len());
         }

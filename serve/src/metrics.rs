@@ -69,6 +69,8 @@ pub struct Metrics {
     /// Sequences in the running batch, now and at most so far.
     pub batch: AtomicU64,
     pub batch_peak: AtomicU64,
+    /// Most prompts prefilled in one forward so far.
+    pub prefill_peak: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
@@ -110,6 +112,11 @@ impl Metrics {
                 "lillm_serve_batch_size_peak",
                 "Most sequences decoded together so far.",
                 self.batch_peak.load(Ordering::Relaxed),
+            ),
+            (
+                "lillm_serve_prefill_batch_peak",
+                "Most prompts prefilled together in one forward so far.",
+                self.prefill_peak.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, v) in gauges {

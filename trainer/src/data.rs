@@ -21,6 +21,25 @@ pub enum TrainData {
     Remote(Box<RemoteData>),
 }
 
+/// What a micro-batch is read for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draw {
+    /// One of the `micros_per_step` micro-batches of a training step; a rank streaming from
+    /// a dataloader reads its own share of them.
+    Train { micros_per_step: u64 },
+    /// An evaluation batch (the only micro-batch of its step), which every rank reads whole.
+    Eval,
+}
+
+impl Draw {
+    pub fn micros_per_step(self) -> u64 {
+        match self {
+            Self::Train { micros_per_step } => micros_per_step,
+            Self::Eval => 1,
+        }
+    }
+}
+
 /// Inputs and targets (−1 = no loss) of a micro-batch, row-major (batch × seq). A batch of
 /// preference pairs has 2 × batch rows: every chosen reply, then every rejected one.
 pub struct MicroBatch {
@@ -116,13 +135,8 @@ impl TrainData {
     }
 
     /// The micro-batch for `key`: a pure function of the key and the data.
-    pub fn batch(
-        &self,
-        key: BatchKey,
-        micros_per_step: u64,
-        rows: usize,
-        seq: usize,
-    ) -> Result<MicroBatch> {
+    pub fn batch(&self, key: BatchKey, draw: Draw, rows: usize, seq: usize) -> Result<MicroBatch> {
+        let micros_per_step = draw.micros_per_step();
         let (inputs, targets) = match self {
             Self::Tokens(d) => {
                 let b = sample_batch(d.split(key.split), key, rows, seq)?;
@@ -165,7 +179,7 @@ impl TrainData {
                     seq,
                 });
             }
-            Self::Remote(d) => return d.batch(key, micros_per_step, rows, seq),
+            Self::Remote(d) => return d.batch(key, draw, rows, seq),
         };
         Ok(MicroBatch {
             inputs,

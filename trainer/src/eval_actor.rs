@@ -12,7 +12,7 @@ use lillm_data::tokenizer::BOS_ID;
 use lillm_model::{generate, Sampler, SamplingParams};
 use tch::{Device, Tensor};
 
-use crate::data::TrainData;
+use crate::data::{Draw, TrainData};
 use crate::{LoadedModel, Result};
 
 /// Receives (step, validation loss, sample) for each scored checkpoint.
@@ -47,7 +47,7 @@ pub fn score(plan: &EvalPlan, dir: &std::path::Path) -> Result<(f64, String)> {
             step: i,
             micro: 0,
         };
-        let b = plan.data.batch(key, 1, plan.rows, plan.seq)?;
+        let b = plan.data.batch(key, Draw::Eval, plan.rows, plan.seq)?;
         let shape = [b.rows as i64, b.seq as i64];
         let x = Tensor::from_slice(&b.inputs).view(shape);
         let y = Tensor::from_slice(&b.targets).view(shape);

@@ -10,7 +10,7 @@ use lillm_dataloader::remote::{RemoteBatches, StreamShape, StreamSource};
 use lillm_proto::v1 as pb;
 use tokio::runtime::Handle;
 
-use crate::data::MicroBatch;
+use crate::data::{Draw, MicroBatch};
 use crate::{Error, Result};
 
 pub struct RemoteData {
@@ -56,19 +56,14 @@ impl RemoteData {
         self.tokenizer_dir.clone()
     }
 
-    /// The micro-batch for `key`. Steps of several micro-batches are training steps and use
-    /// this rank's share; one-micro-batch steps (evaluation rounds) use micro-batch 0.
-    pub fn batch(
-        &self,
-        key: BatchKey,
-        micros_per_step: u64,
-        rows: usize,
-        seq: usize,
-    ) -> Result<MicroBatch> {
-        let (micro_start, micro_count) = match micros_per_step {
-            1 => (0, 1),
-            _ => self.train_micros,
+    /// The micro-batch for `key`: of a training step, from this rank's share of the step's
+    /// micro-batches; of an evaluation, the whole.
+    pub fn batch(&self, key: BatchKey, draw: Draw, rows: usize, seq: usize) -> Result<MicroBatch> {
+        let (micro_start, micro_count) = match draw {
+            Draw::Train { .. } => self.train_micros,
+            Draw::Eval => (0, 1),
         };
+        let micros_per_step = draw.micros_per_step();
         let shape = StreamShape {
             seed: key.seed,
             split: key.split,

@@ -16,7 +16,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 use crate::checkpoint::{self, CheckpointState, LoraBase, MODEL_FILE, OPTIMIZER_FILE};
 use crate::checkpoint_actor::{host_copy, CheckpointActor, Snapshot};
 use crate::config::{Objective, TrainConfig};
-use crate::data::{MicroBatch, TrainData};
+use crate::data::{Draw, MicroBatch, TrainData};
 use crate::dist::{ProcessGroup, Rendezvous};
 use crate::loss::{record_routing, train_figures, Loss, Reference, FIGURES};
 use crate::metrics::{MetricsLog, Record, Reopen};
@@ -72,7 +72,10 @@ fn estimate(
             step: i,
             micro: 0,
         };
-        let (x, y) = batch_tensors(&data.batch(key, 1, cfg.job.batch_size, seq)?, device);
+        let (x, y) = batch_tensors(
+            &data.batch(key, Draw::Eval, cfg.job.batch_size, seq)?,
+            device,
+        );
         loss.score(model, &x, &y, false).add_to(&total, 1.0);
     }
     let means = Vec::<f64>::try_from(&(total / cfg.job.eval_iters as f64).to_device(Device::Cpu))?;
@@ -891,12 +894,10 @@ impl Trainer {
                 // Dropout draws from libtorch's generator: seeded per micro-batch, so a resume
                 // replays it and any number of ranks draws the single process's masks.
                 tch::manual_seed(dropout_seed(cfg.job.seed, key.step, key.micro));
-                let batch = self.data.batch(
-                    key,
-                    cfg.job.grad_accum as u64,
-                    cfg.job.batch_size,
-                    self.seq,
-                )?;
+                let draw = Draw::Train {
+                    micros_per_step: cfg.job.grad_accum as u64,
+                };
+                let batch = self.data.batch(key, draw, cfg.job.batch_size, self.seq)?;
                 let (x, y) = batch_tensors(&batch, self.device);
                 let scored = self.loss.score(&self.model, &x, &y, true);
                 (&scored.objective / local as f64).backward();
