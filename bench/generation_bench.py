@@ -1,14 +1,16 @@
 """Load on a running `lillm serve`: 1, 8 and 32 concurrent streaming clients, each asking
-for one completion after another for a fixed time. Prints JSON with, per level, aggregate
-tokens/s, time to first token and inter-token latency (p50, p99, in ms), errors, and the
-server's RSS before and after the 32-stream run.
+for one completion after another for a fixed time (the 32-stream level for SOAK_SECONDS,
+a soak). Prints JSON with, per level, aggregate tokens/s, time to first token and
+inter-token latency (p50, p99, in ms), errors, and the server's RSS before and after the
+32-stream run.
 
-usage: generation_bench.py URL MODEL SERVER_PID [SECONDS_PER_LEVEL]"""
+usage: generation_bench.py URL MODEL SERVER_PID [SECONDS_PER_LEVEL [SOAK_SECONDS]]"""
 import http.client, json, sys, threading, time
 from urllib.parse import urlparse
 
 url, model, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 seconds = float(sys.argv[4]) if len(sys.argv) > 4 else 20.0
+soak_seconds = float(sys.argv[5]) if len(sys.argv) > 5 else seconds
 host = urlparse(url)
 
 
@@ -77,7 +79,7 @@ def client_loop(seed, deadline, stats, lock):
         seed += 1000
 
 
-def level(streams):
+def level(streams, seconds):
     stats, lock = {"tokens": 0, "ttft": [], "itl": [], "errors": 0}, threading.Lock()
     start = time.perf_counter()
     deadline = start + seconds
@@ -100,8 +102,9 @@ def level(streams):
 # Warm-up: the first requests pay for allocations.
 for _ in completion_stream(0, 16):
     pass
-levels = [level(1), level(8)]
+levels = [level(1, seconds), level(8, seconds)]
 rss_before = rss_mib()
-levels.append(level(32))
+levels.append(level(32, soak_seconds))
 print(json.dumps({"levels": levels, "rss_mib_before_32": round(rss_before, 1),
-                  "rss_mib_after_32": round(rss_mib(), 1), "seconds_per_level": seconds}))
+                  "rss_mib_after_32": round(rss_mib(), 1), "seconds_per_level": seconds,
+                  "soak_seconds": soak_seconds}))

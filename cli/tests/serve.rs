@@ -260,6 +260,8 @@ fn requests_decoded_together_answer_as_they_do_alone() {
     assert_eq!(completed, 21.0, "{metrics}");
     let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--max-batch", "0"]);
     assert!(zero.contains("--max-batch must be at least 1"), "{zero}");
+    let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--threads", "0"]);
+    assert!(zero.contains("--threads must be at least 1"), "{zero}");
 }
 
 /// With one place in the batch (`--max-batch 1`), a long request whose client goes away —

@@ -77,13 +77,15 @@ pub enum Refused {
     Stopped,
 }
 
-/// Batching limits.
+/// Batching limits, and the CPU the generator may take.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Sequences decoded together.
     pub max_batch: usize,
     /// Requests waiting for a place in the batch; past that, requests are refused.
     pub max_queue: usize,
+    /// libtorch CPU threads for the forward passes (`None`: libtorch's default).
+    pub threads: Option<usize>,
 }
 
 impl Generator {
@@ -103,6 +105,10 @@ impl Generator {
         std::thread::Builder::new()
             .name("lillm-generator".into())
             .spawn(move || {
+                // Set on the thread that runs the forwards: OpenMP keeps it per thread.
+                if let Some(n) = limits.threads {
+                    tch::set_num_threads(n as i32);
+                }
                 let _guard = tch::no_grad_guard();
                 Batch::new(&loaded.model, &tok, &figures, limits.max_batch).run(rx);
             })?;

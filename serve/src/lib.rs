@@ -85,6 +85,11 @@ pub struct ServeArgs {
     /// with `Retry-After` instead of queueing without bound.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// CPU threads for the model's forward passes (default: libtorch's, one per core).
+    /// Fewer leave cores to whatever shares the machine, such as an HTTP proxy or, in
+    /// `make bench`, the load generator.
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -111,6 +116,9 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
     if args.max_batch == 0 {
         anyhow::bail!("--max-batch must be at least 1 (requests decoded together)");
     }
+    if args.threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1 (or left out for one per core)");
+    }
     let device = lillm_model::parse_device(&args.device)?;
     let loaded = match &args.lora {
         Some(adapter) => LoadedModel::load_adapted(&args.checkpoint, adapter, device)?,
@@ -129,6 +137,7 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
             Limits {
                 max_batch: args.max_batch,
                 max_queue: args.max_queue,
+                threads: args.threads,
             },
         )?,
         model_name,
