@@ -209,6 +209,14 @@ def together(stagger):
 print(json.dumps({"alone": alone, "burst": together(0.0), "staggered": together(0.002)}))
 "#;
 
+const ONE_COMPLETION: &str = r#"
+import sys
+from openai import OpenAI
+client = OpenAI(base_url=sys.argv[1] + "/v1", api_key="none", max_retries=0)
+reply = client.completions.create(model="tiny", prompt="the king", max_tokens=12, temperature=0)
+print(reply.choices[0].finish_reason, reply.usage.completion_tokens)
+"#;
+
 const CANCEL: &str = r#"
 import json, sys
 from openai import OpenAI
@@ -262,6 +270,20 @@ fn requests_decoded_together_answer_as_they_do_alone() {
     assert!(zero.contains("--max-batch must be at least 1"), "{zero}");
     let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--threads", "0"]);
     assert!(zero.contains("--threads must be at least 1"), "{zero}");
+    let fp8 = lillm_err(&["serve", "--checkpoint", s(&run), "--dtype", "fp8"]);
+    assert!(
+        fp8.contains("dtype `fp8` is not one of auto, float32, bfloat16"),
+        "{fp8}"
+    );
+    // In bfloat16 (one thread) the server answers too, token budget honoured.
+    let bf16 = serve(&run, &["--dtype", "bfloat16", "--threads", "1"]);
+    let out = python(ONE_COMPLETION, &[&bf16.url]);
+    let (reason, tokens) = out.trim().split_once(' ').expect("reason and tokens");
+    let tokens: usize = tokens.parse().unwrap();
+    assert!(
+        (reason == "length" && tokens == 12) || (reason == "stop" && tokens < 12),
+        "{out}"
+    );
 }
 
 /// With one place in the batch (`--max-batch 1`), a long request whose client goes away —

@@ -1,4 +1,5 @@
-//! Naming a libtorch device on the command line.
+//! Naming a libtorch device and the activations' dtype on the command line, and whether
+//! this CPU computes bf16 natively.
 
 use crate::{Error, Result};
 
@@ -13,9 +14,55 @@ pub fn parse_device(name: &str) -> Result<tch::Device> {
             .and_then(|n| n.parse().ok())
             .map(tch::Device::Cuda)
             .ok_or_else(|| {
-                Error::Config(format!(
+                Error::Name(format!(
                     "device `{other}` is not one of auto, cpu, cuda, cuda:N"
                 ))
             }),
+    }
+}
+
+/// `auto` (`None`: the caller's rule), `float32` or `bfloat16`: the dtype activations are
+/// computed in (weights stay float32).
+pub fn parse_dtype(name: &str) -> Result<Option<tch::Kind>> {
+    match name {
+        "auto" => Ok(None),
+        "float32" => Ok(Some(tch::Kind::Float)),
+        "bfloat16" => Ok(Some(tch::Kind::BFloat16)),
+        other => Err(Error::Name(format!(
+            "dtype `{other}` is not one of auto, float32, bfloat16"
+        ))),
+    }
+}
+
+/// Whether this CPU does bf16 arithmetic natively (AVX512-BF16 or AMX-BF16), where bf16
+/// mixed precision roughly doubles training throughput over float32 (2.15× for lillm-39m on
+/// an AVX512-BF16 CPU); elsewhere libtorch emulates bf16 and it is slower.
+pub fn cpu_has_native_bf16() -> bool {
+    static NATIVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NATIVE.get_or_init(|| {
+        std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| cpu_flags_have_bf16(&info))
+    })
+}
+
+fn cpu_flags_have_bf16(cpuinfo: &str) -> bool {
+    cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .flat_map(|l| l.split_whitespace())
+        .any(|flag| flag == "avx512_bf16" || flag == "amx_bf16")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_bf16_is_read_from_the_cpu_flags() {
+        let with = "processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n";
+        let amx = "flags\t\t: fpu amx_bf16 amx_tile\n";
+        let without = "flags\t\t: fpu sse avx2 avx512f\nbugs\t\t: avx512_bf16\n";
+        assert!(cpu_flags_have_bf16(with));
+        assert!(cpu_flags_have_bf16(amx));
+        assert!(!cpu_flags_have_bf16(without));
     }
 }

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("invalid model config: {0}")]
     Config(String),
+    /// A device or dtype name that is not one of those known.
+    #[error("{0}")]
+    Name(String),
     #[error("{path}: {message}")]
     Weights { path: PathBuf, message: String },
     #[error("{path}: {source}")]

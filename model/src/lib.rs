@@ -29,7 +29,7 @@ mod slot_cache;
 pub mod weights;
 
 pub use config::{ModelConfig, MoeConfig, PRESETS};
-pub use device::parse_device;
+pub use device::{cpu_has_native_bf16, parse_device, parse_dtype};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use lillm::LilLM;

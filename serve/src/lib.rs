@@ -77,6 +77,12 @@ pub struct ServeArgs {
     model_name: Option<String>,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Dtype of the activations (weights stay float32): auto is bfloat16 on CUDA and
+    /// float32 on CPU, where a request's answer in a batch equals its answer alone exactly;
+    /// bfloat16 decodes more streams per second on CPUs with native bf16 (AVX512-BF16 or
+    /// AMX) at slightly different numerics.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
     /// Requests decoded together (continuous batching): each step runs one forward for all
     /// of them, and a new request joins at the next step.
     #[arg(long, default_value_t = 16)]
@@ -120,10 +126,16 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
         anyhow::bail!("--threads must be at least 1 (or left out for one per core)");
     }
     let device = lillm_model::parse_device(&args.device)?;
-    let loaded = match &args.lora {
+    let kind = match lillm_model::parse_dtype(&args.dtype)? {
+        Some(kind) => kind,
+        None if device.is_cuda() => tch::Kind::BFloat16,
+        None => tch::Kind::Float,
+    };
+    let mut loaded = match &args.lora {
         Some(adapter) => LoadedModel::load_adapted(&args.checkpoint, adapter, device)?,
         None => LoadedModel::load(&args.checkpoint, device)?,
     };
+    loaded.model.set_compute_kind(kind);
     let model_name = args.model_name.clone().unwrap_or_else(|| {
         // Named after what was fine-tuned last: the adapter, if any.
         let named = args.lora.as_ref().unwrap_or(&args.checkpoint);
