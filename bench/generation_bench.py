@@ -103,8 +103,19 @@ def level(streams, seconds):
 for _ in completion_stream(0, 16):
     pass
 levels = [level(1, seconds), level(8, seconds)]
-rss_before = rss_mib()
+# The server's RSS every 10 s of the 32-stream soak: growth would show as a rising series.
+rss = [rss_mib()]
+soaking = threading.Event()
+def sample_rss():
+    while not soaking.wait(10):
+        rss.append(rss_mib())
+sampler = threading.Thread(target=sample_rss)
+sampler.start()
 levels.append(level(32, soak_seconds))
-print(json.dumps({"levels": levels, "rss_mib_before_32": round(rss_before, 1),
-                  "rss_mib_after_32": round(rss_mib(), 1), "seconds_per_level": seconds,
-                  "soak_seconds": soak_seconds}))
+soaking.set()
+sampler.join()
+rss.append(rss_mib())
+print(json.dumps({"levels": levels, "rss_mib_before_32": round(rss[0], 1),
+                  "rss_mib_after_32": round(rss[-1], 1),
+                  "rss_mib_during_32": [round(r, 1) for r in rss],
+                  "seconds_per_level": seconds, "soak_seconds": soak_seconds}))
