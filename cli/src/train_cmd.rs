@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use lillm_model::{ModelConfig, PRESETS};
-use lillm_trainer::config::field_names;
-use lillm_trainer::config::ModelOverrides;
+use lillm_trainer::config::{field_names, ModelOverrides};
 use lillm_trainer::{plot, JobConfig, ProcessConfig, TrainConfig, TrainSummary, Trainer};
 use serde::Serialize;
 
@@ -143,14 +142,14 @@ struct ProcessFlags {
 /// `LILLM_<FIELD>` variables naming a config field (`LILLM_MODEL__D_MODEL` for nested ones)
 /// as a table of strings (typed when the config is read); other `LILLM_*` variables
 /// (`LILLM_PYTHON`, `LILLM_API_KEY`) are not the config's.
-fn env_layer(known: &toml::Table) -> toml::Table {
+fn env_layer() -> toml::Table {
     let mut layer = toml::Table::new();
     for (k, v) in std::env::vars() {
         let Some(key) = k.strip_prefix("LILLM_").map(str::to_ascii_lowercase) else {
             continue;
         };
         let path: Vec<&str> = key.split("__").collect();
-        if !known.contains_key(path[0]) {
+        if !config_fields().contains(&path[0]) {
             continue;
         }
         insert_at(&mut layer, &path, v);
@@ -205,7 +204,7 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         builder =
             builder.add_source(config::File::from(path.as_path()).format(config::FileFormat::Toml));
     }
-    let env = env_layer(&default_table);
+    let env = env_layer();
     let flags = given(serde_json::to_value(&args.fields)?);
     let layers = [
         Some(toml::to_string(&env)?),
@@ -224,15 +223,19 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     Ok(cfg)
 }
 
+/// Every key of the training config's flat table (aliases included), sorted.
+fn config_fields() -> Vec<&'static str> {
+    let mut fields = [field_names::<JobConfig>(), field_names::<ProcessConfig>()].concat();
+    fields.sort();
+    fields
+}
+
 /// The layered config's one flat table as the job's settings and this process's: each part
 /// is read strictly, so a misspelt key is an error rather than ignored.
 fn split_config(layered: config::Config) -> Result<TrainConfig, config::ConfigError> {
     let table: config::Map<String, config::Value> = layered.try_deserialize()?;
-    let (job_fields, process_fields) = (field_names::<JobConfig>(), field_names::<ProcessConfig>());
-    let known = |key: &str| job_fields.contains(&key) || process_fields.contains(&key);
-    if let Some(unknown) = table.keys().find(|key| !known(key)) {
-        let mut fields = [job_fields, process_fields].concat();
-        fields.sort();
+    let fields = config_fields();
+    if let Some(unknown) = table.keys().find(|key| !fields.contains(&key.as_str())) {
         return Err(config::ConfigError::Message(format!(
             "unknown field `{unknown}`; the fields are {}",
             fields.join(", ")
@@ -240,7 +243,7 @@ fn split_config(layered: config::Config) -> Result<TrainConfig, config::ConfigEr
     }
     let (process, job): (config::Map<_, _>, config::Map<_, _>) = table
         .into_iter()
-        .partition(|(key, _)| process_fields.contains(&key.as_str()));
+        .partition(|(key, _)| field_names::<ProcessConfig>().contains(&key.as_str()));
     Ok(TrainConfig {
         job: config::Value::new(None, job).try_deserialize()?,
         process: config::Value::new(None, process).try_deserialize()?,

@@ -10,9 +10,9 @@ use crate::schedule::LrSchedule;
 use crate::{Error, Result};
 
 /// A training run: the job's settings, which every rank of a job shares, and this
-/// process's own. In TOML, flags and `LILLM_*` variables both are one flat table (`lillm
-/// train --print-config`). Built by the CLI from defaults < TOML file < `LILLM_*`
-/// environment < flags; libraries and tests construct it directly.
+/// process's own. In TOML, flags and `LILLM_*` variables alike, the two parts are one flat
+/// table (`lillm train --print-config`). Built by the CLI from defaults < TOML file <
+/// `LILLM_*` environment < flags; libraries and tests construct it directly.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TrainConfig {
     #[serde(flatten)]
@@ -70,7 +70,8 @@ pub struct JobConfig {
     pub checkpoint_minutes: f64,
     /// Seed for initialisation, batch order and dropout.
     pub seed: u64,
-    /// `auto` (bf16 on CUDA, float32 on CPU), `float32` or `bfloat16`.
+    /// `auto` (bf16 on CUDA and on CPUs with native bf16 arithmetic, else float32),
+    /// `float32` or `bfloat16`.
     pub dtype: String,
     /// Device peak TFLOP/s for MFU; unset: 989 (H100 SXM bf16) on CUDA, measured on CPU.
     #[serde(default)]
