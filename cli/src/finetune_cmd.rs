@@ -90,6 +90,24 @@ impl LoraArgs {
     }
 }
 
+/// Where a fine-tuning process reads, writes and computes.
+fn process_config(
+    data: PathBuf,
+    out: PathBuf,
+    device: String,
+    resume: bool,
+    threads: Option<usize>,
+) -> ProcessConfig {
+    ProcessConfig {
+        data,
+        out,
+        device,
+        resume,
+        threads: threads.unwrap_or(0),
+        ..ProcessConfig::default()
+    }
+}
+
 /// Fine-tunes until done or until `shutdown` (SIGTERM/Ctrl-C), which checkpoints the
 /// current step first so `--resume` continues it.
 pub fn sft(args: SftArgs, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
@@ -117,14 +135,7 @@ pub fn sft(args: SftArgs, shutdown: tokio_util::sync::CancellationToken) -> Resu
             lora: args.lora.config(),
             ..JobConfig::default()
         },
-        process: ProcessConfig {
-            data: args.data,
-            out: args.out,
-            device: args.device,
-            resume: args.resume,
-            threads: args.threads.unwrap_or(0),
-            ..ProcessConfig::default()
-        },
+        process: process_config(args.data, args.out, args.device, args.resume, args.threads),
     };
     if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
         return launched;
@@ -248,14 +259,7 @@ pub fn dpo(args: DpoArgs, shutdown: tokio_util::sync::CancellationToken) -> Resu
             lora: args.lora.config(),
             ..JobConfig::default()
         },
-        process: ProcessConfig {
-            data: args.data,
-            out: args.out,
-            device: args.device,
-            resume: args.resume,
-            threads: args.threads.unwrap_or(0),
-            ..ProcessConfig::default()
-        },
+        process: process_config(args.data, args.out, args.device, args.resume, args.threads),
     };
     if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
         return launched;
