@@ -3,8 +3,8 @@
 //! Every request that arrived meanwhile is admitted at once: the short prompts are
 //! prefilled together in one forward, a long one in chunks (one chunk per step, so running
 //! streams keep flowing); each joins the decoding at the next step, and a finished, failed
-//! or abandoned one leaves at once. Each request keeps its own sampler, stop strings and token budget, so its output
-//! does not depend on what else runs beside it.
+//! or abandoned one leaves at once. Each request keeps its own sampler, stop strings and
+//! token budget, so its output does not depend on what else runs beside it.
 
 use std::sync::Arc;
 use std::time::Instant;
