@@ -33,30 +33,11 @@ pub struct SftArgs {
     /// Dropout during fine-tuning (the seed's SFT uses 0.2).
     #[arg(long, default_value_t = 0.2)]
     dropout: f64,
-    #[arg(long, default_value_t = 50)]
-    eval_interval: u64,
-    #[arg(long, default_value_t = 5)]
-    eval_iters: u64,
-    #[arg(long, default_value_t = 10)]
-    log_interval: u64,
     /// Fraction of conversations held out for evaluation.
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
-    #[arg(long, default_value_t = 1337)]
-    seed: u64,
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Continue the run in --out from its latest checkpoint.
-    #[arg(long)]
-    resume: bool,
-    /// CPU threads for libtorch (default: libtorch's; with --nproc, a share of the cores).
-    #[arg(long)]
-    threads: Option<usize>,
     #[command(flatten)]
-    lora: LoraArgs,
-    /// Here, as `--nproc` local ranks (grad-accum is divided over them), or in a job.
-    #[command(flatten)]
-    launch: crate::job_cmd::LaunchArgs,
+    run: FineTuneRun,
 }
 
 /// LoRA flags of `sft` and `dpo`.
@@ -90,57 +71,94 @@ impl LoraArgs {
     }
 }
 
-/// Where a fine-tuning process reads, writes and computes.
-fn process_config(
-    data: PathBuf,
-    out: PathBuf,
+/// The flags `sft` and `dpo` share: evaluation and logging, seed, LoRA, and where the run
+/// executes.
+#[derive(Args)]
+pub struct FineTuneRun {
+    #[arg(long, default_value_t = 50)]
+    eval_interval: u64,
+    /// Batches per split in each evaluation.
+    #[arg(long, default_value_t = 5)]
+    eval_iters: u64,
+    #[arg(long, default_value_t = 10)]
+    log_interval: u64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long, default_value = "auto")]
     device: String,
+    /// Continue the run in --out from its latest checkpoint (same --init, data and flags).
+    #[arg(long)]
     resume: bool,
+    /// CPU threads for libtorch (default: libtorch's; with --nproc, a share of the cores).
+    #[arg(long)]
     threads: Option<usize>,
-) -> ProcessConfig {
-    ProcessConfig {
-        data,
-        out,
-        device,
-        resume,
-        threads: threads.unwrap_or(0),
-        ..ProcessConfig::default()
+    #[command(flatten)]
+    lora: LoraArgs,
+    /// Here, as `--nproc` local ranks (grad-accum is divided over them), or in a job.
+    #[command(flatten)]
+    launch: crate::job_cmd::LaunchArgs,
+}
+
+impl FineTuneRun {
+    /// The run of `job` (its objective, data shape and optimizer) on `data` into `out`:
+    /// a constant learning rate, one checkpoint kept, and these flags.
+    fn config(&self, job: JobConfig, data: PathBuf, out: PathBuf) -> TrainConfig {
+        TrainConfig {
+            job: JobConfig {
+                min_lr: job.lr,
+                decay_lr: false,
+                warmup_iters: 0,
+                eval_interval: self.eval_interval,
+                eval_iters: self.eval_iters,
+                log_interval: self.log_interval,
+                seed: self.seed,
+                keep_last: 1,
+                lora: self.lora.config(),
+                ..job
+            },
+            process: ProcessConfig {
+                data,
+                out,
+                device: self.device.clone(),
+                resume: self.resume,
+                threads: self.threads.unwrap_or(0),
+                ..ProcessConfig::default()
+            },
+        }
+    }
+
+    /// Runs `cfg` here or as `--nproc` ranks or in a job (see [`crate::job_cmd::launch`]).
+    fn train(
+        &self,
+        cfg: &TrainConfig,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<lillm_trainer::TrainSummary>> {
+        if let Some(launched) = crate::job_cmd::launch(cfg, &self.launch, self.threads, shutdown) {
+            return launched.map(|()| None);
+        }
+        Ok(Some(crate::train_cmd::train_here(cfg, shutdown)?))
     }
 }
 
 /// Fine-tunes until done or until `shutdown` (SIGTERM/Ctrl-C), which checkpoints the
 /// current step first so `--resume` continues it.
 pub fn sft(args: SftArgs, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
-    let cfg = TrainConfig {
-        job: JobConfig {
-            objective: Objective::Sft,
-            init_from: Some(args.init),
-            max_iters: args.max_iters,
-            batch_size: args.batch_size,
-            grad_accum: args.grad_accum,
-            lr: args.lr,
-            min_lr: args.lr,
-            decay_lr: false,
-            warmup_iters: 0,
-            model: ModelOverrides {
-                dropout: Some(args.dropout),
-                ..Default::default()
-            },
-            eval_interval: args.eval_interval,
-            eval_iters: args.eval_iters,
-            log_interval: args.log_interval,
-            val_fraction: args.val_fraction,
-            seed: args.seed,
-            keep_last: 1,
-            lora: args.lora.config(),
-            ..JobConfig::default()
+    let job = JobConfig {
+        objective: Objective::Sft,
+        init_from: Some(args.init),
+        max_iters: args.max_iters,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        model: ModelOverrides {
+            dropout: Some(args.dropout),
+            ..Default::default()
         },
-        process: process_config(args.data, args.out, args.device, args.resume, args.threads),
+        val_fraction: args.val_fraction,
+        ..JobConfig::default()
     };
-    if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
-        return launched;
-    }
-    crate::train_cmd::train_here(&cfg, &shutdown)?;
+    let cfg = args.run.config(job, args.data, args.out);
+    args.run.train(&cfg, &shutdown)?;
     Ok(())
 }
 
@@ -202,69 +220,37 @@ pub struct DpoArgs {
     /// Micro-batches per step (divided over the ranks with --nproc).
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    #[arg(long, default_value_t = 50)]
-    eval_interval: u64,
-    /// Batches of pairs per split in each evaluation.
-    #[arg(long, default_value_t = 5)]
-    eval_iters: u64,
-    #[arg(long, default_value_t = 10)]
-    log_interval: u64,
     /// Fraction of pairs held out for evaluation.
     #[arg(long, default_value_t = 0.1)]
     val_fraction: f64,
-    #[arg(long, default_value_t = 1337)]
-    seed: u64,
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Continue the run in --out from its latest checkpoint (same --init, data and flags).
-    #[arg(long)]
-    resume: bool,
-    /// CPU threads for libtorch (default: libtorch's; with --nproc, a share of the cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// LoRA: the policy is --init plus adapters; the reference is --init itself.
+    /// With LoRA the policy is --init plus adapters; the reference is --init itself.
     #[command(flatten)]
-    lora: LoraArgs,
-    /// Here, as `--nproc` local ranks (grad-accum is divided over them), or in a job.
-    #[command(flatten)]
-    launch: crate::job_cmd::LaunchArgs,
+    run: FineTuneRun,
 }
 
 /// Preference-tunes until done or until `shutdown`, through the same engine as `sft`.
 pub fn dpo(args: DpoArgs, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
-    let cfg = TrainConfig {
-        job: JobConfig {
-            objective: Objective::Dpo,
-            init_from: Some(args.init),
-            dpo_beta: args.beta,
-            max_iters: args.max_iters,
-            batch_size: args.batch_size,
-            grad_accum: args.grad_accum,
-            lr: args.lr,
-            min_lr: args.lr,
-            decay_lr: false,
-            warmup_iters: 0,
-            weight_decay: 0.0,
-            // The policy is the reference at step 0 and neither drops out.
-            model: ModelOverrides {
-                dropout: Some(0.0),
-                ..Default::default()
-            },
-            eval_interval: args.eval_interval,
-            eval_iters: args.eval_iters,
-            log_interval: args.log_interval,
-            val_fraction: args.val_fraction,
-            seed: args.seed,
-            keep_last: 1,
-            lora: args.lora.config(),
-            ..JobConfig::default()
+    let job = JobConfig {
+        objective: Objective::Dpo,
+        init_from: Some(args.init),
+        dpo_beta: args.beta,
+        max_iters: args.max_iters,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        lr: args.lr,
+        weight_decay: 0.0,
+        // The policy is the reference at step 0 and neither drops out.
+        model: ModelOverrides {
+            dropout: Some(0.0),
+            ..Default::default()
         },
-        process: process_config(args.data, args.out, args.device, args.resume, args.threads),
+        val_fraction: args.val_fraction,
+        ..JobConfig::default()
     };
-    if let Some(launched) = crate::job_cmd::launch(&cfg, &args.launch, args.threads, &shutdown) {
-        return launched;
-    }
-    let summary = crate::train_cmd::train_here(&cfg, &shutdown)?;
+    let cfg = args.run.config(job, args.data, args.out);
+    let Some(summary) = args.run.train(&cfg, &shutdown)? else {
+        return Ok(());
+    };
     // The held-out figures at the start (the reference's) and at the last evaluation.
     let evals: Vec<_> =
         lillm_trainer::metrics::read_records(&cfg.process.out.join("metrics.jsonl"))?

@@ -143,13 +143,14 @@ struct ProcessFlags {
 /// as a table of strings (typed when the config is read); other `LILLM_*` variables
 /// (`LILLM_PYTHON`, `LILLM_API_KEY`) are not the config's.
 fn env_layer() -> toml::Table {
+    let fields = config_fields();
     let mut layer = toml::Table::new();
     for (k, v) in std::env::vars() {
         let Some(key) = k.strip_prefix("LILLM_").map(str::to_ascii_lowercase) else {
             continue;
         };
         let path: Vec<&str> = key.split("__").collect();
-        if !config_fields().contains(&path[0]) {
+        if !fields.contains(&path[0]) {
             continue;
         }
         insert_at(&mut layer, &path, v);
@@ -191,10 +192,8 @@ fn given(v: serde_json::Value) -> Option<serde_json::Value> {
 }
 
 pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
-    let defaults = TrainConfig::default();
-    let default_table = toml::Table::try_from(&defaults)?;
     let mut builder = config::Config::builder().add_source(config::File::from_str(
-        &toml::to_string(&default_table)?,
+        &toml::to_string(&TrainConfig::default())?,
         config::FileFormat::Toml,
     ));
     if let Some(path) = &args.config {
@@ -213,12 +212,13 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     for layer in layers.into_iter().flatten() {
         builder = builder.add_source(config::File::from_str(&layer, config::FileFormat::Toml));
     }
-    let sources = match &args.config {
-        Some(path) => format!("{}, LILLM_* variables and flags", path.display()),
-        None => "LILLM_* variables and flags".into(),
-    };
-    let cfg = split_config(builder.build()?)
-        .with_context(|| format!("invalid training config from {sources}"))?;
+    let cfg = split_config(builder.build()?).with_context(|| match &args.config {
+        Some(path) => format!(
+            "invalid training config from {}, LILLM_* variables and flags",
+            path.display()
+        ),
+        None => "invalid training config from LILLM_* variables and flags".into(),
+    })?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -241,9 +241,10 @@ fn split_config(layered: config::Config) -> Result<TrainConfig, config::ConfigEr
             fields.join(", ")
         )));
     }
+    let process_fields = field_names::<ProcessConfig>();
     let (process, job): (config::Map<_, _>, config::Map<_, _>) = table
         .into_iter()
-        .partition(|(key, _)| field_names::<ProcessConfig>().contains(&key.as_str()));
+        .partition(|(key, _)| process_fields.contains(&key.as_str()));
     Ok(TrainConfig {
         job: config::Value::new(None, job).try_deserialize()?,
         process: config::Value::new(None, process).try_deserialize()?,

@@ -215,31 +215,27 @@ fn bad_configs_are_refused_with_the_field_named() {
     // A TOML config layers under flags; --print-config shows the result.
     let cfg = dir.path().join("c.toml");
     fs::write(&cfg, "batch_size = 7\nlr = 0.5\n[model]\nd_model = 64\n").unwrap();
-    let out = lillm_ok(&[
+    let print = [
         "train",
         "--config",
         s(&cfg),
         "--lr",
         "0.25",
         "--print-config",
-    ]);
+    ];
+    let out = lillm_ok(&print);
     assert!(
         out.contains("batch_size = 7") && out.contains("lr = 0.25") && out.contains("d_model = 64"),
         "{out}"
     );
-    // The environment layers between the TOML file and the flags, nested keys included.
+    // The environment layers between the TOML file and the flags, nested keys and fields
+    // unset by default included.
     let layered = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
-        .args([
-            "train",
-            "--config",
-            s(&cfg),
-            "--lr",
-            "0.25",
-            "--print-config",
-        ])
+        .args(print)
         .env("LILLM_LR", "0.125")
         .env("LILLM_BATCH_SIZE", "9")
         .env("LILLM_MODEL__MOE__EXPERTS", "4")
+        .env("LILLM_INIT_FROM", "base-run")
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&layered.stdout);
@@ -247,6 +243,7 @@ fn bad_configs_are_refused_with_the_field_named() {
         out.contains("batch_size = 9") && out.contains("lr = 0.25") && out.contains("experts = 4"),
         "{out}"
     );
+    assert!(out.contains("init_from = \"base-run\""), "{out}");
     // Misspelt keys of the job's part and of the process's part are both refused by name,
     // with the file and the fields a config may hold.
     for bad in ["batch_sise = 7\n", "devcie = \"cpu\"\n"] {

@@ -414,11 +414,6 @@ impl TrainConfig {
     pub fn device(&self) -> Result<tch::Device> {
         Ok(parse_device(&self.process.device)?)
     }
-
-    /// Activation dtype for this process's device (see [`JobConfig::compute_kind`]).
-    pub fn compute_kind(&self, device: tch::Device) -> tch::Kind {
-        self.job.compute_kind(device)
-    }
 }
 
 pub use lillm_model::{cpu_has_native_bf16, parse_device};

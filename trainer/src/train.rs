@@ -305,7 +305,7 @@ impl Trainer {
         tch::manual_seed(cfg.job.seed as i64);
         let mut vs = VarStore::new(device);
         let mut model = LilLM::new(&vs.root(), &model_cfg)?;
-        model.set_compute_kind(cfg.compute_kind(device));
+        model.set_compute_kind(cfg.job.compute_kind(device));
         // With LoRA the run trains (optimizes, checkpoints, all-reduces) the adapters only;
         // the model's own weights are the frozen base.
         let frozen_base = match &lora {
