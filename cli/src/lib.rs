@@ -2,6 +2,7 @@
 //! and interop — and every actor of a distributed job, from one binary. Each subcommand lives
 //! in its own module; the `lillm` and `trainer` binaries are both [`main`].
 
+mod bench_cmd;
 mod chat_cmd;
 mod data_cmd;
 mod finetune_cmd;
@@ -77,6 +78,9 @@ enum Command {
     /// Import weights from another format as a checkpoint.
     #[command(subcommand)]
     Import(interop_cmd::ImportCmd),
+    /// Benchmarks of lillm's own parts (the coordinator at thousands of trainers).
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCmd),
 }
 
 /// Runs the command line and says how the process should exit; `trainer` is `lillm train`
@@ -165,6 +169,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Model(cmd) => train_cmd::model(cmd),
         Command::Export(cmd) => interop_cmd::export(cmd),
         Command::Import(cmd) => interop_cmd::import(cmd),
+        Command::Bench(cmd) => bench_cmd::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -17,6 +17,10 @@ pub struct StatusArgs {
     /// One JSON object per status (per line with --watch), for scripts.
     #[arg(long)]
     json: bool,
+    /// List every member (by default a job of thousands shows its summary and the first
+    /// members).
+    #[arg(long)]
+    members: bool,
     /// CA certificate (PEM) of the coordinator's TLS certificate: dial it over TLS.
     #[arg(long, env = "LILLM_TLS_CA")]
     tls_ca: Option<std::path::PathBuf>,
@@ -42,13 +46,20 @@ pub fn status(args: StatusArgs) -> Result<()> {
                 print!("{}", status_text(job));
             }
         };
+        let member_limit = if args.members { 0 } else { MEMBERS_SHOWN };
         if !args.watch {
-            let job = c.get_status(pb::StatusRequest {}).await?.into_inner();
+            let job = c
+                .get_status(pb::StatusRequest { member_limit })
+                .await?
+                .into_inner();
             show(&job);
             return Ok(());
         }
         let mut stream = c
-            .watch_status(pb::WatchStatusRequest { interval_ms: 1000 })
+            .watch_status(pb::WatchStatusRequest {
+                interval_ms: 1000,
+                member_limit,
+            })
             .await?
             .into_inner();
         while let Some(job) = stream.message().await? {
@@ -60,6 +71,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
         Ok(())
     })
 }
+
+/// Members listed without `--members`.
+const MEMBERS_SHOWN: u32 = 64;
 
 fn role_name(role: i32) -> &'static str {
     match pb::Role::try_from(role) {
@@ -75,40 +89,30 @@ fn member_name(m: &pb::MemberStatus) -> String {
     })
 }
 
-/// The job as a human reads it.
+/// The job as a human reads it: its summary first, then the members listed.
 pub fn status_text(job: &pb::JobStatus) -> String {
-    let trainers: Vec<&pb::MemberStatus> = job
-        .members
-        .iter()
-        .filter(|m| {
-            m.id.as_ref()
-                .is_some_and(|id| id.role == pb::Role::Trainer as i32)
-        })
-        .collect();
-    let count = |role: pb::Role| {
-        job.members
-            .iter()
-            .filter(|m| m.id.as_ref().is_some_and(|id| id.role == role as i32))
-            .count()
-    };
+    let summary = job.summary.clone().unwrap_or_default();
     let mut out = format!(
-        "job: generation {} ({}), {}/{} trainers, {}/{} dataloaders, {} restart(s)\n",
+        "job: generation {} ({}), {}/{} trainers ({} ranked) and {}/{} dataloaders on {} node(s), {} restart(s)\n",
         job.generation,
         job.phase,
-        count(pb::Role::Trainer),
+        summary.trainers,
         job.expected_trainers,
-        count(pb::Role::Dataloader),
+        summary.ranked_trainers,
+        summary.dataloaders,
         job.expected_dataloaders,
+        summary.nodes,
         job.restarts
     );
-    let step = trainers.iter().map(|m| m.step).max().unwrap_or(0);
-    let rank0 = trainers.iter().find(|m| m.rank == Some(0));
     let fmt_opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
     out += &format!(
-        "step {step}, loss {}, {:.0} tokens/s, MFU {}\n",
-        fmt_opt(rank0.and_then(|m| m.loss), &|l| format!("{l:.4}")),
+        "step {} (slowest trainer {}), loss {}, {:.0} tokens/s, MFU {}, longest silence {:.1}s\n",
+        summary.step,
+        summary.slowest_step,
+        fmt_opt(summary.loss, &|l| format!("{l:.4}")),
         job.tokens_per_s,
-        fmt_opt(rank0.and_then(|m| m.mfu), &|m| format!("{:.2}%", m * 100.0)),
+        fmt_opt(summary.mfu, &|m| format!("{:.2}%", m * 100.0)),
+        summary.oldest_heartbeat_ms as f64 / 1e3,
     );
     match &job.last_checkpoint {
         Some(c) => {
@@ -148,6 +152,10 @@ pub fn status_text(job: &pb::JobStatus) -> String {
             fmt_opt(m.tokens_per_s, &|t| format!("{t:.0}")),
         );
     }
+    let unlisted = summary.members.saturating_sub(summary.members_listed);
+    if unlisted > 0 {
+        out += &format!("… and {unlisted} more members (lillm status --members lists all)\n");
+    }
     out
 }
 
@@ -182,6 +190,12 @@ pub fn status_json(job: &pb::JobStatus) -> serde_json::Value {
         "changes": job.changes,
         "tokens_per_s": job.tokens_per_s,
         "members": members,
+        "summary": job.summary.as_ref().map(|s| serde_json::json!({
+            "members": s.members, "members_listed": s.members_listed, "trainers": s.trainers,
+            "ranked_trainers": s.ranked_trainers, "dataloaders": s.dataloaders, "nodes": s.nodes,
+            "step": s.step, "slowest_step": s.slowest_step, "loss": s.loss, "mfu": s.mfu,
+            "oldest_heartbeat_ms": s.oldest_heartbeat_ms,
+        })),
         "last_checkpoint": job.last_checkpoint.as_ref().map(|c| serde_json::json!({
             "step": c.step, "path": c.path, "generation": c.generation, "val_loss": c.val_loss,
             "copies": c.copies,

@@ -140,7 +140,8 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
     let _ = watch.wait();
     let text = lillm_ok(&["status", "--coordinator", &job.address]);
     assert!(
-        text.contains("2/2 trainers, 2/2 dataloaders") && text.contains("node-b/trainer0"),
+        text.contains("2/2 trainers (2 ranked) and 2/2 dataloaders on 2 node(s)")
+            && text.contains("node-b/trainer0"),
         "{text}"
     );
 
@@ -498,6 +499,61 @@ fn a_restarted_coordinator_carries_on_from_its_saved_state() {
     assert_eq!(status["generation"], 1, "the group never changed: {status}");
     assert_eq!(status["restarts"], 0);
     assert_eq!(status["last_checkpoint"]["step"], 200);
+}
+
+/// A coordinator away for longer than the heartbeat timeout — frozen (SIGSTOP), then killed
+/// and restarted from its state — costs no step: the trainer trains on meanwhile, keeps its
+/// commits until the coordinator answers, and stays in its generation (no regroup, no
+/// failure counted), with the losses of an uninterrupted run.
+#[test]
+fn training_goes_on_while_the_coordinator_is_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    lillm_ok(&long_run_of(s(&tiny.data), s(&straight), "600"));
+
+    let run = dir.path().join("run");
+    let job = Job::new(dir.path(), 1, 1, &["--heartbeat-timeout-ms=1000"]);
+    let mut coordinator = job.start_coordinator();
+    let _loader = Actor::lillm(
+        &job.dataloader_args(&tiny.data, "local", "127.0.0.1:0"),
+        dir.path().join("loader.log"),
+    );
+    let mut trainer = Actor::lillm(
+        &job.trainer_args(
+            &long_run_of(s(&tiny.data), s(&run), "600"),
+            "local",
+            0,
+            "127.0.0.1",
+        ),
+        dir.path().join("trainer.log"),
+    );
+    wait_until(Duration::from_secs(120), "ten training steps", || {
+        losses(&run).len() >= 10
+    });
+    let away = Duration::from_millis(2_500);
+    // SAFETY: signalling our own child process by pid.
+    let signal = |sig| unsafe { libc::kill(coordinator.child.id() as i32, sig) };
+    let before = losses(&run).len();
+    signal(libc::SIGSTOP);
+    std::thread::sleep(away);
+    let frozen = losses(&run).len();
+    signal(libc::SIGCONT);
+    assert!(frozen > before, "training waited for a frozen coordinator");
+    assert!(frozen < 600, "the coordinator was frozen mid-run");
+
+    coordinator.kill();
+    let before = losses(&run).len();
+    std::thread::sleep(away);
+    let dead = losses(&run).len();
+    assert!(dead > before, "training waited for a dead coordinator");
+    let _coordinator = job.start_coordinator();
+    trainer.finish(Duration::from_secs(180));
+    assert_same_losses(&losses(&straight), &losses(&run));
+    let status = job.status();
+    assert_eq!(status["generation"], 1, "the group never changed: {status}");
+    assert_eq!(status["restarts"], 0, "{status}");
+    assert_eq!(status["last_checkpoint"]["step"], 600);
 }
 
 #[test]

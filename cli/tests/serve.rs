@@ -113,6 +113,8 @@ out["bad_logprobs"] = status(lambda: client.completions.create(model="tiny", pro
 out["top_without_logprobs"] = status(lambda: client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, top_logprobs=2))
 out["bad_n"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, n=0))
 out["bad_penalty"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, presence_penalty=3))
+out["bad_bias"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, logit_bias={"7": 101}))
+out["bad_bias_id"] = status(lambda: client.completions.create(model="tiny", prompt="the king", max_tokens=5, logit_bias={"999999": 1}))
 out["negative"] = status(lambda: client.completions.create(model="tiny", prompt="x", max_tokens=-3))
 out["no_key"] = status(lambda: OpenAI(base_url=url + "/v1", api_key="wrong").models.list())
 req = urllib.request.Request(url + "/v1/chat/completions", data=b"{not json", headers={"Authorization": "Bearer " + key, "Content-Type": "application/json"})
@@ -339,7 +341,7 @@ import http.client, json, sys
 from urllib.parse import urlparse
 u = urlparse(sys.argv[1])
 conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
-conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "the king", "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": True}), {"Content-Type": "application/json"})
+conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "the king", "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": True, "logit_bias": {"2": -100}}), {"Content-Type": "application/json"})
 response = conn.getresponse()
 events, done, finish = 0, False, None
 for line in response:
@@ -359,7 +361,8 @@ print(json.dumps({"events": events, "done": done, "finish": finish, "new_connect
 "#;
 
 /// SIGTERM while a long reply streams: the server stops accepting connections, finishes
-/// the reply to its `[DONE]`, and exits 0.
+/// the reply to its `[DONE]`, and exits 0. `</s>` is banned (`logit_bias`), so the reply runs
+/// to its length whatever the sampled model would say on this CPU.
 #[test]
 fn sigterm_finishes_the_running_replies_then_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
@@ -465,6 +468,8 @@ fn openai_client_talks_to_the_server_and_errors_are_openai_shaped() {
         ("top_without_logprobs", "top_logprobs needs logprobs"),
         ("bad_n", "n must"),
         ("bad_penalty", "presence_penalty"),
+        ("bad_bias", "logit_bias of token 7"),
+        ("bad_bias_id", "\"999999\""),
     ] {
         assert_eq!(out[case]["status"], 400, "{case}: {out}");
         let message = out[case]["body"]["message"].as_str().unwrap();

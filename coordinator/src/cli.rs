@@ -47,8 +47,9 @@ pub struct Args {
     /// Token every member must present.
     #[arg(long, env = "LILLM_JOB_TOKEN", hide_env_values = true)]
     job_token: Option<String>,
-    /// Milliseconds of silence after which a member counts as dead (default 2000; members
-    /// heartbeat every 250 ms).
+    /// Milliseconds of silence after which a member counts as dead (default 2000). Members
+    /// heartbeat as often as the coordinator tells them when they register: eight times
+    /// per timeout, less often in a job of thousands (see `lillm bench coordinator`).
     #[arg(long)]
     heartbeat_timeout_ms: Option<u64>,
     /// Port of the c10d store that rank 0 serves, for trainers that register a host without

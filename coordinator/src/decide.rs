@@ -1,12 +1,13 @@
 //! The coordinator's transition function: every rule of membership, ranks, generations,
-//! liveness and commits, as `decide(now, &State, Event) -> Decision`.
+//! liveness and commits, as `decide_in_place(now, &mut State, Event) -> Outcome` (and its
+//! copying form `decide(now, &State, Event) -> Decision`).
 //!
 //! Trainers form a group per generation: a trainer restarting or going silent ends the
 //! generation (its survivors are told they are stale, stop, and register again), and the
 //! next group forms once every trainer has registered anew. Dataloaders are stateless
 //! servers: they keep their index across restarts and never end a generation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::state::{Commit, EvalResult, JobConfig, Member, MemberId, Phase, Role, State};
@@ -142,58 +143,88 @@ pub struct Decision {
     pub reason: String,
 }
 
-impl Decision {
-    /// Refuses the event; the state is unchanged.
-    fn refuse(state: &State, refusal: Refusal) -> Self {
-        Self::refuse_with(state.clone(), refusal)
-    }
+/// What applying an event in place ([`decide_in_place`]) decided.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outcome {
+    pub actions: Vec<Action>,
+    /// The event was refused: the state changed at most in a member's liveness.
+    pub refusal: Option<Refusal>,
+    /// One line saying why, for the log; non-empty exactly when the state changed in a way
+    /// worth keeping (so worth saving). Liveness and progress alone are never saved.
+    pub reason: String,
+}
 
-    /// Refuses the event but keeps `next`, which may differ from the state only in
-    /// liveness (a member's last heartbeat): nothing worth saving.
-    fn refuse_with(next: State, refusal: Refusal) -> Self {
+impl Outcome {
+    fn refuse(refusal: Refusal) -> Self {
         Self {
-            state: next,
             actions: Vec::new(),
             reason: format!("refused: {refusal}"),
             refusal: Some(refusal),
         }
     }
 
-    fn quiet(state: State) -> Self {
+    fn quiet() -> Self {
+        Self::default()
+    }
+
+    fn changed(reason: String) -> Self {
         Self {
-            state,
-            actions: Vec::new(),
-            refusal: None,
-            reason: String::new(),
+            reason,
+            ..Self::default()
         }
+    }
+
+    /// Whether the state changed in a way the store must keep.
+    pub fn is_durable_change(&self) -> bool {
+        self.refusal.is_none() && !self.reason.is_empty()
     }
 }
 
-/// Applies `event` at time `now_ms` to `state`; a decision that moves the generation is
-/// remembered among the state's `changes`, with the group's size and the reason.
+/// Applies `event` at time `now_ms` to `state`, returning the next state (the rules of
+/// [`decide_in_place`] on a copy: for tests and callers that keep every state).
 pub fn decide(now_ms: u64, state: &State, event: Event) -> Decision {
-    let mut decision = decide_event(now_ms, state, event);
-    let next = &mut decision.state;
-    if next.generation != state.generation && decision.refusal.is_none() {
-        let ranks = next.ranked_trainers();
-        let size = match next.phase {
-            Phase::Running => format!("{ranks} of {} trainers", next.config.trainers),
+    let mut next = state.clone();
+    let Outcome {
+        actions,
+        refusal,
+        reason,
+    } = decide_in_place(now_ms, &mut next, event);
+    Decision {
+        state: next,
+        actions,
+        refusal,
+        reason,
+    }
+}
+
+/// Applies `event` at time `now_ms` to `state` in place. A refused event changes at most a
+/// member's liveness. Heartbeats, waiting trainers and ticks that evict nobody cost time
+/// independent of the job's size (a map lookup; a tick scans the members once). A decision
+/// that moves the generation is remembered among the state's `changes`, with the group's
+/// size and the reason.
+pub fn decide_in_place(now_ms: u64, state: &mut State, event: Event) -> Outcome {
+    let generation = state.generation;
+    let outcome = decide_event(now_ms, state, event);
+    if state.generation != generation && outcome.refusal.is_none() {
+        let ranks = state.ranked_trainers();
+        let size = match state.phase {
+            Phase::Running => format!("{ranks} of {} trainers", state.config.trainers),
             Phase::Gathering => "gathering".into(),
         };
-        next.changes.push(format!(
+        state.changes.push(format!(
             "generation {} ({size}): {}",
-            next.generation, decision.reason
+            state.generation, outcome.reason
         ));
-        let excess = next
+        let excess = state
             .changes
             .len()
             .saturating_sub(crate::state::CHANGES_KEPT);
-        next.changes.drain(..excess);
+        state.changes.drain(..excess);
     }
-    decision
+    outcome
 }
 
-fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
+fn decide_event(now_ms: u64, state: &mut State, event: Event) -> Outcome {
     match event {
         Event::Register {
             id,
@@ -213,8 +244,8 @@ fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
             },
         ),
         Event::Waiting { id } => match alive(now_ms, state, &id) {
-            Some(next) => Decision::quiet(next),
-            None => Decision::refuse(state, Refusal::UnknownMember(id)),
+            true => Outcome::quiet(),
+            false => Outcome::refuse(Refusal::UnknownMember(id)),
         },
         Event::Heartbeat {
             id,
@@ -224,29 +255,26 @@ fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
             tokens_per_s,
             mfu,
         } => {
-            let Some(mut next) = alive(now_ms, state, &id) else {
-                return Decision::refuse(state, Refusal::UnknownMember(id));
-            };
+            if !alive(now_ms, state, &id) {
+                return Outcome::refuse(Refusal::UnknownMember(id));
+            }
             if id.role == Role::Trainer && generation < state.generation {
                 // A trainer still finishing a step of the generation that ended is alive:
                 // its heartbeat is refused (it must register again) but keeps it from
                 // eviction, so a step of several seconds does not turn a regroup into a
                 // failure of every slow trainer.
-                return Decision::refuse_with(
-                    next,
-                    Refusal::StaleGeneration {
-                        given: generation,
-                        current: state.generation,
-                    },
-                );
+                return Outcome::refuse(Refusal::StaleGeneration {
+                    given: generation,
+                    current: state.generation,
+                });
             }
-            if let Some(member) = next.members.get_mut(&id) {
+            if let Some(member) = state.members.get_mut(&id) {
                 member.step = step;
                 member.loss = loss;
                 member.tokens_per_s = tokens_per_s;
                 member.mfu = mfu;
             }
-            Decision::quiet(next)
+            Outcome::quiet()
         }
         Event::Commit {
             id,
@@ -260,18 +288,14 @@ fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
             val_loss,
             sample,
         } => {
-            let mut next = state.clone();
-            next.last_eval = Some(EvalResult {
+            state.last_eval = Some(EvalResult {
                 step,
                 val_loss,
                 sample,
             });
-            Decision {
-                state: next,
-                actions: Vec::new(),
-                refusal: None,
-                reason: format!("checkpoint of step {step} scored val loss {val_loss:.4}"),
-            }
+            Outcome::changed(format!(
+                "checkpoint of step {step} scored val loss {val_loss:.4}"
+            ))
         }
         Event::Leave {
             id,
@@ -282,41 +306,33 @@ fn decide_event(now_ms: u64, state: &State, event: Event) -> Decision {
     }
 }
 
-/// `state` with member `id` seen alive at `now_ms`; `None` if it is not a member.
-fn alive(now_ms: u64, state: &State, id: &MemberId) -> Option<State> {
-    let mut next = state.clone();
-    next.members.get_mut(id)?.last_heartbeat_ms = now_ms;
-    Some(next)
+/// Member `id` seen alive at `now_ms`; false if it is not a member.
+fn alive(now_ms: u64, state: &mut State, id: &MemberId) -> bool {
+    match state.members.get_mut(id) {
+        Some(m) => {
+            m.last_heartbeat_ms = now_ms;
+            true
+        }
+        None => false,
+    }
 }
 
-fn leave(state: &State, id: MemberId, why: String, finished: bool) -> Decision {
-    let Some(member) = state.members.get(&id) else {
-        return Decision::refuse(state, Refusal::UnknownMember(id));
+fn leave(state: &mut State, id: MemberId, why: String, finished: bool) -> Outcome {
+    let Some(member) = state.members.get_mut(&id) else {
+        return Outcome::refuse(Refusal::UnknownMember(id));
     };
-    let mut next = state.clone();
     if finished {
-        if let Some(m) = next.members.get_mut(&id) {
-            m.finished = true;
-        }
-        return Decision {
-            state: next,
-            actions: Vec::new(),
-            refusal: None,
-            reason: format!("{id} finished"),
-        };
+        member.finished = true;
+        return Outcome::changed(format!("{id} finished"));
     }
-    next.members.remove(&id);
+    let ranked = member.rank.is_some();
+    state.members.remove(&id);
     let mut reason = format!("{id} left ({why})");
-    if id.role == Role::Trainer && member.rank.is_some() && next.phase == Phase::Running {
-        end_generation(&mut next);
+    if id.role == Role::Trainer && ranked && state.phase == Phase::Running {
+        end_generation(state);
         reason.push_str("; the group re-forms when it is complete again");
     }
-    Decision {
-        state: next,
-        actions: Vec::new(),
-        refusal: None,
-        reason,
-    }
+    Outcome::changed(reason)
 }
 
 struct Registration {
@@ -327,7 +343,7 @@ struct Registration {
     grad_accum: Option<u64>,
 }
 
-fn register(now_ms: u64, state: &State, r: Registration) -> Decision {
+fn register(now_ms: u64, state: &mut State, r: Registration) -> Outcome {
     let Registration {
         id,
         address,
@@ -339,46 +355,37 @@ fn register(now_ms: u64, state: &State, r: Registration) -> Decision {
     let checked = id.role == Role::Trainer;
     if let (true, Some(expected)) = (checked, &state.config_fingerprint) {
         if *expected != config_fingerprint {
-            return Decision::refuse(
-                state,
-                Refusal::ConfigMismatch {
-                    expected: expected.clone(),
-                    got: config_fingerprint,
-                },
-            );
+            return Outcome::refuse(Refusal::ConfigMismatch {
+                expected: expected.clone(),
+                got: config_fingerprint,
+            });
         }
     }
-    let previous = state.members.get(&id);
-    if previous.is_none() {
+    let previous_rank = state.members.get(&id).map(|m| m.rank);
+    if previous_rank.is_none() {
         if state.count(id.role) >= state.expected(id.role) {
-            return Decision::refuse(
-                state,
-                Refusal::Full {
-                    role: id.role,
-                    expected: state.expected(id.role),
-                },
-            );
+            return Outcome::refuse(Refusal::Full {
+                role: id.role,
+                expected: state.expected(id.role),
+            });
         }
-        let nodes = state.nodes();
-        if !nodes.contains(id.node.as_str()) && nodes.len() >= state.config.nodes {
-            return Decision::refuse(
-                state,
-                Refusal::TooManyNodes {
-                    node: id.node.clone(),
-                    nodes: state.config.nodes,
-                },
-            );
+        // Only a node not seen before needs the (allocating) count of nodes.
+        let known_node = state.members.keys().any(|k| k.node == id.node);
+        if !known_node && state.nodes().len() >= state.config.nodes {
+            return Outcome::refuse(Refusal::TooManyNodes {
+                node: id.node.clone(),
+                nodes: state.config.nodes,
+            });
         }
     }
-    let mut next = state.clone();
     if checked {
-        next.config_fingerprint = Some(config_fingerprint);
-        next.grad_accum = grad_accum.or(next.grad_accum);
+        state.config_fingerprint = Some(config_fingerprint);
+        state.grad_accum = grad_accum.or(state.grad_accum);
     }
     // A fresh process in a known slot: its predecessor died.
-    let restarted = previous.is_some() && generation.is_none();
+    let restarted = previous_rank.is_some() && generation.is_none();
     if restarted {
-        next.failures += 1;
+        state.failures += 1;
     }
     let mut reason = match restarted {
         true => format!("{id} restarted"),
@@ -386,13 +393,14 @@ fn register(now_ms: u64, state: &State, r: Registration) -> Decision {
     };
     let rank = match id.role {
         Role::Dataloader => Some(
-            previous
-                .and_then(|m| m.rank)
+            previous_rank
+                .flatten()
                 .unwrap_or_else(|| lowest_free_dataloader_index(state)),
         ),
         Role::Trainer => None,
     };
-    next.members.insert(
+    let step = state.last_commit.as_ref().map_or(0, |c| c.step);
+    state.members.insert(
         id.clone(),
         Member {
             id: id.clone(),
@@ -401,29 +409,28 @@ fn register(now_ms: u64, state: &State, r: Registration) -> Decision {
             rank,
             ready: id.role == Role::Trainer,
             dataloader: None,
-            step: state.last_commit.as_ref().map_or(0, |c| c.step),
+            step,
             loss: None,
             tokens_per_s: None,
             mfu: None,
             finished: false,
         },
     );
-    if id.role == Role::Trainer && next.phase == Phase::Running {
+    if id.role == Role::Trainer && state.phase == Phase::Running {
         // The group changed under a running generation: end it; survivors learn from
         // their next heartbeat that they must register again.
-        end_generation(&mut next);
-        if let Some(m) = next.members.get_mut(&id) {
+        end_generation(state);
+        if let Some(m) = state.members.get_mut(&id) {
             m.ready = true;
         }
         reason.push_str("; the group re-forms");
     }
     let mut actions = Vec::new();
-    if next.phase == Phase::Gathering && next.can_start() {
-        actions.push(start_generation(&mut next));
+    if state.phase == Phase::Gathering && state.can_start() {
+        actions.push(start_generation(state));
         reason.push_str("; all members present, new generation");
     }
-    Decision {
-        state: next,
+    Outcome {
         actions,
         refusal: None,
         reason,
@@ -431,8 +438,14 @@ fn register(now_ms: u64, state: &State, r: Registration) -> Decision {
 }
 
 fn lowest_free_dataloader_index(state: &State) -> usize {
+    let taken: BTreeSet<usize> = state
+        .members
+        .values()
+        .filter(|m| m.id.role == Role::Dataloader)
+        .filter_map(|m| m.rank)
+        .collect();
     (0..)
-        .find(|i| state.dataloader(*i).is_none())
+        .find(|i| !taken.contains(i))
         .expect("a free index exists")
 }
 
@@ -458,27 +471,28 @@ fn start_generation(state: &mut State) -> Action {
     state.gathering_since_ms = 0;
     // The ready trainers: all of them, except in an elastic start without the missing.
     let trainers: Vec<MemberId> = state.ready_trainers().map(|m| m.id.clone()).collect();
-    let loaders: Vec<(String, usize)> = state
-        .members
-        .values()
-        .filter(|m| m.id.role == Role::Dataloader)
-        .filter_map(|m| Some((m.id.node.clone(), m.rank?)))
-        .collect();
-    let mut ranks = Vec::new();
-    let mut per_node_seen: std::collections::BTreeMap<String, usize> = Default::default();
-    for (rank, id) in trainers.into_iter().enumerate() {
-        let local: Vec<usize> = loaders
-            .iter()
-            .filter(|(node, _)| *node == id.node)
-            .map(|(_, i)| *i)
-            .collect();
-        let seen = per_node_seen.entry(id.node.clone()).or_default();
-        let dataloader = match (local.is_empty(), loaders.is_empty()) {
-            (false, _) => Some(local[*seen % local.len()]),
-            (true, false) => Some(loaders[rank % loaders.len()].1),
-            (true, true) => None,
+    let mut loaders: Vec<(String, usize)> = Vec::new();
+    let mut local: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for m in state.members.values() {
+        if let (Role::Dataloader, Some(index)) = (m.id.role, m.rank) {
+            loaders.push((m.id.node.clone(), index));
+            local.entry(m.id.node.as_str()).or_default().push(index);
+        }
+    }
+    let mut pairs = Vec::with_capacity(trainers.len());
+    let mut per_node_seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (rank, id) in trainers.iter().enumerate() {
+        let seen = per_node_seen.entry(id.node.as_str()).or_default();
+        let dataloader = match local.get(id.node.as_str()) {
+            Some(on_node) => Some(on_node[*seen % on_node.len()]),
+            None if !loaders.is_empty() => Some(loaders[rank % loaders.len()].1),
+            None => None,
         };
         *seen += 1;
+        pairs.push((rank, dataloader));
+    }
+    let mut ranks = Vec::with_capacity(trainers.len());
+    for (id, (rank, dataloader)) in trainers.into_iter().zip(pairs) {
         if let Some(m) = state.members.get_mut(&id) {
             m.rank = Some(rank);
             m.dataloader = dataloader;
@@ -520,69 +534,53 @@ pub fn host_of(address: &str) -> String {
 }
 
 fn commit(
-    state: &State,
+    state: &mut State,
     id: MemberId,
     generation: u64,
     step: u64,
     path: String,
     val_loss: Option<f64>,
-) -> Decision {
+) -> Outcome {
     if generation != state.generation || state.phase != Phase::Running {
-        return Decision::refuse(
-            state,
-            Refusal::StaleGeneration {
-                given: generation,
-                current: state.generation,
-            },
-        );
+        return Outcome::refuse(Refusal::StaleGeneration {
+            given: generation,
+            current: state.generation,
+        });
     }
     let writers = state.checkpoint_writers();
     match state.members.get(&id) {
-        None => return Decision::refuse(state, Refusal::UnknownMember(id)),
+        None => return Outcome::refuse(Refusal::UnknownMember(id)),
         Some(m) if m.id.role != Role::Trainer || !m.rank.is_some_and(|r| writers.contains(&r)) => {
-            return Decision::refuse(state, Refusal::NotLeader(id))
+            return Outcome::refuse(Refusal::NotLeader(id))
         }
         Some(_) => {}
     }
     let node = id.node.clone();
-    let done = |reason: String| Decision {
-        state: state.clone(),
-        actions: Vec::new(),
-        refusal: None,
-        reason,
-    };
-    let mut next = state.clone();
-    if let Some(last) = next.last_commit.as_mut() {
+    let needed = state.copies_needed();
+    if let Some(last) = state.last_commit.as_mut() {
         if step == last.step {
             let known = last.copies.get(&node);
             // A retry whose reply was lost (say, the coordinator restarted after saving it).
             if known == Some(&path) || (last.copies.is_empty() && last.path == path) {
-                return done(format!("step {step} was already committed"));
+                return Outcome::changed(format!("step {step} was already committed"));
             }
             // A late copy of a durable checkpoint, from a node without one.
             if known.is_none() && !last.copies.is_empty() {
                 last.copies.insert(node.clone(), path);
-                return Decision {
-                    state: next,
-                    actions: Vec::new(),
-                    refusal: None,
-                    reason: format!("step {step}: another copy, on {node}"),
-                };
+                return Outcome::changed(format!("step {step}: another copy, on {node}"));
             }
         }
         if step <= last.step {
-            return Decision::refuse(
-                state,
-                Refusal::StepRegress {
-                    given: step,
-                    committed: last.step,
-                },
-            );
+            return Outcome::refuse(Refusal::StepRegress {
+                given: step,
+                committed: last.step,
+            });
         }
     }
     // Oldest first: the first copy of a step inserts it in order.
-    let at = next.pending_commits.partition_point(|c| c.step < step);
-    if next.pending_commits.get(at).is_none_or(|c| c.step != step) {
+    let pending_commits = &mut state.pending_commits;
+    let at = pending_commits.partition_point(|c| c.step < step);
+    if pending_commits.get(at).is_none_or(|c| c.step != step) {
         let first = Commit {
             step,
             path: path.clone(),
@@ -590,32 +588,22 @@ fn commit(
             val_loss,
             copies: BTreeMap::new(),
         };
-        next.pending_commits.insert(at, first);
+        pending_commits.insert(at, first);
     }
-    let pending = &mut next.pending_commits[at];
+    let pending = &mut pending_commits[at];
     pending.copies.insert(node.clone(), path);
     pending.val_loss = pending.val_loss.or(val_loss);
     let copies = pending.copies.len();
-    let needed = state.copies_needed();
     if copies < needed {
         // Bounded: a copy that never comes (its writer died) must not grow the state.
-        let excess = next
-            .pending_commits
-            .len()
-            .saturating_sub(PENDING_COMMITS_KEPT);
-        next.pending_commits.drain(..excess);
-        return Decision {
-            state: next,
-            actions: Vec::new(),
-            refusal: None,
-            reason: format!("step {step}: copy {copies} of {needed}, on {node}"),
-        };
+        let excess = pending_commits.len().saturating_sub(PENDING_COMMITS_KEPT);
+        pending_commits.drain(..excess);
+        return Outcome::changed(format!("step {step}: copy {copies} of {needed}, on {node}"));
     }
     let commit = pending.clone();
-    next.pending_commits.retain(|c| c.step > step);
-    next.last_commit = Some(commit.clone());
-    Decision {
-        state: next,
+    pending_commits.retain(|c| c.step > step);
+    state.last_commit = Some(commit.clone());
+    Outcome {
         actions: vec![Action::Committed(commit)],
         refusal: None,
         reason: format!("committed step {step} ({copies} copies)"),
@@ -625,42 +613,63 @@ fn commit(
 /// Checkpoints waiting for their second copy that the state keeps.
 const PENDING_COMMITS_KEPT: usize = 4;
 
-fn tick(now_ms: u64, state: &State) -> Decision {
-    let evicted = evict_silent(now_ms, state);
-    if !evicted.actions.is_empty() || state.phase != Phase::Gathering {
-        return evicted;
+fn tick(now_ms: u64, state: &mut State) -> Outcome {
+    let checked = match coordinator_was_away(now_ms, state) {
+        Some(away) => away,
+        None => evict_silent(now_ms, state),
+    };
+    if !checked.actions.is_empty() || state.phase != Phase::Gathering {
+        return checked;
     }
-    elastic(now_ms, state)
+    match elastic(now_ms, state) {
+        started if started.reason.is_empty() => checked,
+        started => started,
+    }
+}
+
+/// A tick long after the last one means the coordinator itself was away (frozen, its host
+/// stalled): members could not reach it, so their silence proves nothing. Every member gets
+/// a full timeout again instead of being evicted, and the running generation goes on.
+fn coordinator_was_away(now_ms: u64, state: &mut State) -> Option<Outcome> {
+    let last = std::mem::replace(&mut state.last_tick_ms, now_ms);
+    let away = now_ms.saturating_sub(last);
+    if last == 0 || away <= state.config.heartbeat_timeout_ms / 2 {
+        return None;
+    }
+    for m in state.members.values_mut() {
+        m.last_heartbeat_ms = now_ms;
+    }
+    Some(Outcome::changed(format!(
+        "the coordinator was away for {away} ms: every member gets a full heartbeat timeout again"
+    )))
 }
 
 /// While gathering: note when it began, and once the grace period has passed start a
 /// generation with the trainers that are there, if the job is elastic and they suffice.
-fn elastic(now_ms: u64, state: &State) -> Decision {
+fn elastic(now_ms: u64, state: &mut State) -> Outcome {
     if state.config.min_nodes.is_none() {
-        return Decision::quiet(state.clone());
+        return Outcome::quiet();
     }
-    let mut next = state.clone();
-    if next.gathering_since_ms == 0 {
-        next.gathering_since_ms = now_ms;
-        return Decision::quiet(next);
+    if state.gathering_since_ms == 0 {
+        state.gathering_since_ms = now_ms;
+        return Outcome::quiet();
     }
     if state.elastic_start(now_ms).is_err() {
-        return Decision::quiet(next);
+        return Outcome::quiet();
     }
     let ready = state.ready_trainers().count();
-    let action = start_generation(&mut next);
-    Decision {
+    let action = start_generation(state);
+    Outcome {
         reason: format!(
             "elastic: {ready} of {} trainers present after {} ms; a generation of {ready} ranks starts without the others",
             state.config.trainers, state.config.elastic_grace_ms
         ),
-        state: next,
         actions: vec![action],
         refusal: None,
     }
 }
 
-fn evict_silent(now_ms: u64, state: &State) -> Decision {
+fn evict_silent(now_ms: u64, state: &mut State) -> Outcome {
     let timeout = state.config.heartbeat_timeout_ms;
     let dead: Vec<MemberId> = state
         .members
@@ -669,24 +678,26 @@ fn evict_silent(now_ms: u64, state: &State) -> Decision {
         .map(|m| m.id.clone())
         .collect();
     if dead.is_empty() {
-        return Decision::quiet(state.clone());
+        return Outcome::quiet();
     }
-    let mut next = state.clone();
     for id in &dead {
-        next.members.remove(id);
+        state.members.remove(id);
     }
-    next.failures += dead.len() as u64;
-    if next.phase == Phase::Running && dead.iter().any(|id| id.role == Role::Trainer) {
-        end_generation(&mut next);
+    state.failures += dead.len() as u64;
+    if state.phase == Phase::Running && dead.iter().any(|id| id.role == Role::Trainer) {
+        end_generation(state);
     }
-    let names: Vec<String> = dead.iter().map(|id| id.to_string()).collect();
-    Decision {
+    let shown: Vec<String> = dead.iter().take(8).map(|id| id.to_string()).collect();
+    let more = match dead.len() > shown.len() {
+        true => format!(" and {} more", dead.len() - shown.len()),
+        false => String::new(),
+    };
+    Outcome {
         reason: format!(
-            "{} member(s) missed heartbeats for {timeout} ms: {}",
+            "{} member(s) missed heartbeats for {timeout} ms: {}{more}",
             dead.len(),
-            names.join(", ")
+            shown.join(", ")
         ),
-        state: next,
         actions: vec![Action::Evicted(dead)],
         refusal: None,
     }
@@ -705,4 +716,121 @@ impl fmt::Display for MemberId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}{}", self.node, self.role.name(), self.local_index)
     }
+}
+
+/// What every trainer's assignment in a running generation shares, computed once per
+/// change of the state (a scan of the members) so that each of thousands of assignments
+/// costs a lookup, not another scan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub generation: u64,
+    pub world_size: usize,
+    /// The c10d store rank 0 serves.
+    pub store_host: String,
+    pub store_port: u16,
+    pub writers: Vec<usize>,
+    /// The lowest rank on each node: the one that reads the node's copy of the checkpoint.
+    pub first_rank_on_node: BTreeMap<String, usize>,
+    /// Dataloader index → address.
+    pub dataloaders: BTreeMap<usize, String>,
+}
+
+/// A trainer's place in a running generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub generation: u64,
+    pub rank: usize,
+    pub world_size: usize,
+    pub store_host: String,
+    pub store_port: u16,
+    pub store_prefix: String,
+    /// Step to resume from (0: start fresh) and the copy this trainer reads, if it is the
+    /// first rank on its node.
+    pub resume_step: u64,
+    pub resume_path: Option<String>,
+    /// The dataloader it streams from: index and address (`None`: it reads its own data).
+    pub dataloader: Option<(usize, String)>,
+    pub writes_checkpoints: bool,
+}
+
+impl Group {
+    /// The running generation's shared facts; `None` while gathering.
+    pub fn of(state: &State) -> Option<Group> {
+        if state.phase != Phase::Running {
+            return None;
+        }
+        let leader = state.trainer_with_rank(0)?;
+        let (store_host, store_port) = store_of(&leader.address, state.config.store_port);
+        let mut first_rank_on_node = BTreeMap::<String, usize>::new();
+        let mut dataloaders = BTreeMap::new();
+        let mut world_size = 0;
+        for m in state.members.values() {
+            match (m.id.role, m.rank) {
+                (Role::Trainer, Some(rank)) => {
+                    world_size += 1;
+                    let first = first_rank_on_node.entry(m.id.node.clone()).or_insert(rank);
+                    *first = (*first).min(rank);
+                }
+                (Role::Dataloader, Some(index)) => {
+                    dataloaders.insert(index, m.address.clone());
+                }
+                _ => {}
+            }
+        }
+        Some(Group {
+            generation: state.generation,
+            world_size,
+            store_host,
+            store_port,
+            writers: state.checkpoint_writers(),
+            first_rank_on_node,
+            dataloaders,
+        })
+    }
+
+    /// Trainer `id`'s assignment, once it holds a rank in this group: one reader per node of
+    /// the node's checkpoint copy (its first rank), the checkpoint writers, its dataloader.
+    pub fn assignment(&self, state: &State, id: &MemberId) -> Option<Assignment> {
+        let member = state.members.get(id)?;
+        if state.generation != self.generation || !member.ready {
+            return None;
+        }
+        let rank = member.rank?;
+        // A job whose trainers read their data themselves (SFT, DPO) has no dataloader.
+        let dataloader = match member.dataloader {
+            Some(index) => Some((index, self.dataloaders.get(&index)?.clone())),
+            None if state.config.dataloaders == 0 => None,
+            None => return None,
+        };
+        let first_on_node = self.first_rank_on_node.get(&id.node) == Some(&rank);
+        Some(Assignment {
+            generation: self.generation,
+            rank,
+            // The generation's ranks: fewer than the job's trainers after an elastic start.
+            world_size: self.world_size,
+            store_host: self.store_host.clone(),
+            store_port: self.store_port,
+            store_prefix: format!("lillm/gen{}", self.generation),
+            resume_step: state.resume_point().0,
+            resume_path: first_on_node
+                .then(|| state.resume_copy_on(&id.node).map(str::to_string))
+                .flatten(),
+            dataloader,
+            writes_checkpoints: self.writers.contains(&rank),
+        })
+    }
+}
+
+/// Heartbeats the whole job may send per second: members heartbeat less often in a large
+/// job, so the coordinator's load stays bounded whatever its size.
+pub const HEARTBEATS_PER_SECOND: u64 = 4_000;
+
+/// How often each member heartbeats, sent to it when it registers: eight times per timeout
+/// in a small job; in a large one as often as [`HEARTBEATS_PER_SECOND`] allows, but at least
+/// three times per timeout.
+pub fn heartbeat_interval_ms(config: &JobConfig) -> u64 {
+    let members = (config.trainers + config.dataloaders) as u64;
+    let budgeted = members * 1_000 / HEARTBEATS_PER_SECOND;
+    let timeout = config.heartbeat_timeout_ms;
+    budgeted.max(timeout / 8).min(timeout / 3).max(1)
 }

@@ -2,7 +2,9 @@
 //!
 //! Layout:
 //! - `state`: [`State`], [`Member`], [`JobConfig`] — everything the coordinator knows.
-//! - `decide`: [`decide`], the single transition function `(now, &State, Event) → Decision`.
+//! - `decide`: [`decide_in_place`], the single transition function `(now, &mut State, Event)
+//!   → Outcome` ([`decide`] is its copying form), and the rules read from a state: each
+//!   trainer's [`Assignment`] in its [`Group`], the heartbeat interval.
 //! - `store`: [`StateStore`], the durable copy of the state (redb).
 //! - `service`: [`Coordinator`], the gRPC `Coordinator` and `Status` services.
 //! - `metrics`: Prometheus text for `/metrics`.
@@ -21,7 +23,10 @@ mod service;
 mod state;
 mod store;
 
-pub use decide::{authorize, decide, host_of, store_of, Action, Decision, Event, Refusal};
+pub use decide::{
+    authorize, decide, decide_in_place, heartbeat_interval_ms, host_of, store_of, Action,
+    Assignment, Decision, Event, Group, Outcome, Refusal, HEARTBEATS_PER_SECOND,
+};
 pub use server::{serve, ServerConfig};
 pub use service::{job_status, now_ms, refusal_status, Coordinator};
 pub use state::{Commit, EvalResult, JobConfig, Member, MemberId, Phase, Role, State};

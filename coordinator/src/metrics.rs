@@ -3,7 +3,7 @@
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::{text::encode, EncodeLabelSet};
-use prometheus_client::metrics::{family::Family, gauge::Gauge};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use prometheus_client::registry::Registry;
 
 use crate::service::now_ms;
@@ -46,9 +46,16 @@ fn member_family(
 }
 
 /// The text a Prometheus scrape of the coordinator receives.
-pub fn render(state: &State) -> String {
+pub fn render(state: &State, saves: u64) -> String {
     let mut r = Registry::with_prefix("lillm");
     let now = now_ms();
+    let counter = Counter::<u64>::default();
+    counter.inc_by(saves);
+    r.register(
+        "coordinator_state_saves",
+        "Writes of the coordinator's state to its store since it started",
+        counter,
+    );
     gauge(
         &mut r,
         "generation",

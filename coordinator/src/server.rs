@@ -88,7 +88,9 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
     let mut loops: JoinSet<anyhow::Result<()>> = JoinSet::new();
     let span = tracing::Span::current();
     let ticker = coordinator.clone();
-    let period = Duration::from_millis((cfg.job.heartbeat_timeout_ms / 4).clamp(100, 1_000));
+    // Ten ticks per timeout: a silent member is evicted within a tenth of a timeout of its
+    // deadline (a tick much later than this means the coordinator was away; see decide).
+    let period = Duration::from_millis((cfg.job.heartbeat_timeout_ms / 10).clamp(50, 1_000));
     let stop = shutdown.clone();
     loops.spawn(tracing::Instrument::instrument(
         async move {
@@ -115,13 +117,14 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
             axum::routing::get(move || {
                 let source = source.clone();
                 async move {
-                    let state = source.snapshot().await;
+                    // Copied out of the lock: rendering thousands of members takes a while.
+                    let text = metrics::render(&source.snapshot(), source.saves());
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
-                        metrics::render(&state),
+                        text,
                     )
                 }
             }),

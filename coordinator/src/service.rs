@@ -2,7 +2,8 @@
 //! [`decide`], persists the new [`State`] and answers. No rule lives here.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lillm_proto::v1 as pb;
@@ -10,10 +11,9 @@ use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
+use crate::decide::{decide_in_place, heartbeat_interval_ms, Assignment, Group, Outcome};
 use crate::store::StateStore;
-use crate::{
-    authorize, decide, host_of, store_of, Decision, Event, MemberId, Phase, Refusal, Role, State,
-};
+use crate::{authorize, host_of, Event, MemberId, Phase, Refusal, Role, State};
 
 /// Milliseconds since the Unix epoch: wall time, so deadlines survive a coordinator restart.
 pub fn now_ms() -> u64 {
@@ -22,65 +22,145 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The coordinator's state, its durable copy, and a change signal.
+/// The coordinator's state, its durable copy, and change signals.
 #[derive(Clone)]
 pub struct Coordinator {
-    /// Decisions apply one at a time. The async lock is held across the save (an fsync on
-    /// the blocking pool), so what is on disk is always the latest decision, and no runtime
-    /// thread ever blocks on the disk.
-    state: Arc<tokio::sync::Mutex<State>>,
+    /// The state and its version. Events apply one at a time, in place, under this lock,
+    /// which is never held across an await or the disk.
+    inner: Arc<Mutex<Inner>>,
     store: Arc<StateStore>,
+    /// One save at a time; a save writes the newest state, covering every decision made
+    /// while the previous one ran (group commit: a register storm costs a few writes).
+    save_turn: Arc<tokio::sync::Mutex<()>>,
+    /// The version the store holds. An answer that depends on a change waits for it.
+    saved: watch::Sender<u64>,
+    /// Bumped on every durable change (status watchers).
     changed: watch::Sender<u64>,
+    /// The generation: trainers waiting for a group wake when it moves, not on every
+    /// registration.
+    generation: watch::Sender<u64>,
     /// The job's fixed settings (token checks need no lock).
     config: Arc<crate::JobConfig>,
+    saves: Arc<AtomicU64>,
+}
+
+struct Inner {
+    state: State,
+    /// Bumped on every change worth saving.
+    version: u64,
+    /// The running group's shared facts, for `version` (recomputed after a change).
+    group: Option<(u64, Arc<Group>)>,
 }
 
 impl Coordinator {
     pub fn new(state: State, store: StateStore) -> Self {
         Self {
             config: Arc::new(state.config.clone()),
-            state: Arc::new(tokio::sync::Mutex::new(state)),
+            generation: watch::channel(state.generation).0,
+            inner: Arc::new(Mutex::new(Inner {
+                state,
+                version: 0,
+                group: None,
+            })),
             store: Arc::new(store),
+            save_turn: Arc::default(),
+            saved: watch::channel(0).0,
             changed: watch::channel(0).0,
+            saves: Arc::default(),
         }
     }
 
-    pub async fn snapshot(&self) -> State {
-        self.state.lock().await.clone()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("coordinator state lock")
     }
 
-    /// Applies one event; saves and signals when something worth keeping changed.
-    pub async fn apply(&self, event: Event) -> Result<Decision, Status> {
-        let mut state = self.state.lock().await;
-        let decision = decide(now_ms(), &state, event);
-        if decision.refusal.is_some() {
-            tracing::warn!(reason = %decision.reason, "refused");
-            // A refusal changes at most a member's liveness, which is never saved.
-            *state = decision.state.clone();
-            return Ok(decision);
-        }
-        if !decision.reason.is_empty() {
-            tracing::info!(
-                generation = decision.state.generation,
-                "{}",
-                decision.reason
-            );
-            let (store, next) = (self.store.clone(), decision.state.clone());
-            tokio::task::spawn_blocking(move || store.save(&next))
-                .await
-                .map_err(|e| Status::internal(format!("saving the state: {e}")))?
-                .map_err(|e| Status::internal(e.to_string()))?;
+    /// Reads the state without copying it.
+    pub fn read<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.lock().state)
+    }
+
+    pub fn snapshot(&self) -> State {
+        self.read(State::clone)
+    }
+
+    /// State saves since start (for `/metrics` and the scale benchmark).
+    pub fn saves(&self) -> u64 {
+        self.saves.load(Ordering::Relaxed)
+    }
+
+    /// Applies one event in place; when it changed something worth keeping, waits until a
+    /// save covers it. `read` sees the state right after the event.
+    pub async fn apply<R>(
+        &self,
+        event: Event,
+        read: impl FnOnce(&State) -> R,
+    ) -> Result<(Outcome, R), Status> {
+        let (outcome, answer, version) = {
+            let mut inner = self.lock();
+            let outcome = decide_in_place(now_ms(), &mut inner.state, event);
+            if outcome.is_durable_change() {
+                inner.version += 1;
+                tracing::info!(generation = inner.state.generation, "{}", outcome.reason);
+            } else if outcome.refusal.is_some() {
+                tracing::warn!(reason = %outcome.reason, "refused");
+            }
+            self.generation.send_if_modified(|g| {
+                std::mem::replace(g, inner.state.generation) != inner.state.generation
+            });
+            let answer = read(&inner.state);
+            (outcome, answer, inner.version)
+        };
+        if outcome.is_durable_change() {
+            self.persist(version).await?;
             self.changed.send_modify(|v| *v += 1);
         }
-        *state = decision.state.clone();
-        Ok(decision)
+        Ok((outcome, answer))
+    }
+
+    /// Returns once the store holds `version` or a later one.
+    async fn persist(&self, version: u64) -> Result<(), Status> {
+        if *self.saved.borrow() >= version {
+            return Ok(());
+        }
+        let _turn = self.save_turn.lock().await;
+        if *self.saved.borrow() >= version {
+            return Ok(());
+        }
+        let (snapshot, at) = {
+            let inner = self.lock();
+            (inner.state.clone(), inner.version)
+        };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.save(&snapshot))
+            .await
+            .map_err(|e| Status::internal(format!("saving the state: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        self.saves.fetch_add(1, Ordering::Relaxed);
+        self.saved.send_replace(at);
+        Ok(())
     }
 
     /// Periodic liveness check.
     pub async fn tick(&self) {
-        if let Err(e) = self.apply(Event::Tick).await {
+        if let Err(e) = self.apply(Event::Tick, |_| ()).await {
             tracing::error!(cause = %e, "tick");
         }
+    }
+
+    /// Trainer `id`'s assignment if its group runs, and the version it was read at.
+    fn assignment(&self, id: &MemberId) -> (Option<Assignment>, u64) {
+        let mut inner = self.lock();
+        let version = inner.version;
+        let group = match &inner.group {
+            Some((at, group)) if *at == version => Some(group.clone()),
+            _ => {
+                let group = Group::of(&inner.state).map(Arc::new);
+                inner.group = group.clone().map(|g| (version, g));
+                group
+            }
+        };
+        let assignment = group.and_then(|g| g.assignment(&inner.state, id));
+        (assignment, version)
     }
 
     fn authorize(&self, token: &str) -> Result<(), Status> {
@@ -103,10 +183,10 @@ pub fn refusal_status(refusal: Refusal) -> Status {
     Status::new(code, refusal.to_string())
 }
 
-fn decided(d: Decision) -> Result<Decision, Status> {
-    match d.refusal {
+fn decided<R>((outcome, answer): (Outcome, R)) -> Result<R, Status> {
+    match outcome.refusal {
         Some(r) => Err(refusal_status(r)),
-        None => Ok(d),
+        None => Ok(answer),
     }
 }
 
@@ -163,24 +243,29 @@ impl pb::coordinator_server::Coordinator for Coordinator {
                 r.address
             )));
         }
-        let d = decided(
-            self.apply(Event::Register {
-                id: id.clone(),
-                address: r.address,
-                config_fingerprint: r.config_fingerprint,
-                generation: (r.rejoining_from > 0).then_some(r.rejoining_from),
-                grad_accum: (r.grad_accum > 0).then_some(r.grad_accum),
+        let event = Event::Register {
+            id: id.clone(),
+            address: r.address,
+            config_fingerprint: r.config_fingerprint,
+            generation: (r.rejoining_from > 0).then_some(r.rejoining_from),
+            grad_accum: (r.grad_accum > 0).then_some(r.grad_accum),
+        };
+        let (outcome, (generation, index)) = self
+            .apply(event, |s| {
+                (s.generation, s.members.get(&id).and_then(|m| m.rank))
             })
-            .await?,
-        )?;
-        let member = &d.state.members[&id];
+            .await?;
+        if let Some(refusal) = outcome.refusal {
+            return Err(refusal_status(refusal));
+        }
         Ok(Response::new(pb::RegisterReply {
-            generation: d.state.generation,
+            generation,
             dataloader_index: match id.role {
-                Role::Dataloader => member.rank.map(|r| r as u32),
+                Role::Dataloader => index.map(|r| r as u32),
                 Role::Trainer => None,
             },
-            message: d.reason,
+            message: outcome.reason,
+            heartbeat_interval_ms: heartbeat_interval_ms(&self.config),
         }))
     }
 
@@ -198,16 +283,25 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         }
         let wait = Duration::from_millis(r.wait_ms.clamp(1, 60_000));
         let deadline = tokio::time::Instant::now() + wait;
-        let mut changes = self.changed.subscribe();
+        let mut generations = self.generation.subscribe();
         loop {
-            let state = decided(self.apply(Event::Waiting { id: id.clone() }).await?)?.state;
-            if let Some(a) = assignment(&state, &id) {
-                return Ok(Response::new(a));
+            decided(
+                self.apply(Event::Waiting { id: id.clone() }, |_| ())
+                    .await?,
+            )?;
+            if let (Some(a), version) = self.assignment(&id) {
+                // Answer only what the store holds: a restart must not forget this group.
+                self.persist(version).await?;
+                return Ok(Response::new(assignment_message(a)));
             }
-            let woke = tokio::time::timeout_at(deadline, changes.changed()).await;
-            if woke.is_err() {
+            // A trainer waiting here is alive: its liveness is refreshed a few times per
+            // timeout even when no generation moves.
+            let refresh = tokio::time::Instant::now()
+                + Duration::from_millis(self.config.heartbeat_timeout_ms / 4);
+            let woke = tokio::time::timeout_at(deadline.min(refresh), generations.changed()).await;
+            if woke.is_err() && tokio::time::Instant::now() >= deadline {
                 return Ok(Response::new(pb::Assignment {
-                    waiting: gathering_message(&state),
+                    waiting: self.read(gathering_message),
                     ..Default::default()
                 }));
             }
@@ -221,17 +315,16 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         let r = request.into_inner();
         self.authorize(&r.job_token)?;
         let id = member_id(r.id)?;
-        let d = self
-            .apply(Event::Heartbeat {
-                id,
-                generation: r.generation,
-                step: r.step,
-                loss: finite("loss", r.loss)?,
-                tokens_per_s: finite("tokens_per_s", r.tokens_per_s)?,
-                mfu: finite("mfu", r.mfu)?,
-            })
-            .await?;
-        match d.refusal {
+        let event = Event::Heartbeat {
+            id,
+            generation: r.generation,
+            step: r.step,
+            loss: finite("loss", r.loss)?,
+            tokens_per_s: finite("tokens_per_s", r.tokens_per_s)?,
+            mfu: finite("mfu", r.mfu)?,
+        };
+        let (outcome, generation) = self.apply(event, |s| s.generation).await?;
+        match outcome.refusal {
             Some(Refusal::StaleGeneration { current, .. }) => {
                 Ok(Response::new(pb::HeartbeatReply {
                     generation: current,
@@ -240,7 +333,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
             }
             Some(other) => Err(refusal_status(other)),
             None => Ok(Response::new(pb::HeartbeatReply {
-                generation: d.state.generation,
+                generation,
                 stale: false,
             })),
         }
@@ -256,16 +349,14 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         if r.path.is_empty() {
             return Err(Status::invalid_argument("`path` is empty"));
         }
-        decided(
-            self.apply(Event::Commit {
-                id,
-                generation: r.generation,
-                step: r.step,
-                path: r.path,
-                val_loss: finite("val_loss", r.val_loss)?,
-            })
-            .await?,
-        )?;
+        let event = Event::Commit {
+            id,
+            generation: r.generation,
+            step: r.step,
+            path: r.path,
+            val_loss: finite("val_loss", r.val_loss)?,
+        };
+        decided(self.apply(event, |_| ()).await?)?;
         Ok(Response::new(pb::CommitReply {}))
     }
 
@@ -275,14 +366,12 @@ impl pb::coordinator_server::Coordinator for Coordinator {
     ) -> Result<Response<pb::EvalReply>, Status> {
         let r = request.into_inner();
         self.authorize(&r.job_token)?;
-        decided(
-            self.apply(Event::Eval {
-                step: r.step,
-                val_loss: finite("val_loss", Some(r.val_loss))?.unwrap_or_default(),
-                sample: r.sample,
-            })
-            .await?,
-        )?;
+        let event = Event::Eval {
+            step: r.step,
+            val_loss: finite("val_loss", Some(r.val_loss))?.unwrap_or_default(),
+            sample: r.sample,
+        };
+        decided(self.apply(event, |_| ()).await?)?;
         Ok(Response::new(pb::EvalReply {}))
     }
 
@@ -293,11 +382,10 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         let r = request.into_inner();
         self.authorize(&r.job_token)?;
         let index = r.dataloader_index;
-        let state = self.snapshot().await;
-        match state.dataloader(index as usize) {
-            Some(m) => Ok(Response::new(pb::DataloaderLocation {
+        match self.read(|s| s.dataloader(index as usize).map(|m| m.address.clone())) {
+            Some(address) => Ok(Response::new(pb::DataloaderLocation {
                 dataloader_index: index,
-                address: m.address.clone(),
+                address,
             })),
             None => Err(Status::unavailable(format!(
                 "dataloader {index} is not registered (yet)"
@@ -312,56 +400,32 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         let r = request.into_inner();
         self.authorize(&r.job_token)?;
         let id = member_id(r.id)?;
-        decided(
-            self.apply(Event::Leave {
-                id,
-                reason: r.reason,
-                finished: r.finished,
-            })
-            .await?,
-        )?;
+        let event = Event::Leave {
+            id,
+            reason: r.reason,
+            finished: r.finished,
+        };
+        decided(self.apply(event, |_| ()).await?)?;
         Ok(Response::new(pb::LeaveReply {}))
     }
 }
 
-/// The trainer's assignment once its generation runs.
-fn assignment(state: &State, id: &MemberId) -> Option<pb::Assignment> {
-    let member = state.members.get(id)?;
-    if state.phase != Phase::Running || !member.ready {
-        return None;
-    }
-    let rank = member.rank?;
-    let leader = state.trainer_with_rank(0)?;
-    // A job whose trainers read their data themselves (SFT, DPO) has no dataloader.
-    let loader = match member.dataloader {
-        Some(index) => Some((index, state.dataloader(index)?)),
-        None if state.config.dataloaders == 0 => None,
-        None => return None,
-    };
-    let (resume_step, _) = state.resume_point();
-    // One reader per node that holds a copy: its first rank.
-    let first_on_node = !state.members.values().any(|m| {
-        m.id.role == Role::Trainer && m.id.node == id.node && m.rank.is_some_and(|r| r < rank)
-    });
-    let resume_path = first_on_node
-        .then(|| state.resume_copy_on(&id.node))
-        .flatten();
-    let (store_host, store_port) = store_of(&leader.address, state.config.store_port);
-    Some(pb::Assignment {
-        generation: state.generation,
-        rank: rank as u32,
-        // The generation's ranks: fewer than the job's trainers after an elastic start.
-        world_size: state.ranked_trainers() as u32,
-        store_host,
-        store_port: u32::from(store_port),
-        store_prefix: format!("lillm/gen{}", state.generation),
-        resume_step,
-        resume_path: resume_path.unwrap_or_default().to_string(),
-        dataloader_index: loader.map_or(0, |(index, _)| index as u32),
-        dataloader_address: loader.map_or_else(String::new, |(_, m)| m.address.clone()),
+fn assignment_message(a: Assignment) -> pb::Assignment {
+    let (dataloader_index, dataloader_address) = a.dataloader.unwrap_or_default();
+    pb::Assignment {
+        generation: a.generation,
+        rank: a.rank as u32,
+        world_size: a.world_size as u32,
+        store_host: a.store_host,
+        store_port: u32::from(a.store_port),
+        store_prefix: a.store_prefix,
+        resume_step: a.resume_step,
+        resume_path: a.resume_path.unwrap_or_default(),
+        dataloader_index: dataloader_index as u32,
+        dataloader_address,
         waiting: String::new(),
-        writes_checkpoints: state.checkpoint_writers().contains(&rank),
-    })
+        writes_checkpoints: a.writes_checkpoints,
+    }
 }
 
 fn gathering_message(state: &State) -> String {
@@ -380,11 +444,17 @@ fn gathering_message(state: &State) -> String {
     message
 }
 
-/// The job as `lillm status` shows it.
-pub fn job_status(state: &State, now: u64) -> pb::JobStatus {
-    let members = state
+/// The job as `lillm status` shows it: the summary, and the first `member_limit` members in
+/// id order (0: all).
+pub fn job_status(state: &State, now: u64, member_limit: usize) -> pb::JobStatus {
+    let limit = match member_limit {
+        0 => usize::MAX,
+        n => n,
+    };
+    let members: Vec<pb::MemberStatus> = state
         .members
         .values()
+        .take(limit)
         .map(|m| pb::MemberStatus {
             id: Some(pb::MemberId {
                 node: m.id.node.clone(),
@@ -404,6 +474,7 @@ pub fn job_status(state: &State, now: u64) -> pb::JobStatus {
             dataloader_index: m.dataloader.map(|d| d as u32),
         })
         .collect();
+    let summary = summary(state, now, members.len());
     pb::JobStatus {
         generation: state.generation,
         phase: match state.phase {
@@ -440,6 +511,41 @@ pub fn job_status(state: &State, now: u64) -> pb::JobStatus {
             .filter(|m| m.id.role == Role::Trainer)
             .filter_map(|m| m.tokens_per_s)
             .sum(),
+        summary: Some(summary),
+    }
+}
+
+/// The job in a few numbers, whatever its size.
+fn summary(state: &State, now: u64, listed: usize) -> pb::JobSummary {
+    let trainers = || {
+        state
+            .members
+            .values()
+            .filter(|m| m.id.role == Role::Trainer)
+    };
+    let rank0 = state.trainer_with_rank(0);
+    pb::JobSummary {
+        members: state.members.len() as u32,
+        members_listed: listed as u32,
+        trainers: trainers().count() as u32,
+        ranked_trainers: state.ranked_trainers() as u32,
+        dataloaders: state.count(Role::Dataloader) as u32,
+        nodes: state.nodes().len() as u32,
+        step: trainers().map(|m| m.step).max().unwrap_or(0),
+        slowest_step: trainers()
+            .filter(|m| !m.finished)
+            .map(|m| m.step)
+            .min()
+            .unwrap_or(0),
+        loss: rank0.and_then(|m| m.loss),
+        mfu: rank0.and_then(|m| m.mfu),
+        oldest_heartbeat_ms: state
+            .members
+            .values()
+            .filter(|m| !m.finished)
+            .map(|m| now.saturating_sub(m.last_heartbeat_ms))
+            .max()
+            .unwrap_or(0),
     }
 }
 
@@ -449,9 +555,10 @@ type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + S
 impl pb::status_server::Status for Coordinator {
     async fn get_status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        Ok(Response::new(job_status(&self.snapshot().await, now_ms())))
+        let limit = request.into_inner().member_limit as usize;
+        Ok(Response::new(self.read(|s| job_status(s, now_ms(), limit))))
     }
 
     type WatchStatusStream = StatusStream;
@@ -460,16 +567,18 @@ impl pb::status_server::Status for Coordinator {
         &self,
         request: Request<pb::WatchStatusRequest>,
     ) -> Result<Response<StatusStream>, Status> {
-        let interval = match request.into_inner().interval_ms {
+        let request = request.into_inner();
+        let interval = match request.interval_ms {
             0 => 500,
             ms => ms.max(50),
         };
+        let limit = request.member_limit as usize;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let this = self.clone();
         tokio::spawn(async move {
             let mut changes = this.changed.subscribe();
             loop {
-                let status = job_status(&this.snapshot().await, now_ms());
+                let status = this.read(|s| job_status(s, now_ms(), limit));
                 if tx.send(Ok(status)).await.is_err() {
                     break;
                 }

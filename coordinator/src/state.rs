@@ -126,6 +126,10 @@ pub struct State {
     /// generation moved, to what size, and why — for `lillm status`.
     #[serde(default)]
     pub changes: Vec<String>,
+    /// When the liveness tick last ran (ms; 0 before the first): a long gap means the
+    /// coordinator itself was away (see `decide`).
+    #[serde(default)]
+    pub last_tick_ms: u64,
 }
 
 /// How many group changes the state remembers.
@@ -146,6 +150,7 @@ impl State {
             gathering_since_ms: 0,
             grad_accum: None,
             changes: Vec::new(),
+            last_tick_ms: 0,
         }
     }
 

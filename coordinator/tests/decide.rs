@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use lillm_coordinator::{
-    authorize, decide, Action, Event, JobConfig, MemberId, Phase, Refusal, Role, State,
+    authorize, decide, heartbeat_interval_ms, Action, Event, Group, JobConfig, MemberId, Phase,
+    Refusal, Role, State, HEARTBEATS_PER_SECOND,
 };
 
 fn job() -> State {
@@ -635,4 +636,127 @@ fn a_job_without_dataloaders_starts_with_its_trainers() {
             "{member:?}"
         );
     }
+}
+
+/// A coordinator frozen (or its host stalled) for longer than the heartbeat timeout finds
+/// every member silent when it wakes: its first tick gives them a full timeout again
+/// instead of ending the generation; a member still silent a timeout later is evicted.
+#[test]
+fn a_coordinator_that_was_away_evicts_nobody_for_its_own_absence() {
+    let (state, _) = gather(&members());
+    let mut s = decide(1_000, &state, Event::Tick).state;
+    // Ticks every 500 ms; then nothing for 20 s (timeout 5 s).
+    s = decide(1_500, &s, Event::Tick).state;
+    let woke = decide(21_500, &s, Event::Tick);
+    assert!(woke.actions.is_empty(), "{}", woke.reason);
+    assert!(woke.reason.contains("away for 20000 ms"), "{}", woke.reason);
+    assert_eq!(woke.state.generation, state.generation);
+    assert_eq!(woke.state.phase, Phase::Running);
+    assert_eq!(woke.state.failures, 0);
+    // Two members heartbeat after the wake-up; node-b's trainer stays silent.
+    let mut s = woke.state;
+    for t in (22_000..=27_000).step_by(500) {
+        for m in [
+            id("node-a", Role::Trainer, 0),
+            id("node-a", Role::Dataloader, 0),
+        ] {
+            s = decide(t, &s, heartbeat(&m, state.generation, 1)).state;
+        }
+        let d = decide(t, &s, Event::Tick);
+        if t <= 26_500 {
+            assert!(d.actions.is_empty(), "at {t}: {}", d.reason);
+        } else {
+            assert_eq!(
+                d.actions,
+                vec![Action::Evicted(vec![id("node-b", Role::Trainer, 0)])]
+            );
+        }
+        s = d.state;
+    }
+}
+
+/// Every trainer's assignment from the group's shared facts: its rank and the world size,
+/// the store rank 0 serves, the node's copy of the checkpoint for the first rank on each
+/// node only, the two checkpoint writers, and its dataloader.
+#[test]
+fn assignments_name_the_node_readers_writers_and_dataloaders() {
+    let mut state = job();
+    state.config.trainers = 4;
+    let trainers = [
+        id("node-a", Role::Trainer, 0),
+        id("node-a", Role::Trainer, 1),
+        id("node-b", Role::Trainer, 0),
+        id("node-b", Role::Trainer, 1),
+    ];
+    let loader = id("node-a", Role::Dataloader, 0);
+    state = decide(0, &state, register(&loader, None)).state;
+    // A checkpoint committed earlier, with a copy on each node.
+    state.last_commit = Some(lillm_coordinator::Commit {
+        step: 40,
+        path: "/a/step-40".into(),
+        generation: 0,
+        val_loss: None,
+        copies: BTreeMap::from([
+            ("node-a".into(), "/a/step-40".into()),
+            ("node-b".into(), "/b/step-40".into()),
+        ]),
+    });
+    for t in &trainers {
+        state = decide(1, &state, register(t, None)).state;
+    }
+    assert_eq!(state.phase, Phase::Running);
+    let group = Group::of(&state).unwrap();
+    let a: Vec<_> = trainers
+        .iter()
+        .map(|t| group.assignment(&state, t).unwrap())
+        .collect();
+    assert_eq!(
+        a.iter().map(|a| a.rank).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    assert!(a.iter().all(|a| a.world_size == 4 && a.resume_step == 40));
+    assert_eq!(
+        (a[0].store_host.as_str(), a[0].store_port),
+        ("10.0.0.6", 7000),
+        "rank 0's address names the store"
+    );
+    assert_eq!(
+        a.iter()
+            .map(|a| a.resume_path.as_deref())
+            .collect::<Vec<_>>(),
+        vec![Some("/a/step-40"), None, Some("/b/step-40"), None]
+    );
+    assert_eq!(
+        a.iter().map(|a| a.writes_checkpoints).collect::<Vec<_>>(),
+        vec![true, false, true, false]
+    );
+    assert!(a
+        .iter()
+        .all(|a| a.dataloader == Some((0, "10.0.0.6:7000".into()))));
+    // A dataloader is not a trainer, and a group that ended assigns nothing.
+    assert_eq!(group.assignment(&state, &loader), None);
+    let ended = decide(2, &state, leave(&trainers[3], false)).state;
+    assert_eq!(group.assignment(&ended, &trainers[0]), None);
+    assert!(Group::of(&ended).is_none());
+}
+
+/// Eight heartbeats per timeout in a small job; in a job of thousands the interval grows
+/// so that the whole job sends at most HEARTBEATS_PER_SECOND, but never fewer than three
+/// per timeout (a lost heartbeat must not look like a death).
+#[test]
+fn heartbeats_are_spread_out_in_a_large_job() {
+    let mut config = job().config;
+    assert_eq!(heartbeat_interval_ms(&config), 625);
+    config.heartbeat_timeout_ms = 2_000;
+    assert_eq!(heartbeat_interval_ms(&config), 250);
+    config.trainers = 4_096;
+    config.dataloaders = 512;
+    config.heartbeat_timeout_ms = 10_000;
+    let interval = heartbeat_interval_ms(&config);
+    let rate = (4_096 + 512) as f64 * 1_000.0 / interval as f64;
+    assert!(rate <= HEARTBEATS_PER_SECOND as f64, "{rate} per second");
+    assert!(interval > 1_000, "{interval} ms");
+    // A short timeout keeps three heartbeats in it, whatever the budget.
+    config.heartbeat_timeout_ms = 2_000;
+    assert_eq!(heartbeat_interval_ms(&config), 666);
 }

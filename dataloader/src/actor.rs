@@ -57,22 +57,24 @@ pub struct Args {
     /// The certificate's private key (PEM).
     #[arg(long, env = "LILLM_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Milliseconds between heartbeats.
-    #[arg(long, default_value_t = 250)]
-    heartbeat_ms: u64,
+    /// Milliseconds between heartbeats (default: what the coordinator says when this
+    /// dataloader registers; 250 if it says nothing).
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
     /// CA certificate (PEM) of the coordinator's TLS certificate: dial it over TLS.
     #[arg(long, env = "LILLM_TLS_CA")]
     tls_ca: Option<PathBuf>,
 }
 
 /// Registers (the retry policy waits for an unreachable coordinator); refusals are fatal.
+/// Returns this dataloader's index and how often to heartbeat.
 async fn register(
     args: &Args,
     client: &CoordinatorClient,
     settings: &ConnectSettings,
     id: &pb::MemberId,
     address: &str,
-) -> anyhow::Result<u32> {
+) -> anyhow::Result<(u32, Duration)> {
     let request = pb::RegisterRequest {
         id: Some(id.clone()),
         address: address.to_string(),
@@ -90,7 +92,15 @@ async fn register(
         .await
         .map_err(|e| anyhow::anyhow!("registration with {} failed: {e}", args.coordinator))?;
     tracing::info!(coordinator_said = %reply.message, "registered");
-    Ok(reply.dataloader_index.unwrap_or_default())
+    let every = match (args.heartbeat_ms, reply.heartbeat_interval_ms) {
+        (Some(ms), _) => ms,
+        (None, 0) => 250,
+        (None, ms) => ms,
+    };
+    Ok((
+        reply.dataloader_index.unwrap_or_default(),
+        Duration::from_millis(every),
+    ))
 }
 
 /// Serves until `shutdown` is cancelled (by `main`, on SIGTERM or Ctrl-C), then leaves the
@@ -111,9 +121,10 @@ async fn heartbeats(
     settings: ConnectSettings,
     id: pb::MemberId,
     address: String,
+    interval: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut every = tokio::time::interval(Duration::from_millis(args.heartbeat_ms));
+    let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warn = WarnEvery::new(Duration::from_secs(5));
     loop {
@@ -153,8 +164,8 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let id = client::member_id(&node, pb::Role::Dataloader, args.local_index);
     let settings = ConnectSettings::with_tls_ca(args.tls_ca.clone());
     let coordinator = CoordinatorClient::new(net::channel(&args.coordinator, &settings)?);
-    let index = tokio::select! {
-        index = register(&args, &coordinator, &settings, &id, &address) => index?,
+    let (index, interval) = tokio::select! {
+        registered = register(&args, &coordinator, &settings, &id, &address) => registered?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     tracing::info!(
@@ -174,6 +185,7 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
             settings.clone(),
             id.clone(),
             address.clone(),
+            interval,
             shutdown.clone(),
         )
         .instrument(tracing::Span::current()),

@@ -19,6 +19,9 @@ pub struct SamplingParams {
     pub presence_penalty: f64,
     /// Subtracted from a token's logit once per time it was already sampled.
     pub frequency_penalty: f64,
+    /// Added to the logits of the named token ids (OpenAI's `logit_bias`, -100 to 100);
+    /// a bias of -100 bans the token outright.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -30,6 +33,7 @@ impl Default for SamplingParams {
             seed: 1337,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -56,9 +60,21 @@ impl SamplingParams {
                 return Err(Error::Generation(format!("{name} must be finite, got {v}")));
             }
         }
+        if let Some((id, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-BAN..=BAN).contains(b))
+        {
+            return Err(Error::Generation(format!(
+                "the logit bias of token {id} must be between -100 and 100, got {bias}"
+            )));
+        }
         Ok(())
     }
 }
+
+/// The largest logit bias; -BAN bans a token (OpenAI's convention).
+const BAN: f32 = 100.0;
 
 /// A seeded sampler: the same seed and logits give the same tokens.
 #[derive(Debug)]
@@ -88,16 +104,30 @@ impl Sampler {
         id
     }
 
-    /// `logits` less the presence and frequency penalties of the tokens sampled so far.
+    /// `logits` with the request's biases added and the presence and frequency penalties
+    /// of the tokens sampled so far subtracted.
     fn penalised(&self, logits: Tensor) -> Tensor {
         let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
-        if self.counts.is_empty() || (presence == 0.0 && frequency == 0.0) {
+        let penalties = !self.counts.is_empty() && (presence != 0.0 || frequency != 0.0);
+        if !penalties && self.params.logit_bias.is_empty() {
             return logits;
         }
         let mut values = Vec::<f32>::try_from(&logits).expect("logits are float32");
-        for (&id, &n) in &self.counts {
+        if penalties {
+            for (&id, &n) in &self.counts {
+                if let Some(v) = values.get_mut(id as usize) {
+                    *v -= (presence + frequency * f64::from(n)) as f32;
+                }
+            }
+        }
+        for &(id, bias) in &self.params.logit_bias {
             if let Some(v) = values.get_mut(id as usize) {
-                *v -= (presence + frequency * f64::from(n)) as f32;
+                // -100 is a ban, whatever the temperature and however likely the token was.
+                *v = if bias <= -BAN {
+                    f32::NEG_INFINITY
+                } else {
+                    *v + bias
+                };
             }
         }
         Tensor::from_slice(&values)
@@ -206,4 +236,48 @@ pub fn generate(
         logits = model.forward_cached(&input, &mut cache);
     }
     Ok(StopReason::Length)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(temperature: f64, logit_bias: Vec<(u32, f32)>) -> Sampler {
+        Sampler::new(SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            logit_bias,
+            ..SamplingParams::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_bias_of_minus_100_bans_even_the_most_likely_token() {
+        // Token 2 holds nearly all the probability; banned, it is never drawn.
+        let logits = Tensor::from_slice(&[0.0f32, 0.0, 30.0, 0.0]);
+        for temperature in [0.0, 1.0, 2.0] {
+            let mut s = sampler(temperature, vec![(2, -100.0)]);
+            for _ in 0..200 {
+                assert_ne!(s.sample(&logits), 2, "temperature {temperature}");
+            }
+        }
+        assert_eq!(sampler(0.0, vec![]).sample(&logits), 2);
+    }
+
+    #[test]
+    fn a_bias_moves_the_greedy_choice_and_out_of_range_biases_are_refused() {
+        let logits = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        assert_eq!(sampler(0.0, vec![(0, 2.5)]).sample(&logits), 0);
+        assert_eq!(sampler(0.0, vec![(0, 1.5)]).sample(&logits), 2);
+        // An id past the vocabulary changes nothing.
+        assert_eq!(sampler(0.0, vec![(7, 50.0)]).sample(&logits), 2);
+        let err = Sampler::new(SamplingParams {
+            logit_bias: vec![(5, 101.0)],
+            ..SamplingParams::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("token 5"), "{err}");
+    }
 }

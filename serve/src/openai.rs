@@ -1,6 +1,6 @@
 //! The OpenAI-compatible API: `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
 //! non-streaming and streaming (server-sent events ending with `data: [DONE]`), with `n`
-//! choices, `stream_options.include_usage`, presence/frequency penalties and log-probabilities
+//! choices, `stream_options.include_usage`, presence/frequency penalties, `logit_bias` and log-probabilities
 //! (`logprobs`/`top_logprobs` for chat, `logprobs: k` for completions).
 
 use std::convert::Infallible;
@@ -139,6 +139,8 @@ struct Sampling {
     n: Option<i64>,
     presence_penalty: Option<f64>,
     frequency_penalty: Option<f64>,
+    /// Token id (as a string, OpenAI's shape) → bias from -100 to 100.
+    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
     /// Chat: true/false; completions: how many alternatives (0–5).
     logprobs: Option<Value>,
     /// Chat: how many alternatives (0–20), with `logprobs: true`.
@@ -368,6 +370,10 @@ fn plan(state: &AppState, prompt_text: &str, s: Sampling, api: Api) -> Result<Pl
     };
     let presence_penalty = penalty("presence_penalty", s.presence_penalty)?;
     let frequency_penalty = penalty("frequency_penalty", s.frequency_penalty)?;
+    let logit_bias = logit_bias(
+        s.logit_bias.unwrap_or_default(),
+        state.generator.tokenizer.vocab_size(),
+    )?;
     let seed = s.seed.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -383,6 +389,7 @@ fn plan(state: &AppState, prompt_text: &str, s: Sampling, api: Api) -> Result<Pl
             seed,
             presence_penalty,
             frequency_penalty,
+            logit_bias,
         },
         stops,
         stream: s.stream,
@@ -390,6 +397,30 @@ fn plan(state: &AppState, prompt_text: &str, s: Sampling, api: Api) -> Result<Pl
         include_usage: s.stream_options.is_some_and(|o| o.include_usage),
         logprobs,
     })
+}
+
+/// OpenAI's `logit_bias` (`{"token id": bias}`), each id within the vocabulary and each bias
+/// from -100 (a ban) to 100.
+fn logit_bias(
+    given: std::collections::BTreeMap<String, f64>,
+    vocab: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    given
+        .into_iter()
+        .map(|(key, bias)| {
+            let id = key.parse::<u32>().ok().filter(|&id| (id as usize) < vocab);
+            match id {
+                None => Err(ApiError::invalid(format!(
+                    "logit_bias keys are token ids from 0 to {}, got {key:?}",
+                    vocab - 1
+                ))),
+                Some(_) if !(-100.0..=100.0).contains(&bias) => Err(ApiError::invalid(format!(
+                    "logit_bias of token {key} must be between -100 and 100, got {bias}"
+                ))),
+                Some(id) => Ok((id, bias as f32)),
+            }
+        })
+        .collect()
 }
 
 /// Queues one generation per choice; their events arrive on the returned receivers (in

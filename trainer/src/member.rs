@@ -42,6 +42,8 @@ pub struct MemberOptions {
     pub job_token: String,
     /// Hash of the job's settings (see `JobConfig::fingerprint`).
     pub fingerprint: String,
+    /// Between heartbeats, unless the coordinator says otherwise when this trainer
+    /// registers (a large job's coordinator spreads them out).
     pub heartbeat: Duration,
     pub connect: ConnectSettings,
     /// How long an unreachable coordinator or dataloader is retried.
@@ -76,6 +78,8 @@ struct Shared {
     opts: MemberOptions,
     id: pb::MemberId,
     generation: u64,
+    /// Between heartbeats, as the coordinator said.
+    heartbeat: Duration,
     /// Long-lived: one HTTP/2 connection (re-dialled when it breaks) for every call.
     client: CoordinatorClient,
     /// Written by the training thread at log intervals, read by the heartbeat task.
@@ -117,7 +121,7 @@ impl Membership {
             CoordinatorClient::new(net::channel(&opts.coordinator, &opts.connect)?)
         };
         let stopped = stop.token();
-        let assignment = rt.block_on(async {
+        let (assignment, heartbeat) = rt.block_on(async {
             tokio::select! {
                 a = register_and_wait(&opts, &id, &client) => a,
                 _ = stopped.cancelled() => {
@@ -144,6 +148,7 @@ impl Membership {
             opts,
             id,
             generation: assignment.generation,
+            heartbeat,
             client,
             progress: Mutex::default(),
             stop,
@@ -329,12 +334,13 @@ async fn leave(
 }
 
 /// Registers (retrying an unreachable coordinator), then asks for the assignment until a
-/// group forms; registers again if the coordinator forgot this trainer meanwhile.
+/// group forms; registers again if the coordinator forgot this trainer meanwhile. Returns
+/// the assignment and how often to heartbeat.
 async fn register_and_wait(
     opts: &MemberOptions,
     id: &pb::MemberId,
     client: &CoordinatorClient,
-) -> Result<pb::Assignment> {
+) -> Result<(pb::Assignment, Duration)> {
     let register = || async {
         let request = pb::RegisterRequest {
             id: Some(id.clone()),
@@ -354,9 +360,12 @@ async fn register_and_wait(
             .await
             .map_err(|e| refused(opts, e))?;
         tracing::info!(coordinator_said = %reply.message, "registered");
-        Ok::<_, Error>(())
+        Ok::<_, Error>(match reply.heartbeat_interval_ms {
+            0 => opts.heartbeat,
+            ms => Duration::from_millis(ms),
+        })
     };
-    register().await?;
+    let mut heartbeat = register().await?;
     let mut last_said = String::new();
     loop {
         let request = pb::AwaitAssignmentRequest {
@@ -375,14 +384,14 @@ async fn register_and_wait(
                 })
                 .await;
         match answer {
-            Ok(a) if a.waiting.is_empty() => return Ok(a),
+            Ok(a) if a.waiting.is_empty() => return Ok((a, heartbeat)),
             Ok(a) => {
                 if a.waiting != last_said {
                     tracing::info!(waiting = %a.waiting, "no group yet");
                     last_said = a.waiting;
                 }
             }
-            Err(e) if e.action() == Action::Register => register().await?,
+            Err(e) if e.action() == Action::Register => heartbeat = register().await?,
             Err(e) => return Err(refused(opts, e)),
         }
     }
@@ -420,7 +429,7 @@ const LEAVING_HEARTBEATS: Duration = Duration::from_secs(600);
 /// on (see [`LEAVING_HEARTBEATS`]) until the training thread has stopped and `done` ends
 /// them.
 async fn heartbeats(shared: Arc<Shared>, done: CancellationToken) {
-    let mut every = tokio::time::interval(shared.opts.heartbeat);
+    let mut every = tokio::time::interval(shared.heartbeat);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_since: Option<tokio::time::Instant> = None;
     let mut warn = WarnEvery::new(Duration::from_secs(5));
