@@ -39,6 +39,10 @@ pub struct CoordinatorBenchArgs {
     /// Share of the trainers killed at once (percent).
     #[arg(long, default_value_t = 1.0)]
     kill_percent: f64,
+    /// The coordinator binary to measure (default: `coordinator` beside this `lillm`, else
+    /// `lillm coordinator`); another build's, to compare.
+    #[arg(long)]
+    coordinator_bin: Option<std::path::PathBuf>,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -165,15 +169,23 @@ impl CoordinatorProcess {
         let (port, metrics_port) = (free_port()?, free_port()?);
         let address = format!("127.0.0.1:{port}");
         let metrics = format!("127.0.0.1:{metrics_port}");
+        // The `coordinator` binary beside this one, as a job runs it (`lillm coordinator`
+        // is the same server, but its process also maps libtorch).
         let exe = std::env::current_exe()?;
-        let child = Command::new(exe)
-            .args([
-                "coordinator",
-                "--listen",
-                &address,
-                "--metrics-listen",
-                &metrics,
-            ])
+        let standalone = args
+            .coordinator_bin
+            .clone()
+            .unwrap_or_else(|| exe.with_file_name("coordinator"));
+        let mut command = match standalone.exists() {
+            true => Command::new(standalone),
+            false => {
+                let mut c = Command::new(exe);
+                c.arg("coordinator");
+                c
+            }
+        };
+        let child = command
+            .args(["--listen", &address, "--metrics-listen", &metrics])
             .arg("--state-dir")
             .arg(state.path())
             .args([
@@ -500,6 +512,11 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
     figures.storm_s = (last_registered - started).as_secs_f64();
     figures.first_generation_s = (last_assigned - last_registered).as_secs_f64();
     figures.storm_saves = coordinator.saves()? - saves_before;
+    // A coordinator that names no interval: members heartbeat every 250 ms, as they did.
+    let interval_ms = match interval_ms {
+        0 => 250,
+        ms => ms,
+    };
     figures.heartbeat_interval_ms = interval_ms;
     let interval = Duration::from_millis(interval_ms.max(1));
 

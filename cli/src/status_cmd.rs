@@ -91,7 +91,7 @@ fn member_name(m: &pb::MemberStatus) -> String {
 
 /// The job as a human reads it: its summary first, then the members listed.
 pub fn status_text(job: &pb::JobStatus) -> String {
-    let summary = job.summary.clone().unwrap_or_default();
+    let summary = job.summary.unwrap_or_default();
     let mut out = format!(
         "job: generation {} ({}), {}/{} trainers ({} ranked) and {}/{} dataloaders on {} node(s), {} restart(s)\n",
         job.generation,
