@@ -451,7 +451,10 @@ async fn status(address: &str, member_limit: u32) -> Result<(pb::JobStatus, usiz
         pb::status_client::StatusClient::new(channel).max_decoding_message_size(64 << 20);
     let asked = Instant::now();
     let job = client
-        .get_status(pb::StatusRequest { member_limit })
+        .get_status(pb::StatusRequest {
+            member_limit,
+            node: String::new(),
+        })
         .await?
         .into_inner();
     let took = asked.elapsed().as_secs_f64() * 1e3;

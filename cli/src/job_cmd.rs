@@ -19,6 +19,7 @@ use lillm_trainer::stop::{Stop, StopReason, EXIT_REGROUP};
 use lillm_trainer::{checkpoint, ProcessConfig, Rewire, Setup, Start, TrainConfig, Trainer};
 use tokio_util::sync::CancellationToken;
 
+use crate::hang_watch;
 use crate::supervisor::{Ended, Kind, OnTrainerDeath, Spec, Supervisor};
 
 /// Between two heartbeats: eight of them fit in the coordinator's default 2 s timeout.
@@ -88,6 +89,11 @@ pub struct LaunchArgs {
     /// is not a failure).
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
+    /// Seconds a trainer may stay evicted by the coordinator (silent past its heartbeat
+    /// timeout) while its process still runs before the launcher kills and restarts it as
+    /// hung (a stuck collective, a wedged driver call); 0: never.
+    #[arg(long, default_value_t = 30)]
+    pub replace_hung_after_s: u64,
     /// Join a distributed job as a trainer actor (see `lillm status`, deploy/).
     #[command(flatten)]
     pub actor: ActorArgs,
@@ -101,14 +107,13 @@ pub fn launch(
     threads: Option<usize>,
     shutdown: &CancellationToken,
 ) -> Option<Result<()>> {
-    let restarts = launch.max_restarts;
     match (&launch.actor.coordinator, launch.nproc) {
         (Some(coordinator), Some(n)) => Some(launch_node(
             &launch.actor,
             coordinator,
             n,
             threads,
-            restarts,
+            launch,
             shutdown,
         )),
         (Some(coordinator), None) => Some(run_trainer_actor(
@@ -117,7 +122,7 @@ pub fn launch(
             &launch.actor,
             shutdown,
         )),
-        (None, Some(n)) if n > 1 => Some(launch_local_job(cfg, n, threads, restarts, shutdown)),
+        (None, Some(n)) if n > 1 => Some(launch_local_job(cfg, n, threads, launch, shutdown)),
         (None, _) => None,
     }
 }
@@ -404,6 +409,22 @@ fn tell_coordinator_on_death(
     })
 }
 
+/// Lets `supervisor` replace this node's hung trainers (`--replace-hung-after-s`).
+fn watch_hangs(
+    supervisor: &mut Supervisor,
+    launch: &LaunchArgs,
+    coordinator: &str,
+    node: &str,
+    connect: ConnectSettings,
+) {
+    if launch.replace_hung_after_s > 0 {
+        supervisor.replace_hung_trainers(
+            hang_watch::ask_coordinator(coordinator.to_string(), node.to_string(), connect),
+            Duration::from_secs(launch.replace_hung_after_s),
+        );
+    }
+}
+
 /// `lillm train|sft|dpo --nproc N`: a coordinator, a dataloader (for pretraining, whose
 /// batches it streams) and N trainer actors on this machine, under one [`Supervisor`] that
 /// restarts any of them that dies (up to `max_restarts` failures). The coordinator keeps its
@@ -414,7 +435,7 @@ pub fn launch_local_job(
     cfg: &TrainConfig,
     nproc: usize,
     threads: Option<usize>,
-    max_restarts: u32,
+    launch: &LaunchArgs,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     TrainConfig {
@@ -451,13 +472,20 @@ pub fn launch_local_job(
     let logs = cfg.process.out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create", logs.display()))?;
     let mut supervisor = Supervisor::new(
-        max_restarts,
+        launch.max_restarts,
         tell_coordinator_on_death(
             coordinator.clone(),
             LOCAL_NODE.into(),
             String::new(),
             ConnectSettings::default(),
         ),
+    );
+    watch_hangs(
+        &mut supervisor,
+        launch,
+        &coordinator,
+        LOCAL_NODE,
+        ConnectSettings::default(),
     );
     supervisor.start(Spec {
         name: "the coordinator".into(),
@@ -501,6 +529,7 @@ pub fn launch_local_job(
     let mut user = trainer_args_from_command_line(&[
         "--nproc",
         "--max-restarts",
+        "--replace-hung-after-s",
         "--local-rank",
         "--node",
         "--coordinator",
@@ -528,20 +557,27 @@ pub fn launch_node(
     coordinator: &str,
     trainers: usize,
     threads: Option<usize>,
-    max_restarts: u32,
+    launch: &LaunchArgs,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let node = args.node.clone().unwrap_or_else(client::hostname);
+    let connect = ConnectSettings::with_tls_ca(args.tls_ca.clone());
     let mut supervisor = Supervisor::new(
-        max_restarts,
+        launch.max_restarts,
         tell_coordinator_on_death(
             coordinator.to_string(),
             node.clone(),
             args.job_token.clone(),
-            ConnectSettings::with_tls_ca(args.tls_ca.clone()),
+            connect.clone(),
         ),
     );
-    let mut user = trainer_args_from_command_line(&["--nproc", "--max-restarts", "--local-rank"]);
+    watch_hangs(&mut supervisor, launch, coordinator, &node, connect);
+    let mut user = trainer_args_from_command_line(&[
+        "--nproc",
+        "--max-restarts",
+        "--replace-hung-after-s",
+        "--local-rank",
+    ]);
     share_cores(&mut user, trainers, threads);
     if args.node.is_none() {
         // Every trainer of this node under the one name the supervisor reports deaths with.

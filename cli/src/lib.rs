@@ -6,6 +6,7 @@ mod bench_cmd;
 mod chat_cmd;
 mod data_cmd;
 mod finetune_cmd;
+mod hang_watch;
 mod infer_cmd;
 mod interop_cmd;
 mod job_cmd;

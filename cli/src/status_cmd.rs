@@ -21,6 +21,9 @@ pub struct StatusArgs {
     /// members).
     #[arg(long)]
     members: bool,
+    /// Only this node's members (a cheap question in a job of thousands).
+    #[arg(long, conflicts_with = "watch")]
+    node: Option<String>,
     /// CA certificate (PEM) of the coordinator's TLS certificate: dial it over TLS.
     #[arg(long, env = "LILLM_TLS_CA")]
     tls_ca: Option<std::path::PathBuf>,
@@ -49,7 +52,10 @@ pub fn status(args: StatusArgs) -> Result<()> {
         let member_limit = if args.members { 0 } else { MEMBERS_SHOWN };
         if !args.watch {
             let job = c
-                .get_status(pb::StatusRequest { member_limit })
+                .get_status(pb::StatusRequest {
+                    member_limit,
+                    node: args.node.clone().unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             show(&job);
@@ -91,7 +97,10 @@ fn member_name(m: &pb::MemberStatus) -> String {
 
 /// The job as a human reads it: its summary first, then the members listed.
 pub fn status_text(job: &pb::JobStatus) -> String {
-    let summary = job.summary.unwrap_or_default();
+    let Some(summary) = job.summary else {
+        // One node's members (--node): no summary of the job.
+        return format!("generation {}\n{}", job.generation, members_table(job));
+    };
     let mut out = format!(
         "job: generation {} ({}), {}/{} trainers ({} ranked) and {}/{} dataloaders on {} node(s), {} restart(s)\n",
         job.generation,
@@ -136,7 +145,18 @@ pub fn status_text(job: &pb::JobStatus) -> String {
     for change in job.changes.iter().rev().take(3).rev() {
         out += &format!("change: {change}\n");
     }
-    out += &format!(
+    out += &members_table(job);
+    let unlisted = summary.members.saturating_sub(summary.members_listed);
+    if unlisted > 0 {
+        out += &format!("… and {unlisted} more members (lillm status --members lists all)\n");
+    }
+    out
+}
+
+/// One line per member listed.
+fn members_table(job: &pb::JobStatus) -> String {
+    let fmt_opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".to_string(), f);
+    let mut out = format!(
         "{:<28} {:>4} {:<22} {:>9} {:>7} {:>8} {:>9}\n",
         "MEMBER", "RANK", "ADDRESS", "HEARTBEAT", "STEP", "LOSS", "TOKENS/S"
     );
@@ -151,10 +171,6 @@ pub fn status_text(job: &pb::JobStatus) -> String {
             fmt_opt(m.loss, &|l| format!("{l:.4}")),
             fmt_opt(m.tokens_per_s, &|t| format!("{t:.0}")),
         );
-    }
-    let unlisted = summary.members.saturating_sub(summary.members_listed);
-    if unlisted > 0 {
-        out += &format!("… and {unlisted} more members (lillm status --members lists all)\n");
     }
     out
 }

@@ -11,7 +11,9 @@
 //!   2 was given a command line it cannot parse: restarting cannot help, so the supervisor stops everything and exits [`EXIT_FATAL`] itself;
 //! - any other exit (a crash, SIGKILL, the OOM killer, exit 1) of any child is a failure:
 //!   the coordinator is told at once (so the group ends now, not after a heartbeat timeout)
-//!   and the child is started again, up to `max_restarts` failures for the whole node.
+//!   and the child is started again, up to `max_restarts` failures for the whole node;
+//! - a trainer that still runs but that the coordinator evicted for silence and no longer
+//!   lists past a grace is hung: it is killed, which makes it a failure as above.
 
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
@@ -19,6 +21,8 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use lillm_trainer::stop::{EXIT_FATAL, EXIT_REGROUP};
+
+use crate::hang_watch::{self, ListedTrainers, Listing};
 use tokio_util::sync::CancellationToken;
 
 /// How long a trainer may take to checkpoint and leave after SIGTERM before SIGKILL.
@@ -106,6 +110,15 @@ struct Running {
     spec: Spec,
     child: Option<Child>,
     finished: bool,
+    /// What the coordinator said of this process (trainers; reset when it starts again).
+    listing: Listing,
+}
+
+/// The launcher's watch for hung trainers (see [`crate::hang_watch`]).
+struct HangWatch {
+    ask: ListedTrainers,
+    grace: Duration,
+    last: Instant,
 }
 
 pub struct Supervisor {
@@ -113,6 +126,7 @@ pub struct Supervisor {
     max_restarts: u32,
     restarts: u32,
     on_trainer_death: OnTrainerDeath,
+    hangs: Option<HangWatch>,
 }
 
 impl Supervisor {
@@ -122,7 +136,18 @@ impl Supervisor {
             max_restarts,
             restarts: 0,
             on_trainer_death,
+            hangs: None,
         }
+    }
+
+    /// Kills (so restarts) a running trainer that `ask` no longer lists for longer than
+    /// `grace`: the coordinator evicted it for silence and it never came back (hung).
+    pub fn replace_hung_trainers(&mut self, ask: ListedTrainers, grace: Duration) {
+        self.hangs = Some(HangWatch {
+            ask,
+            grace,
+            last: Instant::now(),
+        });
     }
 
     /// Starts a child and supervises it from now on.
@@ -132,6 +157,7 @@ impl Supervisor {
             spec,
             child: Some(child),
             finished: false,
+            listing: Listing::default(),
         });
         Ok(())
     }
@@ -163,6 +189,7 @@ impl Supervisor {
             for i in 0..self.children.len() {
                 self.check(i)?;
             }
+            self.kill_hung_trainers();
             let trainers_left = self
                 .children
                 .iter()
@@ -224,7 +251,42 @@ impl Supervisor {
         }
         let running = &mut self.children[i];
         running.child = Some(spawn(&running.spec, false)?);
+        running.listing = Listing::default();
         Ok(())
+    }
+
+    /// Every [`hang_watch::POLL`]: asks the coordinator which trainers it lists and kills
+    /// those unlisted past the grace; [`Supervisor::check`] then restarts them as failures.
+    fn kill_hung_trainers(&mut self) {
+        let Some(watch) = self.hangs.as_mut() else {
+            return;
+        };
+        if watch.last.elapsed() < hang_watch::POLL {
+            return;
+        }
+        watch.last = Instant::now();
+        let Some(listed) = (watch.ask)() else {
+            return;
+        };
+        let now = Instant::now();
+        for running in &mut self.children {
+            let (Kind::Trainer { local_rank }, Some(child)) =
+                (running.spec.kind, running.child.as_mut())
+            else {
+                continue;
+            };
+            if running
+                .listing
+                .hung(listed.contains(&local_rank), now, watch.grace)
+            {
+                tracing::warn!(
+                    "{}: the coordinator evicted it for silence over {:?} ago and it never came back; killing it as hung",
+                    running.spec.name,
+                    watch.grace
+                );
+                signal(child, libc::SIGKILL);
+            }
+        }
     }
 
     fn trainer_finished(&self) -> bool {

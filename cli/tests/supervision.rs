@@ -105,6 +105,59 @@ fn a_killed_trainer_is_restarted_the_survivor_regroups_in_place_and_the_model_is
     assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
 }
 
+/// A trainer that hangs (SIGSTOP: it neither dies nor answers) is evicted by the
+/// coordinator; its launcher, seeing the process alive but no longer a member past
+/// `--replace-hung-after-s`, kills and restarts it, and the job finishes with the weights of
+/// an uninterrupted run instead of waiting for it forever.
+#[test]
+fn a_hung_trainer_is_killed_and_replaced_and_the_model_is_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    lillm_ok(&long_run(s(&tiny.data), s(&straight)));
+
+    let run = dir.path().join("run");
+    let mut args = strings(&long_run(s(&tiny.data), s(&run)));
+    args.extend(strings(&["--nproc", "2", "--replace-hung-after-s", "2"]));
+    let log_path = dir.path().join("job.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut job = Actor {
+        child,
+        log: log_path,
+    };
+    wait_until(Duration::from_secs(120), "30 training steps", || {
+        losses(&run).len() >= 30
+    });
+    let victims = children_with(job.child.id(), "--local-rank=1");
+    assert_eq!(victims.len(), 1, "one trainer 1: {victims:?}");
+    // SAFETY: kill(2) on a process id just read from /proc, a child of our child.
+    unsafe {
+        libc::kill(victims[0], libc::SIGSTOP);
+    }
+    job.finish(Duration::from_secs(240));
+    let log = job.log_text();
+    assert!(
+        log.contains("trainer 1: the coordinator evicted it for silence over 2s ago and it never came back; killing it as hung"),
+        "{log}"
+    );
+    assert!(
+        log.contains("trainer 1 died (killed by SIGKILL); restarting it"),
+        "{log}"
+    );
+    assert_same_losses(&losses(&straight), &losses(&run));
+    let max_diff = max_weight_diff(
+        &straight.join("checkpoints/step-00000120/model.safetensors"),
+        &run.join("checkpoints/step-00000120/model.safetensors"),
+    );
+    assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
+}
+
 #[test]
 fn a_refused_node_launcher_is_not_restarted_and_says_do_not_retry() {
     let dir = tempfile::tempdir().unwrap();

@@ -455,24 +455,7 @@ pub fn job_status(state: &State, now: u64, member_limit: usize) -> pb::JobStatus
         .members
         .values()
         .take(limit)
-        .map(|m| pb::MemberStatus {
-            id: Some(pb::MemberId {
-                node: m.id.node.clone(),
-                role: match m.id.role {
-                    Role::Trainer => pb::Role::Trainer,
-                    Role::Dataloader => pb::Role::Dataloader,
-                } as i32,
-                local_index: m.id.local_index as u32,
-            }),
-            address: m.address.clone(),
-            rank: m.rank.map(|r| r as u32),
-            heartbeat_age_ms: now.saturating_sub(m.last_heartbeat_ms),
-            step: m.step,
-            loss: m.loss,
-            tokens_per_s: m.tokens_per_s,
-            mfu: m.mfu,
-            dataloader_index: m.dataloader.map(|d| d as u32),
-        })
+        .map(|m| member_status(m, now))
         .collect();
     let summary = summary(state, now, members.len());
     pb::JobStatus {
@@ -512,6 +495,47 @@ pub fn job_status(state: &State, now: u64, member_limit: usize) -> pb::JobStatus
             .filter_map(|m| m.tokens_per_s)
             .sum(),
         summary: Some(summary),
+    }
+}
+
+/// One node's members alone: a lookup, whatever the job's size.
+pub fn node_status(state: &State, now: u64, node: &str) -> pb::JobStatus {
+    let first = MemberId {
+        node: node.to_string(),
+        role: Role::Trainer,
+        local_index: 0,
+    };
+    let members = state
+        .members
+        .range(first..)
+        .take_while(|(id, _)| id.node == node)
+        .map(|(_, m)| member_status(m, now))
+        .collect();
+    pb::JobStatus {
+        generation: state.generation,
+        members,
+        ..Default::default()
+    }
+}
+
+fn member_status(m: &crate::Member, now: u64) -> pb::MemberStatus {
+    pb::MemberStatus {
+        id: Some(pb::MemberId {
+            node: m.id.node.clone(),
+            role: match m.id.role {
+                Role::Trainer => pb::Role::Trainer,
+                Role::Dataloader => pb::Role::Dataloader,
+            } as i32,
+            local_index: m.id.local_index as u32,
+        }),
+        address: m.address.clone(),
+        rank: m.rank.map(|r| r as u32),
+        heartbeat_age_ms: now.saturating_sub(m.last_heartbeat_ms),
+        step: m.step,
+        loss: m.loss,
+        tokens_per_s: m.tokens_per_s,
+        mfu: m.mfu,
+        dataloader_index: m.dataloader.map(|d| d as u32),
     }
 }
 
@@ -557,8 +581,12 @@ impl pb::status_server::Status for Coordinator {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
-        let limit = request.into_inner().member_limit as usize;
-        Ok(Response::new(self.read(|s| job_status(s, now_ms(), limit))))
+        let request = request.into_inner();
+        let limit = request.member_limit as usize;
+        Ok(Response::new(self.read(|s| match request.node.as_str() {
+            "" => job_status(s, now_ms(), limit),
+            node => node_status(s, now_ms(), node),
+        })))
     }
 
     type WatchStatusStream = StatusStream;
