@@ -158,6 +158,60 @@ fn a_hung_trainer_is_killed_and_replaced_and_the_model_is_the_same() {
     assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
 }
 
+/// A trainer frozen past the heartbeat timeout and woken again: both trainers regroup in
+/// their processes in the middle of a log window, and every record — the window spanning
+/// the regroup included — equals the uninterrupted run's.
+#[test]
+fn a_log_window_spanning_a_regroup_reports_what_a_run_without_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    let mut straight_args = long_run(s(&tiny.data), s(&straight));
+    set_flag(&mut straight_args, "--log-interval", "50");
+    lillm_ok(&straight_args);
+
+    let run = dir.path().join("run");
+    let mut train = long_run(s(&tiny.data), s(&run));
+    set_flag(&mut train, "--log-interval", "50");
+    let mut args = strings(&train);
+    args.extend(strings(&["--nproc", "2"]));
+    let log_path = dir.path().join("job.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut job = Actor {
+        child,
+        log: log_path,
+    };
+    wait_until(Duration::from_secs(120), "the record of step 50", || {
+        !losses(&run).is_empty()
+    });
+    let frozen = children_with(job.child.id(), "--local-rank=1");
+    assert_eq!(frozen.len(), 1, "one trainer 1: {frozen:?}");
+    // SAFETY: kill(2) on a process id just read from /proc, a child of our child.
+    unsafe { libc::kill(frozen[0], libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(3_500));
+    // SAFETY: as above.
+    unsafe { libc::kill(frozen[0], libc::SIGCONT) };
+    job.finish(Duration::from_secs(240));
+    let log = job.log_text();
+    assert!(!log.contains("died"), "nobody was restarted:\n{log}");
+    let regrouped_at: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split("the group starts from the state of step ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        regrouped_at.iter().any(|&step| step > 50 && step < 100),
+        "a regroup inside the window of steps 51-100: {regrouped_at:?}\n{log}"
+    );
+    assert_same_losses(&losses(&straight), &losses(&run));
+}
+
 #[test]
 fn a_refused_node_launcher_is_not_restarted_and_says_do_not_retry() {
     let dir = tempfile::tempdir().unwrap();

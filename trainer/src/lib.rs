@@ -32,6 +32,7 @@ pub use lillm_c10d as dist;
 mod error;
 pub mod eval_actor;
 pub mod flops;
+pub mod log_window;
 pub mod loss;
 pub mod member;
 pub mod metrics;

@@ -18,6 +18,7 @@ use crate::checkpoint_actor::{host_copy, CheckpointActor, Snapshot};
 use crate::config::{Objective, TrainConfig};
 use crate::data::{Draw, MicroBatch, TrainData};
 use crate::dist::{ProcessGroup, Rendezvous};
+use crate::log_window::LogWindow;
 use crate::loss::{record_routing, train_figures, Loss, Reference, FIGURES};
 use crate::metrics::{MetricsLog, Record, Reopen};
 use crate::optim::{AdamW, AdamWConfig};
@@ -192,6 +193,8 @@ pub struct Trainer {
     /// The latest training-step record (every rank computes it): a group re-formed after
     /// rank 0 died between its update and its log line logs it again (see `sync_state`).
     last_window: Option<Record>,
+    /// The log window in progress; it goes on through a regroup in place.
+    window: LogWindow,
     /// The data-parallel group when the job has several ranks; rank 0 leads (evaluates,
     /// checkpoints, logs).
     group: Option<ProcessGroup>,
@@ -392,6 +395,12 @@ impl Trainer {
             (None, None) => (0, 0, None, false),
         };
         let cfg_rank_is_leader = cfg.process.rank == 0;
+        let window = LogWindow::new(
+            train_figures(&model_cfg),
+            device,
+            step,
+            cfg.process.world_size,
+        );
         let mut trainer = Self {
             cfg,
             model_cfg,
@@ -409,6 +418,7 @@ impl Trainer {
             best_val,
             evaluated_at_step,
             last_window: None,
+            window,
             group: None,
             writes_checkpoints: setup.writes_checkpoints.unwrap_or(cfg_rank_is_leader),
             writer: None,
@@ -458,7 +468,23 @@ impl Trainer {
         )?;
         self.stop.abort_on_regroup(group.abort_handle());
         self.sync_state(&group, true)?;
+        self.keep_window_if_shared(&group)?;
         self.group = Some(group);
+        Ok(())
+    }
+
+    /// Keeps the log window in progress when every rank of the new group holds the same one
+    /// (all regrouped in place, at the same size), so its record is the one a run without
+    /// the regroup logs; otherwise every rank starts a new window at this step.
+    fn keep_window_if_shared(&mut self, group: &ProcessGroup) -> Result<()> {
+        let world_size = self.cfg.process.world_size;
+        let vote = self.window.vote(self.step, world_size);
+        let mut votes = Tensor::from_slice(&vote).to_device(self.device);
+        group.all_reduce_sum(&mut votes)?;
+        let votes = Vec::<f64>::try_from(&votes.to_device(Device::Cpu))?;
+        if !LogWindow::agreed(&votes, world_size) {
+            self.window = self.window.restart(self.step, world_size);
+        }
         Ok(())
     }
 
@@ -807,11 +833,10 @@ impl Trainer {
             ));
         }
         let mut last_val = None;
-        // The window's figures ([`crate::loss::Scored::add_to`]) summed over its steps.
         let figures_len = train_figures(&self.model_cfg);
-        let mut window_acc = Tensor::zeros([figures_len], (Kind::Float, self.device));
-        let mut window_steps = 0u64;
-        let mut window_start = Instant::now();
+        if !self.window.continues(self.step, cfg.process.world_size) {
+            self.window = self.window.restart(self.step, cfg.process.world_size);
+        }
         let mut last_ckpt = None;
         let mut last_save = Instant::now();
         let time_wish = |last_save: &Instant| {
@@ -850,7 +875,7 @@ impl Trainer {
                     last_ckpt = Some(self.save_checkpoint(Some(val))?);
                     last_save = Instant::now();
                 }
-                window_start = Instant::now();
+                self.window.restart_clock();
             }
             // Checkpoints apart from evaluations, by steps or by time (by rank 0's clock,
             // shared at log intervals, so both writers save the same steps): a snapshot to
@@ -884,6 +909,9 @@ impl Trainer {
             // Each rank takes its share of the step's micro-batches: rank r does micro-batches
             // r·local .. (r+1)·local, so the union over ranks is the single-process step.
             let local = cfg.job.grad_accum / cfg.process.world_size;
+            // This step's figures join the window once its collectives succeeded: a step a
+            // failure cuts short is done again and must not count twice.
+            let step_figures = Tensor::zeros([figures_len], (Kind::Float, self.device));
             for m in 0..local {
                 let key = BatchKey {
                     seed: cfg.job.seed,
@@ -901,7 +929,7 @@ impl Trainer {
                 let (x, y) = batch_tensors(&batch, self.device);
                 let scored = self.loss.score(&self.model, &x, &y, true);
                 (&scored.objective / local as f64).backward();
-                scored.add_to(&window_acc, 1.0 / local as f64);
+                scored.add_to(&step_figures, 1.0 / local as f64);
             }
             if let Some(group) = &self.group {
                 self.collective(group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES))?;
@@ -912,7 +940,10 @@ impl Trainer {
             let window =
                 match next.is_multiple_of(cfg.job.log_interval) || next == cfg.job.max_iters {
                     // The only host sync of the step, once per log interval.
-                    true => Some(self.reduce_window(&window_acc, leader && time_wish(&last_save))?),
+                    true => Some(self.reduce_window(
+                        &self.window.sums_with(&step_figures),
+                        leader && time_wish(&last_save),
+                    )?),
                     false => None,
                 };
             let grad_norm = self.opt.clip_grad_norm(cfg.job.grad_clip);
@@ -921,15 +952,16 @@ impl Trainer {
             self.step = next;
             self.tokens_seen += tokens_per_step;
             self.evaluated_at_step = false;
-            window_steps += 1;
+            self.window.add(&step_figures);
             bar.set_position(self.step);
             if let Some((figures, group_stop, checkpoint_due)) = window {
                 stopped = group_stop;
                 time_due = checkpoint_due;
+                let window_steps = self.window.steps();
                 let mean = |i: usize| figures[i] / window_steps as f64;
                 let loss = mean(0);
                 let preference = self.loss.is_preference();
-                let secs = window_start.elapsed().as_secs_f64() / window_steps as f64;
+                let secs = self.window.seconds_per_step();
                 let tokens_per_s = tokens_per_step as f64 / secs;
                 let mfu = peak.map(|p| flops_per_step / secs / p);
                 let mut record = Record {
@@ -956,9 +988,7 @@ impl Trainer {
                     "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s{}",
                     mfu.map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0))
                 ));
-                window_acc = Tensor::zeros([figures_len], (Kind::Float, self.device));
-                window_steps = 0;
-                window_start = Instant::now();
+                self.window = self.window.restart(self.step, cfg.process.world_size);
                 if stopped.is_some() {
                     break;
                 }

@@ -1,0 +1,136 @@
+//! The log window in progress: this rank's training figures ([`crate::loss::Scored::add_to`])
+//! summed over the window's completed steps, reduced over the ranks once per log interval.
+//! It outlives a regroup in place, so that a window spanning a regroup reports what it would
+//! have without one — when every rank of the new group holds the same window.
+
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+pub struct LogWindow {
+    sums: Tensor,
+    steps: u64,
+    /// The step the window started at, and how many ranks shared its steps (each rank's
+    /// sums are its share: they add up to the step's figures only over the same ranks).
+    from_step: u64,
+    world_size: usize,
+    started: Instant,
+}
+
+impl LogWindow {
+    /// An empty window of `figures` values starting at `step`.
+    pub fn new(figures: i64, device: Device, step: u64, world_size: usize) -> Self {
+        Self {
+            sums: Tensor::zeros([figures], (Kind::Float, device)),
+            steps: 0,
+            from_step: step,
+            world_size,
+            started: Instant::now(),
+        }
+    }
+
+    /// The same window emptied, starting at `step`.
+    pub fn restart(&self, step: u64, world_size: usize) -> Self {
+        Self::new(self.sums.size()[0], self.sums.device(), step, world_size)
+    }
+
+    /// Adds the figures of a completed step (never of one a failure cut short: it will be
+    /// done again).
+    pub fn add(&mut self, step_figures: &Tensor) {
+        let _ = self.sums.g_add_(step_figures);
+        self.steps += 1;
+    }
+
+    /// The sums with one more step's figures, not yet added.
+    pub fn sums_with(&self, step_figures: &Tensor) -> Tensor {
+        &self.sums + step_figures
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Seconds per step since the window started (a regroup inside it counts: the record
+    /// says what the job got).
+    pub fn seconds_per_step(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() / self.steps.max(1) as f64
+    }
+
+    /// Time spent outside steps (an evaluation) does not count.
+    pub fn restart_clock(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// Whether the window goes on at `step` with `world_size` ranks.
+    pub fn continues(&self, step: u64, world_size: usize) -> bool {
+        self.from_step + self.steps == step && self.world_size == world_size
+    }
+
+    /// What this rank says to a new group of `world_size` ranks at `step`: summed over the
+    /// ranks, [`LogWindow::agreed`] reads whether every rank holds the same window.
+    pub fn vote(&self, step: u64, world_size: usize) -> [f64; 5] {
+        if !self.continues(step, world_size) {
+            return [0.0; 5];
+        }
+        let (from, steps) = (self.from_step as f64, self.steps as f64);
+        [1.0, from, from * from, steps, steps * steps]
+    }
+
+    /// Whether the summed votes of `world_size` ranks say they all hold one window: every
+    /// rank voted, and the values are equal (a sum n·x with a sum of squares n·x²).
+    pub fn agreed(sums: &[f64], world_size: usize) -> bool {
+        let n = world_size as f64;
+        let same = |sum: f64, squares: f64| {
+            let mean = sum / n;
+            (squares - n * mean * mean).abs() < 0.5
+        };
+        sums.len() == 5 && sums[0] == n && same(sums[1], sums[2]) && same(sums[3], sums[4])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(votes: &[[f64; 5]]) -> Vec<f64> {
+        (0..5).map(|i| votes.iter().map(|v| v[i]).sum()).collect()
+    }
+
+    #[test]
+    fn a_window_goes_on_only_where_every_rank_holds_it() {
+        let mut w = LogWindow::new(3, Device::Cpu, 30, 2);
+        for _ in 0..4 {
+            w.add(&Tensor::from_slice(&[1.0f32, 2.0, 3.0]));
+        }
+        assert!(w.continues(34, 2));
+        assert!(!w.continues(34, 1), "other ranks shared its steps");
+        assert!(!w.continues(33, 2));
+        let same = w.vote(34, 2);
+        assert!(LogWindow::agreed(&sum(&[same, same]), 2));
+        // A restarted rank holds no window; a rank that started its window elsewhere
+        // disagrees even if the counts add up.
+        let fresh = LogWindow::new(3, Device::Cpu, 34, 2).vote(34, 2);
+        assert!(!LogWindow::agreed(&sum(&[same, fresh]), 2));
+        // Three ranks whose windows all reach step 34 but started at 30, 28 and 32: the
+        // counts and the sums agree, the squares do not.
+        let window = |from: u64| {
+            let mut w = LogWindow::new(3, Device::Cpu, from, 3);
+            for _ in from..34 {
+                w.add(&Tensor::from_slice(&[0.0f32; 3]));
+            }
+            w.vote(34, 3)
+        };
+        assert!(!LogWindow::agreed(
+            &sum(&[window(30), window(28), window(32)]),
+            3
+        ));
+        assert!(LogWindow::agreed(
+            &sum(&[window(30), window(30), window(30)]),
+            3
+        ));
+        assert_eq!(
+            Vec::<f32>::try_from(&w.sums_with(&Tensor::from_slice(&[1.0f32, 1.0, 1.0]))).unwrap(),
+            vec![5.0, 9.0, 13.0]
+        );
+    }
+}
