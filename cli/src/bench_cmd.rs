@@ -385,6 +385,7 @@ async fn trainer(
             loss: Some(3.0),
             tokens_per_s: Some(1e5),
             mfu: Some(0.4),
+            epochs: None,
         };
         let sent = Instant::now();
         let reply = sim.client.clone().heartbeat(request).await;

@@ -166,6 +166,7 @@ fn stream_bench(
         rows,
         seq_len: seq,
         prefetch: 0,
+        order: lillm_data::epochs::DataOrder::Random,
     };
     let source = StreamSource {
         locate: Locate::Fixed(address),

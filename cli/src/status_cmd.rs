@@ -123,6 +123,13 @@ pub fn status_text(job: &pb::JobStatus) -> String {
         fmt_opt(summary.mfu, &|m| format!("{:.2}%", m * 100.0)),
         summary.oldest_heartbeat_ms as f64 / 1e3,
     );
+    if let Some(epochs) = summary.epochs {
+        out += &format!(
+            "epoch {} ({:.1}% done; every sequence once per epoch)\n",
+            epochs.floor() as u64 + 1,
+            epochs.fract() * 100.0
+        );
+    }
     match &job.last_checkpoint {
         Some(c) => {
             out += &format!(
@@ -194,6 +201,7 @@ pub fn status_json(job: &pb::JobStatus) -> serde_json::Value {
                 "tokens_per_s": m.tokens_per_s,
                 "mfu": m.mfu,
                 "dataloader_index": m.dataloader_index,
+                "epochs": m.epochs,
             })
         })
         .collect();
@@ -210,7 +218,7 @@ pub fn status_json(job: &pb::JobStatus) -> serde_json::Value {
             "members": s.members, "members_listed": s.members_listed, "trainers": s.trainers,
             "ranked_trainers": s.ranked_trainers, "dataloaders": s.dataloaders, "nodes": s.nodes,
             "step": s.step, "slowest_step": s.slowest_step, "loss": s.loss, "mfu": s.mfu,
-            "oldest_heartbeat_ms": s.oldest_heartbeat_ms,
+            "oldest_heartbeat_ms": s.oldest_heartbeat_ms, "epochs": s.epochs,
         })),
         "last_checkpoint": job.last_checkpoint.as_ref().map(|c| serde_json::json!({
             "step": c.step, "path": c.path, "generation": c.generation, "val_loss": c.val_loss,

@@ -105,6 +105,10 @@ struct JobFlags {
     /// Compare parameters across ranks every N steps and stop if they differ (0 = never).
     #[arg(long)]
     check_params_every: Option<u64>,
+    /// random (windows drawn with replacement, as the original lilLM) or epochs (every
+    /// block_size + 1 sequence exactly once per epoch, in a seeded order).
+    #[arg(long)]
+    data_order: Option<String>,
     /// The model's shape (`[model]` in TOML), over the preset's.
     #[command(flatten)]
     model: ModelOverrides,

@@ -34,6 +34,7 @@ pub enum Event {
         loss: Option<f64>,
         tokens_per_s: Option<f64>,
         mfu: Option<f64>,
+        epochs: Option<f64>,
     },
     /// Rank 0 reports a checkpoint written completely (its manifest is on disk).
     Commit {
@@ -254,6 +255,7 @@ fn decide_event(now_ms: u64, state: &mut State, event: Event) -> Outcome {
             loss,
             tokens_per_s,
             mfu,
+            epochs,
         } => {
             if !alive(now_ms, state, &id) {
                 return Outcome::refuse(Refusal::UnknownMember(id));
@@ -273,6 +275,7 @@ fn decide_event(now_ms: u64, state: &mut State, event: Event) -> Outcome {
                 member.loss = loss;
                 member.tokens_per_s = tokens_per_s;
                 member.mfu = mfu;
+                member.epochs = epochs;
             }
             Outcome::quiet()
         }
@@ -413,6 +416,7 @@ fn register(now_ms: u64, state: &mut State, r: Registration) -> Outcome {
             loss: None,
             tokens_per_s: None,
             mfu: None,
+            epochs: None,
             finished: false,
         },
     );

@@ -322,6 +322,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
             loss: finite("loss", r.loss)?,
             tokens_per_s: finite("tokens_per_s", r.tokens_per_s)?,
             mfu: finite("mfu", r.mfu)?,
+            epochs: finite("epochs", r.epochs)?,
         };
         let (outcome, generation) = self.apply(event, |s| s.generation).await?;
         match outcome.refusal {
@@ -536,6 +537,7 @@ fn member_status(m: &crate::Member, now: u64) -> pb::MemberStatus {
         tokens_per_s: m.tokens_per_s,
         mfu: m.mfu,
         dataloader_index: m.dataloader.map(|d| d as u32),
+        epochs: m.epochs,
     }
 }
 
@@ -563,6 +565,7 @@ fn summary(state: &State, now: u64, listed: usize) -> pb::JobSummary {
             .unwrap_or(0),
         loss: rank0.and_then(|m| m.loss),
         mfu: rank0.and_then(|m| m.mfu),
+        epochs: rank0.and_then(|m| m.epochs),
         oldest_heartbeat_ms: state
             .members
             .values()

@@ -62,6 +62,9 @@ pub struct Member {
     pub loss: Option<f64>,
     pub tokens_per_s: Option<f64>,
     pub mfu: Option<f64>,
+    /// Trainers with the exactly-once data order: epochs done.
+    #[serde(default)]
+    pub epochs: Option<f64>,
     /// Trainers: completed the job and left; kept for status, exempt from liveness.
     #[serde(default)]
     pub finished: bool,

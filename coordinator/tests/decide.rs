@@ -46,6 +46,7 @@ fn heartbeat(id: &MemberId, generation: u64, step: u64) -> Event {
         loss: Some(2.5),
         tokens_per_s: Some(1e4),
         mfu: None,
+        epochs: None,
     }
 }
 

@@ -7,6 +7,7 @@
 //! - `tokenizer`: loading, encoding, fingerprint, `tokenizer_config.json`.
 //! - `manifest`: the dataset manifest (dtype, shards, counts, checksums).
 //! - `shards`: memory-mapped reading and the seeded batch sampler.
+//! - `epochs`: the exactly-once order (every sequence once per epoch, seeded per epoch).
 //! - `split`: which documents are held out, and the seeded hash behind every data choice.
 //! - `chat_template`: the Jinja chat template rendered as `transformers` renders it.
 //! - `sft`: assistant-only loss masks and SFT batches.
@@ -14,6 +15,7 @@
 
 pub mod chat_template;
 pub mod dpo;
+pub mod epochs;
 mod error;
 pub mod manifest;
 pub mod sft;

@@ -3,9 +3,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, Mutex};
+
 use memmap2::Mmap;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::epochs::{DataOrder, EpochOrder};
 use crate::manifest::{Manifest, Split, TokenDtype};
 use crate::split::splitmix64;
 use crate::{Error, Result};
@@ -26,6 +29,17 @@ impl TokenStream {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Tokens per shard, in order.
+    pub fn shard_tokens(&self) -> Vec<u64> {
+        self.starts.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// Sequence `index` of `out.len()` tokens of shard `shard` (sequences never straddle
+    /// shards).
+    pub fn read_sequence(&self, shard: usize, index: u64, out: &mut [i64]) {
+        self.read(self.starts[shard] + index * out.len() as u64, out);
     }
 
     /// Tokens `start..start + out.len()` of the stream, as i64, crossing shards as needed.
@@ -65,6 +79,8 @@ pub struct Dataset {
     pub manifest: Manifest,
     train: TokenStream,
     val: TokenStream,
+    /// Exactly-once orders asked for so far, by (seed, sequence length).
+    orders: Mutex<Vec<(u64, u64, Arc<EpochOrder>)>>,
 }
 
 impl Dataset {
@@ -107,7 +123,25 @@ impl Dataset {
             manifest,
             train,
             val,
+            orders: Mutex::default(),
         })
+    }
+
+    /// The exactly-once order of the train split for `seed` and sequences of `window`
+    /// tokens (built once: it holds a count per shard).
+    pub fn epoch_order(&self, seed: u64, window: u64) -> Result<Arc<EpochOrder>> {
+        let mut orders = self.orders.lock().expect("epoch orders lock");
+        if let Some((_, _, order)) = orders.iter().find(|(s, w, _)| (*s, *w) == (seed, window)) {
+            return Ok(order.clone());
+        }
+        let order = Arc::new(EpochOrder::new(seed, &self.train.shard_tokens(), window));
+        if order.sequences() == 0 {
+            return Err(Error::Usage(format!(
+                "no shard of the train split holds a whole sequence of block_size + 1 = {window} tokens; lower --block-size or use --data-order random"
+            )));
+        }
+        orders.push((seed, window, order.clone()));
+        Ok(order)
     }
 
     pub fn split(&self, split: Split) -> &TokenStream {
@@ -199,6 +233,32 @@ pub fn sample_windows(
     for row in windows.chunks_mut(w) {
         let start = rng.random_range(0..=stream.len() - window);
         stream.read(start, row);
+    }
+    Ok(windows)
+}
+
+/// The `batch_size` windows of a training micro-batch in `order`: random windows, or the
+/// sequences at positions `(step · micros_per_step + micro) · batch_size + row` of the
+/// exactly-once order — a pure function of the key either way, whatever the world size.
+pub fn train_windows(
+    data: &Dataset,
+    order: DataOrder,
+    key: BatchKey,
+    micros_per_step: u64,
+    batch_size: usize,
+    block_size: usize,
+) -> Result<Vec<i64>> {
+    let stream = data.split(key.split);
+    if order == DataOrder::Random || key.split != Split::Train {
+        return sample_windows(stream, key, batch_size, block_size);
+    }
+    let window = block_size + 1;
+    let epochs = data.epoch_order(key.seed, window as u64)?;
+    let first = (key.step * micros_per_step + key.micro) * batch_size as u64;
+    let mut windows = vec![0i64; batch_size * window];
+    for (row, out) in windows.chunks_mut(window).enumerate() {
+        let at = epochs.at(first + row as u64);
+        stream.read_sequence(at.shard, at.index, out);
     }
     Ok(windows)
 }

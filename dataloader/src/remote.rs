@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 
 use crate::service::decode_tokens;
 use crate::{Error, Result};
+use lillm_data::epochs::DataOrder;
 use lillm_data::manifest::Split;
 
 /// Where a trainer's dataloader is.
@@ -142,6 +143,7 @@ pub struct StreamShape {
     pub rows: u32,
     pub seq_len: u32,
     pub prefetch: u32,
+    pub order: DataOrder,
 }
 
 impl StreamShape {
@@ -160,6 +162,10 @@ impl StreamShape {
             rows: self.rows,
             seq_len: self.seq_len,
             prefetch: self.prefetch,
+            order: match self.order {
+                DataOrder::Random => pb::DataOrder::Random,
+                DataOrder::Epochs => pb::DataOrder::Epochs,
+            } as i32,
         }
     }
 }

@@ -8,8 +8,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use lillm_data::epochs::DataOrder;
 use lillm_data::manifest::{Split, TokenDtype};
-use lillm_data::shards::{sample_windows, BatchKey, Dataset};
+use lillm_data::shards::{train_windows, BatchKey, Dataset};
 
 /// Default number of batches produced ahead of the reader.
 pub const DEFAULT_PREFETCH: u32 = 4;
@@ -69,8 +70,18 @@ pub fn decode_tokens(bytes: &[u8], token_bytes: u32) -> Option<Vec<i64>> {
     }
 }
 
-fn check_request(r: &pb::BatchRequest, data: &Dataset) -> Result<Split, Status> {
+fn check_request(r: &pb::BatchRequest, data: &Dataset) -> Result<(Split, DataOrder), Status> {
     let split = split_of(r.split)?;
+    let order = match pb::DataOrder::try_from(r.order) {
+        Ok(pb::DataOrder::Random) => DataOrder::Random,
+        Ok(pb::DataOrder::Epochs) => DataOrder::Epochs,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "`order` is {}; use DATA_ORDER_RANDOM or DATA_ORDER_EPOCHS",
+                r.order
+            )))
+        }
+    };
     let bad = |m: String| Err(Status::invalid_argument(m));
     if r.rows == 0 || r.seq_len == 0 {
         return bad(format!(
@@ -97,7 +108,11 @@ fn check_request(r: &pb::BatchRequest, data: &Dataset) -> Result<Split, Status> 
             r.seq_len + 1
         ));
     }
-    Ok(split)
+    if order == DataOrder::Epochs && split == Split::Train {
+        data.epoch_order(r.seed, r.seq_len as u64 + 1)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+    }
+    Ok((split, order))
 }
 
 type BatchStream = ReceiverStream<Result<pb::Batch, Status>>;
@@ -117,6 +132,7 @@ impl pb::dataloader_server::Dataloader for DataloaderService {
             train_tokens: m.tokens(Split::Train),
             val_tokens: m.tokens(Split::Val),
             tokenizer_json,
+            train_shard_tokens: self.data.split(Split::Train).shard_tokens(),
         }))
     }
 
@@ -127,7 +143,7 @@ impl pb::dataloader_server::Dataloader for DataloaderService {
         request: Request<pb::BatchRequest>,
     ) -> Result<Response<BatchStream>, Status> {
         let r = request.into_inner();
-        let split = check_request(&r, &self.data)?;
+        let (split, order) = check_request(&r, &self.data)?;
         let prefetch = match r.prefetch {
             0 => DEFAULT_PREFETCH,
             n => n.min(1024),
@@ -150,17 +166,24 @@ impl pb::dataloader_server::Dataloader for DataloaderService {
                         step,
                         micro: micro as u64,
                     };
-                    let item =
-                        sample_windows(data.split(split), key, r.rows as usize, r.seq_len as usize)
-                            .map(|w| pb::Batch {
-                                step,
-                                micro,
-                                rows: r.rows,
-                                seq_len: r.seq_len,
-                                token_bytes: dtype.bytes() as u32,
-                                windows: encode_tokens(&w, dtype),
-                            })
-                            .map_err(|e| Status::internal(e.to_string()));
+                    let windows = train_windows(
+                        &data,
+                        order,
+                        key,
+                        r.micros_per_step as u64,
+                        r.rows as usize,
+                        r.seq_len as usize,
+                    );
+                    let item = windows
+                        .map(|w| pb::Batch {
+                            step,
+                            micro,
+                            rows: r.rows,
+                            seq_len: r.seq_len,
+                            token_bytes: dtype.bytes() as u32,
+                            windows: encode_tokens(&w, dtype),
+                        })
+                        .map_err(|e| Status::internal(e.to_string()));
                     if tx.blocking_send(item).is_err() {
                         return; // The reader hung up.
                     }

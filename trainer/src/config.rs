@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use lillm_data::epochs::DataOrder;
 use lillm_model::{LoraConfig, ModelConfig};
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +98,15 @@ pub struct JobConfig {
     /// Fine-tune LoRA adapters on the frozen `init_from` weights instead of all weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
+    /// Pretraining: `random` windows with replacement (the original lilLM's) or `epochs`,
+    /// every `block_size + 1` sequence exactly once per epoch in a seeded order. Left out
+    /// of the serialised config when random, so existing jobs keep their fingerprint.
+    #[serde(default, skip_serializing_if = "is_random")]
+    pub data_order: DataOrder,
+}
+
+fn is_random(order: &DataOrder) -> bool {
+    *order == DataOrder::Random
 }
 
 /// Where this process reads, writes and computes, and its place in the job: may differ
@@ -181,6 +191,7 @@ impl Default for JobConfig {
             val_fraction: default_val_fraction(),
             dpo_beta: default_dpo_beta(),
             lora: None,
+            data_order: DataOrder::Random,
         }
     }
 }
@@ -277,6 +288,11 @@ impl JobConfig {
     /// Checks values the loop relies on; each error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
+        if self.data_order == DataOrder::Epochs && self.objective != Objective::Pretrain {
+            return bad(
+                "data_order = epochs orders token shards: it is for pretraining only (SFT and DPO draw conversations and pairs)".into(),
+            );
+        }
         if self.objective == Objective::Dpo {
             if self.init_from.is_none() {
                 return bad("DPO needs init_from: the checkpoint the policy and its frozen reference start from".into());

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use lillm_data::dpo::{self, PairData};
+use lillm_data::epochs::{sequences_per_epoch, DataOrder};
 use lillm_data::manifest::Split;
 use lillm_data::sft::{self, SftData};
-use lillm_data::shards::{sample_batch, BatchKey, Dataset};
+use lillm_data::shards::{train_windows, Batch, BatchKey, Dataset};
 use lillm_data::tokenizer::Tokenizer;
 
 use crate::config::{Objective, TrainConfig};
@@ -14,7 +15,7 @@ use crate::remote_data::RemoteData;
 use crate::{Error, Result};
 
 pub enum TrainData {
-    Tokens(Dataset),
+    Tokens(Box<Dataset>),
     Sft(SftData),
     Pairs(PairData),
     /// Token batches streamed by a dataloader actor.
@@ -24,9 +25,12 @@ pub enum TrainData {
 /// What a micro-batch is read for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Draw {
-    /// One of the `micros_per_step` micro-batches of a training step; a rank streaming from
-    /// a dataloader reads its own share of them.
-    Train { micros_per_step: u64 },
+    /// One of the `micros_per_step` micro-batches of a training step, drawn in `order`; a
+    /// rank streaming from a dataloader reads its own share of them.
+    Train {
+        micros_per_step: u64,
+        order: DataOrder,
+    },
     /// An evaluation batch (the only micro-batch of its step), which every rank reads whole.
     Eval,
 }
@@ -34,7 +38,9 @@ pub enum Draw {
 impl Draw {
     pub fn micros_per_step(self) -> u64 {
         match self {
-            Self::Train { micros_per_step } => micros_per_step,
+            Self::Train {
+                micros_per_step, ..
+            } => micros_per_step,
             Self::Eval => 1,
         }
     }
@@ -54,7 +60,7 @@ impl TrainData {
     /// the initial checkpoint carries) and keeps conversations shorter than `max_seq_len`.
     pub fn open(cfg: &TrainConfig, tokenizer: Option<&Path>, max_seq_len: usize) -> Result<Self> {
         match cfg.job.objective {
-            Objective::Pretrain => Ok(Self::Tokens(Dataset::open(&cfg.process.data)?)),
+            Objective::Pretrain => Ok(Self::Tokens(Box::new(Dataset::open(&cfg.process.data)?))),
             Objective::Sft | Objective::Dpo => {
                 let tok_path = tokenizer.ok_or_else(|| {
                     Error::Config(
@@ -121,6 +127,20 @@ impl TrainData {
         }
     }
 
+    /// Sequences of `seq + 1` tokens in one epoch of the exactly-once order (token shards
+    /// only).
+    pub fn epoch_sequences(&self, seq: usize) -> Option<u64> {
+        let window = seq as u64 + 1;
+        match self {
+            Self::Tokens(d) => Some(sequences_per_epoch(
+                &d.split(Split::Train).shard_tokens(),
+                window,
+            )),
+            Self::Remote(d) => Some(sequences_per_epoch(&d.info.train_shard_tokens, window)),
+            Self::Sft(_) | Self::Pairs(_) => None,
+        }
+    }
+
     /// The tokenizer stored with the data (pretraining datasets keep theirs beside the shards).
     pub fn tokenizer_dir(&self) -> Option<PathBuf> {
         match self {
@@ -139,7 +159,12 @@ impl TrainData {
         let micros_per_step = draw.micros_per_step();
         let (inputs, targets) = match self {
             Self::Tokens(d) => {
-                let b = sample_batch(d.split(key.split), key, rows, seq)?;
+                let order = match draw {
+                    Draw::Train { order, .. } => order,
+                    Draw::Eval => DataOrder::Random,
+                };
+                let windows = train_windows(d, order, key, micros_per_step, rows, seq)?;
+                let b = Batch::from_windows(&windows, rows, seq);
                 (b.inputs, b.targets)
             }
             Self::Sft(d) => {

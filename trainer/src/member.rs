@@ -61,6 +61,7 @@ struct Progress {
     loss: Option<f64>,
     tokens_per_s: Option<f64>,
     mfu: Option<f64>,
+    epochs: Option<f64>,
 }
 
 /// A checkpoint on disk, to be committed; or a request to say when all before it are.
@@ -416,6 +417,7 @@ fn heartbeat_request(shared: &Shared) -> pb::HeartbeatRequest {
         loss: p.loss,
         tokens_per_s: p.tokens_per_s,
         mfu: p.mfu,
+        epochs: p.epochs,
     }
 }
 
@@ -567,6 +569,7 @@ impl Reporter for MemberReporter {
             loss: record.loss,
             tokens_per_s: record.tokens_per_s,
             mfu: record.mfu,
+            epochs: record.epochs,
         };
     }
 

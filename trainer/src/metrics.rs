@@ -33,6 +33,10 @@ pub struct Record {
     pub mfu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_seen: Option<u64>,
+    /// Exactly-once data order: epochs done after this step (1.25 = a quarter into the
+    /// second epoch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<f64>,
     /// DPO: fraction of pairs whose chosen reply has the higher implicit reward.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reward_accuracy: Option<f64>,

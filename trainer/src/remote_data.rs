@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use lillm_data::epochs::DataOrder;
 use lillm_data::shards::{Batch, BatchKey};
 use lillm_dataloader::remote::{RemoteBatches, StreamShape, StreamSource};
 use lillm_proto::v1 as pb;
@@ -59,9 +60,9 @@ impl RemoteData {
     /// The micro-batch for `key`: of a training step, from this rank's share of the step's
     /// micro-batches; of an evaluation, the whole.
     pub fn batch(&self, key: BatchKey, draw: Draw, rows: usize, seq: usize) -> Result<MicroBatch> {
-        let (micro_start, micro_count) = match draw {
-            Draw::Train { .. } => self.train_micros,
-            Draw::Eval => (0, 1),
+        let (micro_start, micro_count, order) = match draw {
+            Draw::Train { order, .. } => (self.train_micros.0, self.train_micros.1, order),
+            Draw::Eval => (0, 1, DataOrder::Random),
         };
         let micros_per_step = draw.micros_per_step();
         let shape = StreamShape {
@@ -73,6 +74,7 @@ impl RemoteData {
             rows: rows as u32,
             seq_len: seq as u32,
             prefetch: 0,
+            order,
         };
         let mut streams = self.streams.lock().expect("stream lock");
         let stream = streams

@@ -25,6 +25,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::report::{Reporter, Silent};
 use crate::stop::{Stop, StopReason};
 use crate::{flops, plot, Error, Result};
+use lillm_data::epochs::{epochs_done, DataOrder};
 
 /// Gradients are averaged over ranks in flat buckets of at most this many bytes.
 const GRADIENT_BUCKET_BYTES: usize = 25 << 20;
@@ -731,6 +732,17 @@ impl Trainer {
         }
     }
 
+    /// With the exactly-once data order, epochs done after the current step: every step
+    /// reads `grad_accum × batch_size` sequences.
+    fn epochs_done(&self) -> Option<f64> {
+        if self.cfg.job.data_order != DataOrder::Epochs {
+            return None;
+        }
+        let sequences = self.data.epoch_sequences(self.seq)?;
+        let per_step = (self.cfg.job.grad_accum * self.cfg.job.batch_size) as u64;
+        Some(epochs_done(sequences, self.step * per_step))
+    }
+
     fn summary(
         &self,
         last_val: Option<f64>,
@@ -924,6 +936,7 @@ impl Trainer {
                 tch::manual_seed(dropout_seed(cfg.job.seed, key.step, key.micro));
                 let draw = Draw::Train {
                     micros_per_step: cfg.job.grad_accum as u64,
+                    order: cfg.job.data_order,
                 };
                 let batch = self.data.batch(key, draw, cfg.job.batch_size, self.seq)?;
                 let (x, y) = batch_tensors(&batch, self.device);
@@ -973,6 +986,7 @@ impl Trainer {
                     step_ms: Some(secs * 1e3),
                     mfu,
                     tokens_seen: Some(self.tokens_seen),
+                    epochs: self.epochs_done(),
                     reward_accuracy: preference.then(|| mean(1)),
                     reward_margin: preference.then(|| mean(2)),
                     ..Record::default()
