@@ -73,12 +73,13 @@ struct Figures {
     cpu_cores: f64,
     rss_mb: f64,
     peak_rss_mb: f64,
-    steady_saves_per_s: f64,
-    storm_saves: u64,
+    /// State saves (`None`: a coordinator that does not count them).
+    steady_saves_per_s: Option<f64>,
+    storm_saves: Option<u64>,
     killed: usize,
     detection_s: f64,
     regroup_s: f64,
-    regroup_saves: u64,
+    regroup_saves: Option<u64>,
     commit_ms: Vec<f64>,
     status_summary_bytes: usize,
     status_all_bytes: usize,
@@ -94,7 +95,11 @@ impl Figures {
         );
         out += &row(
             "register storm (every member registered)",
-            format!("{:.2} s ({} state saves)", self.storm_s, self.storm_saves),
+            format!(
+                "{:.2} s ({} state saves)",
+                self.storm_s,
+                count(self.storm_saves)
+            ),
         );
         out += &row(
             "last registration → every trainer holds its rank",
@@ -120,7 +125,10 @@ impl Figures {
         );
         out += &row(
             "state-store writes, steady",
-            format!("{:.2} per s", self.steady_saves_per_s),
+            match self.steady_saves_per_s {
+                Some(rate) => format!("{rate:.2} per s"),
+                None => "not counted by this coordinator".into(),
+            },
         );
         out += &row(
             &format!(
@@ -133,7 +141,8 @@ impl Figures {
             "regroup (eviction → every trainer holds its new rank)",
             format!(
                 "{:.2} s ({} state saves)",
-                self.regroup_s, self.regroup_saves
+                self.regroup_s,
+                count(self.regroup_saves)
             ),
         );
         let commits: Vec<String> = self.commit_ms.iter().map(|c| format!("{c:.1}")).collect();
@@ -236,13 +245,12 @@ impl CoordinatorProcess {
         Ok((kb("VmRSS:") / 1e3, kb("VmHWM:") / 1e3))
     }
 
-    /// State saves so far, from `/metrics`.
-    fn saves(&self) -> Result<u64> {
-        let text = http_get(&self.metrics, "/metrics")?;
+    /// State saves so far, from `/metrics` (`None`: not counted there).
+    fn saves(&self) -> Option<u64> {
+        let text = http_get(&self.metrics, "/metrics").ok()?;
         text.lines()
             .find_map(|l| l.strip_prefix("lillm_coordinator_state_saves_total "))
             .and_then(|v| v.trim().parse().ok())
-            .context("no lillm_coordinator_state_saves_total in /metrics")
     }
 }
 
@@ -251,6 +259,15 @@ impl Drop for CoordinatorProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Saves between two readings, when the coordinator counts them.
+fn since(now: Option<u64>, before: Option<u64>) -> Option<u64> {
+    Some(now? - before?)
+}
+
+fn count(saves: Option<u64>) -> String {
+    saves.map_or("uncounted".into(), |n| n.to_string())
 }
 
 fn free_port() -> Result<u16> {
@@ -337,21 +354,22 @@ async fn register(sim: &Sim, rejoining_from: u64) -> Result<pb::RegisterReply> {
     bail!("{}: register failed: {last:?}", sim.id.node)
 }
 
-async fn await_assignment(sim: &Sim) -> Result<pb::Assignment> {
+/// Waits for a rank as a trainer does: a coordinator that forgot this member (it evicted
+/// it) is answered with a new registration (`rejoining_from`).
+async fn await_assignment(sim: &Sim, rejoining_from: u64) -> Result<pb::Assignment> {
     loop {
         let request = pb::AwaitAssignmentRequest {
             id: Some(sim.id.clone()),
             job_token: String::new(),
             wait_ms: 1_000,
         };
-        let a = sim
-            .client
-            .clone()
-            .await_assignment(request)
-            .await?
-            .into_inner();
-        if a.waiting.is_empty() {
-            return Ok(a);
+        match sim.client.clone().await_assignment(request).await {
+            Ok(a) if a.get_ref().waiting.is_empty() => return Ok(a.into_inner()),
+            Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                register(sim, rejoining_from).await?;
+            }
+            Err(e) => bail!("{}: waiting for a group: {e}", sim.id.node),
         }
     }
 }
@@ -400,7 +418,7 @@ async fn trainer(
         match reply {
             Ok(r) if r.get_ref().stale => {
                 register(&sim, generation).await?;
-                let a = await_assignment(&sim).await?;
+                let a = await_assignment(&sim, generation).await?;
                 generation = a.generation;
                 board.assigned.fetch_add(1, Ordering::Relaxed);
             }
@@ -488,7 +506,7 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
     eprintln!("bench coordinator: {trainers} trainers, {nodes} nodes: register storm");
 
     // 1. The register storm: everyone at once; trainers then wait for their ranks.
-    let saves_before = coordinator.saves()?;
+    let saves_before = coordinator.saves();
     let started = Instant::now();
     let mut storm = JoinSet::new();
     for sim in loader_sims.iter().chain(&trainer_sims).cloned() {
@@ -496,7 +514,7 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
             let reply = register(&sim, 0).await?;
             let registered = Instant::now();
             let assignment = match sim.id.role == pb::Role::Trainer as i32 {
-                true => Some((await_assignment(&sim).await?, Instant::now())),
+                true => Some((await_assignment(&sim, 0).await?, Instant::now())),
                 false => None,
             };
             anyhow::Ok((reply, registered, assignment))
@@ -515,7 +533,7 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
     }
     figures.storm_s = (last_registered - started).as_secs_f64();
     figures.first_generation_s = (last_assigned - last_registered).as_secs_f64();
-    figures.storm_saves = coordinator.saves()? - saves_before;
+    figures.storm_saves = since(coordinator.saves(), saves_before);
     // A coordinator that names no interval: members heartbeat every 250 ms, as they did.
     let interval_ms = match interval_ms {
         0 => 250,
@@ -549,13 +567,13 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
     board.measuring.store(true, Ordering::Relaxed);
     let (cpu0, saves0, t0) = (
         coordinator.cpu_seconds()?,
-        coordinator.saves()?,
+        coordinator.saves(),
         Instant::now(),
     );
     tokio::time::sleep(Duration::from_secs(args.steady_seconds)).await;
     let seconds = t0.elapsed().as_secs_f64();
     figures.cpu_cores = (coordinator.cpu_seconds()? - cpu0) / seconds;
-    figures.steady_saves_per_s = (coordinator.saves()? - saves0) as f64 / seconds;
+    figures.steady_saves_per_s = since(coordinator.saves(), saves0).map(|n| n as f64 / seconds);
     board.measuring.store(false, Ordering::Relaxed);
     (figures.rss_mb, _) = coordinator.rss_mb()?;
     let mut latencies = std::mem::take(&mut *board.latencies.lock().expect("latencies lock"));
@@ -573,7 +591,7 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
     figures.killed = victims.len();
     eprintln!("bench coordinator: killing {} trainers", victims.len());
     let (restarts0, _, _) = status(&address, 1).await?;
-    let saves_at_kill = coordinator.saves()?;
+    let saves_at_kill = coordinator.saves();
     board.assigned.store(0, Ordering::Relaxed);
     let killed_at = Instant::now();
     for &v in &victims {
@@ -594,7 +612,7 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
         let (sim, board, killed) = (trainer_sims[v].clone(), board.clone(), Arc::default());
         members.spawn(async move {
             register(&sim, 0).await?;
-            let a = await_assignment(&sim).await?;
+            let a = await_assignment(&sim, 0).await?;
             board.assigned.fetch_add(1, Ordering::Relaxed);
             trainer(sim, board, killed, a.generation, interval).await
         });
@@ -609,7 +627,7 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     figures.regroup_s = detected_at.elapsed().as_secs_f64();
-    figures.regroup_saves = coordinator.saves()? - saves_at_kill;
+    figures.regroup_saves = since(coordinator.saves(), saves_at_kill);
 
     // 4. The checkpoint writers commit a step.
     let (job, _, _) = status(&address, 0).await?;
