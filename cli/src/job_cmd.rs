@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lillm_proto::client;
-use lillm_proto::net::{self, ConnectSettings, RetryPolicy};
+use lillm_proto::member::MemberClient;
+use lillm_proto::net::{ConnectSettings, RetryPolicy};
 use lillm_proto::v1 as pb;
 use lillm_trainer::config::Objective;
 use lillm_trainer::data::TrainData;
@@ -385,21 +386,23 @@ fn tell_coordinator_on_death(
     connect: ConnectSettings,
 ) -> OnTrainerDeath {
     Box::new(move |local_rank, what| {
-        let request = pb::LeaveRequest {
-            id: Some(client::member_id(&node, pb::Role::Trainer, local_rank)),
-            job_token: job_token.clone(),
-            reason: format!("its process died ({what})"),
-            finished: false,
-        };
         let told = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| e.to_string())
             .and_then(|rt| {
                 rt.block_on(async {
-                    let mut c =
-                        client::CoordinatorClient::new(net::channel(&coordinator, &connect)?);
-                    net::call("coordinator", &connect, c.leave(request)).await
+                    // The dead trainer's own membership, spoken for by its launcher.
+                    let member = MemberClient::new(
+                        &coordinator,
+                        (&node, pb::Role::Trainer, local_rank),
+                        &job_token,
+                        connect.clone(),
+                        RetryPolicy::default(),
+                    )?;
+                    member
+                        .leave(&format!("its process died ({what})"), false)
+                        .await
                 })
                 .map_err(|e| e.to_string())
             });

@@ -10,8 +10,9 @@ use std::time::Duration;
 use crate::service::DataloaderService;
 use clap::Parser;
 use lillm_data::shards::Dataset;
-use lillm_proto::client::{self, CoordinatorClient};
-use lillm_proto::net::{self, Action, ConnectSettings, RetryPolicy, WarnEvery};
+use lillm_proto::client;
+use lillm_proto::member::{MemberClient, Registration};
+use lillm_proto::net::{Action, ConnectSettings, RetryPolicy, WarnEvery};
 use lillm_proto::v1 as pb;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -67,41 +68,29 @@ pub struct Args {
 }
 
 /// Registers (the retry policy waits for an unreachable coordinator); refusals are fatal.
-/// Returns this dataloader's index and how often to heartbeat.
+/// Returns this dataloader's index and how often to heartbeat (`--heartbeat-ms` wins over
+/// the coordinator's word).
 async fn register(
     args: &Args,
-    client: &CoordinatorClient,
-    settings: &ConnectSettings,
-    id: &pb::MemberId,
+    member: &MemberClient,
     address: &str,
 ) -> anyhow::Result<(u32, Duration)> {
-    let request = pb::RegisterRequest {
-        id: Some(id.clone()),
+    let registration = Registration {
         address: address.to_string(),
-        job_token: args.job_token.clone(),
-        config_fingerprint: String::new(),
-        rejoining_from: 0,
-        grad_accum: 0,
+        ..Registration::default()
     };
-    let reply = RetryPolicy::default()
-        .run("register with the coordinator", || {
-            let mut c = client.clone();
-            let request = request.clone();
-            async move { net::call(COORDINATOR, settings, c.register(request)).await }
-        })
+    let registered = member
+        .register(&registration, DEFAULT_HEARTBEAT)
         .await
         .map_err(|e| anyhow::anyhow!("registration with {} failed: {e}", args.coordinator))?;
-    tracing::info!(coordinator_said = %reply.message, "registered");
-    let every = match (args.heartbeat_ms, reply.heartbeat_interval_ms) {
-        (Some(ms), _) => ms,
-        (None, 0) => 250,
-        (None, ms) => ms,
-    };
-    Ok((
-        reply.dataloader_index.unwrap_or_default(),
-        Duration::from_millis(every),
-    ))
+    let every = args
+        .heartbeat_ms
+        .map_or(registered.heartbeat, Duration::from_millis);
+    Ok((registered.reply.dataloader_index.unwrap_or_default(), every))
 }
+
+/// Between heartbeats when neither the coordinator nor `--heartbeat-ms` says.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(250);
 
 /// Serves until `shutdown` is cancelled (by `main`, on SIGTERM or Ctrl-C), then leaves the
 /// job.
@@ -111,15 +100,11 @@ pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(serve(args, shutdown).instrument(span))
 }
 
-const COORDINATOR: &str = "the coordinator";
-
 /// Heartbeats until `shutdown`; registers again when the coordinator no longer lists this
 /// dataloader (evicted while paused or partitioned).
 async fn heartbeats(
     args: Arc<Args>,
-    client: CoordinatorClient,
-    settings: ConnectSettings,
-    id: pb::MemberId,
+    member: MemberClient,
     address: String,
     interval: Duration,
     shutdown: CancellationToken,
@@ -132,19 +117,13 @@ async fn heartbeats(
             _ = shutdown.cancelled() => return Ok(()),
             _ = every.tick() => {}
         }
-        let request = pb::HeartbeatRequest {
-            id: Some(id.clone()),
-            job_token: args.job_token.clone(),
-            ..Default::default()
-        };
-        let mut c = client.clone();
-        match net::call(COORDINATOR, &settings, c.heartbeat(request)).await {
+        match member.heartbeat(pb::HeartbeatRequest::default()).await {
             Ok(_) => {}
             Err(e) if e.action() == Action::Register => {
                 tracing::warn!(
                     "the coordinator no longer lists this dataloader; registering again"
                 );
-                register(&args, &client, &settings, &id, &address).await?;
+                register(&args, &member, &address).await?;
             }
             Err(e) if warn.due() => tracing::warn!(cause = %e, "heartbeat not delivered"),
             Err(_) => {}
@@ -161,11 +140,15 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let bound = listener.local_addr()?;
     let address = args.advertise.clone().unwrap_or_else(|| bound.to_string());
     let node = args.node.clone().unwrap_or_else(client::hostname);
-    let id = client::member_id(&node, pb::Role::Dataloader, args.local_index);
-    let settings = ConnectSettings::with_tls_ca(args.tls_ca.clone());
-    let coordinator = CoordinatorClient::new(net::channel(&args.coordinator, &settings)?);
+    let member = MemberClient::new(
+        &args.coordinator,
+        (&node, pb::Role::Dataloader, args.local_index),
+        &args.job_token,
+        ConnectSettings::with_tls_ca(args.tls_ca.clone()),
+        RetryPolicy::default(),
+    )?;
     let (index, interval) = tokio::select! {
-        registered = register(&args, &coordinator, &settings, &id, &address) => registered?,
+        registered = register(&args, &member, &address) => registered?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     tracing::info!(
@@ -181,9 +164,7 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     loops.spawn(
         heartbeats(
             args.clone(),
-            coordinator.clone(),
-            settings.clone(),
-            id.clone(),
+            member.clone(),
             address.clone(),
             interval,
             shutdown.clone(),
@@ -222,15 +203,11 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
         }
     }
     // Leaving on purpose: the coordinator drops this dataloader now, not after a timeout.
-    let mut c = coordinator.clone();
-    let leave = pb::LeaveRequest {
-        id: Some(id),
-        job_token: args.job_token.clone(),
-        reason: "shut down".into(),
-        finished: false,
-    };
-    if let Err(e) = net::call(COORDINATOR, &settings, c.leave(leave)).await {
-        tracing::warn!(cause = %e, "could not tell the coordinator this dataloader leaves");
+    match member.leave("shut down", false).await {
+        Ok(()) => tracing::info!("left the job"),
+        Err(e) => {
+            tracing::warn!(cause = %e, "could not tell the coordinator this dataloader leaves")
+        }
     }
     tracing::info!("dataloader stopped");
     outcome

@@ -3,6 +3,7 @@
 //! Layout: [`v1`] holds the messages and the client/server stubs of the `Coordinator`,
 //! `Status` and `Dataloader` services; [`FILE_DESCRIPTOR_SET`] is what reflection serves;
 //! [`net`] is the one way to dial a member (connect, typed errors, retry policy);
+//! [`member`] is the membership client of every role (register, heartbeat, leave);
 //! [`client`] holds member identities and server TLS; [`process`] turns signals into the
 //! shutdown token every `main` passes to its role.
 
@@ -14,6 +15,7 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lillm_v1_descriptor");
 
 pub mod health;
+pub mod member;
 pub mod net;
 pub mod process;
 

@@ -242,8 +242,9 @@ impl WarnEvery {
     }
 }
 
-/// The one retry policy: jittered exponential backoff between `first_delay` and
-/// `max_delay`, for at most `patience` after the first failure. Only errors whose action is
+/// The one retry policy: exponential backoff from `first_delay`, capped at `max_delay`, each
+/// delay plus a random jitter of up to as much again (so members failing together spread
+/// out), for at most `patience` after the first failure. Only errors whose action is
 /// [`Action::Retry`] are retried.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
@@ -379,21 +380,35 @@ mod tests {
         assert_eq!(err.code(), Some(Code::Unauthenticated));
     }
 
+    /// When each attempt of a policy that never succeeds starts, from the first.
+    async fn attempt_times(policy: RetryPolicy) -> Vec<Duration> {
+        let started = tokio::time::Instant::now();
+        let times = std::sync::Mutex::new(Vec::new());
+        let _ = policy
+            .run("reach x", || async {
+                times.lock().unwrap().push(started.elapsed());
+                Err::<(), _>(unreachable())
+            })
+            .await;
+        times.into_inner().unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn delays_are_jittered() {
-        // Two members failing together must not retry in lockstep.
-        let mut a = ExponentialBuilder::new()
-            .with_min_delay(Duration::from_millis(100))
-            .with_jitter()
-            .without_max_times()
-            .build();
-        let mut b = ExponentialBuilder::new()
-            .with_min_delay(Duration::from_millis(100))
-            .with_jitter()
-            .without_max_times()
-            .build();
-        let (xs, ys): (Vec<_>, Vec<_>) = (0..5).map(|_| (a.next(), b.next())).unzip();
-        assert_ne!(xs, ys);
+    async fn two_members_failing_together_do_not_retry_in_lockstep() {
+        let policy = RetryPolicy {
+            patience: Duration::from_secs(20),
+            ..RetryPolicy::default()
+        };
+        let (a, b) = tokio::join!(attempt_times(policy), attempt_times(policy));
+        assert_ne!(a, b, "jittered");
+        for times in [&a, &b] {
+            let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+            assert!(gaps.len() >= 5, "{gaps:?}");
+            // Backoff from the first delay, never past the cap plus its jitter.
+            assert!(gaps[0] >= policy.first_delay, "{gaps:?}");
+            assert!(gaps.iter().all(|&g| g <= 2 * policy.max_delay), "{gaps:?}");
+            assert!(gaps.last() > gaps.first(), "{gaps:?}");
+        }
     }
 
     #[test]

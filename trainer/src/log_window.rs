@@ -10,6 +10,10 @@ use tch::{Device, Kind, Tensor};
 pub struct LogWindow {
     sums: Tensor,
     steps: u64,
+    /// The figures of the step in progress and the step it completes, held until its
+    /// collectives succeed: a peer's update may have completed that step even though this
+    /// rank saw the collective fail, and then the new group starts from it.
+    held: Option<(u64, Tensor)>,
     /// The step the window started at, and how many ranks shared its steps (each rank's
     /// sums are its share: they add up to the step's figures only over the same ranks).
     from_step: u64,
@@ -23,6 +27,7 @@ impl LogWindow {
         Self {
             sums: Tensor::zeros([figures], (Kind::Float, device)),
             steps: 0,
+            held: None,
             from_step: step,
             world_size,
             started: Instant::now(),
@@ -34,8 +39,20 @@ impl LogWindow {
         Self::new(self.sums.size()[0], self.sums.device(), step, world_size)
     }
 
-    /// Adds the figures of a completed step (never of one a failure cut short: it will be
-    /// done again).
+    /// Holds the figures of the step that completes `step`, until [`LogWindow::add_held`].
+    pub fn hold(&mut self, step: u64, step_figures: Tensor) {
+        self.held = Some((step, step_figures));
+    }
+
+    /// Adds the held step, now completed.
+    pub fn add_held(&mut self) {
+        if let Some((_, figures)) = self.held.take() {
+            self.add(&figures);
+        }
+    }
+
+    /// Adds the figures of a completed step (never of one a failure cut short on every
+    /// rank: it will be done again).
     pub fn add(&mut self, step_figures: &Tensor) {
         let _ = self.sums.g_add_(step_figures);
         self.steps += 1;
@@ -66,14 +83,44 @@ impl LogWindow {
         self.from_step + self.steps == step && self.world_size == world_size
     }
 
-    /// What this rank says to a new group of `world_size` ranks at `step`: summed over the
-    /// ranks, [`LogWindow::agreed`] reads whether every rank holds the same window.
-    pub fn vote(&self, step: u64, world_size: usize) -> [f64; 5] {
-        if !self.continues(step, world_size) {
-            return [0.0; 5];
+    /// Whether the window can reach `step` with `world_size` ranks: it is there, or it
+    /// holds the figures of the one step it lacks (see [`LogWindow::hold`]).
+    fn reaches(&self, step: u64, world_size: usize) -> Option<u64> {
+        if self.world_size != world_size {
+            return None;
         }
-        let (from, steps) = (self.from_step as f64, self.steps as f64);
+        let end = self.from_step + self.steps;
+        match &self.held {
+            _ if end == step => Some(self.steps),
+            Some((held, _)) if *held == step && end + 1 == step => Some(self.steps + 1),
+            _ => None,
+        }
+    }
+
+    /// What this rank says to a new group of `world_size` ranks that starts at `step`:
+    /// summed over the ranks, [`LogWindow::agreed`] reads whether every rank holds the same
+    /// window.
+    pub fn vote(&self, step: u64, world_size: usize) -> [f64; 5] {
+        let Some(steps) = self.reaches(step, world_size) else {
+            return [0.0; 5];
+        };
+        let (from, steps) = (self.from_step as f64, steps as f64);
         [1.0, from, from * from, steps, steps * steps]
+    }
+
+    /// The window a new group starting at `step` goes on with: this one (completed by its
+    /// held step if it lacks it) when every rank `agreed`, else an empty one.
+    pub fn settle(mut self, step: u64, world_size: usize, agreed: bool) -> Self {
+        match (agreed, self.reaches(step, world_size)) {
+            (true, Some(steps)) => {
+                if steps > self.steps {
+                    self.add_held();
+                }
+                self.held = None;
+                self
+            }
+            _ => self.restart(step, world_size),
+        }
     }
 
     /// Whether the summed votes of `world_size` ranks say they all hold one window: every
@@ -132,5 +179,31 @@ mod tests {
             Vec::<f32>::try_from(&w.sums_with(&Tensor::from_slice(&[1.0f32, 1.0, 1.0]))).unwrap(),
             vec![5.0, 9.0, 13.0]
         );
+    }
+
+    /// A peer completed step 35 while this rank saw the step's collective fail: the new
+    /// group starts at 35, and this rank's held figures of that step complete its window.
+    #[test]
+    fn a_held_step_completes_the_window_when_the_group_starts_after_it() {
+        let mut behind = LogWindow::new(1, Device::Cpu, 30, 2);
+        let mut ahead = LogWindow::new(1, Device::Cpu, 30, 2);
+        for w in [&mut behind, &mut ahead] {
+            for _ in 0..4 {
+                w.add(&Tensor::from_slice(&[1.0f32]));
+            }
+        }
+        behind.hold(35, Tensor::from_slice(&[2.0f32]));
+        ahead.hold(35, Tensor::from_slice(&[2.0f32]));
+        ahead.add_held();
+        let votes = sum(&[behind.vote(35, 2), ahead.vote(35, 2)]);
+        assert!(LogWindow::agreed(&votes, 2));
+        let behind = behind.settle(35, 2, true);
+        assert_eq!(behind.steps(), 5);
+        assert_eq!(Vec::<f32>::try_from(&behind.sums).unwrap(), vec![6.0]);
+        // Without the held step it cannot reach 35: a new window there.
+        let lacking = LogWindow::new(1, Device::Cpu, 30, 2);
+        assert_eq!(lacking.vote(35, 2), [0.0; 5]);
+        let fresh = lacking.settle(35, 2, true);
+        assert!(fresh.continues(35, 2) && fresh.steps() == 0);
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lillm_dataloader::remote::{Locate, StreamSource};
-use lillm_proto::client::{self, CoordinatorClient};
+use lillm_proto::member::{MemberClient, Registration};
 use lillm_proto::net::{self, Action, ConnectSettings, NetError, RetryPolicy, WarnEvery};
 use lillm_proto::v1 as pb;
 use tokio::runtime::Runtime;
@@ -77,12 +77,12 @@ enum CommitCmd {
 /// What the member's tasks share. Owned by [`Membership`]; the tasks hold `Arc`s.
 struct Shared {
     opts: MemberOptions,
-    id: pb::MemberId,
+    /// Register, heartbeat and leave, over one long-lived HTTP/2 connection (re-dialled
+    /// when it breaks) that the commit and evaluation calls share.
+    member: MemberClient,
     generation: u64,
     /// Between heartbeats, as the coordinator said.
     heartbeat: Duration,
-    /// Long-lived: one HTTP/2 connection (re-dialled when it breaks) for every call.
-    client: CoordinatorClient,
     /// Written by the training thread at log intervals, read by the heartbeat task.
     progress: Mutex<Progress>,
     stop: Stop,
@@ -116,19 +116,24 @@ impl Membership {
             .enable_all()
             .build()
             .map_err(|e| Error::Membership(format!("cannot start the async runtime: {e}")))?;
-        let id = client::member_id(&opts.node, pb::Role::Trainer, opts.local_rank);
-        let client = {
+        let member = {
             let _in_runtime = rt.enter();
-            CoordinatorClient::new(net::channel(&opts.coordinator, &opts.connect)?)
+            MemberClient::new(
+                &opts.coordinator,
+                (&opts.node, pb::Role::Trainer, opts.local_rank),
+                &opts.job_token,
+                opts.connect.clone(),
+                opts.policy,
+            )?
         };
         let stopped = stop.token();
         let (assignment, heartbeat) = rt.block_on(async {
             tokio::select! {
-                a = register_and_wait(&opts, &id, &client) => a,
+                a = register_and_wait(&opts, &member) => a,
                 _ = stopped.cancelled() => {
                     // Registered and counted as present: say we are gone, or the next group
                     // would form with us in it.
-                    leave(&opts, &id, &client, "shut down while waiting for a group", false).await;
+                    leave(&member, "shut down while waiting for a group", false).await;
                     Err(Error::Membership(format!(
                         "stopped before a group formed: {}",
                         stop.reason().unwrap_or(StopReason::Shutdown)
@@ -147,10 +152,9 @@ impl Membership {
         );
         let shared = Arc::new(Shared {
             opts,
-            id,
+            member,
             generation: assignment.generation,
             heartbeat,
-            client,
             progress: Mutex::default(),
             stop,
             evaluator: Mutex::new(None),
@@ -214,7 +218,7 @@ impl Membership {
         let opts = &self.shared.opts;
         StreamSource {
             locate: Locate::Coordinator {
-                client: self.shared.client.clone(),
+                client: self.shared.member.coordinator(),
                 job_token: opts.job_token.clone(),
                 index: self.assignment.dataloader_index,
                 assigned: self.assignment.dataloader_address.clone(),
@@ -242,7 +246,7 @@ impl Membership {
                 val_loss,
                 sample: sample.to_string(),
             };
-            let mut client = shared.client.clone();
+            let mut client = shared.member.coordinator();
             let sent = rt.block_on(net::call(
                 COORDINATOR,
                 &shared.opts.connect,
@@ -260,8 +264,7 @@ impl Membership {
     /// rather than after a heartbeat timeout.
     fn leave(&self, reason: &str, finished: bool) {
         let s = &self.shared;
-        self.rt
-            .block_on(leave(&s.opts, &s.id, &s.client, reason, finished));
+        self.rt.block_on(leave(&s.member, reason, finished));
     }
 
     /// Waits until every checkpoint handed over is committed and scored, then either leaves
@@ -281,13 +284,8 @@ impl Membership {
         } else if self.shared.stop.reason().is_none() {
             // Done: a last heartbeat so status shows the final step, then say so, so that
             // the coordinator stops expecting heartbeats while the others finish.
-            let mut client = self.shared.client.clone();
             let request = heartbeat_request(&self.shared);
-            let sent = self.rt.block_on(net::call(
-                COORDINATOR,
-                &self.shared.opts.connect,
-                client.heartbeat(request),
-            ));
+            let sent = self.rt.block_on(self.shared.member.heartbeat(request));
             if let Err(e) = sent {
                 tracing::warn!(cause = %e, "final heartbeat");
             }
@@ -312,24 +310,9 @@ impl Membership {
 
 /// Tells the coordinator this trainer is leaving on purpose (`finished`: it completed the
 /// job), so its generation ends now rather than after a heartbeat timeout.
-async fn leave(
-    opts: &MemberOptions,
-    id: &pb::MemberId,
-    client: &CoordinatorClient,
-    reason: &str,
-    finished: bool,
-) {
-    let request = pb::LeaveRequest {
-        id: Some(id.clone()),
-        job_token: opts.job_token.clone(),
-        reason: reason.to_string(),
-        finished,
-    };
-    let mut client = client.clone();
-    match net::call(COORDINATOR, &opts.connect, client.leave(request)).await {
-        Ok(_) => tracing::info!(reason, "left the job"),
-        // Already gone from its view (evicted, or the coordinator forgot us): fine.
-        Err(e) if e.action() == Action::Register => {}
+async fn leave(member: &MemberClient, reason: &str, finished: bool) {
+    match member.leave(reason, finished).await {
+        Ok(()) => tracing::info!(reason, "left the job"),
         Err(e) => tracing::warn!(cause = %e, "could not tell the coordinator this trainer leaves"),
     }
 }
@@ -339,45 +322,33 @@ async fn leave(
 /// the assignment and how often to heartbeat.
 async fn register_and_wait(
     opts: &MemberOptions,
-    id: &pb::MemberId,
-    client: &CoordinatorClient,
+    member: &MemberClient,
 ) -> Result<(pb::Assignment, Duration)> {
+    let registration = Registration {
+        address: format!("{}:{}", opts.bind_host, opts.store_port),
+        config_fingerprint: opts.fingerprint.clone(),
+        rejoining_from: opts.rejoining_from.unwrap_or(0),
+        grad_accum: opts.grad_accum,
+    };
     let register = || async {
-        let request = pb::RegisterRequest {
-            id: Some(id.clone()),
-            address: format!("{}:{}", opts.bind_host, opts.store_port),
-            job_token: opts.job_token.clone(),
-            config_fingerprint: opts.fingerprint.clone(),
-            rejoining_from: opts.rejoining_from.unwrap_or(0),
-            grad_accum: opts.grad_accum,
-        };
-        let reply = opts
-            .policy
-            .run("register with the coordinator", || {
-                let mut c = client.clone();
-                let request = request.clone();
-                async move { net::call(COORDINATOR, &opts.connect, c.register(request)).await }
-            })
+        member
+            .register(&registration, opts.heartbeat)
             .await
-            .map_err(|e| refused(opts, e))?;
-        tracing::info!(coordinator_said = %reply.message, "registered");
-        Ok::<_, Error>(match reply.heartbeat_interval_ms {
-            0 => opts.heartbeat,
-            ms => Duration::from_millis(ms),
-        })
+            .map(|r| r.heartbeat)
+            .map_err(|e| refused(opts, e))
     };
     let mut heartbeat = register().await?;
     let mut last_said = String::new();
     loop {
         let request = pb::AwaitAssignmentRequest {
-            id: Some(id.clone()),
+            id: Some(member.id().clone()),
             job_token: opts.job_token.clone(),
             wait_ms: 2_000,
         };
         let answer =
             opts.policy
                 .run("wait for a group", || {
-                    let mut c = client.clone();
+                    let mut c = member.coordinator();
                     let request = request.clone();
                     async move {
                         net::call(COORDINATOR, &opts.connect, c.await_assignment(request)).await
@@ -407,17 +378,17 @@ fn refused(opts: &MemberOptions, e: NetError) -> Error {
     }
 }
 
+/// This trainer's progress, for a heartbeat (the member client adds who sends it).
 fn heartbeat_request(shared: &Shared) -> pb::HeartbeatRequest {
     let p = *shared.progress.lock().expect("progress lock");
     pb::HeartbeatRequest {
-        id: Some(shared.id.clone()),
-        job_token: shared.opts.job_token.clone(),
         generation: shared.generation,
         step: p.step,
         loss: p.loss,
         tokens_per_s: p.tokens_per_s,
         mfu: p.mfu,
         epochs: p.epochs,
+        ..Default::default()
     }
 }
 
@@ -441,9 +412,7 @@ async fn heartbeats(shared: Arc<Shared>, done: CancellationToken) {
             _ = done.cancelled() => return,
             _ = every.tick() => {}
         }
-        let mut client = shared.client.clone();
-        let request = heartbeat_request(&shared);
-        let answer = net::call(COORDINATOR, &shared.opts.connect, client.heartbeat(request)).await;
+        let answer = shared.member.heartbeat(heartbeat_request(&shared)).await;
         if let Some(since) = leaving_since {
             if since.elapsed() > LEAVING_HEARTBEATS {
                 tracing::warn!("the training thread has not stopped after its generation ended; heartbeats stop");
@@ -513,7 +482,7 @@ async fn commit_loop(
             } => (step, path, val_loss),
         };
         let request = pb::CommitRequest {
-            id: Some(shared.id.clone()),
+            id: Some(shared.member.id().clone()),
             job_token: shared.opts.job_token.clone(),
             generation: shared.generation,
             step,
@@ -525,7 +494,7 @@ async fn commit_loop(
             .opts
             .policy
             .run(&what, || {
-                let mut c = shared.client.clone();
+                let mut c = shared.member.coordinator();
                 let request = request.clone();
                 let connect = &shared.opts.connect;
                 async move { net::call(COORDINATOR, connect, c.commit(request)).await }

@@ -469,23 +469,7 @@ impl Trainer {
         )?;
         self.stop.abort_on_regroup(group.abort_handle());
         self.sync_state(&group, true)?;
-        self.keep_window_if_shared(&group)?;
         self.group = Some(group);
-        Ok(())
-    }
-
-    /// Keeps the log window in progress when every rank of the new group holds the same one
-    /// (all regrouped in place, at the same size), so its record is the one a run without
-    /// the regroup logs; otherwise every rank starts a new window at this step.
-    fn keep_window_if_shared(&mut self, group: &ProcessGroup) -> Result<()> {
-        let world_size = self.cfg.process.world_size;
-        let vote = self.window.vote(self.step, world_size);
-        let mut votes = Tensor::from_slice(&vote).to_device(self.device);
-        group.all_reduce_sum(&mut votes)?;
-        let votes = Vec::<f64>::try_from(&votes.to_device(Device::Cpu))?;
-        if !LogWindow::agreed(&votes, world_size) {
-            self.window = self.window.restart(self.step, world_size);
-        }
         Ok(())
     }
 
@@ -496,7 +480,11 @@ impl Trainer {
     /// group re-formed after a failure from a survivor.
     fn sync_state(&mut self, group: &ProcessGroup, has_state: bool) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        let mut steps = Tensor::zeros([group.world_size as i64], (Kind::Double, self.device));
+        // Each rank's step in its own slot, then every rank's vote on the log window in
+        // progress (summed): one all-reduce says where the state is and whether the window
+        // goes on.
+        let world = group.world_size;
+        let mut steps = Tensor::zeros([world as i64], (Kind::Double, self.device));
         let mine = if has_state { self.step as f64 } else { -1.0 };
         let _ = steps.get(group.rank as i64).fill_(mine);
         group.all_reduce_sum(&mut steps)?;
@@ -508,6 +496,18 @@ impl Trainer {
                 "no rank of the new group holds a state to start from".into(),
             ));
         }
+        // The log window in progress goes on when every rank holds the same one (all
+        // regrouped in place, at the same size): its record is then the one a run without
+        // the regroup logs. Every path into a group runs this collective.
+        let start = steps[source] as u64;
+        let vote = match has_state {
+            true => self.window.vote(start, world),
+            false => [0.0; 5],
+        };
+        let mut votes = Tensor::from_slice(&vote).to_device(self.device);
+        group.all_reduce_sum(&mut votes)?;
+        let window_shared =
+            LogWindow::agreed(&Vec::<f64>::try_from(&votes.to_device(Device::Cpu))?, world);
         group.broadcast_params(self.opt.params(), source)?;
         let mut state = self.opt.state_tensors();
         for t in state.values_mut() {
@@ -534,6 +534,9 @@ impl Trainer {
         self.best_val = (!header[2].is_nan()).then_some(header[2]);
         self.evaluated_at_step = header[3] > 0.0;
         self.last_window = window_from_floats(&header[4..]);
+        let empty = self.window.restart(self.step, world);
+        let window = std::mem::replace(&mut self.window, empty);
+        self.window = window.settle(self.step, world, window_shared);
         tracing::info!(
             step = self.step,
             from_rank = source,
@@ -922,8 +925,10 @@ impl Trainer {
             // r·local .. (r+1)·local, so the union over ranks is the single-process step.
             let local = cfg.job.grad_accum / cfg.process.world_size;
             // This step's figures join the window once its collectives succeeded: a step a
-            // failure cuts short is done again and must not count twice.
+            // failure cuts short is done again and must not count twice (they are held,
+            // for a new group that starts from a peer that did complete it).
             let step_figures = Tensor::zeros([figures_len], (Kind::Float, self.device));
+            let next = self.step + 1;
             for m in 0..local {
                 let key = BatchKey {
                     seed: cfg.job.seed,
@@ -944,12 +949,12 @@ impl Trainer {
                 (&scored.objective / local as f64).backward();
                 scored.add_to(&step_figures, 1.0 / local as f64);
             }
+            self.window.hold(next, step_figures.shallow_clone());
             if let Some(group) = &self.group {
                 self.collective(group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES))?;
             }
             // The step's collectives all run before the update: a failure in any of them
             // leaves every survivor at the last completed (and logged) step.
-            let next = self.step + 1;
             let window =
                 match next.is_multiple_of(cfg.job.log_interval) || next == cfg.job.max_iters {
                     // The only host sync of the step, once per log interval.
@@ -965,7 +970,7 @@ impl Trainer {
             self.step = next;
             self.tokens_seen += tokens_per_step;
             self.evaluated_at_step = false;
-            self.window.add(&step_figures);
+            self.window.add_held();
             bar.set_position(self.step);
             if let Some((figures, group_stop, checkpoint_due)) = window {
                 stopped = group_stop;
