@@ -29,6 +29,19 @@ fn long_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
     long_run_of(data, out, "120")
 }
 
+/// `lillm ARGS` (a `--nproc` launcher) logging at info level to DIR/job.log.
+fn launcher(dir: &std::path::Path, args: &[String]) -> Actor {
+    let log = dir.join("job.log");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Actor { child, log }
+}
+
 #[test]
 fn a_killed_trainer_is_restarted_the_survivor_regroups_in_place_and_the_model_is_the_same() {
     let dir = tempfile::tempdir().unwrap();
@@ -39,18 +52,7 @@ fn a_killed_trainer_is_restarted_the_survivor_regroups_in_place_and_the_model_is
     let run = dir.path().join("run");
     let mut args = strings(&long_run(s(&tiny.data), s(&run)));
     args.extend(strings(&["--nproc", "2", "--max-restarts", "2"]));
-    let log_path = dir.path().join("job.log");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
-        .args(&args)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut job = Actor {
-        child,
-        log: log_path,
-    };
+    let mut job = launcher(dir.path(), &args);
     wait_until(Duration::from_secs(120), "30 training steps", || {
         losses(&run).len() >= 30
     });
@@ -119,18 +121,7 @@ fn a_hung_trainer_is_killed_and_replaced_and_the_model_is_the_same() {
     let run = dir.path().join("run");
     let mut args = strings(&long_run(s(&tiny.data), s(&run)));
     args.extend(strings(&["--nproc", "2", "--replace-hung-after-s", "2"]));
-    let log_path = dir.path().join("job.log");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
-        .args(&args)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut job = Actor {
-        child,
-        log: log_path,
-    };
+    let mut job = launcher(dir.path(), &args);
     wait_until(Duration::from_secs(120), "30 training steps", || {
         losses(&run).len() >= 30
     });
@@ -175,18 +166,7 @@ fn a_log_window_spanning_a_regroup_reports_what_a_run_without_one_does() {
     set_flag(&mut train, "--log-interval", "50");
     let mut args = strings(&train);
     args.extend(strings(&["--nproc", "2"]));
-    let log_path = dir.path().join("job.log");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lillm"))
-        .args(&args)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut job = Actor {
-        child,
-        log: log_path,
-    };
+    let mut job = launcher(dir.path(), &args);
     wait_until(Duration::from_secs(120), "the record of step 50", || {
         !losses(&run).is_empty()
     });

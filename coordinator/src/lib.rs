@@ -28,6 +28,6 @@ pub use decide::{
     Assignment, Decision, Event, Group, Outcome, Refusal, HEARTBEATS_PER_SECOND,
 };
 pub use server::{serve, ServerConfig};
-pub use service::{job_status, now_ms, refusal_status, Coordinator};
+pub use service::{job_status, node_status, now_ms, refusal_status, Coordinator};
 pub use state::{Commit, EvalResult, JobConfig, Member, MemberId, Phase, Role, State};
 pub use store::{StateStore, StoreError};

@@ -13,6 +13,7 @@ use lillm_data::shards::BatchKey;
 use lillm_model::{weights, LilLM, LoraConfig, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
+use crate::cadence::{reopen_log, Cadence};
 use crate::checkpoint::{self, CheckpointState, LoraBase, MODEL_FILE, OPTIMIZER_FILE};
 use crate::checkpoint_actor::{host_copy, CheckpointActor, Snapshot};
 use crate::config::{Objective, TrainConfig};
@@ -20,7 +21,7 @@ use crate::data::{Draw, MicroBatch, TrainData};
 use crate::dist::{ProcessGroup, Rendezvous};
 use crate::log_window::LogWindow;
 use crate::loss::{record_routing, train_figures, Loss, Reference, FIGURES};
-use crate::metrics::{MetricsLog, Record, Reopen};
+use crate::metrics::{MetricsLog, Record};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::report::{Reporter, Silent};
 use crate::stop::{Stop, StopReason};
@@ -776,14 +777,10 @@ impl Trainer {
             )));
         }
         let leader = cfg.process.rank == 0;
-        let resumed = self.step > 0 || self.evaluated_at_step;
+        let cadence = Cadence::of(&cfg.job);
         let mut log = match leader {
             true => {
-                let reopen = match (resumed, self.generation > 0) {
-                    (true, true) => Reopen::Keep,
-                    (true, false) => Reopen::After(self.step),
-                    (false, _) => Reopen::Fresh,
-                };
+                let reopen = reopen_log(self.step, self.evaluated_at_step, self.generation);
                 Some(MetricsLog::open(&cfg.process.out, reopen)?)
             }
             false => None,
@@ -868,8 +865,7 @@ impl Trainer {
                 break;
             }
             let at_end = self.step >= cfg.job.max_iters;
-            let eval_due = self.step.is_multiple_of(cfg.job.eval_interval) || at_end;
-            if eval_due && !self.evaluated_at_step {
+            if cadence.evaluates(self.step, self.evaluated_at_step) {
                 // Rank 0 evaluates; every rank learns the losses, so that both checkpoint
                 // writers save the same state.
                 let mine = match log.as_mut() {
@@ -895,8 +891,6 @@ impl Trainer {
             // Checkpoints apart from evaluations, by steps or by time (by rank 0's clock,
             // shared at log intervals, so both writers save the same steps): a snapshot to
             // host memory, written by the checkpoint actor.
-            let by_steps = cfg.job.checkpoint_interval > 0
-                && self.step.is_multiple_of(cfg.job.checkpoint_interval);
             let by_time = match self.group {
                 Some(_) => std::mem::take(&mut time_due),
                 None => time_wish(&last_save),
@@ -904,8 +898,9 @@ impl Trainer {
             let saved_here = last_ckpt
                 .as_ref()
                 .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.process.out, self.step));
-            let fresh = self.step > started_at; // a resumed step already has its checkpoint
-            if self.writes_checkpoints && fresh && !at_end && !saved_here && (by_steps || by_time) {
+            if self.writes_checkpoints
+                && cadence.interim_checkpoint(self.step, started_at, saved_here, by_time)
+            {
                 last_ckpt = Some(self.save_checkpoint(None)?);
                 last_save = Instant::now();
             }
@@ -955,15 +950,14 @@ impl Trainer {
             }
             // The step's collectives all run before the update: a failure in any of them
             // leaves every survivor at the last completed (and logged) step.
-            let window =
-                match next.is_multiple_of(cfg.job.log_interval) || next == cfg.job.max_iters {
-                    // The only host sync of the step, once per log interval.
-                    true => Some(self.reduce_window(
-                        &self.window.sums_with(&step_figures),
-                        leader && time_wish(&last_save),
-                    )?),
-                    false => None,
-                };
+            let window = match cadence.logs_at(next) {
+                // The only host sync of the step, once per log interval.
+                true => Some(self.reduce_window(
+                    &self.window.sums_with(&step_figures),
+                    leader && time_wish(&last_save),
+                )?),
+                false => None,
+            };
             let grad_norm = self.opt.clip_grad_norm(cfg.job.grad_clip);
             self.opt.step(lr);
             self.opt.zero_grad();
