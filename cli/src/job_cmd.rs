@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::hang_watch;
 use crate::supervisor::{Ended, Kind, OnTrainerDeath, Spec, Supervisor};
 
-/// Between two heartbeats: eight of them fit in the coordinator's default 2 s timeout.
+/// Between two heartbeats when the coordinator names no interval (an older one): eight fit
+/// in its default 2 s timeout.
 const HEARTBEAT: Duration = Duration::from_millis(250);
 /// How long an unreachable coordinator or dataloader is retried before a trainer gives up.
 const PATIENCE: Duration = Duration::from_secs(300);
