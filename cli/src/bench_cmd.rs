@@ -20,6 +20,25 @@ use tokio::task::JoinSet;
 pub enum BenchCmd {
     /// The coordinator at scale: simulated trainers against a real coordinator process.
     Coordinator(CoordinatorBenchArgs),
+    /// The exactly-once data order over a dataset of many shards (metadata only): the time
+    /// and memory of an epoch's plan and of one step's sequences.
+    Epochs(EpochsBenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EpochsBenchArgs {
+    /// Shards of the simulated train split.
+    #[arg(long, default_value_t = 100_000)]
+    shards: usize,
+    /// Tokens per shard (100,000 shards of 10M tokens: 1T tokens).
+    #[arg(long, default_value_t = 10_000_000)]
+    shard_tokens: u64,
+    /// Sequence length (block_size + 1).
+    #[arg(long, default_value_t = 2_049)]
+    window: u64,
+    /// Sequences per step (grad_accum × batch_size).
+    #[arg(long, default_value_t = 1_024)]
+    sequences_per_step: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -47,6 +66,10 @@ pub struct CoordinatorBenchArgs {
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
+        BenchCmd::Epochs(args) => {
+            epochs(&args);
+            Ok(())
+        }
         BenchCmd::Coordinator(args) => {
             let rt = tokio::runtime::Runtime::new()?;
             for &trainers in &args.trainers {
@@ -56,6 +79,59 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The exactly-once order at the size of a large corpus: the first step of an epoch pays
+/// for its plan (a permutation of the shards), every later step only for its sequences.
+fn epochs(args: &EpochsBenchArgs) {
+    use lillm_data::epochs::EpochOrder;
+    // Shard sizes vary a little, as a real corpus's last shards do.
+    let tokens: Vec<u64> = (0..args.shards as u64)
+        .map(|i| args.shard_tokens - (i * 7919) % (args.window * 3))
+        .collect();
+    let rss = || {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+            / 1e3
+    };
+    let before = rss();
+    let built = Instant::now();
+    let order = EpochOrder::new(1337, &tokens, args.window);
+    let build_ms = built.elapsed().as_secs_f64() * 1e3;
+    let step = |n: u64| {
+        let started = Instant::now();
+        let first = n * args.sequences_per_step;
+        let mut shards: Vec<usize> = (first..first + args.sequences_per_step)
+            .map(|p| order.at(p).shard)
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        (started.elapsed().as_secs_f64() * 1e3, shards.len())
+    };
+    let (first_ms, _) = step(0);
+    let later: Vec<(f64, usize)> = (1..101).map(step).collect();
+    let mean_ms = later.iter().map(|(ms, _)| ms).sum::<f64>() / later.len() as f64;
+    let max_shards = later.iter().map(|&(_, n)| n).max().unwrap_or(0);
+    println!(
+        "exactly-once order over {} shards ({:.2e} tokens, {:.3e} sequences of {} tokens):",
+        args.shards,
+        tokens.iter().sum::<u64>() as f64,
+        order.sequences() as f64,
+        args.window
+    );
+    println!(
+        "  order built in {build_ms:.1} ms; an epoch's first step (its plan) {first_ms:.1} ms; \
+         each later step of {} sequences {mean_ms:.3} ms, reading at most {max_shards} shards; \
+         memory {:.1} MB",
+        args.sequences_per_step,
+        rss() - before
+    );
 }
 
 /// What one simulated job measured.
