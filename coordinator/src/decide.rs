@@ -199,10 +199,9 @@ pub fn decide(now_ms: u64, state: &State, event: Event) -> Decision {
 }
 
 /// Applies `event` at time `now_ms` to `state` in place. A refused event changes at most a
-/// member's liveness. Heartbeats, waiting trainers and ticks that evict nobody cost time
-/// independent of the job's size (a map lookup; a tick scans the members once). A decision
-/// that moves the generation is remembered among the state's `changes`, with the group's
-/// size and the reason.
+/// member's liveness. A heartbeat or a waiting trainer costs a map lookup whatever the job's
+/// size; a tick scans the members once. A decision that moves the generation is remembered
+/// among the state's `changes`, with the group's size and the reason.
 pub fn decide_in_place(now_ms: u64, state: &mut State, event: Event) -> Outcome {
     let generation = state.generation;
     let outcome = decide_event(now_ms, state, event);
@@ -475,11 +474,11 @@ fn start_generation(state: &mut State) -> Action {
     state.gathering_since_ms = 0;
     // The ready trainers: all of them, except in an elastic start without the missing.
     let trainers: Vec<MemberId> = state.ready_trainers().map(|m| m.id.clone()).collect();
-    let mut loaders: Vec<(String, usize)> = Vec::new();
+    let mut loaders: Vec<usize> = Vec::new();
     let mut local: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for m in state.members.values() {
         if let (Role::Dataloader, Some(index)) = (m.id.role, m.rank) {
-            loaders.push((m.id.node.clone(), index));
+            loaders.push(index);
             local.entry(m.id.node.as_str()).or_default().push(index);
         }
     }
@@ -489,7 +488,7 @@ fn start_generation(state: &mut State) -> Action {
         let seen = per_node_seen.entry(id.node.as_str()).or_default();
         let dataloader = match local.get(id.node.as_str()) {
             Some(on_node) => Some(on_node[*seen % on_node.len()]),
-            None if !loaders.is_empty() => Some(loaders[rank % loaders.len()].1),
+            None if !loaders.is_empty() => Some(loaders[rank % loaders.len()]),
             None => None,
         };
         *seen += 1;

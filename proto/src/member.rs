@@ -64,18 +64,6 @@ impl MemberClient {
         &self.id
     }
 
-    pub fn job_token(&self) -> &str {
-        &self.job_token
-    }
-
-    pub fn connect(&self) -> &ConnectSettings {
-        &self.connect
-    }
-
-    pub fn policy(&self) -> RetryPolicy {
-        self.policy
-    }
-
     /// The coordinator's client, for the calls of one role (assignments, commits, where a
     /// dataloader is).
     pub fn coordinator(&self) -> CoordinatorClient {
