@@ -3,6 +3,7 @@
 //! in its own module; the `lillm` and `trainer` binaries are both [`main`].
 
 mod bench_cmd;
+mod bench_coordinator;
 mod chat_cmd;
 mod data_cmd;
 mod finetune_cmd;
@@ -79,7 +80,8 @@ enum Command {
     /// Import weights from another format as a checkpoint.
     #[command(subcommand)]
     Import(interop_cmd::ImportCmd),
-    /// Benchmarks of lillm's own parts (the coordinator at thousands of trainers).
+    /// Benchmarks of lillm's own parts: the coordinator at thousands of trainers, the
+    /// exactly-once data order over 100,000 shards.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
 }

@@ -1,0 +1,42 @@
+//! `lillm bench` at a size that runs in seconds: the coordinator simulation speaks the real
+//! protocol end to end (storm, heartbeats, kill, regroup, commits) and shows that steady
+//! heartbeats never write the coordinator's store; the epoch-order bench reports its reads.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn the_coordinator_bench_runs_every_phase_and_heartbeats_never_write_the_store() {
+    let out = lillm_ok(&[
+        "bench",
+        "coordinator",
+        "--trainers",
+        "24",
+        "--trainers-per-node",
+        "4",
+        "--steady-seconds",
+        "2",
+    ]);
+    assert!(out.contains("### 24 trainers on 6 nodes"), "{out}");
+    assert!(
+        out.contains("| state-store writes, steady | 0.00 per s |"),
+        "{out}"
+    );
+    assert!(
+        out.contains("| detection of 1 silent trainers (kill → eviction) |"),
+        "{out}"
+    );
+    let commits = out
+        .lines()
+        .find(|l| l.starts_with("| commit latency"))
+        .unwrap();
+    assert_eq!(commits.matches(" / ").count(), 1, "two writers: {commits}");
+}
+
+#[test]
+fn the_epoch_order_bench_reads_few_shards_per_step() {
+    let out = lillm_ok(&["bench", "epochs", "--shards", "2000"]);
+    assert!(out.contains("over 2000 shards"), "{out}");
+    assert!(out.contains("reading at most 16 shards"), "{out}");
+}
