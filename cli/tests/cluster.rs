@@ -144,6 +144,12 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
             && text.contains("node-b/trainer0"),
         "{text}"
     );
+    // One node's members alone (what launchers poll for hung trainers).
+    let node_b = lillm_ok(&["status", "--coordinator", &job.address, "--node", "node-b"]);
+    assert!(
+        node_b.contains("node-b/trainer0") && !node_b.contains("node-a/"),
+        "{node_b}"
+    );
 
     let probe: serde_json::Value =
         serde_json::from_str(&python(GRPC_PROBE, &[&job.address, &job.metrics])).unwrap();
