@@ -44,6 +44,21 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     }
 }
 
+/// A process's (resident, peak resident) memory in MB, from `/proc/PID/status` (`self`: this
+/// one).
+pub fn memory_mb(pid: &str) -> Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mb = |key: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1e3
+    };
+    Ok((mb("VmRSS:"), mb("VmHWM:")))
+}
+
 /// The exactly-once order at the size of a large corpus: the first step of an epoch pays
 /// for its plan (a permutation of the shards), every later step only for its sequences.
 fn epochs(args: &EpochsBenchArgs) {
@@ -52,17 +67,7 @@ fn epochs(args: &EpochsBenchArgs) {
     let tokens: Vec<u64> = (0..args.shards as u64)
         .map(|i| args.shard_tokens - (i * 7919) % (args.window * 3))
         .collect();
-    let rss = || {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            })
-            .unwrap_or(0.0)
-            / 1e3
-    };
+    let rss = || memory_mb("self").map_or(0.0, |(now, _)| now);
     let before = rss();
     let built = Instant::now();
     let order = EpochOrder::new(1337, &tokens, args.window);

@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::bench_cmd::memory_mb;
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use lillm_proto::client::{member_id, CoordinatorClient};
-use lillm_proto::net::{self, ConnectSettings};
+use lillm_proto::member::{MemberClient, Registration};
+use lillm_proto::net::{self, ConnectSettings, RetryPolicy};
 use lillm_proto::v1 as pb;
 use prost::Message;
 use tokio::task::JoinSet;
@@ -225,15 +226,7 @@ impl CoordinatorProcess {
 
     /// (resident, peak resident) memory in MB.
     fn rss_mb(&self) -> Result<(f64, f64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kb = |key: &str| -> f64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0.0)
-        };
-        Ok((kb("VmRSS:") / 1e3, kb("VmHWM:") / 1e3))
+        memory_mb(&self.child.id().to_string())
     }
 
     /// State saves so far, from `/metrics` (`None`: not counted there).
@@ -279,12 +272,35 @@ fn http_get(address: &str, path: &str) -> Result<String> {
     Ok(text)
 }
 
-/// One simulated member: its own connection, as a real process would have.
+/// One simulated member: the members' own client with its own connection, as a real
+/// process would have.
 #[derive(Clone)]
 struct Sim {
-    id: pb::MemberId,
+    member: MemberClient,
     address: String,
-    client: CoordinatorClient,
+}
+
+impl Sim {
+    fn new(
+        coordinator: &str,
+        node: &str,
+        role: pb::Role,
+        local: u32,
+        address: String,
+    ) -> Result<Self> {
+        let member = MemberClient::new(
+            coordinator,
+            (node, role, local),
+            "",
+            ConnectSettings::default(),
+            RetryPolicy::default(),
+        )?;
+        Ok(Self { member, address })
+    }
+
+    fn id(&self) -> &pb::MemberId {
+        self.member.id()
+    }
 }
 
 /// What the members share with the bench while it runs.
@@ -299,68 +315,63 @@ struct Board {
 }
 
 fn sims(address: &str, trainers: usize, per_node: usize) -> Result<(Vec<Sim>, Vec<Sim>)> {
-    let settings = ConnectSettings::default();
     let nodes = trainers.div_ceil(per_node);
     let mut t = Vec::with_capacity(trainers);
     let mut d = Vec::with_capacity(nodes);
     for node in 0..nodes {
         let name = format!("node-{node:04}");
         for local in 0..per_node.min(trainers - node * per_node) {
-            t.push(Sim {
-                id: member_id(&name, pb::Role::Trainer, local as u32),
-                address: format!("10.{}.{}.{}:{}", node / 256, node % 256, local, 29_500),
-                client: CoordinatorClient::new(net::channel(address, &settings)?),
-            });
+            let at = format!("10.{}.{}.{}:{}", node / 256, node % 256, local, 29_500);
+            t.push(Sim::new(
+                address,
+                &name,
+                pb::Role::Trainer,
+                local as u32,
+                at,
+            )?);
         }
-        d.push(Sim {
-            id: member_id(&name, pb::Role::Dataloader, 0),
-            address: format!("10.{}.{}.200:7080", node / 256, node % 256),
-            client: CoordinatorClient::new(net::channel(address, &settings)?),
-        });
+        let at = format!("10.{}.{}.200:7080", node / 256, node % 256);
+        d.push(Sim::new(address, &name, pb::Role::Dataloader, 0, at)?);
     }
     Ok((t, d))
 }
 
-async fn register(sim: &Sim, rejoining_from: u64) -> Result<pb::RegisterReply> {
-    let request = pb::RegisterRequest {
-        id: Some(sim.id.clone()),
+/// Registers as members do (an unreachable coordinator, say a full accept queue in the
+/// storm, is retried by the policy); returns how often to heartbeat.
+async fn register(sim: &Sim, rejoining_from: u64) -> Result<Duration> {
+    let registration = Registration {
         address: sim.address.clone(),
-        job_token: String::new(),
         config_fingerprint: "bench".into(),
         rejoining_from,
         grad_accum: 0,
     };
-    // A storm may meet a full accept queue: retry as members do.
-    let mut last = None;
-    for _ in 0..20 {
-        match sim.client.clone().register(request.clone()).await {
-            Ok(reply) => return Ok(reply.into_inner()),
-            Err(e) if e.code() == tonic::Code::Unavailable => {
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => bail!("{}: register refused: {e}", sim.id.node),
-        }
-    }
-    bail!("{}: register failed: {last:?}", sim.id.node)
+    let registered = sim
+        .member
+        .register(&registration, DEFAULT_HEARTBEAT)
+        .await
+        .with_context(|| format!("{}: register", sim.id().node))?;
+    Ok(registered.heartbeat)
 }
+
+/// Members' heartbeat interval when the coordinator names none (an older one).
+const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(250);
 
 /// Waits for a rank as a trainer does: a coordinator that forgot this member (it evicted
 /// it) is answered with a new registration (`rejoining_from`).
 async fn await_assignment(sim: &Sim, rejoining_from: u64) -> Result<pb::Assignment> {
     loop {
         let request = pb::AwaitAssignmentRequest {
-            id: Some(sim.id.clone()),
+            id: Some(sim.id().clone()),
             job_token: String::new(),
             wait_ms: 1_000,
         };
-        match sim.client.clone().await_assignment(request).await {
+        match sim.member.coordinator().await_assignment(request).await {
             Ok(a) if a.get_ref().waiting.is_empty() => return Ok(a.into_inner()),
             Ok(_) => {}
             Err(e) if e.code() == tonic::Code::NotFound => {
                 register(sim, rejoining_from).await?;
             }
-            Err(e) => bail!("{}: waiting for a group: {e}", sim.id.node),
+            Err(e) => bail!("{}: waiting for a group: {e}", sim.id().node),
         }
     }
 }
@@ -386,18 +397,16 @@ async fn trainer(
             return Ok(());
         }
         step += 1;
-        let request = pb::HeartbeatRequest {
-            id: Some(sim.id.clone()),
-            job_token: String::new(),
+        let progress = pb::HeartbeatRequest {
             generation,
             step,
             loss: Some(3.0),
             tokens_per_s: Some(1e5),
             mfu: Some(0.4),
-            epochs: None,
+            ..Default::default()
         };
         let sent = Instant::now();
-        let reply = sim.client.clone().heartbeat(request).await;
+        let reply = sim.member.heartbeat(progress).await;
         let took = sent.elapsed();
         if board.measuring.load(Ordering::Relaxed) {
             board
@@ -407,7 +416,7 @@ async fn trainer(
                 .push(took.as_micros() as u32);
         }
         match reply {
-            Ok(r) if r.get_ref().stale => {
+            Ok(r) if r.stale => {
                 register(&sim, generation).await?;
                 let a = await_assignment(&sim, generation).await?;
                 generation = a.generation;
@@ -415,7 +424,7 @@ async fn trainer(
             }
             Ok(_) => {}
             Err(_) if board.stop.load(Ordering::Relaxed) => return Ok(()),
-            Err(e) => bail!("{}: heartbeat failed: {e}", sim.id.node),
+            Err(e) => bail!("{}: heartbeat failed: {e}", sim.id().node),
         }
     }
     Ok(())
@@ -426,13 +435,10 @@ async fn dataloader(sim: Sim, board: Arc<Board>, interval: Duration) -> Result<(
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !board.stop.load(Ordering::Relaxed) {
         every.tick().await;
-        let request = pb::HeartbeatRequest {
-            id: Some(sim.id.clone()),
-            ..Default::default()
-        };
-        if let Err(e) = sim.client.clone().heartbeat(request).await {
+        let beat = sim.member.heartbeat(pb::HeartbeatRequest::default()).await;
+        if let Err(e) = beat {
             if !board.stop.load(Ordering::Relaxed) {
-                bail!("{}: dataloader heartbeat failed: {e}", sim.id.node);
+                bail!("{}: dataloader heartbeat failed: {e}", sim.id().node);
             }
         }
     }
@@ -500,22 +506,23 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
     let saves_before = coordinator.saves();
     let started = Instant::now();
     let mut storm = JoinSet::new();
-    for sim in loader_sims.iter().chain(&trainer_sims).cloned() {
+    for sim in loader_sims.iter().chain(&trainer_sims) {
+        let sim = sim.clone();
         storm.spawn(async move {
-            let reply = register(&sim, 0).await?;
+            let heartbeat = register(&sim, 0).await?;
             let registered = Instant::now();
-            let assignment = match sim.id.role == pb::Role::Trainer as i32 {
+            let assignment = match sim.id().role == pb::Role::Trainer as i32 {
                 true => Some((await_assignment(&sim, 0).await?, Instant::now())),
                 false => None,
             };
-            anyhow::Ok((reply, registered, assignment))
+            anyhow::Ok((heartbeat, registered, assignment))
         });
     }
     let (mut last_registered, mut last_assigned) = (started, started);
-    let (mut interval_ms, mut generation) = (0, 0);
+    let (mut interval, mut generation) = (DEFAULT_HEARTBEAT, 0);
     while let Some(done) = storm.join_next().await {
-        let (reply, registered, assignment) = done??;
-        interval_ms = reply.heartbeat_interval_ms;
+        let (heartbeat, registered, assignment) = done??;
+        interval = heartbeat;
         last_registered = last_registered.max(registered);
         if let Some((a, at)) = assignment {
             generation = a.generation;
@@ -525,13 +532,8 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
     figures.storm_s = (last_registered - started).as_secs_f64();
     figures.first_generation_s = (last_assigned - last_registered).as_secs_f64();
     figures.storm_saves = since(coordinator.saves(), saves_before);
-    // A coordinator that names no interval: members heartbeat every 250 ms, as they did.
-    let interval_ms = match interval_ms {
-        0 => 250,
-        ms => ms,
-    };
+    let interval_ms = interval.as_millis() as u64;
     figures.heartbeat_interval_ms = interval_ms;
-    let interval = Duration::from_millis(interval_ms.max(1));
 
     // 2. Steady heartbeats.
     eprintln!(
@@ -633,19 +635,19 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
         .collect();
     let writers: Vec<&Sim> = trainer_sims
         .iter()
-        .filter(|sim| writer_ids.contains(&&sim.id))
+        .filter(|sim| writer_ids.contains(&sim.id()))
         .collect();
     for sim in writers {
         let request = pb::CommitRequest {
-            id: Some(sim.id.clone()),
+            id: Some(sim.id().clone()),
             job_token: String::new(),
             generation,
             step: 1_000,
-            path: format!("/ckpt/{}/step-1000", sim.id.node),
+            path: format!("/ckpt/{}/step-1000", sim.id().node),
             val_loss: Some(3.0),
         };
         let sent = Instant::now();
-        sim.client.clone().commit(request).await?;
+        sim.member.coordinator().commit(request).await?;
         figures.commit_ms.push(sent.elapsed().as_secs_f64() * 1e3);
     }
 

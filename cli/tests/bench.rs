@@ -38,5 +38,11 @@ fn the_coordinator_bench_runs_every_phase_and_heartbeats_never_write_the_store()
 fn the_epoch_order_bench_reads_few_shards_per_step() {
     let out = lillm_ok(&["bench", "epochs", "--shards", "2000"]);
     assert!(out.contains("over 2000 shards"), "{out}");
-    assert!(out.contains("reading at most 16 shards"), "{out}");
+    // A step of 1,024 sequences reads at most two windows of 8 shards.
+    let shards: usize = out
+        .split("reading at most ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no shard count in {out}"));
+    assert!((1..=16).contains(&shards), "{out}");
 }

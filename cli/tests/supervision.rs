@@ -29,6 +29,15 @@ fn long_run<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {
     long_run_of(data, out, "120")
 }
 
+/// The 120-step run's final weights equal the uninterrupted run's.
+fn assert_same_final_weights(straight: &std::path::Path, run: &std::path::Path) {
+    let max_diff = max_weight_diff(
+        &straight.join("checkpoints/step-00000120/model.safetensors"),
+        &run.join("checkpoints/step-00000120/model.safetensors"),
+    );
+    assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
+}
+
 /// `lillm ARGS` (a `--nproc` launcher) logging at info level to DIR/job.log.
 fn launcher(dir: &std::path::Path, args: &[String]) -> Actor {
     let log = dir.join("job.log");
@@ -100,11 +109,7 @@ fn a_killed_trainer_is_restarted_the_survivor_regroups_in_place_and_the_model_is
         resumed_at >= 30,
         "the new group started where the survivor was (step {resumed_at}), not at a checkpoint"
     );
-    let max_diff = max_weight_diff(
-        &straight.join("checkpoints/step-00000120/model.safetensors"),
-        &run.join("checkpoints/step-00000120/model.safetensors"),
-    );
-    assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
+    assert_same_final_weights(&straight, &run);
 }
 
 /// A trainer that hangs (SIGSTOP: it neither dies nor answers) is evicted by the
@@ -142,11 +147,7 @@ fn a_hung_trainer_is_killed_and_replaced_and_the_model_is_the_same() {
         "{log}"
     );
     assert_same_losses(&losses(&straight), &losses(&run));
-    let max_diff = max_weight_diff(
-        &straight.join("checkpoints/step-00000120/model.safetensors"),
-        &run.join("checkpoints/step-00000120/model.safetensors"),
-    );
-    assert!(max_diff <= 1e-5, "final weights differ by {max_diff}");
+    assert_same_final_weights(&straight, &run);
 }
 
 /// A trainer frozen past the heartbeat timeout and woken again: both trainers regroup in

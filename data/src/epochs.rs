@@ -27,23 +27,6 @@ pub enum DataOrder {
     Epochs,
 }
 
-impl DataOrder {
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "random" => Some(Self::Random),
-            "epochs" => Some(Self::Epochs),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Random => "random",
-            Self::Epochs => "epochs",
-        }
-    }
-}
-
 /// Shards whose sequences are shuffled together: a micro-batch's rows come from at most
 /// this many shards (twice as many where it straddles two windows).
 pub const SHARDS_PER_WINDOW: usize = 8;
@@ -96,9 +79,15 @@ pub fn epochs_done(sequences: u64, position: u64) -> f64 {
         + (position % sequences.max(1)) as f64 / sequences.max(1) as f64
 }
 
+/// Sequences of `window` tokens each shard of `shard_tokens` tokens holds (its last partial
+/// sequence left out).
+fn sequences_per_shard(shard_tokens: &[u64], window: u64) -> Vec<u64> {
+    shard_tokens.iter().map(|t| t / window.max(1)).collect()
+}
+
 /// Sequences of `window` tokens an epoch holds over shards of `shard_tokens` tokens.
 pub fn sequences_per_epoch(shard_tokens: &[u64], window: u64) -> u64 {
-    shard_tokens.iter().map(|t| t / window.max(1)).sum()
+    sequences_per_shard(shard_tokens, window).iter().sum()
 }
 
 /// Which sequence a training position reads.
@@ -135,7 +124,7 @@ pub struct EpochOrder {
 impl EpochOrder {
     /// The order for shards of `shard_tokens` tokens, sequences of `window` tokens.
     pub fn new(seed: u64, shard_tokens: &[u64], window: u64) -> Self {
-        let per_shard: Vec<u64> = shard_tokens.iter().map(|t| t / window.max(1)).collect();
+        let per_shard = sequences_per_shard(shard_tokens, window);
         Self {
             seed,
             total: per_shard.iter().sum(),
@@ -147,11 +136,6 @@ impl EpochOrder {
     /// Sequences per epoch.
     pub fn sequences(&self) -> u64 {
         self.total
-    }
-
-    /// Epochs completed after `position` sequences (1.25: a quarter into the second).
-    pub fn epochs_done(&self, position: u64) -> f64 {
-        epochs_done(self.total, position)
     }
 
     /// The sequence training position `position` reads.

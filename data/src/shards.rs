@@ -194,20 +194,10 @@ pub struct Batch {
     pub block_size: usize,
 }
 
-/// Random `block_size + 1` windows of a split: inputs are the first `block_size` tokens of a
-/// window, targets the last `block_size`. Same key, same batch — on any machine, after any resume.
-pub fn sample_batch(
-    stream: &TokenStream,
-    key: BatchKey,
-    batch_size: usize,
-    block_size: usize,
-) -> Result<Batch> {
-    let windows = sample_windows(stream, key, batch_size, block_size)?;
-    Ok(Batch::from_windows(&windows, batch_size, block_size))
-}
-
-/// The `batch_size` windows of `block_size + 1` tokens behind [`sample_batch`], row-major.
-pub fn sample_windows(
+/// Random `block_size + 1` windows of a split, row-major ([`Batch::from_windows`] splits
+/// them into inputs and targets). Same key, same windows — on any machine, after any
+/// resume.
+fn sample_windows(
     stream: &TokenStream,
     key: BatchKey,
     batch_size: usize,

@@ -98,7 +98,7 @@ impl Sampler {
 
     /// Picks a token id from float logits of shape (vocab,).
     pub fn sample(&mut self, logits: &Tensor) -> u32 {
-        let logits = self.penalised(logits.to_kind(Kind::Float).to_device(tch::Device::Cpu));
+        let logits = self.adjusted(logits.to_kind(Kind::Float).to_device(tch::Device::Cpu));
         let id = self.pick(logits);
         *self.counts.entry(id).or_default() += 1;
         id
@@ -106,7 +106,7 @@ impl Sampler {
 
     /// `logits` with the request's biases added and the presence and frequency penalties
     /// of the tokens sampled so far subtracted.
-    fn penalised(&self, logits: Tensor) -> Tensor {
+    fn adjusted(&self, logits: Tensor) -> Tensor {
         let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
         let penalties = !self.counts.is_empty() && (presence != 0.0 || frequency != 0.0);
         if !penalties && self.params.logit_bias.is_empty() {

@@ -1,7 +1,8 @@
 //! The log window in progress: this rank's training figures ([`crate::loss::Scored::add_to`])
 //! summed over the window's completed steps, reduced over the ranks once per log interval.
 //! It outlives a regroup in place, so that a window spanning a regroup reports what it would
-//! have without one — when every rank of the new group holds the same window.
+//! have without one — when every rank of the new group holds the same window. Its two
+//! buffers are allocated once per run: a step only zeroes and adds.
 
 use std::time::Instant;
 
@@ -10,10 +11,12 @@ use tch::{Device, Kind, Tensor};
 pub struct LogWindow {
     sums: Tensor,
     steps: u64,
-    /// The figures of the step in progress and the step it completes, held until its
-    /// collectives succeed: a peer's update may have completed that step even though this
-    /// rank saw the collective fail, and then the new group starts from it.
-    held: Option<(u64, Tensor)>,
+    /// The figures of the step in progress ([`LogWindow::begin_step`]).
+    step_figures: Tensor,
+    /// The step those figures complete, until they are added: a peer's update may have
+    /// completed that step even though this rank saw its collective fail, and then the new
+    /// group starts from it.
+    held: Option<u64>,
     /// The step the window started at, and how many ranks shared its steps (each rank's
     /// sums are its share: they add up to the step's figures only over the same ranks).
     from_step: u64,
@@ -27,6 +30,7 @@ impl LogWindow {
         Self {
             sums: Tensor::zeros([figures], (Kind::Float, device)),
             steps: 0,
+            step_figures: Tensor::zeros([figures], (Kind::Float, device)),
             held: None,
             from_step: step,
             world_size,
@@ -34,33 +38,35 @@ impl LogWindow {
         }
     }
 
-    /// The same window emptied, starting at `step`.
-    pub fn restart(&self, step: u64, world_size: usize) -> Self {
-        Self::new(self.sums.size()[0], self.sums.device(), step, world_size)
+    /// Empties the window, which now starts at `step`.
+    pub fn restart(&mut self, step: u64, world_size: usize) {
+        let _ = self.sums.zero_();
+        self.steps = 0;
+        self.held = None;
+        self.from_step = step;
+        self.world_size = world_size;
+        self.started = Instant::now();
     }
 
-    /// Holds the figures of the step that completes `step`, until [`LogWindow::add_held`].
-    pub fn hold(&mut self, step: u64, step_figures: Tensor) {
-        self.held = Some((step, step_figures));
+    /// Starts the step that completes `step`: returns the (zeroed) tensor its figures are
+    /// added to, held until [`LogWindow::add_held`].
+    pub fn begin_step(&mut self, step: u64) -> Tensor {
+        let _ = self.step_figures.zero_();
+        self.held = Some(step);
+        self.step_figures.shallow_clone()
     }
 
     /// Adds the held step, now completed.
     pub fn add_held(&mut self) {
-        if let Some((_, figures)) = self.held.take() {
-            self.add(&figures);
+        if self.held.take().is_some() {
+            let _ = self.sums.g_add_(&self.step_figures);
+            self.steps += 1;
         }
     }
 
-    /// Adds the figures of a completed step (never of one a failure cut short on every
-    /// rank: it will be done again).
-    pub fn add(&mut self, step_figures: &Tensor) {
-        let _ = self.sums.g_add_(step_figures);
-        self.steps += 1;
-    }
-
-    /// The sums with one more step's figures, not yet added.
-    pub fn sums_with(&self, step_figures: &Tensor) -> Tensor {
-        &self.sums + step_figures
+    /// The sums with the held step's figures, not yet added.
+    pub fn sums_with_held(&self) -> Tensor {
+        &self.sums + &self.step_figures
     }
 
     pub fn steps(&self) -> u64 {
@@ -84,15 +90,15 @@ impl LogWindow {
     }
 
     /// Whether the window can reach `step` with `world_size` ranks: it is there, or it
-    /// holds the figures of the one step it lacks (see [`LogWindow::hold`]).
+    /// holds the figures of the one step it lacks (see [`LogWindow::begin_step`]).
     fn reaches(&self, step: u64, world_size: usize) -> Option<u64> {
         if self.world_size != world_size {
             return None;
         }
         let end = self.from_step + self.steps;
-        match &self.held {
+        match self.held {
             _ if end == step => Some(self.steps),
-            Some((held, _)) if *held == step && end + 1 == step => Some(self.steps + 1),
+            Some(held) if held == step && end + 1 == step => Some(self.steps + 1),
             _ => None,
         }
     }
@@ -108,16 +114,15 @@ impl LogWindow {
         [1.0, from, from * from, steps, steps * steps]
     }
 
-    /// The window a new group starting at `step` goes on with: this one (completed by its
-    /// held step if it lacks it) when every rank `agreed`, else an empty one.
-    pub fn settle(mut self, step: u64, world_size: usize, agreed: bool) -> Self {
+    /// Goes on into a new group starting at `step`: with this window (completed by its
+    /// held step if it lacks it) when every rank `agreed`, else with an empty one.
+    pub fn settle(&mut self, step: u64, world_size: usize, agreed: bool) {
         match (agreed, self.reaches(step, world_size)) {
             (true, Some(steps)) => {
                 if steps > self.steps {
                     self.add_held();
                 }
                 self.held = None;
-                self
             }
             _ => self.restart(step, world_size),
         }
@@ -143,11 +148,24 @@ mod tests {
         (0..5).map(|i| votes.iter().map(|v| v[i]).sum()).collect()
     }
 
+    /// Runs the next step of `w` with these figures, up to its collectives.
+    fn begin(w: &mut LogWindow, figures: &[f32]) {
+        let next = w.from_step + w.steps + 1;
+        let mut t = w.begin_step(next);
+        t.copy_(&Tensor::from_slice(figures));
+    }
+
+    /// Runs the next step of `w` to its end.
+    fn step(w: &mut LogWindow, figures: &[f32]) {
+        begin(w, figures);
+        w.add_held();
+    }
+
     #[test]
     fn a_window_goes_on_only_where_every_rank_holds_it() {
         let mut w = LogWindow::new(3, Device::Cpu, 30, 2);
         for _ in 0..4 {
-            w.add(&Tensor::from_slice(&[1.0f32, 2.0, 3.0]));
+            step(&mut w, &[1.0, 2.0, 3.0]);
         }
         assert!(w.continues(34, 2));
         assert!(!w.continues(34, 1), "other ranks shared its steps");
@@ -163,7 +181,7 @@ mod tests {
         let window = |from: u64| {
             let mut w = LogWindow::new(3, Device::Cpu, from, 3);
             for _ in from..34 {
-                w.add(&Tensor::from_slice(&[0.0f32; 3]));
+                step(&mut w, &[0.0; 3]);
             }
             w.vote(34, 3)
         };
@@ -175,10 +193,16 @@ mod tests {
             &sum(&[window(30), window(30), window(30)]),
             3
         ));
+        begin(&mut w, &[1.0, 1.0, 1.0]);
         assert_eq!(
-            Vec::<f32>::try_from(&w.sums_with(&Tensor::from_slice(&[1.0f32, 1.0, 1.0]))).unwrap(),
+            Vec::<f32>::try_from(&w.sums_with_held()).unwrap(),
             vec![5.0, 9.0, 13.0]
         );
+        // A new window reuses the buffers, empty.
+        w.restart(40, 2);
+        assert!(w.continues(40, 2));
+        step(&mut w, &[2.0, 2.0, 2.0]);
+        assert_eq!(Vec::<f32>::try_from(&w.sums).unwrap(), vec![2.0, 2.0, 2.0]);
     }
 
     /// A peer completed step 35 while this rank saw the step's collective fail: the new
@@ -189,21 +213,20 @@ mod tests {
         let mut ahead = LogWindow::new(1, Device::Cpu, 30, 2);
         for w in [&mut behind, &mut ahead] {
             for _ in 0..4 {
-                w.add(&Tensor::from_slice(&[1.0f32]));
+                step(w, &[1.0]);
             }
         }
-        behind.hold(35, Tensor::from_slice(&[2.0f32]));
-        ahead.hold(35, Tensor::from_slice(&[2.0f32]));
-        ahead.add_held();
+        begin(&mut behind, &[2.0]);
+        step(&mut ahead, &[2.0]);
         let votes = sum(&[behind.vote(35, 2), ahead.vote(35, 2)]);
         assert!(LogWindow::agreed(&votes, 2));
-        let behind = behind.settle(35, 2, true);
+        behind.settle(35, 2, true);
         assert_eq!(behind.steps(), 5);
         assert_eq!(Vec::<f32>::try_from(&behind.sums).unwrap(), vec![6.0]);
         // Without the held step it cannot reach 35: a new window there.
-        let lacking = LogWindow::new(1, Device::Cpu, 30, 2);
+        let mut lacking = LogWindow::new(1, Device::Cpu, 30, 2);
         assert_eq!(lacking.vote(35, 2), [0.0; 5]);
-        let fresh = lacking.settle(35, 2, true);
-        assert!(fresh.continues(35, 2) && fresh.steps() == 0);
+        lacking.settle(35, 2, true);
+        assert!(lacking.continues(35, 2) && lacking.steps() == 0);
     }
 }

@@ -535,9 +535,7 @@ impl Trainer {
         self.best_val = (!header[2].is_nan()).then_some(header[2]);
         self.evaluated_at_step = header[3] > 0.0;
         self.last_window = window_from_floats(&header[4..]);
-        let empty = self.window.restart(self.step, world);
-        let window = std::mem::replace(&mut self.window, empty);
-        self.window = window.settle(self.step, world, window_shared);
+        self.window.settle(self.step, world, window_shared);
         tracing::info!(
             step = self.step,
             from_rank = source,
@@ -736,15 +734,13 @@ impl Trainer {
         }
     }
 
-    /// With the exactly-once data order, epochs done after the current step: every step
-    /// reads `grad_accum × batch_size` sequences.
-    fn epochs_done(&self) -> Option<f64> {
-        if self.cfg.job.data_order != DataOrder::Epochs {
-            return None;
+    /// With the exactly-once data order, the sequences of one epoch (counted once per run,
+    /// over every shard).
+    fn epoch_sequences(&self) -> Option<u64> {
+        match self.cfg.job.data_order {
+            DataOrder::Epochs => self.data.epoch_sequences(self.seq),
+            DataOrder::Random => None,
         }
-        let sequences = self.data.epoch_sequences(self.seq)?;
-        let per_step = (self.cfg.job.grad_accum * self.cfg.job.batch_size) as u64;
-        Some(epochs_done(sequences, self.step * per_step))
     }
 
     fn summary(
@@ -845,9 +841,11 @@ impl Trainer {
             ));
         }
         let mut last_val = None;
-        let figures_len = train_figures(&self.model_cfg);
+        let epoch_sequences = self.epoch_sequences();
+        // Every step reads `grad_accum × batch_size` sequences of the epoch order.
+        let sequences_per_step = (cfg.job.grad_accum * cfg.job.batch_size) as u64;
         if !self.window.continues(self.step, cfg.process.world_size) {
-            self.window = self.window.restart(self.step, cfg.process.world_size);
+            self.window.restart(self.step, cfg.process.world_size);
         }
         let mut last_ckpt = None;
         let mut last_save = Instant::now();
@@ -922,8 +920,8 @@ impl Trainer {
             // This step's figures join the window once its collectives succeeded: a step a
             // failure cuts short is done again and must not count twice (they are held,
             // for a new group that starts from a peer that did complete it).
-            let step_figures = Tensor::zeros([figures_len], (Kind::Float, self.device));
             let next = self.step + 1;
+            let step_figures = self.window.begin_step(next);
             for m in 0..local {
                 let key = BatchKey {
                     seed: cfg.job.seed,
@@ -944,7 +942,6 @@ impl Trainer {
                 (&scored.objective / local as f64).backward();
                 scored.add_to(&step_figures, 1.0 / local as f64);
             }
-            self.window.hold(next, step_figures.shallow_clone());
             if let Some(group) = &self.group {
                 self.collective(group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES))?;
             }
@@ -953,7 +950,7 @@ impl Trainer {
             let window = match cadence.logs_at(next) {
                 // The only host sync of the step, once per log interval.
                 true => Some(self.reduce_window(
-                    &self.window.sums_with(&step_figures),
+                    &self.window.sums_with_held(),
                     leader && time_wish(&last_save),
                 )?),
                 false => None,
@@ -985,7 +982,7 @@ impl Trainer {
                     step_ms: Some(secs * 1e3),
                     mfu,
                     tokens_seen: Some(self.tokens_seen),
-                    epochs: self.epochs_done(),
+                    epochs: epoch_sequences.map(|n| epochs_done(n, self.step * sequences_per_step)),
                     reward_accuracy: preference.then(|| mean(1)),
                     reward_margin: preference.then(|| mean(2)),
                     ..Record::default()
@@ -1001,7 +998,7 @@ impl Trainer {
                     "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s{}",
                     mfu.map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0))
                 ));
-                self.window = self.window.restart(self.step, cfg.process.world_size);
+                self.window.restart(self.step, cfg.process.world_size);
                 if stopped.is_some() {
                     break;
                 }
