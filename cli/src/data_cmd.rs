@@ -19,9 +19,12 @@ pub enum DataCmd {
         tokenizer: PathBuf,
         #[command(flatten)]
         corpus: CorpusArgs,
-        /// Output dataset directory.
+        /// Output dataset directory, or a bucket (`s3://bucket/prefix/`, `gs://…`, `az://…`):
+        /// prepared in this node's cache, then uploaded, the manifest last.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        store: lillm_store::StoreArgs,
         /// Fraction of documents held out for validation.
         #[arg(long, default_value_t = 0.001)]
         val_fraction: f64,
@@ -66,6 +69,36 @@ pub enum DataCmd {
     },
 }
 
+/// The bucket a dataset is prepared into, checked before any work: a missing bucket, wrong
+/// credentials or an unreachable endpoint fail here, not after an hour of tokenizing.
+fn prepare_bucket(url: &str, options: &lillm_store::StoreOptions) -> Result<lillm_store::Bucket> {
+    let bucket = options.bucket(url)?;
+    runtime()?.block_on(bucket.probe())?;
+    Ok(bucket)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn upload_prepared(
+    local: &std::path::Path,
+    bucket: &lillm_store::Bucket,
+    force: bool,
+) -> Result<()> {
+    let done = runtime()?.block_on(lillm_store::dataset::upload(local, bucket, force))?;
+    println!(
+        "uploaded to {}: {} shard(s), {} already there, {:.1} MB sent; the manifest last",
+        bucket.url(),
+        done.shards,
+        done.skipped,
+        done.bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
 pub fn run(cmd: DataCmd) -> Result<()> {
     match cmd {
         DataCmd::Prepare {
@@ -76,11 +109,21 @@ pub fn run(cmd: DataCmd) -> Result<()> {
             seed,
             shard_tokens,
             force,
+            store,
         } => {
+            let target = out.to_string_lossy().into_owned();
+            let bucket = match lillm_store::is_url(&target) {
+                true => Some(prepare_bucket(&target, &store.options())?),
+                false => None,
+            };
+            let local = match &bucket {
+                Some(_) => store.options().cache().data_path(&target),
+                None => out.clone(),
+            };
             let opts = PrepareOptions {
                 corpus: corpus.spec(),
                 tokenizer,
-                out: out.clone(),
+                out: local.clone(),
                 val_fraction,
                 seed,
                 shard_tokens,
@@ -116,6 +159,9 @@ pub fn run(cmd: DataCmd) -> Result<()> {
             }
             if m.bad_records_skipped > 0 {
                 println!("  skipped {} bad record(s)", m.bad_records_skipped);
+            }
+            if let Some(bucket) = bucket {
+                upload_prepared(&local, &bucket, force)?;
             }
         }
         DataCmd::Stats { dir } => {

@@ -328,6 +328,21 @@ fn train_in_group(
     Ok(summary)
 }
 
+/// The object-storage settings a trainer was given, as the dataloader's flags.
+fn store_flags(process: &ProcessConfig) -> Vec<String> {
+    let mut flags = Vec::new();
+    if let Some(dir) = &process.cache_dir {
+        flags.push(format!("--cache-dir={}", dir.display()));
+    }
+    if let Some(bytes) = &process.cache_bytes {
+        flags.push(format!("--cache-bytes={bytes}"));
+    }
+    if let Some(file) = &process.credentials_file {
+        flags.push(format!("--credentials-file={}", file.display()));
+    }
+    flags
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -515,12 +530,15 @@ pub fn launch_local_job(
         supervisor.start(Spec {
             name: "the dataloader".into(),
             kind: Kind::Service,
-            args: vec![
+            args: [
                 "dataloader".into(),
                 format!("--coordinator={coordinator}"),
                 format!("--data={}", cfg.process.data.display()),
                 format!("--node={LOCAL_NODE}"),
-            ],
+            ]
+            .into_iter()
+            .chain(store_flags(&cfg.process))
+            .collect(),
             first_start_args: Vec::new(),
             env: Vec::new(),
             log: Some(logs.join("dataloader.log")),

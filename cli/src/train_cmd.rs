@@ -117,10 +117,11 @@ struct JobFlags {
 /// [`ProcessConfig`]'s fields.
 #[derive(Args, Debug, Default, Serialize)]
 struct ProcessFlags {
-    /// Prepared dataset directory.
+    /// Prepared dataset directory, or its bucket URL (`s3://bucket/prefix/`).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Run directory (checkpoints, metrics.jsonl, loss.png).
+    /// Run directory (checkpoints, metrics.jsonl, loss.png), or a bucket URL: checkpoints
+    /// are then committed there, mirrored locally in --cache-dir.
     #[arg(long)]
     out: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
@@ -141,6 +142,15 @@ struct ProcessFlags {
     /// host:port of the rendezvous store that rank 0 serves.
     #[arg(long)]
     rendezvous: Option<String>,
+    /// Where this node caches datasets and run directories from object storage.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// The most the cache may hold of datasets (bytes, or 512M, 50G, 1T).
+    #[arg(long)]
+    cache_bytes: Option<String>,
+    /// Object-storage credentials file (`key = value` lines, AWS credentials-file form).
+    #[arg(long)]
+    credentials_file: Option<PathBuf>,
 }
 
 /// `LILLM_<FIELD>` variables naming a config field (`LILLM_MODEL__D_MODEL` for nested ones)
@@ -216,7 +226,7 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     for layer in layers.into_iter().flatten() {
         builder = builder.add_source(config::File::from_str(&layer, config::FileFormat::Toml));
     }
-    let cfg = split_config(builder.build()?).with_context(|| match &args.config {
+    let mut cfg = split_config(builder.build()?).with_context(|| match &args.config {
         Some(path) => format!(
             "invalid training config from {}, LILLM_* variables and flags",
             path.display()
@@ -224,6 +234,7 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         None => "invalid training config from LILLM_* variables and flags".into(),
     })?;
     cfg.validate()?;
+    cfg.localize()?;
     Ok(cfg)
 }
 

@@ -559,7 +559,10 @@ fn commit(
         Some(_) => {}
     }
     let node = id.node.clone();
-    let needed = state.copies_needed();
+    let needed = match in_object_store(&path) {
+        true => 1,
+        false => state.copies_needed(),
+    };
     if let Some(last) = state.last_commit.as_mut() {
         if step == last.step {
             let known = last.copies.get(&node);
@@ -611,6 +614,12 @@ fn commit(
         refusal: None,
         reason: format!("committed step {step} ({copies} copies)"),
     }
+}
+
+/// Whether a checkpoint's path is a bucket URL (`s3://…`): a copy in object storage is
+/// durable by itself, so it commits the step without a second node's copy.
+fn in_object_store(path: &str) -> bool {
+    path.contains("://")
 }
 
 /// Checkpoints waiting for their second copy that the state keeps.

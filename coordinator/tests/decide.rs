@@ -761,3 +761,39 @@ fn heartbeats_are_spread_out_in_a_large_job() {
     config.heartbeat_timeout_ms = 2_000;
     assert_eq!(heartbeat_interval_ms(&config), 666);
 }
+
+#[test]
+fn a_checkpoint_in_object_storage_commits_with_one_copy_and_every_node_reads_it() {
+    let (mut state, _) = gather(&members());
+    let leader = id("node-a", Role::Trainer, 0);
+    let follower = id("node-b", Role::Trainer, 0);
+    let commit = |step, path: &str, who: &MemberId| Event::Commit {
+        id: who.clone(),
+        generation: 1,
+        step,
+        path: path.into(),
+        val_loss: None,
+    };
+    // A local copy still waits for the second node's.
+    let d = decide(100, &state, commit(100, "/a/step-100", &leader));
+    assert!(d.actions.is_empty(), "{}", d.reason);
+    // Rank 0's upload to the bucket is durable by itself.
+    let url = "s3://lillm/runs/a/checkpoints/step-00000200";
+    let d = decide(200, &d.state, commit(200, url, &leader));
+    let [Action::Committed(c)] = &d.actions[..] else {
+        panic!("{:?}: {}", d.actions, d.reason)
+    };
+    assert_eq!((c.step, c.path.as_str()), (200, url));
+    state = d.state;
+    // The other writer's local copy arrives late and is kept as that node's copy.
+    let d = decide(210, &state, commit(200, "/b/step-200", &follower));
+    assert!(d.refusal.is_none(), "{}", d.reason);
+    state = d.state;
+    assert_eq!(state.resume_point(), (200, Some(url)));
+    assert_eq!(state.resume_copy_on("node-b"), Some("/b/step-200"));
+    assert_eq!(
+        state.resume_copy_on("node-c"),
+        Some(url),
+        "a new node reads the bucket's copy"
+    );
+}

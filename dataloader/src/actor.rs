@@ -27,9 +27,12 @@ pub struct Args {
     /// Coordinator address (host:port).
     #[arg(long, env = "LILLM_COORDINATOR")]
     coordinator: String,
-    /// Prepared dataset directory (`lillm data prepare --out`).
+    /// Prepared dataset directory (`lillm data prepare --out`), or its bucket URL
+    /// (`s3://…`), fetched into --cache-dir.
     #[arg(long, env = "LILLM_DATA")]
     data: PathBuf,
+    #[command(flatten)]
+    store: lillm_store::StoreArgs,
     /// Address to serve batches on (loopback unless you mean otherwise; port 0 = any).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -133,7 +136,8 @@ async fn heartbeats(
 
 async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let args = Arc::new(args);
-    let data = Arc::new(Dataset::open(&args.data)?);
+    let local = lillm_store::local_dataset(&args.data, &args.store.options()).await?;
+    let data = Arc::new(Dataset::open(&local)?);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;

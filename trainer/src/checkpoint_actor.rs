@@ -2,6 +2,8 @@
 //! loop hands over, so a step never waits on the disk (only on the previous write, when
 //! checkpoints come faster than the disk takes them). After a checkpoint is durable it
 //! applies retention and tells the [`Reporter`] — in a distributed job, the coordinator.
+//! When the run directory is a bucket, the checkpoint is uploaded (manifest last) before it
+//! is reported: committed then means committed to the bucket.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,6 +16,7 @@ use tch::{Device, Tensor};
 use crate::checkpoint::{self, CheckpointData, CheckpointState};
 use crate::report::Reporter;
 use crate::{Error, Result};
+use lillm_store::RunBucket;
 
 /// A checkpoint's contents, copied off the live parameters.
 pub struct Snapshot {
@@ -39,6 +42,38 @@ pub fn host_copy(tensors: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor>
         .collect()
 }
 
+/// The run's bucket, which rank 0's checkpoints go to (a job's second copy writer keeps
+/// its copy on its own node: the bucket already holds one).
+pub struct Publish {
+    pub bucket: RunBucket,
+}
+
+/// Files of the run directory worth keeping with its checkpoints.
+pub const RUN_FILES: [&str; 3] = [
+    crate::metrics::METRICS_FILE,
+    "config.toml",
+    crate::plot::PLOT_FILE,
+];
+
+impl Publish {
+    /// Uploads the checkpoint `dir` of `step` and the run's files beside it (the metrics
+    /// log, the resolved config), and applies retention in the bucket; returns the
+    /// checkpoint's URL, the path the job records.
+    fn checkpoint(&self, dir: &std::path::Path, step: u64, keep_last: usize) -> Result<PathBuf> {
+        let url = self.bucket.upload_checkpoint(dir, step)?;
+        self.upload_run_files()?;
+        self.bucket.apply_retention(keep_last)?;
+        Ok(PathBuf::from(url))
+    }
+
+    pub fn upload_run_files(&self) -> Result<()> {
+        for name in RUN_FILES {
+            self.bucket.upload_file(name)?;
+        }
+        Ok(())
+    }
+}
+
 pub struct CheckpointActor {
     tx: Option<SyncSender<Box<Snapshot>>>,
     worker: Option<JoinHandle<Result<()>>>,
@@ -52,6 +87,7 @@ impl CheckpointActor {
         keep_last: usize,
         writer: &'static str,
         reporter: Arc<dyn Reporter>,
+        publish: Option<Publish>,
     ) -> Self {
         // Capacity 0: a second snapshot waits until the writer has taken the first.
         let (tx, rx) = sync_channel::<Box<Snapshot>>(0);
@@ -72,7 +108,11 @@ impl CheckpointActor {
                         writer,
                     )?;
                     checkpoint::apply_retention(&out, keep_last)?;
-                    reporter.checkpoint_written(snap.state.step, &snap.dir, snap.state.val_loss)?;
+                    let recorded = match &publish {
+                        Some(p) => p.checkpoint(&snap.dir, snap.state.step, keep_last)?,
+                        None => snap.dir.clone(),
+                    };
+                    reporter.checkpoint_written(snap.state.step, &recorded, snap.state.val_loss)?;
                 }
                 Ok(())
             })

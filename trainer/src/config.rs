@@ -130,6 +130,45 @@ pub struct ProcessConfig {
     pub rank: usize,
     /// `host:port` of the rendezvous store (rank 0 serves it); needed when world_size > 1.
     pub rendezvous: Option<String>,
+    /// Where this node caches what it fetches from object storage (default:
+    /// `$XDG_CACHE_HOME/lillm` or `~/.cache/lillm`).
+    pub cache_dir: Option<PathBuf>,
+    /// The most the cache may hold of datasets: bytes, or 512M, 50G, 1T (default 100G).
+    pub cache_bytes: Option<String>,
+    /// Object-storage credentials (`key = value` lines, the AWS credentials-file form),
+    /// when the usual environment variables are not set.
+    pub credentials_file: Option<PathBuf>,
+    /// The run directory's bucket URL when `out` named one (`s3://…`); `out` is then its
+    /// local mirror in the cache. Set by [`TrainConfig::localize`], not by hand.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out_url: Option<String>,
+}
+
+impl ProcessConfig {
+    /// Where and how this process reaches object storage.
+    pub fn store_options(&self) -> Result<lillm_store::StoreOptions> {
+        let cache_bytes = match &self.cache_bytes {
+            Some(text) => lillm_store::cache::parse_bytes(text)
+                .map_err(|e| Error::Config(format!("cache_bytes: {e}")))?,
+            None => lillm_store::DEFAULT_CACHE_BYTES,
+        };
+        Ok(lillm_store::StoreOptions {
+            cache_dir: self
+                .cache_dir
+                .clone()
+                .unwrap_or_else(lillm_store::default_cache_dir),
+            cache_bytes,
+            credentials_file: self.credentials_file.clone(),
+        })
+    }
+
+    /// The run directory in its bucket, when `out` is one.
+    pub fn run_bucket(&self) -> Result<Option<lillm_store::RunBucket>> {
+        match &self.out_url {
+            Some(url) => Ok(Some(self.store_options()?.run(url)?)),
+            None => Ok(None),
+        }
+    }
 }
 
 fn default_check_params_every() -> u64 {
@@ -244,6 +283,10 @@ impl Default for ProcessConfig {
             world_size: 1,
             rank: 0,
             rendezvous: None,
+            cache_dir: None,
+            cache_bytes: None,
+            credentials_file: None,
+            out_url: None,
         }
     }
 }
@@ -383,6 +426,22 @@ impl JobConfig {
 
 impl TrainConfig {
     /// Checks the job's settings and this process's place in it; each error names the field.
+    /// An `out` that names a bucket becomes its local mirror in the cache, the URL kept in
+    /// `out_url`; the bucket is checked now (a missing bucket, wrong credentials or an
+    /// unreachable endpoint fail before any training).
+    pub fn localize(&mut self) -> Result<()> {
+        let out = self.process.out.to_string_lossy().into_owned();
+        if self.process.out_url.is_some() || !lillm_store::is_url(&out) {
+            return Ok(());
+        }
+        let options = self.process.store_options()?;
+        let run = options.run(&out)?;
+        run.probe()?;
+        self.process.out = run.mirror().to_path_buf();
+        self.process.out_url = Some(run.url().to_string());
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.job.validate()?;
         let (rank, world_size) = (self.process.rank, self.process.world_size);

@@ -60,7 +60,11 @@ impl TrainData {
     /// the initial checkpoint carries) and keeps conversations shorter than `max_seq_len`.
     pub fn open(cfg: &TrainConfig, tokenizer: Option<&Path>, max_seq_len: usize) -> Result<Self> {
         match cfg.job.objective {
-            Objective::Pretrain => Ok(Self::Tokens(Box::new(Dataset::open(&cfg.process.data)?))),
+            Objective::Pretrain => {
+                let options = cfg.process.store_options()?;
+                let dir = lillm_store::local_dataset_blocking(&cfg.process.data, &options)?;
+                Ok(Self::Tokens(Box::new(Dataset::open(&dir)?)))
+            }
             Objective::Sft | Objective::Dpo => {
                 let tok_path = tokenizer.ok_or_else(|| {
                     Error::Config(

@@ -43,6 +43,9 @@ pub enum Error {
     Stopped(crate::stop::StopReason),
     #[error("plot: {0}")]
     Plot(String),
+    /// Object storage (each message names the object's URL).
+    #[error(transparent)]
+    Store(#[from] lillm_store::Error),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -84,7 +87,10 @@ impl Error {
     /// Whether running the same process again cannot succeed (exit with
     /// [`crate::stop::EXIT_FATAL`] so that no supervisor retries it).
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Error::Config(_) | Error::Refused(_))
+        matches!(
+            self,
+            Error::Config(_) | Error::Refused(_) | Error::Store(lillm_store::Error::Usage(_))
+        )
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -15,7 +15,7 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::cadence::{reopen_log, Cadence};
 use crate::checkpoint::{self, CheckpointState, LoraBase, MODEL_FILE, OPTIMIZER_FILE};
-use crate::checkpoint_actor::{host_copy, CheckpointActor, Snapshot};
+use crate::checkpoint_actor::{host_copy, CheckpointActor, Publish, Snapshot};
 use crate::config::{Objective, TrainConfig};
 use crate::data::{Draw, MicroBatch, TrainData};
 use crate::dist::{ProcessGroup, Rendezvous};
@@ -27,6 +27,7 @@ use crate::report::{Reporter, Silent};
 use crate::stop::{Stop, StopReason};
 use crate::{flops, plot, Error, Result};
 use lillm_data::epochs::{epochs_done, DataOrder};
+use lillm_store::RunBucket;
 
 /// Gradients are averaged over ranks in flat buckets of at most this many bytes.
 const GRADIENT_BUCKET_BYTES: usize = 25 << 20;
@@ -124,6 +125,45 @@ pub enum Start {
         checkpoint: Option<PathBuf>,
         step: u64,
     },
+}
+
+/// `start` with its checkpoint brought from the run's bucket into the local mirror: with
+/// `--resume`, the newest committed one; in a job, the committed step the coordinator
+/// names by URL. The log comes along, so the leader continues it.
+fn fetch_from_bucket(
+    start: &Start,
+    bucket: Option<&RunBucket>,
+    cfg: &TrainConfig,
+) -> Result<Start> {
+    let Some(bucket) = bucket else {
+        return Ok(start.clone());
+    };
+    let fetch_log = || -> Result<()> {
+        if cfg.process.rank == 0 {
+            bucket.fetch_file(crate::metrics::METRICS_FILE)?;
+        }
+        Ok(())
+    };
+    match start {
+        Start::Auto if cfg.process.resume => {
+            if bucket.fetch_latest()?.is_some() {
+                fetch_log()?;
+            }
+            Ok(Start::Auto)
+        }
+        Start::Committed {
+            checkpoint: Some(dir),
+            step,
+        } if lillm_store::is_url(&dir.to_string_lossy()) => {
+            let local = bucket.fetch_checkpoint(*step)?;
+            fetch_log()?;
+            Ok(Start::Committed {
+                checkpoint: Some(local),
+                step: *step,
+            })
+        }
+        other => Ok(other.clone()),
+    }
 }
 
 /// How a run is wired into a job: its data, its group, its start and whom it reports to.
@@ -226,7 +266,9 @@ impl Trainer {
         // Set when this rank resumes at that step with state received from another rank.
         let mut received_step = None;
         let in_group = setup.rendezvous.is_some() || cfg.process.world_size > 1;
-        let resume_from = match &setup.start {
+        let run_bucket = cfg.process.run_bucket()?;
+        let start = fetch_from_bucket(&setup.start, run_bucket.as_ref(), &cfg)?;
+        let resume_from = match &start {
             Start::Committed {
                 checkpoint: Some(dir),
                 step,
@@ -260,12 +302,17 @@ impl Trainer {
             Start::Auto => None,
         };
         let auto = matches!(setup.start, Start::Auto);
-        if auto && !cfg.process.resume && !checkpoint::list_checkpoints(&cfg.process.out).is_empty()
-        {
-            return Err(Error::Config(format!(
-                "{} already holds checkpoints; pass --resume to continue that run or choose another --out",
-                cfg.process.out.display()
-            )));
+        if auto && !cfg.process.resume {
+            let in_bucket = match &run_bucket {
+                Some(bucket) => !bucket.committed_steps()?.is_empty(),
+                None => false,
+            };
+            if in_bucket || !checkpoint::list_checkpoints(&cfg.process.out).is_empty() {
+                return Err(Error::Config(format!(
+                    "{} already holds checkpoints; pass --resume to continue that run or choose another --out",
+                    cfg.process.out_url.clone().unwrap_or_else(|| cfg.process.out.display().to_string())
+                )));
+            }
         }
         // The model's shape comes from the checkpoint being resumed, else the initial
         // checkpoint (fine-tuning; only dropout may change), else the config.
@@ -595,8 +642,20 @@ impl Trainer {
         } else {
             "-copy"
         };
+        if self.writer.is_none() {
+            let publish = match self.cfg.process.rank {
+                0 => self
+                    .cfg
+                    .process
+                    .run_bucket()?
+                    .map(|bucket| Publish { bucket }),
+                _ => None,
+            };
+            self.writer = Some(CheckpointActor::start(out, keep, tag, reporter, publish));
+        }
         self.writer
-            .get_or_insert_with(|| CheckpointActor::start(out, keep, tag, reporter))
+            .as_mut()
+            .expect("the writer was just started")
             .submit(snapshot)?;
         Ok(dir)
     }
@@ -1047,6 +1106,10 @@ impl Trainer {
         summary.plot = leader
             .then(|| plot::plot_run(&cfg.process.out).ok())
             .flatten();
+        if let (true, Some(bucket)) = (leader, cfg.process.run_bucket()?) {
+            // The log's records after the last checkpoint, and the plot.
+            Publish { bucket }.upload_run_files()?;
+        }
         Ok(summary)
     }
 }
