@@ -1,5 +1,6 @@
 //! A node's bounded cache of dataset objects: files under `<cache-dir>/data/<scheme>/<bucket>/
-//! <prefix>/`, at most `limit` bytes in all. Files are only ever created by renaming a
+//! <prefix>/`, whose shards (`*.bin`) take at most `limit` bytes in all (a manifest and a
+//! tokenizer beside them are small and not counted). Files are only ever created by renaming a
 //! verified download, so a file that is there with its recorded size is whole. When room is
 //! needed, the least recently used files that the current dataset does not need go first;
 //! a dataset that cannot fit is refused before anything is evicted.
@@ -77,7 +78,7 @@ impl Cache {
         }
     }
 
-    /// Bytes held by the cache's dataset objects.
+    /// Bytes held by the cache's shards.
     pub fn used(&self) -> u64 {
         let mut files = Vec::new();
         collect_files(&self.data_root(), &mut files);
@@ -97,7 +98,7 @@ fn url_to_relative(url: &str) -> PathBuf {
     path
 }
 
-/// Every whole file under `dir`: (path, bytes, last modified). Downloads in progress
+/// Every whole shard file under `dir`: (path, bytes, last modified). Downloads in progress
 /// (`.part`) are not the cache's yet.
 fn collect_files(dir: &Path, out: &mut Vec<(PathBuf, u64, SystemTime)>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -108,7 +109,7 @@ fn collect_files(dir: &Path, out: &mut Vec<(PathBuf, u64, SystemTime)>) {
         let Ok(meta) = entry.metadata() else { continue };
         if meta.is_dir() {
             collect_files(&path, out);
-        } else if !path.to_string_lossy().ends_with(".part") {
+        } else if path.extension().is_some_and(|e| e == "bin") {
             let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             out.push((path, meta.len(), modified));
         }
@@ -178,7 +179,7 @@ mod tests {
         let root = dir.path().join("data/s3/b");
         std::fs::create_dir_all(&root).unwrap();
         let file = |name: &str, age_s: u64| {
-            let p = root.join(name);
+            let p = root.join(format!("{name}.bin"));
             std::fs::write(&p, [0u8; 100]).unwrap();
             let f = std::fs::File::options().append(true).open(&p).unwrap();
             f.set_modified(SystemTime::now() - std::time::Duration::from_secs(age_s))
@@ -187,11 +188,15 @@ mod tests {
         };
         let (old, newer, needed) = (file("old", 300), file("newer", 200), file("needed", 400));
         // 300 held, 100 more wanted: the oldest unneeded file goes, and only it.
-        cache.make_room(std::slice::from_ref(&needed), 200, 100).unwrap();
+        cache
+            .make_room(std::slice::from_ref(&needed), 200, 100)
+            .unwrap();
         assert!(!old.exists() && newer.exists() && needed.exists());
         assert!(cache.used() + 100 <= cache.limit);
         // More than the limit for the dataset alone is refused, and nothing is evicted.
-        let err = cache.make_room(std::slice::from_ref(&needed), 301, 0).unwrap_err();
+        let err = cache
+            .make_room(std::slice::from_ref(&needed), 301, 0)
+            .unwrap_err();
         assert!(err.to_string().contains("--cache-bytes"), "{err}");
         assert!(newer.exists() && needed.exists());
     }
