@@ -142,14 +142,16 @@ struct ProcessFlags {
     /// host:port of the rendezvous store that rank 0 serves.
     #[arg(long)]
     rendezvous: Option<String>,
-    /// Where this node caches datasets and run directories from object storage.
-    #[arg(long)]
+    /// Where this node caches datasets and run directories from object storage
+    /// [default: $XDG_CACHE_HOME/lillm or ~/.cache/lillm].
+    #[arg(long, env = "LILLM_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
-    /// The most the cache may hold of datasets (bytes, or 512M, 50G, 1T).
-    #[arg(long)]
+    /// The most the cache may hold of dataset shards (bytes, or 512M, 50G, 1T) [default: 100G].
+    #[arg(long, env = "LILLM_CACHE_BYTES")]
     cache_bytes: Option<String>,
-    /// Object-storage credentials file (`key = value` lines, AWS credentials-file form).
-    #[arg(long)]
+    /// Object-storage credentials file (`key = value` lines, AWS credentials-file form), for
+    /// when the usual variables (AWS_ACCESS_KEY_ID, …) are not set.
+    #[arg(long, env = "LILLM_CREDENTIALS_FILE")]
     credentials_file: Option<PathBuf>,
 }
 
@@ -226,7 +228,7 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     for layer in layers.into_iter().flatten() {
         builder = builder.add_source(config::File::from_str(&layer, config::FileFormat::Toml));
     }
-    let mut cfg = split_config(builder.build()?).with_context(|| match &args.config {
+    let cfg = split_config(builder.build()?).with_context(|| match &args.config {
         Some(path) => format!(
             "invalid training config from {}, LILLM_* variables and flags",
             path.display()
@@ -234,7 +236,6 @@ pub(crate) fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         None => "invalid training config from LILLM_* variables and flags".into(),
     })?;
     cfg.validate()?;
-    cfg.localize()?;
     Ok(cfg)
 }
 
@@ -269,11 +270,12 @@ fn split_config(layered: config::Config) -> Result<TrainConfig, config::ConfigEr
 /// Trains until done or until `shutdown` (SIGTERM/Ctrl-C), which checkpoints the current
 /// step first so `--resume` continues with the very next batch.
 pub fn run(args: TrainArgs, shutdown: tokio_util::sync::CancellationToken) -> Result<()> {
-    let cfg = resolve_config(&args)?;
+    let mut cfg = resolve_config(&args)?;
     if args.print_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
+    cfg.localize()?;
     if let Some(launched) =
         crate::job_cmd::launch(&cfg, &args.launch, args.fields.process.threads, &shutdown)
     {

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const OVERLAYS: [&str; 2] = ["cpu", "gpu"];
+const OVERLAYS: [&str; 3] = ["cpu", "gpu", "gpu-bucket"];
 /// The oldest Kubernetes the manifests are for: Jobs' `podReplacementPolicy` is on by
 /// default from 1.29 (and `podFailurePolicy`, gRPC probes, the pod-index label before it).
 const OLDEST: &str = "1.29.0";
@@ -115,6 +115,84 @@ fn pod_templates(objects: &[Value]) -> Vec<(&Value, &Value)> {
         .filter(|o| matches!(o["kind"].as_str(), Some("StatefulSet" | "Job")))
         .map(|o| (o, &o["spec"]["template"]))
         .collect()
+}
+
+/// The value of environment variable `name` in a container, if set there.
+fn env_value(container: &Value, name: &str) -> Option<String> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|v| v["name"] == name)
+        .and_then(|v| v["value"].as_str().map(String::from))
+}
+
+#[test]
+fn the_bucket_form_needs_no_shared_volume_and_reads_credentials_from_a_secret() {
+    let objects = objects("gpu-bucket");
+    // No claim but the coordinator's own state volume (ReadWriteOnce).
+    let claims: Vec<_> = objects
+        .iter()
+        .filter(|o| o["kind"] == "PersistentVolumeClaim")
+        .collect();
+    assert!(claims.is_empty(), "{claims:?}");
+    let coordinator = find(&objects, "StatefulSet", "lillm-coordinator");
+    for t in coordinator["spec"]["volumeClaimTemplates"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(strs(&t["spec"]["accessModes"]), vec!["ReadWriteOnce"]);
+    }
+    let config: toml::Table = train_config(&objects).parse().unwrap();
+    let data = config["data"].as_str().unwrap();
+    assert!(
+        config["out"].as_str().unwrap().starts_with("s3://"),
+        "{config}"
+    );
+    assert!(data.starts_with("s3://"), "{config}");
+    for (workload, template) in pod_templates(&objects) {
+        let volumes = template["spec"]["volumes"].as_array().unwrap();
+        assert!(
+            volumes
+                .iter()
+                .all(|v| v.get("persistentVolumeClaim").is_none()),
+            "{}: {volumes:?}",
+            workload["metadata"]["name"]
+        );
+        for c in template["spec"]["containers"].as_array().unwrap() {
+            let text = serde_json::to_string(c).unwrap();
+            assert!(
+                !text.contains("AWS_SECRET_ACCESS_KEY"),
+                "a secret in a pod spec: {text}"
+            );
+            if c["name"] == "coordinator" {
+                continue;
+            }
+            // The credentials file is the Secret, mounted where the variable says.
+            let file = env_value(c, "LILLM_CREDENTIALS_FILE").unwrap();
+            let mount = c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| file.starts_with(m["mountPath"].as_str().unwrap()))
+                .unwrap_or_else(|| panic!("nothing mounted at {file}"));
+            let volume = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
+            assert_eq!(volume["secret"]["secretName"], "lillm-storage");
+            assert!(env_value(c, "LILLM_CACHE_DIR").is_some());
+        }
+    }
+    let loaders = find(&objects, "StatefulSet", "lillm-dataloader");
+    let loader = &loaders["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        env_value(loader, "LILLM_DATA").as_deref(),
+        Some(data),
+        "dataloaders serve the dataset the trainers are configured with"
+    );
+    let limit = env_value(loader, "LILLM_CACHE_BYTES").unwrap();
+    assert!(
+        lillm_ok(&["dataloader", "--help"]).contains("LILLM_CACHE_BYTES"),
+        "the dataloader reads its cache limit"
+    );
+    assert!(limit.ends_with('G'), "{limit}");
 }
 
 /// Environment variables a subcommand reads, from its `--help` (`[env: NAME=…]`).
