@@ -12,6 +12,8 @@ pub struct Cadence {
     pub log_interval: u64,
     /// Checkpoints apart from evaluations every this many steps (0: none).
     pub checkpoint_interval: u64,
+    /// The ranks compare parameters every this many steps (0: never).
+    pub check_params_every: u64,
 }
 
 impl Cadence {
@@ -21,7 +23,15 @@ impl Cadence {
             eval_interval: job.eval_interval,
             log_interval: job.log_interval,
             checkpoint_interval: job.checkpoint_interval,
+            check_params_every: job.check_params_every,
         }
+    }
+
+    /// Whether the ranks compare parameters before stepping from `step` (so a failure
+    /// leaves every rank at a logged step).
+    pub fn checks_params(&self, step: u64) -> bool {
+        let every = self.check_params_every;
+        every > 0 && step > 0 && step.is_multiple_of(every)
     }
 
     /// Whether the run evaluates before stepping from `step`: at every eval interval and at
@@ -52,6 +62,18 @@ impl Cadence {
     }
 }
 
+/// Whether a checkpoint is due by time: `minutes` (0: never) have passed since the last one.
+pub fn timed_checkpoint_due(minutes: f64, since_last_s: f64) -> bool {
+    minutes > 0.0 && since_last_s >= minutes * 60.0
+}
+
+/// Whether the run writes a checkpoint when its loop ends at `step`: unless one was just
+/// written there, on the ranks that write, and not for a run stopped before its first step
+/// (it has nothing to save).
+pub fn final_checkpoint_due(saved_here: bool, writes: bool, step: u64, stopped: bool) -> bool {
+    !saved_here && writes && (step > 0 || !stopped)
+}
+
 /// How rank 0 opens the metrics log: fresh; after a resume in one process, dropping what
 /// it will redo; or, in a group (any generation after the first), keeping every record.
 pub fn reopen_log(step: u64, evaluated_at_step: bool, generation: u64) -> Reopen {
@@ -72,7 +94,48 @@ mod tests {
         eval_interval: 20,
         log_interval: 10,
         checkpoint_interval: 15,
+        check_params_every: 25,
     };
+
+    #[test]
+    fn parameters_are_compared_every_interval_but_not_before_the_first_step() {
+        let at: Vec<u64> = (0..=100).filter(|&s| C.checks_params(s)).collect();
+        assert_eq!(at, vec![25, 50, 75, 100]);
+        let never = Cadence {
+            check_params_every: 0,
+            ..C
+        };
+        assert!(!(0..=100).any(|s| never.checks_params(s)));
+    }
+
+    #[test]
+    fn timed_checkpoints_after_the_minutes_and_never_at_zero() {
+        assert!(!timed_checkpoint_due(10.0, 599.0));
+        assert!(timed_checkpoint_due(10.0, 600.0));
+        assert!(!timed_checkpoint_due(0.0, 1e9));
+    }
+
+    #[test]
+    fn the_end_is_checkpointed_once_by_the_writers_unless_nothing_ran() {
+        assert!(final_checkpoint_due(false, true, 40, false));
+        assert!(
+            final_checkpoint_due(false, true, 40, true),
+            "stopped early: saved"
+        );
+        assert!(!final_checkpoint_due(true, true, 40, false), "just saved");
+        assert!(
+            !final_checkpoint_due(false, false, 40, false),
+            "not a writer"
+        );
+        assert!(
+            !final_checkpoint_due(false, true, 0, true),
+            "stopped before step 1"
+        );
+        assert!(
+            final_checkpoint_due(false, true, 0, false),
+            "max_iters = 0 still saves"
+        );
+    }
 
     #[test]
     fn evaluations_at_intervals_and_the_end_once_each() {

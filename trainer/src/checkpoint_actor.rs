@@ -56,12 +56,13 @@ pub const RUN_FILES: [&str; 3] = [
 ];
 
 impl Publish {
-    /// Uploads the checkpoint `dir` of `step` and the run's files beside it (the metrics
-    /// log, the resolved config), and applies retention in the bucket; returns the
+    /// Uploads the run's files (the metrics log, the resolved config), then the checkpoint
+    /// `dir` of `step` — so that a checkpoint committed to the bucket always has the log up
+    /// to its step beside it — and applies retention in the bucket; returns the
     /// checkpoint's URL, the path the job records.
     fn checkpoint(&self, dir: &std::path::Path, step: u64, keep_last: usize) -> Result<PathBuf> {
-        let url = self.bucket.upload_checkpoint(dir, step)?;
         self.upload_run_files()?;
+        let url = self.bucket.upload_checkpoint(dir, step)?;
         self.bucket.apply_retention(keep_last)?;
         Ok(PathBuf::from(url))
     }

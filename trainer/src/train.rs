@@ -5,28 +5,26 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use lillm_data::manifest::Split;
 use lillm_data::shards::BatchKey;
 use lillm_model::{weights, LilLM, LoraConfig, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::cadence::{reopen_log, Cadence};
+mod steps;
 use crate::checkpoint::{self, CheckpointState, LoraBase, MODEL_FILE, OPTIMIZER_FILE};
 use crate::checkpoint_actor::{host_copy, CheckpointActor, Publish, Snapshot};
 use crate::config::{Objective, TrainConfig};
 use crate::data::{Draw, MicroBatch, TrainData};
 use crate::dist::{ProcessGroup, Rendezvous};
 use crate::log_window::LogWindow;
-use crate::loss::{record_routing, train_figures, Loss, Reference, FIGURES};
+use crate::loss::{train_figures, Loss, Reference, FIGURES};
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::report::{Reporter, Silent};
 use crate::stop::{Stop, StopReason};
-use crate::{flops, plot, Error, Result};
-use lillm_data::epochs::{epochs_done, DataOrder};
+use crate::{Error, Result};
+use lillm_data::epochs::DataOrder;
 use lillm_store::RunBucket;
 
 /// Gradients are averaged over ranks in flat buckets of at most this many bytes.
@@ -820,297 +818,6 @@ impl Trainer {
             optimizer_bytes: self.opt.state_bytes(),
             stopped,
         }
-    }
-
-    fn run_steps(&mut self, show_progress: bool) -> Result<TrainSummary> {
-        let cfg = self.cfg.clone();
-        std::fs::create_dir_all(&cfg.process.out).map_err(|e| Error::io(&cfg.process.out, e))?;
-        if !self.data.has_val() {
-            return Err(Error::Config(format!(
-                "{} has no validation split; prepare it with a validation fraction > 0",
-                cfg.process.data.display()
-            )));
-        }
-        let leader = cfg.process.rank == 0;
-        let cadence = Cadence::of(&cfg.job);
-        let mut log = match leader {
-            true => {
-                let reopen = reopen_log(self.step, self.evaluated_at_step, self.generation);
-                Some(MetricsLog::open(&cfg.process.out, reopen)?)
-            }
-            false => None,
-        };
-        // The record of the step the group starts from, if the rank 0 that computed it died
-        // before logging it.
-        if let (Some(log), Some(record)) = (log.as_mut(), &self.last_window) {
-            if record.step == self.step {
-                // Skipped if the log has it.
-                log.append(record)?;
-            }
-        }
-        let schedule = cfg.job.schedule();
-        let tokens_per_step = (cfg.job.batch_size * self.seq * cfg.job.grad_accum) as u64;
-        let flops_per_step =
-            self.model_cfg.train_flops_per_token(self.seq) * tokens_per_step as f64;
-        let peak = flops::peak_flops(cfg.job.peak_tflops, self.device);
-        let bar = if show_progress {
-            ProgressBar::new(cfg.job.max_iters)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("valid template"),
-        );
-        bar.set_position(self.step);
-        let say = |line: String| {
-            if show_progress {
-                bar.println(line)
-            } else {
-                eprintln!("{line}")
-            }
-        };
-        if leader {
-            let trained = match &self.lora_base {
-                None => "all weights".to_string(),
-                Some(l) => format!(
-                    "LoRA rank {} (alpha {}) on {} over the frozen base {}",
-                    l.config.rank,
-                    l.config.alpha,
-                    l.config.targets.join(", "),
-                    l.base.display()
-                ),
-            };
-            say(format!(
-                "training {} parameters ({trained}); optimizer state {:.2} MiB",
-                self.opt.trained_numel(),
-                self.opt.state_bytes() as f64 / (1024.0 * 1024.0)
-            ));
-            say(format!(
-                "model: {} ({} layers, d_model {}); {} tokens per step; device {:?}; {}; data: {}",
-                self.model_cfg.size_summary(),
-                self.model_cfg.n_layers,
-                self.model_cfg.d_model,
-                tokens_per_step,
-                self.device,
-                precision(&cfg.job.dtype, self.model.compute_kind(), self.device),
-                self.data.describe()
-            ));
-        }
-        let mut last_val = None;
-        let epoch_sequences = self.epoch_sequences();
-        // Every step reads `grad_accum × batch_size` sequences of the epoch order.
-        let sequences_per_step = (cfg.job.grad_accum * cfg.job.batch_size) as u64;
-        if !self.window.continues(self.step, cfg.process.world_size) {
-            self.window.restart(self.step, cfg.process.world_size);
-        }
-        let mut last_ckpt = None;
-        let mut last_save = Instant::now();
-        let time_wish = |last_save: &Instant| {
-            cfg.job.checkpoint_minutes > 0.0
-                && last_save.elapsed().as_secs_f64() >= cfg.job.checkpoint_minutes * 60.0
-        };
-        // In a group: rank 0's clock says a timed checkpoint is due (see `reduce_window`).
-        let mut time_due = false;
-        let started_at = self.step;
-        let mut stopped = None;
-        loop {
-            if let Some(reason) = self.stop_alone() {
-                stopped = Some(reason);
-                break;
-            }
-            let at_end = self.step >= cfg.job.max_iters;
-            if cadence.evaluates(self.step, self.evaluated_at_step) {
-                // Rank 0 evaluates; every rank learns the losses, so that both checkpoint
-                // writers save the same state.
-                let mine = match log.as_mut() {
-                    Some(log) => Some(self.evaluate(log)?),
-                    None => None,
-                };
-                let (train, val) = self.share_evaluation(mine)?;
-                last_val = Some(val);
-                self.best_val = Some(self.best_val.map_or(val, |b: f64| b.min(val)));
-                self.evaluated_at_step = true;
-                if leader {
-                    say(format!(
-                        "step {:>6}: train loss {train:.4}, val loss {val:.4}",
-                        self.step
-                    ));
-                }
-                if self.step > 0 && self.writes_checkpoints {
-                    last_ckpt = Some(self.save_checkpoint(Some(val))?);
-                    last_save = Instant::now();
-                }
-                self.window.restart_clock();
-            }
-            // Checkpoints apart from evaluations, by steps or by time (by rank 0's clock,
-            // shared at log intervals, so both writers save the same steps): a snapshot to
-            // host memory, written by the checkpoint actor.
-            let by_time = match self.group {
-                Some(_) => std::mem::take(&mut time_due),
-                None => time_wish(&last_save),
-            };
-            let saved_here = last_ckpt
-                .as_ref()
-                .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.process.out, self.step));
-            if self.writes_checkpoints
-                && cadence.interim_checkpoint(self.step, started_at, saved_here, by_time)
-            {
-                last_ckpt = Some(self.save_checkpoint(None)?);
-                last_save = Instant::now();
-            }
-            if at_end {
-                break;
-            }
-            // Every `check_params_every` steps the ranks compare parameters, before the next
-            // step starts (so a failure here leaves every rank at a logged step).
-            if let Some(group) = &self.group {
-                let every = cfg.job.check_params_every;
-                if every > 0 && self.step > 0 && self.step.is_multiple_of(every) {
-                    self.collective(group.check_params_agree(self.opt.params(), self.step))?;
-                }
-            }
-            let lr = schedule.at(self.step);
-            // Each rank takes its share of the step's micro-batches: rank r does micro-batches
-            // r·local .. (r+1)·local, so the union over ranks is the single-process step.
-            let local = cfg.job.grad_accum / cfg.process.world_size;
-            // This step's figures join the window once its collectives succeeded: a step a
-            // failure cuts short is done again and must not count twice (they are held,
-            // for a new group that starts from a peer that did complete it).
-            let next = self.step + 1;
-            let step_figures = self.window.begin_step(next);
-            for m in 0..local {
-                let key = BatchKey {
-                    seed: cfg.job.seed,
-                    split: Split::Train,
-                    step: self.step,
-                    micro: (cfg.process.rank * local + m) as u64,
-                };
-                // Dropout draws from libtorch's generator: seeded per micro-batch, so a resume
-                // replays it and any number of ranks draws the single process's masks.
-                tch::manual_seed(dropout_seed(cfg.job.seed, key.step, key.micro));
-                let draw = Draw::Train {
-                    micros_per_step: cfg.job.grad_accum as u64,
-                    order: cfg.job.data_order,
-                };
-                let batch = self.data.batch(key, draw, cfg.job.batch_size, self.seq)?;
-                let (x, y) = batch_tensors(&batch, self.device);
-                let scored = self.loss.score(&self.model, &x, &y, true);
-                (&scored.objective / local as f64).backward();
-                scored.add_to(&step_figures, 1.0 / local as f64);
-            }
-            if let Some(group) = &self.group {
-                self.collective(group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES))?;
-            }
-            // The step's collectives all run before the update: a failure in any of them
-            // leaves every survivor at the last completed (and logged) step.
-            let window = match cadence.logs_at(next) {
-                // The only host sync of the step, once per log interval.
-                true => Some(self.reduce_window(
-                    &self.window.sums_with_held(),
-                    leader && time_wish(&last_save),
-                )?),
-                false => None,
-            };
-            let grad_norm = self.opt.clip_grad_norm(cfg.job.grad_clip);
-            self.opt.step(lr);
-            self.opt.zero_grad();
-            self.step = next;
-            self.tokens_seen += tokens_per_step;
-            self.evaluated_at_step = false;
-            self.window.add_held();
-            bar.set_position(self.step);
-            if let Some((figures, group_stop, checkpoint_due)) = window {
-                stopped = group_stop;
-                time_due = checkpoint_due;
-                let window_steps = self.window.steps();
-                let mean = |i: usize| figures[i] / window_steps as f64;
-                let loss = mean(0);
-                let preference = self.loss.is_preference();
-                let secs = self.window.seconds_per_step();
-                let tokens_per_s = tokens_per_step as f64 / secs;
-                let mfu = peak.map(|p| flops_per_step / secs / p);
-                let mut record = Record {
-                    step: self.step,
-                    loss: Some(loss),
-                    lr: Some(lr),
-                    grad_norm: Some(grad_norm.double_value(&[])),
-                    tokens_per_s: Some(tokens_per_s),
-                    step_ms: Some(secs * 1e3),
-                    mfu,
-                    tokens_seen: Some(self.tokens_seen),
-                    epochs: epoch_sequences.map(|n| epochs_done(n, self.step * sequences_per_step)),
-                    reward_accuracy: preference.then(|| mean(1)),
-                    reward_margin: preference.then(|| mean(2)),
-                    ..Record::default()
-                };
-                let means: Vec<f64> = figures.iter().map(|f| f / window_steps as f64).collect();
-                record_routing(&self.model_cfg, &means, &mut record);
-                if let Some(log) = log.as_mut() {
-                    log.append(&record)?;
-                }
-                self.reporter.progress(&record);
-                self.last_window = Some(record);
-                bar.set_message(format!(
-                    "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s{}",
-                    mfu.map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0))
-                ));
-                self.window.restart(self.step, cfg.process.world_size);
-                if stopped.is_some() {
-                    break;
-                }
-            }
-        }
-        bar.finish_and_clear();
-        if let Some(reason @ StopReason::Regroup { .. }) = stopped {
-            // The group is gone; what rank 0 has written is flushed, nothing new is saved
-            // (the coordinator would refuse to commit it).
-            if let Some(writer) = self.writer.as_mut() {
-                writer.finish()?;
-            }
-            return Err(Error::Stopped(reason));
-        }
-        if stopped.is_some() && leader {
-            say(format!(
-                "stopping at step {} as asked: checkpointing it first",
-                self.step
-            ));
-        }
-        // The last step is checkpointed unless it just was (also when stopping early, so a
-        // resume continues with the very next batch).
-        let saved_here = last_ckpt
-            .as_ref()
-            .is_some_and(|d| *d == checkpoint::checkpoint_dir(&cfg.process.out, self.step));
-        let last_checkpoint = match (last_ckpt, self.writes_checkpoints) {
-            (Some(dir), _) if saved_here => dir,
-            (_, true) if self.step > 0 || stopped.is_none() => {
-                self.save_checkpoint(last_val.filter(|_| self.evaluated_at_step))?
-            }
-            (dir, _) => {
-                dir.unwrap_or_else(|| checkpoint::checkpoint_dir(&cfg.process.out, self.step))
-            }
-        };
-        if let Some(writer) = self.writer.as_mut() {
-            writer.finish()?;
-        }
-        if let (Some(_), Some(group)) = (stopped, &self.group) {
-            // Nobody leaves before rank 0's checkpoint of this step is committed: a member
-            // leaving ends the generation, after which the commit would be refused.
-            self.reporter.flush()?;
-            let mut barrier = Tensor::zeros([], (Kind::Float, self.device));
-            self.collective(group.all_reduce_sum(&mut barrier))?;
-        }
-        let mut summary = self.summary(last_val, Some(last_checkpoint), stopped);
-        summary.plot = leader
-            .then(|| plot::plot_run(&cfg.process.out).ok())
-            .flatten();
-        if let (true, Some(bucket)) = (leader, cfg.process.run_bucket()?) {
-            // The log's records after the last checkpoint, and the plot.
-            Publish { bucket }.upload_run_files()?;
-        }
-        Ok(summary)
     }
 }
 
