@@ -51,6 +51,7 @@ impl SamplingArgs {
     /// Loads the checkpoint (with the --lora adapter merged in) on the requested device.
     pub fn load(&self, checkpoint: &std::path::Path) -> Result<LoadedModel> {
         let device = parse_device(&self.device)?;
+        let checkpoint = &crate::local_checkpoint(checkpoint)?;
         Ok(match &self.lora {
             Some(adapter) => LoadedModel::load_adapted(checkpoint, adapter, device)?,
             None => LoadedModel::load(checkpoint, device)?,
@@ -60,7 +61,8 @@ impl SamplingArgs {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Checkpoint directory, or a run directory (its latest checkpoint).
+    /// Checkpoint directory, or a run directory (its latest checkpoint); either may be a
+    /// bucket URL (`s3://…`).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Text file to score.
@@ -72,7 +74,8 @@ pub struct EvalArgs {
 }
 
 pub fn eval(args: EvalArgs) -> Result<()> {
-    let loaded = LoadedModel::load(&args.checkpoint, parse_device(&args.device)?)?;
+    let checkpoint = crate::local_checkpoint(&args.checkpoint)?;
+    let loaded = LoadedModel::load(&checkpoint, parse_device(&args.device)?)?;
     let text = std::fs::read_to_string(&args.text_file)
         .with_context(|| format!("{}: cannot read as UTF-8 text", args.text_file.display()))?;
     let ids = loaded.tokenizer()?.encode(&text)?;

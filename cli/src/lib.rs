@@ -208,3 +208,13 @@ pub(crate) fn interactive() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal()
 }
+
+/// A `--checkpoint` that may name a bucket (`s3://…/run` or `…/checkpoints/step-N`), as a
+/// local directory: fetched into the cache (`LILLM_CACHE_DIR`), credentials from the
+/// environment or `LILLM_CREDENTIALS_FILE`.
+pub(crate) fn local_checkpoint(location: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    Ok(lillm_store::local_checkpoint(
+        location,
+        &lillm_store::StoreOptions::default(),
+    )?)
+}

@@ -206,6 +206,62 @@ fn a_run_in_a_bucket_killed_resumes_on_a_fresh_node_as_if_uninterrupted() {
         std::fs::read(straight.join(last)).unwrap(),
         "the final weights in the bucket are the uninterrupted run's"
     );
+
+    // Inference reads the run straight from the bucket, as it reads a run directory: the
+    // same greedy text as the local run's.
+    let generate = |checkpoint: &str, cache: &Path| {
+        let mut cmd = s3.command(SECRET_KEY, &["generate", "--checkpoint", checkpoint]);
+        cmd.args([
+            "--prompt",
+            "the",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+        ])
+        .args(["--device", "cpu"])
+        .env("LILLM_CACHE_DIR", cache);
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let node_three = dir.path().join("node-three");
+    let local = lillm_ok(&[
+        "generate",
+        "--checkpoint",
+        s(&straight),
+        "--prompt",
+        "the",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(generate("s3://lillm/runs/killed", &node_three), local);
+    assert_eq!(
+        generate(
+            "s3://lillm/runs/killed/checkpoints/step-00000040",
+            &node_three
+        ),
+        local
+    );
+    let err = s3.lillm_err(
+        SECRET_KEY,
+        &[
+            "generate",
+            "--checkpoint",
+            "s3://lillm/runs/none",
+            "--prompt",
+            "the",
+        ],
+    );
+    assert!(err.contains("holds no committed checkpoint"), "{err}");
 }
 
 #[test]

@@ -56,7 +56,8 @@ impl AppState {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Checkpoint (or run directory) to serve; it must carry its tokenizer.
+    /// Checkpoint (or run directory, or either's bucket URL) to serve; it must carry its
+    /// tokenizer.
     #[arg(long)]
     checkpoint: PathBuf,
     /// LoRA adapter checkpoint (`lillm sft --lora-rank`) merged into --checkpoint, which
@@ -131,9 +132,12 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
         None if device.is_cuda() => tch::Kind::BFloat16,
         None => tch::Kind::Float,
     };
+    // A bucket URL is fetched into the cache (see `lillm_store::local_checkpoint`).
+    let checkpoint =
+        lillm_store::local_checkpoint(&args.checkpoint, &lillm_store::StoreOptions::default())?;
     let mut loaded = match &args.lora {
-        Some(adapter) => LoadedModel::load_adapted(&args.checkpoint, adapter, device)?,
-        None => LoadedModel::load(&args.checkpoint, device)?,
+        Some(adapter) => LoadedModel::load_adapted(&checkpoint, adapter, device)?,
+        None => LoadedModel::load(&checkpoint, device)?,
     };
     loaded.model.set_compute_kind(kind);
     let model_name = args.model_name.clone().unwrap_or_else(|| {

@@ -46,12 +46,17 @@ pub fn default_cache_dir() -> PathBuf {
     base.join("lillm")
 }
 
+/// What the variables say: `LILLM_CACHE_DIR`, `LILLM_CACHE_BYTES` (when it parses) and
+/// `LILLM_CREDENTIALS_FILE`, for commands without the storage flags.
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             cache_dir: default_cache_dir(),
-            cache_bytes: DEFAULT_CACHE_BYTES,
-            credentials_file: None,
+            cache_bytes: std::env::var("LILLM_CACHE_BYTES")
+                .ok()
+                .and_then(|v| cache::parse_bytes(&v).ok())
+                .unwrap_or(DEFAULT_CACHE_BYTES),
+            credentials_file: std::env::var_os("LILLM_CREDENTIALS_FILE").map(PathBuf::from),
         }
     }
 }
@@ -80,6 +85,31 @@ pub async fn local_dataset(location: &Path, options: &StoreOptions) -> Result<Pa
     let bucket = options.bucket(&text)?;
     bucket.probe().await?;
     dataset::fetch(&bucket, &options.cache()).await
+}
+
+/// `location` as a local checkpoint directory: a path as it is; the URL of a checkpoint
+/// (`…/checkpoints/step-N`) fetched into the cache; the URL of a run directory, its newest
+/// committed checkpoint that verifies.
+pub fn local_checkpoint(location: &Path, options: &StoreOptions) -> Result<PathBuf> {
+    let text = location.to_string_lossy();
+    if !is_url(&text) {
+        return Ok(location.to_path_buf());
+    }
+    let trimmed = text.trim_end_matches('/');
+    let step = trimmed
+        .rsplit_once("/checkpoints/step-")
+        .and_then(|(run, step)| Some((run, step.parse::<u64>().ok()?)));
+    match step {
+        Some((run, step)) => options.run(run)?.fetch_checkpoint(step),
+        None => options
+            .run(trimmed)?
+            .fetch_latest()?
+            .ok_or_else(|| Error::Remote {
+                url: text.to_string(),
+                message: "holds no committed checkpoint (no checkpoints/step-N/manifest.json)"
+                    .into(),
+            }),
+    }
 }
 
 /// [`local_dataset`] for a caller outside any async runtime.

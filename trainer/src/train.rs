@@ -318,11 +318,14 @@ impl Trainer {
         // LoRA keeps it as the frozen base its adapters add to, resumed or not.
         let dpo = cfg.job.objective == Objective::Dpo;
         let lora = lora_config(&cfg, resume_from.as_ref())?;
+        // `init_from` may name a bucket; the config keeps the URL (every node's is the same).
+        let load_init = |path: &std::path::Path| -> Result<crate::LoadedModel> {
+            let local = lillm_store::local_checkpoint(path, &cfg.process.store_options()?)?;
+            Ok(crate::LoadedModel::load(&local, device)?)
+        };
         let init = match (&resume_from, &cfg.job.init_from) {
-            (None, Some(path)) => Some(crate::LoadedModel::load(path, device)?),
-            (Some(_), Some(path)) if dpo || lora.is_some() => {
-                Some(crate::LoadedModel::load(path, device)?)
-            }
+            (None, Some(path)) => Some(load_init(path)?),
+            (Some(_), Some(path)) if dpo || lora.is_some() => Some(load_init(path)?),
             _ => None,
         };
         let model_cfg = match (&resume_from, &init) {
