@@ -35,6 +35,10 @@ pub mod client {
         let read = |p: &std::path::Path| {
             std::fs::read(p).map_err(|e| format!("{}: cannot read: {e}", p.display()))
         };
+        // tonic's server asks rustls for the process's crypto provider; with object_store
+        // linking aws-lc-rs beside tonic's ring there are two, and rustls refuses to guess
+        // (it panics in the accept task). Name ring, as tonic's client already does.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
         Ok(tonic::transport::ServerTlsConfig::new().identity(identity))
     }

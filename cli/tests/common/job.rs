@@ -62,8 +62,9 @@ impl Actor {
             }
             assert!(
                 Instant::now() < deadline,
-                "{} still running after {within:?}",
-                self.log.display()
+                "{} still running after {within:?}:\n{}",
+                self.log.display(),
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
