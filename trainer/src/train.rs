@@ -11,6 +11,7 @@ use lillm_data::shards::BatchKey;
 use lillm_model::{weights, LilLM, LoraConfig, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
+mod init;
 mod steps;
 use crate::checkpoint::{self, CheckpointState, LoraBase, MODEL_FILE, OPTIMIZER_FILE};
 use crate::checkpoint_actor::{host_copy, CheckpointActor, Publish, Snapshot};
@@ -355,21 +356,12 @@ impl Trainer {
             )));
         }
         let seq = cfg.job.sequence_len(&model_cfg);
-        tch::manual_seed(cfg.job.seed as i64);
-        let mut vs = VarStore::new(device);
-        let mut model = LilLM::new(&vs.root(), &model_cfg)?;
+        let init::Initial {
+            mut model,
+            trained: vs,
+            frozen_base,
+        } = init::initial_model(&model_cfg, lora.as_ref(), cfg.job.seed, device)?;
         model.set_compute_kind(cfg.job.compute_kind(device));
-        // With LoRA the run trains (optimizes, checkpoints, all-reduces) the adapters only;
-        // the model's own weights are the frozen base.
-        let frozen_base = match &lora {
-            Some(lora) => {
-                vs.freeze();
-                let adapters = VarStore::new(device);
-                model.attach_lora(&adapters.root(), lora)?;
-                Some(std::mem::replace(&mut vs, adapters))
-            }
-            None => None,
-        };
         let adam = AdamWConfig {
             beta1: cfg.job.beta1,
             beta2: cfg.job.beta2,
