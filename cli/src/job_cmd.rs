@@ -11,43 +11,13 @@ use lillm_proto::client;
 use lillm_proto::member::MemberClient;
 use lillm_proto::net::{ConnectSettings, RetryPolicy};
 use lillm_proto::v1 as pb;
-use lillm_trainer::config::Objective;
+use lillm_trainer::actor::ActorOptions;
 use lillm_trainer::data::TrainData;
-use lillm_trainer::eval_actor::EvalPlan;
-use lillm_trainer::member::{MemberOptions, Membership};
-use lillm_trainer::remote_data::RemoteData;
-use lillm_trainer::stop::{Stop, StopReason, EXIT_REGROUP};
-use lillm_trainer::{checkpoint, ProcessConfig, Rewire, Setup, Start, TrainConfig, Trainer};
+use lillm_trainer::{checkpoint, ProcessConfig, TrainConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::hang_watch;
 use crate::supervisor::{Ended, Kind, OnTrainerDeath, Spec, Supervisor};
-
-/// Between two heartbeats when the coordinator names no interval (an older one): eight fit
-/// in its default 2 s timeout.
-const HEARTBEAT: Duration = Duration::from_millis(250);
-/// How long an unreachable coordinator or dataloader is retried before a trainer gives up.
-const PATIENCE: Duration = Duration::from_secs(300);
-/// How long ranks wait for each other in a collective before failing. It bounds how long
-/// rank 0's evaluation may take while the others wait at the next all-reduce.
-const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// A trainer's generation ended: its process exits with `EXIT_REGROUP` so a supervisor
-/// starts it again into the next group.
-#[derive(Debug)]
-pub struct Regroup(pub StopReason);
-
-impl std::fmt::Display for Regroup {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: exiting with status {EXIT_REGROUP} so this trainer is restarted into the next group",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for Regroup {}
 
 #[derive(Args, Debug, Default)]
 pub struct ActorArgs {
@@ -129,203 +99,27 @@ pub fn launch(
     }
 }
 
-/// One trainer actor: join the job, train in the assigned group, report to the coordinator.
-/// When its generation ends (a peer died, left or joined) it stays in its process: it joins
-/// the next generation and carries on with the weights, optimizer state and step it has
-/// ([`Trainer::regroup`]). Stops between steps on `shutdown` (checkpointing first, then
-/// leaving the job: exit 0). Only if re-forming the group in place fails does it exit with
-/// [`Regroup`]'s status, for its supervisor to start it afresh.
-pub fn run_trainer_actor(
+/// `lillm train --coordinator`: one trainer actor of that job ([`lillm_trainer::actor`]).
+fn run_trainer_actor(
     cfg: TrainConfig,
     coordinator: &str,
     args: &ActorArgs,
     shutdown: &CancellationToken,
 ) -> Result<()> {
-    let node = args.node.clone().unwrap_or_else(client::hostname);
-    // Every log line of this trainer (and of its membership tasks) carries who it is; within
-    // a group also its rank and generation (the membership's span); lines about a step
-    // carry it as a field.
-    let span = tracing::info_span!(
-        "trainer",
-        role = "trainer",
-        node = %node,
-        local_rank = args.local_rank,
-    );
-    let _entered = span.enter();
-    let mut options = MemberOptions {
+    let actor = ActorOptions {
         coordinator: coordinator.to_string(),
-        node,
+        node: args.node.clone().unwrap_or_else(client::hostname),
         local_rank: args.local_rank,
         bind_host: args.bind_host.clone(),
-        store_port: lillm_trainer::dist::serve_store(COLLECTIVE_TIMEOUT)?,
         job_token: args.job_token.clone(),
-        fingerprint: cfg.job.fingerprint(),
-        heartbeat: HEARTBEAT,
-        connect: ConnectSettings::with_tls_ca(args.tls_ca.clone()),
-        policy: RetryPolicy {
-            patience: PATIENCE,
-            ..RetryPolicy::default()
-        },
-        rejoining_from: None,
-        grad_accum: cfg.job.grad_accum as u64,
+        tls_ca: args.tls_ca.clone(),
+        interactive: crate::interactive(),
     };
-    let mut trainer = None;
-    loop {
-        let stop = Stop::new(shutdown);
-        let membership = match Membership::join(options.clone(), stop.clone()) {
-            Err(_) if stop.reason() == Some(StopReason::Shutdown) => return Ok(()),
-            other => other?,
-        };
-        let summary = match train_in_group(&cfg, &membership, stop.clone(), &mut trainer) {
-            Ok(summary) => summary,
-            // The generation ended while its group was forming (a peer froze or vanished
-            // before the rendezvous): the state, if any, is intact; join the next one.
-            Err(e) if stop.regrouping() => {
-                tracing::warn!(cause = %e, "the group did not form; joining the next one");
-                options.rejoining_from = trainer.as_ref().map(|_| membership.assignment.generation);
-                membership.finish(None)?;
-                continue;
-            }
-            Err(e) => {
-                let _ = membership.finish(Some("failed"));
-                return Err(e);
-            }
-        };
-        match summary.stopped {
-            Some(StopReason::Regroup { .. } | StopReason::PeerShutdown) => {
-                options.rejoining_from = Some(membership.assignment.generation);
-                membership.finish(None)?;
-                tracing::info!(
-                    step = summary.steps,
-                    "the group is over; joining the next one in place"
-                );
-            }
-            // Commits what was checkpointed, then leaves: the others stop at once.
-            Some(StopReason::Shutdown) => return Ok(membership.finish(Some("shut down"))?),
-            None => return Ok(membership.finish(None)?),
-        }
+    let out = cfg.process.out.clone();
+    if let Some(summary) = lillm_trainer::actor::run(cfg, actor, shutdown)? {
+        crate::train_cmd::report(&summary, &out);
     }
-}
-
-/// Trains in the group `membership` was assigned to; rank 0 also evaluates and reports.
-/// The first group builds `trainer`; later ones move it into the new group.
-fn train_in_group(
-    cfg: &TrainConfig,
-    membership: &Membership,
-    stop: Stop,
-    trainer: &mut Option<Trainer>,
-) -> Result<lillm_trainer::TrainSummary> {
-    let a = membership.assignment.clone();
-    let _in_group = membership.span().enter();
-    let cfg = TrainConfig {
-        job: cfg.job.clone(),
-        process: ProcessConfig {
-            rank: a.rank as usize,
-            world_size: a.world_size as usize,
-            rendezvous: None,
-            resume: false,
-            ..cfg.process.clone()
-        },
-    };
-    cfg.validate()?;
-    let local = (cfg.job.grad_accum / cfg.process.world_size) as u32;
-    let leader = cfg.process.rank == 0;
-    std::fs::create_dir_all(&cfg.process.out).with_context(|| {
-        format!(
-            "{}: cannot create the run directory",
-            cfg.process.out.display()
-        )
-    })?;
-    let streamed = TrainData::streamed(cfg.job.objective);
-    // This rank's share of the stream; data a trainer reads itself serves every rank.
-    let data = match streamed {
-        true => Some(TrainData::Remote(Box::new(RemoteData::connect(
-            membership.handle(),
-            membership.dataloader(),
-            (a.rank * local, local),
-            // Checkpoint writers put the tokenizer into every checkpoint.
-            a.writes_checkpoints
-                .then(|| cfg.process.out.join("tokenizer")),
-        )?))),
-        false => None,
-    };
-    // The evaluator scores next-token loss; DPO's held-out loss needs the reference, and
-    // rank 0 reports it with each commit instead.
-    if leader && cfg.job.objective != Objective::Dpo {
-        let eval_data = match streamed {
-            true => TrainData::Remote(Box::new(RemoteData::connect(
-                membership.handle(),
-                membership.dataloader(),
-                (0, 1),
-                None,
-            )?)),
-            false => TrainData::open_like_trainer(&cfg)?,
-        };
-        membership.start_evaluator(EvalPlan {
-            data: eval_data,
-            seed: cfg.job.seed,
-            batches: cfg.job.eval_iters,
-            rows: cfg.job.batch_size,
-            seq: cfg.job.sequence_len(&cfg.job.model_config()?),
-            sample_tokens: 24,
-        });
-    }
-    // A group even for one rank: a job runs the same collectives at every size.
-    let rendezvous = membership.rendezvous(COLLECTIVE_TIMEOUT);
-    let regrouping = stop.clone();
-    let trainer = match trainer {
-        Some(trainer) => {
-            let moved = trainer.regroup(Rewire {
-                rank: cfg.process.rank,
-                world_size: cfg.process.world_size,
-                data,
-                rendezvous,
-                reporter: membership.reporter(),
-                generation: a.generation,
-                stop,
-                writes_checkpoints: a.writes_checkpoints,
-            });
-            if let Err(e) = moved {
-                if regrouping.regrouping() {
-                    return Err(e.into());
-                }
-                tracing::warn!(cause = %e, "could not re-form the group in place");
-                return Err(Regroup(StopReason::Regroup {
-                    generation: a.generation,
-                })
-                .into());
-            }
-            trainer
-        }
-        None => {
-            let start = Start::Committed {
-                checkpoint: (!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)),
-                step: a.resume_step,
-            };
-            trainer.insert(Trainer::with(
-                cfg.clone(),
-                Setup {
-                    data,
-                    rendezvous: Some(rendezvous),
-                    start,
-                    reporter: membership.reporter(),
-                    generation: a.generation,
-                    stop,
-                    writes_checkpoints: Some(a.writes_checkpoints),
-                },
-            )?)
-        }
-    };
-    if leader {
-        let resolved = cfg.process.out.join("config.toml");
-        std::fs::write(&resolved, toml::to_string_pretty(&cfg)?)
-            .with_context(|| format!("{}: cannot write", resolved.display()))?;
-    }
-    let summary = trainer.run(leader && crate::interactive())?;
-    if leader && summary.stopped.is_none() {
-        crate::train_cmd::report(&summary, &cfg.process.out);
-    }
-    Ok(summary)
+    Ok(())
 }
 
 /// The object-storage settings a trainer was given, as the dataloader's flags.

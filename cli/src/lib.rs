@@ -177,7 +177,12 @@ pub fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // A trainer whose generation ended exits with its own status, for its supervisor.
-        Err(err) if err.downcast_ref::<job_cmd::Regroup>().is_some() => {
+        Err(err)
+            if matches!(
+                err.downcast_ref::<lillm_trainer::Error>(),
+                Some(lillm_trainer::Error::Regroup(_))
+            ) =>
+        {
             eprintln!("{err}");
             std::process::ExitCode::from(lillm_trainer::stop::EXIT_REGROUP)
         }

@@ -304,9 +304,7 @@ pub fn train_here(
     };
     let mut trainer = Trainer::with(cfg.clone(), setup)?;
     if leader {
-        let resolved = cfg.process.out.join("config.toml");
-        std::fs::write(&resolved, toml::to_string_pretty(cfg)?)
-            .with_context(|| format!("{}: cannot write", resolved.display()))?;
+        cfg.write_resolved()?;
     }
     let summary = trainer.run(leader && crate::interactive())?;
     if leader {

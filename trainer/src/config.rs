@@ -442,6 +442,16 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Writes the resolved configuration beside the run's checkpoints (`RUN/config.toml`):
+    /// every setting the run used, whether it came from a file, a flag or a default.
+    pub fn write_resolved(&self) -> Result<std::path::PathBuf> {
+        let path = self.process.out.join("config.toml");
+        let text = toml::to_string_pretty(self)
+            .map_err(|e| Error::Config(format!("cannot write the config as TOML: {e}")))?;
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+        Ok(path)
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.job.validate()?;
         let (rank, world_size) = (self.process.rank, self.process.world_size);

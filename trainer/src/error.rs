@@ -38,6 +38,10 @@ pub enum Error {
     /// The checkpoint writer thread failed outside of an I/O error (it panicked).
     #[error("checkpoint writer: {0}")]
     Writer(String),
+    /// A trainer actor's group ended and could not be re-formed in place: its process exits
+    /// with [`crate::stop::EXIT_REGROUP`] so its supervisor starts it into the next group.
+    #[error("{0}: exiting with status {code} so this trainer is restarted into the next group", code = crate::stop::EXIT_REGROUP)]
+    Regroup(crate::stop::StopReason),
     /// The run stopped on request before `max_iters` (see [`crate::stop`]).
     #[error("training stopped: {0}")]
     Stopped(crate::stop::StopReason),

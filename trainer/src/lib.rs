@@ -25,6 +25,7 @@
 //! - `metrics`, `plot`, `flops`: JSONL metrics, PNG loss curves, MFU's peak.
 
 pub use lillm_checkpoint as checkpoint;
+pub mod actor;
 pub mod cadence;
 pub mod checkpoint_actor;
 pub mod config;

@@ -111,7 +111,13 @@ mod tests {
                 .unwrap();
             root.present().unwrap();
         }
-        let dark = pixels.chunks(3).filter(|p| p.iter().all(|&c| c < 128)).count();
-        assert!(dark > 100, "only {dark} dark pixels: the caption did not render");
+        let dark = pixels
+            .chunks(3)
+            .filter(|p| p.iter().all(|&c| c < 128))
+            .count();
+        assert!(
+            dark > 100,
+            "only {dark} dark pixels: the caption did not render"
+        );
     }
 }
