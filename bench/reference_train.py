@@ -3,6 +3,10 @@
 Same architecture, ops, batch shapes and optimizer as `lillm train` (SDPA with GQA, rms_norm,
 real-valued adjacent-pair RoPE, SwiGLU, tied head, AdamW, clipping at 1.0), fed by the same
 kind of random windows from the same token shards. Prints steady-state tokens/s as JSON.
+
+On a GPU (`--device cuda`) it is the anchor of bench/gpu.sh: `--dtype bfloat16` trains under
+bf16 autocast with float32 weights (as lillm does), `--compile` wraps the model in
+torch.compile (the original's fastest configuration), and the JSON adds the peak GPU memory.
 """
 import argparse, json, math, os, time
 
@@ -81,14 +85,22 @@ def main():
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--warmup-steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(1337)
     manifest = json.load(open(os.path.join(a.data, "manifest.json")))
     data = np.memmap(os.path.join(a.data, manifest["train"][0]["file"]), dtype=np.uint16, mode="r")
-    model = LilLM(a.vocab, a.d_model, a.n_layers, a.q_heads, a.kv_heads, a.block_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    device = torch.device(a.device)
+    model = LilLM(a.vocab, a.d_model, a.n_layers, a.q_heads, a.kv_heads, a.block_size).to(device)
+    cuda = device.type == "cuda"
+    # The fused CUDA AdamW is what a tuned PyTorch run uses; on CPU the default stays.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, **({"fused": True} if cuda else {}))
+    step_model = torch.compile(model) if a.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
     rng = np.random.default_rng(0)
     timed, start = 0, None
     for step in range(a.steps + a.warmup_steps):
@@ -96,15 +108,23 @@ def main():
             start = time.perf_counter()
         ix = rng.integers(0, len(data) - a.block_size - 1, a.batch_size)
         w = torch.from_numpy(np.stack([data[i : i + a.block_size + 1].astype(np.int64) for i in ix]))
-        loss = model(w[:, :-1], w[:, 1:])
+        w = w.pin_memory().to(device, non_blocking=True) if cuda else w
+        with autocast:
+            loss = step_model(w[:, :-1], w[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if step + 1 == a.warmup_steps and cuda:
+            torch.cuda.synchronize()
         if step >= a.warmup_steps:
             timed += 1
+    final_loss = loss.item()  # waits for the last step
     secs = time.perf_counter() - start
-    print(json.dumps({"tokens_per_s": timed * a.batch_size * a.block_size / secs, "step_ms": 1e3 * secs / timed, "final_loss": loss.item()}))
+    result = {"tokens_per_s": timed * a.batch_size * a.block_size / secs, "step_ms": 1e3 * secs / timed, "final_loss": final_loss}
+    if cuda:
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ pub struct Record {
     pub mfu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_seen: Option<u64>,
+    /// CUDA: the most GPU memory libtorch had allocated during the log window, in GiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_gib: Option<f64>,
     /// Exactly-once data order: epochs done after this step (1.25 = a quarter into the
     /// second epoch).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -18,6 +18,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef LILLM_WITH_NCCL
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -212,5 +213,26 @@ void lillm_c10d_free(void* group) {
 }
 
 void lillm_c10d_free_error(char* err) { free(err); }
+
+// The most bytes the CUDA caching allocator has had allocated on `device` since the last
+// reset (libtorch's `max_memory_allocated`); with `reset`, starts a new window. -1 where
+// this build has no CUDA or the device's allocator cannot say.
+int64_t lillm_cuda_peak_allocated(int device, bool reset) {
+#ifdef LILLM_WITH_NCCL
+  try {
+    auto index = static_cast<c10::DeviceIndex>(device);
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(index);
+    auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    int64_t peak = stats.allocated_bytes[aggregate].peak;
+    if (reset) c10::cuda::CUDACachingAllocator::resetPeakStats(index);
+    return peak;
+  } catch (const std::exception&) {
+    return -1;
+  }
+#else
+  (void)device; (void)reset;
+  return -1;
+#endif
+}
 
 }  // extern "C"

@@ -57,6 +57,19 @@ extern "C" {
     fn lillm_c10d_abort(group: *mut c_void);
     fn lillm_c10d_free(group: *mut c_void);
     fn lillm_c10d_free_error(err: *mut c_char);
+    fn lillm_cuda_peak_allocated(device: i32, reset: bool) -> i64;
+}
+
+/// The most bytes libtorch's CUDA allocator had allocated on `device` since the previous
+/// call (each call starts a new window): a run's peak GPU memory. `None` on a CPU device or
+/// a build without CUDA.
+pub fn cuda_peak_allocated(device: tch::Device) -> Option<u64> {
+    let tch::Device::Cuda(index) = device else {
+        return None;
+    };
+    // SAFETY: plain values in and out; the shim catches libtorch's exceptions.
+    let peak = unsafe { lillm_cuda_peak_allocated(index as i32, true) };
+    u64::try_from(peak).ok()
 }
 
 /// Where and how the ranks of one job meet.

@@ -69,6 +69,8 @@ struct WindowEnd {
     lr: f64,
     grad_norm: f64,
     secs_per_step: f64,
+    /// The window's peak GPU memory in bytes (CUDA only).
+    peak_memory: Option<u64>,
 }
 
 /// The progress bar, or stderr when there is none.
@@ -114,6 +116,7 @@ fn window_record(plan: &Plan, end: &WindowEnd, means: &[f64], preference: bool) 
         step_ms: Some(secs * 1e3),
         mfu: plan.peak.map(|p| plan.flops_per_step / secs / p),
         tokens_seen: Some(end.tokens_seen),
+        peak_gpu_gib: end.peak_memory.map(|b| b as f64 / (1u64 << 30) as f64),
         epochs: plan
             .epoch_sequences
             .map(|n| epochs_done(n, end.step * plan.sequences_per_step)),
@@ -402,6 +405,7 @@ impl Trainer {
             lr: window.lr,
             grad_norm: window.grad_norm.double_value(&[]),
             secs_per_step: self.window.seconds_per_step(),
+            peak_memory: crate::dist::cuda_peak_allocated(self.device),
         };
         let record = window_record(plan, &end, &means, self.loss.is_preference());
         if let Some(log) = log {
@@ -514,6 +518,7 @@ mod tests {
             lr: 3e-4,
             grad_norm: 1.5,
             secs_per_step: 0.5,
+            peak_memory: Some(3 << 29),
         };
         let r = window_record(&plan(Some(640), Some(4e12)), &end, &[2.25], false);
         assert_eq!(
@@ -526,6 +531,7 @@ mod tests {
         assert_eq!(r.tokens_seen, Some(61_440));
         // 15 steps × 64 sequences of a 640-sequence epoch: 1.5 epochs.
         assert_eq!(r.epochs, Some(1.5));
+        assert_eq!(r.peak_gpu_gib, Some(1.5));
         assert_eq!((r.reward_accuracy, r.reward_margin), (None, None));
     }
 
@@ -537,6 +543,7 @@ mod tests {
             lr: 1e-4,
             grad_norm: 0.1,
             secs_per_step: 1.0,
+            peak_memory: None,
         };
         let r = window_record(&plan(None, None), &end, &[0.69, 0.75, 0.3], true);
         assert_eq!(

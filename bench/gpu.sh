@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# Every CUDA check and every side-by-side figure of training and serving, in one call on a
+# lent GPU machine (no Rust, no network): pack with `scripts/pack-gpu` here, carry `.gpu`,
+# then `bash bench/gpu.sh` there with $OUT set. Prints a table of ratios (also
+# $OUT/summary.json) and exits non-zero if a correctness check failed.
+#
+#   correctness   the same seed and data for 5 float32 steps on the CPU and on $DEVICE
+#   curves        bf16 against float32 on $DEVICE over $CURVE_STEPS steps
+#   training      lillm against bench/reference_train.py (the same model and step in
+#                 PyTorch, --compile and bf16 autocast) at $ROWS and $SMALL_ROWS rows, the
+#                 larger preset, the MoE preset's MFU against the dense one's, the job path
+#                 (coordinator + dataloader + trainer) against one process; peak GPU memory
+#   serving       `lillm serve` on the dense model under 1, 8 and 32 streaming clients
+#
+# Rehearse on a CPU (the test cli/tests/gpu_harness.rs does): DEVICE=cpu DTYPE=float32 with
+# tiny presets, a few steps and COMPILE=0.
+set -euo pipefail
+LILLM=${LILLM:-.gpu/lillm}
+DATA=${DATA:-.gpu/data}
+OUT=${OUT:-/tmp/lillm-gpu}
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+DENSE=${DENSE:-lillm-39m}
+LARGE=${LARGE:-lillm-300m}
+MOE=${MOE:-lillm-moe-8x39m}
+BLOCK=${BLOCK:-512}
+ROWS=${ROWS:-128}
+SMALL_ROWS=${SMALL_ROWS:-32}
+LARGE_ROWS=${LARGE_ROWS:-32}
+MOE_ROWS=${MOE_ROWS:-64}
+STEPS=${STEPS:-60}
+CURVE_STEPS=${CURVE_STEPS:-300}
+COMPILE=${COMPILE:-1}
+SERVE_SECONDS=${SERVE_SECONDS:-10}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+mkdir -p "$OUT"
+TORCH_LIB=$("$PYTHON" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null ||
+  echo "$DEVICE (no nvidia-smi)" > "$OUT/gpu.txt"
+echo "== on $(cat "$OUT/gpu.txt"), $($LILLM --version 2>/dev/null || echo lillm)"
+
+# figures RUN: the mean of the log windows after the first third of the run (compilation,
+# allocator warm-up and the first evaluation are behind it), as JSON.
+figures() {
+  "$PYTHON" - "$1" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(f"{sys.argv[1]}/metrics.jsonl")]
+train = [r for r in recs if "tokens_per_s" in r]
+last = max(r["step"] for r in train)
+steady = [r for r in train if r["step"] > last // 3] or train[-1:]
+mean = lambda k: sum(r[k] for r in steady) / len(steady) if all(k in r for r in steady) else None
+peak = [r["peak_gpu_gib"] for r in train if "peak_gpu_gib" in r]
+print(json.dumps({"tokens_per_s": mean("tokens_per_s"), "step_ms": mean("step_ms"), "mfu": mean("mfu"),
+                  "peak_gpu_gib": max(peak) if peak else None, "losses": [r["loss"] for r in train]}))
+PY
+}
+
+# train NAME PRESET ROWS DTYPE DEVICE STEPS [FLAGS...]: a single-process run into $OUT/NAME.
+train() {
+  local name=$1 preset=$2 rows=$3 dtype=$4 device=$5 steps=$6
+  shift 6
+  rm -rf "${OUT:?}/$name"
+  echo "-- lillm $name: $preset, $rows x $BLOCK, $dtype on $device, $steps steps"
+  $LILLM train --preset "$preset" --data "$DATA" --out "$OUT/$name" --device "$device" \
+    --dtype "$dtype" --batch-size "$rows" --block-size "$BLOCK" --grad-accum 1 \
+    --max-iters "$steps" --warmup-iters 10 --lr-decay-iters "$steps" --eval-interval 100000 \
+    --eval-iters 1 --log-interval 10 --peak-tflops "$PEAK_TFLOPS" "$@" > "$OUT/$name.log" 2>&1
+  figures "$OUT/$name" > "$OUT/$name.json"
+}
+
+# reference NAME PRESET ROWS: the same model and step in PyTorch, into $OUT/NAME.json.
+reference() {
+  local name=$1 preset=$2 rows=$3
+  local shape
+  shape=$($LILLM model info --preset "$preset" | "$PYTHON" -c '
+import json, sys
+text = sys.stdin.read()
+m = json.loads(text[: text.index("}") + 1])
+print(m["vocab_size"], m["d_model"], m["n_layers"], m["q_heads"], m["kv_heads"])')
+  read -r vocab d layers qh kvh <<< "$shape"
+  local compile=()
+  [ "$COMPILE" = 1 ] && compile=(--compile)
+  echo "-- reference $name: $preset, $rows x $BLOCK, $DTYPE on $DEVICE ${compile[*]}"
+  "$PYTHON" bench/reference_train.py --data "$DATA" --vocab "$vocab" --d-model "$d" \
+    --n-layers "$layers" --q-heads "$qh" --kv-heads "$kvh" --block-size "$BLOCK" \
+    --batch-size "$rows" --steps "$STEPS" --warmup-steps 10 --device "$DEVICE" \
+    --dtype "$DTYPE" "${compile[@]}" > "$OUT/$name.json" 2> "$OUT/$name.log"
+}
+
+echo "== correctness: the same seed for 5 float32 steps on the CPU and on $DEVICE"
+TINY=(--preset tiny --data "$DATA" --block-size 128 --batch-size 8 --max-iters 5
+  --eval-interval 100 --eval-iters 1 --log-interval 1 --dtype float32)
+rm -rf "$OUT/same-cpu" "$OUT/same-device"
+$LILLM train "${TINY[@]}" --device cpu --out "$OUT/same-cpu" > "$OUT/same-cpu.log" 2>&1
+$LILLM train "${TINY[@]}" --device "$DEVICE" --out "$OUT/same-device" > "$OUT/same-device.log" 2>&1
+figures "$OUT/same-cpu" > "$OUT/same-cpu.json"
+figures "$OUT/same-device" > "$OUT/same-device.json"
+
+echo "== curves: $DTYPE against float32 on $DEVICE, $CURVE_STEPS steps"
+train curve-f32 "$DENSE" "$SMALL_ROWS" float32 "$DEVICE" "$CURVE_STEPS"
+train curve-low "$DENSE" "$SMALL_ROWS" "$DTYPE" "$DEVICE" "$CURVE_STEPS"
+
+echo "== training speed"
+train dense "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS"
+reference ref-dense "$DENSE" "$ROWS"
+train dense-small "$DENSE" "$SMALL_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
+train large "$LARGE" "$LARGE_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
+reference ref-large "$LARGE" "$LARGE_ROWS"
+train moe "$MOE" "$MOE_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
+train dense-moe-rows "$DENSE" "$MOE_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
+
+echo "== the job path: coordinator + dataloader + one trainer"
+free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+CPORT=$(free_port)
+rm -rf "$OUT/job"
+$LILLM coordinator --nodes 1 --listen 127.0.0.1:$CPORT --metrics-listen 127.0.0.1:$(free_port) \
+  --store-port "$(free_port)" --state-dir "$OUT/job/coordinator" > "$OUT/coordinator.log" 2>&1 &
+COORD=$!
+$LILLM dataloader --coordinator 127.0.0.1:$CPORT --data "$DATA" --node gpu \
+  --listen 127.0.0.1:"$(free_port)" > "$OUT/dataloader.log" 2>&1 &
+LOADER=$!
+trap 'kill $COORD $LOADER 2>/dev/null || true' EXIT
+train job "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS" --coordinator 127.0.0.1:$CPORT --node gpu
+kill $COORD $LOADER 2>/dev/null || true
+
+echo "== serving: lillm serve on the $DENSE run, 1, 8 and 32 streams x ${SERVE_SECONDS}s"
+$LILLM serve --checkpoint "$OUT/dense" --port 0 --device "$DEVICE" --dtype "$DTYPE" \
+  --model-name "$DENSE" --max-batch 32 > "$OUT/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null || true' EXIT
+until grep -q "serving" "$OUT/serve.log" 2>/dev/null; do
+  kill -0 $SERVER 2>/dev/null || { cat "$OUT/serve.log"; exit 1; }
+  sleep 0.2
+done
+URL=$(sed -n 's/.* on \(http:[^ ]*\)\/ .*/\1/p' "$OUT/serve.log")
+"$PYTHON" bench/generation_bench.py "$URL" "$DENSE" $SERVER "$SERVE_SECONDS" "$SERVE_SECONDS" > "$OUT/serve.json"
+kill $SERVER; wait $SERVER 2>/dev/null || true
+
+"$PYTHON" - "$OUT" "$DENSE" "$LARGE" "$MOE" "$ROWS" "$SMALL_ROWS" "$LARGE_ROWS" "$MOE_ROWS" "$DTYPE" "$COMPILE" <<'PY'
+import json, sys
+out, dense, large, moe, rows, small, large_rows, moe_rows, dtype, compiled = sys.argv[1:]
+torch_side = "compiled PyTorch" if compiled == "1" else "eager PyTorch"
+r = lambda name: json.load(open(f"{out}/{name}.json"))
+gpu = open(f"{out}/gpu.txt").read().strip()
+rows_out, failed = [], []
+def row(what, ours, theirs, ratio, target, ok=None):
+    rows_out.append({"what": what, "lillm": ours, "baseline": theirs, "ratio": ratio, "target": target, "ok": ok})
+    if ok is False:
+        failed.append(what)
+
+cpu, dev = r("same-cpu")["losses"], r("same-device")["losses"]
+diff = max(abs(a - b) for a, b in zip(cpu, dev)) if len(cpu) == len(dev) == 5 else float("inf")
+row("same seed, CPU vs device, float32, 5 steps: max |loss diff|", f"{diff:.2e}", "", "", "<= 1e-3", diff <= 1e-3)
+f32, low = r("curve-f32")["losses"], r("curve-low")["losses"]
+tail = max(1, len(f32) // 5)
+gap = abs(sum(f32[-tail:]) / tail - sum(low[-tail:]) / tail)
+row(f"{dtype} vs float32 loss, mean of the last {tail} windows", f"{gap:.3f}", "", "", "<= 0.05", gap <= 0.05)
+
+def speed(what, ours, ref, target):
+    a, b = r(ours), r(ref)
+    ratio = a["tokens_per_s"] / b["tokens_per_s"]
+    row(what + " tokens/s", f"{a['tokens_per_s']:,.0f}", f"{b['tokens_per_s']:,.0f}", f"{ratio:.2f}x", target)
+    return a, b
+d, ref = speed(f"{dense} {rows} rows vs {torch_side}", "dense", "ref-dense", ">= 1.0x (aim 1.4x)")
+speed(f"{large} {large_rows} rows vs {torch_side}", "large", "ref-large", ">= 1.0x")
+s = r("dense-small")
+row(f"{dense}: {small} rows vs {rows} rows tokens/s", f"{s['tokens_per_s']:,.0f}", f"{d['tokens_per_s']:,.0f}",
+    f"{s['tokens_per_s'] / d['tokens_per_s']:.2f}", ">= 0.80")
+m, dm = r("moe"), r("dense-moe-rows")
+if m["mfu"] is not None and dm["mfu"]:
+    row(f"{moe} vs {dense} MFU at {moe_rows} rows", f"{100*m['mfu']:.1f}%", f"{100*dm['mfu']:.1f}%",
+        f"{m['mfu'] / dm['mfu']:.2f}", ">= 0.70")
+peak = lambda x: f"{x:.1f} GiB" if x is not None else "n/a"
+row(f"{dense} {rows} rows peak GPU memory", peak(d["peak_gpu_gib"]), peak(ref.get("peak_gpu_gib")), "",
+    "<= the reference's")
+j = r("job")
+row(f"job path vs one process, {dense} {rows} rows", f"{j['tokens_per_s']:,.0f}", f"{d['tokens_per_s']:,.0f}",
+    f"{j['tokens_per_s'] / d['tokens_per_s']:.2f}", "~1.0")
+serve = r("serve")
+for level in serve["levels"]:
+    row(f"serve {level['streams']} streams: tokens/s, TTFT p99, inter-token p50/p99 ms",
+        f"{level['tokens_per_s']:,.0f}", f"{level['ttft_p99_ms']:.0f} / {level['itl_p50_ms']:.1f} / {level['itl_p99_ms']:.1f}",
+        "", {1: ">= 1000 tok/s", 8: "p99 <= 3x p50, TTFT p99 <= 50 ms", 32: ">= 20000 tok/s"}.get(level["streams"], ""))
+print(f"\nlillm on {gpu}")
+print(f"{'what':<66} {'lillm':>12} {'baseline':>22} {'ratio':>7}  target")
+for x in rows_out:
+    mark = {True: " ok", False: " FAILED", None: ""}[x["ok"]]
+    print(f"{x['what']:<66} {x['lillm']:>12} {x['baseline']:>22} {x['ratio']:>7}  {x['target']}{mark}")
+json.dump({"device": gpu, "rows": rows_out}, open(f"{out}/summary.json", "w"), indent=1)
+sys.exit(1 if failed else 0)
+PY

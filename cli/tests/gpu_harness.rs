@@ -1,0 +1,79 @@
+//! The GPU harness (`bench/gpu.sh`) rehearsed on the CPU, as `make test` must: a lent GPU
+//! machine has minutes, not time to find a broken script. Every row runs and reaches the
+//! table; the correctness check passes where it can be checked (CPU against CPU).
+
+mod common;
+
+use std::process::Command;
+
+use common::{s, tiny_data};
+
+#[test]
+fn the_gpu_harness_runs_every_row_on_a_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let out = dir.path().join("out");
+    let python = std::env::var("LILLM_PYTHON").unwrap_or_else(|_| "python3".into());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let ran = Command::new("bash")
+        .arg("bench/gpu.sh")
+        .current_dir(&root)
+        .envs([
+            ("LILLM", env!("CARGO_BIN_EXE_lillm")),
+            ("DATA", s(&tiny.data)),
+            ("OUT", s(&out)),
+            ("PYTHON", python.as_str()),
+            ("DEVICE", "cpu"),
+            ("DTYPE", "float32"),
+            ("DENSE", "tiny"),
+            ("LARGE", "tiny"),
+            ("MOE", "tiny-moe"),
+            ("BLOCK", "32"),
+            ("ROWS", "4"),
+            ("SMALL_ROWS", "2"),
+            ("LARGE_ROWS", "2"),
+            ("MOE_ROWS", "4"),
+            ("STEPS", "20"),
+            ("CURVE_STEPS", "20"),
+            ("COMPILE", "0"),
+            ("SERVE_SECONDS", "1"),
+            ("PEAK_TFLOPS", "1"),
+        ])
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&ran.stdout),
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(ran.status.success(), "bench/gpu.sh failed:\n{printed}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let rows = summary["rows"].as_array().unwrap();
+    let row = |starts: &str| {
+        rows.iter()
+            .find(|r| r["what"].as_str().unwrap().starts_with(starts))
+            .unwrap_or_else(|| panic!("no row `{starts}…` in:\n{printed}"))
+    };
+    assert_eq!(row("same seed, CPU vs device")["ok"], true, "{printed}");
+    assert_eq!(row("float32 vs float32 loss")["ok"], true, "{printed}");
+    for what in [
+        "tiny 4 rows vs eager PyTorch",
+        "tiny 2 rows vs eager PyTorch",
+        "tiny: 2 rows vs 4 rows",
+        "tiny-moe vs tiny MFU",
+        "tiny 4 rows peak GPU memory",
+        "job path vs one process",
+        "serve 1 streams",
+        "serve 8 streams",
+        "serve 32 streams",
+    ] {
+        let found = row(what);
+        assert!(
+            !found["lillm"].as_str().unwrap().is_empty(),
+            "row `{what}` has no figure:\n{printed}"
+        );
+    }
+    // The table the user reads carries the same rows.
+    assert!(printed.contains("job path vs one process"), "{printed}");
+}
