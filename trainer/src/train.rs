@@ -12,6 +12,7 @@ use lillm_model::{weights, LilLM, LoraConfig, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 mod init;
+mod resume;
 mod steps;
 use crate::checkpoint::{self, CheckpointState, LoraBase, MODEL_FILE, OPTIMIZER_FILE};
 use crate::checkpoint_actor::{host_copy, CheckpointActor, Publish, Snapshot};
@@ -27,6 +28,7 @@ use crate::stop::{Stop, StopReason};
 use crate::{Error, Result};
 use lillm_data::epochs::DataOrder;
 use lillm_store::RunBucket;
+use resume::ResumePlan;
 
 /// Gradients are averaged over ranks in flat buckets of at most this many bytes.
 const GRADIENT_BUCKET_BYTES: usize = 25 << 20;
@@ -268,34 +270,42 @@ impl Trainer {
         let run_bucket = cfg.process.run_bucket()?;
         let start = fetch_from_bucket(&setup.start, run_bucket.as_ref(), &cfg)?;
         let resume_from = match &start {
-            Start::Committed {
-                checkpoint: Some(dir),
-                step,
-            } => match checkpoint::verify_checkpoint(dir) {
-                Ok(state) if state.step == *step => Some((dir.clone(), state)),
-                Ok(_) | Err(_) if in_group => {
-                    tracing::warn!(
-                        checkpoint = %dir.display(),
-                        step,
-                        "this node's copy of the checkpoint is missing or damaged: taking the state from a rank that has one"
-                    );
-                    received_step = Some(*step);
-                    None
+            Start::Committed { checkpoint, step } => {
+                let verified = checkpoint.as_deref().map(checkpoint::verify_checkpoint);
+                let copy = match &verified {
+                    None => resume::Copy::NotNamed,
+                    Some(Ok(state)) => resume::Copy::Holds(state.step),
+                    Some(Err(_)) => resume::Copy::Damaged,
+                };
+                let dir = || checkpoint.clone().unwrap_or_default();
+                match resume::plan_committed(*step, copy, in_group) {
+                    ResumePlan::Fresh => None,
+                    ResumePlan::UseCopy => match verified {
+                        Some(Ok(state)) => Some((dir(), state)),
+                        _ => unreachable!("a copy is used only when it verified"),
+                    },
+                    ResumePlan::Receive(step) => {
+                        if checkpoint.is_some() {
+                            tracing::warn!(
+                                checkpoint = %dir().display(),
+                                step,
+                                "this node's copy of the checkpoint is missing or damaged: taking the state from a rank that has one"
+                            );
+                        }
+                        received_step = Some(step);
+                        None
+                    }
+                    ResumePlan::WrongStep { holds } => {
+                        return Err(Error::checkpoint(
+                            dir(),
+                            format!("holds step {holds}, not the committed step {step}"),
+                        ))
+                    }
+                    ResumePlan::Damaged => match verified {
+                        Some(Err(e)) => return Err(e.into()),
+                        _ => unreachable!("refused as damaged only when it failed to verify"),
+                    },
                 }
-                Ok(state) => {
-                    return Err(Error::checkpoint(
-                        dir,
-                        format!("holds step {}, not the committed step {step}", state.step),
-                    ))
-                }
-                Err(e) => return Err(e.into()),
-            },
-            Start::Committed {
-                checkpoint: None,
-                step,
-            } => {
-                received_step = (*step > 0).then_some(*step);
-                None
             }
             Start::Auto if cfg.process.resume => checkpoint::latest_valid(&cfg.process.out),
             Start::Auto => None,
