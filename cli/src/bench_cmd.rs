@@ -1,6 +1,6 @@
 //! `lillm bench`: benchmarks of lillm's own parts at sizes this machine cannot run for
-//! real — the coordinator of thousands of trainers (`bench_coordinator`) and the
-//! exactly-once data order over a corpus of 100,000 shards.
+//! real — the coordinator of thousands of trainers (`bench_coordinator`), and the
+//! exactly-once data order and the shard placement over a corpus of 100,000 shards.
 
 use std::time::Instant;
 
@@ -14,7 +14,8 @@ pub enum BenchCmd {
     /// The coordinator at scale: simulated trainers against a real coordinator process.
     Coordinator(CoordinatorBenchArgs),
     /// The exactly-once data order over a dataset of many shards (metadata only): the time
-    /// and memory of an epoch's plan and of one step's sequences.
+    /// and memory of an epoch's plan and of one step's sequences; and the shards' placement
+    /// on dataloaders, before and after some leave.
     Epochs(EpochsBenchArgs),
 }
 
@@ -32,6 +33,9 @@ pub struct EpochsBenchArgs {
     /// Sequences per step (grad_accum × batch_size).
     #[arg(long, default_value_t = 1_024)]
     sequences_per_step: u64,
+    /// Dataloaders the shards are placed on.
+    #[arg(long, default_value_t = 1_000)]
+    dataloaders: usize,
 }
 
 pub fn run(cmd: BenchCmd) -> Result<()> {
@@ -99,5 +103,49 @@ fn epochs(args: &EpochsBenchArgs) {
          memory {:.1} MB",
         args.sequences_per_step,
         rss() - before
+    );
+    placement(args, &tokens);
+}
+
+/// The coordinator's shard placement at the same size: every shard on two of
+/// `args.dataloaders`, then again after 1% of them leave.
+fn placement(args: &EpochsBenchArgs, tokens: &[u64]) {
+    use lillm_coordinator::placement::Placement;
+    let rss = || memory_mb("self").map_or(0.0, |(now, _)| now);
+    let before = rss();
+    let started = Instant::now();
+    let placed = Placement::new(tokens, args.dataloaders);
+    let place_ms = started.elapsed().as_secs_f64() * 1e3;
+    let memory = rss() - before;
+    let departed: Vec<u32> = (0..(args.dataloaders / 100).max(1) as u32)
+        .map(|i| i * 97 % args.dataloaders as u32)
+        .collect();
+    let started = Instant::now();
+    let after = placed.without(tokens, &departed);
+    let replace_ms = started.elapsed().as_secs_f64() * 1e3;
+    let held: usize = departed.iter().map(|&d| placed.shards_of(d).len()).sum();
+    let moved: usize = (0..tokens.len())
+        .map(|s| {
+            let was = placed.holders(s);
+            after.holders(s).iter().filter(|h| !was.contains(h)).count()
+        })
+        .sum();
+    let imbalance = |p: &Placement| {
+        let loads: Vec<u64> = p.loads(tokens).into_iter().filter(|&l| l > 0).collect();
+        let mean = loads.iter().sum::<u64>() as f64 / loads.len() as f64;
+        *loads.iter().max().unwrap_or(&0) as f64 / mean
+    };
+    println!(
+        "shard placement, 2 copies of {} shards on {} dataloaders:",
+        tokens.len(),
+        args.dataloaders
+    );
+    println!(
+        "  placed in {place_ms:.1} ms (memory {memory:.1} MB), busiest dataloader at {:.4}x the mean; \
+         after {} dataloaders leave: re-placed in {replace_ms:.1} ms, {moved} shard copies move \
+         (the departed held {held}), busiest at {:.4}x the mean",
+        imbalance(&placed),
+        departed.len(),
+        imbalance(&after)
     );
 }

@@ -46,3 +46,38 @@ fn the_epoch_order_bench_reads_few_shards_per_step() {
         .unwrap_or_else(|| panic!("no shard count in {out}"));
     assert!((1..=16).contains(&shards), "{out}");
 }
+
+#[test]
+fn the_placement_bench_moves_only_the_departed_dataloaders_copies() {
+    let out = lillm_ok(&[
+        "bench",
+        "epochs",
+        "--shards",
+        "2000",
+        "--dataloaders",
+        "100",
+    ]);
+    assert!(
+        out.contains("2 copies of 2000 shards on 100 dataloaders"),
+        "{out}"
+    );
+    let placed = out.lines().find(|l| l.contains("re-placed")).unwrap_or("");
+    let after = |marker: &str| -> f64 {
+        placed
+            .split(marker)
+            .nth(1)
+            .and_then(|rest| {
+                let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+                rest[..end].parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no figure after `{marker}` in {out}"))
+    };
+    // 1 of 100 dataloaders leaves: the copies it held move, and nothing else.
+    assert!(after("re-placed in ").is_finite(), "{out}");
+    assert_eq!(
+        after("shard copies move (the departed held "),
+        after("ms, "),
+        "{out}"
+    );
+    assert!(after("busiest dataloader at ") < 1.05, "{out}");
+}

@@ -18,6 +18,7 @@
 pub mod cli;
 mod decide;
 pub mod metrics;
+pub mod placement;
 mod server;
 mod service;
 mod state;
