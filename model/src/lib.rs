@@ -35,5 +35,5 @@ pub use kv_cache::KvCache;
 pub use lillm::LilLM;
 pub use lora::{LoraConfig, LORA_TARGETS};
 pub use moe::Routing;
-pub use sampling::{generate, Sampler, SamplingParams, StopReason};
+pub use sampling::{generate, sample_rows, Sampler, SamplingParams, StopReason};
 pub use slot_cache::SlotCache;

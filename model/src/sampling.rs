@@ -98,10 +98,14 @@ impl Sampler {
 
     /// Picks a token id from float logits of shape (vocab,).
     pub fn sample(&mut self, logits: &Tensor) -> u32 {
-        let logits = self.adjusted(logits.to_kind(Kind::Float).to_device(tch::Device::Cpu));
-        let id = self.pick(logits);
-        *self.counts.entry(id).or_default() += 1;
-        id
+        sample_rows(&mut [self], &logits.unsqueeze(0))[0]
+    }
+
+    /// One row on the host: its adjustments and its draw walk the vocabulary in Rust, which
+    /// on a CPU is several times faster than the same steps as tensor operations.
+    fn sample_on_host(&mut self, logits: &Tensor) -> u32 {
+        let logits = self.adjusted(logits.to_kind(Kind::Float));
+        self.pick(logits)
     }
 
     /// `logits` with the request's biases added and the presence and frequency penalties
@@ -177,6 +181,192 @@ impl Sampler {
         }
         ranked.last().map_or(0, |&(id, _)| id)
     }
+
+    /// This request's changes to its row of logits, as sparse (row, id, delta) triples (its
+    /// biases, and the penalties of the tokens it sampled so far) and banned ids: host work
+    /// that grows with what the request did, never with the vocabulary.
+    fn adjustments(&self, row: i64, vocab: i64, out: &mut Adjustments) {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence != 0.0 || frequency != 0.0 {
+            for (&id, &n) in &self.counts {
+                out.push(
+                    row,
+                    id,
+                    -((presence + frequency * f64::from(n)) as f32),
+                    vocab,
+                );
+            }
+        }
+        for &(id, bias) in &self.params.logit_bias {
+            // -100 is a ban, whatever the temperature and however likely the token was.
+            if bias <= -BAN {
+                if i64::from(id) < vocab {
+                    out.banned.push((row, i64::from(id)));
+                }
+            } else {
+                out.push(row, id, bias, vocab);
+            }
+        }
+    }
+
+    /// The uniform draw in (0, 1] of this request's next token (greedy requests draw none).
+    fn draw(&mut self) -> f64 {
+        match self.params.temperature {
+            0.0 => 1.0,
+            _ => 1.0 - self.rng.random::<f64>(),
+        }
+    }
+}
+
+/// Sparse logit changes of a batch.
+#[derive(Default)]
+struct Adjustments {
+    rows: Vec<i64>,
+    ids: Vec<i64>,
+    deltas: Vec<f32>,
+    banned: Vec<(i64, i64)>,
+}
+
+impl Adjustments {
+    fn push(&mut self, row: i64, id: u32, delta: f32, vocab: i64) {
+        // An id past the vocabulary changes nothing.
+        if i64::from(id) < vocab {
+            self.rows.push(row);
+            self.ids.push(i64::from(id));
+            self.deltas.push(delta);
+        }
+    }
+
+    /// `logits` with the changes applied (a copy when there are any).
+    fn apply(&self, logits: Tensor) -> Tensor {
+        if self.rows.is_empty() && self.banned.is_empty() {
+            return logits;
+        }
+        let device = logits.device();
+        let mut logits = logits.copy();
+        let at = |rows: &[i64], ids: &[i64]| {
+            [
+                Some(Tensor::from_slice(rows).to(device)),
+                Some(Tensor::from_slice(ids).to(device)),
+            ]
+        };
+        if !self.rows.is_empty() {
+            let deltas = Tensor::from_slice(&self.deltas).to(device);
+            let _ = logits.index_put_(&at(&self.rows, &self.ids), &deltas, true);
+        }
+        if !self.banned.is_empty() {
+            let (rows, ids): (Vec<i64>, Vec<i64>) = self.banned.iter().copied().unzip();
+            let ban = Tensor::from(f32::NEG_INFINITY).to(device);
+            let _ = logits.index_put_(&at(&rows, &ids), &ban, false);
+        }
+        logits
+    }
+}
+
+/// Samples one token per row of `logits` (rows × vocab), row `i` with `samplers[i]`. Each
+/// row's token depends on its own logits and sampler only, never on the rest of the batch,
+/// so a request answers in a batch as it does alone. Logits on the CPU are sampled row by
+/// row on the host; logits on a GPU stay there ([`sample_rows_on_device`]).
+pub fn sample_rows(samplers: &mut [&mut Sampler], logits: &Tensor) -> Vec<u32> {
+    if logits.device() != tch::Device::Cpu {
+        return sample_rows_on_device(samplers, logits);
+    }
+    let ids: Vec<u32> = samplers
+        .iter_mut()
+        .enumerate()
+        .map(|(row, sampler)| sampler.sample_on_host(&logits.get(row as i64)))
+        .collect();
+    count(samplers, &ids);
+    ids
+}
+
+fn count(samplers: &mut [&mut Sampler], ids: &[u32]) {
+    for (sampler, &id) in samplers.iter_mut().zip(ids) {
+        *sampler.counts.entry(id).or_default() += 1;
+    }
+}
+
+/// [`sample_rows`] where the logits are, for a GPU: what goes up per step is a few numbers
+/// per row (temperature, top-k, top-p, one uniform draw, the sparse biases and penalties);
+/// what comes back is the token ids; nothing on the host grows with the vocabulary. The
+/// same seed draws from the same distribution as on the host, not necessarily the same
+/// token (the tokens are walked in another order).
+pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> Vec<u32> {
+    let (rows, vocab) = logits.size2().expect("logits are (rows, vocab)");
+    assert_eq!(rows as usize, samplers.len(), "one sampler per row");
+    let device = logits.device();
+    let mut adjustments = Adjustments::default();
+    for (row, sampler) in samplers.iter().enumerate() {
+        sampler.adjustments(row as i64, vocab, &mut adjustments);
+    }
+    let logits = adjustments.apply(logits.to_kind(Kind::Float));
+    let per_row = |f: &dyn Fn(&SamplingParams) -> f32| {
+        let values: Vec<f32> = samplers.iter().map(|s| f(&s.params)).collect();
+        Tensor::from_slice(&values).to(device).view([rows, 1])
+    };
+    let greedy: Vec<bool> = samplers
+        .iter()
+        .map(|s| s.params.temperature == 0.0)
+        .collect();
+    let picked = if greedy.iter().all(|&g| g) {
+        logits.argmax(1, false)
+    } else {
+        let temperature = per_row(&|p| match p.temperature {
+            0.0 => 1.0,
+            t => t as f32,
+        });
+        let probs = (&logits / temperature).softmax(1, Kind::Float);
+        let cuts = |p: &SamplingParams| (p.top_k > 0 && (p.top_k as i64) < vocab) || p.top_p < 1.0;
+        let ranks = Tensor::arange(vocab, (Kind::Int64, device)).view([1, vocab]);
+        // Rows with a top-k or top-p cut walk their tokens from the most likely down (ties
+        // to the lower id); the others in id order, which needs no sort.
+        let order = if samplers.iter().any(|s| cuts(&s.params)) {
+            let (_, sorted) = probs.sort_stable(true, 1, true);
+            let cut = per_row(&|p| f32::from(u8::from(cuts(p)))).gt(0.5);
+            sorted.where_self(&cut, &ranks.expand([rows, vocab], false))
+        } else {
+            ranks.expand([rows, vocab], false)
+        };
+        let ordered = probs.gather(1, &order, false);
+        let top_k = per_row(&|p| match p.top_k {
+            0 => vocab as f32,
+            k => k as f32,
+        });
+        let top_p = per_row(&|p| {
+            if p.top_p < 1.0 {
+                p.top_p as f32
+            } else {
+                f32::INFINITY
+            }
+        });
+        // Keep the k most likely, and the smallest prefix whose probability reaches p.
+        let before = ordered.cumsum(1, Kind::Float) - &ordered;
+        let keep = ranks
+            .to_kind(Kind::Float)
+            .lt_tensor(&top_k)
+            .logical_and(&before.lt_tensor(&top_p));
+        let kept = ordered * keep.to_kind(Kind::Float);
+        let cumulative = kept.cumsum(1, Kind::Float);
+        let draws: Vec<f32> = samplers.iter_mut().map(|s| s.draw() as f32).collect();
+        let target = Tensor::from_slice(&draws).to(device).view([rows, 1])
+            * cumulative.select(1, vocab - 1).view([rows, 1]);
+        // The first position whose cumulative probability reaches the draw; never past the
+        // last token with any probability (rounding at the top of the range).
+        let position = cumulative
+            .lt_tensor(&target)
+            .sum_dim_intlist(1, false, Kind::Int64);
+        let last_kept = (kept.gt(0.0).to_kind(Kind::Int64) * &ranks).amax(1, false);
+        let position = position.minimum(&last_kept);
+        let drawn = order
+            .gather(1, &position.view([rows, 1]), false)
+            .view([rows]);
+        let is_greedy = Tensor::from_slice(&greedy).to(device);
+        logits.argmax(1, false).where_self(&is_greedy, &drawn)
+    };
+    let ids = Vec::<i64>::try_from(picked.to_device(tch::Device::Cpu)).expect("token ids");
+    let ids: Vec<u32> = ids.into_iter().map(|id| id as u32).collect();
+    count(samplers, &ids);
+    ids
 }
 
 /// Why generation ended.
@@ -279,5 +469,86 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("token 5"), "{err}");
+    }
+
+    fn with(temperature: f64, top_k: usize, top_p: f64, seed: u64) -> Sampler {
+        Sampler::new(SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            logit_bias: vec![(3, 1.5), (5, -100.0)],
+        })
+        .unwrap()
+    }
+
+    type Rows = fn(&mut [&mut Sampler], &Tensor) -> Vec<u32>;
+    /// Both ways of sampling, each checked on the CPU: the host's and the one GPU logits take.
+    const PATHS: [(&str, Rows); 2] = [("host", sample_rows), ("device", sample_rows_on_device)];
+
+    #[test]
+    fn a_row_draws_in_a_batch_what_it_draws_alone() {
+        let logits = Tensor::randn([4, 64], (Kind::Float, tch::Device::Cpu));
+        let settings = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.8, 8, 1.0), (1.2, 0, 0.9)];
+        let samplers = || -> Vec<Sampler> {
+            settings
+                .iter()
+                .enumerate()
+                .map(|(i, &(t, k, p))| with(t, k, p, i as u64))
+                .collect()
+        };
+        for (path, rows) in PATHS {
+            let (mut alone, mut batch) = (samplers(), samplers());
+            for _ in 0..50 {
+                let each: Vec<u32> = alone
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, s)| rows(&mut [s], &logits.get(i as i64).unsqueeze(0))[0])
+                    .collect();
+                let mut all: Vec<&mut Sampler> = batch.iter_mut().collect();
+                assert_eq!(rows(&mut all, &logits), each, "{path}");
+                assert!(!each.contains(&5), "{path}: token 5 is banned: {each:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn draws_follow_the_distribution_and_the_cuts() {
+        // Probabilities 0.5, 0.25, 0.125, 0.125.
+        let logits = Tensor::from_slice(&[4f32, 2., 1., 1.]).log().unsqueeze(0);
+        let params = |top_k, top_p| SamplingParams {
+            temperature: 1.0,
+            top_k,
+            top_p,
+            ..SamplingParams::default()
+        };
+        for (path, rows) in PATHS {
+            let count = |params: SamplingParams| {
+                let mut s = Sampler::new(params).unwrap();
+                let mut n = [0usize; 4];
+                for _ in 0..4000 {
+                    n[rows(&mut [&mut s], &logits)[0] as usize] += 1;
+                }
+                n
+            };
+            let plain = count(params(0, 1.0));
+            for (seen, p) in plain.iter().zip([0.5, 0.25, 0.125, 0.125]) {
+                let share = *seen as f64 / 4000.0;
+                assert!((share - p).abs() < 0.03, "{path}: {plain:?}");
+            }
+            assert_eq!(count(params(1, 1.0)), [4000, 0, 0, 0], "{path}");
+            let two = count(params(2, 1.0));
+            assert_eq!(two[2] + two[3], 0, "{path}: {two:?}");
+            assert!(
+                (two[0] as f64 / 4000.0 - 2.0 / 3.0).abs() < 0.03,
+                "{path}: {two:?}"
+            );
+            // p = 0.7: 0.5 alone does not reach it, 0.5 + 0.25 does.
+            let nucleus = count(params(0, 0.7));
+            assert_eq!(nucleus[2] + nucleus[3], 0, "{path}: {nucleus:?}");
+            assert!(nucleus[1] > 0, "{path}: {nucleus:?}");
+        }
     }
 }

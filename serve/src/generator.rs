@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use lillm_checkpoint::LoadedModel;
 use lillm_data::tokenizer::{Tokenizer, EOS_ID};
-use lillm_model::{KvCache, LilLM, Sampler, SamplingParams, SlotCache};
-use tch::{Device, Tensor};
+use lillm_model::{sample_rows, KvCache, LilLM, Sampler, SamplingParams, SlotCache};
+use tch::Tensor;
 use tokio::sync::mpsc;
 
 use crate::metrics::{Metrics, Outcome as Ended};
@@ -285,7 +285,7 @@ impl<'a> Batch<'a> {
     /// Prefills every short arrival together in one forward (see
     /// [`LilLM::prefill_rows`]); a long one becomes the chunked prefill when that is free.
     fn prefill_arrivals(&mut self) {
-        let (short, long): (Vec<_>, Vec<_>) = std::mem::take(&mut self.arrivals)
+        let (mut short, long): (Vec<_>, Vec<_>) = std::mem::take(&mut self.arrivals)
             .into_iter()
             .partition(|a| a.prompt.len() <= PREFILL_CHUNK);
         let mut long = long.into_iter();
@@ -317,18 +317,18 @@ impl<'a> Batch<'a> {
             self.model.compute_kind(),
             self.model.device(),
         );
-        let logits = self
-            .model
-            .prefill_rows(&prompts, &mut cache)
-            .to_device(Device::Cpu);
+        let logits = self.model.prefill_rows(&prompts, &mut cache);
+        let mut samplers: Vec<&mut Sampler> =
+            short.iter_mut().map(|a| &mut a.sequence.sampler).collect();
+        let ids = sample_rows(&mut samplers, &logits);
         let context = self.model.config().max_seq_len;
-        for (row, arrival) in short.into_iter().enumerate() {
+        for (row, (arrival, id)) in short.into_iter().zip(ids).enumerate() {
             let Arrival {
                 mut sequence,
                 prompt,
             } = arrival;
             let room = context - prompt.len();
-            if let Outcome::Continue = sequence.take(&logits.get(row as i64), room) {
+            if let Outcome::Continue = sequence.take(id, &logits.get(row as i64), room) {
                 self.slots.admit(&cache, row, prompt.len());
                 self.decoding.push(sequence);
             }
@@ -357,8 +357,10 @@ impl<'a> Batch<'a> {
             cache,
             ..
         } = self.prefill.take().expect("a prefill");
-        let logits = logits.get(0).to_device(Device::Cpu);
-        if let Outcome::Continue = sequence.take(&logits, cache.remaining()) {
+        // The last position's logits; sampling runs where they are (the GPU, on a GPU).
+        let logits = logits.get(0);
+        let id = sequence.sampler.sample(&logits);
+        if let Outcome::Continue = sequence.take(id, &logits, cache.remaining()) {
             self.slots.admit(&cache, 0, cache.len());
             self.decoding.push(sequence);
             self.metrics.set_batch(self.decoding.len());
@@ -371,14 +373,15 @@ impl<'a> Batch<'a> {
             return;
         }
         let tokens: Vec<u32> = self.decoding.iter().map(|s| s.next).collect();
-        let logits = self
-            .model
-            .decode_slots(&tokens, &mut self.slots)
-            .to_device(Device::Cpu);
+        let logits = self.model.decode_slots(&tokens, &mut self.slots);
+        // One batched draw where the logits are; only the token ids come back.
+        let mut samplers: Vec<&mut Sampler> =
+            self.decoding.iter_mut().map(|s| &mut s.sampler).collect();
+        let ids = sample_rows(&mut samplers, &logits);
         let mut finished = Vec::new();
-        for (i, sequence) in self.decoding.iter_mut().enumerate() {
+        for (i, (sequence, id)) in self.decoding.iter_mut().zip(ids).enumerate() {
             let room = self.slots.remaining(i);
-            if let Outcome::Finished = sequence.take(&logits.get(i as i64), room) {
+            if let Outcome::Finished = sequence.take(id, &logits.get(i as i64), room) {
                 finished.push(i);
             }
         }
@@ -396,10 +399,9 @@ impl<'a> Batch<'a> {
 }
 
 impl Sequence<'_> {
-    /// Samples the next token from `logits` and sends what it adds to the reply; `room` is
-    /// the context left for feeding it back.
-    fn take(&mut self, logits: &Tensor, room: usize) -> Outcome {
-        let id = self.sampler.sample(logits);
+    /// Takes token `id`, sampled from `logits`, and sends what it adds to the reply; `room`
+    /// is the context left for feeding it back.
+    fn take(&mut self, id: u32, logits: &Tensor, room: usize) -> Outcome {
         if id != EOS_ID {
             self.note_logprob(logits, id);
         }
