@@ -1,4 +1,5 @@
-//! Compiles `csrc/c10d_shim.cpp` (c10d's TCPStore and Gloo process group behind a C ABI)
+//! Compiles `csrc/c10d_shim.cpp` (c10d's TCPStore and Gloo process group behind a C ABI) and
+//! `csrc/fused_optim.cpp` (libtorch's fused AdamW)
 //! against the headers of the libtorch that tch links: the `LIBTORCH` directory, or the
 //! torch package of the `python` on PATH (LIBTORCH_USE_PYTORCH, as torch-sys does).
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ fn torch_dir() -> PathBuf {
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/fused_optim.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let torch = torch_dir();
     let include = torch.join("include");
@@ -34,6 +36,7 @@ fn main() {
     build
         .cpp(true)
         .file("csrc/c10d_shim.cpp")
+        .file("csrc/fused_optim.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

@@ -59,6 +59,7 @@ impl From<lillm_c10d::Error> for Error {
         match e {
             lillm_c10d::Error::Collective(m) => Error::Collective(m),
             lillm_c10d::Error::Config(m) => Error::Config(m),
+            lillm_c10d::Error::Kernel(m) => Error::Torch(tch::TchError::Torch(m)),
         }
     }
 }

@@ -17,6 +17,9 @@ pub enum Error {
     /// An argument the shim cannot take.
     #[error("invalid c10d argument: {0}")]
     Config(String),
+    /// A fused libtorch kernel refused its arguments.
+    #[error("libtorch kernel: {0}")]
+    Kernel(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -58,6 +61,77 @@ extern "C" {
     fn lillm_c10d_free(group: *mut c_void);
     fn lillm_c10d_free_error(err: *mut c_char);
     fn lillm_cuda_peak_allocated(device: i32, reset: bool) -> i64;
+    fn lillm_fused_adamw(
+        params: *mut *mut c_void,
+        grads: *mut *mut c_void,
+        exp_avgs: *mut *mut c_void,
+        exp_avg_sqs: *mut *mut c_void,
+        n: usize,
+        step: f64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        err: *mut *mut c_char,
+    ) -> i32;
+}
+
+/// AdamW's settings for [`fused_adamw`].
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    /// The optimizer step this update is (1 for the first), for the bias corrections.
+    pub step: u64,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One AdamW update of every parameter by libtorch's fused multi-tensor kernel
+/// (`_fused_adamw_`): on CUDA one launch for all of them. The four lists are parallel; every
+/// parameter needs a gradient.
+pub fn fused_adamw(
+    params: &[Tensor],
+    grads: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    s: AdamWStep,
+) -> Result<()> {
+    let n = params.len();
+    assert!(
+        grads.len() == n && exp_avgs.len() == n && exp_avg_sqs.len() == n,
+        "parallel lists"
+    );
+    let ptrs = |list: &[Tensor]| -> Vec<*mut c_void> {
+        list.iter().map(|t| t.as_ptr() as *mut c_void).collect()
+    };
+    let (mut p, mut g, mut m, mut v) =
+        (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs));
+    let mut err = std::ptr::null_mut();
+    // SAFETY: each list holds `n` pointers to live at::Tensor objects owned by the slices,
+    // which outlive the call; the shim copies the handles and catches libtorch's exceptions.
+    let rc = unsafe {
+        lillm_fused_adamw(
+            p.as_mut_ptr(),
+            g.as_mut_ptr(),
+            m.as_mut_ptr(),
+            v.as_mut_ptr(),
+            n,
+            s.step as f64,
+            s.lr,
+            s.beta1,
+            s.beta2,
+            s.weight_decay,
+            s.eps,
+            &mut err,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Kernel(format!("fused AdamW: {}", take_error(err))));
+    }
+    Ok(())
 }
 
 /// The most bytes libtorch's CUDA allocator had allocated on `device` since the previous

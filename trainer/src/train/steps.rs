@@ -370,7 +370,7 @@ impl Trainer {
             false => None,
         };
         let grad_norm = self.opt.clip_grad_norm(job.grad_clip);
-        self.opt.step(lr);
+        self.opt.step(lr)?;
         self.opt.zero_grad();
         self.step = next;
         self.tokens_seen += plan.tokens_per_step;

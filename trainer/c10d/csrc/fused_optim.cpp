@@ -1,0 +1,45 @@
+// libtorch's fused multi-tensor AdamW behind a C ABI: one kernel launch (on CUDA) for every
+// parameter, where the element-wise update written from Rust launches about ten per
+// parameter. The tensors are tch's: pointers to at::Tensor, valid for the call.
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace {
+std::vector<at::Tensor> tensors(void** list, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(*static_cast<at::Tensor*>(list[i]));
+  return out;
+}
+}  // namespace
+
+extern "C" {
+
+// AdamW (decoupled weight decay) at optimizer step `step` (1 for the first update), in place
+// on params, exp_avgs and exp_avg_sqs. Returns 0, or -1 with `err` set (free it with
+// lillm_c10d_free_error).
+int lillm_fused_adamw(void** params, void** grads, void** exp_avgs, void** exp_avg_sqs, size_t n,
+                      double step, double lr, double beta1, double beta2, double weight_decay,
+                      double eps, char** err) {
+  try {
+    auto p = tensors(params, n);
+    auto g = tensors(grads, n);
+    auto m = tensors(exp_avgs, n);
+    auto v = tensors(exp_avg_sqs, n);
+    std::vector<at::Tensor> steps;
+    steps.reserve(n);
+    for (auto& t : p) steps.push_back(at::full({}, step, t.options().dtype(at::kFloat)));
+    at::NoGradGuard no_grad;
+    at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+    return 0;
+  } catch (const std::exception& e) {
+    *err = strdup(e.what());
+    return -1;
+  }
+}
+
+}  // extern "C"
