@@ -106,7 +106,7 @@ impl AdamW {
 
     /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm
     /// before clipping as a scalar tensor (no host sync: read it only when logging).
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Tensor {
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let grads: Vec<Tensor> = self
             .slots
@@ -115,7 +115,10 @@ impl AdamW {
             .filter(|g| g.defined())
             .collect();
         if grads.is_empty() {
-            return Tensor::from(0.0f32);
+            return Ok(Tensor::from(0.0f32));
+        }
+        if self.update == Update::Fused {
+            return Ok(crate::dist::fused_clip_grad_norm(&grads, max_norm)?);
         }
         let norms: Vec<Tensor> = grads
             .iter()
@@ -128,7 +131,7 @@ impl AdamW {
                 let _ = g.g_mul_(&coef);
             }
         }
-        total
+        Ok(total)
     }
 
     /// One AdamW update at learning rate `lr`.
@@ -254,8 +257,10 @@ impl AdamW {
 mod tests {
     use super::*;
 
-    /// Two copies of the same parameters, updated five times with the same gradients.
-    fn trained(update: Update) -> Vec<Tensor> {
+    /// The same parameters, clipped and updated five times with the same gradients: the
+    /// weights, and the norms before clipping.
+    fn trained(update: Update) -> (Vec<Tensor>, Vec<f64>) {
+        let mut norms = Vec::new();
         tch::manual_seed(3);
         let params: BTreeMap<String, Tensor> = [("a", vec![4, 3]), ("b", vec![7])]
             .into_iter()
@@ -280,14 +285,28 @@ mod tests {
                 .map(|p| (p * p * (step + 1) as f64).sum(Kind::Float))
                 .sum();
             loss.backward();
+            // Large gradients, so that clipping scales them.
+            let norm = opt.clip_grad_norm(0.5).unwrap().double_value(&[]);
+            norms.push(norm);
             opt.step(1e-2).unwrap();
         }
-        params.into_values().map(|p| p.detach()).collect()
+        (params.into_values().map(|p| p.detach()).collect(), norms)
     }
 
     #[test]
-    fn the_fused_kernel_updates_as_the_per_parameter_rule_does() {
-        let (reference, fused) = (trained(Update::PerParameter), trained(Update::Fused));
+    fn the_fused_kernels_clip_and_update_as_the_per_parameter_rule_does() {
+        let ((reference, ref_norms), (fused, fused_norms)) =
+            (trained(Update::PerParameter), trained(Update::Fused));
+        for (r, f) in ref_norms.iter().zip(&fused_norms) {
+            assert!(
+                (r - f).abs() < 1e-5 * r,
+                "norms {ref_norms:?} vs {fused_norms:?}"
+            );
+        }
+        assert!(
+            ref_norms.iter().all(|&n| n > 0.5),
+            "clipping was exercised: {ref_norms:?}"
+        );
         for (r, f) in reference.iter().zip(&fused) {
             let diff = (r - f).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "fused AdamW differs by {diff}");

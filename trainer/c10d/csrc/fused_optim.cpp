@@ -42,4 +42,24 @@ int lillm_fused_adamw(void** params, void** grads, void** exp_avgs, void** exp_a
   }
 }
 
+// Scales the gradients so that their global L2 norm is at most `max_norm` (0: never), with
+// multi-tensor kernels (`_foreach_norm`, `_foreach_mul_`); returns the norm before clipping
+// as a new 0-d tensor for the caller to own, or null with `err` set.
+void* lillm_fused_clip_grad_norm(void** grads, size_t n, double max_norm, char** err) {
+  try {
+    auto g = tensors(grads, n);
+    at::NoGradGuard no_grad;
+    auto norms = at::_foreach_norm(g, 2);
+    auto total = at::linalg_vector_norm(at::stack(norms), 2);
+    if (max_norm > 0) {
+      auto coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);
+      at::_foreach_mul_(g, coef);
+    }
+    return new at::Tensor(total);
+  } catch (const std::exception& e) {
+    *err = strdup(e.what());
+    return nullptr;
+  }
+}
+
 }  // extern "C"

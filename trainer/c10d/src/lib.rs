@@ -75,6 +75,33 @@ extern "C" {
         eps: f64,
         err: *mut *mut c_char,
     ) -> i32;
+    fn lillm_fused_clip_grad_norm(
+        grads: *mut *mut c_void,
+        n: usize,
+        max_norm: f64,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
+}
+
+/// Scales `grads` in place so that their global L2 norm is at most `max_norm` (0: never)
+/// with libtorch's multi-tensor kernels; returns the norm before clipping (a 0-d tensor on
+/// the gradients' device, read without a host sync only when logging).
+pub fn fused_clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<Tensor> {
+    let mut ptrs: Vec<*mut c_void> = grads.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let mut err = std::ptr::null_mut();
+    // SAFETY: `ptrs` holds `grads.len()` pointers to live at::Tensor objects owned by
+    // `grads`, which outlives the call; the shim catches libtorch's exceptions.
+    let total =
+        unsafe { lillm_fused_clip_grad_norm(ptrs.as_mut_ptr(), ptrs.len(), max_norm, &mut err) };
+    if total.is_null() {
+        return Err(Error::Kernel(format!(
+            "fused gradient clipping: {}",
+            take_error(err)
+        )));
+    }
+    // SAFETY: the shim returned a fresh heap-allocated at::Tensor (tch's C_tensor) that
+    // nobody else owns; the Tensor frees it on drop.
+    Ok(unsafe { Tensor::from_ptr(total as *mut torch_sys::C_tensor) })
 }
 
 /// AdamW's settings for [`fused_adamw`].

@@ -369,7 +369,7 @@ impl Trainer {
             }
             false => None,
         };
-        let grad_norm = self.opt.clip_grad_norm(job.grad_clip);
+        let grad_norm = self.opt.clip_grad_norm(job.grad_clip)?;
         self.opt.step(lr)?;
         self.opt.zero_grad();
         self.step = next;
