@@ -115,9 +115,9 @@ fn run_trainer_actor(
         tls_ca: args.tls_ca.clone(),
         interactive: crate::interactive(),
     };
-    let out = cfg.process.out.clone();
+    let (out, bucket) = (cfg.process.out.clone(), cfg.process.out_url.clone());
     if let Some(summary) = lillm_trainer::actor::run(cfg, actor, shutdown)? {
-        crate::train_cmd::report(&summary, &out);
+        crate::train_cmd::report(&summary, &out, bucket.as_deref());
     }
     Ok(())
 }

@@ -308,13 +308,14 @@ pub fn train_here(
     }
     let summary = trainer.run(leader && crate::interactive())?;
     if leader {
-        report(&summary, &cfg.process.out);
+        report(&summary, &cfg.process.out, cfg.process.out_url.as_deref());
     }
     Ok(summary)
 }
 
-/// What a finished training or fine-tuning run prints.
-pub fn report(summary: &TrainSummary, run: &std::path::Path) {
+/// What a finished training or fine-tuning run prints; `bucket`: the run's URL when its
+/// directory is in a bucket (`run` is then this node's mirror of it).
+pub fn report(summary: &TrainSummary, run: &std::path::Path, bucket: Option<&str>) {
     println!(
         "trained {} steps of a model of {}",
         summary.steps, summary.model_size
@@ -339,6 +340,9 @@ pub fn report(summary: &TrainSummary, run: &std::path::Path) {
     println!("checkpoint: {}", summary.last_checkpoint.display());
     if let Some(p) = &summary.plot {
         println!("loss plot: {}", p.display());
+    }
+    if let Some(url) = bucket {
+        println!("the run is in {url} (the paths above are this node's copy)");
     }
 }
 

@@ -193,7 +193,11 @@ fn a_run_in_a_bucket_killed_resumes_on_a_fresh_node_as_if_uninterrupted() {
     // Node two has nothing local: it fetches the dataset and the newest committed
     // checkpoint from the bucket, and finishes the run.
     fresh.push("--resume");
-    s3.lillm(&fresh);
+    let said = s3.lillm(&fresh);
+    assert!(
+        said.contains("the run is in s3://lillm/runs/killed"),
+        "{said}"
+    );
     let bucket_run = s3.root.join(BUCKET).join("runs/killed");
     assert_eq!(
         losses(&bucket_run),
