@@ -152,10 +152,35 @@ pub fn status_text(job: &pb::JobStatus) -> String {
     for change in job.changes.iter().rev().take(3).rev() {
         out += &format!("change: {change}\n");
     }
+    out += &placement_lines(job);
     out += &members_table(job);
     let unlisted = summary.members.saturating_sub(summary.members_listed);
     if unlisted > 0 {
         out += &format!("… and {unlisted} more members (lillm status --members lists all)\n");
+    }
+    out
+}
+
+/// Which train shards each dataloader serves (nothing before the dataset is known).
+fn placement_lines(job: &pb::JobStatus) -> String {
+    let mut out = String::new();
+    for d in &job.placement {
+        let listed: Vec<String> = d.first_shards.iter().map(u32::to_string).collect();
+        let more = match d.shards as usize > listed.len() {
+            true => ", …",
+            false => "",
+        };
+        let at = match d.address.is_empty() {
+            true => "absent".to_string(),
+            false => d.address.clone(),
+        };
+        out += &format!(
+            "shards on dataloader {} ({at}): {} shard(s), {} tokens: {}{more}\n",
+            d.dataloader_index,
+            d.shards,
+            d.tokens,
+            listed.join(",")
+        );
     }
     out
 }
@@ -227,5 +252,9 @@ pub fn status_json(job: &pb::JobStatus) -> serde_json::Value {
         "eval": job.eval_step.map(|step| serde_json::json!({
             "step": step, "val_loss": job.eval_val_loss, "sample": job.eval_sample,
         })),
+        "placement": job.placement.iter().map(|d| serde_json::json!({
+            "dataloader_index": d.dataloader_index, "address": d.address, "shards": d.shards,
+            "tokens": d.tokens, "first_shards": d.first_shards,
+        })).collect::<Vec<_>>(),
     })
 }

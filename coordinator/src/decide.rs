@@ -10,7 +10,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::state::{Commit, EvalResult, JobConfig, Member, MemberId, Phase, Role, State};
+use crate::placement::Placement;
+use crate::state::{
+    Commit, DatasetShards, EvalResult, JobConfig, Member, MemberId, Phase, Role, State,
+};
 
 /// Something that happened: a request from a member, or time passing.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +27,8 @@ pub enum Event {
         generation: Option<u64>,
         /// A trainer's micro-batches per step (its group's size must divide them).
         grad_accum: Option<u64>,
+        /// The train shards a dataloader serves (`None` for trainers and older dataloaders).
+        dataset: Option<DatasetShards>,
     },
     /// A registered trainer is waiting for its assignment (counts as a heartbeat).
     Waiting { id: MemberId },
@@ -73,6 +78,7 @@ pub enum Refusal {
     StaleGeneration { given: u64, current: u64 },
     NotLeader(MemberId),
     StepRegress { given: u64, committed: u64 },
+    DatasetMismatch { expected: String, got: String },
 }
 
 impl fmt::Display for Refusal {
@@ -105,6 +111,10 @@ impl fmt::Display for Refusal {
             Refusal::StepRegress { given, committed } => write!(
                 f,
                 "step {given} is not after the last committed step {committed}"
+            ),
+            Refusal::DatasetMismatch { expected, got } => write!(
+                f,
+                "this dataloader serves dataset {got}, the job's dataloaders serve {expected}; give every dataloader the same --data"
             ),
         }
     }
@@ -232,6 +242,7 @@ fn decide_event(now_ms: u64, state: &mut State, event: Event) -> Outcome {
             config_fingerprint,
             generation,
             grad_accum,
+            dataset,
         } => register(
             now_ms,
             state,
@@ -241,6 +252,7 @@ fn decide_event(now_ms: u64, state: &mut State, event: Event) -> Outcome {
                 config_fingerprint,
                 generation,
                 grad_accum,
+                dataset,
             },
         ),
         Event::Waiting { id } => match alive(now_ms, state, &id) {
@@ -328,8 +340,12 @@ fn leave(state: &mut State, id: MemberId, why: String, finished: bool) -> Outcom
         return Outcome::changed(format!("{id} finished"));
     }
     let ranked = member.rank.is_some();
+    let index = member.rank;
     state.members.remove(&id);
     let mut reason = format!("{id} left ({why})");
+    if id.role == Role::Dataloader {
+        reason.push_str(&replace_shards_of(state, index));
+    }
     if id.role == Role::Trainer && ranked && state.phase == Phase::Running {
         end_generation(state);
         reason.push_str("; the group re-forms when it is complete again");
@@ -343,6 +359,7 @@ struct Registration {
     config_fingerprint: String,
     generation: Option<u64>,
     grad_accum: Option<u64>,
+    dataset: Option<DatasetShards>,
 }
 
 fn register(now_ms: u64, state: &mut State, r: Registration) -> Outcome {
@@ -352,7 +369,16 @@ fn register(now_ms: u64, state: &mut State, r: Registration) -> Outcome {
         config_fingerprint,
         generation,
         grad_accum,
+        dataset,
     } = r;
+    if let (Some(known), Some(given)) = (&state.dataset, &dataset) {
+        if known.fingerprint != given.fingerprint {
+            return Outcome::refuse(Refusal::DatasetMismatch {
+                expected: known.fingerprint.clone(),
+                got: given.fingerprint.clone(),
+            });
+        }
+    }
     // Trainers must share one training config; dataloaders serve whatever they are asked.
     let checked = id.role == Role::Trainer;
     if let (true, Some(expected)) = (checked, &state.config_fingerprint) {
@@ -419,6 +445,9 @@ fn register(now_ms: u64, state: &mut State, r: Registration) -> Outcome {
             finished: false,
         },
     );
+    if let (Role::Dataloader, Some(index)) = (id.role, rank) {
+        reason.push_str(&place_shards_on(state, dataset, index));
+    }
     if id.role == Role::Trainer && state.phase == Phase::Running {
         // The group changed under a running generation: end it; survivors learn from
         // their next heartbeat that they must register again.
@@ -438,6 +467,47 @@ fn register(now_ms: u64, state: &mut State, r: Registration) -> Outcome {
         refusal: None,
         reason,
     }
+}
+
+/// The first dataloader to report the dataset fixes it and places every shard on the job's
+/// dataloader indices; a dataloader taking an index that holds nothing (it departed and its
+/// shards went elsewhere) takes a fair share back. Returns what changed, for the reason.
+fn place_shards_on(state: &mut State, dataset: Option<DatasetShards>, index: usize) -> String {
+    if state.dataset.is_none() {
+        let Some(dataset) = dataset else {
+            return String::new();
+        };
+        let placement = Placement::new(&dataset.shard_tokens, state.config.dataloaders);
+        let shards = dataset.shard_tokens.len();
+        state.dataset = Some(dataset);
+        state.placement = Some(placement);
+        return format!("; {shards} train shards placed on the dataloaders");
+    }
+    let (Some(dataset), Some(placement)) = (&state.dataset, &state.placement) else {
+        return String::new();
+    };
+    if placement.is_present(index as u32) {
+        return String::new();
+    }
+    let next = placement.with(&dataset.shard_tokens, index as u32);
+    let gained = next.shards_of(index as u32).len();
+    state.placement = Some(next);
+    format!("; it takes {gained} shards back")
+}
+
+/// A dataloader index left empty (its dataloader left or went silent): the shards it held
+/// go to the survivors, each keeping what it has. Returns what changed, for the reason.
+fn replace_shards_of(state: &mut State, index: Option<usize>) -> String {
+    let (Some(index), Some(dataset), Some(placement)) = (index, &state.dataset, &state.placement)
+    else {
+        return String::new();
+    };
+    let moved = placement.shards_of(index as u32).len();
+    if !placement.is_present(index as u32) {
+        return String::new();
+    }
+    state.placement = Some(placement.without(&dataset.shard_tokens, &[index as u32]));
+    format!("; its {moved} shards move to the other dataloaders")
 }
 
 fn lowest_free_dataloader_index(state: &State) -> usize {
@@ -692,8 +762,13 @@ fn evict_silent(now_ms: u64, state: &mut State) -> Outcome {
     if dead.is_empty() {
         return Outcome::quiet();
     }
+    let mut replaced = String::new();
     for id in &dead {
-        state.members.remove(id);
+        if let Some(m) = state.members.remove(id) {
+            if id.role == Role::Dataloader {
+                replaced.push_str(&replace_shards_of(state, m.rank));
+            }
+        }
     }
     state.failures += dead.len() as u64;
     if state.phase == Phase::Running && dead.iter().any(|id| id.role == Role::Trainer) {
@@ -706,7 +781,7 @@ fn evict_silent(now_ms: u64, state: &mut State) -> Outcome {
     };
     Outcome {
         reason: format!(
-            "{} member(s) missed heartbeats for {timeout} ms: {}{more}",
+            "{} member(s) missed heartbeats for {timeout} ms: {}{more}{replaced}",
             dead.len(),
             shown.join(", ")
         ),

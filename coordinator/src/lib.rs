@@ -30,5 +30,7 @@ pub use decide::{
 };
 pub use server::{serve, ServerConfig};
 pub use service::{job_status, node_status, now_ms, refusal_status, Coordinator};
-pub use state::{Commit, EvalResult, JobConfig, Member, MemberId, Phase, Role, State};
+pub use state::{
+    Commit, DatasetShards, EvalResult, JobConfig, Member, MemberId, Phase, Role, State,
+};
 pub use store::{StateStore, StoreError};

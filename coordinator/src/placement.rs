@@ -7,14 +7,20 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+use serde::{Deserialize, Serialize};
+
 /// Copies of each shard when enough dataloaders are present.
 pub const REPLICAS: usize = 2;
 
 /// Shard `i`'s holders, as indices into the dataloaders the placement was made for.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Placement {
     holders: Vec<Vec<u32>>,
-    loaders: usize,
+    /// Which dataloader indices hold copies: a departed one holds none until it returns.
+    present: Vec<bool>,
+    /// Counts changes (1 for a new placement): a dataloader that holds this version has
+    /// nothing new to fetch.
+    version: u64,
 }
 
 impl Placement {
@@ -25,10 +31,10 @@ impl Placement {
     pub fn new(shard_tokens: &[u64], loaders: usize) -> Self {
         let mut placement = Placement {
             holders: vec![Vec::new(); shard_tokens.len()],
-            loaders,
+            present: vec![true; loaders],
+            version: 1,
         };
-        let present: Vec<u32> = (0..loaders as u32).collect();
-        placement.fill(shard_tokens, &present);
+        placement.fill(shard_tokens);
         placement
     }
 
@@ -40,11 +46,68 @@ impl Placement {
         for holders in &mut next.holders {
             holders.retain(|h| !departed.contains(h));
         }
-        let present: Vec<u32> = (0..self.loaders as u32)
-            .filter(|l| !departed.contains(l))
-            .collect();
-        next.fill(shard_tokens, &present);
+        for &d in departed {
+            if let Some(p) = next.present.get_mut(d as usize) {
+                *p = false;
+            }
+        }
+        next.fill(shard_tokens);
+        next.version += 1;
         next
+    }
+
+    /// The placement after dataloader `joined` (a departed index, back) returns: it takes
+    /// the copies shards lack, then copies move to it from the most-loaded holders while
+    /// each move narrows the gap, so it ends about as loaded as the others. Every other copy
+    /// stays where it is.
+    pub fn with(&self, shard_tokens: &[u64], joined: u32) -> Self {
+        let mut next = self.clone();
+        let Some(p) = next.present.get_mut(joined as usize) else {
+            return next;
+        };
+        *p = true;
+        next.version += 1;
+        next.fill(shard_tokens);
+        let mut loads = next.loads(shard_tokens);
+        let present = next.present.iter().filter(|&&p| p).count().max(1) as u64;
+        let fair = loads.iter().sum::<u64>() / present;
+        let mut order: Vec<usize> = (0..shard_tokens.len()).collect();
+        order.sort_by_key(|&s| (Reverse(shard_tokens[s]), s));
+        for s in order {
+            let tokens = shard_tokens[s];
+            if loads[joined as usize] + tokens > fair || next.holders[s].contains(&joined) {
+                continue;
+            }
+            let giver = next.holders[s]
+                .iter()
+                .copied()
+                .max_by_key(|&h| (loads[h as usize], Reverse(h)));
+            let Some(giver) = giver else { continue };
+            if loads[giver as usize] < loads[joined as usize] + 2 * tokens {
+                continue; // Moving it would not narrow the gap.
+            }
+            for h in next.holders[s].iter_mut().filter(|h| **h == giver) {
+                *h = joined;
+            }
+            loads[giver as usize] -= tokens;
+            loads[joined as usize] += tokens;
+        }
+        next
+    }
+
+    /// Whether dataloader `loader` holds copies (it has not departed).
+    pub fn is_present(&self, loader: u32) -> bool {
+        self.present.get(loader as usize).copied().unwrap_or(false)
+    }
+
+    /// Shards placed.
+    pub fn shards(&self) -> usize {
+        self.holders.len()
+    }
+
+    /// Which change of the placement this is (1 for a new one).
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// The dataloaders holding shard `shard`.
@@ -61,7 +124,7 @@ impl Placement {
 
     /// Tokens each dataloader serves.
     pub fn loads(&self, shard_tokens: &[u64]) -> Vec<u64> {
-        let mut loads = vec![0; self.loaders];
+        let mut loads = vec![0; self.present.len()];
         for (holders, &tokens) in self.holders.iter().zip(shard_tokens) {
             for &h in holders {
                 loads[h as usize] += tokens;
@@ -70,8 +133,11 @@ impl Placement {
         loads
     }
 
-    /// Gives every shard its copies on `present` dataloaders, largest shard first.
-    fn fill(&mut self, shard_tokens: &[u64], present: &[u32]) {
+    /// Gives every shard its copies on the present dataloaders, largest shard first.
+    fn fill(&mut self, shard_tokens: &[u64]) {
+        let present: Vec<u32> = (0..self.present.len() as u32)
+            .filter(|&l| self.present[l as usize])
+            .collect();
         let want = REPLICAS.min(present.len());
         let loads = self.loads(shard_tokens);
         // Least-loaded first; ties to the lower index, so the result is one function of
@@ -168,6 +234,43 @@ mod tests {
         assert!(departed.iter().all(|&d| loads[d as usize] == 0));
         let present = |l: usize| !departed.contains(&(l as u32));
         assert!(spread(&loads, present) <= 2 * largest, "{loads:?}");
+    }
+
+    #[test]
+    fn departures_one_after_another_never_place_on_a_departed_dataloader() {
+        let tokens = corpus(200);
+        let p = Placement::new(&tokens, 5)
+            .without(&tokens, &[1])
+            .without(&tokens, &[3]);
+        for s in 0..tokens.len() {
+            assert_eq!(p.holders(s).len(), 2);
+            assert!(p.holders(s).iter().all(|h| ![1, 3].contains(h)), "{s}");
+        }
+        assert!(!p.is_present(1) && !p.is_present(3) && p.is_present(0));
+    }
+
+    #[test]
+    fn a_returning_dataloader_takes_a_fair_share_and_the_rest_stays() {
+        let tokens = corpus(400);
+        let largest = *tokens.iter().max().unwrap();
+        let gone = Placement::new(&tokens, 4).without(&tokens, &[2]);
+        let back = gone.with(&tokens, 2);
+        let loads = back.loads(&tokens);
+        assert!(spread(&loads, |_| true) <= 2 * largest, "{loads:?}");
+        for s in 0..tokens.len() {
+            let (was, now) = (gone.holders(s), back.holders(s));
+            assert_eq!(now.len(), 2);
+            assert_ne!(now[0], now[1]);
+            // A copy either stays or moves to the returning dataloader.
+            for h in now.iter().filter(|&&h| h != 2) {
+                assert!(was.contains(h), "shard {s}: {was:?} -> {now:?}");
+            }
+        }
+        // From one dataloader to two: the second copies go to the one that came back.
+        let single = Placement::new(&tokens, 2)
+            .without(&tokens, &[1])
+            .with(&tokens, 1);
+        assert!((0..tokens.len()).all(|s| single.holders(s).len() == 2));
     }
 
     #[test]

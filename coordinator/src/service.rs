@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::decide::{decide_in_place, heartbeat_interval_ms, Assignment, Group, Outcome};
 use crate::store::StateStore;
-use crate::{authorize, host_of, Event, MemberId, Phase, Refusal, Role, State};
+use crate::{authorize, host_of, DatasetShards, Event, MemberId, Phase, Refusal, Role, State};
 
 /// Milliseconds since the Unix epoch: wall time, so deadlines survive a coordinator restart.
 pub fn now_ms() -> u64 {
@@ -172,7 +172,9 @@ impl Coordinator {
 pub fn refusal_status(refusal: Refusal) -> Status {
     let code = match refusal {
         Refusal::BadToken => Code::Unauthenticated,
-        Refusal::ConfigMismatch { .. } => Code::FailedPrecondition,
+        Refusal::ConfigMismatch { .. } | Refusal::DatasetMismatch { .. } => {
+            Code::FailedPrecondition
+        }
         Refusal::Full { .. } | Refusal::TooManyNodes { .. } => Code::ResourceExhausted,
         Refusal::UnknownMember(_) => Code::NotFound,
         // ABORTED tells a member its generation is over (it regroups); see lillm_proto::net.
@@ -249,6 +251,10 @@ impl pb::coordinator_server::Coordinator for Coordinator {
             config_fingerprint: r.config_fingerprint,
             generation: (r.rejoining_from > 0).then_some(r.rejoining_from),
             grad_accum: (r.grad_accum > 0).then_some(r.grad_accum),
+            dataset: (!r.dataset_fingerprint.is_empty()).then(|| DatasetShards {
+                fingerprint: r.dataset_fingerprint,
+                shard_tokens: r.train_shard_tokens,
+            }),
         };
         let (outcome, (generation, index)) = self
             .apply(event, |s| {
@@ -315,8 +321,9 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         let r = request.into_inner();
         self.authorize(&r.job_token)?;
         let id = member_id(r.id)?;
+        let held = r.placement_version;
         let event = Event::Heartbeat {
-            id,
+            id: id.clone(),
             generation: r.generation,
             step: r.step,
             loss: finite("loss", r.loss)?,
@@ -324,18 +331,26 @@ impl pb::coordinator_server::Coordinator for Coordinator {
             mfu: finite("mfu", r.mfu)?,
             epochs: finite("epochs", r.epochs)?,
         };
-        let (outcome, generation) = self.apply(event, |s| s.generation).await?;
+        // A dataloader is sent its shards only when the placement changed since the version
+        // it holds: a heartbeat costs a lookup, not a scan of the shards.
+        let (outcome, (generation, placed)) = self
+            .apply(event, |s| (s.generation, placed_on(s, &id, held)))
+            .await?;
+        let (placement_version, shards) = placed.unwrap_or_default();
         match outcome.refusal {
             Some(Refusal::StaleGeneration { current, .. }) => {
                 Ok(Response::new(pb::HeartbeatReply {
                     generation: current,
                     stale: true,
+                    ..Default::default()
                 }))
             }
             Some(other) => Err(refusal_status(other)),
             None => Ok(Response::new(pb::HeartbeatReply {
                 generation,
                 stale: false,
+                shards,
+                placement_version,
             })),
         }
     }
@@ -394,6 +409,14 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         }
     }
 
+    async fn get_placement(
+        &self,
+        request: Request<pb::PlacementRequest>,
+    ) -> Result<Response<pb::ShardPlacement>, Status> {
+        self.authorize(&request.into_inner().job_token)?;
+        Ok(Response::new(self.read(placement_message)))
+    }
+
     async fn leave(
         &self,
         request: Request<pb::LeaveRequest>,
@@ -408,6 +431,44 @@ impl pb::coordinator_server::Coordinator for Coordinator {
         };
         decided(self.apply(event, |_| ()).await?)?;
         Ok(Response::new(pb::LeaveReply {}))
+    }
+}
+
+/// The shards placed on dataloader `id` and the placement's version, when it holds another
+/// version than `held`.
+fn placed_on(state: &State, id: &MemberId, held: u64) -> Option<(u64, Vec<u32>)> {
+    let placement = state.placement.as_ref()?;
+    let index = state
+        .members
+        .get(id)
+        .filter(|m| m.id.role == Role::Dataloader)?
+        .rank?;
+    (placement.version() != held).then(|| {
+        let shards = placement.shards_of(index as u32);
+        (
+            placement.version(),
+            shards.into_iter().map(|s| s as u32).collect(),
+        )
+    })
+}
+
+/// Every shard's holders and the present dataloaders' addresses.
+fn placement_message(state: &State) -> pb::ShardPlacement {
+    let Some(placement) = &state.placement else {
+        return pb::ShardPlacement::default();
+    };
+    pb::ShardPlacement {
+        shards: (0..placement.shards())
+            .map(|s| pb::ShardHolders {
+                dataloaders: placement.holders(s).to_vec(),
+            })
+            .collect(),
+        addresses: state
+            .members
+            .values()
+            .filter(|m| m.id.role == Role::Dataloader)
+            .filter_map(|m| Some((m.rank? as u32, m.address.clone())))
+            .collect(),
     }
 }
 
@@ -496,7 +557,44 @@ pub fn job_status(state: &State, now: u64, member_limit: usize) -> pb::JobStatus
             .filter_map(|m| m.tokens_per_s)
             .sum(),
         summary: Some(summary),
+        placement: placement_status(state),
     }
+}
+
+/// Shards of the placement listed per dataloader in status.
+const SHARDS_LISTED: usize = 64;
+
+/// Each dataloader index's shards and tokens: one pass over the placement.
+fn placement_status(state: &State) -> Vec<pb::DataloaderShards> {
+    let (Some(placement), Some(dataset)) = (&state.placement, &state.dataset) else {
+        return Vec::new();
+    };
+    let mut rows: Vec<pb::DataloaderShards> = (0..state.config.dataloaders)
+        .map(|index| pb::DataloaderShards {
+            dataloader_index: index as u32,
+            ..Default::default()
+        })
+        .collect();
+    for m in state.members.values() {
+        if let (Role::Dataloader, Some(index)) = (m.id.role, m.rank) {
+            if let Some(row) = rows.get_mut(index) {
+                row.address = m.address.clone();
+            }
+        }
+    }
+    for (shard, &tokens) in dataset.shard_tokens.iter().enumerate() {
+        for &holder in placement.holders(shard) {
+            let Some(row) = rows.get_mut(holder as usize) else {
+                continue;
+            };
+            row.shards += 1;
+            row.tokens += tokens;
+            if row.first_shards.len() < SHARDS_LISTED {
+                row.first_shards.push(shard as u32);
+            }
+        }
+    }
+    rows
 }
 
 /// One node's members alone: a lookup, whatever the job's size.

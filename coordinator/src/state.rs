@@ -4,6 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::placement::Placement;
+
 /// Fixed facts of a job, from the coordinator's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobConfig {
@@ -133,6 +135,22 @@ pub struct State {
     /// coordinator itself was away (see `decide`).
     #[serde(default)]
     pub last_tick_ms: u64,
+    /// The train shards the dataloaders serve, as the first to register reported them.
+    #[serde(default)]
+    pub dataset: Option<DatasetShards>,
+    /// Which dataloader index serves which train shard (once the dataset is known).
+    #[serde(default)]
+    pub placement: Option<Placement>,
+}
+
+/// A prepared dataset's train shards, as its dataloaders report them when they register.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetShards {
+    /// Names the dataset (a hash of its manifest's shard checksums): every dataloader of a
+    /// job must serve the same one.
+    pub fingerprint: String,
+    /// Tokens of each train shard, in the manifest's order.
+    pub shard_tokens: Vec<u64>,
 }
 
 /// How many group changes the state remembers.
@@ -154,6 +172,8 @@ impl State {
             grad_accum: None,
             changes: Vec::new(),
             last_tick_ms: 0,
+            dataset: None,
+            placement: None,
         }
     }
 
@@ -266,8 +286,19 @@ impl State {
             phase: Phase::Gathering,
             config_fingerprint: None,
             members: BTreeMap::new(),
+            // The dataloaders register anew, perhaps with another dataset.
+            dataset: None,
+            placement: None,
             ..self.clone()
         }
+    }
+
+    /// The train shards dataloader `index` serves (none before the dataset is known).
+    pub fn shards_of(&self, index: usize) -> Vec<usize> {
+        self.placement
+            .as_ref()
+            .map(|p| p.shards_of(index as u32))
+            .unwrap_or_default()
     }
 
     /// The dataloader with index `index`, if present.

@@ -35,6 +35,7 @@ fn register(id: &MemberId, generation: Option<u64>) -> Event {
         config_fingerprint: "cfg-1".into(),
         generation,
         grad_accum: Some(2),
+        dataset: None,
     }
 }
 

@@ -31,6 +31,7 @@ fn running_job(nodes: usize) -> State {
                 config_fingerprint: "cfg".into(),
                 generation: None,
                 grad_accum: None,
+                dataset: None,
             };
             let d = decide(1_000, &state, event);
             assert!(d.refusal.is_none(), "{}", d.reason);

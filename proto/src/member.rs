@@ -39,6 +39,9 @@ pub struct Registration {
     pub rejoining_from: u64,
     /// Trainers: micro-batches per step.
     pub grad_accum: u64,
+    /// Dataloaders: the dataset's fingerprint and the tokens of its train shards.
+    pub dataset_fingerprint: String,
+    pub train_shard_tokens: Vec<u64>,
 }
 
 impl MemberClient {
@@ -85,6 +88,8 @@ impl MemberClient {
             config_fingerprint: registration.config_fingerprint.clone(),
             rejoining_from: registration.rejoining_from,
             grad_accum: registration.grad_accum,
+            dataset_fingerprint: registration.dataset_fingerprint.clone(),
+            train_shard_tokens: registration.train_shard_tokens.clone(),
         };
         let reply = self
             .policy
