@@ -343,7 +343,7 @@ async fn register(sim: &Sim, rejoining_from: u64) -> Result<Duration> {
         address: sim.address.clone(),
         config_fingerprint: "bench".into(),
         rejoining_from,
-        grad_accum: 0,
+        ..Registration::default()
     };
     let registered = sim
         .member

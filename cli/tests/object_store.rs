@@ -403,3 +403,213 @@ fn a_damaged_shard_is_fetched_again_then_refused_by_name_and_mended_by_preparing
     s3.lillm(&prepare);
     s3.lillm(&args);
 }
+
+/// Shard files (`train-*.bin`) under `dir`, by name.
+fn shard_files(dir: &Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if path.is_dir() {
+                todo.push(path);
+            } else if name.starts_with("train-") && name.ends_with(".bin") {
+                out.insert(name);
+            }
+        }
+    }
+    out
+}
+
+/// The shard files placed on each dataloader index, from `lillm status --json`.
+fn placed_files(job: &common::job::Job) -> Vec<std::collections::BTreeSet<String>> {
+    job.status()["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["first_shards"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| format!("train-{:05}.bin", s.as_u64().unwrap()))
+                .collect()
+        })
+        .collect()
+}
+
+/// Which of the started dataloaders (by start order) holds dataloader index `index`: the
+/// one whose log says so.
+fn loader_of_index(job: &common::job::Job, index: usize) -> usize {
+    (0..3)
+        .find(|k| {
+            let log =
+                std::fs::read_to_string(job.dir.join(format!("loader{k}.log"))).unwrap_or_default();
+            log.contains(&format!("serving batches index={index} "))
+        })
+        .unwrap_or_else(|| panic!("no dataloader log names index {index}"))
+}
+
+/// The cached shard files of each dataloader index, once every index is known.
+fn cache_by_index(
+    job: &common::job::Job,
+    loaders: &[common::job::Actor],
+    cached: &[std::collections::BTreeSet<String>],
+) -> Option<Vec<std::collections::BTreeSet<String>>> {
+    let known = (0..loaders.len()).all(|i| {
+        (0..loaders.len()).any(|k| {
+            std::fs::read_to_string(job.dir.join(format!("loader{k}.log")))
+                .unwrap_or_default()
+                .contains(&format!("serving batches index={i} "))
+        })
+    });
+    known.then(|| {
+        (0..loaders.len())
+            .map(|i| cached[loader_of_index(job, i)].clone())
+            .collect()
+    })
+}
+
+#[test]
+fn shards_placed_on_three_dataloaders_are_fetched_only_there_and_a_lost_ones_move() {
+    use common::job::{assert_same_losses, strings, wait_until, Actor, Job};
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3::start(dir.path());
+    let tiny = tiny_data(dir.path(), 300);
+    s3.lillm(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tiny.tokenizer),
+        "--input",
+        s(&tiny.corpus),
+        "--out",
+        "s3://lillm/sharded/",
+        "--val-fraction",
+        "0.1",
+        "--shard-tokens",
+        "2000",
+        "--cache-dir",
+        s(&dir.path().join("cache-prep")),
+    ]);
+    let url = "s3://lillm/sharded/";
+    let mut train = tiny_train_args(url, "", "300", "60");
+    set_flag(&mut train, "--eval-interval", "100");
+    train.extend(["--data-order", "epochs"]);
+
+    // The same run in one process: what the job must reproduce, sample for sample.
+    let alone = dir.path().join("alone");
+    let mut args = train.clone();
+    set_flag(&mut args, "--out", s(&alone));
+    let cache_alone = dir.path().join("cache-alone");
+    args.extend(["--cache-dir", s(&cache_alone)]);
+    let out = s3.lillm(&args);
+    assert!(alone.join("metrics.jsonl").is_file(), "{out}");
+
+    // A job of one trainer and three dataloaders, each with its own cache (its own node's).
+    let job = Job::new(
+        dir.path(),
+        1,
+        1,
+        &["--dataloaders-per-node=3", "--heartbeat-timeout-ms=2000"],
+    );
+    let _coordinator = job.start_coordinator();
+    let credentials = [
+        ("AWS_ACCESS_KEY_ID", Path::new(ACCESS_KEY)),
+        ("AWS_SECRET_ACCESS_KEY", Path::new(SECRET_KEY)),
+        ("AWS_ENDPOINT_URL", Path::new(&s3.endpoint)),
+        ("AWS_ALLOW_HTTP", Path::new("true")),
+        ("AWS_REGION", Path::new("us-east-1")),
+    ];
+    let caches: Vec<PathBuf> = (0..3)
+        .map(|k| dir.path().join(format!("cache-{k}")))
+        .collect();
+    let mut loaders: Vec<Actor> = (0..3)
+        .map(|k| {
+            let mut args = job.dataloader_args(Path::new(url), "local", "127.0.0.1:0");
+            args.extend(strings(&["--local-index", &k.to_string(), "--cache-dir"]));
+            args.push(caches[k].display().to_string());
+            Actor::start_with_env(
+                env!("CARGO_BIN_EXE_lillm"),
+                &args,
+                dir.path().join(format!("loader{k}.log")),
+                &credentials,
+            )
+        })
+        .collect();
+    let run = dir.path().join("job");
+    let mut trainer_train = train.clone();
+    set_flag(&mut trainer_train, "--out", s(&run));
+    let mut trainer = Actor::start_with_env(
+        env!("CARGO_BIN_EXE_lillm"),
+        &job.trainer_args(&trainer_train, "local", 0, "127.0.0.1"),
+        dir.path().join("trainer.log"),
+        &credentials,
+    );
+
+    // Each dataloader holds the shards placed on it: two copies of every shard, none with all
+    // of them. The trainer's own dataloader also serves its evaluation batches, random
+    // windows anywhere in the train split, so it fetches the rest of the split as well.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s3.object("sharded/manifest.json")).unwrap())
+            .unwrap();
+    let shards = manifest["train"].as_array().unwrap().len();
+    assert!(shards >= 6, "{shards} train shards");
+    let evaluating = || -> Option<usize> {
+        job.status()["members"]
+            .as_array()?
+            .iter()
+            .find_map(|m| Some(m["dataloader_index"].as_u64()? as usize))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (placed, own) = loop {
+        let placed = placed_files(&job);
+        let cached: Vec<_> = caches.iter().map(|c| shard_files(c)).collect();
+        // Dataloader k registered as index k: they start in order of their local index only
+        // by chance, so map by the address each serves instead.
+        let by_index = cache_by_index(&job, &loaders, &cached);
+        if let (Some(own), Some(by_index)) = (evaluating(), by_index) {
+            let holds = |i: usize| {
+                let c = &by_index[i];
+                !placed[i].is_empty() && placed[i].is_subset(c) && (i == own || placed[i] == *c)
+            };
+            if placed.len() == 3 && (0..3).all(holds) {
+                break (placed, own);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "placed {placed:?}, cached {cached:?}; dataloader 0 said:\n{}",
+            loaders[0].log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(placed.iter().map(|p| p.len()).sum::<usize>(), 2 * shards);
+    assert!(placed.iter().all(|p| p.len() < shards), "{placed:?}");
+    let text = lillm_ok(&["status", "--coordinator", &job.address]);
+    assert!(text.contains("shards on dataloader 2"), "{text}");
+
+    // Another dataloader dies for good a few steps in: the trainer reads the other copies,
+    // the coordinator moves its shards to the survivors, which fetch them.
+    wait_until(Duration::from_secs(60), "a few steps", || {
+        job.status()["summary"]["step"].as_u64().unwrap_or(0) >= 5
+    });
+    let lost = (0..3).find(|&i| i != own).unwrap();
+    let victim = loader_of_index(&job, lost);
+    loaders[victim].kill();
+    wait_until(Duration::from_secs(30), "the shards to move", || {
+        let placed = placed_files(&job);
+        let cached: Vec<_> = caches.iter().map(|c| shard_files(c)).collect();
+        placed[lost].is_empty()
+            && (0..3).filter(|&i| i != lost).all(|i| {
+                placed[i].len() == shards && placed[i].is_subset(&cached[loader_of_index(&job, i)])
+            })
+    });
+    trainer.finish(Duration::from_secs(180));
+    assert!((0..3)
+        .filter(|&k| k != victim)
+        .all(|k| loaders[k].running()));
+    // No sample lost or repeated: the job's losses are the single process's.
+    assert_same_losses(&losses(&alone), &losses(&run));
+}

@@ -251,7 +251,7 @@ impl pb::coordinator_server::Coordinator for Coordinator {
             config_fingerprint: r.config_fingerprint,
             generation: (r.rejoining_from > 0).then_some(r.rejoining_from),
             grad_accum: (r.grad_accum > 0).then_some(r.grad_accum),
-            dataset: (!r.dataset_fingerprint.is_empty()).then(|| DatasetShards {
+            dataset: (!r.dataset_fingerprint.is_empty()).then_some(DatasetShards {
                 fingerprint: r.dataset_fingerprint,
                 shard_tokens: r.train_shard_tokens,
             }),

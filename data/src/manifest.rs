@@ -94,6 +94,18 @@ impl Manifest {
         fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
     }
 
+    /// Names the train split's content: a hash of its shards' checksums and sizes in order,
+    /// so two copies of one dataset (a directory, its bucket) share it and nothing else does.
+    pub fn train_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for shard in &self.train {
+            hash.update(shard.sha256.as_bytes());
+            hash.update(shard.tokens.to_le_bytes());
+        }
+        hex::encode(&hash.finalize()[..8])
+    }
+
     pub fn tokens(&self, split: Split) -> u64 {
         self.shards(split).iter().map(|s| s.tokens).sum()
     }

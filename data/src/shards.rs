@@ -1,5 +1,6 @@
 //! Reading prepared datasets: memory-mapped shards and deterministic training windows.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -8,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use memmap2::Mmap;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::epochs::{DataOrder, EpochOrder};
+use crate::epochs::{DataOrder, EpochOrder, Sequence};
 use crate::manifest::{Manifest, Split, TokenDtype};
 use crate::split::splitmix64;
 use crate::{Error, Result};
@@ -17,7 +18,8 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub struct TokenStream {
     dtype: TokenDtype,
-    shards: Vec<Mmap>,
+    /// A shard this node does not hold (see [`Dataset::open_holding`]) is `None`.
+    shards: Vec<Option<Mmap>>,
     /// `starts[i]` is the stream offset of shard i's first token; the last entry is the length.
     starts: Vec<u64>,
 }
@@ -29,6 +31,16 @@ impl TokenStream {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether shard `shard` is on this node (always, unless opened with a selection).
+    pub fn holds(&self, shard: usize) -> bool {
+        self.shards.get(shard).is_some_and(Option::is_some)
+    }
+
+    /// Whether every shard is on this node.
+    pub fn holds_all(&self) -> bool {
+        self.shards.iter().all(Option::is_some)
     }
 
     /// Tokens per shard, in order.
@@ -55,7 +67,9 @@ impl TokenStream {
             let local = (pos - self.starts[shard]) as usize;
             let available = (self.starts[shard + 1] - pos) as usize;
             let n = available.min(out.len() - filled);
-            let bytes = &self.shards[shard];
+            let bytes = self.shards[shard]
+                .as_ref()
+                .expect("a read of a shard this node holds");
             for (k, slot) in out[filled..filled + n].iter_mut().enumerate() {
                 let i = local + k;
                 *slot = match self.dtype {
@@ -86,11 +100,23 @@ pub struct Dataset {
 impl Dataset {
     /// Opens `dir`, checking every shard is present with the size the manifest records.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_holding(dir, None)
+    }
+
+    /// Opens `dir` holding only the train shards in `train` (all when `None`) and every val
+    /// shard: a dataloader serves the shards placed on it, and reads of others are refused
+    /// before they reach the maps.
+    pub fn open_holding(dir: &Path, train: Option<&BTreeSet<usize>>) -> Result<Self> {
         let manifest = Manifest::read(dir)?;
         let open_split = |split: Split| -> Result<TokenStream> {
             let mut shards = Vec::new();
             let mut starts = vec![0u64];
-            for info in manifest.shards(split) {
+            for (i, info) in manifest.shards(split).iter().enumerate() {
+                starts.push(starts.last().expect("non-empty") + info.tokens);
+                if split == Split::Train && train.is_some_and(|t| !t.contains(&i)) {
+                    shards.push(None);
+                    continue;
+                }
                 let path = dir.join(&info.file);
                 let file = fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
                 let expected = info.tokens * manifest.dtype.bytes() as u64;
@@ -107,8 +133,7 @@ impl Dataset {
                 // SAFETY: shards are immutable once their manifest is written; nothing
                 // truncates them while a reader holds the map.
                 let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-                starts.push(starts.last().expect("non-empty") + info.tokens);
-                shards.push(map);
+                shards.push(Some(map));
             }
             Ok(TokenStream {
                 dtype: manifest.dtype,
@@ -161,6 +186,7 @@ impl Dataset {
                 .iter()
                 .zip(&self.split(split).shards)
             {
+                let Some(map) = map else { continue };
                 let digest = hex::encode(Sha256::digest(&map[..]));
                 if digest != info.sha256 {
                     return Err(Error::invalid(
@@ -244,13 +270,26 @@ pub fn train_windows(
     }
     let window = block_size + 1;
     let epochs = data.epoch_order(key.seed, window as u64)?;
-    let first = (key.step * micros_per_step + key.micro) * batch_size as u64;
     let mut windows = vec![0i64; batch_size * window];
-    for (row, out) in windows.chunks_mut(window).enumerate() {
-        let at = epochs.at(first + row as u64);
+    let sequences = epoch_sequences(&epochs, key, micros_per_step, batch_size);
+    for (at, out) in sequences.iter().zip(windows.chunks_mut(window)) {
         stream.read_sequence(at.shard, at.index, out);
     }
     Ok(windows)
+}
+
+/// The sequences of a training micro-batch in the exactly-once order: positions
+/// `(step · micros_per_step + micro) · batch_size + row`.
+pub fn epoch_sequences(
+    order: &EpochOrder,
+    key: BatchKey,
+    micros_per_step: u64,
+    batch_size: usize,
+) -> Vec<Sequence> {
+    let first = (key.step * micros_per_step + key.micro) * batch_size as u64;
+    (0..batch_size as u64)
+        .map(|row| order.at(first + row))
+        .collect()
 }
 
 impl Batch {

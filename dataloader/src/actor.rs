@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeSet;
+
+use crate::holdings::Holdings;
 use crate::service::DataloaderService;
 use clap::Parser;
-use lillm_data::shards::Dataset;
 use lillm_proto::client;
 use lillm_proto::member::{MemberClient, Registration};
 use lillm_proto::net::{Action, ConnectSettings, RetryPolicy, WarnEvery};
@@ -77,9 +79,13 @@ async fn register(
     args: &Args,
     member: &MemberClient,
     address: &str,
+    holdings: &Holdings,
 ) -> anyhow::Result<(u32, Duration)> {
+    let manifest = holdings.manifest();
     let registration = Registration {
         address: address.to_string(),
+        dataset_fingerprint: manifest.train_fingerprint(),
+        train_shard_tokens: manifest.train.iter().map(|s| s.tokens).collect(),
         ..Registration::default()
     };
     let registered = member
@@ -104,29 +110,49 @@ pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
 }
 
 /// Heartbeats until `shutdown`; registers again when the coordinator no longer lists this
-/// dataloader (evicted while paused or partitioned).
+/// dataloader (evicted while paused or partitioned). The shards the coordinator places here
+/// go to `placed` whenever they change.
 async fn heartbeats(
     args: Arc<Args>,
     member: MemberClient,
     address: String,
     interval: Duration,
+    holdings: Arc<Holdings>,
+    placed: tokio::sync::watch::Sender<Option<BTreeSet<usize>>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warn = WarnEvery::new(Duration::from_secs(5));
+    // The version of the placement this dataloader holds (0: none yet).
+    let mut version = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = every.tick() => {}
         }
-        match member.heartbeat(pb::HeartbeatRequest::default()).await {
+        let beat = pb::HeartbeatRequest {
+            placement_version: version,
+            ..Default::default()
+        };
+        match member.heartbeat(beat).await {
+            Ok(reply) if reply.placement_version != 0 && reply.placement_version != version => {
+                version = reply.placement_version;
+                let shards: BTreeSet<usize> = reply.shards.iter().map(|&s| s as usize).collect();
+                tracing::info!(
+                    version,
+                    shards = shards.len(),
+                    "the coordinator placed train shards here"
+                );
+                placed.send_replace(Some(shards));
+            }
             Ok(_) => {}
             Err(e) if e.action() == Action::Register => {
                 tracing::warn!(
                     "the coordinator no longer lists this dataloader; registering again"
                 );
-                register(&args, &member, &address).await?;
+                register(&args, &member, &address, &holdings).await?;
+                version = 0;
             }
             Err(e) if warn.due() => tracing::warn!(cause = %e, "heartbeat not delivered"),
             Err(_) => {}
@@ -134,10 +160,32 @@ async fn heartbeats(
     }
 }
 
+/// Fetches the shards each new placement names, one placement at a time (a newer one
+/// replaces any not yet started). A shard that cannot be fetched ends the dataloader.
+async fn hold_placed(
+    holdings: Arc<Holdings>,
+    mut placements: tokio::sync::watch::Receiver<Option<BTreeSet<usize>>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            changed = placements.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        let shards = placements.borrow_and_update().clone();
+        if let Some(shards) = shards {
+            holdings.hold(Some(shards)).await?;
+        }
+    }
+}
+
 async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let args = Arc::new(args);
-    let local = lillm_store::local_dataset(&args.data, &args.store.options()).await?;
-    let data = Arc::new(Dataset::open(&local)?);
+    let holdings = Arc::new(Holdings::open(&args.data, &args.store.options()).await?);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
@@ -152,7 +200,7 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
         RetryPolicy::default(),
     )?;
     let (index, interval) = tokio::select! {
-        registered = register(&args, &member, &address) => registered?,
+        registered = register(&args, &member, &address, &holdings) => registered?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     tracing::info!(
@@ -165,15 +213,22 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     // The heartbeat loop and the batch server run side by side; the first to fail ends
     // the other.
     let mut loops: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let (placed, placements) = tokio::sync::watch::channel(None);
     loops.spawn(
         heartbeats(
             args.clone(),
             member.clone(),
             address.clone(),
             interval,
+            holdings.clone(),
+            placed,
             shutdown.clone(),
         )
         .instrument(tracing::Span::current()),
+    );
+    loops.spawn(
+        hold_placed(holdings.clone(), placements, shutdown.clone())
+            .instrument(tracing::Span::current()),
     );
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -192,7 +247,7 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let server = builder
         .add_service(health_service)
         .add_service(pb::dataloader_server::DataloaderServer::new(
-            DataloaderService::new(data, shutdown.clone()),
+            DataloaderService::new(holdings, shutdown.clone()),
         ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -12,19 +12,79 @@ use lillm_data::epochs::DataOrder;
 use lillm_data::manifest::{Split, TokenDtype};
 use lillm_data::shards::{train_windows, BatchKey, Dataset};
 
+use crate::holdings::Holdings;
+
 /// Default number of batches produced ahead of the reader.
 pub const DEFAULT_PREFETCH: u32 = 4;
 
 pub struct DataloaderService {
-    data: Arc<Dataset>,
+    holdings: Arc<Holdings>,
     /// Ends every open stream (with UNAVAILABLE, so trainers reconnect elsewhere).
     shutdown: CancellationToken,
 }
 
 impl DataloaderService {
-    pub fn new(data: Arc<Dataset>, shutdown: CancellationToken) -> Self {
-        Self { data, shutdown }
+    pub fn new(holdings: Arc<Holdings>, shutdown: CancellationToken) -> Self {
+        Self { holdings, shutdown }
     }
+}
+
+/// Sequences one `ReadSequences` may ask for.
+const MAX_SEQUENCES: usize = 1 << 16;
+
+/// Reads the sequences `r` names from `data`'s train split: refused whole when the request
+/// is malformed or names a shard this dataloader does not hold.
+pub fn read_sequences(r: &pb::SequencesRequest, data: &Dataset) -> Result<pb::Sequences, Status> {
+    let bad = |m: String| Err(Status::invalid_argument(m));
+    if r.shards.len() != r.indices.len() {
+        return bad(format!(
+            "{} shards but {} indices; send one of each per sequence",
+            r.shards.len(),
+            r.indices.len()
+        ));
+    }
+    if r.shards.len() > MAX_SEQUENCES || r.seq_len < 2 {
+        return bad(format!(
+            "ask for 1 to {MAX_SEQUENCES} sequences of at least 2 tokens (got {} of {})",
+            r.shards.len(),
+            r.seq_len
+        ));
+    }
+    let stream = data.split(Split::Train);
+    let shard_tokens = stream.shard_tokens();
+    for (&shard, &index) in r.shards.iter().zip(&r.indices) {
+        let Some(&tokens) = shard_tokens.get(shard as usize) else {
+            return bad(format!(
+                "train shard {shard} does not exist (the dataset has {})",
+                shard_tokens.len()
+            ));
+        };
+        if (index + 1).saturating_mul(r.seq_len as u64) > tokens {
+            return bad(format!(
+                "sequence {index} of {} tokens is past the end of train shard {shard} ({tokens} tokens)",
+                r.seq_len
+            ));
+        }
+        if !stream.holds(shard as usize) {
+            return Err(Status::unavailable(format!(
+                "train shard {shard} is not on this dataloader; ask the coordinator where it is placed now"
+            )));
+        }
+    }
+    let mut tokens = vec![0i64; r.shards.len() * r.seq_len as usize];
+    for ((&shard, &index), out) in r
+        .shards
+        .iter()
+        .zip(&r.indices)
+        .zip(tokens.chunks_mut(r.seq_len as usize))
+    {
+        stream.read_sequence(shard as usize, index, out);
+    }
+    let dtype = data.manifest.dtype;
+    Ok(pb::Sequences {
+        token_bytes: dtype.bytes() as u32,
+        tokens: encode_tokens(&tokens, dtype),
+    })
 }
 
 pub fn split_of(raw: i32) -> Result<Split, Status> {
@@ -123,17 +183,31 @@ impl pb::dataloader_server::Dataloader for DataloaderService {
         &self,
         _request: Request<pb::DescribeRequest>,
     ) -> Result<Response<pb::DatasetInfo>, Status> {
-        let m = &self.data.manifest;
+        let data = self.holdings.current();
+        let m = &data.manifest;
         let tokenizer_json =
-            std::fs::read_to_string(self.data.dir.join("tokenizer.json")).unwrap_or_default();
+            std::fs::read_to_string(data.dir.join("tokenizer.json")).unwrap_or_default();
         Ok(Response::new(pb::DatasetInfo {
             tokenizer_fingerprint: m.tokenizer_fingerprint.clone(),
             vocab_size: m.vocab_size as u32,
             train_tokens: m.tokens(Split::Train),
             val_tokens: m.tokens(Split::Val),
             tokenizer_json,
-            train_shard_tokens: self.data.split(Split::Train).shard_tokens(),
+            train_shard_tokens: data.split(Split::Train).shard_tokens(),
         }))
+    }
+
+    async fn read_sequences(
+        &self,
+        request: Request<pb::SequencesRequest>,
+    ) -> Result<Response<pb::Sequences>, Status> {
+        let data = self.holdings.current();
+        let r = request.into_inner();
+        // Reads of memory-mapped shards may wait for the disk: off the async workers.
+        tokio::task::spawn_blocking(move || read_sequences(&r, &data))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map(Response::new)
     }
 
     type StreamBatchesStream = BatchStream;
@@ -143,7 +217,15 @@ impl pb::dataloader_server::Dataloader for DataloaderService {
         request: Request<pb::BatchRequest>,
     ) -> Result<Response<BatchStream>, Status> {
         let r = request.into_inner();
-        let (split, order) = check_request(&r, &self.data)?;
+        // A stream of the train split reads anywhere in it: it needs every shard.
+        if r.split == pb::Split::Train as i32 {
+            self.holdings
+                .hold_all()
+                .await
+                .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+        }
+        let data = self.holdings.current();
+        let (split, order) = check_request(&r, &data)?;
         let prefetch = match r.prefetch {
             0 => DEFAULT_PREFETCH,
             n => n.min(1024),
@@ -151,7 +233,6 @@ impl pb::dataloader_server::Dataloader for DataloaderService {
         // The bounded channel is the backpressure: the producer blocks once `prefetch`
         // batches wait unread.
         let (tx, mut produced) = tokio::sync::mpsc::channel(prefetch);
-        let data = self.data.clone();
         tokio::task::spawn_blocking(move || {
             let dtype = data.manifest.dtype;
             let end = match r.steps {

@@ -2,6 +2,7 @@
 //! dataset is in the bucket exactly when its manifest is), and fetched into a node's
 //! cache, each shard verified against the manifest's SHA-256.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use lillm_data::manifest::{Manifest, ShardInfo, FORMAT, MANIFEST_FILE};
@@ -88,6 +89,19 @@ pub async fn upload(local: &Path, bucket: &Bucket, force: bool) -> Result<Upload
 
 /// The dataset at `bucket` as a local directory of `cache`, fetching the shards it lacks.
 pub async fn fetch(bucket: &Bucket, cache: &Cache) -> Result<PathBuf> {
+    let remote = fetch_manifest(bucket).await?;
+    fetch_holding(bucket, cache, &remote, None).await
+}
+
+/// A dataset's manifest as the bucket holds it, and its text.
+#[derive(Debug, Clone)]
+pub struct RemoteManifest {
+    pub manifest: Manifest,
+    text: Vec<u8>,
+}
+
+/// Reads and checks the manifest of the dataset at `bucket`.
+pub async fn fetch_manifest(bucket: &Bucket) -> Result<RemoteManifest> {
     let manifest_url = bucket.url_of(MANIFEST_FILE);
     let text = bucket.get_bytes(MANIFEST_FILE).await?.ok_or_else(|| Error::Remote {
         url: manifest_url.clone(),
@@ -106,8 +120,31 @@ pub async fn fetch(bucket: &Bucket, cache: &Cache) -> Result<PathBuf> {
             ),
         });
     }
+    Ok(RemoteManifest {
+        manifest,
+        text: text.to_vec(),
+    })
+}
+
+/// The dataset at `bucket` as a local directory of `cache` holding the train shards in
+/// `train` (all when `None`) and every val shard: what is missing is fetched and verified,
+/// and the cache makes room by dropping what nothing asked for lately.
+pub async fn fetch_holding(
+    bucket: &Bucket,
+    cache: &Cache,
+    remote: &RemoteManifest,
+    train: Option<&BTreeSet<usize>>,
+) -> Result<PathBuf> {
+    let (manifest, text) = (&remote.manifest, &remote.text);
     let dir = cache.data_path(bucket.url());
-    let wanted: Vec<&ShardInfo> = manifest.train.iter().chain(&manifest.val).collect();
+    let wanted: Vec<&ShardInfo> = manifest
+        .train
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| train.is_none_or(|t| t.contains(i)))
+        .map(|(_, s)| s)
+        .chain(&manifest.val)
+        .collect();
     let size = |s: &ShardInfo| s.tokens * manifest.dtype.bytes() as u64;
     let paths: Vec<PathBuf> = wanted.iter().map(|s| dir.join(&s.file)).collect();
     // A file of the right size under its final name came from a verified download; one of
@@ -133,7 +170,7 @@ pub async fn fetch(bucket: &Bucket, cache: &Cache) -> Result<PathBuf> {
     // The local manifest goes first: until the shards are all in, this directory is not
     // a dataset, and a reader of it is refused.
     let local_manifest = dir.join(MANIFEST_FILE);
-    if local.as_ref() != Some(&manifest) {
+    if local.as_ref() != Some(manifest) {
         match std::fs::remove_file(&local_manifest) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -150,12 +187,12 @@ pub async fn fetch(bucket: &Bucket, cache: &Cache) -> Result<PathBuf> {
             .download(&shard.file, &dir.join(&shard.file), &expected)
             .await?;
     }
-    fetch_tokenizer(bucket, &dir, &manifest).await?;
+    fetch_tokenizer(bucket, &dir, manifest).await?;
     for path in &paths {
         Cache::touch(path);
     }
     let tmp = temp_sibling(&local_manifest);
-    std::fs::write(&tmp, &text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, &local_manifest).map_err(|e| Error::io(&local_manifest, e))?;
     Ok(dir)
 }

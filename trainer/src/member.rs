@@ -329,6 +329,7 @@ async fn register_and_wait(
         config_fingerprint: opts.fingerprint.clone(),
         rejoining_from: opts.rejoining_from.unwrap_or(0),
         grad_accum: opts.grad_accum,
+        ..Registration::default()
     };
     let register = || async {
         member

@@ -1,13 +1,17 @@
 //! Training data streamed from a dataloader actor: the same batches, key for key, as
 //! reading the dataset locally (the dataloader runs the same sampler), one stream per shape.
+//! With the exactly-once order and a coordinator that placed the shards, each micro-batch
+//! is read from the dataloaders holding its shards instead.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use lillm_data::epochs::DataOrder;
+use lillm_data::epochs::{DataOrder, EpochOrder};
+use lillm_data::manifest::Split;
 use lillm_data::shards::{Batch, BatchKey};
-use lillm_dataloader::remote::{RemoteBatches, StreamShape, StreamSource};
+use lillm_dataloader::placed::{PlacedBatches, PlacedReader};
+use lillm_dataloader::remote::{Locate, RemoteBatches, StreamShape, StreamSource};
 use lillm_proto::v1 as pb;
 use tokio::runtime::Handle;
 
@@ -21,6 +25,9 @@ pub struct RemoteData {
     /// The training micro-batches this rank takes: `start .. start + count` of each step.
     train_micros: (u32, u32),
     streams: Mutex<HashMap<StreamShape, RemoteBatches>>,
+    /// Where the coordinator placed the shards (`None`: it placed none; stream instead).
+    placed: Option<Arc<PlacedReader>>,
+    placed_batches: Mutex<HashMap<StreamShape, PlacedBatches>>,
     tokenizer_dir: Option<PathBuf>,
 }
 
@@ -43,12 +50,28 @@ impl RemoteData {
             }
             _ => None,
         };
+        let placed = match &source.locate {
+            Locate::Coordinator {
+                client, job_token, ..
+            } => rt
+                .block_on(PlacedReader::connect(
+                    client.clone(),
+                    job_token,
+                    source.settings.clone(),
+                    source.policy,
+                    info.train_shard_tokens.len(),
+                ))?
+                .map(Arc::new),
+            Locate::Fixed(_) => None,
+        };
         Ok(Self {
             info,
             rt,
             source,
             train_micros,
             streams: Mutex::new(HashMap::new()),
+            placed,
+            placed_batches: Mutex::new(HashMap::new()),
             tokenizer_dir,
         })
     }
@@ -76,11 +99,32 @@ impl RemoteData {
             prefetch: 0,
             order,
         };
-        let mut streams = self.streams.lock().expect("stream lock");
-        let stream = streams
-            .entry(shape)
-            .or_insert_with(|| RemoteBatches::new(self.rt.clone(), self.source.clone(), shape));
-        let windows = stream.windows(key.step, key.micro as u32)?;
+        let windows = match (&self.placed, order, key.split) {
+            (Some(reader), DataOrder::Epochs, Split::Train) => {
+                let mut batches = self.placed_batches.lock().expect("placed lock");
+                let batches = batches.entry(shape).or_insert_with(|| {
+                    let window = seq as u64 + 1;
+                    let order = EpochOrder::new(key.seed, &self.info.train_shard_tokens, window);
+                    PlacedBatches::new(
+                        self.rt.clone(),
+                        reader.clone(),
+                        Arc::new(order),
+                        key.seed,
+                        (micro_start, micro_count, micros_per_step as u32),
+                        rows,
+                        window as usize,
+                    )
+                });
+                batches.windows(key.step, key.micro as u32)?
+            }
+            _ => {
+                let mut streams = self.streams.lock().expect("stream lock");
+                let stream = streams.entry(shape).or_insert_with(|| {
+                    RemoteBatches::new(self.rt.clone(), self.source.clone(), shape)
+                });
+                stream.windows(key.step, key.micro as u32)?
+            }
+        };
         let b = Batch::from_windows(&windows, rows, seq);
         Ok(MicroBatch {
             inputs: b.inputs,
