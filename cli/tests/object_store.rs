@@ -119,7 +119,12 @@ impl Drop for S3 {
 
 /// Prepares the tiny corpus into `s3://lillm/data/` (through `cache`).
 fn prepare_in_bucket(s3: &S3, tiny: &TinyData, cache: &Path) -> String {
-    s3.lillm(&[
+    prepare_into(s3, tiny, "s3://lillm/data/", cache, &[])
+}
+
+/// Prepares the tiny corpus into `url` (through `cache`), with `extra` flags.
+fn prepare_into(s3: &S3, tiny: &TinyData, url: &str, cache: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
         "data",
         "prepare",
         "--tokenizer",
@@ -127,12 +132,14 @@ fn prepare_in_bucket(s3: &S3, tiny: &TinyData, cache: &Path) -> String {
         "--input",
         s(&tiny.corpus),
         "--out",
-        "s3://lillm/data/",
+        url,
         "--val-fraction",
         "0.1",
         "--cache-dir",
         s(cache),
-    ])
+    ];
+    args.extend(extra);
+    s3.lillm(&args)
 }
 
 #[test]
@@ -477,23 +484,9 @@ fn shards_placed_on_three_dataloaders_are_fetched_only_there_and_a_lost_ones_mov
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3::start(dir.path());
     let tiny = tiny_data(dir.path(), 300);
-    s3.lillm(&[
-        "data",
-        "prepare",
-        "--tokenizer",
-        s(&tiny.tokenizer),
-        "--input",
-        s(&tiny.corpus),
-        "--out",
-        "s3://lillm/sharded/",
-        "--val-fraction",
-        "0.1",
-        "--shard-tokens",
-        "2000",
-        "--cache-dir",
-        s(&dir.path().join("cache-prep")),
-    ]);
     let url = "s3://lillm/sharded/";
+    let cache_prep = dir.path().join("cache-prep");
+    prepare_into(&s3, &tiny, url, &cache_prep, &["--shard-tokens", "2000"]);
     let mut train = tiny_train_args(url, "", "300", "60");
     set_flag(&mut train, "--eval-interval", "100");
     train.extend(["--data-order", "epochs"]);

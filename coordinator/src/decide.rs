@@ -502,10 +502,10 @@ fn replace_shards_of(state: &mut State, index: Option<usize>) -> String {
     else {
         return String::new();
     };
-    let moved = placement.shards_of(index as u32).len();
     if !placement.is_present(index as u32) {
         return String::new();
     }
+    let moved = placement.shards_of(index as u32).len();
     state.placement = Some(placement.without(&dataset.shard_tokens, &[index as u32]));
     format!("; its {moved} shards move to the other dataloaders")
 }
