@@ -3,7 +3,9 @@
 (trainer, dataloader or coordinator) is SIGKILLed every few seconds, and every other trainer
 fault is a freeze instead (SIGSTOP for --freeze seconds, past the heartbeat timeout, then
 SIGCONT: a silent failure whose sockets stay open); then the final weights are compared
-with an uninterrupted run of the same job.
+with an uninterrupted run of the same job. With `--dataloaders 2` or more in TRAIN_ARGS,
+every other dataloader fault is a freeze too: the coordinator evicts it and places its
+shards on the others, and it takes a share back when it returns.
 
 Prints failures injected and detected, detection time (kill -> the supervisor's report;
 freeze -> the coordinator's eviction), recovery time (kill or SIGCONT -> the next completed
@@ -93,6 +95,16 @@ def train(lillm, args, data, out, nproc, extra=(), env=None, log=None):
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env=env)
 
 
+def dataloaders_of(train_args):
+    """The --dataloaders a job starts (1 unless TRAIN_ARGS say otherwise)."""
+    for i, arg in enumerate(train_args):
+        if arg == "--dataloaders" and i + 1 < len(train_args):
+            return int(train_args[i + 1])
+        if arg.startswith("--dataloaders="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
 def pct(values, fn):
     return f"{fn(values):.2f}" if values else "-"
 
@@ -113,6 +125,8 @@ def main():
     opts = parser.parse_args()
     train_args = [a for a in opts.train_args if a != "--"]
     rng = random.Random(opts.seed)
+    # Freezing the only dataloader would stop the job for the freeze, not test a failover.
+    freezable = {"trainer"} | ({"dataloader"} if dataloaders_of(train_args) >= 2 else set())
     os.makedirs(opts.out, exist_ok=False)
 
     reference = os.path.join(opts.out, "reference")
@@ -131,8 +145,8 @@ def main():
     start = time.time()
     next_kill = start + rng.uniform(0.5, 1.5) * opts.every
     order = []
-    frozen = None  # (pid, when to SIGCONT, index in kills)
-    trainer_faults = 0
+    frozen = None  # (pid, when to SIGCONT, index in kills, role)
+    faults = {role: 0 for role in ROLES}
     while job.poll() is None:
         now = time.time()
         for step in losses(run):
@@ -140,7 +154,7 @@ def main():
         if frozen and now >= frozen[1]:
             os.kill(frozen[0], signal.SIGCONT)
             kills[frozen[2]] = kills[frozen[2]][:5] + (time.time(),)
-            print(f"{now - start:6.1f} s: SIGCONT trainer {frozen[0]}", flush=True)
+            print(f"{now - start:6.1f} s: SIGCONT {frozen[3]} {frozen[0]}", flush=True)
             frozen = None
             next_kill = time.time() + rng.uniform(0.5, 1.5) * opts.every
         if not frozen and now - start < opts.duration and now >= next_kill and seen:
@@ -151,14 +165,14 @@ def main():
             victims = [c for c in children(job.pid) if c[1] == role]
             if victims:
                 pid, _, _ = rng.choice(victims)
-                freeze = role == "trainer" and opts.freeze > 0 and trainer_faults % 2 == 1
-                trainer_faults += role == "trainer"
+                freeze = role in freezable and opts.freeze > 0 and faults[role] % 2 == 1
+                faults[role] += 1
                 sig = signal.SIGSTOP if freeze else signal.SIGKILL
                 os.kill(pid, sig)
                 when = time.time()
                 kills.append((when, role, pid, max(seen), "freeze" if freeze else "kill", when))
                 if freeze:
-                    frozen = (pid, when + opts.freeze, len(kills) - 1)
+                    frozen = (pid, when + opts.freeze, len(kills) - 1, role)
                 print(f"{when - start:6.1f} s: {sig.name} {role} {pid} at step {max(seen)}", flush=True)
             next_kill = time.time() + rng.uniform(0.5, 1.5) * opts.every
         time.sleep(0.02)
@@ -175,7 +189,9 @@ def main():
     # recomputed: where the next group started (the state it took) vs the last step the
     # job had completed when the trainer was killed.
     deaths = [t for t, _ in log_matches(log_path, r"died \(killed by SIGKILL\)")]
-    evictions = [t for t, _ in log_matches(os.path.join(run, "logs", "coordinator.log"), r"missed heartbeats")]
+    coordinator_log = os.path.join(run, "logs", "coordinator.log")
+    evictions = [t for t, _ in log_matches(coordinator_log, r"missed heartbeats")]
+    shard_moves = len(log_matches(coordinator_log, r"shards move to the other dataloaders"))
     regroups = [(t, int(m.group(1))) for t, m in log_matches(log_path, r"the group starts from the state of step (\d+)")]
     detection, recovery, recomputed, undetected = [], [], [], 0
     for when, role, pid, last_step, kind, ended in kills:
@@ -200,7 +216,9 @@ def main():
         "duration_s": round(time.time() - start, 1),
         "failures_injected": len(kills),
         "by_role": {r: sum(1 for k in kills if k[1] == r) for r in ROLES},
-        "trainer_freezes": sum(1 for k in kills if k[4] == "freeze"),
+        "trainer_freezes": sum(1 for k in kills if k[4] == "freeze" and k[1] == "trainer"),
+        "dataloader_freezes": sum(1 for k in kills if k[4] == "freeze" and k[1] == "dataloader"),
+        "shard_moves": shard_moves,
         "failures_detected": len(kills) - undetected,
         "detection_s_median": statistics.median(detection) if detection else None,
         "detection_s_max": max(detection) if detection else None,
@@ -211,8 +229,10 @@ def main():
         "final_checkpoint": got_name,
         "final_max_abs_dw": max_dw,
     }
-    print(f"failures injected: {len(kills)} {figures['by_role']} ({figures['trainer_freezes']} trainer freezes); "
-          f"detected: {figures['failures_detected']}")
+    print(f"failures injected: {len(kills)} {figures['by_role']} ({figures['trainer_freezes']} trainer freezes, "
+          f"{figures['dataloader_freezes']} dataloader freezes); detected: {figures['failures_detected']}")
+    if "dataloader" in freezable:
+        print(f"placements that moved a dataloader's shards to the others: {shard_moves}")
     print(f"detection s: median {pct(detection, statistics.median)}, max {pct(detection, max)}")
     print(f"recovery s (kill or SIGCONT -> next completed step): median {pct(recovery, statistics.median)}, max {pct(recovery, max)}")
     print(f"steps recomputed per trainer failure: max {figures['steps_recomputed_per_trainer_failure_max']}")

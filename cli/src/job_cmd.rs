@@ -57,6 +57,12 @@ pub struct LaunchArgs {
     /// node, one per GPU (the node launcher). Either way, children that die are restarted.
     #[arg(long)]
     pub nproc: Option<usize>,
+    /// With --nproc (pretraining): dataloader processes to start. With two or more, the
+    /// coordinator places each train shard on two of them and, with `--data-order epochs`,
+    /// every micro-batch is read from the dataloaders holding its shards; each keeps its own
+    /// cache (a `dataloader-K` folder of --cache-dir, --cache-bytes each).
+    #[arg(long, default_value_t = 1)]
+    pub dataloaders: usize,
     /// Failed child processes restarted before `--nproc` gives up (a trainer told to regroup
     /// is not a failure).
     #[arg(long, default_value_t = 3)]
@@ -79,6 +85,13 @@ pub fn launch(
     threads: Option<usize>,
     shutdown: &CancellationToken,
 ) -> Option<Result<()>> {
+    let local_job = launch.actor.coordinator.is_none() && launch.nproc.is_some_and(|n| n > 1);
+    if launch.dataloaders != 1 && !local_job {
+        return Some(Err(anyhow::anyhow!(
+            "--dataloaders {} starts the dataloaders of a local job: use it with --nproc N (N >= 2) and no --coordinator (a cluster's dataloaders are `lillm dataloader` processes)",
+            launch.dataloaders
+        )));
+    }
     match (&launch.actor.coordinator, launch.nproc) {
         (Some(coordinator), Some(n)) => Some(launch_node(
             &launch.actor,
@@ -120,6 +133,16 @@ fn run_trainer_actor(
         crate::train_cmd::report(&summary, &out, bucket.as_deref());
     }
     Ok(())
+}
+
+/// Dataloader `index`'s own cache folder in a job of several on this machine: each evicts
+/// only what it fetched itself.
+fn own_cache(process: &ProcessConfig, index: usize) -> PathBuf {
+    let root = process
+        .cache_dir
+        .clone()
+        .unwrap_or_else(lillm_store::default_cache_dir);
+    root.join(format!("dataloader-{index}"))
 }
 
 /// The object-storage settings a trainer was given, as the dataloader's flags.
@@ -259,7 +282,16 @@ pub fn launch_local_job(
         },
     }
     .validate()?;
-    let streamed = TrainData::streamed(cfg.job.objective);
+    let dataloaders = match (TrainData::streamed(cfg.job.objective), launch.dataloaders) {
+        (_, 0) => {
+            bail!("--dataloaders 0: a --nproc job needs at least one; leave the flag out for one")
+        }
+        (true, n) => n,
+        (false, 1) => 0,
+        (false, n) => bail!(
+            "--dataloaders {n}: SFT and DPO trainers read their data themselves; leave the flag out"
+        ),
+    };
     let state_dir = cfg.process.out.join("coordinator");
     let has_checkpoints = !checkpoint::list_checkpoints(&cfg.process.out).is_empty();
     match (cfg.process.resume, state_dir.exists() || has_checkpoints) {
@@ -307,7 +339,7 @@ pub fn launch_local_job(
             "coordinator".into(),
             "--nodes=1".into(),
             format!("--trainers-per-node={nproc}"),
-            format!("--dataloaders-per-node={}", u8::from(streamed)),
+            format!("--dataloaders-per-node={dataloaders}"),
             format!("--listen={coordinator}"),
             format!("--metrics-listen=127.0.0.1:{}", free_port()?),
             format!("--store-port={}", free_port()?),
@@ -320,22 +352,35 @@ pub fn launch_local_job(
         log: Some(logs.join("coordinator.log")),
     })?;
     wait_for_port(&coordinator, &mut supervisor)?;
-    if streamed {
+    for index in 0..dataloaders {
+        let (name, log, cache) = match dataloaders {
+            1 => ("the dataloader".into(), "dataloader.log".into(), None),
+            _ => (
+                format!("dataloader {index}"),
+                format!("dataloader-{index}.log"),
+                Some(own_cache(&cfg.process, index)),
+            ),
+        };
+        let process = ProcessConfig {
+            cache_dir: cache.or(cfg.process.cache_dir.clone()),
+            ..cfg.process.clone()
+        };
         supervisor.start(Spec {
-            name: "the dataloader".into(),
+            name,
             kind: Kind::Service,
             args: [
                 "dataloader".into(),
                 format!("--coordinator={coordinator}"),
                 format!("--data={}", cfg.process.data.display()),
                 format!("--node={LOCAL_NODE}"),
+                format!("--local-index={index}"),
             ]
             .into_iter()
-            .chain(store_flags(&cfg.process))
+            .chain(store_flags(&process))
             .collect(),
             first_start_args: Vec::new(),
             env: Vec::new(),
-            log: Some(logs.join("dataloader.log")),
+            log: Some(logs.join(log)),
         })?;
     }
     eprintln!(
@@ -344,6 +389,7 @@ pub fn launch_local_job(
     );
     let mut user = trainer_args_from_command_line(&[
         "--nproc",
+        "--dataloaders",
         "--max-restarts",
         "--replace-hung-after-s",
         "--local-rank",

@@ -1,7 +1,8 @@
-//! A short chaos run (bench/chaos.py): a `--nproc 2` job keeps training while a random
+//! A short chaos run (bench/chaos.py): a `--nproc 2` job with three dataloaders, the train
+//! shards placed on them and read exactly once per epoch, keeps training while a random
 //! trainer, dataloader or coordinator is SIGKILLed every ~2 s, each role at least once (and
-//! a trainer frozen by SIGSTOP past the heartbeat timeout), and ends with exactly the model
-//! of an uninterrupted run. `make bench` runs the long one.
+//! a trainer and a dataloader frozen by SIGSTOP past the heartbeat timeout), and ends with
+//! exactly the model of an uninterrupted run. `make bench` runs the long one.
 
 mod common;
 
@@ -11,6 +12,22 @@ use common::*;
 fn a_job_under_random_sigkills_of_every_role_trains_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = tiny_data(dir.path(), 300);
+    // Small shards, so that each dataloader holds some and not others.
+    let data = dir.path().join("sharded");
+    lillm_ok(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tiny.tokenizer),
+        "--input",
+        s(&tiny.corpus),
+        "--out",
+        s(&data),
+        "--val-fraction",
+        "0.1",
+        "--shard-tokens",
+        "2000",
+    ]);
     let out = dir.path().join("chaos");
     let figures = dir.path().join("chaos.json");
     let bin = env!("CARGO_BIN_EXE_lillm");
@@ -25,17 +42,20 @@ fn a_job_under_random_sigkills_of_every_role_trains_the_same_model() {
     }
     set_flag(&mut train, "--eval-interval", "100");
     set_flag(&mut train, "--lr-decay-iters", "3000");
+    // A killed dataloader's rows come from the other copy of its shards, and its shards move
+    // to the two survivors until the supervisor's restart takes a share back.
+    train.extend(["--dataloaders", "3", "--data-order", "epochs"]);
     let script = repo_root().join("bench/chaos.py");
     let mut args = vec![
         s(&script),
         "--lillm",
         bin,
         "--data",
-        s(&tiny.data),
+        s(&data),
         "--out",
         s(&out),
         "--duration",
-        "20",
+        "24",
         "--every",
         "2",
         "--json",
@@ -75,5 +95,9 @@ fn a_job_under_random_sigkills_of_every_role_trains_the_same_model() {
             <= 100,
         "{report}"
     );
+    // A frozen dataloader was evicted and its shards placed on the others, while the
+    // trainers read its rows from the other copy.
+    assert!(f["dataloader_freezes"].as_u64().unwrap() >= 1, "{report}");
+    assert!(f["shard_moves"].as_u64().unwrap() >= 1, "{report}");
     println!("{report}");
 }

@@ -212,6 +212,14 @@ fn bad_configs_are_refused_with_the_field_named() {
         err.contains("nodata") && err.contains("lillm data prepare"),
         "{err}"
     );
+    // Dataloaders are started by a local job only; alone the flag would do nothing.
+    let mut args = tiny_train_args(s(&tiny.data), s(&run), "300", "5");
+    args.extend(["--dataloaders", "2"]);
+    let err = lillm_err(&args);
+    assert!(
+        err.contains("--dataloaders 2") && err.contains("--nproc"),
+        "{err}"
+    );
     // A TOML config layers under flags; --print-config shows the result.
     let cfg = dir.path().join("c.toml");
     fs::write(&cfg, "batch_size = 7\nlr = 0.5\n[model]\nd_model = 64\n").unwrap();

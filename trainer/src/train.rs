@@ -8,13 +8,15 @@ use std::sync::Arc;
 
 use lillm_data::manifest::Split;
 use lillm_data::shards::BatchKey;
-use lillm_model::{weights, LilLM, LoraConfig, ModelConfig};
+use lillm_model::{weights, LilLM, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 mod init;
+mod model_source;
 mod resume;
+mod start;
 mod steps;
-use crate::checkpoint::{self, CheckpointState, LoraBase, MODEL_FILE, OPTIMIZER_FILE};
+use crate::checkpoint::{self, CheckpointState, LoraBase};
 use crate::checkpoint_actor::{host_copy, CheckpointActor, Publish, Snapshot};
 use crate::config::{Objective, TrainConfig};
 use crate::data::{Draw, MicroBatch, TrainData};
@@ -27,8 +29,8 @@ use crate::report::{Reporter, Silent};
 use crate::stop::{Stop, StopReason};
 use crate::{Error, Result};
 use lillm_data::epochs::DataOrder;
-use lillm_store::RunBucket;
-use resume::ResumePlan;
+use model_source::ModelSource;
+pub use start::Start;
 
 /// Gradients are averaged over ranks in flat buckets of at most this many bytes.
 const GRADIENT_BUCKET_BYTES: usize = 25 << 20;
@@ -87,84 +89,26 @@ fn estimate(
     Ok([means[0], means[1], means[2]])
 }
 
-/// The adapters a run trains: the config's, or those of the checkpoint it resumes (which
-/// the config may not contradict).
-fn lora_config(
+/// The data `cfg` trains on (`given` by the job, else opened from `cfg.data`), once it is
+/// known to fit the model's vocabulary.
+fn open_data(
     cfg: &TrainConfig,
-    resume_from: Option<&(PathBuf, CheckpointState)>,
-) -> Result<Option<LoraConfig>> {
-    let resumed = resume_from.map(|(dir, state)| (dir, state.lora.as_ref().map(|l| &l.config)));
-    match (resumed, &cfg.job.lora) {
-        (Some((dir, Some(trained))), Some(asked)) if trained != asked => Err(Error::checkpoint(
-            dir,
-            format!("holds LoRA adapters {trained:?}, not the {asked:?} asked for; resume with the same --lora-* flags"),
-        )),
-        (Some((dir, None)), Some(_)) => Err(Error::checkpoint(
-            dir,
-            "was not trained with LoRA; resume it without --lora-rank",
-        )),
-        (Some((_, trained)), _) => Ok(trained.cloned()),
-        (None, asked) => Ok(asked.clone()),
-    }
-}
-
-/// Where a run starts from.
-#[derive(Debug, Clone, Default)]
-pub enum Start {
-    /// Fresh (or `init_from`), or with `cfg.resume` the run directory's latest valid
-    /// checkpoint; a run directory that already holds checkpoints needs `cfg.resume`.
-    #[default]
-    Auto,
-    /// Exactly this checkpoint, the one of `step` (`None`: fresh, or this rank holds no
-    /// copy of it), whatever else the run directory holds: a distributed job resumes from
-    /// the coordinator's last durable commit, never from a checkpoint an ended generation
-    /// wrote but did not commit. The ranks given a copy read it (one per node that holds
-    /// one); the others receive weights and optimizer state from the lowest of those, so
-    /// nodes need no shared file system, and a lost or damaged copy costs nothing while
-    /// another node has one.
-    Committed {
-        checkpoint: Option<PathBuf>,
-        step: u64,
-    },
-}
-
-/// `start` with its checkpoint brought from the run's bucket into the local mirror: with
-/// `--resume`, the newest committed one; in a job, the committed step the coordinator
-/// names by URL. The log comes along, so the leader continues it.
-fn fetch_from_bucket(
-    start: &Start,
-    bucket: Option<&RunBucket>,
-    cfg: &TrainConfig,
-) -> Result<Start> {
-    let Some(bucket) = bucket else {
-        return Ok(start.clone());
+    given: Option<TrainData>,
+    checkpoint_tokenizer: Option<&std::path::Path>,
+    model_cfg: &ModelConfig,
+) -> Result<TrainData> {
+    let data = match given {
+        Some(data) => data,
+        None => TrainData::open(cfg, checkpoint_tokenizer, model_cfg.max_seq_len)?,
     };
-    let fetch_log = || -> Result<()> {
-        if cfg.process.rank == 0 {
-            bucket.fetch_file(crate::metrics::METRICS_FILE)?;
-        }
-        Ok(())
-    };
-    match start {
-        Start::Auto if cfg.process.resume => {
-            if bucket.fetch_latest()?.is_some() {
-                fetch_log()?;
-            }
-            Ok(Start::Auto)
-        }
-        Start::Committed {
-            checkpoint: Some(dir),
-            step,
-        } if lillm_store::is_url(&dir.to_string_lossy()) => {
-            let local = bucket.fetch_checkpoint(*step)?;
-            fetch_log()?;
-            Ok(Start::Committed {
-                checkpoint: Some(local),
-                step: *step,
-            })
-        }
-        other => Ok(other.clone()),
+    if let Some(vocab) = data.vocab_size().filter(|&v| v > model_cfg.vocab_size) {
+        return Err(Error::Config(format!(
+            "the dataset {} was tokenized with {vocab} tokens but the model's vocab_size is {}; set model.vocab_size to at least {vocab}",
+            cfg.process.data.display(),
+            model_cfg.vocab_size,
+        )));
     }
+    Ok(data)
 }
 
 /// How a run is wired into a job: its data, its group, its start and whom it reports to.
@@ -264,107 +208,24 @@ impl Trainer {
             tch::set_num_threads(cfg.process.threads as i32);
         }
         let device = cfg.device()?;
-        // Set when this rank resumes at that step with state received from another rank.
-        let mut received_step = None;
         let in_group = setup.rendezvous.is_some() || cfg.process.world_size > 1;
-        let run_bucket = cfg.process.run_bucket()?;
-        let start = fetch_from_bucket(&setup.start, run_bucket.as_ref(), &cfg)?;
-        let resume_from = match &start {
-            Start::Committed { checkpoint, step } => {
-                let verified = checkpoint.as_deref().map(checkpoint::verify_checkpoint);
-                let copy = match &verified {
-                    None => resume::Copy::NotNamed,
-                    Some(Ok(state)) => resume::Copy::Holds(state.step),
-                    Some(Err(_)) => resume::Copy::Damaged,
-                };
-                let dir = || checkpoint.clone().unwrap_or_default();
-                match resume::plan_committed(*step, copy, in_group) {
-                    ResumePlan::Fresh => None,
-                    ResumePlan::UseCopy => match verified {
-                        Some(Ok(state)) => Some((dir(), state)),
-                        _ => unreachable!("a copy is used only when it verified"),
-                    },
-                    ResumePlan::Receive(step) => {
-                        if checkpoint.is_some() {
-                            tracing::warn!(
-                                checkpoint = %dir().display(),
-                                step,
-                                "this node's copy of the checkpoint is missing or damaged: taking the state from a rank that has one"
-                            );
-                        }
-                        received_step = Some(step);
-                        None
-                    }
-                    ResumePlan::WrongStep { holds } => {
-                        return Err(Error::checkpoint(
-                            dir(),
-                            format!("holds step {holds}, not the committed step {step}"),
-                        ))
-                    }
-                    ResumePlan::Damaged => match verified {
-                        Some(Err(e)) => return Err(e.into()),
-                        _ => unreachable!("refused as damaged only when it failed to verify"),
-                    },
-                }
-            }
-            Start::Auto if cfg.process.resume => checkpoint::latest_valid(&cfg.process.out),
-            Start::Auto => None,
-        };
-        let auto = matches!(setup.start, Start::Auto);
-        if auto && !cfg.process.resume {
-            let in_bucket = match &run_bucket {
-                Some(bucket) => !bucket.committed_steps()?.is_empty(),
-                None => false,
-            };
-            if in_bucket || !checkpoint::list_checkpoints(&cfg.process.out).is_empty() {
-                return Err(Error::Config(format!(
-                    "{} already holds checkpoints; pass --resume to continue that run or choose another --out",
-                    cfg.process.out_url.clone().unwrap_or_else(|| cfg.process.out.display().to_string())
-                )));
-            }
-        }
-        // The model's shape comes from the checkpoint being resumed, else the initial
-        // checkpoint (fine-tuning; only dropout may change), else the config.
-        // DPO keeps the initial checkpoint as its reference, resumed or not.
-        // LoRA keeps it as the frozen base its adapters add to, resumed or not.
-        let dpo = cfg.job.objective == Objective::Dpo;
-        let lora = lora_config(&cfg, resume_from.as_ref())?;
-        // `init_from` may name a bucket; the config keeps the URL (every node's is the same).
-        let load_init = |path: &std::path::Path| -> Result<crate::LoadedModel> {
-            let local = lillm_store::local_checkpoint(path, &cfg.process.store_options()?)?;
-            Ok(crate::LoadedModel::load(&local, device)?)
-        };
-        let init = match (&resume_from, &cfg.job.init_from) {
-            (None, Some(path)) => Some(load_init(path)?),
-            (Some(_), Some(path)) if dpo || lora.is_some() => Some(load_init(path)?),
-            _ => None,
-        };
-        let model_cfg = match (&resume_from, &init) {
-            (Some((_, state)), _) => state.model.clone(),
-            (None, Some(loaded)) => ModelConfig {
-                dropout: cfg.job.model.dropout.unwrap_or(loaded.state.model.dropout),
-                ..loaded.state.model.clone()
-            },
-            (None, None) => cfg.job.model_config()?,
-        };
-        cfg.job.check_against_model(&model_cfg)?;
-        let checkpoint_tokenizer = match (&resume_from, &init) {
-            (Some((dir, _)), _) => Some(dir.clone()),
-            (None, Some(loaded)) => loaded.tokenizer.is_some().then(|| loaded.dir.clone()),
-            (None, None) => None,
-        };
-        let data = match setup.data {
-            Some(data) => data,
-            None => TrainData::open(&cfg, checkpoint_tokenizer.as_deref(), model_cfg.max_seq_len)?,
-        };
+        let start::Resumed {
+            from: resume_from,
+            received_step,
+        } = start::resolve(&cfg, &setup.start, in_group)?;
+        let ModelSource {
+            model_cfg,
+            lora,
+            init,
+            checkpoint_tokenizer,
+        } = model_source::choose(&cfg, resume_from.as_ref(), device)?;
+        let data = open_data(
+            &cfg,
+            setup.data,
+            checkpoint_tokenizer.as_deref(),
+            &model_cfg,
+        )?;
         let tokenizer_dir = data.tokenizer_dir().or(checkpoint_tokenizer);
-        if let Some(vocab) = data.vocab_size().filter(|&v| v > model_cfg.vocab_size) {
-            return Err(Error::Config(format!(
-                "the dataset {} was tokenized with {vocab} tokens but the model's vocab_size is {}; set model.vocab_size to at least {vocab}",
-                cfg.process.data.display(),
-                model_cfg.vocab_size,
-            )));
-        }
         let seq = cfg.job.sequence_len(&model_cfg);
         let init::Initial {
             mut model,
@@ -381,7 +242,7 @@ impl Trainer {
         let mut opt = AdamW::new(adam, vs.variables().into_iter().collect());
         // The initial checkpoint stays on as DPO's frozen reference.
         let (init, reference) = match init {
-            Some(loaded) if dpo => {
+            Some(loaded) if cfg.job.objective == Objective::Dpo => {
                 let kind = model.compute_kind();
                 (None, Some(Reference::new(loaded, cfg.job.dpo_beta, kind)?))
             }
@@ -392,46 +253,15 @@ impl Trainer {
             if let Some(reference) = &reference {
                 reference.check_resumed(dir, state)?;
             }
-            if state.dataset_fingerprint.as_deref() != Some(data.tokenizer_fingerprint()) {
-                return Err(Error::checkpoint(
-                    dir,
-                    "was trained on data from another tokenizer than --data; resume with the same dataset",
-                ));
-            }
-            weights::load_var_store(&vs, &dir.join(MODEL_FILE))?;
-            let opt_state = weights::read_tensors(&dir.join(OPTIMIZER_FILE))?;
-            opt.load_state_tensors(&opt_state, dir)?;
-            tracing::info!(checkpoint = %dir.display(), step = state.step, "resuming");
+            model_source::load_resumed(dir, state, &vs, &mut opt, data.tokenizer_fingerprint())?;
         }
-        let lora_base = match (&lora, init) {
-            (Some(config), Some(base)) => {
-                let (_, base_sha256) =
-                    checkpoint::sha256_file(&base.dir.join(checkpoint::MODEL_FILE))?;
-                let lora_base = checkpoint::LoraBase {
-                    config: config.clone(),
-                    base: base
-                        .dir
-                        .canonicalize()
-                        .map_err(|e| Error::io(&base.dir, e))?,
-                    base_sha256,
-                };
-                if let Some((dir, state)) = &resume_from {
-                    if let Some(trained_on) = &state.lora {
-                        trained_on
-                            .check_base_sha(&base.dir, &lora_base.base_sha256)
-                            .map_err(|e| Error::checkpoint(dir, format!("resume refused: {e}")))?;
-                    }
-                }
-                let frozen = frozen_base.as_ref().expect("a LoRA run has a frozen base");
-                weights::load_into(frozen, &weights::var_store_tensors(&base.vs), &base.dir)?;
-                Some(lora_base)
-            }
-            (None, Some(loaded)) if resume_from.is_none() => {
-                weights::load_into(&vs, &weights::var_store_tensors(&loaded.vs), &loaded.dir)?;
-                None
-            }
-            _ => None,
-        };
+        let lora_base = model_source::load_initial(
+            lora.as_ref(),
+            init,
+            frozen_base.as_ref(),
+            &vs,
+            resume_from.as_ref(),
+        )?;
         let loss = reference.map_or(Loss::NextToken, |r| Loss::Preference(Box::new(r)));
         let rendezvous = match setup.rendezvous {
             Some(r) => Some(r),
@@ -441,11 +271,12 @@ impl Trainer {
         let group = rendezvous
             .map(|r| ProcessGroup::join_unless(&r, backend, || setup.stop.regrouping()))
             .transpose()?;
-        let (step, tokens_seen, best_val, evaluated_at_step) = match (&resume_from, received_step) {
-            (Some((_, s)), _) => (s.step, s.tokens_seen, s.best_val_loss, s.evaluated_at_step),
-            (None, Some(step)) => (step, 0, None, false),
-            (None, None) => (0, 0, None, false),
-        };
+        let start::Counters {
+            step,
+            tokens_seen,
+            best_val,
+            evaluated_at_step,
+        } = start::counters(resume_from.as_ref().map(|(_, state)| state), received_step);
         let cfg_rank_is_leader = cfg.process.rank == 0;
         let window = LogWindow::new(
             train_figures(&model_cfg),
