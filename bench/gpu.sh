@@ -6,6 +6,8 @@
 #
 #   correctness   the same seed and data for 5 float32 steps on the CPU and on $DEVICE
 #   curves        bf16 against float32 on $DEVICE over $CURVE_STEPS steps
+#   head loss     the loss through the output head a chunk at a time (CUDA's default)
+#                 against the full logits: losses, speed, peak memory
 #   training      lillm against bench/reference_train.py (the same model and step in
 #                 PyTorch, --compile and bf16 autocast) at $ROWS and $SMALL_ROWS rows, the
 #                 larger preset, the MoE preset's MFU against the dense one's, the job path
@@ -103,7 +105,8 @@ train curve-f32 "$DENSE" "$SMALL_ROWS" float32 "$DEVICE" "$CURVE_STEPS"
 train curve-low "$DENSE" "$SMALL_ROWS" "$DTYPE" "$DEVICE" "$CURVE_STEPS"
 
 echo "== training speed"
-train dense "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS"
+train dense "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS" --head-loss chunked
+train dense-full "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS" --head-loss full
 reference ref-dense "$DENSE" "$ROWS"
 train dense-small "$DENSE" "$SMALL_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
 train large "$LARGE" "$LARGE_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
@@ -158,6 +161,14 @@ tail = max(1, len(f32) // 5)
 gap = abs(sum(f32[-tail:]) / tail - sum(low[-tail:]) / tail)
 row(f"{dtype} vs float32 loss, mean of the last {tail} windows", f"{gap:.3f}", "", "", "<= 0.05", gap <= 0.05)
 
+chunked, full = r("dense"), r("dense-full")
+early = min(3, len(chunked["losses"]), len(full["losses"]))
+head_diff = max(abs(a - b) for a, b in zip(chunked["losses"][:early], full["losses"][:early]))
+row(f"chunked vs full head loss, {dtype}: max |loss diff|, first {early} windows", f"{head_diff:.2e}", "", "",
+    "<= 0.02", head_diff <= 0.02)
+row(f"chunked vs full head loss, {dense} {rows} rows tokens/s", f"{chunked['tokens_per_s']:,.0f}",
+    f"{full['tokens_per_s']:,.0f}", f"{chunked['tokens_per_s'] / full['tokens_per_s']:.2f}x", ">= 1.0x")
+
 def speed(what, ours, ref, target):
     a, b = r(ours), r(ref)
     ratio = a["tokens_per_s"] / b["tokens_per_s"]
@@ -173,6 +184,8 @@ if m["mfu"] is not None and dm["mfu"]:
     row(f"{moe} vs {dense} MFU at {moe_rows} rows", f"{100*m['mfu']:.1f}%", f"{100*dm['mfu']:.1f}%",
         f"{m['mfu'] / dm['mfu']:.2f}", ">= 0.70")
 peak = lambda x: f"{x:.1f} GiB" if x is not None else "n/a"
+row(f"chunked vs full head loss, {dense} {rows} rows peak GPU memory", peak(chunked["peak_gpu_gib"]),
+    peak(full["peak_gpu_gib"]), "", "lower")
 row(f"{dense} {rows} rows peak GPU memory", peak(d["peak_gpu_gib"]), peak(ref.get("peak_gpu_gib")), "",
     "<= the reference's")
 j = r("job")

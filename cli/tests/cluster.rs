@@ -176,6 +176,7 @@ fn two_nodes_train_together_and_the_job_is_visible_over_grpc() {
             "Commit",
             "ReportEval",
             "LocateDataloader",
+            "GetPlacement",
             "Leave"
         ])
     );

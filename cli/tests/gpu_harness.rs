@@ -57,12 +57,20 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
     };
     assert_eq!(row("same seed, CPU vs device")["ok"], true, "{printed}");
     assert_eq!(row("float32 vs float32 loss")["ok"], true, "{printed}");
+    // The chunked head loss against the full logits: both paths run, and on the CPU in
+    // float32 they agree far inside the GPU's bf16 tolerance.
+    assert_eq!(
+        row("chunked vs full head loss, float32")["ok"],
+        true,
+        "{printed}"
+    );
     for what in [
         "tiny 4 rows vs eager PyTorch",
         "tiny 2 rows vs eager PyTorch",
         "tiny: 2 rows vs 4 rows",
         "tiny-moe vs tiny MFU",
         "tiny 4 rows peak GPU memory",
+        "chunked vs full head loss, tiny 4 rows tokens/s",
         "job path vs one process",
         "serve 1 streams",
         "serve 8 streams",

@@ -541,9 +541,9 @@ fn shards_placed_on_three_dataloaders_are_fetched_only_there_and_a_lost_ones_mov
         &credentials,
     );
 
-    // Each dataloader holds the shards placed on it: two copies of every shard, none with all
-    // of them. The trainer's own dataloader also serves its evaluation batches, random
-    // windows anywhere in the train split, so it fetches the rest of the split as well.
+    // Each dataloader holds exactly the shards placed on it: two copies of every shard, none
+    // with all of them. The train-loss estimate at each evaluation reads in the job's order
+    // too, from the holders, so not even the trainer's own dataloader fetches the rest.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(s3.object("sharded/manifest.json")).unwrap())
             .unwrap();
@@ -565,7 +565,7 @@ fn shards_placed_on_three_dataloaders_are_fetched_only_there_and_a_lost_ones_mov
         if let (Some(own), Some(by_index)) = (evaluating(), by_index) {
             let holds = |i: usize| {
                 let c = &by_index[i];
-                !placed[i].is_empty() && placed[i].is_subset(c) && (i == own || placed[i] == *c)
+                !placed[i].is_empty() && placed[i] == *c
             };
             if placed.len() == 3 && (0..3).all(holds) {
                 break (placed, own);
@@ -583,11 +583,19 @@ fn shards_placed_on_three_dataloaders_are_fetched_only_there_and_a_lost_ones_mov
     let text = lillm_ok(&["status", "--coordinator", &job.address]);
     assert!(text.contains("shards on dataloader 2"), "{text}");
 
-    // Another dataloader dies for good a few steps in: the trainer reads the other copies,
+    // A dataloader other than the trainer's own (which streams its val batches) dies for good
+    // a few steps in: the trainer reads the other copies,
     // the coordinator moves its shards to the survivors, which fetch them.
     wait_until(Duration::from_secs(60), "a few steps", || {
         job.status()["summary"]["step"].as_u64().unwrap_or(0) >= 5
     });
+    // By now the trainer has estimated its train loss once (at step 0), from the holders.
+    let cached: Vec<_> = caches.iter().map(|c| shard_files(c)).collect();
+    let by_index = cache_by_index(&job, &loaders, &cached).unwrap();
+    assert_eq!(
+        by_index[own], placed[own],
+        "the trainer's own dataloader fetched more"
+    );
     let lost = (0..3).find(|&i| i != own).unwrap();
     let victim = loader_of_index(&job, lost);
     loaders[victim].kill();

@@ -270,6 +270,14 @@ fn requests_decoded_together_answer_as_they_do_alone() {
         "lillm_serve_requests_total{outcome=\"completed\"}",
     );
     assert_eq!(completed, 21.0, "{metrics}");
+    // The KV cache is allocated at start for every slot: keys and values × 2 layers × 8 slots
+    // × 2 KV heads × 128 positions × head dim 8 × 4 bytes (float32).
+    let kv = metric(&metrics, "lillm_serve_kv_cache_bytes");
+    assert_eq!(kv, (2 * 2 * 8 * 2 * 128 * 8 * 4) as f64, "{metrics}");
+    assert!(
+        metric(&metrics, "lillm_serve_weight_bytes") > 0.0,
+        "{metrics}"
+    );
     let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--max-batch", "0"]);
     assert!(zero.contains("--max-batch must be at least 1"), "{zero}");
     let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--threads", "0"]);

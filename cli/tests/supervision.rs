@@ -158,8 +158,10 @@ fn a_log_window_spanning_a_regroup_reports_what_a_run_without_one_does() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = tiny_data(dir.path(), 300);
     let straight = dir.path().join("straight");
-    // Windows of 150 steps: the freeze lands well inside the second one even on a machine
-    // many times faster than this one (the record of step 150 is polled every 100 ms).
+    // Windows of 150 steps: the freeze lands inside the second one, after a commit past step
+    // 150 (one every 20 steps) and well before step 300 even on a machine many times faster
+    // than this one (the log is polled every 100 ms). Freezing as soon as the record of step
+    // 150 appears could regroup from step 150 itself, before the window began.
     let mut straight_args = long_run_of(s(&tiny.data), s(&straight), "300");
     set_flag(&mut straight_args, "--log-interval", "150");
     lillm_ok(&straight_args);
@@ -170,8 +172,12 @@ fn a_log_window_spanning_a_regroup_reports_what_a_run_without_one_does() {
     let mut args = strings(&train);
     args.extend(strings(&["--nproc", "2"]));
     let mut job = launcher(dir.path(), &args);
-    wait_until(Duration::from_secs(120), "the record of step 150", || {
-        !losses(&run).is_empty()
+    wait_until(Duration::from_secs(120), "a commit past step 150", || {
+        job.log_text()
+            .lines()
+            .filter_map(|l| l.split("committed the checkpoint step=").nth(1))
+            .filter_map(|rest| rest.trim().parse::<u64>().ok())
+            .any(|step| step > 150 && step < 300)
     });
     let frozen = children_with(job.child.id(), "--local-rank=1");
     assert_eq!(frozen.len(), 1, "one trainer 1: {frozen:?}");

@@ -355,3 +355,44 @@ fn a_run_killed_mid_training_resumes_as_if_uninterrupted() {
         "no step lost, none repeated, same numbers"
     );
 }
+
+#[test]
+fn the_chunked_head_loss_trains_the_model_the_full_logits_train() {
+    // The loss through the output head a chunk of positions at a time (CUDA's default) is the
+    // full-logits loss with its gradients: the same run either way, to float32 rounding, on
+    // pretraining and on an MoE model (its router losses are added to it).
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    for moe in [false, true] {
+        let run = |head_loss: &str| {
+            let out = dir.path().join(format!("{head_loss}-{moe}"));
+            let mut args = tiny_train_args(s(&tiny.data), s(&out), "300", "20");
+            args.extend(["--dtype", "float32", "--head-loss", head_loss]);
+            if moe {
+                args.extend(["--experts", "4", "--experts-per-token", "2"]);
+            }
+            lillm_ok(&args);
+            losses(&out)
+        };
+        let (full, chunked) = (run("full"), run("chunked"));
+        assert_eq!(full.len(), 20, "{full:?}");
+        assert_eq!(
+            full.iter().map(|l| l.0).collect::<Vec<_>>(),
+            chunked.iter().map(|l| l.0).collect::<Vec<_>>()
+        );
+        for ((step, a), (_, b)) in full.iter().zip(&chunked) {
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                "moe {moe}, step {step}: full {a} vs chunked {b}"
+            );
+        }
+        // The training did move: a test of two frozen runs would prove nothing.
+        assert!(full[19].1 < full[0].1 - 0.5, "{full:?}");
+    }
+    let err = {
+        let mut args = tiny_train_args(s(&tiny.data), "unused", "300", "5");
+        args.extend(["--head-loss", "fused"]);
+        lillm_err(&args)
+    };
+    assert!(err.contains("head_loss") || err.contains("fused"), "{err}");
+}

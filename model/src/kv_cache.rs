@@ -5,6 +5,13 @@ use tch::{Device, Kind, Tensor};
 use crate::ModelConfig;
 
 /// Zeroed keys and values for every layer, shape (rows, kv_heads, positions, head_dim).
+/// Bytes of the keys and values of `rows` sequences of `positions` each, in every layer of
+/// `cfg`, stored as `kind`: what [`zeroed_layers`] allocates.
+pub fn kv_cache_bytes(cfg: &ModelConfig, rows: usize, positions: usize, kind: Kind) -> u64 {
+    let per_layer = rows * cfg.kv_heads * positions * cfg.head_dim();
+    (2 * cfg.n_layers * per_layer * kind.elt_size_in_bytes()) as u64
+}
+
 pub(crate) fn zeroed_layers(
     cfg: &ModelConfig,
     rows: usize,

@@ -15,6 +15,7 @@
 //! - `device`: device names (`auto`, `cpu`, `cuda:N`).
 //! - `hf`: Hugging Face Llama naming, RoPE permutation and `config.json`.
 
+pub mod chunked_loss;
 mod config;
 mod device;
 mod error;
@@ -31,7 +32,7 @@ pub mod weights;
 pub use config::{ModelConfig, MoeConfig, PRESETS};
 pub use device::{cpu_has_native_bf16, parse_device, parse_dtype};
 pub use error::{Error, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{kv_cache_bytes, KvCache};
 pub use lillm::LilLM;
 pub use lora::{LoraConfig, LORA_TARGETS};
 pub use moe::Routing;

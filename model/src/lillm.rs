@@ -502,6 +502,19 @@ impl LilLM {
         (self.head(&hidden), routing)
     }
 
+    /// Hidden states after the final norm (B, T, d), and for an MoE model in training its
+    /// routing: what [`Self::chunked_cross_entropy`] takes instead of logits.
+    pub fn hidden_routed(&self, tokens: &Tensor, train: bool) -> (Tensor, Option<Routing>) {
+        self.hidden(tokens, 0, None, train)
+    }
+
+    /// [`Self::mean_cross_entropy`] of these hidden states' logits, computed through the
+    /// output head a chunk of positions at a time ([`crate::chunked_loss`]).
+    pub fn chunked_cross_entropy(&self, hidden: &Tensor, targets: &Tensor) -> Tensor {
+        let rows = crate::chunked_loss::chunk_rows(self.cfg.vocab_size as i64);
+        crate::chunked_loss::mean_cross_entropy(hidden, &self.tok_emb, targets, rows)
+    }
+
     /// Mean token cross entropy over the targets that are not −1: sum(mask·CE)/sum(mask),
     /// with the count floored at 1 so an all-masked batch gives 0, never NaN.
     pub fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Tensor {

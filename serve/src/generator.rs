@@ -15,7 +15,7 @@ use lillm_model::{sample_rows, KvCache, LilLM, Sampler, SamplingParams, SlotCach
 use tch::Tensor;
 use tokio::sync::mpsc;
 
-use crate::metrics::{Metrics, Outcome as Ended};
+use crate::metrics::{Memory, Metrics, Outcome as Ended};
 use crate::text_stream::{IncrementalText, Step};
 
 /// Prompt tokens prefilled per step: bounds how long a long prompt holds up running streams.
@@ -101,6 +101,7 @@ impl Generator {
         // Bounded: a burst past the queue is refused, never held in memory.
         let (jobs, rx) = mpsc::channel::<GenRequest>(limits.max_queue);
         let (tok, metrics) = (tokenizer.clone(), Arc::new(Metrics::default()));
+        let _ = metrics.memory.set(Memory::of(&loaded, limits.max_batch));
         let figures = metrics.clone();
         std::thread::Builder::new()
             .name("lillm-generator".into())

@@ -163,6 +163,16 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
             .map_or(0, |d| d.as_secs()),
         counter: Arc::default(),
     };
+    if let Some(memory) = state.generator.metrics.memory.get() {
+        let context = state.generator.context;
+        eprintln!(
+            "memory on {}: weights {}, KV cache {} (--max-batch {} x {context} positions, {kind:?}), allocated at start",
+            args.device,
+            mib(memory.weight_bytes),
+            mib(memory.kv_cache_bytes),
+            args.max_batch,
+        );
+    }
     let addr: SocketAddr = format!("{}:{}", args.host, args.port)
         .parse()
         .with_context(|| {
@@ -173,6 +183,10 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
         })?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(run(addr, state, shutdown))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
 }
 
 /// Serves until `shutdown` is cancelled.

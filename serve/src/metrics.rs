@@ -4,7 +4,10 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use lillm_checkpoint::LoadedModel;
 
 /// Upper bounds (seconds) of the latency histograms' buckets.
 const BUCKETS: [f64; 12] = [
@@ -63,8 +66,38 @@ pub enum Outcome {
 
 const OUTCOMES: [&str; 5] = ["completed", "invalid", "busy", "cancelled", "failed"];
 
+/// What the server holds on its device from the start: the weights and the KV cache of
+/// every slot of the batch (`--max-batch` sequences of the whole context).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Memory {
+    pub weight_bytes: u64,
+    pub kv_cache_bytes: u64,
+}
+
+impl Memory {
+    pub fn of(loaded: &LoadedModel, max_batch: usize) -> Self {
+        let cfg = loaded.model.config();
+        Self {
+            weight_bytes: loaded
+                .vs
+                .variables()
+                .values()
+                .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                .sum(),
+            kv_cache_bytes: lillm_model::kv_cache_bytes(
+                cfg,
+                max_batch,
+                cfg.max_seq_len,
+                loaded.model.compute_kind(),
+            ),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Metrics {
+    /// Set once the generator holds the model.
+    pub memory: OnceLock<Memory>,
     requests: [AtomicU64; OUTCOMES.len()],
     /// Sequences in the running batch, now and at most so far.
     pub batch: AtomicU64,
@@ -119,6 +152,19 @@ impl Metrics {
                 self.prefill_peak.load(Ordering::Relaxed),
             ),
         ];
+        let memory = self.memory.get().copied().unwrap_or_default();
+        let gauges = gauges.into_iter().chain([
+            (
+                "lillm_serve_weight_bytes",
+                "Bytes of the model's weights on the device.",
+                memory.weight_bytes,
+            ),
+            (
+                "lillm_serve_kv_cache_bytes",
+                "Bytes of the KV cache allocated at start: every slot of --max-batch, the whole context.",
+                memory.kv_cache_bytes,
+            ),
+        ]);
         for (name, help, v) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }

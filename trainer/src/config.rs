@@ -103,10 +103,41 @@ pub struct JobConfig {
     /// of the serialised config when random, so existing jobs keep their fingerprint.
     #[serde(default, skip_serializing_if = "is_random")]
     pub data_order: DataOrder,
+    /// How next-token losses go through the output head: `full` logits of a micro-batch at
+    /// once (the reference), `chunked` (a chunk of positions at a time, never all the
+    /// logits), or `auto`: chunked on CUDA, full on CPU. Left out of the serialised config
+    /// when auto.
+    #[serde(default, skip_serializing_if = "is_auto")]
+    pub head_loss: HeadLoss,
 }
 
 fn is_random(order: &DataOrder) -> bool {
     *order == DataOrder::Random
+}
+
+fn is_auto(head_loss: &HeadLoss) -> bool {
+    *head_loss == HeadLoss::Auto
+}
+
+/// How the next-token loss goes through the output head (see [`JobConfig::head_loss`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadLoss {
+    #[default]
+    Auto,
+    Full,
+    Chunked,
+}
+
+impl HeadLoss {
+    /// Whether the loss is computed a chunk at a time on `device`.
+    pub fn chunked_on(self, device: tch::Device) -> bool {
+        match self {
+            Self::Auto => device.is_cuda(),
+            Self::Full => false,
+            Self::Chunked => true,
+        }
+    }
 }
 
 /// Where this process reads, writes and computes, and its place in the job: may differ
@@ -231,6 +262,7 @@ impl Default for JobConfig {
             dpo_beta: default_dpo_beta(),
             lora: None,
             data_order: DataOrder::Random,
+            head_loss: HeadLoss::Auto,
         }
     }
 }

@@ -31,8 +31,11 @@ pub enum Draw {
         micros_per_step: u64,
         order: DataOrder,
     },
-    /// An evaluation batch (the only micro-batch of its step), which every rank reads whole.
-    Eval,
+    /// An evaluation batch (the only micro-batch of its step), which every rank reads whole,
+    /// drawn in `order`: the train split's estimate in the job's order (so that with the
+    /// exactly-once order it reads placed shards from their holders), the val split's in
+    /// random windows.
+    Eval { order: DataOrder },
 }
 
 impl Draw {
@@ -41,7 +44,7 @@ impl Draw {
             Self::Train {
                 micros_per_step, ..
             } => micros_per_step,
-            Self::Eval => 1,
+            Self::Eval { .. } => 1,
         }
     }
 }
@@ -163,10 +166,7 @@ impl TrainData {
         let micros_per_step = draw.micros_per_step();
         let (inputs, targets) = match self {
             Self::Tokens(d) => {
-                let order = match draw {
-                    Draw::Train { order, .. } => order,
-                    Draw::Eval => DataOrder::Random,
-                };
+                let (Draw::Train { order, .. } | Draw::Eval { order }) = draw;
                 let windows = train_windows(d, order, key, micros_per_step, rows, seq)?;
                 let b = Batch::from_windows(&windows, rows, seq);
                 (b.inputs, b.targets)

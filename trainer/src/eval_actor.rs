@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 
+use lillm_data::epochs::DataOrder;
 use lillm_data::manifest::Split;
 use lillm_data::shards::BatchKey;
 use lillm_data::tokenizer::BOS_ID;
@@ -47,7 +48,14 @@ pub fn score(plan: &EvalPlan, dir: &std::path::Path) -> Result<(f64, String)> {
             step: i,
             micro: 0,
         };
-        let b = plan.data.batch(key, Draw::Eval, plan.rows, plan.seq)?;
+        let b = plan.data.batch(
+            key,
+            Draw::Eval {
+                order: DataOrder::Random,
+            },
+            plan.rows,
+            plan.seq,
+        )?;
         let shape = [b.rows as i64, b.seq as i64];
         let x = Tensor::from_slice(&b.inputs).view(shape);
         let y = Tensor::from_slice(&b.targets).view(shape);

@@ -11,7 +11,11 @@ use crate::checkpoint::{self, CheckpointState};
 use crate::{Error, LoadedModel, Result};
 
 pub enum Loss {
-    NextToken,
+    /// With `chunked`, through the output head a chunk of positions at a time
+    /// ([`LilLM::chunked_cross_entropy`]); else from the whole micro-batch's logits.
+    NextToken {
+        chunked: bool,
+    },
     Preference(Box<Reference>),
 }
 
@@ -131,10 +135,17 @@ impl Loss {
     /// Scores the batch `x → y` (−1 targets carry no loss). For DPO, `x` holds every
     /// chosen reply, then every rejected one.
     pub fn score(&self, model: &LilLM, x: &Tensor, y: &Tensor, train: bool) -> Scored {
-        let (logits, routing) = model.forward_routed(x, train);
-        let (loss, rewards) = match self {
-            Self::NextToken => (LilLM::mean_cross_entropy(&logits, y), None),
+        let (loss, rewards, routing) = match self {
+            Self::NextToken { chunked: true } => {
+                let (hidden, routing) = model.hidden_routed(x, train);
+                (model.chunked_cross_entropy(&hidden, y), None, routing)
+            }
+            Self::NextToken { chunked: false } => {
+                let (logits, routing) = model.forward_routed(x, train);
+                (LilLM::mean_cross_entropy(&logits, y), None, routing)
+            }
             Self::Preference(r) => {
+                let (logits, routing) = model.forward_routed(x, train);
                 let policy = sequence_logp(&logits, y);
                 let reference = tch::no_grad(|| sequence_logp(&r.model.model.forward(x, false), y));
                 let rewards = (policy - reference) * r.beta;
@@ -143,7 +154,7 @@ impl Loss {
                 let loss = -diff.log_sigmoid().mean(Kind::Float);
                 let diff = diff.detach();
                 let accuracy = diff.gt(0.0).to_kind(Kind::Float).mean(Kind::Float);
-                (loss, Some((accuracy, diff.mean(Kind::Float))))
+                (loss, Some((accuracy, diff.mean(Kind::Float))), routing)
             }
         };
         let objective = match &routing {

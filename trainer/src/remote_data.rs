@@ -85,7 +85,7 @@ impl RemoteData {
     pub fn batch(&self, key: BatchKey, draw: Draw, rows: usize, seq: usize) -> Result<MicroBatch> {
         let (micro_start, micro_count, order) = match draw {
             Draw::Train { order, .. } => (self.train_micros.0, self.train_micros.1, order),
-            Draw::Eval => (0, 1, DataOrder::Random),
+            Draw::Eval { order } => (0, 1, order),
         };
         let micros_per_step = draw.micros_per_step();
         let shape = StreamShape {

@@ -79,8 +79,14 @@ fn estimate(
             step: i,
             micro: 0,
         };
+        // The val split in random windows, as the original; the train split in the job's
+        // order, so that the exactly-once order reads only placed shards.
+        let order = match split {
+            Split::Train => cfg.job.data_order,
+            Split::Val => DataOrder::Random,
+        };
         let (x, y) = batch_tensors(
-            &data.batch(key, Draw::Eval, cfg.job.batch_size, seq)?,
+            &data.batch(key, Draw::Eval { order }, cfg.job.batch_size, seq)?,
             device,
         );
         loss.score(model, &x, &y, false).add_to(&total, 1.0);
@@ -262,7 +268,12 @@ impl Trainer {
             &vs,
             resume_from.as_ref(),
         )?;
-        let loss = reference.map_or(Loss::NextToken, |r| Loss::Preference(Box::new(r)));
+        let loss = match reference {
+            Some(r) => Loss::Preference(Box::new(r)),
+            None => Loss::NextToken {
+                chunked: cfg.job.head_loss.chunked_on(device),
+            },
+        };
         let rendezvous = match setup.rendezvous {
             Some(r) => Some(r),
             None => cfg.rendezvous()?,
@@ -450,11 +461,11 @@ impl Trainer {
             evaluated_at_step: self.evaluated_at_step,
             dataset_fingerprint: Some(self.data.tokenizer_fingerprint().to_string()),
             source: match self.loss {
-                Loss::NextToken => "train".into(),
+                Loss::NextToken { .. } => "train".into(),
                 Loss::Preference(_) => "dpo".into(),
             },
             reference_sha256: match &self.loss {
-                Loss::NextToken => None,
+                Loss::NextToken { .. } => None,
                 Loss::Preference(r) => Some(r.sha256.clone()),
             },
             lora: self.lora_base.clone(),

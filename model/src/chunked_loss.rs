@@ -1,0 +1,162 @@
+//! Next-token cross-entropy through the tied output head, a chunk of positions at a time:
+//! the (positions × vocab) float32 logits of a whole batch are never held at once.
+//!
+//! The unfused path ([`crate::LilLM::mean_cross_entropy`] of the full logits) keeps the
+//! logits, their softmax and their gradient alive for the backward pass: at the seed's
+//! shape (128 × 512 positions, vocab 6,400) that is 1.7 GB per copy. Here each chunk's
+//! logits are computed, turned into that chunk's loss and its gradients with respect to the
+//! hidden states and the head's weight (softmax minus the one-hot target, times the count's
+//! reciprocal), and dropped. The loss returned carries those gradients through a surrogate
+//! that is linear in the hidden states and the weight, so autograd hands the rest of the
+//! model exactly these gradients. The arithmetic is the unfused path's (three matmuls per
+//! chunk: the logits, then the two gradients); only what is kept differs.
+
+use tch::{Kind, Tensor};
+
+/// Float32 logits held at once, in bytes: a few hundred MiB keeps the matmuls large.
+const CHUNK_LOGIT_BYTES: i64 = 256 << 20;
+
+/// Rows per chunk for a vocabulary of `vocab` tokens.
+pub fn chunk_rows(vocab: i64) -> i64 {
+    (CHUNK_LOGIT_BYTES / (vocab.max(1) * 4)).max(1)
+}
+
+/// Mean cross-entropy of `hidden` (…, d) through the head `weight` (vocab, d) against
+/// `targets` (…), over the targets that are not −1 (their count floored at 1), computed
+/// `rows` positions at a time. Equal to the unfused loss of `hidden · weightᵀ`, with the
+/// same gradients, when `hidden` requires grad (in training it always does: it depends on
+/// the head's weight through the tied embedding; evaluation computes it under no-grad).
+pub fn mean_cross_entropy(hidden: &Tensor, weight: &Tensor, targets: &Tensor, rows: i64) -> Tensor {
+    let d = *hidden
+        .size()
+        .last()
+        .expect("hidden states have a feature dimension");
+    let h = hidden.reshape([-1, d]);
+    let y = targets.reshape([-1]);
+    let recording = hidden.requires_grad();
+    let count = y.ne(-1).sum(Kind::Float).clamp_min(1.0);
+    let (hd, wd) = (h.detach(), weight.detach().to_kind(h.kind()));
+    let positions = h.size()[0];
+    let total = Tensor::zeros([], (Kind::Float, h.device()));
+    let grad_h = recording.then(|| hd.zeros_like());
+    let grad_w = recording.then(|| Tensor::zeros(weight.size(), (Kind::Float, h.device())));
+    tch::no_grad(|| {
+        let mut start = 0;
+        while start < positions {
+            let len = rows.min(positions - start);
+            let (hc, yc) = (hd.narrow(0, start, len), y.narrow(0, start, len));
+            let logits = hc.matmul(&wd.tr()).to_kind(Kind::Float);
+            let lse = logits.logsumexp([1], true);
+            let counted = yc.ne(-1).to_kind(Kind::Float).unsqueeze(1);
+            let target = yc.clamp_min(0).unsqueeze(1);
+            let picked = logits.gather(1, &target, false);
+            let mut sum = total.shallow_clone();
+            sum += ((&lse - &picked) * &counted).sum(Kind::Float);
+            if let (Some(grad_h), Some(grad_w)) = (&grad_h, &grad_w) {
+                // d loss_sum / d logits = softmax − one-hot(target), zero on uncounted rows.
+                let mut p = (logits - &lse).exp_();
+                let _ = p.scatter_add_(1, &target, &(-&counted));
+                // Both products in the compute kind, as the unfused backward computes them.
+                let p = (p * &counted).to_kind(hd.kind());
+                let mut gh = grad_h.narrow(0, start, len);
+                gh.copy_(&p.matmul(&wd));
+                let mut gw = grad_w.shallow_clone();
+                gw += p.tr().matmul(&hc).to_kind(Kind::Float);
+            }
+            start += len;
+        }
+    });
+    let loss = total / &count;
+    let (Some(grad_h), Some(grad_w)) = (grad_h, grad_w) else {
+        return loss;
+    };
+    // value: `loss`; gradient: grad_h / count for the hidden states, grad_w / count for the
+    // weight (each product's own value is subtracted again, so only its gradient remains).
+    let linear = (&h * &grad_h).sum(Kind::Float)
+        + (weight * &grad_w.to_kind(weight.kind())).sum(Kind::Float);
+    loss + (&linear - linear.detach()) / count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn unfused(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Tensor {
+        let vocab = weight.size()[0];
+        let logits = hidden.matmul(&weight.tr()).view([-1, vocab]);
+        let total = logits.cross_entropy_loss::<Tensor>(
+            &targets.view([-1]),
+            None,
+            tch::Reduction::Sum,
+            -1,
+            0.0,
+        );
+        total / targets.ne(-1).sum(Kind::Float).clamp_min(1.0)
+    }
+
+    /// (loss, d loss / d hidden, d loss / d weight) of `f`.
+    fn with_grads(
+        f: impl Fn(&Tensor, &Tensor) -> Tensor,
+        hidden: &Tensor,
+        weight: &Tensor,
+    ) -> (f64, Tensor, Tensor) {
+        let h = hidden.detach().set_requires_grad(true);
+        let w = weight.detach().set_requires_grad(true);
+        // A downstream scale, as gradient accumulation applies.
+        let loss = f(&h, &w);
+        (loss.shallow_clone() * 0.5).backward();
+        (loss.double_value(&[]), h.grad(), w.grad())
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    fn case(seed: i64) -> (Tensor, Tensor, Tensor) {
+        tch::manual_seed(seed);
+        let hidden = Tensor::randn([3, 7, 16], (Kind::Float, Device::Cpu));
+        let weight = Tensor::randn([50, 16], (Kind::Float, Device::Cpu)) * 0.3;
+        let targets = Tensor::randint(50, [3, 7], (Kind::Int64, Device::Cpu));
+        // Some positions carry no loss (SFT's prompt tokens, padding).
+        let _ = targets.narrow(1, 0, 2).fill_(-1);
+        (hidden, weight, targets)
+    }
+
+    #[test]
+    fn chunks_of_any_size_give_the_unfused_loss_and_gradients() {
+        let (hidden, weight, targets) = case(1);
+        let (loss, gh, gw) = with_grads(|h, w| unfused(h, w, &targets), &hidden, &weight);
+        for rows in [1, 4, 21, 1000] {
+            let (c_loss, c_gh, c_gw) = with_grads(
+                |h, w| mean_cross_entropy(h, w, &targets, rows),
+                &hidden,
+                &weight,
+            );
+            assert!(
+                (loss - c_loss).abs() < 1e-5,
+                "rows {rows}: {loss} vs {c_loss}"
+            );
+            assert!(max_diff(&gh, &c_gh) < 1e-6, "rows {rows}: d/dhidden");
+            assert!(max_diff(&gw, &c_gw) < 1e-6, "rows {rows}: d/dweight");
+        }
+    }
+
+    #[test]
+    fn without_autograd_it_is_the_loss_alone_and_all_masked_is_zero() {
+        let (hidden, weight, targets) = case(2);
+        let plain = tch::no_grad(|| mean_cross_entropy(&hidden, &weight, &targets, 5));
+        assert!(!plain.requires_grad());
+        let expected = unfused(&hidden, &weight, &targets).double_value(&[]);
+        assert!((plain.double_value(&[]) - expected).abs() < 1e-5);
+        let none = targets.full_like(-1);
+        let zero = mean_cross_entropy(&hidden, &weight, &none, 5).double_value(&[]);
+        assert_eq!(zero, 0.0);
+    }
+
+    #[test]
+    fn the_chunk_holds_a_bounded_number_of_logits() {
+        assert_eq!(chunk_rows(6400), (256 << 20) / (6400 * 4));
+        assert_eq!(chunk_rows(1 << 40), 1);
+    }
+}
