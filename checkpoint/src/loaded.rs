@@ -83,6 +83,13 @@ impl LoadedModel {
         Ok(loaded)
     }
 
+    /// Computes in `kind` for inference, the weights stored in it
+    /// ([`weights::store_for_inference`]: the same logits as casting them at each use).
+    pub fn set_inference_kind(&mut self, kind: tch::Kind) {
+        self.model.set_compute_kind(kind);
+        weights::store_for_inference(&mut self.vs, kind);
+    }
+
     /// The checkpoint's tokenizer, or an error saying how to attach one.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {

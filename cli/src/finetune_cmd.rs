@@ -94,6 +94,9 @@ pub struct FineTuneRun {
     threads: Option<usize>,
     #[command(flatten)]
     lora: LoraArgs,
+    /// Where a bucket's --data, --init or --out is cached, and its credentials.
+    #[command(flatten)]
+    store: lillm_store::StoreArgs,
     /// Here, as `--nproc` local ranks (grad-accum is divided over them), or in a job.
     #[command(flatten)]
     launch: crate::job_cmd::LaunchArgs,
@@ -122,6 +125,9 @@ impl FineTuneRun {
                 device: self.device.clone(),
                 resume: self.resume,
                 threads: self.threads.unwrap_or(0),
+                cache_dir: self.store.cache_dir.clone(),
+                cache_bytes: self.store.cache_bytes.map(|b| b.to_string()),
+                credentials_file: self.store.credentials_file.clone(),
                 ..ProcessConfig::default()
             },
         }

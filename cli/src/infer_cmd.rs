@@ -31,6 +31,9 @@ pub struct SamplingArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// auto (bfloat16 on CUDA, float32 on a CPU), float32 or bfloat16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
     /// LoRA adapter checkpoint (`lillm sft --lora-rank`) to merge into --checkpoint, which
     /// must be the base it was trained on.
     #[arg(long)]
@@ -48,14 +51,18 @@ impl SamplingArgs {
         })?)
     }
 
-    /// Loads the checkpoint (with the --lora adapter merged in) on the requested device.
+    /// Loads the checkpoint (with the --lora adapter merged in) on the requested device, to
+    /// compute in --dtype as `lillm serve` does.
     pub fn load(&self, checkpoint: &std::path::Path) -> Result<LoadedModel> {
         let device = parse_device(&self.device)?;
+        let kind = lillm_serve::inference_kind(&self.dtype, device)?;
         let checkpoint = &crate::local_checkpoint(checkpoint)?;
-        Ok(match &self.lora {
+        let mut loaded = match &self.lora {
             Some(adapter) => LoadedModel::load_adapted(checkpoint, adapter, device)?,
             None => LoadedModel::load(checkpoint, device)?,
-        })
+        };
+        loaded.set_inference_kind(kind);
+        Ok(loaded)
     }
 }
 

@@ -614,3 +614,76 @@ fn shards_placed_on_three_dataloaders_are_fetched_only_there_and_a_lost_ones_mov
     // No sample lost or repeated: the job's losses are the single process's.
     assert_same_losses(&losses(&alone), &losses(&run));
 }
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `lillm sft --data s3://…/chat.jsonl`: the conversations are fetched into the node's
+/// cache and the run is the one on the local file; a run after the object was written again
+/// fetches the new one; a missing object is named.
+#[test]
+fn fine_tuning_reads_its_conversations_from_a_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3::start(dir.path());
+    let (_, pre) = tiny_pretrained(dir.path(), "64", "10");
+    let local = dir.path().join("chat.jsonl");
+    std::fs::write(&local, conversations(40)).unwrap();
+    let object = s3.object("ft/chat.jsonl");
+    std::fs::create_dir_all(object.parent().unwrap()).unwrap();
+    std::fs::copy(&local, &object).unwrap();
+    let cache = dir.path().join("cache");
+    let sft = |data: &str, out: &Path| -> Vec<String> {
+        [
+            "sft",
+            "--init",
+            s(&pre),
+            "--data",
+            data,
+            "--out",
+            s(out),
+            "--max-iters",
+            "12",
+            "--batch-size",
+            "4",
+            "--eval-interval",
+            "6",
+            "--eval-iters",
+            "1",
+            "--log-interval",
+            "1",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--val-fraction",
+            "0.1",
+            "--cache-dir",
+            s(&cache),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let url = "s3://lillm/ft/chat.jsonl";
+    let (here, there) = (dir.path().join("here"), dir.path().join("there"));
+    lillm_ok(&strs(&sft(s(&local), &here)));
+    s3.lillm(&strs(&sft(url, &there)));
+    common::job::assert_same_losses(&losses(&here), &losses(&there));
+
+    // Written again: the next run fetches the new conversations, not the cached copy.
+    let newer = conversations(60);
+    std::fs::write(&object, &newer).unwrap();
+    let again = dir.path().join("again");
+    s3.lillm(&strs(&sft(url, &again)));
+    let cached = cache.join("data/s3/lillm/ft/chat.jsonl");
+    assert_eq!(std::fs::read_to_string(&cached).unwrap(), newer);
+    assert_ne!(losses(&again), losses(&there));
+
+    let missing = "s3://lillm/ft/missing.jsonl";
+    let err = s3.lillm_err(SECRET_KEY, &strs(&sft(missing, &dir.path().join("none"))));
+    assert!(
+        err.contains(missing) && err.contains("no such object"),
+        "{err}"
+    );
+}

@@ -80,3 +80,15 @@ pub fn save_var_store(vs: &VarStore, path: &Path) -> Result<()> {
 pub fn load_var_store(vs: &VarStore, path: &Path) -> Result<()> {
     load_into(vs, &read_tensors(path)?, path)
 }
+
+/// Stores a model's weights in its compute `kind` for inference: a 16-bit model casts every
+/// weight to `kind` where it is used, so holding them in `kind` gives the same logits bit for
+/// bit, with half the memory and no cast per weight per forward (a decode step's many small
+/// kernels). Never for training: the optimizer updates float32 masters.
+pub fn store_for_inference(vs: &mut VarStore, kind: Kind) {
+    match kind {
+        Kind::BFloat16 => vs.bfloat16(),
+        Kind::Half => vs.half(),
+        _ => {}
+    }
+}

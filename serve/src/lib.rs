@@ -127,11 +127,7 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
         anyhow::bail!("--threads must be at least 1 (or left out for one per core)");
     }
     let device = lillm_model::parse_device(&args.device)?;
-    let kind = match lillm_model::parse_dtype(&args.dtype)? {
-        Some(kind) => kind,
-        None if device.is_cuda() => tch::Kind::BFloat16,
-        None => tch::Kind::Float,
-    };
+    let kind = inference_kind(&args.dtype, device)?;
     // A bucket URL is fetched into the cache (see `lillm_store::local_checkpoint`).
     let checkpoint =
         lillm_store::local_checkpoint(&args.checkpoint, &lillm_store::StoreOptions::default())?;
@@ -139,7 +135,7 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
         Some(adapter) => LoadedModel::load_adapted(&checkpoint, adapter, device)?,
         None => LoadedModel::load(&checkpoint, device)?,
     };
-    loaded.model.set_compute_kind(kind);
+    loaded.set_inference_kind(kind);
     let model_name = args.model_name.clone().unwrap_or_else(|| {
         // Named after what was fine-tuned last: the adapter, if any.
         let named = args.lora.as_ref().unwrap_or(&args.checkpoint);
@@ -183,6 +179,16 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
         })?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(run(addr, state, shutdown))
+}
+
+/// The compute kind `dtype` names for inference on `device`: `auto` is bf16 on CUDA and
+/// float32 on a CPU (where float32 decodes faster).
+pub fn inference_kind(dtype: &str, device: tch::Device) -> Result<tch::Kind> {
+    Ok(match lillm_model::parse_dtype(dtype)? {
+        Some(kind) => kind,
+        None if device.is_cuda() => tch::Kind::BFloat16,
+        None => tch::Kind::Float,
+    })
 }
 
 fn mib(bytes: u64) -> String {

@@ -213,6 +213,52 @@ impl Bucket {
         }
     }
 
+    /// The size of object `rel` and a tag that changes when it is written again (its ETag,
+    /// else its modification time), or `None` when there is none.
+    pub async fn version(&self, rel: &str) -> Result<Option<(u64, String)>> {
+        match self.store.head(&self.key(rel)).await {
+            Ok(meta) => {
+                let tag = meta
+                    .e_tag
+                    .unwrap_or_else(|| meta.last_modified.to_rfc3339());
+                Ok(Some((meta.size, tag)))
+            }
+            Err(e) if Error::is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::remote(&self.url_of(rel), e)),
+        }
+    }
+
+    /// Downloads `rel`, which has no manifest to verify it against, to `dest` (through a
+    /// temporary sibling): a copy of another size than `bytes` is fetched once more, then
+    /// refused with the object named.
+    pub async fn download_sized(&self, rel: &str, dest: &Path, bytes: u64) -> Result<()> {
+        let url = self.url_of(rel);
+        let parent = dest.parent().unwrap_or(Path::new("."));
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| Error::io(parent, e))?;
+        let tmp = temp_sibling(dest);
+        let mut got = 0;
+        for attempt in 0..2 {
+            got = self.fetch_to(rel, &tmp).await?.0;
+            if got == bytes {
+                return tokio::fs::rename(&tmp, dest)
+                    .await
+                    .map_err(|e| Error::io(dest, e));
+            }
+            if attempt == 0 {
+                tracing::warn!(object = %url, got, bytes, "a short download; fetching it again");
+            }
+        }
+        let _ = tokio::fs::remove_file(&tmp).await;
+        Err(Error::Corrupt {
+            url,
+            message: format!(
+                "twice downloaded as {got} bytes, but the bucket says {bytes}: the transfer is cut short; try again"
+            ),
+        })
+    }
+
     /// The names directly under `rel/` that are "directories" (common prefixes).
     pub async fn list_dirs(&self, rel: &str) -> Result<Vec<String>> {
         let listed = self

@@ -16,6 +16,7 @@ pub mod cache;
 pub mod credentials;
 pub mod dataset;
 mod error;
+pub mod object;
 pub mod run;
 
 pub use bucket::{is_url, Bucket, Expected};
@@ -117,16 +118,32 @@ pub fn local_dataset_blocking(location: &Path, options: &StoreOptions) -> Result
     if !is_url(&location.to_string_lossy()) {
         return Ok(location.to_path_buf());
     }
-    let work = || {
+    block_on_storage(|| local_dataset(location, options))
+}
+
+/// [`object::local_object`] for a caller outside any async runtime.
+pub fn local_object_blocking(location: &Path, options: &StoreOptions) -> Result<PathBuf> {
+    if !is_url(&location.to_string_lossy()) {
+        return Ok(location.to_path_buf());
+    }
+    block_on_storage(|| object::local_object(location, options))
+}
+
+/// Runs the storage work `work` makes on a runtime of its own (on a scoped thread when the
+/// caller is inside another runtime, which may not block).
+fn block_on_storage<F: std::future::Future<Output = Result<PathBuf>>>(
+    work: impl FnOnce() -> F + Send,
+) -> Result<PathBuf> {
+    let run = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Error::Usage(format!("cannot start the storage runtime: {e}")))?
-            .block_on(local_dataset(location, options))
+            .block_on(work())
     };
     match tokio::runtime::Handle::try_current() {
-        Ok(_) => std::thread::scope(|s| s.spawn(work).join().expect("storage thread")),
-        Err(_) => work(),
+        Ok(_) => std::thread::scope(|s| s.spawn(run).join().expect("storage thread")),
+        Err(_) => run(),
     }
 }
 

@@ -76,7 +76,10 @@ impl TrainData {
                     )
                 })?;
                 let tok = Tokenizer::load(tok_path)?;
-                let (data, fraction) = (&cfg.process.data, cfg.job.val_fraction);
+                // A bucket URL names one JSONL object, fetched into this node's cache.
+                let options = cfg.process.store_options()?;
+                let data = &lillm_store::local_object_blocking(&cfg.process.data, &options)?;
+                let fraction = cfg.job.val_fraction;
                 Ok(match cfg.job.objective {
                     Objective::Dpo => {
                         Self::Pairs(dpo::build(&tok, data, max_seq_len, fraction, cfg.job.seed)?)
