@@ -306,6 +306,7 @@ pub fn launch_local_job(
         ),
         _ => {}
     }
+    let resume_from = committed_in_bucket(cfg, state_dir.exists())?;
     std::fs::create_dir_all(&cfg.process.out).with_context(|| {
         format!(
             "{}: cannot create the run directory",
@@ -347,7 +348,10 @@ pub fn launch_local_job(
         ],
         // This command starts every member itself: a new group, whatever was saved. A
         // restarted coordinator, though, must remember the members it had.
-        first_start_args: vec!["--forget-members".into()],
+        first_start_args: ["--forget-members".to_string()]
+            .into_iter()
+            .chain(resume_from.map(|url| format!("--resume-from={url}")))
+            .collect(),
         env: Vec::new(),
         log: Some(logs.join("coordinator.log")),
     })?;
@@ -404,6 +408,25 @@ pub fn launch_local_job(
     start_trainers(&mut supervisor, &user, nproc)?;
     supervisor.run(shutdown)?;
     Ok(())
+}
+
+/// For a run directory in a bucket, what this node's run directory cannot say: a run that
+/// is not resumed must not write over the bucket's checkpoints, and one resumed on a node
+/// without the job's saved state (a fresh node) starts from the bucket's newest committed
+/// checkpoint, whose URL is returned for the coordinator.
+fn committed_in_bucket(cfg: &TrainConfig, has_job_state: bool) -> Result<Option<String>> {
+    let Some(bucket) = cfg.process.run_bucket()? else {
+        return Ok(None);
+    };
+    let newest = bucket.committed_steps()?.into_iter().max();
+    match (cfg.process.resume, newest) {
+        (false, Some(step)) => bail!(
+            "{} already holds checkpoints (the newest committed at step {step}); pass --resume to continue that run or choose another --out",
+            bucket.url()
+        ),
+        (true, Some(step)) if !has_job_state => Ok(Some(bucket.checkpoint_url(step))),
+        _ => Ok(None),
+    }
 }
 
 /// The node name of every member of a `--nproc` job.

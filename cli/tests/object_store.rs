@@ -687,3 +687,42 @@ fn fine_tuning_reads_its_conversations_from_a_bucket() {
         "{err}"
     );
 }
+
+/// A `--nproc 2` job whose run directory is a bucket, started again on a node with nothing
+/// local: without --resume it refuses to write over the bucket's run; with --resume its new
+/// coordinator resumes from the bucket's newest committed checkpoint, and the run ends as
+/// one uninterrupted process would.
+#[test]
+fn a_local_job_in_a_bucket_resumes_on_a_fresh_node_from_its_committed_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let s3 = S3::start(dir.path());
+    let tiny = tiny_data(dir.path(), 300);
+    prepare_in_bucket(&s3, &tiny, &dir.path().join("cache-prep"));
+    let straight = dir.path().join("straight");
+    lillm_ok(&tiny_train_args(s(&tiny.data), s(&straight), "300", "40"));
+
+    let url = "s3://lillm/runs/job";
+    let job = |iters: &'static str, node: &Path, resume: bool| -> Vec<String> {
+        let mut args = tiny_train_args("s3://lillm/data/", url, "300", iters);
+        args.extend(["--nproc", "2", "--cache-dir", s(node)]);
+        if resume {
+            args.push("--resume");
+        }
+        args.iter().map(|a| a.to_string()).collect()
+    };
+    // Node one runs the first 20 steps (committed to the bucket) and is gone with its disk.
+    s3.lillm(&strs(&job("20", &dir.path().join("node-one"), false)));
+    assert!(s3
+        .object("runs/job/checkpoints/step-00000020/manifest.json")
+        .is_file());
+
+    let node_two = dir.path().join("node-two");
+    let err = s3.lillm_err(SECRET_KEY, &strs(&job("40", &node_two, false)));
+    assert!(
+        err.contains(url) && err.contains("step 20") && err.contains("--resume"),
+        "{err}"
+    );
+    s3.lillm(&strs(&job("40", &node_two, true)));
+    let bucket_run = s3.root.join(BUCKET).join("runs/job");
+    common::job::assert_same_losses(&losses(&straight), &losses(&bucket_run));
+}

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
-use crate::{serve, JobConfig, ServerConfig};
+use crate::{serve, Commit, JobConfig, ServerConfig};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -60,6 +60,10 @@ pub struct Args {
     /// config (it still resumes from its last committed checkpoint).
     #[arg(long)]
     forget_members: bool,
+    /// A checkpoint in the run's bucket (`s3://…/checkpoints/step-N`) to resume the job from
+    /// when --state-dir holds no state (a fresh node); ignored when it does.
+    #[arg(long)]
+    resume_from: Option<String>,
     /// Serve gRPC over TLS with this certificate (PEM); members then need LILLM_TLS_CA.
     #[arg(long, env = "LILLM_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -140,6 +144,12 @@ fn settings(args: Args) -> anyhow::Result<Settings> {
 /// Serves the job until `shutdown` is cancelled (by `main`, on SIGTERM or Ctrl-C).
 pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let forget_members = args.forget_members;
+    let resume_commit = args
+        .resume_from
+        .as_deref()
+        .map(Commit::in_bucket)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--resume-from {e}"))?;
     let s = settings(args)?;
     let nodes = s
         .nodes
@@ -171,6 +181,7 @@ pub fn run(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
             _ => anyhow::bail!("TLS needs both tls_cert and tls_key"),
         },
         forget_members,
+        resume_commit,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let span = tracing::info_span!("coordinator", role = "coordinator");

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::service::now_ms;
-use crate::{metrics, Coordinator, JobConfig, State, StateStore};
+use crate::{metrics, Commit, Coordinator, JobConfig, State, StateStore};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -29,6 +29,9 @@ pub struct ServerConfig {
     /// Start a new group from the saved state: forget its members (see
     /// [`State::without_members`]).
     pub forget_members: bool,
+    /// With no saved state: resume the job from this commit (a checkpoint in the run's
+    /// bucket, see [`State::resuming`]).
+    pub resume_commit: Option<Commit>,
 }
 
 /// Restores the saved state (or starts a new job) and serves until `shutdown` is
@@ -67,7 +70,17 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
             );
             saved
         }
-        None => State::new(cfg.job.clone()),
+        None => match cfg.resume_commit.clone() {
+            Some(commit) => {
+                tracing::info!(
+                    step = commit.step,
+                    checkpoint = %commit.path,
+                    "no saved state: the job resumes from the bucket's committed checkpoint"
+                );
+                State::resuming(cfg.job.clone(), commit)
+            }
+            None => State::new(cfg.job.clone()),
+        },
     };
     store.save(&state)?;
     let coordinator = Coordinator::new(state, store);

@@ -86,6 +86,28 @@ pub struct Commit {
     pub copies: BTreeMap<String, String>,
 }
 
+impl Commit {
+    /// The checkpoint at `url` (`…/checkpoints/step-N`, in a run's bucket) as the commit a
+    /// new coordinator resumes the job from: a copy in object storage needs no other.
+    pub fn in_bucket(url: &str) -> Result<Self, String> {
+        let step = url
+            .trim_end_matches('/')
+            .rsplit_once("/checkpoints/step-")
+            .filter(|(_, _)| url.contains("://"))
+            .and_then(|(_, step)| step.parse::<u64>().ok())
+            .ok_or_else(|| {
+                format!("{url}: not a checkpoint in a bucket (s3://…/checkpoints/step-N)")
+            })?;
+        Ok(Self {
+            step,
+            path: url.trim_end_matches('/').to_string(),
+            generation: 0,
+            val_loss: None,
+            copies: BTreeMap::new(),
+        })
+    }
+}
+
 /// The evaluation actor's latest score.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
@@ -174,6 +196,15 @@ impl State {
             last_tick_ms: 0,
             dataset: None,
             placement: None,
+        }
+    }
+
+    /// A new job that resumes from `commit`: a run whose checkpoints are in a bucket, started
+    /// again where no coordinator state survived (a fresh node).
+    pub fn resuming(config: JobConfig, commit: Commit) -> Self {
+        Self {
+            last_commit: Some(commit),
+            ..Self::new(config)
         }
     }
 
@@ -368,5 +399,50 @@ mod members_as_list {
     ) -> Result<BTreeMap<MemberId, Member>, D::Error> {
         let list = Vec::<Member>::deserialize(d)?;
         Ok(list.into_iter().map(|m| (m.id.clone(), m)).collect())
+    }
+}
+
+#[cfg(test)]
+mod commit_tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_checkpoint_is_the_commit_a_new_job_resumes_from() {
+        let url = "s3://b/runs/demo/checkpoints/step-00000120/";
+        let commit = Commit::in_bucket(url).unwrap();
+        assert_eq!(commit.step, 120);
+        assert_eq!(commit.path, "s3://b/runs/demo/checkpoints/step-00000120");
+        let job = JobConfig {
+            nodes: 2,
+            trainers: 2,
+            dataloaders: 2,
+            job_token: String::new(),
+            heartbeat_timeout_ms: 2_000,
+            store_port: 29500,
+            min_nodes: None,
+            elastic_grace_ms: 30_000,
+        };
+        let state = State::resuming(job, commit);
+        assert_eq!(
+            state.resume_point(),
+            (120, Some("s3://b/runs/demo/checkpoints/step-00000120"))
+        );
+        // Every node reads the bucket's copy.
+        assert_eq!(
+            state.resume_copy_on("any-node"),
+            Some("s3://b/runs/demo/checkpoints/step-00000120")
+        );
+    }
+
+    #[test]
+    fn anything_but_a_bucket_checkpoint_is_refused_by_name() {
+        for bad in [
+            "runs/demo/checkpoints/step-00000120",
+            "s3://b/runs/demo",
+            "s3://b/runs/demo/checkpoints/step-x",
+        ] {
+            let err = Commit::in_bucket(bad).unwrap_err();
+            assert!(err.contains(bad), "{err}");
+        }
     }
 }

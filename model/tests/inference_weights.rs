@@ -57,7 +57,10 @@ fn same_logits_of(cfg: ModelConfig) {
     // they now give the bf16-rounded weights' logits, not the original ones.
     model.set_compute_kind(Kind::Float);
     let rounded = tch::no_grad(|| model.forward(&ids, false));
-    assert!(!rounded.equal(&original), "the model still holds float32 weights");
+    assert!(
+        !rounded.equal(&original),
+        "the model still holds float32 weights"
+    );
 }
 
 #[test]
