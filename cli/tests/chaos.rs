@@ -11,23 +11,8 @@ use common::*;
 #[test]
 fn a_job_under_random_sigkills_of_every_role_trains_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
-    let tiny = tiny_data(dir.path(), 300);
     // Small shards, so that each dataloader holds some and not others.
-    let data = dir.path().join("sharded");
-    lillm_ok(&[
-        "data",
-        "prepare",
-        "--tokenizer",
-        s(&tiny.tokenizer),
-        "--input",
-        s(&tiny.corpus),
-        "--out",
-        s(&data),
-        "--val-fraction",
-        "0.1",
-        "--shard-tokens",
-        "2000",
-    ]);
+    let data = sharded_data(dir.path());
     let out = dir.path().join("chaos");
     let figures = dir.path().join("chaos.json");
     let bin = env!("CARGO_BIN_EXE_lillm");

@@ -20,27 +20,6 @@ const SEQ: u32 = 32;
 const ROWS: u32 = 4;
 const MICROS: u32 = 6;
 
-/// A tiny dataset cut into shards of 2,000 tokens, so that the order shuffles shards too.
-fn sharded_data(dir: &std::path::Path) -> std::path::PathBuf {
-    let tiny = tiny_data(dir, 300);
-    let data = dir.join("sharded");
-    lillm_ok(&[
-        "data",
-        "prepare",
-        "--tokenizer",
-        s(&tiny.tokenizer),
-        "--input",
-        s(&tiny.corpus),
-        "--out",
-        s(&data),
-        "--val-fraction",
-        "0.1",
-        "--shard-tokens",
-        "2000",
-    ]);
-    data
-}
-
 /// Every window the dataloader streams for `steps` steps, in (step, micro) order, read by
 /// `world` ranks each taking its share of the micro-batches; the ranks' streams start at
 /// step `from` (a resume).

@@ -104,3 +104,22 @@ impl KvCache {
         self.len += tokens;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_count_is_what_the_cache_allocates() {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let allocated: usize = zeroed_layers(&cfg, 3, cfg.max_seq_len, Kind::BFloat16, Device::Cpu)
+            .iter()
+            .map(|(k, v)| (k.numel() + v.numel()) * 2)
+            .sum();
+        // keys and values × layers × slots × kv heads × context × head dim × 2 bytes
+        let by_hand = 2 * cfg.n_layers * 3 * cfg.kv_heads * cfg.max_seq_len * cfg.head_dim() * 2;
+        assert_eq!(allocated, by_hand);
+        let counted = kv_cache_bytes(&cfg, 3, cfg.max_seq_len, Kind::BFloat16);
+        assert_eq!(counted, by_hand as u64);
+    }
+}

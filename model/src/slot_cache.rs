@@ -27,14 +27,6 @@ impl SlotCache {
         }
     }
 
-    /// Bytes the keys and values of every slot take on the device, allocated at start.
-    pub fn bytes(&self) -> u64 {
-        self.layers
-            .iter()
-            .map(|(k, v)| ((k.numel() + v.numel()) * k.kind().elt_size_in_bytes()) as u64)
-            .sum()
-    }
-
     /// Slots holding a sequence (they are `0..used`).
     pub fn used(&self) -> usize {
         self.lens.len()
@@ -113,23 +105,5 @@ impl SlotCache {
             assert!(*len < self.capacity, "KV cache slot overflow");
             *len += 1;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_cache_reports_the_bytes_it_allocated() {
-        let cfg = ModelConfig::preset("tiny").unwrap();
-        let slots = SlotCache::new(&cfg, 3, Kind::BFloat16, Device::Cpu);
-        // keys and values × layers × slots × kv heads × context × head dim × 2 bytes
-        let expected = 2 * cfg.n_layers * 3 * cfg.kv_heads * cfg.max_seq_len * cfg.head_dim() * 2;
-        assert_eq!(slots.bytes(), expected as u64);
-        assert_eq!(
-            crate::kv_cache_bytes(&cfg, 3, cfg.max_seq_len, Kind::BFloat16),
-            slots.bytes()
-        );
     }
 }

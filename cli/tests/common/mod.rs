@@ -222,6 +222,27 @@ pub fn tiny_pretrained(dir: &Path, max_seq_len: &str, iters: &str) -> (TinyData,
     (tiny, run)
 }
 
+/// A tiny dataset cut into shards of 2,000 tokens, so that the order shuffles shards too.
+pub fn sharded_data(dir: &Path) -> PathBuf {
+    let tiny = tiny_data(dir, 300);
+    let data = dir.join("sharded");
+    lillm_ok(&[
+        "data",
+        "prepare",
+        "--tokenizer",
+        s(&tiny.tokenizer),
+        "--input",
+        s(&tiny.corpus),
+        "--out",
+        s(&data),
+        "--val-fraction",
+        "0.1",
+        "--shard-tokens",
+        "2000",
+    ]);
+    data
+}
+
 /// (step, training loss) of every logged step of a run.
 pub fn losses(run: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
