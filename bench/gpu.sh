@@ -12,7 +12,9 @@
 #                 PyTorch, --compile and bf16 autocast) at $ROWS and $SMALL_ROWS rows, the
 #                 larger preset, the MoE preset's MFU against the dense one's, the job path
 #                 (coordinator + dataloader + trainer) against one process; peak GPU memory
-#   serving       `lillm serve` on the dense model under 1, 8 and 32 streaming clients
+#   serving       `lillm serve` (CUDA graphs) on the dense, large and MoE runs under 1, 8 and
+#                 32 streaming clients; greedy answers with graphs, without capture and
+#                 eager; a seeded answer alone and batched; `lillm generate`'s one stream
 #
 # Rehearse on a CPU (the test cli/tests/gpu_harness.rs does): DEVICE=cpu DTYPE=float32 with
 # tiny presets, a few steps and COMPILE=0.
@@ -128,22 +130,57 @@ trap 'kill $COORD $LOADER 2>/dev/null || true' EXIT
 train job "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS" --coordinator 127.0.0.1:$CPORT --node gpu
 kill $COORD $LOADER 2>/dev/null || true
 
-echo "== serving: lillm serve on the $DENSE run, 1, 8 and 32 streams x ${SERVE_SECONDS}s"
-$LILLM serve --checkpoint "$OUT/dense" --port 0 --device "$DEVICE" --dtype "$DTYPE" \
-  --model-name "$DENSE" --max-batch 32 > "$OUT/serve.log" 2>&1 &
-SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true' EXIT
-until grep -q "serving" "$OUT/serve.log" 2>/dev/null; do
-  kill -0 $SERVER 2>/dev/null || { cat "$OUT/serve.log"; exit 1; }
-  sleep 0.2
-done
-URL=$(sed -n 's/.* on \(http:[^ ]*\)\/ .*/\1/p' "$OUT/serve.log")
-"$PYTHON" bench/generation_bench.py "$URL" "$DENSE" $SERVER "$SERVE_SECONDS" "$SERVE_SECONDS" > "$OUT/serve.json"
-kill $SERVER; wait $SERVER 2>/dev/null || true
+# The decode step as CUDA graphs; on a CPU rehearsal, the same fixed-shape step uncaptured.
+FAST_DECODE=graphs
+[ "$DEVICE" = cpu ] && FAST_DECODE=static
 
-"$PYTHON" - "$OUT" "$DENSE" "$LARGE" "$MOE" "$ROWS" "$SMALL_ROWS" "$LARGE_ROWS" "$MOE_ROWS" "$DTYPE" "$COMPILE" <<'PY'
+# start_server NAME CHECKPOINT MODEL DECODE: `lillm serve` in the background ($SERVER, $URL).
+start_server() {
+  local name=$1 checkpoint=$2 model=$3 decode=$4
+  $LILLM serve --checkpoint "$checkpoint" --port 0 --device "$DEVICE" --dtype "$DTYPE" \
+    --model-name "$model" --max-batch 32 --decode "$decode" > "$OUT/$name.log" 2>&1 &
+  SERVER=$!
+  trap 'kill $SERVER 2>/dev/null || true' EXIT
+  until grep -q "serving" "$OUT/$name.log" 2>/dev/null; do
+    kill -0 $SERVER 2>/dev/null || { cat "$OUT/$name.log"; exit 1; }
+    sleep 0.2
+  done
+  URL=$(sed -n 's/.* on \(http:[^ ]*\)\/ .*/\1/p' "$OUT/$name.log")
+}
+stop_server() { kill $SERVER; wait $SERVER 2>/dev/null || true; }
+
+for run in dense:$DENSE large:$LARGE moe:$MOE; do
+  name=${run%%:*} model=${run#*:}
+  echo "== serving: lillm serve on the $model run ($FAST_DECODE), 1, 8 and 32 streams x ${SERVE_SECONDS}s"
+  start_server "serve-$name" "$OUT/$name" "$model" "$FAST_DECODE"
+  "$PYTHON" bench/generation_bench.py "$URL" "$model" $SERVER "$SERVE_SECONDS" "$SERVE_SECONDS" \
+    > "$OUT/serve-$name.json"
+  stop_server
+done
+
+echo "== decode check: greedy answers with and without graphs, a seeded answer alone and batched"
+for decode in eager static "$FAST_DECODE"; do
+  start_server "check-$decode" "$OUT/dense" "$DENSE" "$decode"
+  "$PYTHON" bench/decode_check.py "$URL" "$DENSE" > "$OUT/check-$decode.json"
+  stop_server
+done
+
+echo "== lillm generate: one stream, 256 tokens, eager and $FAST_DECODE"
+for decode in eager "$FAST_DECODE"; do
+  $LILLM generate --checkpoint "$OUT/dense" --prompt "The king" --max-new-tokens 256 \
+    --temperature 1.0 --seed 3 --device "$DEVICE" --dtype "$DTYPE" --decode "$decode" \
+    --timing > "$OUT/generate-$decode.txt" 2> "$OUT/generate-$decode.log"
+  "$PYTHON" -c '
+import json, re, sys
+line = [l for l in open(sys.argv[1]) if "tokens/s" in l][-1]
+n, rate = re.match(r"(\d+) tokens.*: ([\d.na/]+) tokens/s", line).groups()
+print(json.dumps({"tokens": int(n), "tokens_per_s": float(rate) if rate != "n/a" else None}))
+' "$OUT/generate-$decode.log" > "$OUT/generate-$decode.json"
+done
+
+"$PYTHON" - "$OUT" "$DENSE" "$LARGE" "$MOE" "$ROWS" "$SMALL_ROWS" "$LARGE_ROWS" "$MOE_ROWS" "$DTYPE" "$COMPILE" "$FAST_DECODE" <<'PY'
 import json, sys
-out, dense, large, moe, rows, small, large_rows, moe_rows, dtype, compiled = sys.argv[1:]
+out, dense, large, moe, rows, small, large_rows, moe_rows, dtype, compiled, fast = sys.argv[1:]
 torch_side = "compiled PyTorch" if compiled == "1" else "eager PyTorch"
 r = lambda name: json.load(open(f"{out}/{name}.json"))
 gpu = open(f"{out}/gpu.txt").read().strip()
@@ -191,11 +228,29 @@ row(f"{dense} {rows} rows peak GPU memory", peak(d["peak_gpu_gib"]), peak(ref.ge
 j = r("job")
 row(f"job path vs one process, {dense} {rows} rows", f"{j['tokens_per_s']:,.0f}", f"{d['tokens_per_s']:,.0f}",
     f"{j['tokens_per_s'] / d['tokens_per_s']:.2f}", "~1.0")
-serve = r("serve")
-for level in serve["levels"]:
-    row(f"serve {level['streams']} streams: tokens/s, TTFT p99, inter-token p50/p99 ms",
-        f"{level['tokens_per_s']:,.0f}", f"{level['ttft_p99_ms']:.0f} / {level['itl_p50_ms']:.1f} / {level['itl_p99_ms']:.1f}",
-        "", {1: ">= 1000 tok/s", 8: "p99 <= 3x p50, TTFT p99 <= 50 ms", 32: ">= 20000 tok/s"}.get(level["streams"], ""))
+errors = 0
+for name, model in [("dense", dense), ("large", large), ("moe", moe)]:
+    for level in r(f"serve-{name}")["levels"]:
+        target = {1: ">= 1000 tok/s", 8: "p99 <= 3x p50, TTFT p99 <= 50 ms", 32: ">= 20000 tok/s"}
+        row(f"serve {model} ({fast}) {level['streams']} streams: tokens/s; TTFT p99, ITL p50/p99 ms",
+            f"{level['tokens_per_s']:,.0f}",
+            f"{level['ttft_p99_ms']:.0f} / {level['itl_p50_ms']:.1f} / {level['itl_p99_ms']:.1f}", "",
+            target.get(level["streams"], "") if name == "dense" else "")
+        errors += level["errors"]
+row("serving: failed requests, every model and level", f"{errors}", "", "", "0", errors == 0)
+eager, fixed, graphs = r("check-eager"), r("check-static"), r(f"check-{fast}")
+row(f"greedy answers, {fast} vs static (the same step uncaptured)",
+    f"{sum(a == b for a, b in zip(graphs['greedy'], fixed['greedy']))}/{len(fixed['greedy'])}", "", "",
+    "all identical", graphs["greedy"] == fixed["greedy"])
+row(f"greedy answers, {fast} vs eager", f"{sum(a == b for a, b in zip(graphs['greedy'], eager['greedy']))}"
+    f"/{len(eager['greedy'])}", "", "", "identical (in float32; bf16 may round apart)")
+row(f"seeded answer alone vs among 8 streams ({fast})", "same" if graphs["alone"] == graphs["together"] else "differs",
+    "", "", "same", graphs["alone"] == graphs["together"])
+g_fast, g_eager = r(f"generate-{fast}"), r("generate-eager")
+if g_fast["tokens_per_s"] and g_eager["tokens_per_s"]:
+    row(f"lillm generate {dense}, one stream, {g_fast['tokens']} tokens: tokens/s ({fast} vs eager)",
+        f"{g_fast['tokens_per_s']:,.0f}", f"{g_eager['tokens_per_s']:,.0f}",
+        f"{g_fast['tokens_per_s'] / g_eager['tokens_per_s']:.2f}x", ">= 1000 tok/s")
 print(f"\nlillm on {gpu}")
 print(f"{'what':<66} {'lillm':>12} {'baseline':>22} {'ratio':>7}  target")
 for x in rows_out:

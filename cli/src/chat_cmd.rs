@@ -6,11 +6,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use lillm_data::sft::{render_prompt, Message};
-use lillm_data::tokenizer::EOS_ID;
-use lillm_model::generate;
 
-use crate::infer_cmd::SamplingArgs;
-use lillm_serve::text_stream::{IncrementalText, Step};
+use crate::infer_cmd::{stream_reply, SamplingArgs};
 
 #[derive(Args)]
 pub struct ChatArgs {
@@ -22,16 +19,16 @@ pub struct ChatArgs {
 }
 
 pub fn chat(args: ChatArgs) -> Result<()> {
-    let loaded = args.sampling.load(&args.checkpoint)?;
-    let tok = loaded.tokenizer()?;
-    let context = loaded.model.config().max_seq_len;
-    let mut sampler = args.sampling.sampler()?;
+    let generator = args.sampling.generator(&args.checkpoint)?;
+    let tok = &generator.tokenizer;
+    let context = generator.context;
+    let mut turn = 0;
     let mut history: Vec<Message> = Vec::new();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     eprintln!(
         "chatting with {} — /reset clears the history, /quit or Ctrl-D leaves",
-        loaded.dir.display()
+        args.checkpoint.display()
     );
     loop {
         write!(out, "you> ")?;
@@ -70,29 +67,20 @@ pub fn chat(args: ChatArgs) -> Result<()> {
         }
         write!(out, "lillm> ")?;
         out.flush()?;
-        let mut text = IncrementalText::new(tok, Vec::new());
-        let mut reply = String::new();
         let budget = args.sampling.max_new_tokens.min(context - prompt.len());
-        generate(
-            &loaded.model,
-            &prompt,
+        // Each turn samples with its own seed (--seed plus the turn), reproducibly.
+        let reply = stream_reply(
+            &generator,
+            prompt,
             budget,
-            &mut sampler,
-            &[EOS_ID],
-            |id| match text.push(id) {
-                Ok(Step::Continue(delta)) | Ok(Step::Stop(delta)) => {
-                    reply.push_str(&delta);
-                    write!(out, "{delta}").and_then(|_| out.flush()).is_ok()
-                }
-                Err(_) => false,
-            },
+            args.sampling.params(turn)?,
+            &mut out,
         )?;
-        let rest = text.finish()?;
-        reply.push_str(&rest);
-        writeln!(out, "{rest}")?;
+        turn += 1;
+        writeln!(out)?;
         history.push(Message {
             role: "assistant".into(),
-            content: reply,
+            content: reply.text,
         });
     }
     Ok(())

@@ -6,12 +6,10 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use lillm_checkpoint::LoadedModel;
-use lillm_data::tokenizer::EOS_ID;
 use lillm_model::eval::eval_ids;
 use lillm_model::parse_device;
-use lillm_model::{generate as generate_tokens, Sampler, SamplingParams, StopReason};
-
-use lillm_serve::text_stream::{IncrementalText, Step};
+use lillm_model::SamplingParams;
+use lillm_serve::{DecodeMode, GenEvent, GenRequest, Generator, Limits};
 
 /// Sampling flags shared by `generate` and `chat`.
 #[derive(Args)]
@@ -38,17 +36,41 @@ pub struct SamplingArgs {
     /// must be the base it was trained on.
     #[arg(long)]
     pub lora: Option<PathBuf>,
+    /// How decode steps run, as in `lillm serve`: auto (CUDA graphs on a GPU), eager,
+    /// graphs or static.
+    #[arg(long, default_value = "auto")]
+    pub decode: String,
 }
 
 impl SamplingArgs {
-    pub fn sampler(&self) -> Result<Sampler> {
-        Ok(Sampler::new(SamplingParams {
+    /// The sampling of one reply, seeded with `--seed` plus `offset` (a chat's turn).
+    pub fn params(&self, offset: u64) -> Result<SamplingParams> {
+        let params = SamplingParams {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
-            seed: self.seed,
+            seed: self.seed.wrapping_add(offset),
             ..SamplingParams::default()
-        })?)
+        };
+        params.validate()?;
+        Ok(params)
+    }
+
+    /// The checkpoint loaded as [`Self::load`] does, in the generation thread `lillm serve`
+    /// decodes with (one sequence at a time).
+    pub fn generator(&self, checkpoint: &std::path::Path) -> Result<Generator> {
+        let loaded = self.load(checkpoint)?;
+        let device = loaded.model.device();
+        let decode = DecodeMode::parse(&self.decode, device, &loaded.model)?;
+        Generator::new(
+            loaded,
+            Limits {
+                max_batch: 1,
+                max_queue: 1,
+                threads: None,
+                decode,
+            },
+        )
     }
 
     /// Loads the checkpoint (with the --lora adapter merged in) on the requested device, to
@@ -124,54 +146,137 @@ pub struct GenerateArgs {
     prompt: String,
     #[arg(long, value_enum, default_value = "pretrain")]
     mode: Mode,
+    /// Print to stderr how many tokens were generated and the decode speed (tokens per
+    /// second after the first token, which the prompt's prefill delays).
+    #[arg(long)]
+    timing: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let loaded = args.sampling.load(&args.checkpoint)?;
-    let tok = loaded.tokenizer()?;
+    let generator = args.sampling.generator(&args.checkpoint)?;
     let text = match args.mode {
         Mode::Pretrain => args.prompt.clone(),
         Mode::Sft => chat_prompt(&args.prompt),
     };
-    let prompt = tok.encode(&text)?;
-    let mut sampler = args.sampling.sampler()?;
+    let prompt = generator.tokenizer.encode(&text)?;
     let mut out = std::io::stdout().lock();
     if matches!(args.mode, Mode::Pretrain) {
         write!(out, "{}", args.prompt)?;
     }
-    let mut text = IncrementalText::new(tok, Vec::new());
-    let mut io_error = None;
-    let reason = generate_tokens(
-        &loaded.model,
-        &prompt,
-        args.sampling.max_new_tokens,
-        &mut sampler,
-        &[EOS_ID],
-        |id| {
-            let delta = match text.push(id) {
-                Ok(Step::Continue(delta)) | Ok(Step::Stop(delta)) => delta,
-                Err(_) => return false,
-            };
-            match out.write_all(delta.as_bytes()).and_then(|_| out.flush()) {
-                Ok(()) => true,
-                Err(e) => {
-                    io_error = Some(e);
-                    false
-                }
-            }
-        },
+    let budget = args.sampling.max_new_tokens;
+    let reply = stream_reply(
+        &generator,
+        prompt,
+        budget,
+        args.sampling.params(0)?,
+        &mut out,
     )?;
-    if let Some(e) = io_error {
-        return Err(e.into());
+    writeln!(out)?;
+    if args.timing {
+        eprintln!("{}", reply.timing());
     }
-    writeln!(out, "{}", text.finish()?)?;
-    if reason == StopReason::Context {
+    if reply.context_full(budget) {
         eprintln!(
             "(stopped: the model's context of {} tokens is full)",
-            loaded.model.config().max_seq_len
+            generator.context
         );
     }
     Ok(())
+}
+
+/// How a streamed reply ended.
+pub struct Reply {
+    /// The whole text written.
+    pub text: String,
+    /// `stop` (`</s>`) or `length` (the token budget or the context).
+    pub finish_reason: &'static str,
+    pub tokens: usize,
+    /// From the first text to the end of the reply.
+    pub decoding: std::time::Duration,
+}
+
+impl Reply {
+    /// The tokens generated and the decode speed, as `--timing` prints them.
+    pub fn timing(&self) -> String {
+        let secs = self.decoding.as_secs_f64();
+        let rate = match self.tokens {
+            0 | 1 => "n/a".to_string(),
+            n => format!("{:.1}", (n - 1) as f64 / secs.max(1e-9)),
+        };
+        format!(
+            "{} tokens ({}), decoding {:.1} ms after the first: {rate} tokens/s",
+            self.tokens,
+            self.finish_reason,
+            1e3 * secs
+        )
+    }
+
+    /// Whether the context, not a budget of `budget` tokens, ended the reply.
+    pub fn context_full(&self, budget: usize) -> bool {
+        self.finish_reason == "length" && self.tokens < budget
+    }
+}
+
+/// Generates up to `max_tokens` after `prompt` in `generator`, writing the text to `out` as
+/// it comes.
+///
+/// # Errors
+/// An empty prompt or one that fills the context, a failed generation, or `out` failing
+/// (then the request is abandoned: dropping its events frees its place).
+pub fn stream_reply(
+    generator: &Generator,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    out: &mut impl Write,
+) -> Result<Reply> {
+    if prompt.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    if prompt.len() >= generator.context {
+        bail!(
+            "the prompt has {} tokens but the model's context is {} (max_seq_len); shorten it",
+            prompt.len(),
+            generator.context
+        );
+    }
+    let (events, mut replies) = tokio::sync::mpsc::unbounded_channel();
+    generator
+        .submit(GenRequest {
+            prompt,
+            max_tokens,
+            sampling,
+            stops: Vec::new(),
+            events,
+            arrived: std::time::Instant::now(),
+            logprobs: None,
+        })
+        .map_err(|_| anyhow::anyhow!("the generation thread has stopped"))?;
+    let mut text = String::new();
+    let mut first = None;
+    while let Some(event) = replies.blocking_recv() {
+        match event {
+            GenEvent::Delta { text: delta, .. } => {
+                first.get_or_insert_with(std::time::Instant::now);
+                out.write_all(delta.as_bytes())?;
+                out.flush()?;
+                text.push_str(&delta);
+            }
+            GenEvent::Done {
+                finish_reason,
+                completion_tokens,
+            } => {
+                return Ok(Reply {
+                    text,
+                    finish_reason,
+                    tokens: completion_tokens,
+                    decoding: first.map_or(Default::default(), |t| t.elapsed()),
+                })
+            }
+            GenEvent::Failed(why) => bail!("generation failed: {why}"),
+        }
+    }
+    bail!("the generation thread stopped before the reply ended")
 }

@@ -47,6 +47,8 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         String::from_utf8_lossy(&ran.stderr)
     );
     assert!(ran.status.success(), "bench/gpu.sh failed:\n{printed}");
+    // The table, for whoever reads the test's output.
+    eprintln!("{}", String::from_utf8_lossy(&ran.stdout));
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
     let rows = summary["rows"].as_array().unwrap();
@@ -72,9 +74,11 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         "tiny 4 rows peak GPU memory",
         "chunked vs full head loss, tiny 4 rows tokens/s",
         "job path vs one process",
-        "serve 1 streams",
-        "serve 8 streams",
-        "serve 32 streams",
+        "serve tiny (static) 1 streams",
+        "serve tiny (static) 8 streams",
+        "serve tiny (static) 32 streams",
+        "serve tiny-moe (static) 32 streams",
+        "lillm generate tiny, one stream",
     ] {
         let found = row(what);
         assert!(
@@ -82,6 +86,20 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
             "row `{what}` has no figure:\n{printed}"
         );
     }
+    // The step the graphs capture, run uncaptured, is the step the graphs check against;
+    // on the CPU in float32 it answers as the eager step does, and as it does alone.
+    for what in [
+        "greedy answers, static vs static",
+        "seeded answer alone vs among 8 streams",
+        "serving: failed requests",
+    ] {
+        assert_eq!(row(what)["ok"], true, "{printed}");
+    }
+    assert_eq!(
+        row("greedy answers, static vs eager")["lillm"],
+        "4/4",
+        "{printed}"
+    );
     // The table the user reads carries the same rows.
     assert!(printed.contains("job path vs one process"), "{printed}");
 }

@@ -278,6 +278,54 @@ fn requests_decoded_together_answer_as_they_do_alone() {
         metric(&metrics, "lillm_serve_weight_bytes") > 0.0,
         "{metrics}"
     );
+    // The step the CUDA graphs capture — every batch padded to its bucket, attending over the
+    // whole context — run without capture here: the same answers, alone and together.
+    let fixed = serve(&run, &["--max-batch", "8", "--decode", "static"]);
+    let same: serde_json::Value =
+        serde_json::from_str(python(BATCHED, &[&fixed.url]).trim()).unwrap();
+    for key in ["alone", "burst", "staggered"] {
+        assert_eq!(out["alone"], same[key], "--decode static, {key}: {same}");
+    }
+    drop(fixed);
+    let graphs = lillm_err(&[
+        "serve",
+        "--checkpoint",
+        s(&run),
+        "--device",
+        "cpu",
+        "--decode",
+        "graphs",
+    ]);
+    assert!(
+        graphs.contains("--decode graphs needs a CUDA device"),
+        "{graphs}"
+    );
+    // `lillm generate` decodes with the server's generator: the sampled request's text.
+    let generated = lillm_ok(&[
+        "generate",
+        "--checkpoint",
+        s(&run),
+        "--prompt",
+        "once upon a time",
+        "--max-new-tokens",
+        "60",
+        "--temperature",
+        "1.0",
+        "--top-k",
+        "0",
+        "--top-p",
+        "1.0",
+        "--seed",
+        "7",
+        "--device",
+        "cpu",
+    ]);
+    let served = out["alone"][6].as_str().unwrap();
+    assert_eq!(
+        generated.trim_end_matches('\n'),
+        format!("once upon a time{served}"),
+        "lillm generate and lillm serve answer alike"
+    );
     let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--max-batch", "0"]);
     assert!(zero.contains("--max-batch must be at least 1"), "{zero}");
     let zero = lillm_err(&["serve", "--checkpoint", s(&run), "--threads", "0"]);

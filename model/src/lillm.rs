@@ -221,7 +221,8 @@ impl Attention {
     }
 
     /// One new token for each of `b` sequences in cache slots `0..b`, row `i` at position
-    /// `positions[i]` (`max_len`: the longest sequence after this token).
+    /// `positions[i]`, attending to the first `max_len` positions (at least the longest
+    /// sequence after this token).
     fn forward_slots(
         &self,
         x: &Tensor,
@@ -552,7 +553,6 @@ impl LilLM {
     /// in slot `i` of `cache` (all used slots, in order); returns their logits (used, vocab).
     /// Each sequence attends to its own positions only, so its logits are those it would
     /// get decoded alone.
-    #[allow(clippy::assign_op_pattern)]
     pub fn decode_slots(&self, tokens: &[u32], cache: &mut SlotCache) -> Tensor {
         let b = tokens.len();
         assert_eq!(b, cache.used(), "one token per used slot");
@@ -562,19 +562,54 @@ impl LilLM {
         let positions = Tensor::from_slice(&positions).to(device);
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::from_slice(&ids).view([b as i64, 1]).to(device);
+        let logits = self.decode_rows(&ids, &positions, cache, max_len);
+        cache.advance_all();
+        logits
+    }
+
+    /// The decode step with shapes that depend on nothing but `ids`' row count, as a CUDA
+    /// graph needs: `ids` (R, 1) and `positions` (R,) on the model's device, row `i` the
+    /// token at `positions[i]` of slot `i`, every row attending over the cache's whole
+    /// capacity (masked to its own positions). Rows past the used slots are padding: they
+    /// write only to free slots, which [`SlotCache::admit`] overwrites. Returns the logits
+    /// (R, vocab); the caller advances the used slots ([`SlotCache::advance_all`]).
+    pub fn decode_static(&self, ids: &Tensor, positions: &Tensor, cache: &mut SlotCache) -> Tensor {
+        let capacity = cache.capacity() as i64;
+        self.decode_rows(ids, positions, cache, capacity)
+    }
+
+    /// Whether a decode step can be captured as a CUDA graph: nothing in its forward reads
+    /// a value back to the host (an MoE layer whose shapes the grouped matmul cannot take
+    /// reads its expert sizes).
+    pub fn decode_is_capturable(&self) -> bool {
+        self.transformer_blocks.iter().all(|b| match &b.mlp {
+            Mlp::Dense(_) => true,
+            Mlp::Sparse(moe) => !moe.reads_back_on_cuda(self.compute_kind),
+        })
+    }
+
+    /// Rows of `ids` through the model at `positions`, attending to the first `keys`
+    /// positions of their slots.
+    #[allow(clippy::assign_op_pattern)]
+    fn decode_rows(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        cache: &mut SlotCache,
+        keys: i64,
+    ) -> Tensor {
         let mut x =
-            Tensor::embedding(&self.tok_emb, &ids, -1, false, false).to_kind(self.compute_kind);
+            Tensor::embedding(&self.tok_emb, ids, -1, false, false).to_kind(self.compute_kind);
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let attn_in = block.attn_norm.forward(&x);
             let attn =
                 block
                     .attn
-                    .forward_slots(&attn_in, &self.rope, &positions, cache.layer(i), max_len);
+                    .forward_slots(&attn_in, &self.rope, positions, cache.layer(i), keys);
             x = x + attn;
             let (ffn_out, _) = block.mlp.forward(&block.ffn_norm.forward(&x), false);
             x = x + ffn_out;
         }
-        cache.advance_all();
         self.head(&self.norm.forward(&x).select(1, 0))
     }
 

@@ -3,8 +3,8 @@
 //! expert every token goes through.
 //!
 //! Compute follows the active parameters: the (token, expert) assignments are sorted by
-//! expert, each expert runs once on its contiguous slice of tokens, and the gated outputs
-//! are added back to their tokens (`index_add`). No expert sees a token it was not chosen
+//! expert, all experts run as one grouped matmul per projection over their contiguous
+//! slices of tokens, and the gated outputs are added back to their tokens (`index_add`). No expert sees a token it was not chosen
 //! for. Expert weights are stacked, (experts, out, in), so an expert that got no token
 //! still has a (zero) gradient that data-parallel ranks can average.
 
@@ -142,16 +142,48 @@ impl Moe {
 
     /// Σ over each token's chosen experts of gate × expert(token), (N, d), computed per
     /// expert on the tokens routed to it; also the tokens per expert, (experts,).
+    ///
+    /// On CUDA nothing here reads a value back to the host, so the layer neither waits for
+    /// the GPU nor stops a CUDA graph's capture: the expert sizes stay on the device as the
+    /// offsets of one grouped matmul per projection (`_grouped_mm`). Elsewhere (and for
+    /// shapes it cannot take) the experts run as a loop of matmuls, its reference.
     fn experts(&self, x: &Tensor, top_i: &Tensor, gates: &Tensor) -> (Tensor, Tensor) {
-        let n_experts = self.router.size()[0];
-        let assigned = top_i.view([-1]);
-        // Stable, so each expert's tokens stay in order and results are reproducible.
-        let order = assigned.argsort_stable(true, 0, false);
-        let token = order.floor_divide_scalar(self.top_k);
-        let counts = assigned.bincount(None::<Tensor>, n_experts);
+        let grouped_mm = x.device().is_cuda() && grouped_mm_fits(x.kind(), &self.w1);
+        self.experts_with(x, top_i, gates, grouped_mm)
+    }
+
+    fn experts_with(
+        &self,
+        x: &Tensor,
+        top_i: &Tensor,
+        gates: &Tensor,
+        grouped_mm: bool,
+    ) -> (Tensor, Tensor) {
+        let routed = Routed::new(top_i, self.router.size()[0], self.top_k);
+        let grouped = x.index_select(0, &routed.token);
+        let outputs = if grouped_mm {
+            let offsets = routed.counts.cumsum(0, Kind::Int);
+            let project = |x: &Tensor, w: &Tensor| {
+                x.internal_grouped_mm(
+                    &w.to_kind(x.kind()).transpose(1, 2),
+                    Some(&offsets),
+                    None::<&Tensor>,
+                    None,
+                )
+            };
+            let hidden = project(&grouped, &self.w1).silu() * project(&grouped, &self.w3);
+            project(&hidden, &self.w2)
+        } else {
+            self.experts_looped(&grouped, &routed.counts)
+        };
+        (routed.combine(x, &outputs, gates), routed.counts)
+    }
+
+    /// The experts as one matmul each on its slice of `grouped` (sorted by expert); reads
+    /// the expert sizes back to the host.
+    fn experts_looped(&self, grouped: &Tensor, counts: &Tensor) -> Tensor {
         let sizes = Vec::<i64>::try_from(&counts.to_device(tch::Device::Cpu))
             .expect("expert counts are integers");
-        let grouped = x.index_select(0, &token);
         let (w1, w2, w3) = (self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0));
         let mut outputs = Vec::new();
         let mut start = 0;
@@ -164,14 +196,13 @@ impl Moe {
             outputs.push(linear(&hidden, &w2[e]));
             start += size;
         }
-        let outputs = Tensor::cat(&outputs, 0);
-        let weights = gates
-            .view([-1])
-            .index_select(0, &order)
-            .to_kind(outputs.kind())
-            .unsqueeze(1);
-        let out = x.zeros_like().index_add(0, &token, &(outputs * weights));
-        (out, counts)
+        Tensor::cat(&outputs, 0)
+    }
+
+    /// Whether the forward in `kind` on CUDA reads the expert sizes back to the host (a
+    /// shape the grouped matmul cannot take), which a CUDA graph cannot capture.
+    pub(crate) fn reads_back_on_cuda(&self, kind: Kind) -> bool {
+        !grouped_mm_fits(kind, &self.w1)
     }
 
     /// The same layer computed densely — every expert on every token, weighted by the
@@ -197,6 +228,55 @@ impl Moe {
         }
         out.view([b, t, d])
     }
+}
+
+/// The (token, expert) assignments of a batch sorted by expert.
+struct Routed {
+    /// Assignment order: `order[j]` is the flat (token·k + slot) index of the j-th
+    /// assignment in expert order (stable, so each expert's tokens stay in order).
+    order: Tensor,
+    /// The token of each sorted assignment.
+    token: Tensor,
+    /// Assignments per expert, (experts,), int64.
+    counts: Tensor,
+}
+
+impl Routed {
+    fn new(top_i: &Tensor, experts: i64, top_k: i64) -> Self {
+        let assigned = top_i.view([-1]);
+        let order = assigned.argsort_stable(true, 0, false);
+        let token = order.floor_divide_scalar(top_k);
+        // A scatter, not `bincount`, which reads the largest id back to the host on CUDA.
+        let counts = Tensor::zeros([experts], (Kind::Int64, assigned.device())).scatter_add(
+            0,
+            &assigned,
+            &assigned.ones_like(),
+        );
+        Self {
+            order,
+            token,
+            counts,
+        }
+    }
+
+    /// Adds each sorted assignment's expert output, scaled by its gate, to its token.
+    fn combine(&self, x: &Tensor, outputs: &Tensor, gates: &Tensor) -> Tensor {
+        let weights = gates
+            .view([-1])
+            .index_select(0, &self.order)
+            .to_kind(outputs.kind())
+            .unsqueeze(1);
+        x.zeros_like()
+            .index_add(0, &self.token, &(outputs * weights))
+    }
+}
+
+/// Whether `_grouped_mm` takes these operands: it needs rows of whole 16-byte units
+/// (d_model and the expert hidden size a multiple of 8 in bf16, of 4 in float32).
+fn grouped_mm_fits(kind: Kind, w1: &Tensor) -> bool {
+    let (_, h, d) = w1.size3().expect("stacked expert weights are 3-d");
+    let bytes = kind.elt_size_in_bytes() as i64;
+    (d * bytes) % 16 == 0 && (h * bytes) % 16 == 0
 }
 
 #[cfg(test)]
@@ -262,6 +342,48 @@ mod tests {
                 .unwrap();
             assert!(w1.1.defined());
         }
+    }
+
+    #[test]
+    fn the_grouped_matmul_equals_a_matmul_per_expert() {
+        let (vs, layer) = layer(false);
+        let x = Tensor::randn([2, 7, 32], (Kind::Float, tch::Device::Cpu));
+        let flat = x.view([14, 32]);
+        // The routing is computed afresh for each path: each backward frees its graph.
+        let route = || {
+            let probs = linear(&flat, &layer.router).softmax(-1, Kind::Float);
+            let (top_p, top_i) = probs.topk(layer.top_k, -1, true, true);
+            (top_i, &top_p / top_p.sum_dim_intlist(-1, true, Kind::Float))
+        };
+        assert!(grouped_mm_fits(Kind::Float, &layer.w1));
+        let weight = Tensor::randn([14, 32], (Kind::Float, tch::Device::Cpu));
+        let (top_i, gates) = route();
+        let (grouped, _) = layer.experts_with(&flat, &top_i, &gates, true);
+        (&grouped * &weight).sum(Kind::Float).backward();
+        let grouped_grads = grads(&vs);
+        let (top_i, gates) = route();
+        let (looped, _) = layer.experts_with(&flat, &top_i, &gates, false);
+        (&looped * &weight).sum(Kind::Float).backward();
+        // Equal to float32 rounding: the two sum each dot product in their own order.
+        let diff = (&grouped - &looped).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "the outputs differ by {diff}");
+        for ((name, a), (_, b)) in grouped_grads.iter().zip(&grads(&vs)) {
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "the gradients of {name} differ by {diff}");
+        }
+    }
+
+    #[test]
+    fn the_grouped_matmul_takes_rows_of_whole_16_byte_units_only() {
+        let w1 = Tensor::zeros([4, 24, 30], (Kind::Float, tch::Device::Cpu));
+        // 30 bf16 = 60 bytes a row.
+        assert!(!grouped_mm_fits(Kind::BFloat16, &w1));
+        let w1 = Tensor::zeros([4, 24, 32], (Kind::Float, tch::Device::Cpu));
+        assert!(grouped_mm_fits(Kind::BFloat16, &w1));
+        let w1 = Tensor::zeros([4, 20, 32], (Kind::Float, tch::Device::Cpu));
+        // 20 float32 = 80 bytes, 20 bf16 = 40.
+        assert!(grouped_mm_fits(Kind::Float, &w1));
+        assert!(!grouped_mm_fits(Kind::BFloat16, &w1));
     }
 
     #[test]

@@ -36,6 +36,16 @@ impl SlotCache {
         self.lens.len() == self.slots
     }
 
+    /// Slots in all, used or free.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Positions each slot holds: the model's context length.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Positions filled in `slot`.
     pub fn len(&self, slot: usize) -> usize {
         self.lens[slot]
@@ -99,8 +109,9 @@ impl SlotCache {
         (k, v)
     }
 
-    /// Every used slot took one more token.
-    pub(crate) fn advance_all(&mut self) {
+    /// Every used slot took one more token (done by [`crate::LilLM::decode_slots`]; after
+    /// [`crate::LilLM::decode_static`], by its caller).
+    pub fn advance_all(&mut self) {
         for len in &mut self.lens {
             assert!(*len < self.capacity, "KV cache slot overflow");
             *len += 1;

@@ -1,6 +1,7 @@
 //! Continuous batching: sequences prefilled together and decoded together in a
 //! [`SlotCache`] — of different lengths, joining and leaving mid-batch — get at every step
-//! the logits of a full forward pass over each sequence alone.
+//! the logits of a full forward pass over each sequence alone, whether a step runs on the
+//! used slots only or, as a captured CUDA graph does, on every slot over the whole context.
 
 use lillm_model::{KvCache, LilLM, ModelConfig, MoeConfig, SlotCache};
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -22,22 +23,50 @@ struct Seq {
     fed: usize,
 }
 
+/// A decode step: `tokens` for the used slots in, their logits out, the slots advanced.
+type Decode = fn(&LilLM, &[u32], &mut SlotCache) -> Tensor;
+
+/// The step a CUDA graph captures: every slot a row (those past the used ones padding, at
+/// position 0 with token 0), every row attending over the whole context.
+fn decode_every_slot(model: &LilLM, tokens: &[u32], slots: &mut SlotCache) -> Tensor {
+    let rows = slots.slots();
+    let (mut ids, mut positions) = (vec![0i64; rows], vec![0i64; rows]);
+    for (i, &t) in tokens.iter().enumerate() {
+        (ids[i], positions[i]) = (t as i64, slots.len(i) as i64);
+    }
+    let ids = Tensor::from_slice(&ids).view([rows as i64, 1]);
+    let logits = model.decode_static(&ids, &Tensor::from_slice(&positions), slots);
+    slots.advance_all();
+    logits.narrow(0, 0, tokens.len() as i64)
+}
+
+fn moe() -> ModelConfig {
+    ModelConfig {
+        moe: Some(MoeConfig::new(4, 2, Some(48))),
+        ..tiny()
+    }
+}
+
 #[test]
 fn batched_decoding_gives_each_sequence_its_own_logits() {
-    batched_decoding_gives_each_sequence_its_own_logits_of(tiny());
+    batched_decoding_gives_each_sequence_its_own_logits_of(tiny(), LilLM::decode_slots);
 }
 
 /// A Mixture-of-Experts model: each row is routed on its own, so batching changes nothing.
 #[test]
 fn moe_batched_decoding_gives_each_sequence_its_own_logits() {
-    let cfg = ModelConfig {
-        moe: Some(MoeConfig::new(4, 2, Some(48))),
-        ..tiny()
-    };
-    batched_decoding_gives_each_sequence_its_own_logits_of(cfg);
+    batched_decoding_gives_each_sequence_its_own_logits_of(moe(), LilLM::decode_slots);
 }
 
-fn batched_decoding_gives_each_sequence_its_own_logits_of(cfg: ModelConfig) {
+/// Padding rows never reach a live sequence, and the masked rest of the context changes
+/// nothing.
+#[test]
+fn the_static_step_gives_each_sequence_its_own_logits() {
+    batched_decoding_gives_each_sequence_its_own_logits_of(tiny(), decode_every_slot);
+    batched_decoding_gives_each_sequence_its_own_logits_of(moe(), decode_every_slot);
+}
+
+fn batched_decoding_gives_each_sequence_its_own_logits_of(cfg: ModelConfig, decode: Decode) {
     tch::manual_seed(11);
     let vs = VarStore::new(Device::Cpu);
     let model = LilLM::new(&vs.root(), &cfg).unwrap();
@@ -102,7 +131,7 @@ fn batched_decoding_gives_each_sequence_its_own_logits_of(cfg: ModelConfig) {
             running.push((s, want));
         }
         let tokens: Vec<u32> = running.iter().map(|(s, _)| s.ids[s.fed] as u32).collect();
-        let logits = model.decode_slots(&tokens, &mut slots);
+        let logits = decode(&model, &tokens, &mut slots);
         for (i, (s, want)) in running.iter_mut().enumerate() {
             let want = want.get(0).get(s.fed as i64);
             let diff = (logits.get(i as i64) - &want).abs().max().double_value(&[]);

@@ -15,6 +15,7 @@ use lillm_model::{sample_rows, KvCache, LilLM, Sampler, SamplingParams, SlotCach
 use tch::Tensor;
 use tokio::sync::mpsc;
 
+use crate::decode::{DecodeMode, Decoder};
 use crate::metrics::{Memory, Metrics, Outcome as Ended};
 use crate::text_stream::{IncrementalText, Step};
 
@@ -86,6 +87,8 @@ pub struct Limits {
     pub max_queue: usize,
     /// libtorch CPU threads for the forward passes (`None`: libtorch's default).
     pub threads: Option<usize>,
+    /// How decode steps run.
+    pub decode: DecodeMode,
 }
 
 impl Generator {
@@ -93,7 +96,7 @@ impl Generator {
     pub fn new(mut loaded: LoadedModel, limits: Limits) -> anyhow::Result<Self> {
         let tokenizer = Arc::new(loaded.tokenizer.take().ok_or_else(|| {
             anyhow::anyhow!(
-                "{}: has no tokenizer.json to serve with",
+                "{}: has no tokenizer.json (it encodes the prompts and decodes the replies)",
                 loaded.dir.display()
             )
         })?);
@@ -111,7 +114,7 @@ impl Generator {
                     tch::set_num_threads(n as i32);
                 }
                 let _guard = tch::no_grad_guard();
-                Batch::new(&loaded.model, &tok, &figures, limits.max_batch).run(rx);
+                Batch::new(&loaded.model, &tok, &figures, limits).run(rx);
             })?;
         Ok(Self {
             jobs,
@@ -178,6 +181,7 @@ struct Batch<'a> {
     tok: &'a Tokenizer,
     metrics: &'a Metrics,
     slots: SlotCache,
+    decoder: Decoder,
     max_batch: usize,
     decoding: Vec<Sequence<'a>>,
     arrivals: Vec<Arrival<'a>>,
@@ -185,13 +189,30 @@ struct Batch<'a> {
 }
 
 impl<'a> Batch<'a> {
-    fn new(model: &'a LilLM, tok: &'a Tokenizer, metrics: &'a Metrics, max_batch: usize) -> Self {
+    /// The batch, its decoder set up (graphs captured) before the first request is read.
+    fn new(model: &'a LilLM, tok: &'a Tokenizer, metrics: &'a Metrics, limits: Limits) -> Self {
         let cfg = model.config();
+        let max_batch = limits.max_batch;
+        let mut slots = SlotCache::new(cfg, max_batch, model.compute_kind(), model.device());
+        let (decoder, captured) = Decoder::new(limits.decode, model, &mut slots);
+        match captured {
+            Ok(c) if c.graphs > 0 => {
+                metrics.note_graphs(c);
+                eprintln!(
+                    "decode: {} CUDA graphs captured (batch buckets up to {max_batch}), {:.1} MiB",
+                    c.graphs,
+                    c.bytes as f64 / (1u64 << 20) as f64
+                );
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("decode: {e}; decoding without CUDA graphs"),
+        }
         Self {
             model,
             tok,
             metrics,
-            slots: SlotCache::new(cfg, max_batch, model.compute_kind(), model.device()),
+            slots,
+            decoder,
             max_batch,
             decoding: Vec::new(),
             arrivals: Vec::new(),
@@ -374,7 +395,20 @@ impl<'a> Batch<'a> {
             return;
         }
         let tokens: Vec<u32> = self.decoding.iter().map(|s| s.next).collect();
-        let logits = self.model.decode_slots(&tokens, &mut self.slots);
+        let logits = match self.decoder.step(self.model, &tokens, &mut self.slots) {
+            Ok(logits) => logits,
+            Err(e) => {
+                // The device failed mid-step: every running reply ends with the reason.
+                for i in (0..self.decoding.len()).rev() {
+                    let _ = self.decoding[i]
+                        .events
+                        .send(GenEvent::Failed(e.to_string()));
+                    self.metrics.count(Ended::Failed);
+                    self.remove(i);
+                }
+                return;
+            }
+        };
         // One batched draw where the logits are; only the token ids come back.
         let mut samplers: Vec<&mut Sampler> =
             self.decoding.iter_mut().map(|s| &mut s.sampler).collect();

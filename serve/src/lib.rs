@@ -1,16 +1,18 @@
 //! Serving a model (`lillm serve`): a web chat page and an OpenAI-compatible API over one
-//! checkpoint. Depends on the model and the checkpoint format only: serving never links
-//! the training engine or c10d.
+//! checkpoint. Depends on the model, the checkpoint format and libtorch's CUDA graphs
+//! (`lillm-cuda`) only: serving never links the training engine or c10d.
 //!
 //! Layout:
 //! - `generator`: the actor thread that owns the model and decodes the running requests
 //!   together (continuous batching).
+//! - `decode`: how a decode step runs (eager, or one CUDA graph per batch-size bucket).
 //! - `metrics`: `/metrics` for Prometheus (requests, queue, batch, latencies).
 //! - `openai`: request validation and the `/v1/*` handlers (JSON and SSE).
 //! - `text_stream`: text decoded as tokens arrive, with stop strings (also used by
 //!   `lillm generate` and `lillm chat`).
 //! - `page.html`: the self-contained chat page served at `/`.
 
+mod decode;
 mod generator;
 mod metrics;
 mod openai;
@@ -30,7 +32,8 @@ use clap::Args;
 use lillm_checkpoint::LoadedModel;
 use tokio_util::sync::CancellationToken;
 
-pub use generator::{Generator, Limits};
+pub use decode::DecodeMode;
+pub use generator::{GenEvent, GenRequest, Generator, Limits};
 
 const PAGE: &str = include_str!("page.html");
 
@@ -97,6 +100,11 @@ pub struct ServeArgs {
     /// `make bench`, the load generator.
     #[arg(long)]
     threads: Option<usize>,
+    /// How decode steps run: auto (CUDA graphs on a GPU, eager on a CPU), eager, graphs
+    /// (one captured CUDA graph per batch-size bucket), or static (the graphs' fixed-shape
+    /// step without capture, to check it on a CPU).
+    #[arg(long, default_value = "auto")]
+    decode: String,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -136,6 +144,7 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
         None => LoadedModel::load(&checkpoint, device)?,
     };
     loaded.set_inference_kind(kind);
+    let decode = DecodeMode::parse(&args.decode, device, &loaded.model)?;
     let model_name = args.model_name.clone().unwrap_or_else(|| {
         // Named after what was fine-tuned last: the adapter, if any.
         let named = args.lora.as_ref().unwrap_or(&args.checkpoint);
@@ -150,6 +159,7 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
                 max_batch: args.max_batch,
                 max_queue: args.max_queue,
                 threads: args.threads,
+                decode,
             },
         )?,
         model_name,

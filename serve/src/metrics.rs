@@ -107,11 +107,21 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
+    /// Decode-step buckets captured as CUDA graphs, and the GPU memory they took.
+    cuda_graphs: AtomicU64,
+    cuda_graph_bytes: AtomicU64,
 }
 
 impl Metrics {
     pub fn count(&self, outcome: Outcome) {
         self.requests[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn note_graphs(&self, captured: crate::decode::Captured) {
+        self.cuda_graphs
+            .store(captured.graphs as u64, Ordering::Relaxed);
+        self.cuda_graph_bytes
+            .store(captured.bytes, Ordering::Relaxed);
     }
 
     pub fn set_batch(&self, size: usize) {
@@ -163,6 +173,16 @@ impl Metrics {
                 "lillm_serve_kv_cache_bytes",
                 "Bytes of the KV cache allocated at start: every slot of --max-batch, the whole context.",
                 memory.kv_cache_bytes,
+            ),
+            (
+                "lillm_serve_cuda_graphs",
+                "Decode-step batch buckets captured as CUDA graphs (0: decoding without).",
+                self.cuda_graphs.load(Ordering::Relaxed),
+            ),
+            (
+                "lillm_serve_cuda_graph_bytes",
+                "GPU memory the captured decode graphs took.",
+                self.cuda_graph_bytes.load(Ordering::Relaxed),
             ),
         ]);
         for (name, help, v) in gauges {
