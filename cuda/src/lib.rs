@@ -85,9 +85,15 @@ impl CudaGraph {
                 "CUDA graphs need a CUDA device, not {device:?}"
             )));
         };
+        // libtorch's errors surface as tch panics: a step that fails (or that a capture
+        // refuses) becomes this function's error, and the stream and capture are undone.
+        let mut run = || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut step))
+                .map_err(|panic| Error::Cuda(format!("CUDA graph capture: {}", message(&panic))))
+        };
         let side = SideStream::enter(index)?;
         for _ in 0..warmups {
-            let _ = step();
+            let _ = run()?;
         }
         let GraphPool(hi, lo) = pool.unwrap_or(GraphPool(0, 0));
         let mut err = std::ptr::null_mut();
@@ -98,9 +104,10 @@ impl CudaGraph {
             raw,
             _one_thread: std::marker::PhantomData,
         };
-        let out = step();
+        let out = run();
         // SAFETY: `graph.raw` is a live graph whose capture began above, on this thread.
         let rc = unsafe { lillm_cuda_graph_capture_end(graph.raw.as_ptr(), &mut err) };
+        let out = out?;
         if rc != 0 {
             return Err(take_error("CUDA graph capture", err));
         }
@@ -171,6 +178,15 @@ impl Drop for SideStream {
     }
 }
 
+/// What a caught panic said.
+fn message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "the step panicked".into())
+}
+
 /// Bytes libtorch's CUDA allocator holds on `device` now, graph pools included; `None` on a
 /// CPU device or a build without CUDA.
 pub fn cuda_reserved(device: tch::Device) -> Option<u64> {
@@ -192,6 +208,15 @@ mod tests {
         assert!(err.to_string().contains("CUDA device, not Cpu"), "{err}");
         assert_eq!(ran, 0, "nothing runs when there is nothing to capture on");
         assert_eq!(cuda_reserved(tch::Device::Cpu), None);
+    }
+
+    #[test]
+    fn a_caught_panic_says_what_libtorch_said() {
+        // tch panics with a formatted String; a literal panic carries a &str.
+        let formatted = std::panic::catch_unwind(|| panic!("{}", "operation not permitted"));
+        assert_eq!(message(&formatted.unwrap_err()), "operation not permitted");
+        let literal = std::panic::catch_unwind(|| std::panic::panic_any("capture invalidated"));
+        assert_eq!(message(&literal.unwrap_err()), "capture invalidated");
     }
 
     #[test]

@@ -579,8 +579,8 @@ impl LilLM {
     }
 
     /// Whether a decode step can be captured as a CUDA graph: nothing in its forward reads
-    /// a value back to the host (an MoE layer whose shapes the grouped matmul cannot take
-    /// reads its expert sizes).
+    /// a value back to the host (an MoE layer reads its expert sizes unless it runs its
+    /// grouped matmul: in bf16, on rows of whole 16-byte units).
     pub fn decode_is_capturable(&self) -> bool {
         self.transformer_blocks.iter().all(|b| match &b.mlp {
             Mlp::Dense(_) => true,

@@ -143,12 +143,12 @@ impl Moe {
     /// Σ over each token's chosen experts of gate × expert(token), (N, d), computed per
     /// expert on the tokens routed to it; also the tokens per expert, (experts,).
     ///
-    /// On CUDA nothing here reads a value back to the host, so the layer neither waits for
-    /// the GPU nor stops a CUDA graph's capture: the expert sizes stay on the device as the
-    /// offsets of one grouped matmul per projection (`_grouped_mm`). Elsewhere (and for
-    /// shapes it cannot take) the experts run as a loop of matmuls, its reference.
+    /// On CUDA in bf16 nothing here reads a value back to the host, so the layer neither
+    /// waits for the GPU nor stops a CUDA graph's capture: the expert sizes stay on the
+    /// device as the offsets of one grouped matmul per projection (`_grouped_mm`). Elsewhere
+    /// (and for shapes it cannot take) the experts run as a loop of matmuls, its reference.
     fn experts(&self, x: &Tensor, top_i: &Tensor, gates: &Tensor) -> (Tensor, Tensor) {
-        let grouped_mm = x.device().is_cuda() && grouped_mm_fits(x.kind(), &self.w1);
+        let grouped_mm = x.device().is_cuda() && !self.reads_back_on_cuda(x.kind());
         self.experts_with(x, top_i, gates, grouped_mm)
     }
 
@@ -199,10 +199,12 @@ impl Moe {
         Tensor::cat(&outputs, 0)
     }
 
-    /// Whether the forward in `kind` on CUDA reads the expert sizes back to the host (a
-    /// shape the grouped matmul cannot take), which a CUDA graph cannot capture.
+    /// Whether the forward in `kind` on CUDA reads the expert sizes back to the host, which
+    /// a CUDA graph cannot capture: the grouped matmul runs in bf16 only (libtorch's kernel
+    /// for Hopper; its other paths read the offsets back themselves) and on rows of whole
+    /// 16-byte units.
     pub(crate) fn reads_back_on_cuda(&self, kind: Kind) -> bool {
-        !grouped_mm_fits(kind, &self.w1)
+        kind != Kind::BFloat16 || !grouped_mm_fits(kind, &self.w1)
     }
 
     /// The same layer computed densely — every expert on every token, weighted by the

@@ -157,3 +157,24 @@ fn batched_decoding_gives_each_sequence_its_own_logits_of(cfg: ModelConfig, deco
     assert_eq!(checked, 30);
     assert_eq!(slots.used(), 0);
 }
+
+/// A CUDA graph cannot capture a step that reads a value back to the host: an MoE layer
+/// does unless it runs the grouped matmul (bf16, rows of whole 16-byte units).
+#[test]
+fn a_decode_step_is_capturable_unless_an_moe_layer_reads_back() {
+    let capturable = |cfg: &ModelConfig, kind: Kind| {
+        let vs = VarStore::new(Device::Cpu);
+        let mut model = LilLM::new(&vs.root(), cfg).unwrap();
+        model.set_compute_kind(kind);
+        model.decode_is_capturable()
+    };
+    assert!(capturable(&tiny(), Kind::Float));
+    assert!(capturable(&moe(), Kind::BFloat16));
+    assert!(!capturable(&moe(), Kind::Float));
+    let odd = ModelConfig {
+        // 36 bf16 = 72 bytes a row.
+        moe: Some(MoeConfig::new(4, 2, Some(36))),
+        ..tiny()
+    };
+    assert!(!capturable(&odd, Kind::BFloat16));
+}

@@ -39,9 +39,9 @@ impl DecodeMode {
                 "--decode graphs needs a CUDA device (--device cuda), not {device:?}; use auto"
             ),
             "graphs" if !model.decode_is_capturable() => anyhow::bail!(
-                "--decode graphs: this model's decode step reads values back to the host \
-                 (an MoE layer whose sizes are not multiples of 16 bytes), which a CUDA graph \
-                 cannot capture; use auto"
+                "--decode graphs: this model's decode step reads values back to the host (an \
+                 MoE layer outside bf16, or whose sizes are not multiples of 16 bytes), which \
+                 a CUDA graph cannot capture; use auto"
             ),
             "graphs" => Self::Graphs,
             other => anyhow::bail!("--decode must be auto, eager, static or graphs, not {other:?}"),
