@@ -680,6 +680,11 @@ fn fine_tuning_reads_its_conversations_from_a_bucket() {
     assert_eq!(std::fs::read_to_string(&cached).unwrap(), newer);
     assert_ne!(losses(&again), losses(&there));
 
+    // A malformed line is named by the object's URL, not by the cache's copy.
+    std::fs::write(&object, format!("{newer}\n{{not json\n")).unwrap();
+    let err = s3.lillm_err(SECRET_KEY, &strs(&sft(url, &dir.path().join("bad"))));
+    assert!(err.contains(&format!("{url}:61")), "{err}");
+
     let missing = "s3://lillm/ft/missing.jsonl";
     let err = s3.lillm_err(SECRET_KEY, &strs(&sft(missing, &dir.path().join("none"))));
     assert!(

@@ -80,11 +80,16 @@ impl TrainData {
                 let options = cfg.process.store_options()?;
                 let data = &lillm_store::local_object_blocking(&cfg.process.data, &options)?;
                 let fraction = cfg.job.val_fraction;
+                let as_given = |e: lillm_data::Error| e.named_as(data, &cfg.process.data);
                 Ok(match cfg.job.objective {
-                    Objective::Dpo => {
-                        Self::Pairs(dpo::build(&tok, data, max_seq_len, fraction, cfg.job.seed)?)
-                    }
-                    _ => Self::Sft(sft::build(&tok, data, max_seq_len, fraction, cfg.job.seed)?),
+                    Objective::Dpo => Self::Pairs(
+                        dpo::build(&tok, data, max_seq_len, fraction, cfg.job.seed)
+                            .map_err(as_given)?,
+                    ),
+                    _ => Self::Sft(
+                        sft::build(&tok, data, max_seq_len, fraction, cfg.job.seed)
+                            .map_err(as_given)?,
+                    ),
                 })
             }
         }
