@@ -306,7 +306,7 @@ pub fn launch_local_job(
         ),
         _ => {}
     }
-    let resume_from = committed_in_bucket(cfg, state_dir.exists())?;
+    let resume_from = committed_in_bucket(cfg)?;
     std::fs::create_dir_all(&cfg.process.out).with_context(|| {
         format!(
             "{}: cannot create the run directory",
@@ -411,10 +411,10 @@ pub fn launch_local_job(
 }
 
 /// For a run directory in a bucket, what this node's run directory cannot say: a run that
-/// is not resumed must not write over the bucket's checkpoints, and one resumed on a node
-/// without the job's saved state (a fresh node) starts from the bucket's newest committed
-/// checkpoint, whose URL is returned for the coordinator.
-fn committed_in_bucket(cfg: &TrainConfig, has_job_state: bool) -> Result<Option<String>> {
+/// is not resumed must not write over the bucket's checkpoints, and a resumed one starts
+/// from the bucket's newest committed checkpoint, whose URL is returned for the coordinator
+/// (which takes it unless its saved state recorded that step already).
+fn committed_in_bucket(cfg: &TrainConfig) -> Result<Option<String>> {
     let Some(bucket) = cfg.process.run_bucket()? else {
         return Ok(None);
     };
@@ -424,7 +424,7 @@ fn committed_in_bucket(cfg: &TrainConfig, has_job_state: bool) -> Result<Option<
             "{} already holds checkpoints (the newest committed at step {step}); pass --resume to continue that run or choose another --out",
             bucket.url()
         ),
-        (true, Some(step)) if !has_job_state => Ok(Some(bucket.checkpoint_url(step))),
+        (true, Some(step)) => Ok(Some(bucket.checkpoint_url(step))),
         _ => Ok(None),
     }
 }

@@ -56,6 +56,17 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
                 saved = saved.without_members();
                 tracing::info!("forgot the saved members: a new group forms");
             }
+            if let Some(commit) = cfg.resume_commit.clone() {
+                let step = commit.step;
+                let took;
+                (saved, took) = saved.caught_up_with(commit);
+                if took {
+                    tracing::warn!(
+                        step,
+                        "the run's bucket holds a newer commit than this node's saved state: a new group resumes from it"
+                    );
+                }
+            }
             // Members get a full timeout to reach the restarted coordinator.
             let now = now_ms();
             for m in saved.members.values_mut() {

@@ -324,6 +324,20 @@ impl State {
         }
     }
 
+    /// This node's saved state, or — when the run's bucket holds a newer commit than it
+    /// recorded (the job went on elsewhere, e.g. on another node after this one's pod was
+    /// moved) — a new group resuming from that commit: the saved members and placement are
+    /// of the older job. Returns whether the bucket's commit was taken.
+    pub fn caught_up_with(self, bucket: Commit) -> (State, bool) {
+        let recorded = self.last_commit.as_ref().map_or(0, |c| c.step);
+        if bucket.step <= recorded {
+            return (self, false);
+        }
+        let mut state = self.without_members();
+        state.last_commit = Some(bucket);
+        (state, true)
+    }
+
     /// The train shards dataloader `index` serves (none before the dataset is known).
     pub fn shards_of(&self, index: usize) -> Vec<usize> {
         self.placement
@@ -432,6 +446,62 @@ mod commit_tests {
             state.resume_copy_on("any-node"),
             Some("s3://b/runs/demo/checkpoints/step-00000120")
         );
+    }
+
+    #[test]
+    fn saved_state_gives_way_to_a_newer_commit_in_the_bucket_only() {
+        let job = JobConfig {
+            nodes: 1,
+            trainers: 2,
+            dataloaders: 1,
+            job_token: String::new(),
+            heartbeat_timeout_ms: 2_000,
+            store_port: 29500,
+            min_nodes: None,
+            elastic_grace_ms: 30_000,
+        };
+        let at =
+            |step: u64| Commit::in_bucket(&format!("s3://b/r/checkpoints/step-{step}")).unwrap();
+        let mut saved = State::resuming(job, at(100));
+        saved.generation = 7;
+        let id = MemberId {
+            node: "n".into(),
+            role: Role::Trainer,
+            local_index: 0,
+        };
+        saved.members.insert(
+            id.clone(),
+            Member {
+                id,
+                address: "127.0.0.1:1".into(),
+                last_heartbeat_ms: 0,
+                rank: Some(0),
+                ready: true,
+                dataloader: None,
+                step: 100,
+                loss: None,
+                tokens_per_s: None,
+                mfu: None,
+                epochs: None,
+                finished: false,
+            },
+        );
+        // The bucket at the saved step, or behind it: the saved state stands.
+        for step in [100, 60] {
+            let (kept, took) = saved.clone().caught_up_with(at(step));
+            assert!(!took);
+            assert_eq!((kept.generation, kept.resume_point().0), (7, 100));
+            assert_eq!(kept.members.len(), 1);
+        }
+        // The job went on elsewhere: a new group (a later generation, no members) resumes
+        // from the bucket's newer commit.
+        let (newer, took) = saved.caught_up_with(at(180));
+        assert!(took);
+        assert_eq!(
+            newer.resume_point(),
+            (180, Some("s3://b/r/checkpoints/step-180"))
+        );
+        assert!(newer.generation > 7 && newer.members.is_empty());
     }
 
     #[test]
