@@ -39,60 +39,7 @@ pub struct ServerConfig {
 /// `JoinSet`; the first to fail ends the others and `serve` returns its error.
 pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = StateStore::open(&cfg.state_dir)?;
-    let state = match store.load()? {
-        Some(mut saved) => {
-            let (was, now) = (&saved.config, &cfg.job);
-            if (was.nodes, was.trainers, was.dataloaders)
-                != (now.nodes, now.trainers, now.dataloaders)
-            {
-                tracing::warn!(
-                    "the job's size changed since its state was saved ({} trainer(s), {} dataloader(s) on {} node(s) → {}, {}, {}); ranks will be reassigned",
-                    was.trainers, was.dataloaders, was.nodes, now.trainers, now.dataloaders, now.nodes
-                );
-            }
-            // Ports, token and timeouts are this start's settings.
-            saved.config = cfg.job.clone();
-            if cfg.forget_members {
-                saved = saved.without_members();
-                tracing::info!("forgot the saved members: a new group forms");
-            }
-            if let Some(commit) = cfg.resume_commit.clone() {
-                let step = commit.step;
-                let took;
-                (saved, took) = saved.caught_up_with(commit);
-                if took {
-                    tracing::warn!(
-                        step,
-                        "the run's bucket holds a newer commit than this node's saved state: a new group resumes from it"
-                    );
-                }
-            }
-            // Members get a full timeout to reach the restarted coordinator.
-            let now = now_ms();
-            for m in saved.members.values_mut() {
-                m.last_heartbeat_ms = now;
-            }
-            tracing::info!(
-                generation = saved.generation,
-                members = saved.members.len(),
-                last_commit = saved.last_commit.as_ref().map(|c| c.step),
-                "restored coordinator state from {}",
-                cfg.state_dir.display()
-            );
-            saved
-        }
-        None => match cfg.resume_commit.clone() {
-            Some(commit) => {
-                tracing::info!(
-                    step = commit.step,
-                    checkpoint = %commit.path,
-                    "no saved state: the job resumes from the bucket's committed checkpoint"
-                );
-                State::resuming(cfg.job.clone(), commit)
-            }
-            None => State::new(cfg.job.clone()),
-        },
-    };
+    let state = starting_state(&cfg, store.load()?, now_ms());
     store.save(&state)?;
     let coordinator = Coordinator::new(state, store);
 
@@ -206,4 +153,155 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     tracing::info!("coordinator stopped");
     outcome
+}
+
+/// The state this start serves from: the saved one (this start's job settings applied, its
+/// members given a full timeout to reach the restarted coordinator, caught up with a newer
+/// commit in the run's bucket), or a new job, resuming from the bucket's commit if given.
+fn starting_state(cfg: &ServerConfig, saved: Option<State>, now: u64) -> State {
+    match saved {
+        Some(mut saved) => {
+            let (was, wanted) = (&saved.config, &cfg.job);
+            if (was.nodes, was.trainers, was.dataloaders)
+                != (wanted.nodes, wanted.trainers, wanted.dataloaders)
+            {
+                tracing::warn!(
+                    "the job's size changed since its state was saved ({} trainer(s), {} dataloader(s) on {} node(s) → {}, {}, {}); ranks will be reassigned",
+                    was.trainers, was.dataloaders, was.nodes, wanted.trainers, wanted.dataloaders, wanted.nodes
+                );
+            }
+            // Ports, token and timeouts are this start's settings.
+            saved.config = cfg.job.clone();
+            if cfg.forget_members {
+                saved = saved.without_members();
+                tracing::info!("forgot the saved members: a new group forms");
+            }
+            if let Some(commit) = cfg.resume_commit.clone() {
+                let step = commit.step;
+                let took;
+                (saved, took) = saved.caught_up_with(commit);
+                if took {
+                    tracing::warn!(
+                        step,
+                        "the run's bucket holds a newer commit than this node's saved state: a new group resumes from it"
+                    );
+                }
+            }
+            // Members get a full timeout to reach the restarted coordinator.
+            for m in saved.members.values_mut() {
+                m.last_heartbeat_ms = now;
+            }
+            tracing::info!(
+                generation = saved.generation,
+                members = saved.members.len(),
+                last_commit = saved.last_commit.as_ref().map(|c| c.step),
+                "restored coordinator state from {}",
+                cfg.state_dir.display()
+            );
+            saved
+        }
+        None => match cfg.resume_commit.clone() {
+            Some(commit) => {
+                tracing::info!(
+                    step = commit.step,
+                    checkpoint = %commit.path,
+                    "no saved state: the job resumes from the bucket's committed checkpoint"
+                );
+                State::resuming(cfg.job.clone(), commit)
+            }
+            None => State::new(cfg.job.clone()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Member, MemberId, Role};
+
+    fn config(resume_from: Option<u64>, forget_members: bool) -> ServerConfig {
+        ServerConfig {
+            job: JobConfig {
+                nodes: 1,
+                trainers: 2,
+                dataloaders: 1,
+                job_token: String::new(),
+                heartbeat_timeout_ms: 2_000,
+                store_port: 29500,
+                min_nodes: None,
+                elastic_grace_ms: 30_000,
+            },
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+            health_listen: None,
+            state_dir: PathBuf::from("state"),
+            tls: None,
+            forget_members,
+            resume_commit: resume_from.map(|step| {
+                Commit::in_bucket(&format!("s3://b/r/checkpoints/step-{step}")).unwrap()
+            }),
+        }
+    }
+
+    /// A saved job at step 100, generation 3, with one trainer last heard at time 5.
+    fn saved() -> State {
+        let mut state = State::new(config(None, false).job);
+        state.generation = 3;
+        state.last_commit = Some(Commit::in_bucket("s3://b/r/checkpoints/step-100").unwrap());
+        let id = MemberId {
+            node: "n".into(),
+            role: Role::Trainer,
+            local_index: 0,
+        };
+        let member = Member {
+            id: id.clone(),
+            address: "127.0.0.1:1".into(),
+            last_heartbeat_ms: 5,
+            rank: Some(0),
+            ready: true,
+            dataloader: None,
+            step: 100,
+            loss: None,
+            tokens_per_s: None,
+            mfu: None,
+            epochs: None,
+            finished: false,
+        };
+        state.members.insert(id, member);
+        state
+    }
+
+    #[test]
+    fn a_restart_keeps_the_saved_group_and_gives_its_members_a_full_timeout() {
+        // No bucket commit, or one the saved state has (or is past): the saved group stands.
+        for resume in [None, Some(100), Some(60)] {
+            let state = starting_state(&config(resume, false), Some(saved()), 1_000);
+            assert_eq!((state.generation, state.resume_point().0), (3, 100));
+            let member = state.members.values().next().unwrap();
+            assert_eq!(member.last_heartbeat_ms, 1_000);
+        }
+    }
+
+    #[test]
+    fn a_newer_commit_in_the_bucket_or_forgetting_starts_a_new_group() {
+        let caught_up = starting_state(&config(Some(160), false), Some(saved()), 1_000);
+        assert_eq!(caught_up.resume_point().0, 160);
+        assert!(caught_up.generation > 3 && caught_up.members.is_empty());
+        let forgot = starting_state(&config(None, true), Some(saved()), 1_000);
+        assert_eq!(forgot.resume_point().0, 100);
+        assert!(forgot.generation > 3 && forgot.members.is_empty());
+    }
+
+    #[test]
+    fn without_saved_state_a_job_starts_new_or_from_the_buckets_commit() {
+        assert_eq!(
+            starting_state(&config(None, false), None, 0).resume_point(),
+            (0, None)
+        );
+        let resumed = starting_state(&config(Some(40), false), None, 0);
+        assert_eq!(
+            resumed.resume_point(),
+            (40, Some("s3://b/r/checkpoints/step-40"))
+        );
+    }
 }

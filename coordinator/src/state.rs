@@ -449,62 +449,6 @@ mod commit_tests {
     }
 
     #[test]
-    fn saved_state_gives_way_to_a_newer_commit_in_the_bucket_only() {
-        let job = JobConfig {
-            nodes: 1,
-            trainers: 2,
-            dataloaders: 1,
-            job_token: String::new(),
-            heartbeat_timeout_ms: 2_000,
-            store_port: 29500,
-            min_nodes: None,
-            elastic_grace_ms: 30_000,
-        };
-        let at =
-            |step: u64| Commit::in_bucket(&format!("s3://b/r/checkpoints/step-{step}")).unwrap();
-        let mut saved = State::resuming(job, at(100));
-        saved.generation = 7;
-        let id = MemberId {
-            node: "n".into(),
-            role: Role::Trainer,
-            local_index: 0,
-        };
-        saved.members.insert(
-            id.clone(),
-            Member {
-                id,
-                address: "127.0.0.1:1".into(),
-                last_heartbeat_ms: 0,
-                rank: Some(0),
-                ready: true,
-                dataloader: None,
-                step: 100,
-                loss: None,
-                tokens_per_s: None,
-                mfu: None,
-                epochs: None,
-                finished: false,
-            },
-        );
-        // The bucket at the saved step, or behind it: the saved state stands.
-        for step in [100, 60] {
-            let (kept, took) = saved.clone().caught_up_with(at(step));
-            assert!(!took);
-            assert_eq!((kept.generation, kept.resume_point().0), (7, 100));
-            assert_eq!(kept.members.len(), 1);
-        }
-        // The job went on elsewhere: a new group (a later generation, no members) resumes
-        // from the bucket's newer commit.
-        let (newer, took) = saved.caught_up_with(at(180));
-        assert!(took);
-        assert_eq!(
-            newer.resume_point(),
-            (180, Some("s3://b/r/checkpoints/step-180"))
-        );
-        assert!(newer.generation > 7 && newer.members.is_empty());
-    }
-
-    #[test]
     fn anything_but_a_bucket_checkpoint_is_refused_by_name() {
         for bad in [
             "runs/demo/checkpoints/step-00000120",
