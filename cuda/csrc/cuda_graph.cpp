@@ -22,6 +22,17 @@ int fail(char** err, const char* what) {
   return -1;
 }
 
+// Runs `f`, turning libtorch's exception into -1 and `err`.
+template <typename F>
+int guarded(char** err, F f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(err, e.what());
+  }
+}
+
 #ifdef LILLM_WITH_CUDA
 // The stream that was current before entering the side stream, restored on leaving.
 struct SideStream {
@@ -59,15 +70,12 @@ void* lillm_cuda_side_stream_enter(int device, char** err) {
 int lillm_cuda_side_stream_leave(void* handle, char** err) {
 #ifdef LILLM_WITH_CUDA
   auto side = static_cast<SideStream*>(handle);
-  try {
+  int rc = guarded(err, [&] {
     c10::cuda::device_synchronize();
     c10::cuda::setCurrentCUDAStream(side->previous);
-    delete side;
-    return 0;
-  } catch (const std::exception& e) {
-    delete side;
-    return fail(err, e.what());
-  }
+  });
+  delete side;
+  return rc;
 #else
   (void)handle;
   return fail(err, "this torch build has no CUDA");
@@ -98,12 +106,7 @@ void* lillm_cuda_graph_capture_begin(uint64_t pool_hi, uint64_t pool_lo, char** 
 // Ends the capture begun on `graph` and makes it replayable.
 int lillm_cuda_graph_capture_end(void* graph, char** err) {
 #ifdef LILLM_WITH_CUDA
-  try {
-    static_cast<at::cuda::CUDAGraph*>(graph)->capture_end();
-    return 0;
-  } catch (const std::exception& e) {
-    return fail(err, e.what());
-  }
+  return guarded(err, [&] { static_cast<at::cuda::CUDAGraph*>(graph)->capture_end(); });
 #else
   (void)graph;
   return fail(err, "this torch build has no CUDA");
@@ -113,12 +116,7 @@ int lillm_cuda_graph_capture_end(void* graph, char** err) {
 // Launches the captured work on the current stream.
 int lillm_cuda_graph_replay(void* graph, char** err) {
 #ifdef LILLM_WITH_CUDA
-  try {
-    static_cast<at::cuda::CUDAGraph*>(graph)->replay();
-    return 0;
-  } catch (const std::exception& e) {
-    return fail(err, e.what());
-  }
+  return guarded(err, [&] { static_cast<at::cuda::CUDAGraph*>(graph)->replay(); });
 #else
   (void)graph;
   return fail(err, "this torch build has no CUDA");
