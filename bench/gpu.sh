@@ -12,6 +12,7 @@
 #                 PyTorch, --compile and bf16 autocast) at $ROWS and $SMALL_ROWS rows, the
 #                 larger preset, the MoE preset's MFU against the dense one's, the job path
 #                 (coordinator + dataloader + trainer) against one process; peak GPU memory
+#   profile       libtorch's profiler over 5 steps of the dense model: the longest kernels
 #   serving       `lillm serve` (CUDA graphs) on the dense, large and MoE runs under 1, 8 and
 #                 32 streaming clients; greedy answers with graphs, without capture and
 #                 eager; a seeded answer alone and batched; `lillm generate`'s one stream
@@ -115,6 +116,9 @@ train large "$LARGE" "$LARGE_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
 reference ref-large "$LARGE" "$LARGE_ROWS"
 train moe "$MOE" "$MOE_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
 train dense-moe-rows "$DENSE" "$MOE_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
+
+echo "== profile: what a $DENSE step at $ROWS rows spends its time on (steps 20 to 24)"
+train profile "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" 30 --profile-steps 20:25
 
 echo "== the job path: coordinator + dataloader + one trainer"
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -257,5 +261,7 @@ for x in rows_out:
     mark = {True: " ok", False: " FAILED", None: ""}[x["ok"]]
     print(f"{x['what']:<66} {x['lillm']:>12} {x['baseline']:>22} {x['ratio']:>7}  {x['target']}{mark}")
 json.dump({"device": gpu, "rows": rows_out}, open(f"{out}/summary.json", "w"), indent=1)
+print()
+print("".join(open(f"{out}/profile/profile-rank0.txt").readlines()[:40]))
 sys.exit(1 if failed else 0)
 PY

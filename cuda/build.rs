@@ -1,14 +1,16 @@
-//! Compiles `csrc/cuda_graph.cpp` against the headers of the libtorch that tch links (see
-//! `build_support/libtorch.rs`); with a torch that has no CUDA, its functions only fail.
+//! Compiles `csrc/cuda_graph.cpp` and `csrc/profiler.cpp` against the headers of the
+//! libtorch that tch links (see `build_support/libtorch.rs`); with a torch that has no CUDA,
+//! the graph functions only fail.
 #[path = "../build_support/libtorch.rs"]
 mod libtorch;
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/cuda_graph.cpp");
+    println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-changed=../build_support/libtorch.rs");
     let torch = libtorch::torch_dir();
     let mut build = libtorch::shim_build(&torch);
-    build.file("csrc/cuda_graph.cpp");
+    build.file("csrc/cuda_graph.cpp").file("csrc/profiler.cpp");
     let cuda = libtorch::cuda_include(&torch);
     match &cuda {
         Some(dir) => {

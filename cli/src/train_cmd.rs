@@ -157,6 +157,11 @@ struct ProcessFlags {
     /// when the usual variables (AWS_ACCESS_KEY_ID, …) are not set.
     #[arg(long, env = "LILLM_CREDENTIALS_FILE")]
     credentials_file: Option<PathBuf>,
+    /// Record steps FIRST..END-1 with libtorch's profiler (e.g. 20:25): each rank writes a
+    /// Chrome trace and a table of the longest kernels (CUDA) and operators to the run
+    /// directory (profile-rank<R>.json, .txt); the first rank prints its table.
+    #[arg(long)]
+    profile_steps: Option<String>,
 }
 
 /// `LILLM_<FIELD>` variables naming a config field (`LILLM_MODEL__D_MODEL` for nested ones)

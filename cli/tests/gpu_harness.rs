@@ -100,6 +100,10 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         "4/4",
         "{printed}"
     );
-    // The table the user reads carries the same rows.
+    // The table the user reads carries the same rows, and the profile of five steps.
     assert!(printed.contains("job path vs one process"), "{printed}");
+    assert!(
+        printed.contains("profile of steps 20..24") && printed.contains("aten::mm"),
+        "{printed}"
+    );
 }

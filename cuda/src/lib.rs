@@ -1,4 +1,6 @@
-//! libtorch's CUDA graphs for Rust (`csrc/cuda_graph.cpp`): the kernels a piece of libtorch work launches,
+//! libtorch's CUDA graphs and profiler for Rust. [`profiler`] records what each operator
+//! and kernel of a span of work took (`csrc/profiler.cpp`). The rest is CUDA graphs
+//! (`csrc/cuda_graph.cpp`): the kernels a piece of libtorch work launches,
 //! captured once and replayed with a single launch, so that a step whose arithmetic takes
 //! microseconds is not paid for in milliseconds of host work and launches.
 //!
@@ -9,6 +11,8 @@
 
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr::NonNull;
+
+pub mod profiler;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -38,7 +42,7 @@ extern "C" {
     fn lillm_cuda_free_error(err: *mut c_char);
 }
 
-fn take_error(context: &str, err: *mut c_char) -> Error {
+pub(crate) fn take_error(context: &str, err: *mut c_char) -> Error {
     if err.is_null() {
         return Error::Cuda(format!("{context}: unknown error"));
     }

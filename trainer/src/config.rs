@@ -173,6 +173,10 @@ pub struct ProcessConfig {
     /// local mirror in the cache. Set by [`TrainConfig::localize`], not by hand.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub out_url: Option<String>,
+    /// Record steps FIRST..END-1 with libtorch's profiler (`FIRST:END`, see
+    /// [`crate::profile`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_steps: Option<String>,
 }
 
 impl ProcessConfig {
@@ -319,6 +323,7 @@ impl Default for ProcessConfig {
             cache_bytes: None,
             credentials_file: None,
             out_url: None,
+            profile_steps: None,
         }
     }
 }
@@ -486,6 +491,7 @@ impl TrainConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.job.validate()?;
+        self.profile_steps()?;
         let (rank, world_size) = (self.process.rank, self.process.world_size);
         if world_size == 0 || rank >= world_size {
             return Err(Error::Config(format!(
@@ -499,6 +505,15 @@ impl TrainConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The steps `--profile-steps` records, when given.
+    pub fn profile_steps(&self) -> Result<Option<crate::profile::StepRange>> {
+        self.process
+            .profile_steps
+            .as_deref()
+            .map(crate::profile::StepRange::parse)
+            .transpose()
     }
 
     /// The c10d rendezvous of this rank, when the job has several.

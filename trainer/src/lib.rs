@@ -23,6 +23,7 @@
 //!   heartbeats and commits on its own runtime).
 //! - `stop`: [`stop::Stop`], how a run is asked to stop between steps, and why.
 //! - `metrics`, `plot`, `flops`: JSONL metrics, PNG loss curves, MFU's peak.
+//! - `profile`: `--profile-steps`, libtorch's profiler over a span of steps.
 
 pub use lillm_checkpoint as checkpoint;
 pub mod actor;
@@ -41,6 +42,7 @@ pub mod metrics;
 mod model_overrides;
 pub mod optim;
 pub mod plot;
+pub mod profile;
 pub mod remote_data;
 pub mod report;
 pub mod schedule;

@@ -25,6 +25,7 @@ use crate::log_window::LogWindow;
 use crate::loss::{train_figures, Loss, Reference, FIGURES};
 use crate::metrics::{MetricsLog, Record};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::profile::StepProfile;
 use crate::report::{Reporter, Silent};
 use crate::stop::{Stop, StopReason};
 use crate::{Error, Result};
@@ -198,6 +199,8 @@ pub struct Trainer {
     writer: Option<CheckpointActor>,
     generation: u64,
     stop: Stop,
+    /// `--profile-steps`: libtorch's profiler over a span of steps.
+    profile: StepProfile,
 }
 
 impl Trainer {
@@ -289,6 +292,7 @@ impl Trainer {
             evaluated_at_step,
         } = start::counters(resume_from.as_ref().map(|(_, state)| state), received_step);
         let cfg_rank_is_leader = cfg.process.rank == 0;
+        let profile = StepProfile::new(cfg.profile_steps()?, &cfg.process.out, cfg.process.rank);
         let window = LogWindow::new(
             train_figures(&model_cfg),
             device,
@@ -319,6 +323,7 @@ impl Trainer {
             reporter: setup.reporter,
             generation: setup.generation,
             stop: setup.stop,
+            profile,
         };
         if let Some(group) = group {
             trainer.stop.abort_on_regroup(group.abort_handle());

@@ -171,7 +171,14 @@ impl Trainer {
                 }
             }
             let lr = plan.schedule.at(self.step);
+            self.profile.before_step(self.step, self.device)?;
             let window = self.step_once(&plan, lr, &progress)?;
+            let last = self.step >= plan.cadence.max_iters;
+            if let Some(table) = self.profile.after_step(self.step, last, self.device)? {
+                if plan.leader {
+                    console.say(table);
+                }
+            }
             console.bar.set_position(self.step);
             if let Some(window) = window {
                 self.close_window(&plan, window, &mut progress, log.as_mut(), &console)?;
