@@ -635,16 +635,22 @@ impl LilLM {
         let tokens = Tensor::from_slice(&ids)
             .view([prompts.len() as i64, longest as i64])
             .to(device);
-        let (hidden, _) = self.hidden(&tokens, 0, Some(cache), false);
-        cache.advance(longest);
         let last: Vec<i64> = prompts.iter().map(|p| p.len() as i64 - 1).collect();
-        let last = Tensor::from_slice(&last).to(device).view([-1, 1, 1]);
+        self.prefill_static(&tokens, &Tensor::from_slice(&last).to(device), cache)
+    }
+
+    /// [`Self::prefill_rows`] on tensors, with shapes that depend on `ids` alone, as a CUDA
+    /// graph needs: `ids` (P, L) right-padded prompts and `last` (P,) the position of each
+    /// one's last token, on the model's device. `cache` (P rows, at least L positions) is
+    /// emptied first and holds L positions after (past a prompt's end, its padding's).
+    /// Returns the logits (P, vocab) at `last`.
+    pub fn prefill_static(&self, ids: &Tensor, last: &Tensor, cache: &mut KvCache) -> Tensor {
+        cache.reset();
+        let (hidden, _) = self.hidden(ids, 0, Some(cache), false);
+        cache.advance(ids.size()[1] as usize);
         let d = hidden.size()[2];
-        self.head(
-            &hidden
-                .gather(1, &last.expand([-1, 1, d], false), false)
-                .squeeze_dim(1),
-        )
+        let last = last.view([-1, 1, 1]).expand([-1, 1, d], false);
+        self.head(&hidden.gather(1, &last, false).squeeze_dim(1))
     }
 
     /// Runs `tokens` (B, T) at positions `cache.len()..` through the model, extending the

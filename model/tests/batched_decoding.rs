@@ -178,3 +178,40 @@ fn a_decode_step_is_capturable_unless_an_moe_layer_reads_back() {
     };
     assert!(!capturable(&odd, Kind::BFloat16));
 }
+
+/// The prefill a CUDA graph captures: a prompt right-padded to its length bucket, its
+/// logits read at its last token. The padding never reaches the prompt: the logits, and a
+/// decode that goes on from the admitted cache, are those of the whole sequence alone.
+#[test]
+fn a_prompt_padded_to_its_bucket_prefills_as_it_does_alone() {
+    for cfg in [tiny(), moe()] {
+        tch::manual_seed(5);
+        let vs = VarStore::new(Device::Cpu);
+        let model = LilLM::new(&vs.root(), &cfg).unwrap();
+        let _guard = tch::no_grad_guard();
+        let ids: Vec<i64> = vec![5, 17, 3, 88, 41, 9, 60, 2];
+        let want = model.forward(&Tensor::from_slice(&ids).view([1, -1]), false);
+        let (prompt, bucket) = (5, 16);
+        let mut padded = vec![0i64; bucket];
+        padded[..prompt].copy_from_slice(&ids[..prompt]);
+        let mut cache = KvCache::with_capacity(&cfg, 1, bucket, Kind::Float, Device::Cpu);
+        let logits = model.prefill_static(
+            &Tensor::from_slice(&padded).view([1, -1]),
+            &Tensor::from_slice(&[prompt as i64 - 1]),
+            &mut cache,
+        );
+        let at = |pos: usize| want.get(0).get(pos as i64);
+        let diff = (logits.get(0) - at(prompt - 1))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-4, "prefill: diff {diff}");
+        let mut slots = SlotCache::new(&cfg, 2, Kind::Float, Device::Cpu);
+        slots.admit(&cache, 0, prompt);
+        for (pos, &id) in ids.iter().enumerate().take(ids.len() - 1).skip(prompt) {
+            let logits = decode_every_slot(&model, &[id as u32], &mut slots);
+            let diff = (logits.get(0) - at(pos)).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "decode at {pos}: diff {diff}");
+        }
+    }
+}

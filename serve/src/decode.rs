@@ -1,18 +1,23 @@
-//! How the generation thread runs a decode step: eagerly on the used slots (the CPU's way:
-//! nothing wasted on padding), or on fixed shapes per batch-size bucket, each bucket's step
-//! captured once as a CUDA graph and replayed (the GPU's way: one launch per step where
-//! eager decoding launches hundreds of small kernels from the host).
+//! How the generation thread runs a decode step and a short prompt's prefill: eagerly on
+//! the exact shapes (the CPU's way: nothing wasted on padding; arrivals prefilled together),
+//! or on fixed shapes per bucket, each bucket captured once as a CUDA graph and replayed
+//! (the GPU's way: one launch where eager work launches hundreds of small kernels from the
+//! host, which would cost a 39M model milliseconds a token).
 //!
-//! A bucket of R rows decodes the used slots plus padding rows up to R, each row attending
-//! over the whole context ([`LilLM::decode_static`]); inputs are copied into the bucket's
-//! own tensors, so every replay reads the memory the graph was captured on. Buckets are
-//! captured at start, largest first, into one shared memory pool (only one runs at a time),
-//! before the first request is read: a request that arrives meanwhile waits in the queue.
-//! Prefill stays eager: prompts vary in length and run once each, where a decode step runs
-//! once per token of every reply.
+//! A decode bucket of R rows decodes the used slots plus padding rows up to R, each row
+//! attending over the whole context ([`LilLM::decode_static`]). A prefill bucket of L
+//! positions prefills one prompt right-padded to L ([`LilLM::prefill_static`]) into its own
+//! cache, from which the prompt's positions move into a slot; prompts that arrive together
+//! replay it one after another. Prefill gets graphs too because on a GPU an eager prefill
+//! costs as much host time as dozens of replayed decode steps: every arrival would stall the
+//! running streams (inter-token p99) and wait itself (time to first token). Inputs are
+//! copied into a bucket's own tensors, so every replay reads the memory the graph was
+//! captured on. Every bucket is captured at start, into one shared memory pool (only one
+//! runs at a time), before the first request is read: a request that arrives meanwhile
+//! waits in the queue.
 
 use lillm_cuda::{CudaGraph, GraphPool};
-use lillm_model::{LilLM, SlotCache};
+use lillm_model::{KvCache, LilLM, SlotCache};
 use tch::{Device, Kind, Tensor};
 
 /// How decode steps run (`lillm serve --decode`).
@@ -20,10 +25,10 @@ use tch::{Device, Kind, Tensor};
 pub enum DecodeMode {
     /// One forward over the used slots, launched op by op.
     Eager,
-    /// The fixed-shape step of the CUDA graphs, launched op by op (checks that step where
-    /// there is no GPU).
+    /// The fixed-shape steps of the CUDA graphs, launched op by op (checks those steps
+    /// where there is no GPU).
     Static,
-    /// The fixed-shape step captured as one CUDA graph per bucket.
+    /// The fixed-shape steps captured as one CUDA graph per bucket.
     Graphs,
 }
 
@@ -49,18 +54,31 @@ impl DecodeMode {
     }
 }
 
-/// Runs decode steps as its mode says.
+/// Runs decode steps and prefills as its mode says.
 pub(crate) enum Decoder {
     Eager,
-    Static(Vec<Bucket>),
+    Static {
+        decode: Vec<Bucket>,
+        prefill: Vec<PrefillBucket>,
+    },
 }
 
-/// A batch size's fixed-shape step: its input tensors and, once captured, its graph and the
-/// logits each replay rewrites.
+/// A batch size's fixed-shape decode step: its input tensors and, once captured, its graph
+/// and the logits each replay rewrites.
 pub(crate) struct Bucket {
     rows: usize,
     ids: Tensor,
     positions: Tensor,
+    captured: Option<(CudaGraph, Tensor)>,
+}
+
+/// A prompt length's fixed-shape prefill: its inputs, its cache and, once captured, its
+/// graph and the logits each replay rewrites.
+pub(crate) struct PrefillBucket {
+    len: usize,
+    ids: Tensor,
+    last: Tensor,
+    cache: KvCache,
     captured: Option<(CudaGraph, Tensor)>,
 }
 
@@ -73,28 +91,33 @@ pub struct Captured {
     pub bytes: u64,
 }
 
-/// Batch-size buckets up to `max_batch`: the powers of two below it, and itself.
-pub(crate) fn bucket_sizes(max_batch: usize) -> Vec<usize> {
+/// Buckets up to `most`: the powers of two from `least` below it, and itself.
+pub(crate) fn bucket_sizes(least: usize, most: usize) -> Vec<usize> {
     let mut sizes: Vec<usize> = (0..)
-        .map(|p| 1usize << p)
-        .take_while(|&r| r < max_batch)
+        .map(|p| least << p)
+        .take_while(|&r| r < most)
         .collect();
-    sizes.push(max_batch);
+    sizes.push(most);
     sizes
 }
 
+/// The shortest padded prompt: below it, prefill time hardly depends on the length.
+const SHORTEST_PREFILL: usize = 16;
+
 impl Decoder {
-    /// The decoder for `mode`; with graphs, every bucket captured on `slots` (empty: the
-    /// capture's warm-up writes only padding). A capture libtorch refuses falls back to the
-    /// eager step, with the reason in the error.
+    /// The decoder for `mode`, prefilling prompts of up to `longest_prompt` tokens itself;
+    /// with graphs, every bucket captured on `slots` (empty: the capture's warm-up writes
+    /// only padding). A capture libtorch refuses falls back to eager work, with the reason
+    /// in the error.
     pub(crate) fn new(
         mode: DecodeMode,
         model: &LilLM,
         slots: &mut SlotCache,
+        longest_prompt: usize,
     ) -> (Self, Result<Captured, lillm_cuda::Error>) {
-        let static_buckets = || -> Vec<Bucket> {
+        let static_buckets = || {
             let device = model.device();
-            bucket_sizes(slots.slots())
+            let decode = bucket_sizes(1, slots.slots())
                 .into_iter()
                 .map(|rows| Bucket {
                     rows,
@@ -102,19 +125,81 @@ impl Decoder {
                     positions: Tensor::zeros([rows as i64], (Kind::Int64, device)),
                     captured: None,
                 })
-                .collect()
+                .collect();
+            // A prompt leaves room for at least one token: it is shorter than the context.
+            let longest = longest_prompt.min(slots.capacity() - 1);
+            let prefill = bucket_sizes(SHORTEST_PREFILL.min(longest).max(1), longest)
+                .into_iter()
+                .map(|len| PrefillBucket {
+                    len,
+                    ids: Tensor::zeros([1, len as i64], (Kind::Int64, device)),
+                    last: Tensor::zeros([1], (Kind::Int64, device)),
+                    cache: KvCache::with_capacity(
+                        model.config(),
+                        1,
+                        len,
+                        model.compute_kind(),
+                        device,
+                    ),
+                    captured: None,
+                })
+                .collect();
+            Self::Static { decode, prefill }
         };
         match mode {
             DecodeMode::Eager => (Self::Eager, Ok(Captured::default())),
-            DecodeMode::Static => (Self::Static(static_buckets()), Ok(Captured::default())),
+            DecodeMode::Static => (static_buckets(), Ok(Captured::default())),
             DecodeMode::Graphs => {
-                let mut buckets = static_buckets();
-                match capture(&mut buckets, model, slots) {
-                    Ok(captured) => (Self::Static(buckets), Ok(captured)),
+                let mut decoder = static_buckets();
+                match decoder.capture(model, slots) {
+                    Ok(captured) => (decoder, Ok(captured)),
                     Err(e) => (Self::Eager, Err(e)),
                 }
             }
         }
+    }
+
+    /// Whether prompts are prefilled one by one in [`Self::prefill`] (the eager decoder
+    /// prefills the arrivals of a step together, `LilLM::prefill_rows`).
+    pub(crate) fn prefills(&self) -> bool {
+        matches!(self, Self::Static { .. })
+    }
+
+    /// Prefills `prompt` (at most the longest prompt of [`Self::new`]) in its bucket:
+    /// returns its last position's logits (1, vocab) and the cache holding its positions.
+    ///
+    /// # Panics
+    /// On the eager decoder (see [`Self::prefills`]) or a prompt longer than every bucket.
+    pub(crate) fn prefill(
+        &mut self,
+        model: &LilLM,
+        prompt: &[u32],
+    ) -> Result<(Tensor, &KvCache), lillm_cuda::Error> {
+        let Self::Static { prefill, .. } = self else {
+            panic!("the eager decoder prefills the arrivals together");
+        };
+        let bucket = prefill
+            .iter_mut()
+            .find(|b| b.len >= prompt.len())
+            .expect("a prefill bucket holds every short prompt");
+        let mut ids = vec![0i64; bucket.len];
+        for (id, &t) in ids.iter_mut().zip(prompt) {
+            *id = t as i64;
+        }
+        bucket
+            .ids
+            .copy_(&Tensor::from_slice(&ids).view([1, bucket.len as i64]));
+        bucket
+            .last
+            .copy_(&Tensor::from_slice(&[prompt.len() as i64 - 1]));
+        let logits = match &bucket.captured {
+            Some((graph, logits)) => {
+                graph.replay()?;
+                logits.shallow_clone()
+            }
+            None => model.prefill_static(&bucket.ids, &bucket.last, &mut bucket.cache),
+        };
+        Ok((logits, &bucket.cache))
     }
 
     /// One decode step: `tokens[i]` for used slot `i`; returns their logits (used, vocab)
@@ -127,7 +212,7 @@ impl Decoder {
     ) -> Result<Tensor, lillm_cuda::Error> {
         let buckets = match self {
             Self::Eager => return Ok(model.decode_slots(tokens, slots)),
-            Self::Static(buckets) => buckets,
+            Self::Static { decode, .. } => decode,
         };
         let used = tokens.len();
         let bucket = buckets
@@ -152,32 +237,42 @@ impl Decoder {
         slots.advance_all();
         Ok(logits.narrow(0, 0, used as i64))
     }
-}
 
-/// Captures every bucket, largest first, into one pool.
-fn capture(
-    buckets: &mut [Bucket],
-    model: &LilLM,
-    slots: &mut SlotCache,
-) -> Result<Captured, lillm_cuda::Error> {
-    let device = model.device();
-    let before = lillm_cuda::cuda_reserved(device).unwrap_or(0);
-    let mut pool: Option<GraphPool> = None;
-    for bucket in buckets.iter_mut().rev() {
-        let (ids, positions) = (&bucket.ids, &bucket.positions);
-        // Two warm-up runs: libtorch creates its cuBLAS workspaces and picks its kernels
-        // on the first calls, which a capture must not contain.
-        let (graph, logits) = CudaGraph::capture(device, pool, 2, || {
-            model.decode_static(ids, positions, slots)
-        })?;
-        pool = Some(graph.pool());
-        bucket.captured = Some((graph, logits));
+    /// Captures every bucket, the largest first, into one pool.
+    fn capture(
+        &mut self,
+        model: &LilLM,
+        slots: &mut SlotCache,
+    ) -> Result<Captured, lillm_cuda::Error> {
+        let Self::Static { decode, prefill } = self else {
+            return Ok(Captured::default());
+        };
+        let device = model.device();
+        let before = lillm_cuda::cuda_reserved(device).unwrap_or(0);
+        let mut pool: Option<GraphPool> = None;
+        // Two warm-up runs each: libtorch creates its cuBLAS workspaces and picks its
+        // kernels on the first calls, which a capture must not contain.
+        for bucket in decode.iter_mut().rev() {
+            let (ids, positions) = (&bucket.ids, &bucket.positions);
+            let (graph, logits) = CudaGraph::capture(device, pool, 2, || {
+                model.decode_static(ids, positions, slots)
+            })?;
+            pool = Some(graph.pool());
+            bucket.captured = Some((graph, logits));
+        }
+        for bucket in prefill.iter_mut().rev() {
+            let (ids, last, cache) = (&bucket.ids, &bucket.last, &mut bucket.cache);
+            let (graph, logits) =
+                CudaGraph::capture(device, pool, 2, || model.prefill_static(ids, last, cache))?;
+            pool = Some(graph.pool());
+            bucket.captured = Some((graph, logits));
+        }
+        let after = lillm_cuda::cuda_reserved(device).unwrap_or(0);
+        Ok(Captured {
+            graphs: decode.len() + prefill.len(),
+            bytes: after.saturating_sub(before),
+        })
     }
-    let after = lillm_cuda::cuda_reserved(device).unwrap_or(0);
-    Ok(Captured {
-        graphs: buckets.len(),
-        bytes: after.saturating_sub(before),
-    })
 }
 
 #[cfg(test)]
@@ -185,10 +280,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn buckets_are_the_powers_of_two_below_the_batch_and_the_batch() {
-        assert_eq!(bucket_sizes(1), vec![1]);
-        assert_eq!(bucket_sizes(8), vec![1, 2, 4, 8]);
-        assert_eq!(bucket_sizes(12), vec![1, 2, 4, 8, 12]);
-        assert_eq!(bucket_sizes(32), vec![1, 2, 4, 8, 16, 32]);
+    fn buckets_double_up_to_the_most_and_end_there() {
+        assert_eq!(bucket_sizes(1, 1), vec![1]);
+        assert_eq!(bucket_sizes(1, 8), vec![1, 2, 4, 8]);
+        assert_eq!(bucket_sizes(1, 12), vec![1, 2, 4, 8, 12]);
+        assert_eq!(bucket_sizes(1, 32), vec![1, 2, 4, 8, 16, 32]);
+        // Prompt lengths: from 16 up to the longest short prompt.
+        assert_eq!(bucket_sizes(16, 128), vec![16, 32, 64, 128]);
+        assert_eq!(bucket_sizes(16, 31), vec![16, 31]);
     }
 }

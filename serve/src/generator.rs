@@ -194,12 +194,12 @@ impl<'a> Batch<'a> {
         let cfg = model.config();
         let max_batch = limits.max_batch;
         let mut slots = SlotCache::new(cfg, max_batch, model.compute_kind(), model.device());
-        let (decoder, captured) = Decoder::new(limits.decode, model, &mut slots);
+        let (decoder, captured) = Decoder::new(limits.decode, model, &mut slots, PREFILL_CHUNK);
         match captured {
             Ok(c) if c.graphs > 0 => {
                 metrics.note_graphs(c);
                 eprintln!(
-                    "decode: {} CUDA graphs captured (batch buckets up to {max_batch}), {:.1} MiB",
+                    "decode: {} CUDA graphs captured (decode steps of up to {max_batch} sequences, prompts of up to {PREFILL_CHUNK} tokens), {:.1} MiB",
                     c.graphs,
                     c.bytes as f64 / (1u64 << 20) as f64
                 );
@@ -327,6 +327,13 @@ impl<'a> Batch<'a> {
         if short.is_empty() {
             return;
         }
+        if self.decoder.prefills() {
+            for arrival in short {
+                self.prefill_alone(arrival);
+            }
+            self.metrics.set_batch(self.decoding.len());
+            return;
+        }
         let prompts: Vec<&[u32]> = short.iter().map(|a| a.prompt.as_slice()).collect();
         self.metrics
             .prefill_peak
@@ -356,6 +363,30 @@ impl<'a> Batch<'a> {
             }
         }
         self.metrics.set_batch(self.decoding.len());
+    }
+
+    /// Prefills one short prompt in the decoder's bucket for its length; it samples its
+    /// first token and joins the batch.
+    fn prefill_alone(&mut self, arrival: Arrival<'a>) {
+        let Arrival {
+            mut sequence,
+            prompt,
+        } = arrival;
+        let (logits, cache) = match self.decoder.prefill(self.model, &prompt) {
+            Ok(done) => done,
+            Err(e) => {
+                self.metrics.count(Ended::Failed);
+                let _ = sequence.events.send(GenEvent::Failed(e.to_string()));
+                return;
+            }
+        };
+        let logits = logits.get(0);
+        let id = sequence.sampler.sample(&logits);
+        let room = self.model.config().max_seq_len - prompt.len();
+        if let Outcome::Continue = sequence.take(id, &logits, room) {
+            self.slots.admit(cache, 0, prompt.len());
+            self.decoding.push(sequence);
+        }
     }
 
     /// Prefills the next chunk of the waiting prompt; a finished prompt samples its first
