@@ -36,7 +36,11 @@ impl RmsNorm {
     }
 }
 
-/// Rotary embedding tables for adjacent-pair (Meta-style) rotation, float32, on the model's device.
+/// Rotary embedding tables for adjacent-pair (Meta-style) rotation, float32, on the model's
+/// device, laid out for a rotation in four element-wise kernels: `cos` repeats each pair's
+/// cosine, `sin` holds (-sin, sin) per pair, so that a pair (a, b) becomes
+/// (a·cos - b·sin, b·cos + a·sin) = x·cos + swap(x)·sin, bit for bit the rotation of the
+/// two halves computed apart.
 #[derive(Debug)]
 struct Rope {
     cos: Tensor,
@@ -54,38 +58,38 @@ impl Rope {
             .reciprocal();
         let positions = Tensor::arange(cfg.max_seq_len as i64, opts);
         let angles = positions.outer(&inv_freq);
+        let (cos, sin) = (angles.cos(), angles.sin());
+        let per_pair = |first: &Tensor, second: &Tensor| {
+            Tensor::stack(&[first, second], 2).view([cfg.max_seq_len as i64, hd])
+        };
         Self {
-            cos: angles.cos(),
-            sin: angles.sin(),
+            cos: per_pair(&cos, &cos),
+            sin: per_pair(&sin.neg(), &sin),
         }
     }
 
     /// Rotates `x` of shape (B, T, H, hd) whose first position is `start_pos`.
     fn apply(&self, x: &Tensor, start_pos: i64) -> Tensor {
         let (_, t, _, hd) = x.size4().expect("rope input is 4-d");
-        let cos = self.cos.narrow(0, start_pos, t).view([1, t, 1, hd / 2]);
-        let sin = self.sin.narrow(0, start_pos, t).view([1, t, 1, hd / 2]);
+        let cos = self.cos.narrow(0, start_pos, t).view([1, t, 1, hd]);
+        let sin = self.sin.narrow(0, start_pos, t).view([1, t, 1, hd]);
         Self::rotate(x, &cos, &sin)
     }
 
     /// Rotates `x` of shape (B, 1, H, hd) whose row `i` is at position `positions[i]`.
     fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Tensor {
         let (b, _, _, hd) = x.size4().expect("rope input is 4-d");
-        let cos = self.cos.index_select(0, positions).view([b, 1, 1, hd / 2]);
-        let sin = self.sin.index_select(0, positions).view([b, 1, 1, hd / 2]);
+        let cos = self.cos.index_select(0, positions).view([b, 1, 1, hd]);
+        let sin = self.sin.index_select(0, positions).view([b, 1, 1, hd]);
         Self::rotate(x, &cos, &sin)
     }
 
     fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         let (b, t, h, hd) = x.size4().expect("rope input is 4-d");
-        let pairs = x.to_kind(Kind::Float).view([b, t, h, hd / 2, 2]);
-        let even = pairs.select(4, 0);
-        let odd = pairs.select(4, 1);
-        let rotated_even = &even * cos - &odd * sin;
-        let rotated_odd = &even * sin + &odd * cos;
-        Tensor::stack(&[rotated_even, rotated_odd], 4)
-            .view([b, t, h, hd])
-            .to_kind(x.kind())
+        let x32 = x.to_kind(Kind::Float);
+        // Each pair (a, b) as (b, a).
+        let swapped = x32.view([b, t, h, hd / 2, 2]).flip([4]).view([b, t, h, hd]);
+        (x32 * cos + swapped * sin).to_kind(x.kind())
     }
 }
 
@@ -661,5 +665,47 @@ impl LilLM {
         let (hidden, _) = self.hidden(tokens, start, Some(cache), false);
         cache.advance(t as usize);
         self.head(&hidden.select(1, t - 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rotation as the original computes it: each pair's halves apart, then stacked.
+    fn rotate_pairs(x: &Tensor, start: i64, cfg: &ModelConfig) -> Tensor {
+        let (b, t, h, hd) = x.size4().unwrap();
+        let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Float, tch::Device::Cpu))
+            / hd as f64;
+        let inv_freq = Tensor::from(cfg.rope_theta as f32)
+            .pow(&exponents)
+            .reciprocal();
+        let positions = Tensor::arange_start(start, start + t, (Kind::Float, tch::Device::Cpu));
+        let angles = positions.outer(&inv_freq).view([1, t, 1, hd / 2]);
+        let (cos, sin) = (angles.cos(), angles.sin());
+        let pairs = x.view([b, t, h, hd / 2, 2]);
+        let (even, odd) = (pairs.select(4, 0), pairs.select(4, 1));
+        let rotated = [&even * &cos - &odd * &sin, &even * &sin + &odd * &cos];
+        Tensor::stack(&rotated, 4).view([b, t, h, hd])
+    }
+
+    #[test]
+    fn the_rotation_in_four_kernels_is_the_pairwise_rotation_bit_for_bit() {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let rope = Rope::new(&cfg, tch::Device::Cpu);
+        let hd = cfg.head_dim() as i64;
+        let x = Tensor::randn([2, 5, 3, hd], (Kind::Float, tch::Device::Cpu)) * 10.0;
+        for start in [0, 7] {
+            assert!(rope.apply(&x, start).equal(&rotate_pairs(&x, start, &cfg)));
+        }
+        // Rows at their own positions, as a decode step rotates them.
+        let row = x.narrow(1, 0, 1);
+        let positions = Tensor::from_slice(&[9i64, 2]);
+        let each: Vec<Tensor> = [9, 2]
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| rotate_pairs(&row.narrow(0, i as i64, 1), p, &cfg))
+            .collect();
+        assert!(rope.apply_at(&row, &positions).equal(&Tensor::cat(&each, 0)));
     }
 }
