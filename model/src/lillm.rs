@@ -675,8 +675,8 @@ mod tests {
     /// The rotation as the original computes it: each pair's halves apart, then stacked.
     fn rotate_pairs(x: &Tensor, start: i64, cfg: &ModelConfig) -> Tensor {
         let (b, t, h, hd) = x.size4().unwrap();
-        let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Float, tch::Device::Cpu))
-            / hd as f64;
+        let exponents =
+            Tensor::arange_start_step(0, hd, 2, (Kind::Float, tch::Device::Cpu)) / hd as f64;
         let inv_freq = Tensor::from(cfg.rope_theta as f32)
             .pow(&exponents)
             .reciprocal();
@@ -706,6 +706,8 @@ mod tests {
             .enumerate()
             .map(|(i, &p)| rotate_pairs(&row.narrow(0, i as i64, 1), p, &cfg))
             .collect();
-        assert!(rope.apply_at(&row, &positions).equal(&Tensor::cat(&each, 0)));
+        assert!(rope
+            .apply_at(&row, &positions)
+            .equal(&Tensor::cat(&each, 0)));
     }
 }
