@@ -29,8 +29,9 @@ pub struct ServerConfig {
     /// Start a new group from the saved state: forget its members (see
     /// [`State::without_members`]).
     pub forget_members: bool,
-    /// With no saved state: resume the job from this commit (a checkpoint in the run's
-    /// bucket, see [`State::resuming`]).
+    /// The newest commit in the run's bucket: with no saved state the job resumes from it
+    /// ([`State::resuming`]), and saved state older than it gives way to it
+    /// ([`State::caught_up_with`]).
     pub resume_commit: Option<Commit>,
 }
 

@@ -43,18 +43,26 @@ extern "C" {
 }
 
 pub(crate) fn take_error(context: &str, err: *mut c_char) -> Error {
-    if err.is_null() {
-        return Error::Cuda(format!("{context}: unknown error"));
+    match take_string(err) {
+        Some(msg) => Error::Cuda(format!("{context}: {msg}")),
+        None => Error::Cuda(format!("{context}: unknown error")),
     }
-    // SAFETY: `err` is non-null and the shim set it to a NUL-terminated string from strdup,
+}
+
+/// A string the shim allocated (an error, a result), read and freed; `None` for null.
+pub(crate) fn take_string(raw: *mut c_char) -> Option<String> {
+    if raw.is_null() {
+        return None;
+    }
+    // SAFETY: `raw` is non-null and the shim set it to a NUL-terminated string from strdup,
     // which nobody else owns.
-    let msg = unsafe { CStr::from_ptr(err) }
+    let text = unsafe { CStr::from_ptr(raw) }
         .to_string_lossy()
         .into_owned();
-    // SAFETY: `err` came from the shim's strdup and is freed exactly once, here, after the
+    // SAFETY: `raw` came from the shim's strdup and is freed exactly once, here, after the
     // last read above.
-    unsafe { lillm_cuda_free_error(err) };
-    Error::Cuda(format!("{context}: {msg}"))
+    unsafe { lillm_cuda_free_error(raw) };
+    Some(text)
 }
 
 /// The memory pool of a captured graph. Graphs captured into one pool reuse each other's

@@ -3,15 +3,14 @@
 //! (`chrome://tracing`, Perfetto). Recording is per thread for operators (the thread that
 //! started it) and per process for CUDA kernels.
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, CString};
 use std::path::Path;
 
-use crate::{take_error, Error, Result};
+use crate::{take_error, take_string, Error, Result};
 
 extern "C" {
     fn lillm_profiler_start(cuda: bool, err: *mut *mut c_char) -> i32;
     fn lillm_profiler_stop(trace: *const c_char, err: *mut *mut c_char) -> *mut c_char;
-    fn lillm_cuda_free_error(err: *mut c_char);
 }
 
 /// What one operator or kernel took over the recorded span.
@@ -76,16 +75,10 @@ fn stop(trace: Option<&Path>) -> Result<Vec<OpTime>> {
             &mut err,
         )
     };
-    if raw.is_null() {
-        return Err(take_error("profiler", err));
+    match take_string(raw) {
+        Some(json) => parse(&json),
+        None => Err(take_error("profiler", err)),
     }
-    // SAFETY: `raw` is the shim's NUL-terminated string, read once and then freed once.
-    let json = unsafe { CStr::from_ptr(raw) }
-        .to_string_lossy()
-        .into_owned();
-    // SAFETY: `raw` came from the shim's strdup and is not used after this.
-    unsafe { lillm_cuda_free_error(raw) };
-    parse(&json)
 }
 
 /// The shim's `[[name, device, calls, total ns], …]`, the longest first.

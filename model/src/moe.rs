@@ -3,8 +3,9 @@
 //! expert every token goes through.
 //!
 //! Compute follows the active parameters: the (token, expert) assignments are sorted by
-//! expert, all experts run as one grouped matmul per projection over their contiguous
-//! slices of tokens, and the gated outputs are added back to their tokens (`index_add`). No expert sees a token it was not chosen
+//! expert, each expert runs on its contiguous slice of tokens (on CUDA in bf16 all of them
+//! in one grouped matmul per projection, elsewhere one matmul each), and the gated outputs
+//! are added back to their tokens (`index_add`). No expert sees a token it was not chosen
 //! for. Expert weights are stacked, (experts, out, in), so an expert that got no token
 //! still has a (zero) gradient that data-parallel ranks can average.
 

@@ -69,7 +69,7 @@ pub(crate) struct Bucket {
     rows: usize,
     ids: Tensor,
     positions: Tensor,
-    captured: Option<(CudaGraph, Tensor)>,
+    captured: Option<Replay>,
 }
 
 /// A prompt length's fixed-shape prefill: its inputs, its cache and, once captured, its
@@ -79,7 +79,42 @@ pub(crate) struct PrefillBucket {
     ids: Tensor,
     last: Tensor,
     cache: KvCache,
-    captured: Option<(CudaGraph, Tensor)>,
+    captured: Option<Replay>,
+}
+
+/// A bucket's captured graph and the output each replay rewrites.
+pub(crate) struct Replay {
+    graph: CudaGraph,
+    output: Tensor,
+}
+
+impl Replay {
+    /// Captures `step` (after two warm-up runs: libtorch creates its cuBLAS workspaces and
+    /// picks its kernels on the first calls, which a capture must not contain) into `pool`,
+    /// which then names the pool the next capture shares.
+    fn capture(
+        device: Device,
+        pool: &mut Option<GraphPool>,
+        step: impl FnMut() -> Tensor,
+    ) -> Result<Self, lillm_cuda::Error> {
+        let (graph, output) = CudaGraph::capture(device, *pool, 2, step)?;
+        *pool = Some(graph.pool());
+        Ok(Self { graph, output })
+    }
+
+    /// The bucket's step: its replay when captured, else `eager`, the same work uncaptured.
+    fn run(
+        captured: &Option<Self>,
+        eager: impl FnOnce() -> Tensor,
+    ) -> Result<Tensor, lillm_cuda::Error> {
+        match captured {
+            Some(replay) => {
+                replay.graph.replay()?;
+                Ok(replay.output.shallow_clone())
+            }
+            None => Ok(eager()),
+        }
+    }
 }
 
 /// What setting up the decoder did, for the start-up report and `/metrics`.
@@ -192,13 +227,8 @@ impl Decoder {
         bucket
             .last
             .copy_(&Tensor::from_slice(&[prompt.len() as i64 - 1]));
-        let logits = match &bucket.captured {
-            Some((graph, logits)) => {
-                graph.replay()?;
-                logits.shallow_clone()
-            }
-            None => model.prefill_static(&bucket.ids, &bucket.last, &mut bucket.cache),
-        };
+        let (ids, last, cache) = (&bucket.ids, &bucket.last, &mut bucket.cache);
+        let logits = Replay::run(&bucket.captured, || model.prefill_static(ids, last, cache))?;
         Ok((logits, &bucket.cache))
     }
 
@@ -227,13 +257,10 @@ impl Decoder {
             .ids
             .copy_(&Tensor::from_slice(&ids).view([bucket.rows as i64, 1]));
         bucket.positions.copy_(&Tensor::from_slice(&positions));
-        let logits = match &bucket.captured {
-            Some((graph, logits)) => {
-                graph.replay()?;
-                logits.shallow_clone()
-            }
-            None => model.decode_static(&bucket.ids, &bucket.positions, slots),
-        };
+        let (ids, positions) = (&bucket.ids, &bucket.positions);
+        let logits = Replay::run(&bucket.captured, || {
+            model.decode_static(ids, positions, slots)
+        })?;
         slots.advance_all();
         Ok(logits.narrow(0, 0, used as i64))
     }
@@ -249,23 +276,16 @@ impl Decoder {
         };
         let device = model.device();
         let before = lillm_cuda::cuda_reserved(device).unwrap_or(0);
-        let mut pool: Option<GraphPool> = None;
-        // Two warm-up runs each: libtorch creates its cuBLAS workspaces and picks its
-        // kernels on the first calls, which a capture must not contain.
+        let mut pool = None;
         for bucket in decode.iter_mut().rev() {
             let (ids, positions) = (&bucket.ids, &bucket.positions);
-            let (graph, logits) = CudaGraph::capture(device, pool, 2, || {
-                model.decode_static(ids, positions, slots)
-            })?;
-            pool = Some(graph.pool());
-            bucket.captured = Some((graph, logits));
+            let step = || model.decode_static(ids, positions, slots);
+            bucket.captured = Some(Replay::capture(device, &mut pool, step)?);
         }
         for bucket in prefill.iter_mut().rev() {
             let (ids, last, cache) = (&bucket.ids, &bucket.last, &mut bucket.cache);
-            let (graph, logits) =
-                CudaGraph::capture(device, pool, 2, || model.prefill_static(ids, last, cache))?;
-            pool = Some(graph.pool());
-            bucket.captured = Some((graph, logits));
+            let step = || model.prefill_static(ids, last, cache);
+            bucket.captured = Some(Replay::capture(device, &mut pool, step)?);
         }
         let after = lillm_cuda::cuda_reserved(device).unwrap_or(0);
         Ok(Captured {

@@ -47,6 +47,9 @@ pub enum Error {
     Stopped(crate::stop::StopReason),
     #[error("plot: {0}")]
     Plot(String),
+    /// libtorch's profiler (`--profile-steps`) failed.
+    #[error(transparent)]
+    Profiler(#[from] lillm_cuda::Error),
     /// Object storage (each message names the object's URL).
     #[error(transparent)]
     Store(#[from] lillm_store::Error),

@@ -40,20 +40,10 @@ impl StepRange {
     }
 }
 
-/// What to do around the step about to run (the run is at step `step`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Act {
-    Start,
-    Nothing,
-}
-
 /// Whether recording starts before the step at `step`: at the range's first step, or — for
 /// a run that resumed inside the range — at its first step there.
-pub(crate) fn before_step(range: StepRange, step: u64, recording: bool) -> Act {
-    match !recording && (range.from..range.to).contains(&step) {
-        true => Act::Start,
-        false => Act::Nothing,
-    }
+pub(crate) fn starts_at(range: StepRange, step: u64, recording: bool) -> bool {
+    !recording && (range.from..range.to).contains(&step)
 }
 
 /// The profile of one run: idle, recording, or done.
@@ -62,52 +52,50 @@ pub(crate) struct StepProfile {
     recording: Option<(Profiler, u64)>,
     dir: PathBuf,
     rank: usize,
+    device: tch::Device,
 }
 
 impl StepProfile {
-    pub(crate) fn new(range: Option<StepRange>, dir: &Path, rank: usize) -> Self {
+    pub(crate) fn new(
+        range: Option<StepRange>,
+        dir: &Path,
+        rank: usize,
+        device: tch::Device,
+    ) -> Self {
         Self {
             range,
             recording: None,
             dir: dir.to_path_buf(),
             rank,
+            device,
         }
     }
 
     /// Starts recording when the step at `step` is the range's.
-    pub(crate) fn before_step(&mut self, step: u64, device: tch::Device) -> Result<()> {
+    pub(crate) fn before_step(&mut self, step: u64) -> Result<()> {
         let Some(range) = self.range else {
             return Ok(());
         };
-        if before_step(range, step, self.recording.is_some()) == Act::Start {
-            let profiler = Profiler::start(device)
-                .map_err(|e| Error::Config(format!("--profile-steps: {e}")))?;
-            self.recording = Some((profiler, step));
+        if starts_at(range, step, self.recording.is_some()) {
+            self.recording = Some((Profiler::start(self.device)?, step));
         }
         Ok(())
     }
 
     /// After the step that brought the run to `step`: at the range's end (or the run's),
     /// ends the recording, writes the trace and the table, and returns the table.
-    pub(crate) fn after_step(
-        &mut self,
-        step: u64,
-        last: bool,
-        device: tch::Device,
-    ) -> Result<Option<String>> {
+    pub(crate) fn after_step(&mut self, step: u64, last: bool) -> Result<Option<String>> {
         let ends = self.range.is_some_and(|r| step >= r.to) || last;
         let Some((profiler, from)) = self.recording.take_if(|_| ends) else {
             return Ok(None);
         };
         self.range = None;
-        if let tch::Device::Cuda(index) = device {
+        if let tch::Device::Cuda(index) = self.device {
             // Kernels still in flight would be missing from the recording.
             tch::Cuda::synchronize(index as i64);
         }
         let trace = self.dir.join(format!("profile-rank{}.json", self.rank));
-        let ops = profiler
-            .finish(Some(&trace))
-            .map_err(|e| Error::Config(format!("--profile-steps: {e}")))?;
+        let ops = profiler.finish(Some(&trace))?;
         let text = format!(
             "profile of steps {from}..{} (trace: {}):\n{}",
             step - 1,
@@ -139,26 +127,24 @@ mod tests {
     #[test]
     fn recording_starts_at_the_first_step_or_on_resuming_inside_the_range() {
         let range = StepRange { from: 20, to: 25 };
-        assert_eq!(before_step(range, 19, false), Act::Nothing);
-        assert_eq!(before_step(range, 20, false), Act::Start);
-        assert_eq!(before_step(range, 22, false), Act::Start);
-        assert_eq!(before_step(range, 22, true), Act::Nothing);
-        assert_eq!(before_step(range, 25, false), Act::Nothing);
+        assert!(!starts_at(range, 19, false));
+        assert!(starts_at(range, 20, false));
+        assert!(starts_at(range, 22, false));
+        assert!(!starts_at(range, 22, true));
+        assert!(!starts_at(range, 25, false));
     }
 
     #[test]
     fn a_recorded_span_leaves_its_trace_and_table_in_the_run_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let mut profile = StepProfile::new(StepRange::parse("2:4").ok(), dir.path(), 1);
-        let x = tch::Tensor::randn([32, 32], (tch::Kind::Float, tch::Device::Cpu));
+        let cpu = tch::Device::Cpu;
+        let mut profile = StepProfile::new(StepRange::parse("2:4").ok(), dir.path(), 1, cpu);
+        let x = tch::Tensor::randn([32, 32], (tch::Kind::Float, cpu));
         let mut printed = None;
         for step in 0..6 {
-            profile.before_step(step, tch::Device::Cpu).unwrap();
+            profile.before_step(step).unwrap();
             let _ = x.matmul(&x);
-            if let Some(text) = profile
-                .after_step(step + 1, false, tch::Device::Cpu)
-                .unwrap()
-            {
+            if let Some(text) = profile.after_step(step + 1, false).unwrap() {
                 assert!(printed.is_none(), "one table");
                 printed = Some((step, text));
             }

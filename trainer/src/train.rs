@@ -292,7 +292,12 @@ impl Trainer {
             evaluated_at_step,
         } = start::counters(resume_from.as_ref().map(|(_, state)| state), received_step);
         let cfg_rank_is_leader = cfg.process.rank == 0;
-        let profile = StepProfile::new(cfg.profile_steps()?, &cfg.process.out, cfg.process.rank);
+        let profile = StepProfile::new(
+            cfg.profile_steps()?,
+            &cfg.process.out,
+            cfg.process.rank,
+            device,
+        );
         let window = LogWindow::new(
             train_figures(&model_cfg),
             device,

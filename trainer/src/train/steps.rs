@@ -171,10 +171,10 @@ impl Trainer {
                 }
             }
             let lr = plan.schedule.at(self.step);
-            self.profile.before_step(self.step, self.device)?;
+            self.profile.before_step(self.step)?;
             let window = self.step_once(&plan, lr, &progress)?;
             let last = self.step >= plan.cadence.max_iters;
-            if let Some(table) = self.profile.after_step(self.step, last, self.device)? {
+            if let Some(table) = self.profile.after_step(self.step, last)? {
                 if plan.leader {
                     console.say(table);
                 }
