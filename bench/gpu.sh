@@ -10,6 +10,7 @@
 #                 against the full logits: losses, speed, peak memory
 #   training      lillm against bench/reference_train.py (the same model and step in
 #                 PyTorch, --compile and bf16 autocast) at $ROWS and $SMALL_ROWS rows, the
+#                 step as a CUDA graph (auto) against eager: captured, same losses, speed; the
 #                 larger preset, the MoE preset's MFU against the dense one's, the job path
 #                 (coordinator + dataloader + trainer) against one process; peak GPU memory
 #   profile       libtorch's profiler over 5 steps of the dense model: the longest kernels
@@ -107,18 +108,25 @@ echo "== curves: $DTYPE against float32 on $DEVICE, $CURVE_STEPS steps"
 train curve-f32 "$DENSE" "$SMALL_ROWS" float32 "$DEVICE" "$CURVE_STEPS"
 train curve-low "$DENSE" "$SMALL_ROWS" "$DTYPE" "$DEVICE" "$CURVE_STEPS"
 
+# The training step as a CUDA graph (auto on CUDA); on a CPU rehearsal, the same step
+# uncaptured.
+FAST_STEP=auto
+[ "$DEVICE" = cpu ] && FAST_STEP=static
+
 echo "== training speed"
-train dense "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS" --head-loss chunked
+train dense "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS" --head-loss chunked --step-mode "$FAST_STEP"
 train dense-full "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS" --head-loss full
 reference ref-dense "$DENSE" "$ROWS"
-train dense-small "$DENSE" "$SMALL_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
-train large "$LARGE" "$LARGE_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
+train dense-small "$DENSE" "$SMALL_ROWS" "$DTYPE" "$DEVICE" "$STEPS" --step-mode "$FAST_STEP"
+train dense-eager "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS" --step-mode eager
+train dense-small-eager "$DENSE" "$SMALL_ROWS" "$DTYPE" "$DEVICE" "$STEPS" --step-mode eager
+train large "$LARGE" "$LARGE_ROWS" "$DTYPE" "$DEVICE" "$STEPS" --step-mode "$FAST_STEP"
 reference ref-large "$LARGE" "$LARGE_ROWS"
-train moe "$MOE" "$MOE_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
+train moe "$MOE" "$MOE_ROWS" "$DTYPE" "$DEVICE" "$STEPS" --step-mode "$FAST_STEP"
 train dense-moe-rows "$DENSE" "$MOE_ROWS" "$DTYPE" "$DEVICE" "$STEPS"
 
-echo "== profile: what a $DENSE step at $ROWS rows spends its time on (steps 20 to 24)"
-train profile "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" 30 --profile-steps 20:25
+echo "== profile: what an eager $DENSE step at $ROWS rows spends its time on (steps 20 to 24)"
+train profile "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" 30 --profile-steps 20:25 --step-mode eager
 
 echo "== the job path: coordinator + dataloader + one trainer"
 free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -183,9 +191,9 @@ print(json.dumps({"tokens": int(n), "tokens_per_s": float(rate) if rate != "n/a"
 ' "$OUT/generate-$decode.log" > "$OUT/generate-$decode.json"
 done
 
-"$PYTHON" - "$OUT" "$DENSE" "$LARGE" "$MOE" "$ROWS" "$SMALL_ROWS" "$LARGE_ROWS" "$MOE_ROWS" "$DTYPE" "$COMPILE" "$FAST_DECODE" <<'PY'
-import json, sys
-out, dense, large, moe, rows, small, large_rows, moe_rows, dtype, compiled, fast = sys.argv[1:]
+"$PYTHON" - "$OUT" "$DENSE" "$LARGE" "$MOE" "$ROWS" "$SMALL_ROWS" "$LARGE_ROWS" "$MOE_ROWS" "$DTYPE" "$COMPILE" "$FAST_DECODE" "$FAST_STEP" <<'PY'
+import json, re, sys
+out, dense, large, moe, rows, small, large_rows, moe_rows, dtype, compiled, fast, fast_step = sys.argv[1:]
 torch_side = "compiled PyTorch" if compiled == "1" else "eager PyTorch"
 r = lambda name: json.load(open(f"{out}/{name}.json"))
 gpu = open(f"{out}/gpu.txt").read().strip()
@@ -221,6 +229,28 @@ speed(f"{large} {large_rows} rows vs {torch_side}", "large", "ref-large", ">= 1.
 s = r("dense-small")
 row(f"{dense}: {small} rows vs {rows} rows tokens/s", f"{s['tokens_per_s']:,.0f}", f"{d['tokens_per_s']:,.0f}",
     f"{s['tokens_per_s'] / d['tokens_per_s']:.2f}", ">= 0.80")
+def capture(name):
+    """How a run's step ran, from what it said about its CUDA graph."""
+    text = open(f"{out}/{name}.log").read()
+    refused = re.search(r"not captured as a CUDA graph \((.*)\); running", text)
+    if refused:
+        return "not captured: " + refused.group(1)[:120]
+    if "captured as a CUDA graph" in text:
+        return "captured"
+    return "static (uncaptured)" if "step static" in text else "eager"
+for name, preset, n in [("dense", dense, rows), ("dense-small", dense, small), ("large", large, large_rows),
+                        ("moe", moe, moe_rows)]:
+    how = capture(name)
+    row(f"step as one CUDA graph, {preset} {n} rows", how, "", "", "captured",
+        how == "captured" if fast_step == "auto" else None)
+for graphed, eager, n in [("dense", "dense-eager", rows), ("dense-small", "dense-small-eager", small)]:
+    g, e = r(graphed), r(eager)
+    early = min(3, len(g["losses"]), len(e["losses"]))
+    step_diff = max(abs(a - b) for a, b in zip(g["losses"][:early], e["losses"][:early]))
+    row(f"{dense} {n} rows, {fast_step} vs eager step: max |loss diff|, first {early} windows", f"{step_diff:.2e}", "",
+        "", "<= 0.02", step_diff <= 0.02)
+    row(f"{dense} {n} rows, {fast_step} vs eager step tokens/s", f"{g['tokens_per_s']:,.0f}", f"{e['tokens_per_s']:,.0f}",
+        f"{g['tokens_per_s'] / e['tokens_per_s']:.2f}x", ">= 1.0x")
 m, dm = r("moe"), r("dense-moe-rows")
 if m["mfu"] is not None and dm["mfu"]:
     row(f"{moe} vs {dense} MFU at {moe_rows} rows", f"{100*m['mfu']:.1f}%", f"{100*dm['mfu']:.1f}%",

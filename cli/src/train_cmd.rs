@@ -162,6 +162,11 @@ struct ProcessFlags {
     /// directory (profile-rank<R>.json, .txt); the first rank prints its table.
     #[arg(long)]
     profile_steps: Option<String>,
+    /// How a step's forward and backward run: auto (one CUDA graph replayed per
+    /// micro-batch on CUDA, eager elsewhere), eager, static (the graph's work uncaptured:
+    /// checks it without a GPU) or graphs.
+    #[arg(long)]
+    step_mode: Option<String>,
 }
 
 /// `LILLM_<FIELD>` variables naming a config field (`LILLM_MODEL__D_MODEL` for nested ones)

@@ -100,6 +100,25 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
     ] {
         assert_eq!(row(what)["ok"], true, "{printed}");
     }
+    // The training step a CUDA graph captures, run uncaptured, trains as the eager step
+    // does, bit for bit on the CPU; each run says how its step ran.
+    for rows in [4, 2] {
+        let same = row(&format!(
+            "tiny {rows} rows, static vs eager step: max |loss diff|"
+        ));
+        assert_eq!(same["lillm"], "0.00e+00", "{printed}");
+        assert!(
+            row(&format!("tiny {rows} rows, static vs eager step tokens/s"))["ratio"]
+                .as_str()
+                .unwrap()
+                .ends_with('x')
+        );
+    }
+    assert_eq!(
+        row("step as one CUDA graph, tiny 4 rows")["lillm"],
+        "static (uncaptured)",
+        "{printed}"
+    );
     assert_eq!(
         row("greedy answers, static vs eager")["lillm"],
         "4/4",

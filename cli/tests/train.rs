@@ -396,3 +396,45 @@ fn the_chunked_head_loss_trains_the_model_the_full_logits_train() {
     };
     assert!(err.contains("head_loss") || err.contains("fused"), "{err}");
 }
+
+#[test]
+fn a_step_through_fixed_input_tensors_trains_exactly_as_the_eager_step() {
+    // `--step-mode static` runs, op by op, what a CUDA graph of the step captures: every
+    // micro-batch copied into the same input tensors, its loss divided by a count held on
+    // the device, its figures left in a tensor the caller adds up. On a CPU that is the
+    // eager run bit for bit: with accumulation, dropout and an MoE model.
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    for moe in [false, true] {
+        let run = |mode: &str| {
+            let out = dir.path().join(format!("{mode}-{moe}"));
+            let mut args = tiny_train_args(s(&tiny.data), s(&out), "300", "12");
+            args.extend([
+                "--dtype",
+                "float32",
+                "--dropout",
+                "0.1",
+                "--step-mode",
+                mode,
+            ]);
+            if moe {
+                args.extend(["--experts", "4", "--experts-per-token", "2"]);
+            }
+            lillm_ok(&args);
+            losses(&out)
+        };
+        let (eager, fixed) = (run("eager"), run("static"));
+        assert_eq!(eager.len(), 12, "{eager:?}");
+        assert_eq!(eager, fixed, "moe {moe}");
+        assert!(eager[11].1 < eager[0].1, "the runs trained: {eager:?}");
+    }
+    let err = {
+        let mut args = tiny_train_args(s(&tiny.data), "unused", "300", "5");
+        args.extend(["--step-mode", "graphs"]);
+        lillm_err(&args)
+    };
+    assert!(
+        err.contains("CUDA device") && err.contains("static"),
+        "{err}"
+    );
+}

@@ -582,10 +582,11 @@ impl LilLM {
         self.decode_rows(ids, positions, cache, capacity)
     }
 
-    /// Whether a decode step can be captured as a CUDA graph: nothing in its forward reads
-    /// a value back to the host (an MoE layer reads its expert sizes unless it runs its
-    /// grouped matmul: in bf16, on rows of whole 16-byte units).
-    pub fn decode_is_capturable(&self) -> bool {
+    /// Whether the model's work — a decode step, a prefill, a training step's forward and
+    /// backward — can be captured as a CUDA graph: nothing in its forward reads a value back
+    /// to the host (an MoE layer reads its expert sizes unless it runs its grouped matmul:
+    /// in bf16, on rows of whole 16-byte units).
+    pub fn is_capturable(&self) -> bool {
         self.transformer_blocks.iter().all(|b| match &b.mlp {
             Mlp::Dense(_) => true,
             Mlp::Sparse(moe) => !moe.reads_back_on_cuda(self.compute_kind),

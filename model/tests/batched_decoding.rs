@@ -166,7 +166,7 @@ fn a_decode_step_is_capturable_unless_an_moe_layer_reads_back() {
         let vs = VarStore::new(Device::Cpu);
         let mut model = LilLM::new(&vs.root(), cfg).unwrap();
         model.set_compute_kind(kind);
-        model.decode_is_capturable()
+        model.is_capturable()
     };
     assert!(capturable(&tiny(), Kind::Float));
     assert!(capturable(&moe(), Kind::BFloat16));

@@ -37,13 +37,13 @@ impl DecodeMode {
     /// step can be captured, eager elsewhere.
     pub fn parse(name: &str, device: Device, model: &LilLM) -> anyhow::Result<Self> {
         Ok(match name {
-            "auto" if device.is_cuda() && model.decode_is_capturable() => Self::Graphs,
+            "auto" if device.is_cuda() && model.is_capturable() => Self::Graphs,
             "auto" | "eager" => Self::Eager,
             "static" => Self::Static,
             "graphs" if !device.is_cuda() => anyhow::bail!(
                 "--decode graphs needs a CUDA device (--device cuda), not {device:?}; use auto"
             ),
-            "graphs" if !model.decode_is_capturable() => anyhow::bail!(
+            "graphs" if !model.is_capturable() => anyhow::bail!(
                 "--decode graphs: this model's decode step reads values back to the host (an \
                  MoE layer outside bf16, or whose sizes are not multiples of 16 bytes), which \
                  a CUDA graph cannot capture; use auto"

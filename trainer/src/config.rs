@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::model_overrides::{ModelOverrides, MoeOverrides};
 use crate::schedule::LrSchedule;
+use crate::train::StepMode;
 use crate::{Error, Result};
 
 /// A training run: the job's settings, which every rank of a job shares, and this
@@ -177,6 +178,15 @@ pub struct ProcessConfig {
     /// [`crate::profile`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile_steps: Option<String>,
+    /// How a training step's forward and backward run: `auto` (a CUDA graph on CUDA when
+    /// the model can be captured, eager elsewhere), `eager`, `static` (the graph's work
+    /// uncaptured) or `graphs` (see [`crate::train::StepMode`]).
+    #[serde(skip_serializing_if = "is_auto_step")]
+    pub step_mode: StepMode,
+}
+
+fn is_auto_step(mode: &StepMode) -> bool {
+    *mode == StepMode::Auto
 }
 
 impl ProcessConfig {
@@ -324,6 +334,7 @@ impl Default for ProcessConfig {
             credentials_file: None,
             out_url: None,
             profile_steps: None,
+            step_mode: StepMode::Auto,
         }
     }
 }

@@ -98,22 +98,32 @@ impl AdamW {
         self.slots.iter().map(|s| &s.param)
     }
 
-    pub fn zero_grad(&mut self) {
+    /// Zeroes every gradient in place (they keep their memory, which a captured step
+    /// accumulates into).
+    pub fn zero_grad(&mut self) -> Result<()> {
+        if self.update == Update::Fused {
+            let grads: Vec<Tensor> = self.grads().collect();
+            return Ok(crate::dist::foreach_zero(&grads)?);
+        }
         for slot in &mut self.slots {
             slot.param.zero_grad();
         }
+        Ok(())
+    }
+
+    /// The gradients the parameters have.
+    fn grads(&self) -> impl Iterator<Item = Tensor> + '_ {
+        self.slots
+            .iter()
+            .map(|s| s.param.grad())
+            .filter(|g| g.defined())
     }
 
     /// Scales gradients so their global L2 norm is at most `max_norm`; returns the norm
     /// before clipping as a scalar tensor (no host sync: read it only when logging).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let grads: Vec<Tensor> = self
-            .slots
-            .iter()
-            .map(|s| s.param.grad())
-            .filter(|g| g.defined())
-            .collect();
+        let grads: Vec<Tensor> = self.grads().collect();
         if grads.is_empty() {
             return Ok(Tensor::from(0.0f32));
         }
@@ -279,7 +289,7 @@ mod tests {
         let shared = params.iter().map(|(k, v)| (k.clone(), v.shallow_clone()));
         let mut opt = AdamW::new(cfg, shared.collect()).with_update(update);
         for step in 0..5 {
-            opt.zero_grad();
+            opt.zero_grad().unwrap();
             let loss: Tensor = params
                 .values()
                 .map(|p| (p * p * (step + 1) as f64).sum(Kind::Float))

@@ -12,6 +12,7 @@ use lillm_model::{weights, LilLM, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 mod init;
+mod micro;
 mod model_source;
 mod resume;
 mod start;
@@ -30,6 +31,8 @@ use crate::report::{Reporter, Silent};
 use crate::stop::{Stop, StopReason};
 use crate::{Error, Result};
 use lillm_data::epochs::DataOrder;
+use micro::MicroStep;
+pub use micro::StepMode;
 use model_source::ModelSource;
 pub use start::Start;
 
@@ -201,6 +204,8 @@ pub struct Trainer {
     stop: Stop,
     /// `--profile-steps`: libtorch's profiler over a span of steps.
     profile: StepProfile,
+    /// Runs each micro-batch's forward and backward (eagerly, or as a CUDA graph).
+    micro: MicroStep,
 }
 
 impl Trainer {
@@ -304,6 +309,11 @@ impl Trainer {
             step,
             cfg.process.world_size,
         );
+        let step_mode = cfg
+            .process
+            .step_mode
+            .resolve(device, model.is_capturable())?;
+        let micro = MicroStep::new(step_mode, train_figures(&model_cfg), device);
         let mut trainer = Self {
             cfg,
             model_cfg,
@@ -328,6 +338,7 @@ impl Trainer {
             reporter: setup.reporter,
             generation: setup.generation,
             stop: setup.stop,
+            micro,
             profile,
         };
         if let Some(group) = group {
@@ -351,7 +362,7 @@ impl Trainer {
         // to the new membership.
         self.writer = None;
         // A step cut short by the failure leaves partial gradients behind.
-        self.opt.zero_grad();
+        self.opt.zero_grad()?;
         self.cfg.process.rank = wiring.rank;
         self.cfg.process.world_size = wiring.world_size;
         self.cfg.validate()?;

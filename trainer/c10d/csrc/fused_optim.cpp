@@ -29,10 +29,11 @@ int lillm_fused_adamw(void** params, void** grads, void** exp_avgs, void** exp_a
     auto g = tensors(grads, n);
     auto m = tensors(exp_avgs, n);
     auto v = tensors(exp_avg_sqs, n);
-    std::vector<at::Tensor> steps;
-    steps.reserve(n);
-    for (auto& t : p) steps.push_back(at::full({}, step, t.options().dtype(at::kFloat)));
+    // Every parameter is at the same step: one tensor serves them all (the kernel only
+    // reads it), instead of a fill launched per parameter.
     at::NoGradGuard no_grad;
+    std::vector<at::Tensor> steps;
+    if (n > 0) steps.assign(n, at::full({}, step, p[0].options().dtype(at::kFloat)));
     at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false);
     return 0;
@@ -59,6 +60,20 @@ void* lillm_fused_clip_grad_norm(void** grads, size_t n, double max_norm, char**
   } catch (const std::exception& e) {
     *err = strdup(e.what());
     return nullptr;
+  }
+}
+
+// Zeroes the tensors in place with one multi-tensor kernel (`_foreach_zero_`) where zeroing
+// them one by one launches a kernel each. Returns 0, or -1 with `err` set.
+int lillm_foreach_zero(void** list, size_t n, char** err) {
+  try {
+    auto t = tensors(list, n);
+    at::NoGradGuard no_grad;
+    at::_foreach_zero_(t);
+    return 0;
+  } catch (const std::exception& e) {
+    *err = strdup(e.what());
+    return -1;
   }
 }
 

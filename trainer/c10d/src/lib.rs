@@ -75,6 +75,7 @@ extern "C" {
         eps: f64,
         err: *mut *mut c_char,
     ) -> i32;
+    fn lillm_foreach_zero(list: *mut *mut c_void, n: usize, err: *mut *mut c_char) -> i32;
     fn lillm_fused_clip_grad_norm(
         grads: *mut *mut c_void,
         n: usize,
@@ -102,6 +103,27 @@ pub fn fused_clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Result<Tensor> {
     // SAFETY: the shim returned a fresh heap-allocated at::Tensor (tch's C_tensor) that
     // nobody else owns; the Tensor frees it on drop.
     Ok(unsafe { Tensor::from_ptr(total as *mut torch_sys::C_tensor) })
+}
+
+/// Zeroes `tensors` in place with libtorch's multi-tensor kernel (`_foreach_zero_`): on
+/// CUDA a launch or two for all of them instead of one per tensor.
+pub fn foreach_zero(tensors: &[Tensor]) -> Result<()> {
+    if tensors.is_empty() {
+        // libtorch's multi-tensor kernels refuse an empty list; there is nothing to do.
+        return Ok(());
+    }
+    let mut ptrs: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+    let mut err = std::ptr::null_mut();
+    // SAFETY: `ptrs` holds `tensors.len()` pointers to live at::Tensor objects owned by
+    // `tensors`, which outlives the call; the shim catches libtorch's exceptions.
+    let rc = unsafe { lillm_foreach_zero(ptrs.as_mut_ptr(), ptrs.len(), &mut err) };
+    if rc != 0 {
+        return Err(Error::Kernel(format!(
+            "zeroing gradients: {}",
+            take_error(err)
+        )));
+    }
+    Ok(())
 }
 
 /// AdamW's settings for [`fused_adamw`].

@@ -13,7 +13,7 @@ use lillm_data::shards::BatchKey;
 use lillm_model::ModelConfig;
 use tch::{Kind, Tensor};
 
-use super::{batch_tensors, dropout_seed, precision, TrainSummary, Trainer, GRADIENT_BUCKET_BYTES};
+use super::{dropout_seed, precision, TrainSummary, Trainer, GRADIENT_BUCKET_BYTES};
 use crate::cadence::{final_checkpoint_due, reopen_log, timed_checkpoint_due, Cadence};
 use crate::checkpoint;
 use crate::checkpoint_actor::Publish;
@@ -173,6 +173,9 @@ impl Trainer {
             let lr = plan.schedule.at(self.step);
             self.profile.before_step(self.step)?;
             let window = self.step_once(&plan, lr, &progress)?;
+            if let Some(notice) = self.micro.take_notice().filter(|_| plan.leader) {
+                console.say(notice);
+            }
             let last = self.step >= plan.cadence.max_iters;
             if let Some(table) = self.profile.after_step(self.step, last)? {
                 if plan.leader {
@@ -257,13 +260,14 @@ impl Trainer {
                 self.opt.state_bytes() as f64 / (1024.0 * 1024.0)
             ),
             format!(
-                "model: {} ({} layers, d_model {}); {} tokens per step; device {:?}; {}; data: {}",
+                "model: {} ({} layers, d_model {}); {} tokens per step; device {:?}; {}; step {}; data: {}",
                 self.model_cfg.size_summary(),
                 self.model_cfg.n_layers,
                 self.model_cfg.d_model,
                 plan.tokens_per_step,
                 self.device,
                 precision(&self.cfg.job.dtype, self.model.compute_kind(), self.device),
+                self.micro.mode().describe(),
                 self.data.describe()
             ),
         ]
@@ -344,7 +348,7 @@ impl Trainer {
         // failure cuts short is done again and must not count twice (they are held, for a
         // new group that starts from a peer that did complete it).
         let next = self.step + 1;
-        let step_figures = self.window.begin_step(next);
+        let mut step_figures = self.window.begin_step(next);
         for m in 0..local {
             let key = BatchKey {
                 seed: job.seed,
@@ -352,18 +356,24 @@ impl Trainer {
                 step: self.step,
                 micro: (self.cfg.process.rank * local + m) as u64,
             };
-            // Dropout draws from libtorch's generator: seeded per micro-batch, so a resume
-            // replays it and any number of ranks draws the single process's masks.
-            tch::manual_seed(dropout_seed(job.seed, key.step, key.micro));
             let draw = Draw::Train {
                 micros_per_step: job.grad_accum as u64,
                 order: job.data_order,
             };
             let batch = self.data.batch(key, draw, job.batch_size, self.seq)?;
-            let (x, y) = batch_tensors(&batch, self.device);
-            let scored = self.loss.score(&self.model, &x, &y, true);
-            (&scored.objective / local as f64).backward();
-            scored.add_to(&step_figures, 1.0 / local as f64);
+            // Dropout draws from libtorch's generator: seeded per micro-batch, so a resume
+            // replays it and any number of ranks draws the single process's masks.
+            let seed = dropout_seed(job.seed, key.step, key.micro);
+            let figures = self.micro.run(
+                &self.model,
+                &self.loss,
+                &batch,
+                local,
+                seed,
+                m == 0,
+                &mut self.opt,
+            )?;
+            let _ = step_figures.g_add_(&(figures * (1.0 / local as f64)));
         }
         if let Some(group) = &self.group {
             self.collective(group.average_gradients(self.opt.params(), GRADIENT_BUCKET_BYTES))?;
@@ -378,7 +388,7 @@ impl Trainer {
         };
         let grad_norm = self.opt.clip_grad_norm(job.grad_clip)?;
         self.opt.step(lr)?;
-        self.opt.zero_grad();
+        self.opt.zero_grad()?;
         self.step = next;
         self.tokens_seen += plan.tokens_per_step;
         self.evaluated_at_step = false;
