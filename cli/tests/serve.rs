@@ -286,6 +286,21 @@ fn requests_decoded_together_answer_as_they_do_alone() {
     for key in ["alone", "burst", "staggered"] {
         assert_eq!(out["alone"], same[key], "--decode static, {key}: {same}");
     }
+    // Its prompts are prefilled into caches of their own, one per length bucket (16, 32, 64
+    // and the longest prompt that fits the 128-position context, 127), counted at start;
+    // the eager server has none.
+    let prefill_caches = |url: &str| {
+        metric(
+            &http_get(&format!("{url}/metrics")),
+            "lillm_serve_prefill_cache_bytes",
+        )
+    };
+    let positions = 16 + 32 + 64 + 127;
+    assert_eq!(
+        prefill_caches(&fixed.url),
+        (2 * 2 * 2 * positions * 8 * 4) as f64
+    );
+    assert_eq!(prefill_caches(&server.url), 0.0);
     drop(fixed);
     let graphs = lillm_err(&[
         "serve",

@@ -139,6 +139,26 @@ pub(crate) fn bucket_sizes(least: usize, most: usize) -> Vec<usize> {
 /// The shortest padded prompt: below it, prefill time hardly depends on the length.
 const SHORTEST_PREFILL: usize = 16;
 
+/// The prompt lengths the fixed-shape decoder prefills in buckets of their own, for prompts
+/// of up to `longest_prompt` tokens in a context of `context` positions (a prompt leaves
+/// room for at least one token).
+pub(crate) fn prefill_lengths(longest_prompt: usize, context: usize) -> Vec<usize> {
+    let longest = longest_prompt.min(context - 1);
+    bucket_sizes(SHORTEST_PREFILL.min(longest).max(1), longest)
+}
+
+/// Bytes of the KV caches of the prefill buckets `mode` allocates at start (none eager).
+pub fn prefill_cache_bytes(mode: DecodeMode, model: &LilLM, longest_prompt: usize) -> u64 {
+    if mode == DecodeMode::Eager {
+        return 0;
+    }
+    let cfg = model.config();
+    prefill_lengths(longest_prompt, cfg.max_seq_len)
+        .into_iter()
+        .map(|len| lillm_model::kv_cache_bytes(cfg, 1, len, model.compute_kind()))
+        .sum()
+}
+
 impl Decoder {
     /// The decoder for `mode`, prefilling prompts of up to `longest_prompt` tokens itself;
     /// with graphs, every bucket captured on `slots` (empty: the capture's warm-up writes
@@ -161,9 +181,7 @@ impl Decoder {
                     captured: None,
                 })
                 .collect();
-            // A prompt leaves room for at least one token: it is shorter than the context.
-            let longest = longest_prompt.min(slots.capacity() - 1);
-            let prefill = bucket_sizes(SHORTEST_PREFILL.min(longest).max(1), longest)
+            let prefill = prefill_lengths(longest_prompt, slots.capacity())
                 .into_iter()
                 .map(|len| PrefillBucket {
                     len,

@@ -104,7 +104,12 @@ impl Generator {
         // Bounded: a burst past the queue is refused, never held in memory.
         let (jobs, rx) = mpsc::channel::<GenRequest>(limits.max_queue);
         let (tok, metrics) = (tokenizer.clone(), Arc::new(Metrics::default()));
-        let _ = metrics.memory.set(Memory::of(&loaded, limits.max_batch));
+        let _ = metrics.memory.set(Memory::of(
+            &loaded,
+            limits.max_batch,
+            limits.decode,
+            PREFILL_CHUNK,
+        ));
         let figures = metrics.clone();
         std::thread::Builder::new()
             .name("lillm-generator".into())

@@ -171,8 +171,12 @@ pub fn serve(args: ServeArgs, shutdown: CancellationToken) -> Result<()> {
     };
     if let Some(memory) = state.generator.metrics.memory.get() {
         let context = state.generator.context;
+        let prefill = match memory.prefill_cache_bytes {
+            0 => String::new(),
+            bytes => format!(", prefill caches {}", mib(bytes)),
+        };
         eprintln!(
-            "memory on {}: weights {}, KV cache {} (--max-batch {} x {context} positions, {kind:?}), allocated at start",
+            "memory on {}: weights {}, KV cache {} (--max-batch {} x {context} positions, {kind:?}){prefill}, allocated at start",
             args.device,
             mib(memory.weight_bytes),
             mib(memory.kv_cache_bytes),

@@ -66,18 +66,32 @@ pub enum Outcome {
 
 const OUTCOMES: [&str; 5] = ["completed", "invalid", "busy", "cancelled", "failed"];
 
-/// What the server holds on its device from the start: the weights and the KV cache of
-/// every slot of the batch (`--max-batch` sequences of the whole context).
+/// What the server holds on its device from the start: the weights, the KV cache of every
+/// slot of the batch (`--max-batch` sequences of the whole context) and, with fixed-shape
+/// decoding, the small caches its prompts are prefilled into.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Memory {
     pub weight_bytes: u64,
     pub kv_cache_bytes: u64,
+    pub prefill_cache_bytes: u64,
 }
 
 impl Memory {
-    pub fn of(loaded: &LoadedModel, max_batch: usize) -> Self {
+    /// For a server of `max_batch` slots decoding as `decode` says, prefilling prompts of
+    /// up to `longest_prompt` tokens at once.
+    pub fn of(
+        loaded: &LoadedModel,
+        max_batch: usize,
+        decode: crate::decode::DecodeMode,
+        longest_prompt: usize,
+    ) -> Self {
         let cfg = loaded.model.config();
         Self {
+            prefill_cache_bytes: crate::decode::prefill_cache_bytes(
+                decode,
+                &loaded.model,
+                longest_prompt,
+            ),
             weight_bytes: loaded
                 .vs
                 .variables()
@@ -173,6 +187,11 @@ impl Metrics {
                 "lillm_serve_kv_cache_bytes",
                 "Bytes of the KV cache allocated at start: every slot of --max-batch, the whole context.",
                 memory.kv_cache_bytes,
+            ),
+            (
+                "lillm_serve_prefill_cache_bytes",
+                "Bytes of the KV caches short prompts are prefilled into, allocated at start (0: decoding eagerly).",
+                memory.prefill_cache_bytes,
             ),
             (
                 "lillm_serve_cuda_graphs",
