@@ -6,6 +6,8 @@
 #
 #   correctness   the same seed and data for 5 float32 steps on the CPU and on $DEVICE
 #   curves        bf16 against float32 on $DEVICE over $CURVE_STEPS steps
+#   kernels       the fused layers (CUDA's default) against their reference on one batch:
+#                 logits and gradients within bf16 tolerance, forward+backward time
 #   head loss     the loss through the output head a chunk at a time (CUDA's default)
 #                 against the full logits: losses, speed, peak memory
 #   training      lillm against bench/reference_train.py (the same model and step in
@@ -113,6 +115,10 @@ train curve-low "$DENSE" "$SMALL_ROWS" "$DTYPE" "$DEVICE" "$CURVE_STEPS"
 FAST_STEP=auto
 [ "$DEVICE" = cpu ] && FAST_STEP=static
 
+echo "== kernels: the fused layers against their reference on one $DENSE batch"
+$LILLM bench kernels --preset "$DENSE" --device "$DEVICE" --dtype "$DTYPE" --rows "$SMALL_ROWS" \
+  --block "$BLOCK" > "$OUT/kernels.json" 2> "$OUT/kernels.log"
+
 echo "== training speed"
 train dense "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS" --head-loss chunked --step-mode "$FAST_STEP"
 train dense-full "$DENSE" "$ROWS" "$DTYPE" "$DEVICE" "$STEPS" --head-loss full
@@ -218,6 +224,13 @@ row(f"chunked vs full head loss, {dtype}: max |loss diff|, first {early} windows
     "<= 0.02", head_diff <= 0.02)
 row(f"chunked vs full head loss, {dense} {rows} rows tokens/s", f"{chunked['tokens_per_s']:,.0f}",
     f"{full['tokens_per_s']:,.0f}", f"{chunked['tokens_per_s'] / full['tokens_per_s']:.2f}x", ">= 1.0x")
+
+k = r("kernels")
+row(f"fused vs reference kernels, {dense} {dtype}: logits / gradients max rel diff",
+    f"{k['logits_rel_diff']:.1e} / {k['grads_rel_diff']:.1e}", "", "", "<= 2e-2 each",
+    max(k["logits_rel_diff"], k["grads_rel_diff"]) <= 2e-2)
+row(f"fused vs reference kernels, {dense} {small} rows forward+backward ms", f"{k['fused_ms']:.2f}",
+    f"{k['reference_ms']:.2f}", f"{k['reference_ms'] / k['fused_ms']:.2f}x", ">= 1.0x")
 
 def speed(what, ours, ref, target):
     a, b = r(ours), r(ref)

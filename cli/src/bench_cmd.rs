@@ -1,6 +1,7 @@
 //! `lillm bench`: benchmarks of lillm's own parts at sizes this machine cannot run for
 //! real — the coordinator of thousands of trainers (`bench_coordinator`), and the
-//! exactly-once data order and the shard placement over a corpus of 100,000 shards.
+//! exactly-once data order and the shard placement over a corpus of 100,000 shards — and the
+//! model's fused kernels against their reference (`bench_kernels`).
 
 use std::time::Instant;
 
@@ -8,6 +9,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use crate::bench_coordinator::{self, CoordinatorBenchArgs};
+use crate::bench_kernels::{self, KernelsBenchArgs};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -17,6 +19,10 @@ pub enum BenchCmd {
     /// and memory of an epoch's plan and of one step's sequences; and the shards' placement
     /// on dataloaders, before and after some leave.
     Epochs(EpochsBenchArgs),
+    /// The fused implementation of the model's layers against the reference on one batch:
+    /// how far apart their logits and gradients are, and the time of a forward and
+    /// backward with each.
+    Kernels(KernelsBenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -45,6 +51,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             Ok(())
         }
         BenchCmd::Coordinator(args) => bench_coordinator::run(&args),
+        BenchCmd::Kernels(args) => bench_kernels::run(&args),
     }
 }
 

@@ -100,6 +100,10 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
     ] {
         assert_eq!(row(what)["ok"], true, "{printed}");
     }
+    // The fused kernels against the reference: in float32 one computation.
+    let kernels = row("fused vs reference kernels, tiny float32");
+    assert_eq!(kernels["ok"], true, "{printed}");
+    assert_eq!(kernels["lillm"], "0.0e+00 / 0.0e+00", "{printed}");
     // The training step a CUDA graph captures, run uncaptured, trains as the eager step
     // does, bit for bit on the CPU; each run says how its step ran.
     for rows in [4, 2] {

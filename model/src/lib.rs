@@ -5,6 +5,7 @@
 //! - `lillm`: [`LilLM`], the transformer itself (RMSNorm, RoPE, GQA attention, SwiGLU).
 //! - `lora`: LoRA adapters ([`LoraConfig`]) on the projections, attached for fine-tuning
 //!   and merged for inference.
+//! - `rms_norm`: RMSNorm, in its reference and its fused form ([`Kernels`]).
 //! - `moe`: the sparse Mixture-of-Experts feed-forward and its [`Routing`] statistics.
 //! - `kv_cache`: [`KvCache`] for incremental decoding.
 //! - `slot_cache`: [`SlotCache`], the KV cache of sequences decoded together (continuous
@@ -25,6 +26,7 @@ mod kv_cache;
 mod lillm;
 mod lora;
 mod moe;
+mod rms_norm;
 mod sampling;
 mod slot_cache;
 pub mod weights;
@@ -36,5 +38,6 @@ pub use kv_cache::{kv_cache_bytes, KvCache};
 pub use lillm::LilLM;
 pub use lora::{LoraConfig, LORA_TARGETS};
 pub use moe::Routing;
+pub use rms_norm::Kernels;
 pub use sampling::{generate, sample_rows, Sampler, SamplingParams, StopReason};
 pub use slot_cache::SlotCache;

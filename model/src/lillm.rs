@@ -7,34 +7,8 @@ use tch::{nn, Kind, Tensor};
 
 use crate::lora::{LoraConfig, Weight};
 use crate::moe::{LayerRouting, Moe, Routing};
+use crate::rms_norm::{Kernels, RmsNorm};
 use crate::{KvCache, ModelConfig, Result, SlotCache};
-
-/// RMSNorm with a learned `gain`; statistics in float32, result cast back before the gain.
-#[derive(Debug)]
-struct RmsNorm {
-    gain: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn new(vs: nn::Path, d_model: usize, eps: f64) -> Self {
-        let gain = vs.var("gain", &[d_model as i64], nn::Init::Const(1.0));
-        Self { gain, eps }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let d = [x.size()[2]];
-        if x.kind() == Kind::Float {
-            // Already float32: the fused op computes exactly x·rsqrt(mean(x²)+eps)·gain.
-            return x.rms_norm(d, Some(&self.gain), self.eps);
-        }
-        let normed = x
-            .to_kind(Kind::Float)
-            .rms_norm(d, None::<&Tensor>, self.eps)
-            .to_kind(x.kind());
-        normed * self.gain.to_kind(x.kind())
-    }
-}
 
 /// Rotary embedding tables for adjacent-pair (Meta-style) rotation, float32, on the model's
 /// device, laid out for a rotation in four element-wise kernels: `cos` repeats each pair's
@@ -341,6 +315,8 @@ pub struct LilLM {
     norm: RmsNorm,
     rope: Rope,
     compute_kind: Kind,
+    /// Which implementation of the norms runs (fused on CUDA).
+    kernels: Kernels,
 }
 
 impl LilLM {
@@ -389,6 +365,7 @@ impl LilLM {
             norm: RmsNorm::new(vs / "norm", d, cfg.eps),
             rope: Rope::new(cfg, vs.device()),
             compute_kind: Kind::Float,
+            kernels: Kernels::for_device(vs.device()),
         })
     }
 
@@ -462,6 +439,16 @@ impl LilLM {
         self.compute_kind = kind;
     }
 
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Runs the reference or the fused implementation of the layers that have both
+    /// (default: fused on CUDA, [`Kernels::for_device`]).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
     /// Hidden states after the final norm, shape (B, T, d), and when training an MoE model
     /// what its routers did.
     // `x = x + f(x)` on purpose: tch's `+=` is an in-place add, which would overwrite a
@@ -480,15 +467,20 @@ impl LilLM {
         let mut routing = Vec::new();
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer(i));
-            let attn_in = block.attn_norm.forward(&x);
+            let attn_in = block.attn_norm.forward(&x, self.kernels);
             x = x + block
                 .attn
                 .forward(&attn_in, &self.rope, start_pos, layer_cache, dropout);
-            let (ffn_out, layer_routing) = block.mlp.forward(&block.ffn_norm.forward(&x), train);
+            let (ffn_out, layer_routing) = block
+                .mlp
+                .forward(&block.ffn_norm.forward(&x, self.kernels), train);
             routing.extend(layer_routing);
             x = x + ffn_out.dropout(dropout, train);
         }
-        (self.norm.forward(&x), Routing::combine(routing))
+        (
+            self.norm.forward(&x, self.kernels),
+            Routing::combine(routing),
+        )
     }
 
     fn head(&self, hidden: &Tensor) -> Tensor {
@@ -606,16 +598,18 @@ impl LilLM {
         let mut x =
             Tensor::embedding(&self.tok_emb, ids, -1, false, false).to_kind(self.compute_kind);
         for (i, block) in self.transformer_blocks.iter().enumerate() {
-            let attn_in = block.attn_norm.forward(&x);
+            let attn_in = block.attn_norm.forward(&x, self.kernels);
             let attn =
                 block
                     .attn
                     .forward_slots(&attn_in, &self.rope, positions, cache.layer(i), keys);
             x = x + attn;
-            let (ffn_out, _) = block.mlp.forward(&block.ffn_norm.forward(&x), false);
+            let (ffn_out, _) = block
+                .mlp
+                .forward(&block.ffn_norm.forward(&x, self.kernels), false);
             x = x + ffn_out;
         }
-        self.head(&self.norm.forward(&x).select(1, 0))
+        self.head(&self.norm.forward(&x, self.kernels).select(1, 0))
     }
 
     /// Prefills several prompts in one forward: right-padded into one (P, L) batch written

@@ -1,0 +1,159 @@
+//! `lillm bench kernels`: the fused implementation of the model's layers against the
+//! reference ([`Kernels`]) on one batch with the same weights — how far apart their logits
+//! and gradients are, and what a training forward and backward costs with each. The GPU
+//! harness (`bench/gpu.sh`) holds the fused form to bf16 tolerance on the device, where it
+//! is the default; on a CPU the two differ by nothing or a rounding.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use lillm_model::{Kernels, LilLM, ModelConfig};
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+#[derive(Args, Debug, Clone)]
+pub struct KernelsBenchArgs {
+    /// Model preset.
+    #[arg(long, default_value = "lillm-39m")]
+    preset: String,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (bf16 on CUDA, float32 on a CPU), float32 or bfloat16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Rows of the batch.
+    #[arg(long, default_value_t = 8)]
+    rows: usize,
+    /// Positions per row (at most the preset's context).
+    #[arg(long, default_value_t = 512)]
+    block: usize,
+    /// Timed forward and backward passes of each implementation (after two untimed ones).
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+}
+
+/// One implementation's results on the batch.
+struct Pass {
+    logits: Tensor,
+    grads: BTreeMap<String, Tensor>,
+    ms: f64,
+}
+
+pub fn run(args: &KernelsBenchArgs) -> Result<()> {
+    let device = lillm_model::parse_device(&args.device)?;
+    let kind = match lillm_model::parse_dtype(&args.dtype)? {
+        Some(kind) => kind,
+        None if device.is_cuda() => Kind::BFloat16,
+        None => Kind::Float,
+    };
+    let cfg = ModelConfig::preset(&args.preset)?;
+    anyhow::ensure!(
+        args.block <= cfg.max_seq_len && args.rows > 0,
+        "--block {} must be at most {}'s context ({}) and --rows at least 1",
+        args.block,
+        args.preset,
+        cfg.max_seq_len
+    );
+    tch::manual_seed(0);
+    let vs = VarStore::new(device);
+    let mut model = LilLM::new(&vs.root(), &cfg).context("building the model")?;
+    model.set_compute_kind(kind);
+    let shape = [args.rows as i64, args.block as i64 + 1];
+    let tokens =
+        Tensor::randint(cfg.vocab_size as i64, shape, (Kind::Int64, Device::Cpu)).to_device(device);
+    let (x, y) = (
+        tokens.narrow(1, 0, args.block as i64).contiguous(),
+        tokens.narrow(1, 1, args.block as i64).contiguous(),
+    );
+    let mut pass = |kernels| {
+        model.set_kernels(kernels);
+        measure(&model, &vs, &x, &y, args.iters)
+    };
+    let reference = pass(Kernels::Reference);
+    let fused = pass(Kernels::Fused);
+    let logits = relative_diff(&fused.logits, &reference.logits);
+    let (worst, grads) = fused
+        .grads
+        .iter()
+        .map(|(name, g)| (name.clone(), relative_diff(g, &reference.grads[name])))
+        .fold((String::new(), 0.0f64), |best, (name, d)| {
+            if d > best.1 {
+                (name, d)
+            } else {
+                best
+            }
+        });
+    println!(
+        "{}",
+        serde_json::json!({
+            "preset": args.preset, "device": format!("{device:?}"), "kind": format!("{kind:?}"),
+            "rows": args.rows, "block": args.block,
+            "logits_rel_diff": logits, "grads_rel_diff": grads, "worst_grad": worst,
+            "reference_ms": reference.ms, "fused_ms": fused.ms,
+        })
+    );
+    eprintln!(
+        "{} {} x {} {kind:?} on {device:?}: fused vs reference logits differ by {logits:.2e}, gradients by {grads:.2e} ({worst}), relative to their largest; forward+backward {:.2} ms fused, {:.2} ms reference ({:.2}x)",
+        args.preset,
+        args.rows,
+        args.block,
+        fused.ms,
+        reference.ms,
+        reference.ms / fused.ms
+    );
+    Ok(())
+}
+
+/// The logits and gradients of one forward and backward on `x → y`, and the mean time of
+/// `iters` more (after two warm-ups).
+fn measure(model: &LilLM, vs: &VarStore, x: &Tensor, y: &Tensor, iters: usize) -> Pass {
+    let step = || {
+        // Without dropout, so that both implementations see the same activations.
+        let loss = LilLM::mean_cross_entropy(&model.forward(x, false), y);
+        loss.backward();
+    };
+    let zero = || {
+        for (_, mut p) in vs.variables() {
+            p.zero_grad();
+        }
+    };
+    for _ in 0..2 {
+        step();
+        zero();
+    }
+    sync(x.device());
+    let started = Instant::now();
+    for _ in 0..iters {
+        step();
+        zero();
+    }
+    sync(x.device());
+    let ms = started.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+    step();
+    let grads = vs
+        .variables()
+        .into_iter()
+        .map(|(name, p)| (name, p.grad().to_kind(Kind::Float).copy()))
+        .collect();
+    zero();
+    let logits = tch::no_grad(|| model.forward(x, false).to_kind(Kind::Float));
+    Pass { logits, grads, ms }
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// max |a − b| over max |b|: how far `a` is from `b` at the scale of `b`.
+fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]);
+    let diff = (a - b).abs().max().double_value(&[]);
+    match scale {
+        0.0 => diff,
+        _ => diff / scale,
+    }
+}
