@@ -1,6 +1,7 @@
 """What the decode path must not change, asked of a running `lillm serve`: greedy answers
-to a few prompts, one after another, and a seeded sampled answer alone and then among
-seven other concurrent requests. Prints JSON; bench/gpu.sh compares servers.
+to a few prompts, one after another (the last one over 150 tokens, so that it is prefilled
+in chunks), and a seeded sampled answer alone and then among seven other concurrent
+requests. Prints JSON; bench/gpu.sh compares servers.
 
 usage: decode_check.py URL MODEL"""
 import http.client, json, sys, threading
@@ -11,18 +12,26 @@ host = urlparse(url)
 PROMPTS = ["The king", "Good night, sweet prince", "To be, or not", "O Romeo"]
 
 
-def complete(prompt, max_tokens, **sampling):
+def request(prompt, max_tokens, **sampling):
     conn = http.client.HTTPConnection(host.hostname, host.port, timeout=120)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, **sampling}
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]}")
-    text = json.loads(response.read())["choices"][0]["text"]
+    answer = json.loads(response.read())
     conn.close()
-    return text
+    return answer
 
 
+def complete(prompt, max_tokens, **sampling):
+    return request(prompt, max_tokens, **sampling)["choices"][0]["text"]
+
+
+# Over 150 tokens in this model's tokenizer: more than one 128-token prefill chunk.
+UNIT = "The king and the queen of the land said good night to the prince. "
+per_unit = request(UNIT, 1, temperature=0)["usage"]["prompt_tokens"]
+PROMPTS.append(UNIT * (150 // per_unit + 1))
 greedy = [complete(p, 48, temperature=0) for p in PROMPTS]
 sampled = lambda seed: complete("The king", 48, temperature=1.0, seed=seed)
 alone = sampled(7)

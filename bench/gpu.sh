@@ -66,15 +66,29 @@ PY
 }
 
 # train NAME PRESET ROWS DTYPE DEVICE STEPS [FLAGS...]: a single-process run into $OUT/NAME.
+# A run that fails is kept as $OUT/NAME.failed.log and run again with an eager step, so that
+# one broken path (a CUDA graph capture that crashes, say) costs its row, not the session.
 train() {
   local name=$1 preset=$2 rows=$3 dtype=$4 device=$5 steps=$6
   shift 6
-  rm -rf "${OUT:?}/$name"
+  rm -rf "${OUT:?}/$name" "$OUT/$name.failed.log"
   echo "-- lillm $name: $preset, $rows x $BLOCK, $dtype on $device, $steps steps"
-  $LILLM train --preset "$preset" --data "$DATA" --out "$OUT/$name" --device "$device" \
-    --dtype "$dtype" --batch-size "$rows" --block-size "$BLOCK" --grad-accum 1 \
-    --max-iters "$steps" --warmup-iters 10 --lr-decay-iters "$steps" --eval-interval 100000 \
-    --eval-iters 1 --log-interval 10 --peak-tflops "$PEAK_TFLOPS" "$@" > "$OUT/$name.log" 2>&1
+  local run=(train --preset "$preset" --data "$DATA" --out "$OUT/$name" --device "$device"
+    --dtype "$dtype" --batch-size "$rows" --block-size "$BLOCK" --grad-accum 1
+    --max-iters "$steps" --warmup-iters 10 --lr-decay-iters "$steps" --eval-interval 100000
+    --eval-iters 1 --log-interval 10 --peak-tflops "$PEAK_TFLOPS")
+  if ! $LILLM "${run[@]}" "$@" > "$OUT/$name.log" 2>&1; then
+    echo "-- lillm $name FAILED ($(tail -n 1 "$OUT/$name.log")); again with --step-mode eager"
+    mv "$OUT/$name.log" "$OUT/$name.failed.log"
+    rm -rf "${OUT:?}/$name"
+    local flags=() skip=0 flag
+    for flag in "$@"; do
+      if [ "$skip" = 1 ]; then skip=0; continue; fi
+      if [ "$flag" = --step-mode ]; then skip=1; continue; fi
+      flags+=("$flag")
+    done
+    $LILLM "${run[@]}" "${flags[@]}" --step-mode eager > "$OUT/$name.log" 2>&1
+  fi
   figures "$OUT/$name" > "$OUT/$name.json"
 }
 
@@ -198,7 +212,7 @@ print(json.dumps({"tokens": int(n), "tokens_per_s": float(rate) if rate != "n/a"
 done
 
 "$PYTHON" - "$OUT" "$DENSE" "$LARGE" "$MOE" "$ROWS" "$SMALL_ROWS" "$LARGE_ROWS" "$MOE_ROWS" "$DTYPE" "$COMPILE" "$FAST_DECODE" "$FAST_STEP" <<'PY'
-import json, re, sys
+import json, os, re, sys
 out, dense, large, moe, rows, small, large_rows, moe_rows, dtype, compiled, fast, fast_step = sys.argv[1:]
 torch_side = "compiled PyTorch" if compiled == "1" else "eager PyTorch"
 r = lambda name: json.load(open(f"{out}/{name}.json"))
@@ -244,6 +258,9 @@ row(f"{dense}: {small} rows vs {rows} rows tokens/s", f"{s['tokens_per_s']:,.0f}
     f"{s['tokens_per_s'] / d['tokens_per_s']:.2f}", ">= 0.80")
 def capture(name):
     """How a run's step ran, from what it said about its CUDA graph."""
+    if os.path.exists(f"{out}/{name}.failed.log"):
+        last = open(f"{out}/{name}.failed.log").read().strip().splitlines()[-1:] or [""]
+        return "run failed (then eager): " + last[0][:100]
     text = open(f"{out}/{name}.log").read()
     refused = re.search(r"not captured as a CUDA graph \((.*)\); running", text)
     if refused:
@@ -254,7 +271,7 @@ def capture(name):
 for name, preset, n in [("dense", dense, rows), ("dense-small", dense, small), ("large", large, large_rows),
                         ("moe", moe, moe_rows)]:
     how = capture(name)
-    row(f"step as one CUDA graph, {preset} {n} rows", how, "", "", "captured",
+    row(f"step as one CUDA graph, {name} run ({preset}, {n} rows)", how, "", "", "captured",
         how == "captured" if fast_step == "auto" else None)
 for graphed, eager, n in [("dense", "dense-eager", rows), ("dense-small", "dense-small-eager", small)]:
     g, e = r(graphed), r(eager)

@@ -342,6 +342,12 @@ pub fn report(summary: &TrainSummary, run: &std::path::Path, bucket: Option<&str
     if let Some(reason) = summary.stopped {
         println!("stopped early ({reason}); continue with --resume");
     }
+    if let Some(bytes) = summary.peak_gpu_bytes {
+        println!(
+            "peak GPU memory: {:.2} GiB allocated",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+    }
     if let Some(v) = summary.final_val_loss {
         println!(
             "final val loss {v:.4} (best {:.4})",

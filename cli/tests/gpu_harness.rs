@@ -119,13 +119,13 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         );
     }
     assert_eq!(
-        row("step as one CUDA graph, tiny 4 rows")["lillm"],
+        row("step as one CUDA graph, dense run (tiny, 4 rows)")["lillm"],
         "static (uncaptured)",
         "{printed}"
     );
     assert_eq!(
         row("greedy answers, static vs eager")["lillm"],
-        "4/4",
+        "5/5",
         "{printed}"
     );
     // The table the user reads carries the same rows, and the profile of five steps.

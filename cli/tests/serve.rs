@@ -361,6 +361,56 @@ fn requests_decoded_together_answer_as_they_do_alone() {
     );
 }
 
+const LONG: &str = r#"
+import json, sys, threading
+from openai import OpenAI
+url = sys.argv[1]
+client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+def ask(prompt, n):
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
+    return {"text": r.choices[0].text, "prompt_tokens": r.usage.prompt_tokens}
+# About 300 tokens in this tokenizer: three chunks of 128, the last one partial.
+unit = "the king and the queen of the land said good night "
+long_prompt = unit * (300 // ask(unit, 1)["prompt_tokens"])
+out = {"long": ask(long_prompt, 12), "short": ask("good night", 20)}
+together = {}
+def run(key, prompt, n):
+    together[key] = ask(prompt, n)
+threads = [threading.Thread(target=run, args=("short", "good night", 20)),
+           threading.Thread(target=run, args=("long", long_prompt, 12))]
+[t.start() for t in threads]
+[t.join() for t in threads]
+out["together"] = together
+print(json.dumps(out))
+"#;
+
+/// A prompt longer than a prefill chunk (128 tokens) is prefilled a chunk per step. With
+/// fixed shapes (`--decode static`, what CUDA graphs replay: chunks at fixed starts into one
+/// cache, the last one padded) it gets the eager server's greedy answer, alone and while a
+/// short request decodes beside it.
+#[test]
+fn a_long_prompt_prefilled_in_fixed_chunks_answers_as_eagerly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, run) = tiny_pretrained(dir.path(), "400", "5");
+    let answers = |decode: &str| -> serde_json::Value {
+        let server = serve(&run, &["--max-batch", "4", "--decode", decode]);
+        serde_json::from_str(python(LONG, &[&server.url]).trim()).unwrap()
+    };
+    let (eager, fixed) = (answers("eager"), answers("static"));
+    let prompt_tokens = eager["long"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        prompt_tokens > 256 && prompt_tokens < 388,
+        "three chunks, the last one partial: {eager}"
+    );
+    assert_eq!(fixed["long"], eager["long"], "alone");
+    assert_eq!(
+        fixed["together"]["long"], eager["long"],
+        "beside a short one"
+    );
+    assert_eq!(fixed["together"]["short"], eager["short"], "{fixed}");
+    assert_eq!(eager["together"]["long"], eager["long"], "{eager}");
+}
+
 /// With one place in the batch (`--max-batch 1`), a long request whose client goes away —
 /// a stream closed after its first chunk, a plain request past its client's timeout — stops
 /// at the next step: the request after it is answered at once, and `/metrics` counts both

@@ -84,6 +84,20 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Says that the first `len` positions hold the sequence: fewer forgets the rest, more
+    /// takes what work the cache does not track wrote there (a CUDA graph's replay).
+    ///
+    /// # Panics
+    /// If `len` is past the capacity.
+    pub fn set_filled(&mut self, len: usize) {
+        assert!(
+            len <= self.capacity,
+            "KV cache overflow: {len} > {}",
+            self.capacity
+        );
+        self.len = len;
+    }
+
     pub(crate) fn layer(&mut self, i: usize) -> (&mut Tensor, &mut Tensor) {
         let (k, v) = &mut self.layers[i];
         (k, v)

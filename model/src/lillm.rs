@@ -644,8 +644,24 @@ impl LilLM {
     /// emptied first and holds L positions after (past a prompt's end, its padding's).
     /// Returns the logits (P, vocab) at `last`.
     pub fn prefill_static(&self, ids: &Tensor, last: &Tensor, cache: &mut KvCache) -> Tensor {
-        cache.reset();
-        let (hidden, _) = self.hidden(ids, 0, Some(cache), false);
+        self.prefill_from(ids, 0, last, cache)
+    }
+
+    /// [`Self::prefill_static`] of a chunk of a longer prompt: `ids` (P, L) at positions
+    /// `start..start + L`, attending to the `start` positions `cache` already holds and to
+    /// themselves; `last` (P,) indexes the chunk. `cache` needs `start + L` positions and
+    /// holds that many after (past a prompt's end, its padding's). Every shape and the mask
+    /// depend on `start` and the shapes alone, so one CUDA graph per chunk start serves
+    /// every prompt.
+    pub fn prefill_from(
+        &self,
+        ids: &Tensor,
+        start: usize,
+        last: &Tensor,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        cache.set_filled(start);
+        let (hidden, _) = self.hidden(ids, start as i64, Some(cache), false);
         cache.advance(ids.size()[1] as usize);
         let d = hidden.size()[2];
         let last = last.view([-1, 1, 1]).expand([-1, 1, d], false);

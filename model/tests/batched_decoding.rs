@@ -215,3 +215,50 @@ fn a_prompt_padded_to_its_bucket_prefills_as_it_does_alone() {
         }
     }
 }
+
+/// A long prompt prefilled as a CUDA graph per chunk start captures it: chunks of a fixed
+/// length at fixed starts, the last one right-padded, each attending to the cache the earlier
+/// ones filled. The logits at its last token, and a decode that goes on from the admitted
+/// cache, are those of the whole sequence alone; the padding past the prompt never reaches it.
+#[test]
+fn a_long_prompt_prefilled_in_fixed_chunks_is_the_whole_sequence() {
+    for cfg in [tiny(), moe()] {
+        tch::manual_seed(6);
+        let vs = VarStore::new(Device::Cpu);
+        let model = LilLM::new(&vs.root(), &cfg).unwrap();
+        let _guard = tch::no_grad_guard();
+        let ids: Vec<i64> = (0..30).map(|i| (i * 37 + 11) % 97).collect();
+        let want = model.forward(&Tensor::from_slice(&ids).view([1, -1]), false);
+        let at = |pos: usize| want.get(0).get(pos as i64);
+        // 23 prompt tokens in chunks of 8: 8 + 8 + 7 (padded to 8) at starts 0, 8, 16.
+        let (prompt, chunk) = (23, 8);
+        let mut cache = KvCache::new(&cfg, 1, Kind::Float, Device::Cpu);
+        // Stale positions from an earlier prompt must not matter either.
+        let _ = model.forward_cached(&Tensor::from_slice(&[7i64; 30]).view([1, -1]), &mut cache);
+        let mut logits = None;
+        for start in (0..prompt).step_by(chunk) {
+            let end = (start + chunk).min(prompt);
+            let mut padded = vec![0i64; chunk];
+            padded[..end - start].copy_from_slice(&ids[start..end]);
+            logits = Some(model.prefill_from(
+                &Tensor::from_slice(&padded).view([1, -1]),
+                start,
+                &Tensor::from_slice(&[(end - start) as i64 - 1]),
+                &mut cache,
+            ));
+        }
+        assert_eq!(cache.len(), 24, "the last chunk's padding was written too");
+        let diff = (logits.unwrap().get(0) - at(prompt - 1))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-4, "prefill: diff {diff}");
+        let mut slots = SlotCache::new(&cfg, 2, Kind::Float, Device::Cpu);
+        slots.admit(&cache, 0, prompt);
+        for (pos, &id) in ids.iter().enumerate().take(ids.len() - 1).skip(prompt) {
+            let logits = decode_every_slot(&model, &[id as u32], &mut slots);
+            let diff = (logits.get(0) - at(pos)).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "decode at {pos}: diff {diff}");
+        }
+    }
+}

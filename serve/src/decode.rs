@@ -10,7 +10,8 @@
 //! cache, from which the prompt's positions move into a slot; prompts that arrive together
 //! replay it one after another. Prefill gets graphs too because on a GPU an eager prefill
 //! costs as much host time as dozens of replayed decode steps: every arrival would stall the
-//! running streams (inter-token p99) and wait itself (time to first token). Inputs are
+//! running streams (inter-token p99) and wait itself (time to first token). A longer prompt
+//! goes a chunk at a time through one graph per chunk start (`long_prefill`). Inputs are
 //! copied into a bucket's own tensors, so every replay reads the memory the graph was
 //! captured on. Every bucket is captured at start, into one shared memory pool (only one
 //! runs at a time), before the first request is read: a request that arrives meanwhile
@@ -19,6 +20,8 @@
 use lillm_cuda::{CudaGraph, GraphPool};
 use lillm_model::{KvCache, LilLM, SlotCache};
 use tch::{Device, Kind, Tensor};
+
+use crate::long_prefill::LongPrefill;
 
 /// How decode steps run (`lillm serve --decode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,9 @@ pub(crate) enum Decoder {
     Static {
         decode: Vec<Bucket>,
         prefill: Vec<PrefillBucket>,
+        /// Prompts longer than the longest bucket, a chunk at a time (`None`: the context
+        /// admits none).
+        long: Option<LongPrefill>,
     },
 }
 
@@ -92,7 +98,7 @@ impl Replay {
     /// Captures `step` (after two warm-up runs: libtorch creates its cuBLAS workspaces and
     /// picks its kernels on the first calls, which a capture must not contain) into `pool`,
     /// which then names the pool the next capture shares.
-    fn capture(
+    pub(crate) fn capture(
         device: Device,
         pool: &mut Option<GraphPool>,
         step: impl FnMut() -> Tensor,
@@ -103,7 +109,7 @@ impl Replay {
     }
 
     /// The bucket's step: its replay when captured, else `eager`, the same work uncaptured.
-    fn run(
+    pub(crate) fn run(
         captured: &Option<Self>,
         eager: impl FnOnce() -> Tensor,
     ) -> Result<Tensor, lillm_cuda::Error> {
@@ -147,16 +153,18 @@ pub(crate) fn prefill_lengths(longest_prompt: usize, context: usize) -> Vec<usiz
     bucket_sizes(SHORTEST_PREFILL.min(longest).max(1), longest)
 }
 
-/// Bytes of the KV caches of the prefill buckets `mode` allocates at start (none eager).
+/// Bytes of the KV caches of the prefill buckets `mode` allocates at start, and of the one
+/// long prompts are prefilled into (none eager).
 pub fn prefill_cache_bytes(mode: DecodeMode, model: &LilLM, longest_prompt: usize) -> u64 {
     if mode == DecodeMode::Eager {
         return 0;
     }
     let cfg = model.config();
-    prefill_lengths(longest_prompt, cfg.max_seq_len)
+    let buckets: u64 = prefill_lengths(longest_prompt, cfg.max_seq_len)
         .into_iter()
         .map(|len| lillm_model::kv_cache_bytes(cfg, 1, len, model.compute_kind()))
-        .sum()
+        .sum();
+    buckets + LongPrefill::cache_bytes(model, longest_prompt)
 }
 
 impl Decoder {
@@ -197,7 +205,12 @@ impl Decoder {
                     captured: None,
                 })
                 .collect();
-            Self::Static { decode, prefill }
+            let long = LongPrefill::new(model, longest_prompt);
+            Self::Static {
+                decode,
+                prefill,
+                long,
+            }
         };
         match mode {
             DecodeMode::Eager => (Self::Eager, Ok(Captured::default())),
@@ -250,6 +263,35 @@ impl Decoder {
         Ok((logits, &bucket.cache))
     }
 
+    /// Prefills the chunk of a long `prompt` (longer than every bucket) that starts at `done`
+    /// into the long prompts' cache ([`Self::long_cache`]); returns the logits (1, vocab) at
+    /// its last token and where it ends.
+    ///
+    /// # Panics
+    /// On the eager decoder, or when the context admits no long prompt.
+    pub(crate) fn prefill_long(
+        &mut self,
+        model: &LilLM,
+        prompt: &[u32],
+        done: usize,
+    ) -> Result<(Tensor, usize), lillm_cuda::Error> {
+        self.long_mut().next_chunk(model, prompt, done)
+    }
+
+    /// The cache a long prompt's positions are in once [`Self::prefill_long`] is done.
+    pub(crate) fn long_cache(&mut self) -> &KvCache {
+        self.long_mut().cache()
+    }
+
+    fn long_mut(&mut self) -> &mut LongPrefill {
+        match self {
+            Self::Static {
+                long: Some(long), ..
+            } => long,
+            _ => panic!("long prompts are prefilled by the fixed-shape decoder in a context that admits them"),
+        }
+    }
+
     /// One decode step: `tokens[i]` for used slot `i`; returns their logits (used, vocab)
     /// and advances the slots.
     pub(crate) fn step(
@@ -289,7 +331,12 @@ impl Decoder {
         model: &LilLM,
         slots: &mut SlotCache,
     ) -> Result<Captured, lillm_cuda::Error> {
-        let Self::Static { decode, prefill } = self else {
+        let Self::Static {
+            decode,
+            prefill,
+            long,
+        } = self
+        else {
             return Ok(Captured::default());
         };
         let device = model.device();
@@ -305,9 +352,13 @@ impl Decoder {
             let step = || model.prefill_static(ids, last, cache);
             bucket.captured = Some(Replay::capture(device, &mut pool, step)?);
         }
+        let chunks = match long {
+            Some(long) => long.capture(model, &mut pool)?,
+            None => 0,
+        };
         let after = lillm_cuda::cuda_reserved(device).unwrap_or(0);
         Ok(Captured {
-            graphs: decode.len() + prefill.len(),
+            graphs: decode.len() + prefill.len() + chunks,
             bytes: after.saturating_sub(before),
         })
     }

@@ -166,11 +166,14 @@ struct Arrival<'t> {
     prompt: Vec<u32>,
 }
 
-/// A long request whose prompt is being prefilled, chunk by chunk, into its own cache.
+/// A long request whose prompt is being prefilled, chunk by chunk: into its own cache when
+/// decoding eagerly, else into the fixed-shape decoder's ([`Decoder::prefill_long`]).
 struct Prefill<'t> {
     sequence: Sequence<'t>,
     prompt: Vec<u32>,
-    cache: KvCache,
+    /// Prompt positions prefilled so far.
+    done: usize,
+    own_cache: Option<KvCache>,
 }
 
 /// What a sampled token did to its sequence.
@@ -204,7 +207,7 @@ impl<'a> Batch<'a> {
             Ok(c) if c.graphs > 0 => {
                 metrics.note_graphs(c);
                 eprintln!(
-                    "decode: {} CUDA graphs captured (decode steps of up to {max_batch} sequences, prompts of up to {PREFILL_CHUNK} tokens), {:.1} MiB",
+                    "decode: {} CUDA graphs captured (decode steps of up to {max_batch} sequences, prompts by length up to {PREFILL_CHUNK} tokens, longer ones a chunk of {PREFILL_CHUNK} at a time), {:.1} MiB",
                     c.graphs,
                     c.bytes as f64 / (1u64 << 20) as f64
                 );
@@ -317,15 +320,13 @@ impl<'a> Batch<'a> {
             .partition(|a| a.prompt.len() <= PREFILL_CHUNK);
         let mut long = long.into_iter();
         if self.prefill.is_none() {
+            let (model, fixed) = (self.model, self.decoder.prefills());
             self.prefill = long.next().map(|a| Prefill {
                 sequence: a.sequence,
                 prompt: a.prompt,
-                cache: KvCache::new(
-                    self.model.config(),
-                    1,
-                    self.model.compute_kind(),
-                    self.model.device(),
-                ),
+                done: 0,
+                own_cache: (!fixed)
+                    .then(|| KvCache::new(model.config(), 1, model.compute_kind(), model.device())),
             });
         }
         self.arrivals.extend(long);
@@ -400,26 +401,48 @@ impl<'a> Batch<'a> {
         let Some(p) = self.prefill.as_mut() else {
             return;
         };
-        let done = p.cache.len();
-        let end = (done + PREFILL_CHUNK).min(p.prompt.len());
-        let ids: Vec<i64> = p.prompt[done..end].iter().map(|&t| t as i64).collect();
-        let chunk = Tensor::from_slice(&ids)
-            .view([1, -1])
-            .to(self.model.device());
-        let logits = self.model.forward_cached(&chunk, &mut p.cache);
-        if end < p.prompt.len() {
-            return;
-        }
+        let chunk = match &mut p.own_cache {
+            Some(cache) => {
+                let end = (p.done + PREFILL_CHUNK).min(p.prompt.len());
+                let ids: Vec<i64> = p.prompt[p.done..end].iter().map(|&t| t as i64).collect();
+                let chunk = Tensor::from_slice(&ids)
+                    .view([1, -1])
+                    .to(self.model.device());
+                Ok((self.model.forward_cached(&chunk, cache), end))
+            }
+            None => self.decoder.prefill_long(self.model, &p.prompt, p.done),
+        };
+        let logits = match chunk {
+            Ok((logits, end)) => {
+                p.done = end;
+                if end < p.prompt.len() {
+                    return;
+                }
+                logits
+            }
+            Err(e) => {
+                let p = self.prefill.take().expect("a prefill");
+                self.metrics.count(Ended::Failed);
+                let _ = p.sequence.events.send(GenEvent::Failed(e.to_string()));
+                return;
+            }
+        };
         let Prefill {
             mut sequence,
-            cache,
+            prompt,
+            own_cache,
             ..
         } = self.prefill.take().expect("a prefill");
         // The last position's logits; sampling runs where they are (the GPU, on a GPU).
         let logits = logits.get(0);
         let id = sequence.sampler.sample(&logits);
-        if let Outcome::Continue = sequence.take(id, &logits, cache.remaining()) {
-            self.slots.admit(&cache, 0, cache.len());
+        let room = self.model.config().max_seq_len - prompt.len();
+        if let Outcome::Continue = sequence.take(id, &logits, room) {
+            let cache = match &own_cache {
+                Some(cache) => cache,
+                None => self.decoder.long_cache(),
+            };
+            self.slots.admit(cache, 0, prompt.len());
             self.decoding.push(sequence);
             self.metrics.set_batch(self.decoding.len());
         }

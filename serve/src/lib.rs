@@ -14,6 +14,7 @@
 
 mod decode;
 mod generator;
+mod long_prefill;
 mod metrics;
 mod openai;
 pub mod text_stream;

@@ -68,7 +68,7 @@ const OUTCOMES: [&str; 5] = ["completed", "invalid", "busy", "cancelled", "faile
 
 /// What the server holds on its device from the start: the weights, the KV cache of every
 /// slot of the batch (`--max-batch` sequences of the whole context) and, with fixed-shape
-/// decoding, the small caches its prompts are prefilled into.
+/// decoding, the caches its prompts are prefilled into.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Memory {
     pub weight_bytes: u64,
@@ -190,7 +190,7 @@ impl Metrics {
             ),
             (
                 "lillm_serve_prefill_cache_bytes",
-                "Bytes of the KV caches short prompts are prefilled into, allocated at start (0: decoding eagerly).",
+                "Bytes of the KV caches prompts are prefilled into (one per length bucket, one of the whole context for long prompts), allocated at start (0: decoding eagerly).",
                 memory.prefill_cache_bytes,
             ),
             (

@@ -54,6 +54,8 @@ pub struct TrainSummary {
     pub optimizer_bytes: usize,
     /// Why the run ended before `max_iters` (`None`: it finished).
     pub stopped: Option<StopReason>,
+    /// The most GPU memory any log window of this process allocated (CUDA only).
+    pub peak_gpu_bytes: Option<u64>,
 }
 
 /// Moves a micro-batch to the device as (inputs, targets) of shape (B, T).
@@ -206,6 +208,8 @@ pub struct Trainer {
     profile: StepProfile,
     /// Runs each micro-batch's forward and backward (eagerly, or as a CUDA graph).
     micro: MicroStep,
+    /// The most GPU memory a log window of this process allocated (CUDA only).
+    peak_gpu_bytes: Option<u64>,
 }
 
 impl Trainer {
@@ -340,6 +344,7 @@ impl Trainer {
             stop: setup.stop,
             micro,
             profile,
+            peak_gpu_bytes: None,
         };
         if let Some(group) = group {
             trainer.stop.abort_on_regroup(group.abort_handle());
@@ -685,6 +690,7 @@ impl Trainer {
             trained_params: self.opt.trained_numel(),
             optimizer_bytes: self.opt.state_bytes(),
             stopped,
+            peak_gpu_bytes: self.peak_gpu_bytes,
         }
     }
 }

@@ -424,19 +424,23 @@ impl Trainer {
             secs_per_step: self.window.seconds_per_step(),
             peak_memory: crate::dist::cuda_peak_allocated(self.device),
         };
+        self.peak_gpu_bytes = self.peak_gpu_bytes.max(end.peak_memory);
         let record = window_record(plan, &end, &means, self.loss.is_preference());
         if let Some(log) = log {
             log.append(&record)?;
         }
         self.reporter.progress(&record);
         console.bar.set_message(format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s{}",
+            "loss {:.4} lr {:.2e} {:.0} tok/s{}{}",
             means[0],
             window.lr,
             record.tokens_per_s.unwrap_or_default(),
             record
                 .mfu
-                .map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0))
+                .map_or(String::new(), |m| format!(" mfu {:.1}%", m * 100.0)),
+            record
+                .peak_gpu_gib
+                .map_or(String::new(), |g| format!(" peak {g:.1} GiB"))
         ));
         self.last_window = Some(record);
         self.window.restart(self.step, self.cfg.process.world_size);
