@@ -211,9 +211,9 @@ print(json.dumps({"tokens": int(n), "tokens_per_s": float(rate) if rate != "n/a"
 ' "$OUT/generate-$decode.log" > "$OUT/generate-$decode.json"
 done
 
-"$PYTHON" - "$OUT" "$DENSE" "$LARGE" "$MOE" "$ROWS" "$SMALL_ROWS" "$LARGE_ROWS" "$MOE_ROWS" "$DTYPE" "$COMPILE" "$FAST_DECODE" "$FAST_STEP" <<'PY'
+"$PYTHON" - "$OUT" "$DENSE" "$LARGE" "$MOE" "$ROWS" "$SMALL_ROWS" "$LARGE_ROWS" "$MOE_ROWS" "$DTYPE" "$COMPILE" "$FAST_DECODE" "$FAST_STEP" "$DEVICE" <<'PY'
 import json, os, re, sys
-out, dense, large, moe, rows, small, large_rows, moe_rows, dtype, compiled, fast, fast_step = sys.argv[1:]
+out, dense, large, moe, rows, small, large_rows, moe_rows, dtype, compiled, fast, fast_step, device = sys.argv[1:]
 torch_side = "compiled PyTorch" if compiled == "1" else "eager PyTorch"
 r = lambda name: json.load(open(f"{out}/{name}.json"))
 gpu = open(f"{out}/gpu.txt").read().strip()
@@ -240,6 +240,8 @@ row(f"chunked vs full head loss, {dense} {rows} rows tokens/s", f"{chunked['toke
     f"{full['tokens_per_s']:,.0f}", f"{chunked['tokens_per_s'] / full['tokens_per_s']:.2f}x", ">= 1.0x")
 
 k = r("kernels")
+row("fused SwiGLU kernel in use (compiled at run time, checked against the reference)",
+    "yes" if k["fused_swiglu"] else "no", "", "", "yes on CUDA", k["fused_swiglu"] if device.startswith("cuda") else None)
 row(f"fused vs reference kernels, {dense} {dtype}: logits / gradients max rel diff",
     f"{k['logits_rel_diff']:.1e} / {k['grads_rel_diff']:.1e}", "", "", "<= 2e-2 each",
     max(k["logits_rel_diff"], k["grads_rel_diff"]) <= 2e-2)
@@ -272,7 +274,7 @@ for name, preset, n in [("dense", dense, rows), ("dense-small", dense, small), (
                         ("moe", moe, moe_rows)]:
     how = capture(name)
     row(f"step as one CUDA graph, {name} run ({preset}, {n} rows)", how, "", "", "captured",
-        how == "captured" if fast_step == "auto" else None)
+        how == "captured" if device.startswith("cuda") else None)
 for graphed, eager, n in [("dense", "dense-eager", rows), ("dense-small", "dense-small-eager", small)]:
     g, e = r(graphed), r(eager)
     early = min(3, len(g["losses"]), len(e["losses"]))

@@ -1,5 +1,6 @@
-//! libtorch's CUDA graphs and profiler for Rust. [`profiler`] records what each operator
-//! and kernel of a span of work took (`csrc/profiler.cpp`). The rest is CUDA graphs
+//! libtorch's CUDA graphs and profiler for Rust, and the model's fused kernels. [`profiler`]
+//! records what each operator and kernel of a span of work took (`csrc/profiler.cpp`);
+//! [`kernels`] holds the fused element-wise kernels (`csrc/kernels.cpp`). The rest is CUDA graphs
 //! (`csrc/cuda_graph.cpp`): the kernels a piece of libtorch work launches,
 //! captured once and replayed with a single launch, so that a step whose arithmetic takes
 //! microseconds is not paid for in milliseconds of host work and launches.
@@ -12,6 +13,7 @@
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr::NonNull;
 
+pub mod kernels;
 pub mod profiler;
 
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,9 @@
 //! - `lillm`: [`LilLM`], the transformer itself (RMSNorm, RoPE, GQA attention, SwiGLU).
 //! - `lora`: LoRA adapters ([`LoraConfig`]) on the projections, attached for fine-tuning
 //!   and merged for inference.
-//! - `rms_norm`: RMSNorm, in its reference and its fused form ([`Kernels`]).
+//! - `fused`: which implementation of the layers that have two runs ([`Kernels`]), and the
+//!   SwiGLU product with its fused CUDA kernel.
+//! - `rms_norm`: RMSNorm, in its reference and its fused form.
 //! - `moe`: the sparse Mixture-of-Experts feed-forward and its [`Routing`] statistics.
 //! - `kv_cache`: [`KvCache`] for incremental decoding.
 //! - `slot_cache`: [`SlotCache`], the KV cache of sequences decoded together (continuous
@@ -21,6 +23,7 @@ mod config;
 mod device;
 mod error;
 pub mod eval;
+mod fused;
 pub mod hf;
 mod kv_cache;
 mod lillm;
@@ -34,10 +37,10 @@ pub mod weights;
 pub use config::{ModelConfig, MoeConfig, PRESETS};
 pub use device::{cpu_has_native_bf16, parse_device, parse_dtype};
 pub use error::{Error, Result};
+pub use fused::{fused_swiglu_in_use, Kernels};
 pub use kv_cache::{kv_cache_bytes, KvCache};
 pub use lillm::LilLM;
 pub use lora::{LoraConfig, LORA_TARGETS};
 pub use moe::Routing;
-pub use rms_norm::Kernels;
 pub use sampling::{generate, sample_rows, Sampler, SamplingParams, StopReason};
 pub use slot_cache::SlotCache;

@@ -5,9 +5,10 @@
 
 use tch::{nn, Kind, Tensor};
 
+use crate::fused::{swiglu, Kernels};
 use crate::lora::{LoraConfig, Weight};
 use crate::moe::{LayerRouting, Moe, Routing};
-use crate::rms_norm::{Kernels, RmsNorm};
+use crate::rms_norm::RmsNorm;
 use crate::{KvCache, ModelConfig, Result, SlotCache};
 
 /// Rotary embedding tables for adjacent-pair (Meta-style) rotation, float32, on the model's
@@ -273,11 +274,13 @@ impl FeedForward {
         }
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
-        linear(
-            &(linear(x, &self.w1.get()).silu() * linear(x, &self.w3.get())),
-            &self.w2.get(),
-        )
+    pub(crate) fn forward(&self, x: &Tensor, kernels: Kernels) -> Tensor {
+        let hidden = swiglu(
+            &linear(x, &self.w1.get()),
+            &linear(x, &self.w3.get()),
+            kernels,
+        );
+        linear(&hidden, &self.w2.get())
     }
 }
 
@@ -290,9 +293,14 @@ enum Mlp {
 
 impl Mlp {
     /// The output, and the layer's routing when sparse and `with_routing`.
-    fn forward(&self, x: &Tensor, with_routing: bool) -> (Tensor, Option<LayerRouting>) {
+    fn forward(
+        &self,
+        x: &Tensor,
+        with_routing: bool,
+        kernels: Kernels,
+    ) -> (Tensor, Option<LayerRouting>) {
         match self {
-            Self::Dense(ffn) => (ffn.forward(x), None),
+            Self::Dense(ffn) => (ffn.forward(x, kernels), None),
             Self::Sparse(moe) => moe.forward(x, with_routing),
         }
     }
@@ -471,9 +479,11 @@ impl LilLM {
             x = x + block
                 .attn
                 .forward(&attn_in, &self.rope, start_pos, layer_cache, dropout);
-            let (ffn_out, layer_routing) = block
-                .mlp
-                .forward(&block.ffn_norm.forward(&x, self.kernels), train);
+            let (ffn_out, layer_routing) = block.mlp.forward(
+                &block.ffn_norm.forward(&x, self.kernels),
+                train,
+                self.kernels,
+            );
             routing.extend(layer_routing);
             x = x + ffn_out.dropout(dropout, train);
         }
@@ -604,9 +614,11 @@ impl LilLM {
                     .attn
                     .forward_slots(&attn_in, &self.rope, positions, cache.layer(i), keys);
             x = x + attn;
-            let (ffn_out, _) = block
-                .mlp
-                .forward(&block.ffn_norm.forward(&x, self.kernels), false);
+            let (ffn_out, _) = block.mlp.forward(
+                &block.ffn_norm.forward(&x, self.kernels),
+                false,
+                self.kernels,
+            );
             x = x + ffn_out;
         }
         self.head(&self.norm.forward(&x, self.kernels).select(1, 0))

@@ -1,4 +1,4 @@
-//! RMSNorm, and which implementation of it runs ([`Kernels`]).
+//! RMSNorm, in its reference and its fused form ([`Kernels`]).
 //!
 //! The reference computes the statistics in float32 and casts the normalised activations
 //! back before the gain, as the original and Hugging Face's Llama do: in bf16 that is five
@@ -10,25 +10,7 @@
 
 use tch::{nn, Kind, Tensor};
 
-/// Which implementation of the layers that have two runs: the reference everywhere but
-/// CUDA, the fused one there (see [`crate::LilLM::set_kernels`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    /// Op by op, as the original computes: what CPU runs and tests hold exact.
-    Reference,
-    /// Fewer, fused kernels with the same arithmetic up to rounding.
-    Fused,
-}
-
-impl Kernels {
-    /// Fused on CUDA, the reference elsewhere.
-    pub fn for_device(device: tch::Device) -> Self {
-        match device.is_cuda() {
-            true => Self::Fused,
-            false => Self::Reference,
-        }
-    }
-}
+use crate::fused::Kernels;
 
 /// RMSNorm with a learned `gain`.
 #[derive(Debug)]
