@@ -200,19 +200,7 @@ fn a_prompt_padded_to_its_bucket_prefills_as_it_does_alone() {
             &Tensor::from_slice(&[prompt as i64 - 1]),
             &mut cache,
         );
-        let at = |pos: usize| want.get(0).get(pos as i64);
-        let diff = (logits.get(0) - at(prompt - 1))
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(diff < 1e-4, "prefill: diff {diff}");
-        let mut slots = SlotCache::new(&cfg, 2, Kind::Float, Device::Cpu);
-        slots.admit(&cache, 0, prompt);
-        for (pos, &id) in ids.iter().enumerate().take(ids.len() - 1).skip(prompt) {
-            let logits = decode_every_slot(&model, &[id as u32], &mut slots);
-            let diff = (logits.get(0) - at(pos)).abs().max().double_value(&[]);
-            assert!(diff < 1e-4, "decode at {pos}: diff {diff}");
-        }
+        same_as_alone(&model, &want, &logits, &cache, &ids, prompt);
     }
 }
 
@@ -229,7 +217,6 @@ fn a_long_prompt_prefilled_in_fixed_chunks_is_the_whole_sequence() {
         let _guard = tch::no_grad_guard();
         let ids: Vec<i64> = (0..30).map(|i| (i * 37 + 11) % 97).collect();
         let want = model.forward(&Tensor::from_slice(&ids).view([1, -1]), false);
-        let at = |pos: usize| want.get(0).get(pos as i64);
         // 23 prompt tokens in chunks of 8: 8 + 8 + 7 (padded to 8) at starts 0, 8, 16.
         let (prompt, chunk) = (23, 8);
         let mut cache = KvCache::new(&cfg, 1, Kind::Float, Device::Cpu);
@@ -248,17 +235,31 @@ fn a_long_prompt_prefilled_in_fixed_chunks_is_the_whole_sequence() {
             ));
         }
         assert_eq!(cache.len(), 24, "the last chunk's padding was written too");
-        let diff = (logits.unwrap().get(0) - at(prompt - 1))
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(diff < 1e-4, "prefill: diff {diff}");
-        let mut slots = SlotCache::new(&cfg, 2, Kind::Float, Device::Cpu);
-        slots.admit(&cache, 0, prompt);
-        for (pos, &id) in ids.iter().enumerate().take(ids.len() - 1).skip(prompt) {
-            let logits = decode_every_slot(&model, &[id as u32], &mut slots);
-            let diff = (logits.get(0) - at(pos)).abs().max().double_value(&[]);
-            assert!(diff < 1e-4, "decode at {pos}: diff {diff}");
-        }
+        same_as_alone(&model, &want, &logits.unwrap(), &cache, &ids, prompt);
+    }
+}
+
+/// A prefilled prompt's last logits, and a decode that goes on from its cache admitted to a
+/// slot, against `want`, the whole sequence's logits alone.
+fn same_as_alone(
+    model: &LilLM,
+    want: &Tensor,
+    last_logits: &Tensor,
+    cache: &KvCache,
+    ids: &[i64],
+    prompt: usize,
+) {
+    let at = |pos: usize| want.get(0).get(pos as i64);
+    let diff = (last_logits.get(0) - at(prompt - 1))
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(diff < 1e-4, "prefill: diff {diff}");
+    let mut slots = SlotCache::new(model.config(), 2, Kind::Float, Device::Cpu);
+    slots.admit(cache, 0, prompt);
+    for (pos, &id) in ids.iter().enumerate().take(ids.len() - 1).skip(prompt) {
+        let logits = decode_every_slot(model, &[id as u32], &mut slots);
+        let diff = (logits.get(0) - at(pos)).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "decode at {pos}: diff {diff}");
     }
 }

@@ -158,7 +158,16 @@ impl MicroStep {
         }
         tch::manual_seed(seed);
         let device = self.divisor.device();
-        if self.mode == StepMode::Eager {
+        let inputs = match self.mode {
+            StepMode::Eager => None,
+            _ => Some(
+                self.inputs
+                    .get_or_insert_with(|| Inputs::shaped_as(batch, device)),
+            ),
+        };
+        // Eager, or a shape other than the fixed inputs' (a shorter last batch of fine-tuning
+        // data: not what was captured): tensors made for this micro-batch.
+        let Some(inputs) = inputs.filter(|inputs| inputs.fits(batch)) else {
             let (x, y) = batch_tensors(batch, device);
             return Ok(forward_backward(
                 model,
@@ -168,22 +177,7 @@ impl MicroStep {
                 &self.divisor,
                 self.figures,
             ));
-        }
-        let inputs = self
-            .inputs
-            .get_or_insert_with(|| Inputs::shaped_as(batch, device));
-        if !inputs.fits(batch) {
-            // Another shape (a shorter last batch of fine-tuning data): not what was captured.
-            let (x, y) = batch_tensors(batch, device);
-            return Ok(forward_backward(
-                model,
-                loss,
-                &x,
-                &y,
-                &self.divisor,
-                self.figures,
-            ));
-        }
+        };
         inputs.fill(batch);
         if let Some(captured) = &self.captured {
             captured.graph.replay()?;
