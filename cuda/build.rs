@@ -8,6 +8,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/cuda_graph.cpp");
     println!("cargo:rerun-if-changed=csrc/profiler.cpp");
     println!("cargo:rerun-if-changed=csrc/kernels.cpp");
+    println!("cargo:rerun-if-changed=csrc/shim_error.h");
     println!("cargo:rerun-if-changed=../build_support/libtorch.rs");
     let torch = libtorch::torch_dir();
     let mut build = libtorch::shim_build(&torch);

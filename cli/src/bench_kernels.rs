@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use lillm_model::{Kernels, LilLM, ModelConfig};
+use lillm_model::{relative_diff, Kernels, LilLM, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 #[derive(Args, Debug, Clone)]
@@ -147,15 +147,5 @@ fn measure(model: &LilLM, vs: &VarStore, x: &Tensor, y: &Tensor, iters: usize) -
 fn sync(device: Device) {
     if let Device::Cuda(index) = device {
         tch::Cuda::synchronize(index as i64);
-    }
-}
-
-/// max |a − b| over max |b|: how far `a` is from `b` at the scale of `b`.
-fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let scale = b.abs().max().double_value(&[]);
-    let diff = (a - b).abs().max().double_value(&[]);
-    match scale {
-        0.0 => diff,
-        _ => diff / scale,
     }
 }

@@ -366,13 +366,7 @@ fn the_chunked_head_loss_trains_the_model_the_full_logits_train() {
     for moe in [false, true] {
         let run = |head_loss: &str| {
             let out = dir.path().join(format!("{head_loss}-{moe}"));
-            let mut args = tiny_train_args(s(&tiny.data), s(&out), "300", "20");
-            args.extend(["--dtype", "float32", "--head-loss", head_loss]);
-            if moe {
-                args.extend(["--experts", "4", "--experts-per-token", "2"]);
-            }
-            lillm_ok(&args);
-            losses(&out)
+            float32_losses(&tiny.data, &out, "20", moe, &["--head-loss", head_loss])
         };
         let (full, chunked) = (run("full"), run("chunked"));
         assert_eq!(full.len(), 20, "{full:?}");
@@ -408,20 +402,8 @@ fn a_step_through_fixed_input_tensors_trains_exactly_as_the_eager_step() {
     for moe in [false, true] {
         let run = |mode: &str| {
             let out = dir.path().join(format!("{mode}-{moe}"));
-            let mut args = tiny_train_args(s(&tiny.data), s(&out), "300", "12");
-            args.extend([
-                "--dtype",
-                "float32",
-                "--dropout",
-                "0.1",
-                "--step-mode",
-                mode,
-            ]);
-            if moe {
-                args.extend(["--experts", "4", "--experts-per-token", "2"]);
-            }
-            lillm_ok(&args);
-            losses(&out)
+            let flags = ["--dropout", "0.1", "--step-mode", mode];
+            float32_losses(&tiny.data, &out, "12", moe, &flags)
         };
         let (eager, fixed) = (run("eager"), run("static"));
         assert_eq!(eager.len(), 12, "{eager:?}");
@@ -437,4 +419,23 @@ fn a_step_through_fixed_input_tensors_trains_exactly_as_the_eager_step() {
         err.contains("CUDA device") && err.contains("static"),
         "{err}"
     );
+}
+
+/// The losses of a float32 run of the tiny model (with four experts when `moe`) for `iters`
+/// steps into `out`, with `flags` added.
+fn float32_losses(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    iters: &str,
+    moe: bool,
+    flags: &[&str],
+) -> Vec<(u64, f64)> {
+    let mut args = tiny_train_args(s(data), s(out), "300", iters);
+    args.extend(["--dtype", "float32"]);
+    args.extend(flags);
+    if moe {
+        args.extend(["--experts", "4", "--experts-per-token", "2"]);
+    }
+    lillm_ok(&args);
+    losses(out)
 }

@@ -16,22 +16,11 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-namespace {
-int fail(char** err, const char* what) {
-  *err = strdup(what);
-  return -1;
-}
+#include "shim_error.h"
 
-// Runs `f`, turning libtorch's exception into -1 and `err`.
-template <typename F>
-int guarded(char** err, F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    return fail(err, e.what());
-  }
-}
+namespace {
+using lillm_shim::fail;
+using lillm_shim::guarded;
 
 #ifdef LILLM_WITH_CUDA
 // The stream that was current before entering the side stream, restored on leaving.

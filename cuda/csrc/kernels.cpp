@@ -14,6 +14,8 @@
 
 #include <torch/torch.h>
 
+#include "shim_error.h"
+
 #ifdef LILLM_WITH_CUDA
 #include <ATen/cuda/jiterator.h>
 #endif
@@ -44,10 +46,7 @@ namespace {
 LILLM_SWIGLU_FORWARD
 LILLM_SWIGLU_BACKWARD
 
-int fail(char** err, const char* what) {
-  *err = strdup(what);
-  return -1;
-}
+using lillm_shim::fail;
 
 #ifdef LILLM_WITH_CUDA
 const char* kSwigluForward = LILLM_SOURCE(LILLM_SWIGLU_FORWARD);

@@ -88,8 +88,7 @@ fn check_fused_swiglu(device: Device) -> Result<(), String> {
             .iter()
             .zip(fused.iter().zip(&reference))
         {
-            let scale = r.abs().max().double_value(&[]).max(1e-6);
-            let diff = (f - r).abs().max().double_value(&[]) / scale;
+            let diff = relative_diff(f, r);
             if !diff.is_finite() || diff > 2e-2 {
                 return Err(format!(
                     "its {what} differs from the reference's by {diff:.1e}"
@@ -98,6 +97,17 @@ fn check_fused_swiglu(device: Device) -> Result<(), String> {
         }
         Ok(())
     })
+}
+
+/// max |a − b| over max |b|: how far `a` is from `b` at the scale of `b` (the plain
+/// difference when `b` is all zeros). How a fused form is held to its reference.
+pub fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]);
+    let diff = (a - b).abs().max().double_value(&[]);
+    match scale {
+        0.0 => diff,
+        _ => diff / scale,
+    }
 }
 
 #[cfg(test)]

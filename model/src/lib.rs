@@ -37,7 +37,7 @@ pub mod weights;
 pub use config::{ModelConfig, MoeConfig, PRESETS};
 pub use device::{cpu_has_native_bf16, parse_device, parse_dtype};
 pub use error::{Error, Result};
-pub use fused::{fused_swiglu_in_use, Kernels};
+pub use fused::{fused_swiglu_in_use, relative_diff, Kernels};
 pub use kv_cache::{kv_cache_bytes, KvCache};
 pub use lillm::LilLM;
 pub use lora::{LoraConfig, LORA_TARGETS};

@@ -16,6 +16,7 @@ use tch::Tensor;
 use tokio::sync::mpsc;
 
 use crate::decode::{DecodeMode, Decoder};
+use crate::long_prefill::exact_chunk;
 use crate::metrics::{Memory, Metrics, Outcome as Ended};
 use crate::text_stream::{IncrementalText, Step};
 
@@ -402,14 +403,13 @@ impl<'a> Batch<'a> {
             return;
         };
         let chunk = match &mut p.own_cache {
-            Some(cache) => {
-                let end = (p.done + PREFILL_CHUNK).min(p.prompt.len());
-                let ids: Vec<i64> = p.prompt[p.done..end].iter().map(|&t| t as i64).collect();
-                let chunk = Tensor::from_slice(&ids)
-                    .view([1, -1])
-                    .to(self.model.device());
-                Ok((self.model.forward_cached(&chunk, cache), end))
-            }
+            Some(cache) => Ok(exact_chunk(
+                self.model,
+                &p.prompt,
+                p.done,
+                PREFILL_CHUNK,
+                cache,
+            )),
             None => self.decoder.prefill_long(self.model, &p.prompt, p.done),
         };
         let logits = match chunk {

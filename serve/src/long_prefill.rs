@@ -33,7 +33,7 @@ impl LongPrefill {
     /// when it admits none (a prompt leaves room for one token).
     pub(crate) fn new(model: &LilLM, chunk: usize) -> Option<Self> {
         let context = model.config().max_seq_len;
-        if context <= chunk + 1 {
+        if !admits_long(context, chunk) {
             return None;
         }
         let device = model.device();
@@ -57,7 +57,7 @@ impl LongPrefill {
     /// Bytes of its cache (one sequence of the whole context).
     pub(crate) fn cache_bytes(model: &LilLM, chunk: usize) -> u64 {
         let cfg = model.config();
-        match cfg.max_seq_len > chunk + 1 {
+        match admits_long(cfg.max_seq_len, chunk) {
             true => lillm_model::kv_cache_bytes(cfg, 1, cfg.max_seq_len, model.compute_kind()),
             false => 0,
         }
@@ -74,9 +74,13 @@ impl LongPrefill {
         let end = (done + self.chunk).min(prompt.len());
         let Some(at) = self.starts.iter().find(|s| s.start == done) else {
             self.cache.set_filled(done);
-            let ids: Vec<i64> = prompt[done..end].iter().map(|&t| t as i64).collect();
-            let chunk = Tensor::from_slice(&ids).view([1, -1]).to(model.device());
-            return Ok((model.forward_cached(&chunk, &mut self.cache), end));
+            return Ok(exact_chunk(
+                model,
+                prompt,
+                done,
+                self.chunk,
+                &mut self.cache,
+            ));
         };
         let mut ids = vec![0i64; self.chunk];
         for (id, &t) in ids.iter_mut().zip(&prompt[done..end]) {
@@ -112,4 +116,26 @@ impl LongPrefill {
         }
         Ok(self.starts.len())
     }
+}
+
+/// Whether a context of `context` positions admits prompts longer than `chunk` tokens (a
+/// prompt leaves room for one token).
+fn admits_long(context: usize, chunk: usize) -> bool {
+    context > chunk + 1
+}
+
+/// The chunk of `prompt` at `done` (at most `chunk` tokens), on its exact length, through
+/// `cache` (which holds the first `done` positions); returns the logits (1, vocab) at its
+/// last token and where it ends.
+pub(crate) fn exact_chunk(
+    model: &LilLM,
+    prompt: &[u32],
+    done: usize,
+    chunk: usize,
+    cache: &mut KvCache,
+) -> (Tensor, usize) {
+    let end = (done + chunk).min(prompt.len());
+    let ids: Vec<i64> = prompt[done..end].iter().map(|&t| t as i64).collect();
+    let tokens = Tensor::from_slice(&ids).view([1, -1]).to(model.device());
+    (model.forward_cached(&tokens, cache), end)
 }
