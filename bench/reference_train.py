@@ -121,7 +121,8 @@ def main():
             timed += 1
     final_loss = loss.item()  # waits for the last step
     secs = time.perf_counter() - start
-    result = {"tokens_per_s": timed * a.batch_size * a.block_size / secs, "step_ms": 1e3 * secs / timed, "final_loss": final_loss}
+    result = {"tokens_per_s": timed * a.batch_size * a.block_size / secs, "step_ms": 1e3 * secs / timed, "final_loss": final_loss,
+              "compiled": a.compile}
     if cuda:
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     print(json.dumps(result))

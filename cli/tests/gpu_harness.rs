@@ -4,24 +4,23 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::{s, tiny_data};
 
-#[test]
-fn the_gpu_harness_runs_every_row_on_a_cpu() {
-    let dir = tempfile::tempdir().unwrap();
-    let tiny = tiny_data(dir.path(), 300);
-    let out = dir.path().join("out");
+/// `bench/gpu.sh` on the CPU with tiny presets, a few steps and `env` on top; its output
+/// (stdout, then stderr) and exit status.
+fn harness(data: &Path, out: &Path, env: &[(&str, &str)]) -> (String, Option<i32>) {
     let python = std::env::var("LILLM_PYTHON").unwrap_or_else(|_| "python3".into());
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let ran = Command::new("bash")
         .arg("bench/gpu.sh")
         .current_dir(&root)
         .envs([
             ("LILLM", env!("CARGO_BIN_EXE_lillm")),
-            ("DATA", s(&tiny.data)),
-            ("OUT", s(&out)),
+            ("DATA", s(data)),
+            ("OUT", s(out)),
             ("PYTHON", python.as_str()),
             ("DEVICE", "cpu"),
             ("DTYPE", "float32"),
@@ -39,6 +38,7 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
             ("SERVE_SECONDS", "1"),
             ("PEAK_TFLOPS", "1"),
         ])
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let printed = format!(
@@ -46,17 +46,41 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         String::from_utf8_lossy(&ran.stdout),
         String::from_utf8_lossy(&ran.stderr)
     );
-    assert!(ran.status.success(), "bench/gpu.sh failed:\n{printed}");
+    (printed, ran.status.code())
+}
+
+fn summary(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn the_gpu_harness_runs_every_row_on_a_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny_data(dir.path(), 300);
+    let out = dir.path().join("out");
+    let (printed, status) = harness(&tiny.data, &out, &[]);
+    assert_eq!(status, Some(0), "bench/gpu.sh failed:\n{printed}");
     // The table, for whoever reads the test's output.
-    eprintln!("{}", String::from_utf8_lossy(&ran.stdout));
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    eprintln!("{printed}");
+    let summary = summary(&out);
     let rows = summary["rows"].as_array().unwrap();
     let row = |starts: &str| {
         rows.iter()
             .find(|r| r["what"].as_str().unwrap().starts_with(starts))
             .unwrap_or_else(|| panic!("no row `{starts}…` in:\n{printed}"))
     };
+    // Every section ran within the deadline and left every figure.
+    assert_eq!(
+        summary["failed_sections"],
+        serde_json::json!([]),
+        "{printed}"
+    );
+    assert_eq!(summary["incomplete"], serde_json::json!([]), "{printed}");
+    assert_eq!(
+        summary["sections"].as_array().unwrap().len(),
+        11,
+        "{printed}"
+    );
     assert_eq!(row("same seed, CPU vs device")["ok"], true, "{printed}");
     assert_eq!(row("float32 vs float32 loss")["ok"], true, "{printed}");
     // The chunked head loss against the full logits: both paths run, and on the CPU in
@@ -96,7 +120,8 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
     );
     for what in [
         "seeded answer alone vs among 8 streams",
-        "serving: failed requests",
+        "serve tiny: failed requests",
+        "serve tiny-moe: failed requests",
     ] {
         assert_eq!(row(what)["ok"], true, "{printed}");
     }
@@ -119,7 +144,7 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         );
     }
     assert_eq!(
-        row("step as one CUDA graph, dense run (tiny, 4 rows)")["lillm"],
+        row("step as one CUDA graph, dense run")["lillm"],
         "static (uncaptured)",
         "{printed}"
     );
@@ -134,4 +159,68 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         printed.contains("profile of steps 20..24") && printed.contains("aten::mm"),
         "{printed}"
     );
+}
+
+/// A lent machine's minutes run out, or a path breaks there: each section costs only its
+/// own rows, the table is printed all the same with every figure that was not measured
+/// saying why, and the exit status says the run is not whole.
+#[test]
+fn the_gpu_harness_prints_its_table_when_sections_fail_or_run_out_of_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("no-data");
+    let sections = |out: &Path| -> Vec<(String, String)> {
+        summary(out)["sections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let field = |k: &str| s[k].as_str().unwrap().to_string();
+                (field("section"), field("status"))
+            })
+            .collect()
+    };
+    let not_run = |out: &Path| {
+        summary(out)["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["lillm"] == "not run")
+    };
+
+    // A binary that fails every command: every section is tried, and fails by itself.
+    let out = dir.path().join("broken");
+    let (printed, status) = harness(&data, &out, &[("LILLM", "/bin/false")]);
+    assert_eq!(status, Some(1), "{printed}");
+    let tried = sections(&out);
+    assert_eq!(tried.len(), 11, "{printed}");
+    assert!(
+        tried.iter().all(|(_, status)| status == "failed (exit 1)"),
+        "{tried:?}"
+    );
+    assert!(not_run(&out), "{printed}");
+    assert!(printed.contains("not run"), "{printed}");
+
+    // No time left: nothing starts, and the table says so.
+    let out = dir.path().join("late");
+    let (printed, status) = harness(&data, &out, &[("DEADLINE_S", "0")]);
+    assert_eq!(status, Some(3), "{printed}");
+    let skipped = sections(&out);
+    assert_eq!(skipped.len(), 11, "{printed}");
+    assert!(
+        skipped
+            .iter()
+            .all(|(_, status)| status.starts_with("skipped")),
+        "{skipped:?}"
+    );
+    assert!(not_run(&out), "{printed}");
+
+    // ONLY: just the sections named (a later call for what an earlier one skipped).
+    let out = dir.path().join("only");
+    let (printed, _) = harness(
+        &data,
+        &out,
+        &[("DEADLINE_S", "0"), ("ONLY", "serving-more,curves")],
+    );
+    let names: Vec<String> = sections(&out).into_iter().map(|(name, _)| name).collect();
+    assert_eq!(names, ["curves", "serving-more"], "{printed}");
 }
