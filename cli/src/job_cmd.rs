@@ -1,19 +1,18 @@
-//! Distributed jobs from the command line: a trainer actor (`lillm train --coordinator`) and
-//! a whole local job (`lillm train --nproc N`: coordinator + dataloader + N trainers), and
-//! how a command chooses between them ([`launch`]).
+//! Distributed jobs from the command line: a trainer actor (`lillm train --coordinator`), a
+//! node launcher (`--coordinator C --nproc G`) and a whole local job (`lillm train --nproc N`,
+//! [`crate::local_job`]), and how a command chooses between them ([`launch`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Args;
 use lillm_proto::client;
 use lillm_proto::member::MemberClient;
 use lillm_proto::net::{ConnectSettings, RetryPolicy};
 use lillm_proto::v1 as pb;
 use lillm_trainer::actor::ActorOptions;
-use lillm_trainer::data::TrainData;
-use lillm_trainer::{checkpoint, ProcessConfig, TrainConfig};
+use lillm_trainer::TrainConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::hang_watch;
@@ -107,7 +106,9 @@ pub fn launch(
             &launch.actor,
             shutdown,
         )),
-        (None, Some(n)) if n > 1 => Some(launch_local_job(cfg, n, threads, launch, shutdown)),
+        (None, Some(n)) if n > 1 => Some(crate::local_job::launch_local_job(
+            cfg, n, threads, launch, shutdown,
+        )),
         (None, _) => None,
     }
 }
@@ -135,39 +136,14 @@ fn run_trainer_actor(
     Ok(())
 }
 
-/// Dataloader `index`'s own cache folder in a job of several on this machine: each evicts
-/// only what it fetched itself.
-fn own_cache(process: &ProcessConfig, index: usize) -> PathBuf {
-    let root = process
-        .cache_dir
-        .clone()
-        .unwrap_or_else(lillm_store::default_cache_dir);
-    root.join(format!("dataloader-{index}"))
-}
-
-/// The object-storage settings a trainer was given, as the dataloader's flags.
-fn store_flags(process: &ProcessConfig) -> Vec<String> {
-    let mut flags = Vec::new();
-    if let Some(dir) = &process.cache_dir {
-        flags.push(format!("--cache-dir={}", dir.display()));
-    }
-    if let Some(bytes) = &process.cache_bytes {
-        flags.push(format!("--cache-bytes={bytes}"));
-    }
-    if let Some(file) = &process.credentials_file {
-        flags.push(format!("--credentials-file={}", file.display()));
-    }
-    flags
-}
-
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// The user's `lillm train` arguments without the flags the launcher sets for each trainer.
-fn trainer_args_from_command_line(launcher_sets: &[&str]) -> Vec<String> {
+pub(crate) fn trainer_args_from_command_line(launcher_sets: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
     let mut rest = std::env::args().skip(1);
     while let Some(arg) = rest.next() {
@@ -186,7 +162,7 @@ fn trainer_args_from_command_line(launcher_sets: &[&str]) -> Vec<String> {
 /// `--threads` for each of `nproc` trainers sharing this machine, unless the user set it:
 /// N trainers each using every core would fight over them (torchrun sets one thread per
 /// worker for the same reason).
-fn share_cores(args: &mut Vec<String>, nproc: usize, threads: Option<usize>) {
+pub(crate) fn share_cores(args: &mut Vec<String>, nproc: usize, threads: Option<usize>) {
     if threads.is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let share = (cores / nproc).max(1);
@@ -212,7 +188,7 @@ fn gpu_pin(local_rank: usize) -> Vec<(String, String)> {
 /// What the supervisor does when a trainer dies: tells the coordinator at once (a `Leave`
 /// on the dead trainer's behalf), so its group ends now instead of after a heartbeat
 /// timeout. If the coordinator cannot be told, the heartbeat timeout still catches it.
-fn tell_coordinator_on_death(
+pub(crate) fn tell_coordinator_on_death(
     coordinator: String,
     node: String,
     job_token: String,
@@ -246,7 +222,7 @@ fn tell_coordinator_on_death(
 }
 
 /// Lets `supervisor` replace this node's hung trainers (`--replace-hung-after-s`).
-fn watch_hangs(
+pub(crate) fn watch_hangs(
     supervisor: &mut Supervisor,
     launch: &LaunchArgs,
     coordinator: &str,
@@ -260,177 +236,6 @@ fn watch_hangs(
         );
     }
 }
-
-/// `lillm train|sft|dpo --nproc N`: a coordinator, a dataloader (for pretraining, whose
-/// batches it streams) and N trainer actors on this machine, under one [`Supervisor`] that
-/// restarts any of them that dies (up to `max_restarts` failures). The coordinator keeps its
-/// state in RUN_DIR/coordinator, so the same command with `--resume` continues a job that
-/// was stopped (even by SIGKILL). On `shutdown` the trainers stop first (they checkpoint and
-/// commit), then the services.
-pub fn launch_local_job(
-    cfg: &TrainConfig,
-    nproc: usize,
-    threads: Option<usize>,
-    launch: &LaunchArgs,
-    shutdown: &CancellationToken,
-) -> Result<()> {
-    TrainConfig {
-        job: cfg.job.clone(),
-        process: ProcessConfig {
-            world_size: nproc,
-            ..cfg.process.clone()
-        },
-    }
-    .validate()?;
-    let dataloaders = match (TrainData::streamed(cfg.job.objective), launch.dataloaders) {
-        (_, 0) => {
-            bail!("--dataloaders 0: a --nproc job needs at least one; leave the flag out for one")
-        }
-        (true, n) => n,
-        (false, 1) => 0,
-        (false, n) => bail!(
-            "--dataloaders {n}: SFT and DPO trainers read their data themselves; leave the flag out"
-        ),
-    };
-    let state_dir = cfg.process.out.join("coordinator");
-    let has_checkpoints = !checkpoint::list_checkpoints(&cfg.process.out).is_empty();
-    match (cfg.process.resume, state_dir.exists() || has_checkpoints) {
-        (false, true) => bail!(
-            "{} already holds a run; pass --resume to continue it or choose another --out",
-            cfg.process.out.display()
-        ),
-        (true, _) if has_checkpoints && !state_dir.exists() => bail!(
-            "{} holds checkpoints but no job state ({}); it was not written by --nproc — resume it without --nproc",
-            cfg.process.out.display(),
-            state_dir.display()
-        ),
-        _ => {}
-    }
-    let resume_from = committed_in_bucket(cfg)?;
-    std::fs::create_dir_all(&cfg.process.out).with_context(|| {
-        format!(
-            "{}: cannot create the run directory",
-            cfg.process.out.display()
-        )
-    })?;
-    let coordinator = format!("127.0.0.1:{}", free_port()?);
-    // The services log to files; the terminal shows the trainers.
-    let logs = cfg.process.out.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create", logs.display()))?;
-    let mut supervisor = Supervisor::new(
-        launch.max_restarts,
-        tell_coordinator_on_death(
-            coordinator.clone(),
-            LOCAL_NODE.into(),
-            String::new(),
-            ConnectSettings::default(),
-        ),
-    );
-    watch_hangs(
-        &mut supervisor,
-        launch,
-        &coordinator,
-        LOCAL_NODE,
-        ConnectSettings::default(),
-    );
-    supervisor.start(Spec {
-        name: "the coordinator".into(),
-        kind: Kind::Service,
-        args: vec![
-            "coordinator".into(),
-            "--nodes=1".into(),
-            format!("--trainers-per-node={nproc}"),
-            format!("--dataloaders-per-node={dataloaders}"),
-            format!("--listen={coordinator}"),
-            format!("--metrics-listen=127.0.0.1:{}", free_port()?),
-            format!("--store-port={}", free_port()?),
-            format!("--state-dir={}", state_dir.display()),
-        ],
-        // This command starts every member itself: a new group, whatever was saved. A
-        // restarted coordinator, though, must remember the members it had.
-        first_start_args: ["--forget-members".to_string()]
-            .into_iter()
-            .chain(resume_from.map(|url| format!("--resume-from={url}")))
-            .collect(),
-        env: Vec::new(),
-        log: Some(logs.join("coordinator.log")),
-    })?;
-    wait_for_port(&coordinator, &mut supervisor)?;
-    for index in 0..dataloaders {
-        let (name, log, cache) = match dataloaders {
-            1 => ("the dataloader".into(), "dataloader.log".into(), None),
-            _ => (
-                format!("dataloader {index}"),
-                format!("dataloader-{index}.log"),
-                Some(own_cache(&cfg.process, index)),
-            ),
-        };
-        let process = ProcessConfig {
-            cache_dir: cache.or(cfg.process.cache_dir.clone()),
-            ..cfg.process.clone()
-        };
-        supervisor.start(Spec {
-            name,
-            kind: Kind::Service,
-            args: [
-                "dataloader".into(),
-                format!("--coordinator={coordinator}"),
-                format!("--data={}", cfg.process.data.display()),
-                format!("--node={LOCAL_NODE}"),
-                format!("--local-index={index}"),
-            ]
-            .into_iter()
-            .chain(store_flags(&process))
-            .collect(),
-            first_start_args: Vec::new(),
-            env: Vec::new(),
-            log: Some(logs.join(log)),
-        })?;
-    }
-    eprintln!(
-        "job coordinator on {coordinator}: watch it with `lillm status --coordinator {coordinator} --watch`; service logs in {}",
-        logs.display()
-    );
-    let mut user = trainer_args_from_command_line(&[
-        "--nproc",
-        "--dataloaders",
-        "--max-restarts",
-        "--replace-hung-after-s",
-        "--local-rank",
-        "--node",
-        "--coordinator",
-    ]);
-    share_cores(&mut user, nproc, threads);
-    user.extend([
-        format!("--coordinator={coordinator}"),
-        format!("--node={LOCAL_NODE}"),
-    ]);
-    start_trainers(&mut supervisor, &user, nproc)?;
-    supervisor.run(shutdown)?;
-    Ok(())
-}
-
-/// For a run directory in a bucket, what this node's run directory cannot say: a run that
-/// is not resumed must not write over the bucket's checkpoints, and a resumed one starts
-/// from the bucket's newest committed checkpoint, whose URL is returned for the coordinator
-/// (which takes it unless its saved state recorded that step already).
-fn committed_in_bucket(cfg: &TrainConfig) -> Result<Option<String>> {
-    let Some(bucket) = cfg.process.run_bucket()? else {
-        return Ok(None);
-    };
-    let newest = bucket.committed_steps()?.into_iter().max();
-    match (cfg.process.resume, newest) {
-        (false, Some(step)) => bail!(
-            "{} already holds checkpoints (the newest committed at step {step}); pass --resume to continue that run or choose another --out",
-            bucket.url()
-        ),
-        (true, Some(step)) => Ok(Some(bucket.checkpoint_url(step))),
-        _ => Ok(None),
-    }
-}
-
-/// The node name of every member of a `--nproc` job.
-const LOCAL_NODE: &str = "local";
 
 /// `lillm train --coordinator C --nproc G`: the node launcher that systemd or a Kubernetes
 /// pod runs. It starts G trainer actors of that job (`--local-rank 0..G-1`, each pinned to
@@ -485,7 +290,7 @@ pub fn launch_node(
 pub struct NodeStopped;
 
 /// Starts trainers `0..n` with `args` plus their local rank, each pinned to its GPU.
-fn start_trainers(supervisor: &mut Supervisor, args: &[String], n: usize) -> Result<()> {
+pub(crate) fn start_trainers(supervisor: &mut Supervisor, args: &[String], n: usize) -> Result<()> {
     for local_rank in 0..n {
         let mut args = args.to_vec();
         args.push(format!("--local-rank={local_rank}"));
@@ -499,21 +304,6 @@ fn start_trainers(supervisor: &mut Supervisor, args: &[String], n: usize) -> Res
             env: gpu_pin(local_rank),
             log: None,
         })?;
-    }
-    Ok(())
-}
-
-/// Waits until `address` accepts connections (the coordinator is up) or it exited.
-fn wait_for_port(address: &str, supervisor: &mut Supervisor) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(address).is_err() {
-        if let Some(status) = supervisor.exited("the coordinator") {
-            bail!("the coordinator exited before listening on {address} ({status})");
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("the coordinator did not listen on {address} within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
 }

@@ -12,6 +12,7 @@ mod hang_watch;
 mod infer_cmd;
 mod interop_cmd;
 mod job_cmd;
+mod local_job;
 mod status_cmd;
 mod supervisor;
 mod tokenizer_cmd;
