@@ -182,6 +182,64 @@ fn staging_dir(out: &Path) -> PathBuf {
 /// Tokenizes the corpus into `opts.out`. See the module doc for the atomicity rules.
 pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     let started = Instant::now();
+    check_options(opts)?;
+    let tokenizer = Tokenizer::load(&opts.tokenizer)?;
+    let fingerprint = tokenizer.fingerprint()?;
+    let signature = signature(opts, &fingerprint)?;
+    if let Output::Reuse(manifest) = output_action(found_at(&opts.out, &signature), opts)? {
+        return Ok(PrepareReport {
+            manifest,
+            already_prepared: true,
+            seconds: started.elapsed().as_secs_f64(),
+            text_bytes: 0,
+        });
+    }
+
+    let stage = staging_dir(&opts.out);
+    if stage.exists() {
+        fs::remove_dir_all(&stage).map_err(|e| Error::io(&stage, e))?;
+    }
+    fs::create_dir_all(&stage).map_err(|e| Error::io(&stage, e))?;
+    let dtype = TokenDtype::for_vocab(tokenizer.vocab_size());
+    let tokenized = tokenize_into(opts, &tokenizer, &stage, dtype, started)
+        .and_then(|t| check_splits(&t, opts).map(|()| t));
+    let tokenized = match tokenized {
+        Ok(t) => t,
+        Err(e) => {
+            // Nothing half-written stays behind; the output was never touched.
+            let _ = fs::remove_dir_all(&stage);
+            return Err(e);
+        }
+    };
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        tokenizer_fingerprint: fingerprint,
+        vocab_size: tokenizer.vocab_size(),
+        dtype,
+        eos_id: EOS_ID,
+        signature,
+        val_fraction: opts.val_fraction,
+        seed: opts.seed,
+        train: tokenized.train,
+        val: tokenized.val,
+        bad_records_skipped: tokenized.bad_records,
+        input_bytes: tokenized.text_bytes,
+    };
+    tokenizer.save_dir(&stage)?;
+    manifest.write(&stage)?;
+    if opts.out.exists() {
+        fs::remove_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    }
+    fs::rename(&stage, &opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    Ok(PrepareReport {
+        manifest,
+        already_prepared: false,
+        seconds: started.elapsed().as_secs_f64(),
+        text_bytes: tokenized.text_bytes,
+    })
+}
+
+fn check_options(opts: &PrepareOptions) -> Result<()> {
     if !(0.0..1.0).contains(&opts.val_fraction) {
         return Err(Error::Usage(format!(
             "--val-fraction must be in [0, 1), got {}",
@@ -191,52 +249,94 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     if opts.shard_tokens == 0 {
         return Err(Error::Usage("--shard-tokens must be positive".into()));
     }
-    let tokenizer = Tokenizer::load(&opts.tokenizer)?;
-    let fingerprint = tokenizer.fingerprint()?;
-    let signature = signature(opts, &fingerprint)?;
+    Ok(())
+}
 
-    if opts.out.exists() {
-        match Manifest::read(&opts.out) {
-            Ok(existing) if existing.signature == signature => {
-                return Ok(PrepareReport {
-                    manifest: existing,
-                    already_prepared: true,
-                    seconds: started.elapsed().as_secs_f64(),
-                    text_bytes: 0,
-                })
-            }
-            Ok(_) if !opts.force => {
-                return Err(Error::invalid(
-                    &opts.out,
-                    "already holds a dataset prepared from other inputs or options; pass --force to replace it or choose another --out",
-                ))
-            }
-            Err(_) if !opts.force && !is_empty_dir(&opts.out) => {
-                return Err(Error::invalid(
-                    &opts.out,
-                    "exists and is not a prepared dataset; choose another --out (or --force to replace it)",
-                ))
-            }
-            _ => {}
-        }
+/// What the output directory holds before preparing.
+#[derive(Debug)]
+enum Found {
+    Nothing,
+    /// A dataset; `same`: prepared from these inputs and options (its signature).
+    Dataset {
+        manifest: Manifest,
+        same: bool,
+    },
+    /// Something that is not a dataset.
+    Other {
+        empty: bool,
+    },
+}
+
+fn found_at(out: &Path, signature: &str) -> Found {
+    if !out.exists() {
+        return Found::Nothing;
     }
-
-    let stage = staging_dir(&opts.out);
-    if stage.exists() {
-        fs::remove_dir_all(&stage).map_err(|e| Error::io(&stage, e))?;
+    match Manifest::read(out) {
+        Ok(manifest) => Found::Dataset {
+            same: manifest.signature == signature,
+            manifest,
+        },
+        Err(_) => Found::Other {
+            empty: is_empty_dir(out),
+        },
     }
-    fs::create_dir_all(&stage).map_err(|e| Error::io(&stage, e))?;
+}
 
-    let dtype = TokenDtype::for_vocab(tokenizer.vocab_size());
+#[derive(Debug)]
+enum Output {
+    /// The output already holds this dataset: nothing to do.
+    Reuse(Manifest),
+    /// Prepare, then replace whatever is there.
+    Write,
+}
+
+/// Whether to prepare: never over a dataset of other inputs or over something that is not a
+/// dataset unless `--force` says so; never again when the same dataset is there already.
+fn output_action(found: Found, opts: &PrepareOptions) -> Result<Output> {
+    match found {
+        Found::Dataset {
+            manifest,
+            same: true,
+        } => Ok(Output::Reuse(manifest)),
+        Found::Dataset { same: false, .. } if !opts.force => Err(Error::invalid(
+            &opts.out,
+            "already holds a dataset prepared from other inputs or options; pass --force to replace it or choose another --out",
+        )),
+        Found::Other { empty: false } if !opts.force => Err(Error::invalid(
+            &opts.out,
+            "exists and is not a prepared dataset; choose another --out (or --force to replace it)",
+        )),
+        _ => Ok(Output::Write),
+    }
+}
+
+/// What tokenizing the corpus wrote and read.
+struct Tokenized {
+    train: Vec<ShardInfo>,
+    val: Vec<ShardInfo>,
+    documents: u64,
+    text_bytes: u64,
+    bad_records: u64,
+}
+
+/// Tokenizes the corpus in parallel, a chunk of documents at a time, into `stage`'s train
+/// and val shards (each document's split drawn from its index and the seed).
+fn tokenize_into(
+    opts: &PrepareOptions,
+    tokenizer: &Tokenizer,
+    stage: &Path,
+    dtype: TokenDtype,
+    started: Instant,
+) -> Result<Tokenized> {
+    const CHUNK_BYTES: usize = 8 << 20;
     let mut writers = [
-        ShardWriter::new(Split::Train, &stage, dtype, opts.shard_tokens),
-        ShardWriter::new(Split::Val, &stage, dtype, opts.shard_tokens),
+        ShardWriter::new(Split::Train, stage, dtype, opts.shard_tokens),
+        ShardWriter::new(Split::Val, stage, dtype, opts.shard_tokens),
     ];
     let stats = Arc::new(CorpusStats::default());
     let bar = progress_bar(opts.show_progress, opts.corpus.total_bytes()?);
     let mut docs = opts.corpus.documents(stats.clone())?;
     let (mut index, mut text_bytes, mut tokens) = (0u64, 0u64, 0u64);
-    const CHUNK_BYTES: usize = 8 << 20;
     loop {
         let mut chunk = Vec::new();
         let mut chunk_bytes = 0;
@@ -275,47 +375,30 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         ));
     }
     bar.finish_and_clear();
-    if index == 0 {
-        let _ = fs::remove_dir_all(&stage);
+    let [train, val] = writers;
+    Ok(Tokenized {
+        train: train.finish()?,
+        val: val.finish()?,
+        documents: index,
+        text_bytes,
+        bad_records: stats.bad_records.load(std::sync::atomic::Ordering::Relaxed),
+    })
+}
+
+/// Refuses a corpus that gave no document, or none to a validation split asked for.
+fn check_splits(t: &Tokenized, opts: &PrepareOptions) -> Result<()> {
+    if t.documents == 0 {
         return Err(Error::Usage(
             "the corpus holds no documents: every input file is empty".into(),
         ));
     }
-    let [train, val] = writers;
-    let (train, val) = (train.finish()?, val.finish()?);
-    if opts.val_fraction > 0.0 && val.is_empty() {
-        let _ = fs::remove_dir_all(&stage);
+    if opts.val_fraction > 0.0 && t.val.is_empty() {
         return Err(Error::Usage(format!(
-            "no document fell into the validation split ({index} documents × fraction {}); raise --val-fraction or add data",
-            opts.val_fraction
+            "no document fell into the validation split ({} documents × fraction {}); raise --val-fraction or add data",
+            t.documents, opts.val_fraction
         )));
     }
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        tokenizer_fingerprint: fingerprint,
-        vocab_size: tokenizer.vocab_size(),
-        dtype,
-        eos_id: EOS_ID,
-        signature,
-        val_fraction: opts.val_fraction,
-        seed: opts.seed,
-        train,
-        val,
-        bad_records_skipped: stats.bad_records.load(std::sync::atomic::Ordering::Relaxed),
-        input_bytes: text_bytes,
-    };
-    tokenizer.save_dir(&stage)?;
-    manifest.write(&stage)?;
-    if opts.out.exists() {
-        fs::remove_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
-    }
-    fs::rename(&stage, &opts.out).map_err(|e| Error::io(&opts.out, e))?;
-    Ok(PrepareReport {
-        manifest,
-        already_prepared: false,
-        seconds: started.elapsed().as_secs_f64(),
-        text_bytes,
-    })
+    Ok(())
 }
 
 fn is_empty_dir(path: &Path) -> bool {
@@ -339,4 +422,129 @@ fn progress_bar(show: bool, total: u64) -> ProgressBar {
 /// The manifest's path inside a dataset directory.
 pub fn manifest_path(dir: &Path) -> PathBuf {
     dir.join(MANIFEST_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::corpus::TextUnit;
+
+    fn options(force: bool) -> PrepareOptions {
+        PrepareOptions {
+            corpus: CorpusSpec {
+                inputs: vec!["corpus".into()],
+                field: "text".into(),
+                text_unit: TextUnit::Paragraph,
+                skip_bad: false,
+            },
+            tokenizer: "tokenizer".into(),
+            out: "/data/shards".into(),
+            val_fraction: 0.1,
+            seed: 1,
+            shard_tokens: 1000,
+            force,
+            show_progress: false,
+        }
+    }
+
+    fn dataset(same: bool) -> Found {
+        Found::Dataset {
+            manifest: Manifest {
+                format: FORMAT.into(),
+                tokenizer_fingerprint: "f".into(),
+                vocab_size: 6400,
+                dtype: TokenDtype::U16,
+                eos_id: EOS_ID,
+                signature: "s".into(),
+                val_fraction: 0.1,
+                seed: 1,
+                train: Vec::new(),
+                val: Vec::new(),
+                bad_records_skipped: 0,
+                input_bytes: 0,
+            },
+            same,
+        }
+    }
+
+    #[test]
+    fn the_same_dataset_is_reused_even_with_force() {
+        for force in [false, true] {
+            let action = output_action(dataset(true), &options(force)).unwrap();
+            assert!(matches!(action, Output::Reuse(m) if m.signature == "s"));
+        }
+    }
+
+    #[test]
+    fn only_force_replaces_another_dataset_or_something_that_is_not_one() {
+        for found in [dataset(false), Found::Other { empty: false }] {
+            let what = format!("{found:?}");
+            let refused = output_action(found, &options(false))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                refused.contains("/data/shards") && refused.contains("--force"),
+                "{what}: {refused}"
+            );
+        }
+        for found in [dataset(false), Found::Other { empty: false }] {
+            assert!(matches!(
+                output_action(found, &options(true)).unwrap(),
+                Output::Write
+            ));
+        }
+        // Nothing there, or an empty folder made for it: written without asking.
+        for found in [Found::Nothing, Found::Other { empty: true }] {
+            assert!(matches!(
+                output_action(found, &options(false)).unwrap(),
+                Output::Write
+            ));
+        }
+    }
+
+    #[test]
+    fn options_out_of_range_are_refused_by_name() {
+        let mut opts = options(false);
+        assert!(check_options(&opts).is_ok());
+        opts.val_fraction = 1.0;
+        let refused = check_options(&opts).unwrap_err().to_string();
+        assert!(
+            refused.contains("--val-fraction") && refused.contains('1'),
+            "{refused}"
+        );
+        opts.val_fraction = 0.0;
+        opts.shard_tokens = 0;
+        let refused = check_options(&opts).unwrap_err().to_string();
+        assert!(refused.contains("--shard-tokens"), "{refused}");
+    }
+
+    #[test]
+    fn a_corpus_without_documents_or_without_validation_documents_is_refused() {
+        let tokenized = |documents, val: Vec<ShardInfo>| Tokenized {
+            train: Vec::new(),
+            val,
+            documents,
+            text_bytes: 0,
+            bad_records: 0,
+        };
+        let opts = options(false);
+        let empty = check_splits(&tokenized(0, Vec::new()), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(empty.contains("no documents"), "{empty}");
+        let no_val = check_splits(&tokenized(3, Vec::new()), &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            no_val.contains("3 documents") && no_val.contains("--val-fraction"),
+            "{no_val}"
+        );
+        let shard = ShardInfo {
+            file: "val-00000.bin".into(),
+            tokens: 10,
+            documents: 1,
+            sha256: String::new(),
+        };
+        assert!(check_splits(&tokenized(3, vec![shard]), &opts).is_ok());
+    }
 }
