@@ -20,11 +20,16 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
+mod request;
+
+use request::{plan, Api, Plan, Sampling};
+
 use super::generator::{GenEvent, GenRequest, Refused, TokenLogprob};
 use super::AppState;
 use crate::metrics::Outcome;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
     message: String,
@@ -113,96 +118,6 @@ struct ChatMessage {
     content: Content,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-#[derive(Deserialize)]
-struct Sampling {
-    model: Option<String>,
-    max_tokens: Option<i64>,
-    max_completion_tokens: Option<i64>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    top_k: Option<usize>,
-    stop: Option<Stop>,
-    seed: Option<u64>,
-    n: Option<i64>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    /// Token id (as a string, OpenAI's shape) → bias from -100 to 100.
-    logit_bias: Option<std::collections::BTreeMap<String, f64>>,
-    /// Chat: true/false; completions: how many alternatives (0–5).
-    logprobs: Option<Value>,
-    /// Chat: how many alternatives (0–20), with `logprobs: true`.
-    top_logprobs: Option<Value>,
-    #[serde(default)]
-    stream: bool,
-    stream_options: Option<StreamOptions>,
-}
-
-/// Most choices one request may ask for (`n`): each takes a place in the batch.
-const MAX_CHOICES: i64 = 8;
-
-/// Which API a request came through: their `logprobs` fields differ.
-#[derive(Clone, Copy, PartialEq)]
-enum Api {
-    Chat,
-    Completions,
-}
-
-/// The log-probabilities a request asks for: `Some(k)` = each token's, with `k`
-/// alternatives.
-fn logprobs_wanted(s: &Sampling, api: Api) -> Result<Option<usize>, ApiError> {
-    let count = |v: &Value, name: &str, max: u64| match v.as_u64() {
-        Some(k) if k <= max => Ok(k as usize),
-        _ => Err(ApiError::invalid(format!(
-            "{name} must be a whole number from 0 to {max}, got {v}"
-        ))),
-    };
-    let top = s.top_logprobs.as_ref().filter(|v| !v.is_null());
-    match api {
-        Api::Chat => {
-            let on = match s.logprobs.as_ref().filter(|v| !v.is_null()) {
-                None => false,
-                Some(v) => v.as_bool().ok_or_else(|| {
-                    ApiError::invalid(format!("logprobs must be true or false, got {v}"))
-                })?,
-            };
-            match (on, top) {
-                (false, Some(_)) => Err(ApiError::invalid("top_logprobs needs logprobs: true")),
-                (false, None) => Ok(None),
-                (true, top) => Ok(Some(
-                    top.map(|v| count(v, "top_logprobs", 20))
-                        .transpose()?
-                        .unwrap_or(0),
-                )),
-            }
-        }
-        Api::Completions => {
-            if top.is_some() {
-                return Err(ApiError::invalid(
-                    "top_logprobs is a chat completions field; completions take logprobs: k",
-                ));
-            }
-            s.logprobs
-                .as_ref()
-                .filter(|v| !v.is_null())
-                .map(|v| count(v, "logprobs", 5))
-                .transpose()
-        }
-    }
-}
-
 /// Chat's `logprobs` of some tokens: `{"content": [{token, logprob, bytes, top_logprobs}]}`.
 fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
     let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
@@ -264,163 +179,6 @@ fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// A validated generation: prompt ids, token budget, sampling, stops, choices.
-struct Plan {
-    prompt: Vec<u32>,
-    max_tokens: usize,
-    sampling: SamplingParams,
-    stops: Vec<String>,
-    stream: bool,
-    /// Choices to generate (`n`); choice `i` samples with seed `seed + i`.
-    choices: usize,
-    include_usage: bool,
-    logprobs: Option<usize>,
-}
-
-fn plan(state: &AppState, prompt_text: &str, s: Sampling, api: Api) -> Result<Plan, ApiError> {
-    let logprobs = logprobs_wanted(&s, api)?;
-    if let Some(model) = &s.model {
-        if model != &state.model_name {
-            return Err(ApiError::with(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-                format!(
-                    "model `{model}` does not exist; this server serves `{}`",
-                    state.model_name
-                ),
-            ));
-        }
-    }
-    let prompt = state
-        .generator
-        .tokenizer
-        .encode(prompt_text)
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let context = state.generator.context;
-    if prompt.is_empty() {
-        return Err(ApiError::invalid("the prompt is empty"));
-    }
-    if prompt.len() >= context {
-        return Err(ApiError::with(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "context_length_exceeded",
-            format!(
-                "the prompt has {} tokens but the model's context is {context}; shorten it",
-                prompt.len()
-            ),
-        ));
-    }
-    let room = context - prompt.len();
-    let max_tokens = match s.max_completion_tokens.or(s.max_tokens) {
-        Some(n) if n < 1 => {
-            return Err(ApiError::invalid(format!(
-                "max_tokens must be at least 1, got {n}"
-            )))
-        }
-        // Refused before any work, as OpenAI does, rather than cut short silently.
-        Some(n) if n as usize > room => {
-            return Err(ApiError::with(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "context_length_exceeded",
-                format!(
-                    "the prompt has {} tokens and max_tokens is {n}, but the model's context is {context} tokens; ask for at most {room} tokens or shorten the prompt",
-                    prompt.len()
-                ),
-            ))
-        }
-        Some(n) => n as usize,
-        None => room,
-    };
-    let temperature = s.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(format!(
-            "temperature must be between 0 and 2, got {temperature}"
-        )));
-    }
-    let top_p = s.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid(format!(
-            "top_p must be in (0, 1], got {top_p}"
-        )));
-    }
-    let stops = match s.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) if v.len() <= 4 => v,
-        Some(Stop::Many(_)) => return Err(ApiError::invalid("stop may hold at most 4 sequences")),
-    };
-    let choices = match s.n.unwrap_or(1) {
-        n if (1..=MAX_CHOICES).contains(&n) => n as usize,
-        n => {
-            return Err(ApiError::invalid(format!(
-                "n must be between 1 and {MAX_CHOICES}, got {n}"
-            )))
-        }
-    };
-    let penalty = |name: &str, value: Option<f64>| match value.unwrap_or(0.0) {
-        v if (-2.0..=2.0).contains(&v) => Ok(v),
-        v => Err(ApiError::invalid(format!(
-            "{name} must be between -2 and 2, got {v}"
-        ))),
-    };
-    let presence_penalty = penalty("presence_penalty", s.presence_penalty)?;
-    let frequency_penalty = penalty("frequency_penalty", s.frequency_penalty)?;
-    let logit_bias = logit_bias(
-        s.logit_bias.unwrap_or_default(),
-        state.generator.tokenizer.vocab_size(),
-    )?;
-    let seed = s.seed.unwrap_or_else(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    });
-    Ok(Plan {
-        prompt,
-        max_tokens,
-        sampling: SamplingParams {
-            temperature,
-            top_k: s.top_k.unwrap_or(0),
-            top_p,
-            seed,
-            presence_penalty,
-            frequency_penalty,
-            logit_bias,
-        },
-        stops,
-        stream: s.stream,
-        choices,
-        include_usage: s.stream_options.is_some_and(|o| o.include_usage),
-        logprobs,
-    })
-}
-
-/// OpenAI's `logit_bias` (`{"token id": bias}`), each id within the vocabulary and each bias
-/// from -100 (a ban) to 100.
-fn logit_bias(
-    given: std::collections::BTreeMap<String, f64>,
-    vocab: usize,
-) -> Result<Vec<(u32, f32)>, ApiError> {
-    given
-        .into_iter()
-        .map(|(key, bias)| {
-            let id = key.parse::<u32>().ok().filter(|&id| (id as usize) < vocab);
-            match id {
-                None => Err(ApiError::invalid(format!(
-                    "logit_bias keys are token ids from 0 to {}, got {key:?}",
-                    vocab - 1
-                ))),
-                Some(_) if !(-100.0..=100.0).contains(&bias) => Err(ApiError::invalid(format!(
-                    "logit_bias of token {key} must be between -100 and 100, got {bias}"
-                ))),
-                Some(id) => Ok((id, bias as f32)),
-            }
-        })
-        .collect()
 }
 
 /// Queues one generation per choice; their events arrive on the returned receivers (in
