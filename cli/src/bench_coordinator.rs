@@ -167,7 +167,7 @@ impl CoordinatorProcess {
     fn start(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Self> {
         let nodes = trainers.div_ceil(args.trainers_per_node);
         let state = tempfile::tempdir()?;
-        let (port, metrics_port) = (free_port()?, free_port()?);
+        let (port, metrics_port) = (crate::job_cmd::free_port()?, crate::job_cmd::free_port()?);
         let address = format!("127.0.0.1:{port}");
         let metrics = format!("127.0.0.1:{metrics_port}");
         // The `coordinator` binary beside this one, as a job runs it (`lillm coordinator`
@@ -252,12 +252,6 @@ fn since(now: Option<u64>, before: Option<u64>) -> Option<u64> {
 
 fn count(saves: Option<u64>) -> String {
     saves.map_or("uncounted".into(), |n| n.to_string())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn http_get(address: &str, path: &str) -> Result<String> {
@@ -489,184 +483,250 @@ async fn wait_for_coordinator(address: &str) -> Result<()> {
     bail!("the coordinator at {address} did not answer within 30 s")
 }
 
+/// One job size: the five phases in turn, each adding its figures.
 async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figures> {
     let coordinator = CoordinatorProcess::start(args, trainers)?;
-    let address = coordinator.address.clone();
-    wait_for_coordinator(&address).await?;
-    let (trainer_sims, loader_sims) = sims(&address, trainers, args.trainers_per_node)?;
-    let nodes = loader_sims.len();
+    wait_for_coordinator(&coordinator.address).await?;
+    let (trainer_sims, loader_sims) = sims(&coordinator.address, trainers, args.trainers_per_node)?;
     let mut figures = Figures {
         trainers,
-        nodes,
+        nodes: loader_sims.len(),
         ..Default::default()
     };
-    eprintln!("bench coordinator: {trainers} trainers, {nodes} nodes: register storm");
-
-    // 1. The register storm: everyone at once; trainers then wait for their ranks.
-    let saves_before = coordinator.saves();
-    let started = Instant::now();
-    let mut storm = JoinSet::new();
-    for sim in loader_sims.iter().chain(&trainer_sims) {
-        let sim = sim.clone();
-        storm.spawn(async move {
-            let heartbeat = register(&sim, 0).await?;
-            let registered = Instant::now();
-            let assignment = match sim.id().role == pb::Role::Trainer as i32 {
-                true => Some((await_assignment(&sim, 0).await?, Instant::now())),
-                false => None,
-            };
-            anyhow::Ok((heartbeat, registered, assignment))
-        });
-    }
-    let (mut last_registered, mut last_assigned) = (started, started);
-    let (mut interval, mut generation) = (DEFAULT_HEARTBEAT, 0);
-    while let Some(done) = storm.join_next().await {
-        let (heartbeat, registered, assignment) = done??;
-        interval = heartbeat;
-        last_registered = last_registered.max(registered);
-        if let Some((a, at)) = assignment {
-            generation = a.generation;
-            last_assigned = last_assigned.max(at);
-        }
-    }
-    figures.storm_s = (last_registered - started).as_secs_f64();
-    figures.first_generation_s = (last_assigned - last_registered).as_secs_f64();
-    figures.storm_saves = since(coordinator.saves(), saves_before);
-    let interval_ms = interval.as_millis() as u64;
-    figures.heartbeat_interval_ms = interval_ms;
-
-    // 2. Steady heartbeats.
     eprintln!(
-        "bench coordinator: {} s of heartbeats every {interval_ms} ms",
-        args.steady_seconds
+        "bench coordinator: {trainers} trainers, {} nodes: register storm",
+        figures.nodes
     );
-    let board = Arc::new(Board::default());
-    let mut members = JoinSet::new();
-    let kills: Vec<Arc<AtomicBool>> = (0..trainers).map(|_| Arc::default()).collect();
-    for (sim, killed) in trainer_sims.iter().cloned().zip(&kills) {
-        members.spawn(trainer(
-            sim,
-            board.clone(),
-            killed.clone(),
-            generation,
-            interval,
-        ));
-    }
-    for sim in loader_sims.iter().cloned() {
-        members.spawn(dataloader(sim, board.clone(), interval));
-    }
-    // Let the phases spread out before measuring.
-    tokio::time::sleep(interval * 2).await;
-    board.measuring.store(true, Ordering::Relaxed);
-    let (cpu0, saves0, t0) = (
-        coordinator.cpu_seconds()?,
-        coordinator.saves(),
-        Instant::now(),
-    );
-    tokio::time::sleep(Duration::from_secs(args.steady_seconds)).await;
-    let seconds = t0.elapsed().as_secs_f64();
-    figures.cpu_cores = (coordinator.cpu_seconds()? - cpu0) / seconds;
-    figures.steady_saves_per_s = since(coordinator.saves(), saves0).map(|n| n as f64 / seconds);
-    board.measuring.store(false, Ordering::Relaxed);
-    (figures.rss_mb, _) = coordinator.rss_mb()?;
-    let mut latencies = std::mem::take(&mut *board.latencies.lock().expect("latencies lock"));
-    latencies.sort_unstable();
-    figures.heartbeats = latencies.len();
-    figures.heartbeat_p50_ms = percentile(&latencies, 0.50);
-    figures.heartbeat_p99_ms = percentile(&latencies, 0.99);
-    figures.heartbeat_max_ms = percentile(&latencies, 1.0);
-
-    // 3. Kill a share of the trainers at once (silent: a hung process or a lost node);
-    // the coordinator evicts them and ends the generation; survivors regroup, and the
-    // killed slots come back as new processes (their node launcher restarts them).
-    let step = (100.0 / args.kill_percent.max(0.01)).round().max(1.0) as usize;
-    let victims: Vec<usize> = (0..trainers).step_by(step).collect();
-    figures.killed = victims.len();
-    eprintln!("bench coordinator: killing {} trainers", victims.len());
-    let (restarts0, _, _) = status(&address, 1).await?;
-    let saves_at_kill = coordinator.saves();
-    board.assigned.store(0, Ordering::Relaxed);
-    let killed_at = Instant::now();
-    for &v in &victims {
-        kills[v].store(true, Ordering::Relaxed);
-    }
-    let detected_at = loop {
-        let (job, _, _) = status(&address, 1).await?;
-        if job.restarts > restarts0.restarts {
-            break Instant::now();
-        }
-        if killed_at.elapsed() > Duration::from_secs(60) {
-            bail!("no eviction within 60 s of the kill");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut sim = Simulation {
+        kills: (0..trainers).map(|_| Arc::default()).collect(),
+        coordinator,
+        trainer_sims,
+        loader_sims,
+        board: Arc::new(Board::default()),
+        members: JoinSet::new(),
+        interval: DEFAULT_HEARTBEAT,
     };
-    figures.detection_s = (detected_at - killed_at).as_secs_f64();
-    for &v in &victims {
-        let (sim, board, killed) = (trainer_sims[v].clone(), board.clone(), Arc::default());
-        members.spawn(async move {
-            register(&sim, 0).await?;
-            let a = await_assignment(&sim, 0).await?;
-            board.assigned.fetch_add(1, Ordering::Relaxed);
-            trainer(sim, board, killed, a.generation, interval).await
-        });
-    }
-    while board.assigned.load(Ordering::Relaxed) < trainers as u64 {
-        if killed_at.elapsed() > Duration::from_secs(120) {
-            bail!(
-                "only {} of {trainers} trainers hold a rank 120 s after the kill",
-                board.assigned.load(Ordering::Relaxed)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    figures.regroup_s = detected_at.elapsed().as_secs_f64();
-    figures.regroup_saves = since(coordinator.saves(), saves_at_kill);
-
-    // 4. The checkpoint writers commit a step.
-    let (job, _, _) = status(&address, 0).await?;
-    let generation = job.generation;
-    let writer_ranks = [Some(0), second_writer(&job)];
-    let writer_ids: Vec<&pb::MemberId> = job
-        .members
-        .iter()
-        .filter(|m| m.rank.is_some() && writer_ranks.contains(&m.rank))
-        .filter_map(|m| m.id.as_ref())
-        .filter(|id| id.role == pb::Role::Trainer as i32)
-        .collect();
-    let writers: Vec<&Sim> = trainer_sims
-        .iter()
-        .filter(|sim| writer_ids.contains(&sim.id()))
-        .collect();
-    for sim in writers {
-        let request = pb::CommitRequest {
-            id: Some(sim.id().clone()),
-            job_token: String::new(),
-            generation,
-            step: 1_000,
-            path: format!("/ckpt/{}/step-1000", sim.id().node),
-            val_loss: Some(3.0),
-        };
-        let sent = Instant::now();
-        sim.member.coordinator().commit(request).await?;
-        figures.commit_ms.push(sent.elapsed().as_secs_f64() * 1e3);
-    }
-
-    // 5. What `lillm status` costs at this size.
-    let (_, summary_bytes, _) = status(&address, 64).await?;
-    let (_, all_bytes, all_ms) = status(&address, 0).await?;
-    figures.status_summary_bytes = summary_bytes;
-    figures.status_all_bytes = all_bytes;
-    figures.status_all_ms = all_ms;
-    (_, figures.peak_rss_mb) = coordinator.rss_mb()?;
-
-    board.stop.store(true, Ordering::Relaxed);
-    members.abort_all();
-    while let Some(done) = members.join_next().await {
-        if let Ok(Err(e)) = done {
-            eprintln!("bench coordinator: a simulated member failed: {e}");
-        }
-    }
+    let generation = sim.register_storm(&mut figures).await?;
+    sim.steady_heartbeats(generation, args.steady_seconds, &mut figures)
+        .await?;
+    sim.kill_and_regroup(args.kill_percent, &mut figures)
+        .await?;
+    sim.commit_checkpoints(&mut figures).await?;
+    sim.status_cost(&mut figures).await?;
+    sim.stop().await;
     Ok(figures)
+}
+
+/// A simulated job while it runs: the coordinator under test, its members and what they
+/// share with the bench.
+struct Simulation {
+    coordinator: CoordinatorProcess,
+    trainer_sims: Vec<Sim>,
+    loader_sims: Vec<Sim>,
+    board: Arc<Board>,
+    /// The members' heartbeat loops.
+    members: JoinSet<Result<()>>,
+    /// Set to silence trainer `i` (a hung process or a lost node).
+    kills: Vec<Arc<AtomicBool>>,
+    /// How often members heartbeat (the coordinator says, at registration).
+    interval: Duration,
+}
+
+impl Simulation {
+    /// Phase 1, the register storm: everyone at once; trainers then wait for their ranks.
+    /// Returns the first generation.
+    async fn register_storm(&mut self, figures: &mut Figures) -> Result<u64> {
+        let saves_before = self.coordinator.saves();
+        let started = Instant::now();
+        let mut storm = JoinSet::new();
+        for sim in self.loader_sims.iter().chain(&self.trainer_sims) {
+            let sim = sim.clone();
+            storm.spawn(async move {
+                let heartbeat = register(&sim, 0).await?;
+                let registered = Instant::now();
+                let assignment = match sim.id().role == pb::Role::Trainer as i32 {
+                    true => Some((await_assignment(&sim, 0).await?, Instant::now())),
+                    false => None,
+                };
+                anyhow::Ok((heartbeat, registered, assignment))
+            });
+        }
+        let (mut last_registered, mut last_assigned) = (started, started);
+        let mut generation = 0;
+        while let Some(done) = storm.join_next().await {
+            let (heartbeat, registered, assignment) = done??;
+            self.interval = heartbeat;
+            last_registered = last_registered.max(registered);
+            if let Some((a, at)) = assignment {
+                generation = a.generation;
+                last_assigned = last_assigned.max(at);
+            }
+        }
+        figures.storm_s = (last_registered - started).as_secs_f64();
+        figures.first_generation_s = (last_assigned - last_registered).as_secs_f64();
+        figures.storm_saves = since(self.coordinator.saves(), saves_before);
+        figures.heartbeat_interval_ms = self.interval.as_millis() as u64;
+        Ok(generation)
+    }
+
+    /// Phase 2: every member heartbeats; the coordinator's CPU, memory, saves and the
+    /// heartbeats' latency over `seconds`.
+    async fn steady_heartbeats(
+        &mut self,
+        generation: u64,
+        seconds: u64,
+        figures: &mut Figures,
+    ) -> Result<()> {
+        eprintln!(
+            "bench coordinator: {seconds} s of heartbeats every {} ms",
+            figures.heartbeat_interval_ms
+        );
+        let (board, interval) = (&self.board, self.interval);
+        for (sim, killed) in self.trainer_sims.iter().cloned().zip(&self.kills) {
+            self.members.spawn(trainer(
+                sim,
+                board.clone(),
+                killed.clone(),
+                generation,
+                interval,
+            ));
+        }
+        for sim in self.loader_sims.iter().cloned() {
+            self.members.spawn(dataloader(sim, board.clone(), interval));
+        }
+        // Let the phases spread out before measuring.
+        tokio::time::sleep(interval * 2).await;
+        board.measuring.store(true, Ordering::Relaxed);
+        let coordinator = &self.coordinator;
+        let (cpu0, saves0, t0) = (
+            coordinator.cpu_seconds()?,
+            coordinator.saves(),
+            Instant::now(),
+        );
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let seconds = t0.elapsed().as_secs_f64();
+        figures.cpu_cores = (coordinator.cpu_seconds()? - cpu0) / seconds;
+        figures.steady_saves_per_s = since(coordinator.saves(), saves0).map(|n| n as f64 / seconds);
+        board.measuring.store(false, Ordering::Relaxed);
+        (figures.rss_mb, _) = coordinator.rss_mb()?;
+        let mut latencies = std::mem::take(&mut *board.latencies.lock().expect("latencies lock"));
+        latencies.sort_unstable();
+        figures.heartbeats = latencies.len();
+        figures.heartbeat_p50_ms = percentile(&latencies, 0.50);
+        figures.heartbeat_p99_ms = percentile(&latencies, 0.99);
+        figures.heartbeat_max_ms = percentile(&latencies, 1.0);
+        Ok(())
+    }
+
+    /// Phase 3: a share of the trainers falls silent at once; the coordinator evicts them
+    /// and ends the generation; survivors regroup, and the killed slots come back as new
+    /// processes (their node launcher restarts them).
+    async fn kill_and_regroup(&mut self, kill_percent: f64, figures: &mut Figures) -> Result<()> {
+        let address = self.coordinator.address.clone();
+        let trainers = self.trainer_sims.len();
+        let step = (100.0 / kill_percent.max(0.01)).round().max(1.0) as usize;
+        let victims: Vec<usize> = (0..trainers).step_by(step).collect();
+        figures.killed = victims.len();
+        eprintln!("bench coordinator: killing {} trainers", victims.len());
+        let (restarts0, _, _) = status(&address, 1).await?;
+        let saves_at_kill = self.coordinator.saves();
+        self.board.assigned.store(0, Ordering::Relaxed);
+        let killed_at = Instant::now();
+        for &v in &victims {
+            self.kills[v].store(true, Ordering::Relaxed);
+        }
+        let detected_at = loop {
+            let (job, _, _) = status(&address, 1).await?;
+            if job.restarts > restarts0.restarts {
+                break Instant::now();
+            }
+            if killed_at.elapsed() > Duration::from_secs(60) {
+                bail!("no eviction within 60 s of the kill");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        figures.detection_s = (detected_at - killed_at).as_secs_f64();
+        for &v in &victims {
+            let (sim, board, killed) = (
+                self.trainer_sims[v].clone(),
+                self.board.clone(),
+                Arc::default(),
+            );
+            let interval = self.interval;
+            self.members.spawn(async move {
+                register(&sim, 0).await?;
+                let a = await_assignment(&sim, 0).await?;
+                board.assigned.fetch_add(1, Ordering::Relaxed);
+                trainer(sim, board, killed, a.generation, interval).await
+            });
+        }
+        while self.board.assigned.load(Ordering::Relaxed) < trainers as u64 {
+            if killed_at.elapsed() > Duration::from_secs(120) {
+                bail!(
+                    "only {} of {trainers} trainers hold a rank 120 s after the kill",
+                    self.board.assigned.load(Ordering::Relaxed)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        figures.regroup_s = detected_at.elapsed().as_secs_f64();
+        figures.regroup_saves = since(self.coordinator.saves(), saves_at_kill);
+        Ok(())
+    }
+
+    /// Phase 4: the checkpoint writers (rank 0 and the second writer) commit a step.
+    async fn commit_checkpoints(&self, figures: &mut Figures) -> Result<()> {
+        let (job, _, _) = status(&self.coordinator.address, 0).await?;
+        let writer_ranks = [Some(0), second_writer(&job)];
+        let writer_ids: Vec<&pb::MemberId> = job
+            .members
+            .iter()
+            .filter(|m| m.rank.is_some() && writer_ranks.contains(&m.rank))
+            .filter_map(|m| m.id.as_ref())
+            .filter(|id| id.role == pb::Role::Trainer as i32)
+            .collect();
+        let writers = self
+            .trainer_sims
+            .iter()
+            .filter(|sim| writer_ids.contains(&sim.id()));
+        for sim in writers {
+            let request = pb::CommitRequest {
+                id: Some(sim.id().clone()),
+                job_token: String::new(),
+                generation: job.generation,
+                step: 1_000,
+                path: format!("/ckpt/{}/step-1000", sim.id().node),
+                val_loss: Some(3.0),
+            };
+            let sent = Instant::now();
+            sim.member.coordinator().commit(request).await?;
+            figures.commit_ms.push(sent.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(())
+    }
+
+    /// Phase 5: what `lillm status` costs at this size, and the coordinator's peak memory.
+    async fn status_cost(&self, figures: &mut Figures) -> Result<()> {
+        let address = &self.coordinator.address;
+        let (_, summary_bytes, _) = status(address, 64).await?;
+        let (_, all_bytes, all_ms) = status(address, 0).await?;
+        figures.status_summary_bytes = summary_bytes;
+        figures.status_all_bytes = all_bytes;
+        figures.status_all_ms = all_ms;
+        (_, figures.peak_rss_mb) = self.coordinator.rss_mb()?;
+        Ok(())
+    }
+
+    /// Ends every member's loop, saying which failed.
+    async fn stop(mut self) {
+        self.board.stop.store(true, Ordering::Relaxed);
+        self.members.abort_all();
+        while let Some(done) = self.members.join_next().await {
+            if let Ok(Err(e)) = done {
+                eprintln!("bench coordinator: a simulated member failed: {e}");
+            }
+        }
+    }
 }
 
 /// The lowest rank on another node than rank 0's: the second checkpoint writer.

@@ -44,9 +44,99 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
     store.save(&state)?;
     let coordinator = Coordinator::new(state, store);
 
+    // Every loop of the service; a failure of one ends them all.
+    let mut loops: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    // Ten ticks per timeout: a silent member is evicted within a tenth of a timeout of its
+    // deadline (a tick much later than this means the coordinator was away; see decide).
+    let period = Duration::from_millis((cfg.job.heartbeat_timeout_ms / 10).clamp(50, 1_000));
+    loops.spawn(tracing::Instrument::instrument(
+        tick(coordinator.clone(), period, shutdown.clone()),
+        tracing::Span::current(),
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<Coordinator>>().await;
     health.set_serving::<StatusServer<Coordinator>>().await;
+    if let Some(addr) = cfg.health_listen {
+        let health =
+            lillm_proto::health::serve_plaintext(addr, health_service.clone(), shutdown.clone());
+        loops.spawn(async move { health.await.map_err(anyhow::Error::msg) });
+    }
+    if let Some(addr) = cfg.metrics_listen {
+        loops.spawn(serve_metrics(addr, coordinator.clone(), shutdown.clone()).await?);
+    }
+    loops.spawn(serve_grpc(&cfg, coordinator, health_service, shutdown.clone()).await?);
+    // The first loop to end (shutdown, or a failure) ends the rest.
+    let mut outcome = Ok(());
+    while let Some(done) = loops.join_next().await {
+        shutdown.cancel();
+        if let (Ok(()), Err(e)) = (&outcome, done.context("a coordinator task panicked")?) {
+            outcome = Err(e);
+        }
+    }
+    tracing::info!("coordinator stopped");
+    outcome
+}
+
+/// The liveness tick: evicts silent members (see [`Coordinator::tick`]) every `period`.
+async fn tick(
+    coordinator: Coordinator,
+    period: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut interval = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = interval.tick() => coordinator.tick().await,
+        }
+    }
+}
+
+/// Binds `/metrics` on `addr` (an address in use fails the start) and returns the server.
+async fn serve_metrics(
+    addr: SocketAddr,
+    coordinator: Coordinator,
+    stop: CancellationToken,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let source = coordinator.clone();
+            async move {
+                // Copied out of the lock: rendering thousands of members takes a while.
+                let text = metrics::render(&source.snapshot(), source.saves());
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot serve /metrics on {addr}: {e}"))?;
+    tracing::info!("metrics on http://{addr}/metrics");
+    Ok(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+            .context("the /metrics server failed")
+    })
+}
+
+/// Binds the gRPC services (Coordinator, Status, health, reflection; over TLS when
+/// configured) on `cfg.listen` and returns the server.
+async fn serve_grpc(
+    cfg: &ServerConfig,
+    coordinator: Coordinator,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    stop: CancellationToken,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
     // Both reflection versions: grpcurl asks for v1, older clients (grpcio's) for v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -55,65 +145,6 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-
-    // Every loop of the service; a failure of one ends them all.
-    let mut loops: JoinSet<anyhow::Result<()>> = JoinSet::new();
-    let span = tracing::Span::current();
-    let ticker = coordinator.clone();
-    // Ten ticks per timeout: a silent member is evicted within a tenth of a timeout of its
-    // deadline (a tick much later than this means the coordinator was away; see decide).
-    let period = Duration::from_millis((cfg.job.heartbeat_timeout_ms / 10).clamp(50, 1_000));
-    let stop = shutdown.clone();
-    loops.spawn(tracing::Instrument::instrument(
-        async move {
-            let mut interval = tokio::time::interval(period);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    _ = interval.tick() => ticker.tick().await,
-                }
-            }
-        },
-        span,
-    ));
-
-    if let Some(addr) = cfg.health_listen {
-        let health =
-            lillm_proto::health::serve_plaintext(addr, health_service.clone(), shutdown.clone());
-        loops.spawn(async move { health.await.map_err(anyhow::Error::msg) });
-    }
-    if let Some(addr) = cfg.metrics_listen {
-        let source = coordinator.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let source = source.clone();
-                async move {
-                    // Copied out of the lock: rendering thousands of members takes a while.
-                    let text = metrics::render(&source.snapshot(), source.saves());
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        text,
-                    )
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot serve /metrics on {addr}: {e}"))?;
-        tracing::info!("metrics on http://{addr}/metrics");
-        let stop = shutdown.clone();
-        loops.spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .context("the /metrics server failed")
-        });
-    }
-
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -141,19 +172,9 @@ pub async fn serve(cfg: ServerConfig, shutdown: CancellationToken) -> anyhow::Re
         .add_service(StatusServer::new(coordinator))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.clone().cancelled_owned(),
+            stop.cancelled_owned(),
         );
-    loops.spawn(async move { grpc.await.context("the gRPC server failed") });
-    // The first loop to end (shutdown, or a failure) ends the rest.
-    let mut outcome = Ok(());
-    while let Some(done) = loops.join_next().await {
-        shutdown.cancel();
-        if let (Ok(()), Err(e)) = (&outcome, done.context("a coordinator task panicked")?) {
-            outcome = Err(e);
-        }
-    }
-    tracing::info!("coordinator stopped");
-    outcome
+    Ok(async move { grpc.await.context("the gRPC server failed") })
 }
 
 /// The state this start serves from: the saved one (this start's job settings applied, its
