@@ -540,8 +540,8 @@ fn training_goes_on_while_the_coordinator_is_away() {
         losses(&run).len() >= 10
     });
     let away = Duration::from_millis(2_000);
-    // SAFETY: signalling our own child process by pid.
-    let signal = |sig| unsafe { libc::kill(coordinator.child.id() as i32, sig) };
+    let pid = coordinator.child.id();
+    let signal = |sig| common::signal(pid, sig);
     let before = losses(&run).len();
     signal(libc::SIGSTOP);
     std::thread::sleep(away);
@@ -579,8 +579,8 @@ fn a_dataloader_evicted_while_paused_registers_again() {
         "the dataloader to register",
         || job.members() == 1,
     );
-    // SAFETY: signalling our own child process by pid.
-    let signal = |sig| unsafe { libc::kill(loader.child.id() as i32, sig) };
+    let pid = loader.child.id();
+    let signal = |sig| common::signal(pid, sig);
     signal(libc::SIGSTOP);
     wait_until(
         Duration::from_secs(30),

@@ -153,9 +153,8 @@ fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
     }
     wait_for_two_rank_group(&job, run);
     // Rank 0 (node a: it also serves the group's store) freezes mid-step.
-    let stopped_pid = actors[1].child.id() as i32;
-    // SAFETY: signalling our own child process by pid.
-    unsafe { libc::kill(stopped_pid, libc::SIGSTOP) };
+    let stopped_pid = actors[1].child.id();
+    signal(stopped_pid, libc::SIGSTOP);
     let stopped_at = Instant::now();
     // The survivor leaves the frozen group (it was blocked in an all-reduce) and forms the
     // next one alone: after the 3 s heartbeat timeout, far before the 600 s collective one.
@@ -169,8 +168,7 @@ fn a_stopped_trainer_is_fenced_and_the_job_goes_on_with_the_same_math() {
         "the survivor to train alone",
         || losses(run).len() >= frozen_at + 2,
     );
-    // SAFETY: as above.
-    unsafe { libc::kill(stopped_pid, libc::SIGCONT) };
+    signal(stopped_pid, libc::SIGCONT);
     for k in [1, 3] {
         actors[k].finish(Duration::from_secs(300));
     }

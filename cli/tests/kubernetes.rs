@@ -553,10 +553,7 @@ fn the_trainer_pods_command_joins_a_job_and_stops_cleanly_on_sigterm() {
 
     // SIGTERM, as the kubelet sends it: the step reached is checkpointed and committed,
     // every trainer is gone, and the exit status tells the Job to replace the pod.
-    // SAFETY: kill(2) on the pid of a child we have not reaped.
-    unsafe {
-        libc::kill(launcher.id() as i32, libc::SIGTERM);
-    }
+    signal(launcher.id(), libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(grace);
     let code = loop {
         if let Some(status) = launcher.try_wait().unwrap() {

@@ -9,10 +9,7 @@ use common::*;
 use std::time::{Duration, Instant};
 
 fn sigterm(actor: &Actor) {
-    // SAFETY: kill(2) on the pid of a child we have not reaped.
-    unsafe {
-        libc::kill(actor.child.id() as i32, libc::SIGTERM);
-    }
+    signal(actor.child.id(), libc::SIGTERM);
 }
 
 /// Waits for `actor` to exit and returns its status code, failing after `within`.

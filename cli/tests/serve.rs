@@ -498,9 +498,7 @@ fn sigterm_finishes_the_running_replies_then_exits_zero() {
         .unwrap();
     let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "started");
-    unsafe {
-        libc::kill(server.child.id() as i32, libc::SIGTERM);
-    }
+    signal(server.child.id(), libc::SIGTERM);
     let out: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert!(client.wait().unwrap().success());
     assert_eq!(out["done"], true, "the reply ran to its end: {out}");

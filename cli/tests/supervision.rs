@@ -9,10 +9,10 @@ use common::*;
 use std::time::Duration;
 
 /// Process ids of `parent`'s children whose command line contains `needle`.
-fn children_with(parent: u32, needle: &str) -> Vec<i32> {
+fn children_with(parent: u32, needle: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // pid (comm) state ppid …; comm may hold spaces, so read after the last ')'.
@@ -70,10 +70,7 @@ fn a_killed_trainer_is_restarted_the_survivor_regroups_in_place_and_the_model_is
     assert_eq!(victims.len(), 1, "one trainer 1 under {pid}: {victims:?}");
     let survivor = children_with(pid, "--local-rank=0");
     assert_eq!(survivor.len(), 1, "one trainer 0 under {pid}: {survivor:?}");
-    // SAFETY: kill(2) on a process id just read from /proc, a child of our child.
-    unsafe {
-        libc::kill(victims[0], libc::SIGKILL);
-    }
+    signal(victims[0], libc::SIGKILL);
     // The survivor does not exit: it joins the next group in the same process and the
     // group starts from the step it had reached, not from the last checkpoint.
     wait_until(Duration::from_secs(60), "the survivor to regroup", || {
@@ -132,10 +129,7 @@ fn a_hung_trainer_is_killed_and_replaced_and_the_model_is_the_same() {
     });
     let victims = children_with(job.child.id(), "--local-rank=1");
     assert_eq!(victims.len(), 1, "one trainer 1: {victims:?}");
-    // SAFETY: kill(2) on a process id just read from /proc, a child of our child.
-    unsafe {
-        libc::kill(victims[0], libc::SIGSTOP);
-    }
+    signal(victims[0], libc::SIGSTOP);
     job.finish(Duration::from_secs(240));
     let log = job.log_text();
     assert!(
@@ -181,11 +175,9 @@ fn a_log_window_spanning_a_regroup_reports_what_a_run_without_one_does() {
     });
     let frozen = children_with(job.child.id(), "--local-rank=1");
     assert_eq!(frozen.len(), 1, "one trainer 1: {frozen:?}");
-    // SAFETY: kill(2) on a process id just read from /proc, a child of our child.
-    unsafe { libc::kill(frozen[0], libc::SIGSTOP) };
+    signal(frozen[0], libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(3_500));
-    // SAFETY: as above.
-    unsafe { libc::kill(frozen[0], libc::SIGCONT) };
+    signal(frozen[0], libc::SIGCONT);
     job.finish(Duration::from_secs(240));
     let log = job.log_text();
     assert!(!log.contains("died"), "nobody was restarted:\n{log}");

@@ -8,6 +8,15 @@ pub mod netns;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Sends `sig` to process `pid`: a child of the test or of its child, whose pid the test
+/// just read (from `Child::id` or `/proc`) and has not reaped.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) takes no pointers; at worst it fails (ESRCH) for a process gone.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
