@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use lillm_proto::net::{ConnectSettings, RetryPolicy};
+use lillm_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Objective;
@@ -137,8 +138,26 @@ fn train_in_group(
     stop: Stop,
     trainer: &mut Option<Trainer>,
 ) -> Result<TrainSummary> {
-    let a = membership.assignment.clone();
     let _in_group = membership.span().enter();
+    let cfg = group_config(cfg, &membership.assignment)?;
+    let leader = cfg.process.rank == 0;
+    std::fs::create_dir_all(&cfg.process.out).map_err(|e| Error::io(&cfg.process.out, e))?;
+    let data = rank_data(&cfg, membership)?;
+    // The evaluator scores next-token loss; DPO's held-out loss needs the reference, and
+    // rank 0 reports it with each commit instead.
+    if leader && cfg.job.objective != Objective::Dpo {
+        start_evaluator(&cfg, membership)?;
+    }
+    let trainer = enter_group(trainer, &cfg, membership, data, stop)?;
+    if leader {
+        cfg.write_resolved()?;
+    }
+    trainer.run(leader && actor.interactive)
+}
+
+/// This trainer's config in group `a`: the rank and world size the coordinator assigned; the
+/// group's rendezvous and where to start come from the assignment, not from flags.
+fn group_config(cfg: &TrainConfig, a: &pb::Assignment) -> Result<TrainConfig> {
     let cfg = TrainConfig {
         job: cfg.job.clone(),
         process: ProcessConfig {
@@ -150,90 +169,140 @@ fn train_in_group(
         },
     };
     cfg.validate()?;
+    Ok(cfg)
+}
+
+/// This rank's share of the dataloaders' stream (its micro-batches of each step), or `None`
+/// where the trainer reads its data itself (SFT, DPO), which serves every rank.
+fn rank_data(cfg: &TrainConfig, membership: &Membership) -> Result<Option<TrainData>> {
+    if !TrainData::streamed(cfg.job.objective) {
+        return Ok(None);
+    }
+    let a = &membership.assignment;
     let local = (cfg.job.grad_accum / cfg.process.world_size) as u32;
-    let leader = cfg.process.rank == 0;
-    std::fs::create_dir_all(&cfg.process.out).map_err(|e| Error::io(&cfg.process.out, e))?;
-    let streamed = TrainData::streamed(cfg.job.objective);
-    // This rank's share of the stream; data a trainer reads itself serves every rank.
-    let data = match streamed {
-        true => Some(TrainData::Remote(Box::new(RemoteData::connect(
+    Ok(Some(TrainData::Remote(Box::new(RemoteData::connect(
+        membership.handle(),
+        membership.dataloader(),
+        (a.rank * local, local),
+        // Checkpoint writers put the tokenizer into every checkpoint.
+        a.writes_checkpoints
+            .then(|| cfg.process.out.join("tokenizer")),
+    )?))))
+}
+
+/// Rank 0's evaluator, on its own stream of validation batches.
+fn start_evaluator(cfg: &TrainConfig, membership: &Membership) -> Result<()> {
+    let data = match TrainData::streamed(cfg.job.objective) {
+        true => TrainData::Remote(Box::new(RemoteData::connect(
             membership.handle(),
             membership.dataloader(),
-            (a.rank * local, local),
-            // Checkpoint writers put the tokenizer into every checkpoint.
-            a.writes_checkpoints
-                .then(|| cfg.process.out.join("tokenizer")),
-        )?))),
-        false => None,
+            (0, 1),
+            None,
+        )?)),
+        false => TrainData::open_like_trainer(cfg)?,
     };
-    // The evaluator scores next-token loss; DPO's held-out loss needs the reference, and
-    // rank 0 reports it with each commit instead.
-    if leader && cfg.job.objective != Objective::Dpo {
-        let eval_data = match streamed {
-            true => TrainData::Remote(Box::new(RemoteData::connect(
-                membership.handle(),
-                membership.dataloader(),
-                (0, 1),
-                None,
-            )?)),
-            false => TrainData::open_like_trainer(&cfg)?,
-        };
-        membership.start_evaluator(EvalPlan {
-            data: eval_data,
-            seed: cfg.job.seed,
-            batches: cfg.job.eval_iters,
-            rows: cfg.job.batch_size,
-            seq: cfg.job.sequence_len(&cfg.job.model_config()?),
-            sample_tokens: 24,
-        });
-    }
+    membership.start_evaluator(EvalPlan {
+        data,
+        seed: cfg.job.seed,
+        batches: cfg.job.eval_iters,
+        rows: cfg.job.batch_size,
+        seq: cfg.job.sequence_len(&cfg.job.model_config()?),
+        sample_tokens: 24,
+    });
+    Ok(())
+}
+
+/// Builds the trainer in its first group (from the checkpoint the coordinator names, if
+/// any), or moves the one this process has into the new group. A move that fails outside
+/// a regroup is [`Error::Regroup`]: the supervisor starts this trainer afresh.
+fn enter_group<'a>(
+    trainer: &'a mut Option<Trainer>,
+    cfg: &TrainConfig,
+    membership: &Membership,
+    data: Option<TrainData>,
+    stop: Stop,
+) -> Result<&'a mut Trainer> {
+    let a = &membership.assignment;
     // A group even for one rank: a job runs the same collectives at every size.
     let rendezvous = membership.rendezvous(COLLECTIVE_TIMEOUT);
-    let regrouping = stop.clone();
-    let trainer = match trainer {
-        Some(trainer) => {
-            let moved = trainer.regroup(Rewire {
-                rank: cfg.process.rank,
-                world_size: cfg.process.world_size,
+    if trainer.is_none() {
+        let start = Start::Committed {
+            checkpoint: (!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)),
+            step: a.resume_step,
+        };
+        return Ok(trainer.insert(Trainer::with(
+            cfg.clone(),
+            Setup {
                 data,
-                rendezvous,
+                rendezvous: Some(rendezvous),
+                start,
                 reporter: membership.reporter(),
                 generation: a.generation,
                 stop,
-                writes_checkpoints: a.writes_checkpoints,
-            });
-            if let Err(e) = moved {
-                if regrouping.regrouping() {
-                    return Err(e);
-                }
-                tracing::warn!(cause = %e, "could not re-form the group in place");
-                return Err(Error::Regroup(StopReason::Regroup {
-                    generation: a.generation,
-                }));
-            }
-            trainer
-        }
-        None => {
-            let start = Start::Committed {
-                checkpoint: (!a.resume_path.is_empty()).then(|| PathBuf::from(&a.resume_path)),
-                step: a.resume_step,
-            };
-            trainer.insert(Trainer::with(
-                cfg.clone(),
-                Setup {
-                    data,
-                    rendezvous: Some(rendezvous),
-                    start,
-                    reporter: membership.reporter(),
-                    generation: a.generation,
-                    stop,
-                    writes_checkpoints: Some(a.writes_checkpoints),
-                },
-            )?)
-        }
-    };
-    if leader {
-        cfg.write_resolved()?;
+                writes_checkpoints: Some(a.writes_checkpoints),
+            },
+        )?));
     }
-    trainer.run(leader && actor.interactive)
+    let trainer = trainer.as_mut().expect("built in an earlier group");
+    let regrouping = stop.clone();
+    let moved = trainer.regroup(Rewire {
+        rank: cfg.process.rank,
+        world_size: cfg.process.world_size,
+        data,
+        rendezvous,
+        reporter: membership.reporter(),
+        generation: a.generation,
+        stop,
+        writes_checkpoints: a.writes_checkpoints,
+    });
+    match moved {
+        Ok(()) => Ok(trainer),
+        Err(e) if regrouping.regrouping() => Err(e),
+        Err(e) => {
+            tracing::warn!(cause = %e, "could not re-form the group in place");
+            Err(Error::Regroup(StopReason::Regroup {
+                generation: a.generation,
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(rank: u32, world_size: u32) -> pb::Assignment {
+        pb::Assignment {
+            rank,
+            world_size,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_group_sets_the_rank_and_size_and_nothing_the_flags_said_about_starting() {
+        let mut given = TrainConfig::default();
+        given.process.resume = true;
+        given.process.rank = 5;
+        given.process.world_size = 8;
+        let cfg = group_config(&given, &assignment(1, 4)).unwrap();
+        assert_eq!((cfg.process.rank, cfg.process.world_size), (1, 4));
+        // The coordinator names the checkpoint to start from and forms the group.
+        assert!(!cfg.process.resume);
+        assert!(cfg.process.rendezvous.is_none());
+        assert_eq!(cfg.job, given.job);
+    }
+
+    #[test]
+    fn a_group_whose_size_does_not_divide_the_accumulation_is_refused() {
+        let mut given = TrainConfig::default();
+        given.job.grad_accum = 8;
+        let refused = group_config(&given, &assignment(0, 3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("grad_accum (8)") && refused.contains("world_size (3)"),
+            "{refused}"
+        );
+    }
 }
