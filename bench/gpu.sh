@@ -69,7 +69,11 @@ FAST_STEP=auto FAST_DECODE=graphs
   large_rows "$LARGE_ROWS" moe_rows "$MOE_ROWS" dtype "$DTYPE" device "$DEVICE" \
   compile "$COMPILE" fast_decode "$FAST_DECODE" fast_step "$FAST_STEP" > "$OUT/params.json"
 
-# within CMD...: CMD, stopped when the deadline passes (exit 124).
+# past_deadline: whether DEADLINE_S has passed, so that a command that failed was stopped by
+# it rather than broken (bash counts whole seconds: one second's grace).
+past_deadline() { ((SECONDS + 1 >= DEADLINE_S)); }
+
+# within CMD...: CMD, stopped when the deadline passes.
 within() {
   local left=$((DEADLINE_S - SECONDS))
   ((left > 0)) || return 124
@@ -94,11 +98,13 @@ section() {
     )
     rc=$?
     set -e
-    case $rc in
-      0) status=ok ;;
-      124 | 137) status="stopped at the deadline" ;;
-      *) status="failed (exit $rc)" ;;
-    esac
+    if [ "$rc" = 0 ]; then
+      status=ok
+    elif past_deadline; then
+      status="stopped at the deadline"
+    else
+      status="failed (exit $rc)"
+    fi
   fi
   echo "== $name: $status"
   printf '{"section": "%s", "status": "%s", "seconds": %d}\n' "$name" "$status" \
@@ -135,8 +141,8 @@ train() {
     --eval-iters 1 --log-interval 10 --peak-tflops "$PEAK_TFLOPS")
   local rc=0
   within "$LILLM" "${run[@]}" "$@" > "$OUT/$name.log" 2>&1 || rc=$?
-  if [ "$rc" = 124 ]; then
-    return 124
+  if [ "$rc" != 0 ] && past_deadline; then
+    return "$rc"
   elif [ "$rc" != 0 ]; then
     echo "-- lillm $name FAILED ($(tail -n 1 "$OUT/$name.log")); again with --step-mode eager"
     mv "$OUT/$name.log" "$OUT/$name.failed.log"
@@ -170,9 +176,9 @@ print(m["vocab_size"], m["d_model"], m["n_layers"], m["q_heads"], m["kv_heads"])
   echo "-- reference $name: $preset, $rows x $BLOCK, $DTYPE on $DEVICE ${compile[*]}"
   local rc=0
   within "$PYTHON" "${run[@]}" "${compile[@]}" > "$OUT/$name.json" 2> "$OUT/$name.log" || rc=$?
-  if [ "$rc" = 124 ] || [ "$rc" = 137 ] || [ ${#compile[@]} = 0 ]; then
+  if [ "$rc" = 0 ] || [ ${#compile[@]} = 0 ] || past_deadline; then
     return "$rc"
-  elif [ "$rc" != 0 ]; then
+  else
     # torch.compile needs a working Triton and C compiler; without them the row says it
     # measured eager PyTorch (the JSON's "compiled": false) rather than nothing.
     echo "-- reference $name FAILED under torch.compile ($(tail -n 1 "$OUT/$name.log")); again eager"
@@ -191,7 +197,7 @@ start_server() {
   trap 'kill $SERVER 2>/dev/null || true' EXIT
   until grep -q "serving" "$OUT/$name.log" 2>/dev/null; do
     kill -0 $SERVER 2>/dev/null || { cat "$OUT/$name.log"; return 1; }
-    ((SECONDS < DEADLINE_S)) || return 124
+    ! past_deadline || return 124
     sleep 0.2
   done
   URL=$(sed -n 's/.* on \(http:[^ ]*\)\/ .*/\1/p' "$OUT/$name.log")

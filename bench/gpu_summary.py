@@ -126,10 +126,11 @@ def capture(name):
     return "static (uncaptured)" if "step static" in text else "eager"
 
 
-def captured(name):
+def captured(name, preset, n):
     def compute():
         how = capture(name)
-        row(f"step as one CUDA graph, {name} run", how, target="captured", ok=how == "captured" if on_cuda else None)
+        row(f"step as one CUDA graph, {name} run ({preset}, {n} rows)", how, target="captured",
+            ok=how == "captured" if on_cuda else None)
     return compute
 
 
@@ -198,8 +199,9 @@ figures("decoding", f"lillm generate {dense}, one stream", generate)
 figures("step", "fused kernels against the reference", kernels)
 figures("step", "chunked vs full head loss", head_loss)
 figures("step", f"{dense}: {small} rows vs {rows} rows", small_rows)
-for name, section in [("dense", "training"), ("dense-small", "step"), ("large", "large"), ("moe", "moe")]:
-    figures(section, f"step as one CUDA graph, {name} run", captured(name))
+for name, section, preset, n in [("dense", "training", dense, rows), ("dense-small", "step", dense, small),
+                                 ("large", "large", large, large_rows), ("moe", "moe", moe, moe_rows)]:
+    figures(section, f"step as one CUDA graph, {name} run", captured(name, preset, n))
 figures("step", f"{dense} {rows} rows, {fast_step} vs eager step", step_against_eager("dense", "dense-eager", rows))
 figures("step", f"{dense} {small} rows, {fast_step} vs eager step",
         step_against_eager("dense-small", "dense-small-eager", small))

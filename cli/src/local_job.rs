@@ -321,6 +321,17 @@ mod tests {
         );
     }
 
+    /// Fails the test unless `spec`'s command line holds each of `args`.
+    fn assert_has_args(spec: &Spec, args: &[&str]) {
+        for arg in args {
+            assert!(
+                spec.args.iter().any(|a| a == arg),
+                "{arg} in {:?}",
+                spec.args
+            );
+        }
+    }
+
     fn services<'a>(dataloaders: usize, logs: &'a Path) -> Services<'a> {
         Services {
             coordinator: "127.0.0.1:7000",
@@ -339,20 +350,17 @@ mod tests {
             [7001, 7002],
             Some("s3://b/run/checkpoints/step-000040".into()),
         );
-        for arg in [
-            "--trainers-per-node=4",
-            "--dataloaders-per-node=2",
-            "--listen=127.0.0.1:7000",
-            "--metrics-listen=127.0.0.1:7001",
-            "--store-port=7002",
-            "--state-dir=/runs/a/coordinator",
-        ] {
-            assert!(
-                spec.args.iter().any(|a| a == arg),
-                "{arg} in {:?}",
-                spec.args
-            );
-        }
+        assert_has_args(
+            &spec,
+            &[
+                "--trainers-per-node=4",
+                "--dataloaders-per-node=2",
+                "--listen=127.0.0.1:7000",
+                "--metrics-listen=127.0.0.1:7001",
+                "--store-port=7002",
+                "--state-dir=/runs/a/coordinator",
+            ],
+        );
         assert_eq!(
             spec.first_start_args,
             [
@@ -383,30 +391,23 @@ mod tests {
             alone.log.as_deref(),
             Some(logs.join("dataloader.log").as_path())
         );
-        assert!(
-            alone.args.contains(&"--cache-dir=/cache".to_string()),
-            "{:?}",
-            alone.args
-        );
+        assert_has_args(&alone, &["--cache-dir=/cache"]);
         let second = dataloader_spec(&process, &services(3, logs), 1);
         assert_eq!(second.name, "dataloader 1");
         assert_eq!(
             second.log.as_deref(),
             Some(logs.join("dataloader-1.log").as_path())
         );
-        for arg in [
-            "--coordinator=127.0.0.1:7000",
-            "--data=s3://b/data",
-            "--node=local",
-            "--local-index=1",
-            "--cache-dir=/cache/dataloader-1",
-            "--cache-bytes=2GiB",
-        ] {
-            assert!(
-                second.args.iter().any(|a| a == arg),
-                "{arg} in {:?}",
-                second.args
-            );
-        }
+        assert_has_args(
+            &second,
+            &[
+                "--coordinator=127.0.0.1:7000",
+                "--data=s3://b/data",
+                "--node=local",
+                "--local-index=1",
+                "--cache-dir=/cache/dataloader-1",
+                "--cache-bytes=2GiB",
+            ],
+        );
     }
 }

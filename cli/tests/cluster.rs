@@ -541,12 +541,11 @@ fn training_goes_on_while_the_coordinator_is_away() {
     });
     let away = Duration::from_millis(2_000);
     let pid = coordinator.child.id();
-    let signal = |sig| common::signal(pid, sig);
     let before = losses(&run).len();
-    signal(libc::SIGSTOP);
+    signal(pid, libc::SIGSTOP);
     std::thread::sleep(away);
     let frozen = losses(&run).len();
-    signal(libc::SIGCONT);
+    signal(pid, libc::SIGCONT);
     assert!(frozen > before, "training waited for a frozen coordinator");
     assert!(frozen < 1500, "the coordinator was frozen mid-run");
 
@@ -580,14 +579,13 @@ fn a_dataloader_evicted_while_paused_registers_again() {
         || job.members() == 1,
     );
     let pid = loader.child.id();
-    let signal = |sig| common::signal(pid, sig);
-    signal(libc::SIGSTOP);
+    signal(pid, libc::SIGSTOP);
     wait_until(
         Duration::from_secs(30),
         "the paused dataloader's eviction",
         || job.members() == 0,
     );
-    signal(libc::SIGCONT);
+    signal(pid, libc::SIGCONT);
     wait_until(
         Duration::from_secs(30),
         "the dataloader to register again",

@@ -144,7 +144,7 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         );
     }
     assert_eq!(
-        row("step as one CUDA graph, dense run")["lillm"],
+        row("step as one CUDA graph, dense run (tiny, 4 rows)")["lillm"],
         "static (uncaptured)",
         "{printed}"
     );
