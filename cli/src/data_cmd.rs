@@ -6,38 +6,14 @@ use anyhow::Result;
 use clap::Subcommand;
 use lillm_data::manifest::Split;
 use lillm_data::shards::Dataset;
-use lillm_prepare::shards::{prepare, PrepareOptions};
+use lillm_prepare::shards::{prepare, PrepareOptions, PrepareReport};
 
 use crate::tokenizer_cmd::CorpusArgs;
 
 #[derive(Subcommand)]
 pub enum DataCmd {
     /// Tokenize a corpus into token shards with a manifest (documents end with </s>).
-    Prepare {
-        /// tokenizer.json or a directory holding one.
-        #[arg(long)]
-        tokenizer: PathBuf,
-        #[command(flatten)]
-        corpus: CorpusArgs,
-        /// Output dataset directory, or a bucket (`s3://bucket/prefix/`, `gs://…`, `az://…`):
-        /// prepared in this node's cache, then uploaded, the manifest last.
-        #[arg(long)]
-        out: PathBuf,
-        #[command(flatten)]
-        store: lillm_store::StoreArgs,
-        /// Fraction of documents held out for validation.
-        #[arg(long, default_value_t = 0.001)]
-        val_fraction: f64,
-        /// Seed of the train/val split.
-        #[arg(long, default_value_t = 1337)]
-        seed: u64,
-        /// Tokens per shard file.
-        #[arg(long, default_value_t = 100_000_000)]
-        shard_tokens: u64,
-        /// Replace an existing dataset prepared from other inputs.
-        #[arg(long)]
-        force: bool,
-    },
+    Prepare(PrepareArgs),
     /// Token counts and the unigram baseline: the cross entropy (nats) of predicting every
     /// val token from train-token frequencies alone. A model must beat it to have learned context.
     Stats {
@@ -67,6 +43,33 @@ pub enum DataCmd {
         #[arg(long, env = "LILLM_TLS_CA")]
         tls_ca: Option<PathBuf>,
     },
+}
+
+#[derive(clap::Args)]
+pub struct PrepareArgs {
+    /// tokenizer.json or a directory holding one.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    #[command(flatten)]
+    corpus: CorpusArgs,
+    /// Output dataset directory, or a bucket (`s3://bucket/prefix/`, `gs://…`, `az://…`):
+    /// prepared in this node's cache, then uploaded, the manifest last.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    store: lillm_store::StoreArgs,
+    /// Fraction of documents held out for validation.
+    #[arg(long, default_value_t = 0.001)]
+    val_fraction: f64,
+    /// Seed of the train/val split.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = 100_000_000)]
+    shard_tokens: u64,
+    /// Replace an existing dataset prepared from other inputs.
+    #[arg(long)]
+    force: bool,
 }
 
 /// The bucket a dataset is prepared into, checked before any work: a missing bucket, wrong
@@ -101,69 +104,7 @@ fn upload_prepared(
 
 pub fn run(cmd: DataCmd) -> Result<()> {
     match cmd {
-        DataCmd::Prepare {
-            tokenizer,
-            corpus,
-            out,
-            val_fraction,
-            seed,
-            shard_tokens,
-            force,
-            store,
-        } => {
-            let target = out.to_string_lossy().into_owned();
-            let bucket = match lillm_store::is_url(&target) {
-                true => Some(prepare_bucket(&target, &store.options())?),
-                false => None,
-            };
-            let local = match &bucket {
-                Some(_) => store.options().cache().data_path(&target),
-                None => out.clone(),
-            };
-            let opts = PrepareOptions {
-                corpus: corpus.spec(),
-                tokenizer,
-                out: local.clone(),
-                val_fraction,
-                seed,
-                shard_tokens,
-                force,
-                show_progress: crate::interactive(),
-            };
-            let report = prepare(&opts)?;
-            let m = &report.manifest;
-            if report.already_prepared {
-                println!(
-                    "{} is already prepared from these inputs; nothing to do",
-                    out.display()
-                );
-            } else {
-                println!(
-                    "prepared {}: {:.1} MB of text in {:.2}s ({:.1} MB/s, {:.0} tokens/s)",
-                    out.display(),
-                    report.text_bytes as f64 / 1e6,
-                    report.seconds,
-                    report.mb_per_s(),
-                    report.tokens_per_s()
-                );
-            }
-            for split in [Split::Train, Split::Val] {
-                let docs: u64 = m.shards(split).iter().map(|s| s.documents).sum();
-                println!(
-                    "  {:<5} {} tokens, {docs} documents, {} shard(s), dtype {:?}",
-                    split.name(),
-                    m.tokens(split),
-                    m.shards(split).len(),
-                    m.dtype
-                );
-            }
-            if m.bad_records_skipped > 0 {
-                println!("  skipped {} bad record(s)", m.bad_records_skipped);
-            }
-            if let Some(bucket) = bucket {
-                upload_prepared(&local, &bucket, force)?;
-            }
-        }
+        DataCmd::Prepare(args) => prepare_data(args)?,
         DataCmd::Stats { dir } => {
             let data = Dataset::open(&dir)?;
             let baseline = lillm_data::shards::unigram_baseline(&data)?;
@@ -191,6 +132,67 @@ pub fn run(cmd: DataCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `lillm data prepare`: into a directory, or into this node's cache and then a bucket.
+fn prepare_data(args: PrepareArgs) -> Result<()> {
+    let target = args.out.to_string_lossy().into_owned();
+    let bucket = match lillm_store::is_url(&target) {
+        true => Some(prepare_bucket(&target, &args.store.options())?),
+        false => None,
+    };
+    let local = match &bucket {
+        Some(_) => args.store.options().cache().data_path(&target),
+        None => args.out.clone(),
+    };
+    let opts = PrepareOptions {
+        corpus: args.corpus.spec(),
+        tokenizer: args.tokenizer,
+        out: local.clone(),
+        val_fraction: args.val_fraction,
+        seed: args.seed,
+        shard_tokens: args.shard_tokens,
+        force: args.force,
+        show_progress: crate::interactive(),
+    };
+    print_prepared(&args.out, &prepare(&opts)?);
+    if let Some(bucket) = bucket {
+        upload_prepared(&local, &bucket, args.force)?;
+    }
+    Ok(())
+}
+
+/// What a preparation did (or that it found the dataset already prepared), and each split.
+fn print_prepared(out: &std::path::Path, report: &PrepareReport) {
+    let m = &report.manifest;
+    if report.already_prepared {
+        println!(
+            "{} is already prepared from these inputs; nothing to do",
+            out.display()
+        );
+    } else {
+        println!(
+            "prepared {}: {:.1} MB of text in {:.2}s ({:.1} MB/s, {:.0} tokens/s)",
+            out.display(),
+            report.text_bytes as f64 / 1e6,
+            report.seconds,
+            report.mb_per_s(),
+            report.tokens_per_s()
+        );
+    }
+    for split in [Split::Train, Split::Val] {
+        let docs: u64 = m.shards(split).iter().map(|s| s.documents).sum();
+        println!(
+            "  {:<5} {} tokens, {docs} documents, {} shard(s), dtype {:?}",
+            split.name(),
+            m.tokens(split),
+            m.shards(split).len(),
+            m.dtype
+        );
+    }
+    if m.bad_records_skipped > 0 {
+        println!("  skipped {} bad record(s)", m.bad_records_skipped);
+    }
 }
 
 fn stream_bench(

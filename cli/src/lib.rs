@@ -91,47 +91,82 @@ enum Command {
 /// Runs the command line and says how the process should exit; `trainer` is `lillm train`
 /// under another name. The binaries' `main` returns this.
 pub fn main() -> std::process::ExitCode {
-    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let invoked_as = std::path::Path::new(argv.first().map_or("".as_ref(), |a| a.as_os_str()))
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned());
-    if invoked_as.as_deref() == Some("trainer") {
-        argv.insert(1, "train".into());
-    }
-    let cli = Cli::parse_from(argv);
-    // Commands that print behave like other Unix tools when stdout closes early (`lillm … |
-    // head`): they end quietly instead of panicking on a failed print. Servers keep SIGPIPE
-    // ignored: a client hanging up mid-response must not kill them.
-    let serves = matches!(
-        cli.command,
-        Command::Train(_)
-            | Command::Coordinator(_)
-            | Command::Dataloader(_)
-            | Command::Serve(_)
-            | Command::Status(_)
-    );
-    if !serves {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = Cli::parse_from(with_implied_command(argv));
+    let traits = cli.command.process_traits();
+    if !traits.keeps_sigpipe_ignored {
         // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    // Services log what they decide; everything else only warnings, unless RUST_LOG says.
-    let service = matches!(
-        cli.command,
-        Command::Coordinator(_) | Command::Dataloader(_)
-    );
-    if cli.log_format == LogFormat::Json && std::env::var_os("LILLM_LOG_FORMAT").is_none() {
+    init_logging(cli.log_format, traits.logs_decisions);
+    // This is the only place that touches signals; short commands keep the default, so
+    // Ctrl-C ends them.
+    let shutdown = match traits.stops_on_signals {
+        true => lillm_proto::process::shutdown_on_signals(),
+        false => tokio_util::sync::CancellationToken::new(),
+    };
+    exit_status(dispatch(cli.command, shutdown))
+}
+
+/// The command line as `lillm` reads it: the `trainer` binary is `lillm train`.
+fn with_implied_command(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let invoked_as = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    if invoked_as.as_deref() == Some("trainer") {
+        argv.insert(1, "train".into());
+    }
+    argv
+}
+
+/// What the process sets up for a command before running it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcessTraits {
+    /// Servers keep SIGPIPE ignored: a client hanging up mid-response must not kill them.
+    /// Commands that print end quietly when stdout closes early (`lillm … | head`), like
+    /// other Unix tools, instead of panicking on a failed print.
+    keeps_sigpipe_ignored: bool,
+    /// Services log what they decide (info); everything else only warnings, unless
+    /// RUST_LOG says otherwise.
+    logs_decisions: bool,
+    /// Long-running roles stop cleanly on SIGTERM/Ctrl-C: systemd and Kubernetes send
+    /// SIGTERM before SIGKILL.
+    stops_on_signals: bool,
+}
+
+impl Command {
+    fn process_traits(&self) -> ProcessTraits {
+        use Command::*;
+        ProcessTraits {
+            keeps_sigpipe_ignored: matches!(
+                self,
+                Train(_) | Coordinator(_) | Dataloader(_) | Serve(_) | Status(_)
+            ),
+            logs_decisions: matches!(self, Coordinator(_) | Dataloader(_)),
+            stops_on_signals: matches!(
+                self,
+                Train(_) | Coordinator(_) | Dataloader(_) | Serve(_) | Sft(_) | Dpo(_)
+            ),
+        }
+    }
+}
+
+/// Logs to stderr as text (colored on a terminal) or JSON lines.
+fn init_logging(format: LogFormat, logs_decisions: bool) {
+    if format == LogFormat::Json && std::env::var_os("LILLM_LOG_FORMAT").is_none() {
         // Launchers' children (`--nproc`, the node launcher) log the same way. Set before
         // any thread starts, so nothing reads the environment concurrently.
         std::env::set_var("LILLM_LOG_FORMAT", "json");
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| if service { "info" } else { "warn" }.into());
+        .unwrap_or_else(|_| if logs_decisions { "info" } else { "warn" }.into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match cli.log_format {
+    match format {
         LogFormat::Text => logs.with_ansi(interactive()).init(),
         // Each line lists its spans: role and node, and for a trainer in a group its rank
         // and generation.
@@ -141,23 +176,10 @@ pub fn main() -> std::process::ExitCode {
             .with_span_list(true)
             .init(),
     }
-    // Long-running roles stop cleanly on SIGTERM/Ctrl-C (systemd and Kubernetes send
-    // SIGTERM before SIGKILL); this is the only place that touches signals. Short commands
-    // keep the default: Ctrl-C ends them.
-    let stoppable = matches!(
-        cli.command,
-        Command::Train(_)
-            | Command::Coordinator(_)
-            | Command::Dataloader(_)
-            | Command::Serve(_)
-            | Command::Sft(_)
-            | Command::Dpo(_)
-    );
-    let shutdown = match stoppable {
-        true => lillm_proto::process::shutdown_on_signals(),
-        false => tokio_util::sync::CancellationToken::new(),
-    };
-    let result = match cli.command {
+}
+
+fn dispatch(command: Command, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    match command {
         Command::Tokenizer(cmd) => tokenizer_cmd::run(cmd),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Train(args) => train_cmd::run(*args, shutdown),
@@ -175,7 +197,11 @@ pub fn main() -> std::process::ExitCode {
         Command::Export(cmd) => interop_cmd::export(cmd),
         Command::Import(cmd) => interop_cmd::import(cmd),
         Command::Bench(cmd) => bench_cmd::run(cmd),
-    };
+    }
+}
+
+/// Prints a failure and says how the process exits.
+fn exit_status(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // A trainer whose generation ended exits with its own status, for its supervisor.
@@ -224,4 +250,45 @@ pub(crate) fn local_checkpoint(location: &std::path::Path) -> anyhow::Result<std
         location,
         &lillm_store::StoreOptions::default(),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(args: &[&str]) -> Command {
+        let argv = with_implied_command(args.iter().map(Into::into).collect());
+        Cli::try_parse_from(argv).expect("parses").command
+    }
+
+    #[test]
+    fn the_trainer_binary_is_lillm_train() {
+        let train = command(&["/usr/bin/trainer", "--config", "run.toml"]);
+        assert!(matches!(train, Command::Train(_)));
+        assert!(matches!(
+            command(&["lillm", "model", "presets"]),
+            Command::Model(_)
+        ));
+    }
+
+    #[test]
+    fn servers_outlive_closed_pipes_and_long_roles_stop_on_sigterm() {
+        let serve = command(&["lillm", "serve", "--checkpoint", "runs/x"]).process_traits();
+        assert_eq!(
+            serve,
+            ProcessTraits {
+                keeps_sigpipe_ignored: true,
+                logs_decisions: false,
+                stops_on_signals: true,
+            }
+        );
+        let coordinator = command(&["lillm", "coordinator"]).process_traits();
+        assert!(coordinator.logs_decisions && coordinator.stops_on_signals);
+        // A printing command ends on a closed pipe and on Ctrl-C like any Unix tool.
+        let list = command(&["lillm", "model", "presets"]).process_traits();
+        assert!(!list.keeps_sigpipe_ignored && !list.stops_on_signals && !list.logs_decisions);
+        // Ctrl-C ends a status watch at once.
+        let status = command(&["lillm", "status", "--coordinator", "h:1"]).process_traits();
+        assert!(status.keeps_sigpipe_ignored && !status.stops_on_signals);
+    }
 }

@@ -363,6 +363,9 @@ struct Registration {
 }
 
 fn register(now_ms: u64, state: &mut State, r: Registration) -> Outcome {
+    if let Err(refusal) = admission(state, &r) {
+        return Outcome::refuse(refusal);
+    }
     let Registration {
         id,
         address,
@@ -371,45 +374,11 @@ fn register(now_ms: u64, state: &mut State, r: Registration) -> Outcome {
         grad_accum,
         dataset,
     } = r;
-    if let (Some(known), Some(given)) = (&state.dataset, &dataset) {
-        if known.fingerprint != given.fingerprint {
-            return Outcome::refuse(Refusal::DatasetMismatch {
-                expected: known.fingerprint.clone(),
-                got: given.fingerprint.clone(),
-            });
-        }
-    }
-    // Trainers must share one training config; dataloaders serve whatever they are asked.
-    let checked = id.role == Role::Trainer;
-    if let (true, Some(expected)) = (checked, &state.config_fingerprint) {
-        if *expected != config_fingerprint {
-            return Outcome::refuse(Refusal::ConfigMismatch {
-                expected: expected.clone(),
-                got: config_fingerprint,
-            });
-        }
-    }
-    let previous_rank = state.members.get(&id).map(|m| m.rank);
-    if previous_rank.is_none() {
-        if state.count(id.role) >= state.expected(id.role) {
-            return Outcome::refuse(Refusal::Full {
-                role: id.role,
-                expected: state.expected(id.role),
-            });
-        }
-        // Only a node not seen before needs the (allocating) count of nodes.
-        let known_node = state.members.keys().any(|k| k.node == id.node);
-        if !known_node && state.nodes().len() >= state.config.nodes {
-            return Outcome::refuse(Refusal::TooManyNodes {
-                node: id.node.clone(),
-                nodes: state.config.nodes,
-            });
-        }
-    }
-    if checked {
+    if id.role == Role::Trainer {
         state.config_fingerprint = Some(config_fingerprint);
         state.grad_accum = grad_accum.or(state.grad_accum);
     }
+    let previous_rank = state.members.get(&id).map(|m| m.rank);
     // A fresh process in a known slot: its predecessor died.
     let restarted = previous_rank.is_some() && generation.is_none();
     if restarted {
@@ -430,20 +399,7 @@ fn register(now_ms: u64, state: &mut State, r: Registration) -> Outcome {
     let step = state.last_commit.as_ref().map_or(0, |c| c.step);
     state.members.insert(
         id.clone(),
-        Member {
-            id: id.clone(),
-            address,
-            last_heartbeat_ms: now_ms,
-            rank,
-            ready: id.role == Role::Trainer,
-            dataloader: None,
-            step,
-            loss: None,
-            tokens_per_s: None,
-            mfu: None,
-            epochs: None,
-            finished: false,
-        },
+        Member::registered(id.clone(), address, now_ms, rank, step),
     );
     if let (Role::Dataloader, Some(index)) = (id.role, rank) {
         reason.push_str(&place_shards_on(state, dataset, index));
@@ -467,6 +423,47 @@ fn register(now_ms: u64, state: &mut State, r: Registration) -> Outcome {
         refusal: None,
         reason,
     }
+}
+
+/// Whether the job takes registration `r` as it stands, and if not, why: a dataset or (for
+/// a trainer) a training config other than the job's, or a new member beyond the job's
+/// members of its role or its nodes. A member already known is always taken back.
+fn admission(state: &State, r: &Registration) -> Result<(), Refusal> {
+    if let (Some(known), Some(given)) = (&state.dataset, &r.dataset) {
+        if known.fingerprint != given.fingerprint {
+            return Err(Refusal::DatasetMismatch {
+                expected: known.fingerprint.clone(),
+                got: given.fingerprint.clone(),
+            });
+        }
+    }
+    // Trainers must share one training config; dataloaders serve whatever they are asked.
+    if let (Role::Trainer, Some(expected)) = (r.id.role, &state.config_fingerprint) {
+        if *expected != r.config_fingerprint {
+            return Err(Refusal::ConfigMismatch {
+                expected: expected.clone(),
+                got: r.config_fingerprint.clone(),
+            });
+        }
+    }
+    if state.members.contains_key(&r.id) {
+        return Ok(());
+    }
+    if state.count(r.id.role) >= state.expected(r.id.role) {
+        return Err(Refusal::Full {
+            role: r.id.role,
+            expected: state.expected(r.id.role),
+        });
+    }
+    // Only a node not seen before needs the (allocating) count of nodes.
+    let known_node = state.members.keys().any(|k| k.node == r.id.node);
+    if !known_node && state.nodes().len() >= state.config.nodes {
+        return Err(Refusal::TooManyNodes {
+            node: r.id.node.clone(),
+            nodes: state.config.nodes,
+        });
+    }
+    Ok(())
 }
 
 /// The first dataloader to report the dataset fixes it and places every shard on the job's

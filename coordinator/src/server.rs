@@ -275,20 +275,8 @@ mod tests {
             role: Role::Trainer,
             local_index: 0,
         };
-        let member = Member {
-            id: id.clone(),
-            address: "127.0.0.1:1".into(),
-            last_heartbeat_ms: 5,
-            rank: Some(0),
-            ready: true,
-            dataloader: None,
-            step: 100,
-            loss: None,
-            tokens_per_s: None,
-            mfu: None,
-            epochs: None,
-            finished: false,
-        };
+        let mut member = Member::registered(id.clone(), "127.0.0.1:1".into(), 5, None, 100);
+        member.rank = Some(0);
         state.members.insert(id, member);
         state
     }

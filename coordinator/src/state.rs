@@ -72,6 +72,34 @@ pub struct Member {
     pub finished: bool,
 }
 
+impl Member {
+    /// A member as it registers at `now_ms`: `rank` is a dataloader's index (a trainer gets
+    /// its rank when a generation starts) and `step` the job's last committed step; a
+    /// trainer is ready for the next group at once.
+    pub fn registered(
+        id: MemberId,
+        address: String,
+        now_ms: u64,
+        rank: Option<usize>,
+        step: u64,
+    ) -> Self {
+        Self {
+            ready: id.role == Role::Trainer,
+            id,
+            address,
+            last_heartbeat_ms: now_ms,
+            rank,
+            dataloader: None,
+            step,
+            loss: None,
+            tokens_per_s: None,
+            mfu: None,
+            epochs: None,
+            finished: false,
+        }
+    }
+}
+
 /// A checkpoint the job committed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Commit {

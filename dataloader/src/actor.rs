@@ -183,6 +183,50 @@ async fn hold_placed(
     }
 }
 
+/// The gRPC server of batches (and health) on `listener`, over TLS when `args` has a
+/// certificate, until `shutdown`.
+fn batch_server(
+    args: &Args,
+    holdings: Arc<Holdings>,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    listener: tokio::net::TcpListener,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
+    let span = tracing::Span::current();
+    let mut builder = tonic::transport::Server::builder().trace_fn(move |_| span.clone());
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        builder = builder.tls_config(client::server_tls(cert, key).map_err(anyhow::Error::msg)?)?;
+    }
+    let server = builder
+        .add_service(health_service)
+        .add_service(pb::dataloader_server::DataloaderServer::new(
+            DataloaderService::new(holdings, shutdown.clone()),
+        ))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    Ok(async move { Ok(server.await?) })
+}
+
+/// Waits for every loop, ending the others (through `shutdown`) as soon as one ends; the
+/// first error is the outcome.
+async fn first_failure(
+    mut loops: JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut outcome = Ok(());
+    while let Some(done) = loops.join_next().await {
+        shutdown.cancel();
+        if let (Ok(()), Err(e)) = (&outcome, done?) {
+            outcome = Err(e);
+        }
+    }
+    outcome
+}
+
 async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
     let args = Arc::new(args);
     let holdings = Arc::new(Holdings::open(&args.data, &args.store.options()).await?);
@@ -239,28 +283,9 @@ async fn serve(args: Args, shutdown: CancellationToken) -> anyhow::Result<()> {
             lillm_proto::health::serve_plaintext(addr, health_service.clone(), shutdown.clone());
         loops.spawn(async move { health.await.map_err(anyhow::Error::msg) });
     }
-    let span = tracing::Span::current();
-    let mut builder = tonic::transport::Server::builder().trace_fn(move |_| span.clone());
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        builder = builder.tls_config(client::server_tls(cert, key).map_err(anyhow::Error::msg)?)?;
-    }
-    let server = builder
-        .add_service(health_service)
-        .add_service(pb::dataloader_server::DataloaderServer::new(
-            DataloaderService::new(holdings, shutdown.clone()),
-        ))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.clone().cancelled_owned(),
-        );
-    loops.spawn(async move { Ok(server.await?) });
-    let mut outcome = Ok(());
-    while let Some(done) = loops.join_next().await {
-        shutdown.cancel();
-        if let (Ok(()), Err(e)) = (&outcome, done?) {
-            outcome = Err(e);
-        }
-    }
+    let server = batch_server(&args, holdings, health_service, listener, &shutdown)?;
+    loops.spawn(server);
+    let outcome = first_failure(loops, &shutdown).await;
     // Leaving on purpose: the coordinator drops this dataloader now, not after a timeout.
     match member.leave("shut down", false).await {
         Ok(()) => tracing::info!("left the job"),

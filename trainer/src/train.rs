@@ -29,7 +29,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::profile::StepProfile;
 use crate::report::{Reporter, Silent};
 use crate::stop::{Stop, StopReason};
-use crate::{Error, Result};
+use crate::{Error, LoadedModel, Result};
 use lillm_data::epochs::DataOrder;
 use micro::MicroStep;
 pub use micro::StepMode;
@@ -121,6 +121,50 @@ fn open_data(
         )));
     }
     Ok(data)
+}
+
+/// AdamW over the weights the run trains, as `cfg` sets it.
+fn adamw(cfg: &TrainConfig, vs: &VarStore) -> AdamW {
+    let adam = AdamWConfig {
+        beta1: cfg.job.beta1,
+        beta2: cfg.job.beta2,
+        eps: cfg.job.adam_eps,
+        weight_decay: cfg.job.weight_decay,
+    };
+    AdamW::new(adam, vs.variables().into_iter().collect())
+}
+
+/// DPO keeps the initial checkpoint on as its frozen reference (in `kind`), so it is no
+/// longer the run's plain initial weights; other objectives leave `init` as it is.
+fn dpo_reference(
+    init: Option<LoadedModel>,
+    cfg: &TrainConfig,
+    kind: Kind,
+) -> Result<(Option<LoadedModel>, Option<Reference>)> {
+    match init {
+        Some(loaded) if cfg.job.objective == Objective::Dpo => {
+            Ok((None, Some(Reference::new(loaded, cfg.job.dpo_beta, kind)?)))
+        }
+        other => Ok((other, None)),
+    }
+}
+
+/// The data-parallel group the run joins: the job's (`given`), else the one `cfg` names;
+/// `None` for a run of its own. Joining gives up when `stop` asks for a regroup.
+fn join_group(
+    cfg: &TrainConfig,
+    given: Option<Rendezvous>,
+    device: Device,
+    stop: &Stop,
+) -> Result<Option<ProcessGroup>> {
+    let rendezvous = match given {
+        Some(r) => Some(r),
+        None => cfg.rendezvous()?,
+    };
+    let backend = crate::dist::Backend::for_device(device);
+    Ok(rendezvous
+        .map(|r| ProcessGroup::join_unless(&r, backend, || stop.regrouping()))
+        .transpose()?)
 }
 
 /// How a run is wired into a job: its data, its group, its start and whom it reports to.
@@ -251,21 +295,8 @@ impl Trainer {
             frozen_base,
         } = init::initial_model(&model_cfg, lora.as_ref(), cfg.job.seed, device)?;
         model.set_compute_kind(cfg.job.compute_kind(device));
-        let adam = AdamWConfig {
-            beta1: cfg.job.beta1,
-            beta2: cfg.job.beta2,
-            eps: cfg.job.adam_eps,
-            weight_decay: cfg.job.weight_decay,
-        };
-        let mut opt = AdamW::new(adam, vs.variables().into_iter().collect());
-        // The initial checkpoint stays on as DPO's frozen reference.
-        let (init, reference) = match init {
-            Some(loaded) if cfg.job.objective == Objective::Dpo => {
-                let kind = model.compute_kind();
-                (None, Some(Reference::new(loaded, cfg.job.dpo_beta, kind)?))
-            }
-            other => (other, None),
-        };
+        let mut opt = adamw(&cfg, &vs);
+        let (init, reference) = dpo_reference(init, &cfg, model.compute_kind())?;
         let init = init.as_ref().or(reference.as_ref().map(Reference::loaded));
         if let Some((dir, state)) = &resume_from {
             if let Some(reference) = &reference {
@@ -286,14 +317,7 @@ impl Trainer {
                 chunked: cfg.job.head_loss.chunked_on(device),
             },
         };
-        let rendezvous = match setup.rendezvous {
-            Some(r) => Some(r),
-            None => cfg.rendezvous()?,
-        };
-        let backend = crate::dist::Backend::for_device(device);
-        let group = rendezvous
-            .map(|r| ProcessGroup::join_unless(&r, backend, || setup.stop.regrouping()))
-            .transpose()?;
+        let group = join_group(&cfg, setup.rendezvous, device, &setup.stop)?;
         let start::Counters {
             step,
             tokens_seen,
