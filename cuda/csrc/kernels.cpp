@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include <torch/torch.h>
 
@@ -48,9 +49,26 @@ LILLM_SWIGLU_BACKWARD
 
 using lillm_shim::fail;
 
-#ifdef LILLM_WITH_CUDA
 const char* kSwigluForward = LILLM_SOURCE(LILLM_SWIGLU_FORWARD);
 const char* kSwigluBackward = LILLM_SOURCE(LILLM_SWIGLU_BACKWARD);
+
+// Each kernel function called as jiterator calls it: on the compute type (float, for float32
+// and bf16 tensors alike), outputs by reference where return_by_ref. Compiled with NVRTC on
+// a machine without a GPU (nvrtc.cpp) to check the source compiles for the device.
+const char* kJiteratorCalls = R"(
+extern "C" __global__ void lillm_check_swiglu(const float* gate, const float* up,
+                                              const float* grad, float* out, float* d_gate,
+                                              float* d_up) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = lillm_swiglu_forward<float>(gate[i], up[i]);
+  float dg, du;
+  lillm_swiglu_backward<float>(grad[i], gate[i], up[i], dg, du);
+  d_gate[i] = dg;
+  d_up[i] = du;
+}
+)";
+
+#ifdef LILLM_WITH_CUDA
 
 struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate,
@@ -94,6 +112,13 @@ void* lillm_cuda_swiglu(void* gate, void* up, char** err) {
   fail(err, "this torch build has no CUDA");
   return nullptr;
 #endif
+}
+
+// Every kernel's source with a kernel that calls it as jiterator does, for NVRTC to compile
+// without a GPU (lillm_cuda_nvrtc_ptx). Free it with lillm_cuda_free_error.
+char* lillm_cuda_kernels_source() {
+  std::string all = std::string(kSwigluForward) + "\n" + kSwigluBackward + "\n" + kJiteratorCalls;
+  return strdup(all.c_str());
 }
 
 // The kernels' source compiled for the host, in float32: what one element computes.
