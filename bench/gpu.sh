@@ -52,9 +52,26 @@ SERVE_SECONDS=${SERVE_SECONDS:-6}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 DEADLINE_S=${DEADLINE_S:-480}
 ONLY=${ONLY:-}
+# What every section needs, checked first: a misconfigured machine gets one clear error
+# instead of eleven failed sections.
+if [ ! -x "$LILLM" ]; then
+  echo "gpu.sh: no lillm binary at $LILLM: run scripts/pack-gpu first (or set LILLM=path)" >&2
+  exit 2
+fi
+torch_check=0
+TORCH_LIB=$("$PYTHON" -c 'import os, sys, torch
+print(os.path.join(os.path.dirname(torch.__file__), "lib"))
+sys.exit(3 if sys.argv[1] == "cuda" and not torch.cuda.is_available() else 0)' "$DEVICE") ||
+  torch_check=$?
+if [ "$torch_check" = 3 ]; then
+  echo "gpu.sh: torch under $PYTHON sees no CUDA device; to rehearse on a CPU: DEVICE=cpu DTYPE=float32 DENSE=tiny LARGE=tiny MOE=tiny-moe COMPILE=0 (see cli/tests/gpu_harness.rs)" >&2
+  exit 2
+elif [ "$torch_check" != 0 ]; then
+  echo "gpu.sh: $PYTHON cannot import torch; set PYTHON to a python that has torch 2.11" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 rm -f "$OUT/sections.jsonl"
-TORCH_LIB=$("$PYTHON" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null ||
   echo "$DEVICE (no nvidia-smi)" > "$OUT/gpu.txt"

@@ -163,7 +163,8 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
 
 /// A lent machine's minutes run out, or a path breaks there: each section costs only its
 /// own rows, the table is printed all the same with every figure that was not measured
-/// saying why, and the exit status says the run is not whole.
+/// saying why, and the exit status says the run is not whole; a machine that cannot run it
+/// at all is told why before anything starts.
 #[test]
 fn the_gpu_harness_prints_its_table_when_sections_fail_or_run_out_of_time() {
     let dir = tempfile::tempdir().unwrap();
@@ -223,4 +224,23 @@ fn the_gpu_harness_prints_its_table_when_sections_fail_or_run_out_of_time() {
     );
     let names: Vec<String> = sections(&out).into_iter().map(|(name, _)| name).collect();
     assert_eq!(names, ["curves", "serving-more"], "{printed}");
+
+    // A machine that cannot run any section is told so at once, and why, before any work.
+    for (env, says) in [
+        (
+            &[("LILLM", "/nonexistent/lillm")][..],
+            "run scripts/pack-gpu first",
+        ),
+        (&[("PYTHON", "/bin/false")], "cannot import torch"),
+        (&[("DEVICE", "cuda")], "sees no CUDA device"),
+    ] {
+        if env[0].0 == "DEVICE" && tch::Cuda::is_available() {
+            continue;
+        }
+        let out = dir.path().join("unfit");
+        let (printed, status) = harness(&data, &out, env);
+        assert_eq!(status, Some(2), "{printed}");
+        assert!(printed.contains(says), "{printed}");
+        assert!(!out.exists(), "nothing is written: {printed}");
+    }
 }
