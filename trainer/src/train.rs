@@ -150,7 +150,7 @@ fn dpo_reference(
 }
 
 /// The data-parallel group the run joins: the job's (`given`), else the one `cfg` names;
-/// `None` for a run of its own. Joining gives up when `stop` asks for a regroup.
+/// `None` for a run of its own.
 fn join_group(
     cfg: &TrainConfig,
     given: Option<Rendezvous>,
@@ -161,10 +161,16 @@ fn join_group(
         Some(r) => Some(r),
         None => cfg.rendezvous()?,
     };
+    rendezvous.map(|r| join(&r, device, stop)).transpose()
+}
+
+/// Joins the group at `rendezvous` with `device`'s backend, giving up when `stop` asks for a
+/// regroup.
+fn join(rendezvous: &Rendezvous, device: Device, stop: &Stop) -> Result<ProcessGroup> {
     let backend = crate::dist::Backend::for_device(device);
-    Ok(rendezvous
-        .map(|r| ProcessGroup::join_unless(&r, backend, || stop.regrouping()))
-        .transpose()?)
+    Ok(ProcessGroup::join_unless(rendezvous, backend, || {
+        stop.regrouping()
+    })?)
 }
 
 /// How a run is wired into a job: its data, its group, its start and whom it reports to.
@@ -405,11 +411,7 @@ impl Trainer {
         self.generation = wiring.generation;
         self.stop = wiring.stop;
         self.writes_checkpoints = wiring.writes_checkpoints;
-        let group = ProcessGroup::join_unless(
-            &wiring.rendezvous,
-            crate::dist::Backend::for_device(self.device),
-            || self.stop.regrouping(),
-        )?;
+        let group = join(&wiring.rendezvous, self.device, &self.stop)?;
         self.stop.abort_on_regroup(group.abort_handle());
         self.sync_state(&group, true)?;
         self.group = Some(group);
