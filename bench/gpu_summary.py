@@ -95,8 +95,9 @@ def head_loss():
 
 def kernels():
     k = r("kernels")
-    row("fused SwiGLU kernel in use (compiled at run time, checked against the reference)",
-        "yes" if k["fused_swiglu"] else "no", target="yes on CUDA", ok=k["fused_swiglu"] if on_cuda else None)
+    for name, key in (("SwiGLU", "fused_swiglu"), ("RoPE", "fused_rope")):
+        row(f"fused {name} kernel in use (compiled at run time, checked against the reference)",
+            "yes" if k[key] else "no", target="yes on CUDA", ok=k[key] if on_cuda else None)
     row(f"fused vs reference kernels, {dense} {dtype}: logits / gradients max rel diff",
         f"{k['logits_rel_diff']:.1e} / {k['grads_rel_diff']:.1e}", target="<= 2e-2 each",
         ok=max(k["logits_rel_diff"], k["grads_rel_diff"]) <= 2e-2)

@@ -1,5 +1,5 @@
-//! `lillm bench kernels`: the fused implementation of the model's layers (RMSNorm, and the
-//! SwiGLU product on CUDA) against the reference ([`Kernels`]) on one batch with the same
+//! `lillm bench kernels`: the fused implementation of the model's layers (RMSNorm, and RoPE
+//! and the SwiGLU product on CUDA) against the reference ([`Kernels`]) on one batch with the same
 //! weights — how far apart their logits and gradients are, and what a training forward and
 //! backward costs with each. The GPU harness (`bench/gpu.sh`) holds the fused form to bf16
 //! tolerance on the device, where it is the default; on a CPU the two differ by nothing or
@@ -94,6 +94,7 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
             "logits_rel_diff": logits, "grads_rel_diff": grads, "worst_grad": worst,
             "reference_ms": reference.ms, "fused_ms": fused.ms,
             "fused_swiglu": lillm_model::fused_swiglu_in_use(device),
+            "fused_rope": lillm_model::fused_rope_in_use(device),
         })
     );
     eprintln!(

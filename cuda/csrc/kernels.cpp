@@ -8,6 +8,13 @@
 // SwiGLU: silu(gate) * up, forward one kernel where the reference launches two (silu, then
 // the product, each rounding to bf16), backward one kernel for both gradients where the
 // reference launches five; it saves gate and up for the backward instead of also silu(gate).
+//
+// RoPE: each pair (a, b) of a head's features rotated by its position's angle. The reference
+// makes six passes over q or k (a cast to float32, the pair swap, two products, the sum, the
+// cast back), each reading or writing float32, and as many backward. Here one kernel rotates
+// the pairs (its two outputs are the pairs' first and second elements, in float32 as the
+// reference computes them) and two copies interleave them back into the activations' kind;
+// the backward is the inverse rotation, the same way, and needs only the tables.
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -43,14 +50,38 @@
     d_gate = static_cast<T>(dy * static_cast<float>(up) * s * (1.0f + g * (1.0f - s))); \
   }
 
+// (a, b) -> (a·cos − b·sin, b·cos + a·sin), in float32.
+#define LILLM_ROPE_FORWARD                                                    \
+  template <typename T>                                                       \
+  void lillm_rope_forward(T a, T b, T cosine, T sine, T& out_a, T& out_b) { \
+    float fa = static_cast<float>(a), fb = static_cast<float>(b);            \
+    float c = static_cast<float>(cosine), s = static_cast<float>(sine);    \
+    out_a = static_cast<T>(fa * c - fb * s);                                  \
+    out_b = static_cast<T>(fb * c + fa * s);                                  \
+  }
+
+// The rotation's transpose (its inverse) applied to the output's gradient.
+#define LILLM_ROPE_BACKWARD                                                   \
+  template <typename T>                                                       \
+  void lillm_rope_backward(T grad_a, T grad_b, T cosine, T sine, T& d_a, T& d_b) { \
+    float ga = static_cast<float>(grad_a), gb = static_cast<float>(grad_b);  \
+    float c = static_cast<float>(cosine), s = static_cast<float>(sine);    \
+    d_a = static_cast<T>(ga * c + gb * s);                                    \
+    d_b = static_cast<T>(gb * c - ga * s);                                    \
+  }
+
 namespace {
 LILLM_SWIGLU_FORWARD
 LILLM_SWIGLU_BACKWARD
+LILLM_ROPE_FORWARD
+LILLM_ROPE_BACKWARD
 
 using lillm_shim::fail;
 
 const char* kSwigluForward = LILLM_SOURCE(LILLM_SWIGLU_FORWARD);
 const char* kSwigluBackward = LILLM_SOURCE(LILLM_SWIGLU_BACKWARD);
+const char* kRopeForward = LILLM_SOURCE(LILLM_ROPE_FORWARD);
+const char* kRopeBackward = LILLM_SOURCE(LILLM_ROPE_BACKWARD);
 
 // Each kernel function called as jiterator calls it: on the compute type (float, for float32
 // and bf16 tensors alike), outputs by reference where return_by_ref. Compiled with NVRTC on
@@ -65,6 +96,19 @@ extern "C" __global__ void lillm_check_swiglu(const float* gate, const float* up
   lillm_swiglu_backward<float>(grad[i], gate[i], up[i], dg, du);
   d_gate[i] = dg;
   d_up[i] = du;
+}
+
+extern "C" __global__ void lillm_check_rope(const float* a, const float* b, const float* cosine,
+                                            const float* sine, float* out_a, float* out_b,
+                                            float* d_a, float* d_b) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  float ra, rb, da, db;
+  lillm_rope_forward<float>(a[i], b[i], cosine[i], sine[i], ra, rb);
+  lillm_rope_backward<float>(a[i], b[i], cosine[i], sine[i], da, db);
+  out_a[i] = ra;
+  out_b[i] = rb;
+  d_a[i] = da;
+  d_b[i] = db;
 }
 )";
 
@@ -85,6 +129,47 @@ struct SwiGlu : public torch::autograd::Function<SwiGlu> {
                                                 {grads[0], saved[0], saved[1]}, {},
                                                 /*return_by_ref=*/true);
     return {out[0], out[1]};
+  }
+};
+
+// `x` (…, n) as its pairs' first and second elements: two views (…, n/2), no copy when the
+// last dimension is contiguous (it is for q and k and their gradients).
+std::pair<at::Tensor, at::Tensor> pair_halves(const at::Tensor& x) {
+  auto shape = x.sizes().vec();
+  shape.back() /= 2;
+  shape.push_back(2);
+  auto pairs = x.reshape(shape);
+  return {pairs.select(-1, 0), pairs.select(-1, 1)};
+}
+
+// A new contiguous tensor of `like`'s shape and dtype whose pairs are (first, second).
+at::Tensor interleave(const at::Tensor& first, const at::Tensor& second, const at::Tensor& like) {
+  auto out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  auto halves = pair_halves(out);
+  halves.first.copy_(first);
+  halves.second.copy_(second);
+  return out;
+}
+
+struct Rope : public torch::autograd::Function<Rope> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& cos, const at::Tensor& sin) {
+    ctx->save_for_backward({cos, sin});
+    auto halves = pair_halves(x);
+    auto out = at::cuda::CompileAndLaunchKernel(kRopeForward, "lillm_rope_forward", 2,
+                                                {halves.first, halves.second, cos, sin}, {},
+                                                /*return_by_ref=*/true);
+    return interleave(out[0], out[1], x);
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto halves = pair_halves(grads[0]);
+    auto out = at::cuda::CompileAndLaunchKernel(kRopeBackward, "lillm_rope_backward", 2,
+                                                {halves.first, halves.second, saved[0], saved[1]},
+                                                {}, /*return_by_ref=*/true);
+    return {interleave(out[0], out[1], grads[0]), at::Tensor(), at::Tensor()};
   }
 };
 #endif
@@ -114,10 +199,40 @@ void* lillm_cuda_swiglu(void* gate, void* up, char** err) {
 #endif
 }
 
+// `x` (…, n) with each pair of its last dimension rotated by the float32 angle tables `cos`
+// and `sin` (broadcastable to (…, n/2)), with its backward; returns a new tensor of x's shape
+// and dtype for the caller to own, or null with `err` set.
+void* lillm_cuda_rope(void* x, void* cos, void* sin, char** err) {
+#ifdef LILLM_WITH_CUDA
+  try {
+    const auto& t = *static_cast<at::Tensor*>(x);
+    const auto& c = *static_cast<at::Tensor*>(cos);
+    const auto& s = *static_cast<at::Tensor*>(sin);
+    TORCH_CHECK(t.is_cuda() && c.is_cuda() && s.is_cuda(), "the fused RoPE runs on CUDA tensors");
+    TORCH_CHECK(t.dim() > 0 && t.size(-1) % 2 == 0, "the fused RoPE rotates pairs: the last ",
+                "dimension must be even, not ", t.sizes());
+    TORCH_CHECK(c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat,
+                "the fused RoPE takes float32 angle tables");
+    return new at::Tensor(Rope::apply(t, c, s));
+  } catch (const std::exception& e) {
+    fail(err, e.what());
+    return nullptr;
+  }
+#else
+  (void)x; (void)cos; (void)sin;
+  fail(err, "this torch build has no CUDA");
+  return nullptr;
+#endif
+}
+
 // Every kernel's source with a kernel that calls it as jiterator does, for NVRTC to compile
 // without a GPU (lillm_cuda_nvrtc_ptx). Free it with lillm_cuda_free_error.
 char* lillm_cuda_kernels_source() {
-  std::string all = std::string(kSwigluForward) + "\n" + kSwigluBackward + "\n" + kJiteratorCalls;
+  std::string all;
+  for (const char* part :
+       {kSwigluForward, kSwigluBackward, kRopeForward, kRopeBackward, kJiteratorCalls}) {
+    all += std::string(part) + "\n";
+  }
   return strdup(all.c_str());
 }
 
@@ -129,6 +244,16 @@ float lillm_cuda_swiglu_forward_host(float gate, float up) {
 void lillm_cuda_swiglu_backward_host(float grad, float gate, float up, float* d_gate,
                                      float* d_up) {
   lillm_swiglu_backward<float>(grad, gate, up, *d_gate, *d_up);
+}
+
+void lillm_cuda_rope_forward_host(float a, float b, float cos, float sin, float* out_a,
+                                  float* out_b) {
+  lillm_rope_forward<float>(a, b, cos, sin, *out_a, *out_b);
+}
+
+void lillm_cuda_rope_backward_host(float grad_a, float grad_b, float cos, float sin, float* d_a,
+                                   float* d_b) {
+  lillm_rope_backward<float>(grad_a, grad_b, cos, sin, *d_a, *d_b);
 }
 
 }  // extern "C"

@@ -13,6 +13,12 @@ use crate::{take_error, take_string, Error, Result};
 
 extern "C" {
     fn lillm_cuda_swiglu(gate: *mut c_void, up: *mut c_void, err: *mut *mut c_char) -> *mut c_void;
+    fn lillm_cuda_rope(
+        x: *mut c_void,
+        cos: *mut c_void,
+        sin: *mut c_void,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
     fn lillm_cuda_kernels_source() -> *mut c_char;
     fn lillm_cuda_nvrtc_ptx(
         nvrtc: *const c_char,
@@ -30,6 +36,24 @@ extern "C" {
         up: f32,
         d_gate: *mut f32,
         d_up: *mut f32,
+    );
+    #[cfg(test)]
+    fn lillm_cuda_rope_forward_host(
+        a: f32,
+        b: f32,
+        cos: f32,
+        sin: f32,
+        out_a: *mut f32,
+        out_b: *mut f32,
+    );
+    #[cfg(test)]
+    fn lillm_cuda_rope_backward_host(
+        grad_a: f32,
+        grad_b: f32,
+        cos: f32,
+        sin: f32,
+        d_a: *mut f32,
+        d_b: *mut f32,
     );
 }
 
@@ -52,6 +76,34 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     };
     if out.is_null() {
         return Err(take_error("fused SwiGLU", err));
+    }
+    // SAFETY: the shim returned a fresh heap-allocated at::Tensor (tch's C_tensor) that
+    // nobody else owns; the Tensor frees it on drop.
+    Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+}
+
+/// `x` (…, n) with each pair of its last dimension, (a, b), rotated to
+/// (a·cos − b·sin, b·cos + a·sin) by the float32 tables `cos` and `sin` (broadcastable to
+/// (…, n/2)): one kernel and two interleaving copies forward, the same backward (which needs
+/// only the tables). Computed in float32, rounded once to x's dtype.
+///
+/// # Errors
+/// On tensors that are not on CUDA, an odd last dimension, tables that are not float32 or do
+/// not broadcast, a build without CUDA, or a kernel that does not compile.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let mut err = std::ptr::null_mut();
+    // SAFETY: the three pointers are live at::Tensor objects owned by the arguments, which
+    // outlive the call; the shim catches libtorch's exceptions.
+    let out = unsafe {
+        lillm_cuda_rope(
+            x.as_ptr() as *mut c_void,
+            cos.as_ptr() as *mut c_void,
+            sin.as_ptr() as *mut c_void,
+            &mut err,
+        )
+    };
+    if out.is_null() {
+        return Err(take_error("fused RoPE", err));
     }
     // SAFETY: the shim returned a fresh heap-allocated at::Tensor (tch's C_tensor) that
     // nobody else owns; the Tensor frees it on drop.
@@ -130,13 +182,52 @@ mod tests {
     }
 
     #[test]
-    fn on_a_cpu_the_fused_swiglu_is_refused_with_a_reason() {
+    fn the_rope_kernels_rotate_each_pair_and_rotate_its_gradient_back() {
+        for angle in [-7.0f32, -1.2, 0.0, 0.4, 1.0, 3.0, 500.0] {
+            for (a, b) in [(1.0f32, 0.0f32), (0.0, 1.0), (-2.5, 0.75), (3.0, -4.0)] {
+                let (cos, sin) = (angle.cos(), angle.sin());
+                // The reference as the model computes it: (a, b)·cos + (b, a)·(−sin, sin),
+                // and its gradient by autograd of a weighted sum of the outputs.
+                let x = Tensor::from_slice(&[a, b]).set_requires_grad(true);
+                let table_cos = Tensor::from_slice(&[cos, cos]);
+                let table_sin = Tensor::from_slice(&[-sin, sin]);
+                let want = &x * &table_cos + x.flip([0]) * &table_sin;
+                let (grad_a, grad_b) = (0.5f32, -1.5f32);
+                (&want * Tensor::from_slice(&[grad_a, grad_b]))
+                    .sum(Kind::Float)
+                    .backward();
+                let want = Vec::<f32>::try_from(&want).unwrap();
+                let want_grad = Vec::<f32>::try_from(&x.grad()).unwrap();
+                let (mut out_a, mut out_b, mut d_a, mut d_b) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
+                // SAFETY: plain values in; the shim writes the two floats it is given.
+                unsafe { lillm_cuda_rope_forward_host(a, b, cos, sin, &mut out_a, &mut out_b) };
+                // SAFETY: as above.
+                unsafe {
+                    lillm_cuda_rope_backward_host(grad_a, grad_b, cos, sin, &mut d_a, &mut d_b)
+                };
+                let close = |x: f32, y: f32| (x - y).abs() <= 1e-6 * (1.0 + y.abs());
+                assert!(
+                    close(out_a, want[0]) && close(out_b, want[1]),
+                    "forward of ({a}, {b}) by {angle}: ({out_a}, {out_b}) vs {want:?}"
+                );
+                assert!(
+                    close(d_a, want_grad[0]) && close(d_b, want_grad[1]),
+                    "backward of ({a}, {b}) by {angle}: ({d_a}, {d_b}) vs {want_grad:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn on_a_cpu_the_fused_kernels_are_refused_with_a_reason() {
         let t = Tensor::ones([4], (Kind::Float, Device::Cpu));
         let err = swiglu(&t, &t).unwrap_err().to_string();
         assert!(
             err.contains("fused SwiGLU") && err.contains("CUDA"),
             "{err}"
         );
+        let err = rope(&t, &t, &t).unwrap_err().to_string();
+        assert!(err.contains("fused RoPE") && err.contains("CUDA"), "{err}");
     }
 
     /// The torch wheel's NVRTC, as the build found it.
@@ -159,7 +250,9 @@ mod tests {
         // A100 (the seed's GPUs) and H100/H200.
         for arch in ["compute_80", "compute_90"] {
             let ptx = device_ptx(nvrtc_dir(), &source, arch).unwrap_or_else(|e| panic!("{e}"));
-            assert!(ptx.contains(".entry lillm_check_swiglu"), "{arch}:\n{ptx}");
+            for kernel in ["lillm_check_swiglu", "lillm_check_rope"] {
+                assert!(ptx.contains(&format!(".entry {kernel}")), "{arch}:\n{ptx}");
+            }
             assert!(ptx.contains(&format!(".target sm_{}", &arch[8..])), "{ptx}");
         }
     }

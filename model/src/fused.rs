@@ -1,8 +1,9 @@
 //! Which implementation of the layers that have two runs ([`Kernels`]): the reference,
 //! op by op as the original computes, or fused kernels with the same arithmetic up to
-//! rounding — RMSNorm (`rms_norm.rs`) and the SwiGLU product ([`swiglu`], a kernel of
-//! `lillm-cuda` compiled at run time). Fused is the default on CUDA; a CPU runs the
-//! reference, which the exactness tests hold.
+//! rounding — RMSNorm (`rms_norm.rs`), RoPE (`rope.rs`) and the SwiGLU product ([`swiglu`]),
+//! the last two kernels of `lillm-cuda` compiled at run time and checked once against the
+//! reference before they are used. Fused is the default on CUDA; a CPU runs the reference,
+//! which the exactness tests hold.
 
 use std::sync::OnceLock;
 
@@ -44,52 +45,82 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor, kernels: Kernels) -> Tensor {
 /// a kernel that fails to compile or differs is reported and the reference runs instead).
 pub fn fused_swiglu_in_use(device: Device) -> bool {
     static CHECKED: OnceLock<bool> = OnceLock::new();
+    checked_once(&CHECKED, device, "SwiGLU", || check_fused_swiglu(device))
+}
+
+/// Whether the fused kernel `name` may run on `device`: never off CUDA; on CUDA, what its
+/// `check` said the first time it was asked in this process (a kernel that fails it is
+/// reported once, and its layer runs the reference from then on).
+pub(crate) fn checked_once(
+    cell: &OnceLock<bool>,
+    device: Device,
+    name: &str,
+    check: impl FnOnce() -> Result<(), String>,
+) -> bool {
     if !device.is_cuda() {
         return false;
     }
-    *CHECKED.get_or_init(|| match check_fused_swiglu(device) {
+    *cell.get_or_init(|| match check() {
         Ok(()) => true,
         Err(reason) => {
             eprintln!(
-                "warning: the fused SwiGLU kernel is not used ({reason}); the reference runs"
+                "warning: the fused {name} kernel is not used ({reason}); the reference runs"
             );
             false
         }
     })
 }
 
-/// The fused kernel against the reference on a fixed bf16 input (no draw from libtorch's
-/// generator, which seeded runs replay): outputs and both gradients within bf16 rounding.
+/// The fused SwiGLU against the reference on a fixed bf16 input (no draw from libtorch's
+/// generator, which seeded runs replay).
 fn check_fused_swiglu(device: Device) -> Result<(), String> {
+    let n = 64 * 96;
+    let input = |from: f64, to: f64| {
+        Tensor::linspace(from, to, n, (Kind::Float, device))
+            .view([64, 96])
+            .to_kind(Kind::BFloat16)
+    };
+    agrees_with_reference(
+        &[input(-9.0, 9.0), input(3.0, -3.0)],
+        |x| lillm_cuda::kernels::swiglu(&x[0], &x[1]).map_err(|e| e.to_string()),
+        |x| x[0].silu() * &x[1],
+    )
+}
+
+/// Whether `fused` computes what `reference` does on `inputs`: its output and the gradient
+/// of every input (of a weighted sum of the outputs, so that each output's gradient
+/// differs) within bf16 rounding, 2e-2 of the reference's largest. Says what differs.
+pub(crate) fn agrees_with_reference(
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor, String>,
+    reference: impl Fn(&[Tensor]) -> Tensor,
+) -> Result<(), String> {
     tch::with_grad(|| {
-        let n = 64 * 96;
-        let input = |from: f64, to: f64| {
-            Tensor::linspace(from, to, n, (Kind::Float, device))
-                .view([64, 96])
-                .to_kind(Kind::BFloat16)
-                .set_requires_grad(true)
-        };
-        let (gate, up) = (input(-9.0, 9.0), input(3.0, -3.0));
-        // Each output's gradient differs: a weighted sum of the outputs.
-        let weights = Tensor::linspace(-1.0, 1.0, n, (Kind::Float, device)).view([64, 96]);
-        let run = |fused: bool| -> Result<[Tensor; 3], String> {
-            let out = match fused {
-                true => lillm_cuda::kernels::swiglu(&gate, &up).map_err(|e| e.to_string())?,
-                false => gate.silu() * &up,
-            };
-            let out = out.to_kind(Kind::Float);
-            let loss = (&out * &weights).sum(Kind::Float);
-            let grads = Tensor::run_backward(&[&loss], &[&gate, &up], false, false);
-            let grad = |i: usize| grads[i].to_kind(Kind::Float);
-            Ok([out, grad(0), grad(1)])
-        };
-        let (fused, reference) = (run(true)?, run(false)?);
-        for (what, (f, r)) in ["output", "gate gradient", "up gradient"]
+        let leaves: Vec<Tensor> = inputs
             .iter()
-            .zip(fused.iter().zip(&reference))
-        {
+            .map(|t| t.detach().set_requires_grad(true))
+            .collect();
+        let run = |out: Tensor| -> Vec<Tensor> {
+            let out = out.to_kind(Kind::Float);
+            let weights =
+                Tensor::linspace(-1.0, 1.0, out.numel() as i64, (Kind::Float, out.device()))
+                    .view(out.size().as_slice());
+            let loss = (&out * &weights).sum(Kind::Float);
+            let grads =
+                Tensor::run_backward(&[&loss], &leaves.iter().collect::<Vec<_>>(), false, false);
+            std::iter::once(out)
+                .chain(grads.iter().map(|g| g.to_kind(Kind::Float)))
+                .collect()
+        };
+        let fused = run(fused(&leaves)?);
+        let reference = run(reference(&leaves));
+        for (i, (f, r)) in fused.iter().zip(&reference).enumerate() {
             let diff = relative_diff(f, r);
             if !diff.is_finite() || diff > 2e-2 {
+                let what = match i {
+                    0 => "output".to_string(),
+                    i => format!("input {}'s gradient", i - 1),
+                };
                 return Err(format!(
                     "its {what} differs from the reference's by {diff:.1e}"
                 ));

@@ -8,6 +8,7 @@
 //! - `fused`: which implementation of the layers that have two runs ([`Kernels`]), and the
 //!   SwiGLU product with its fused CUDA kernel.
 //! - `rms_norm`: RMSNorm, in its reference and its fused form.
+//! - `rope`: rotary position embedding, in its reference and its fused form.
 //! - `moe`: the sparse Mixture-of-Experts feed-forward and its [`Routing`] statistics.
 //! - `kv_cache`: [`KvCache`] for incremental decoding.
 //! - `slot_cache`: [`SlotCache`], the KV cache of sequences decoded together (continuous
@@ -30,6 +31,7 @@ mod lillm;
 mod lora;
 mod moe;
 mod rms_norm;
+mod rope;
 mod sampling;
 mod slot_cache;
 pub mod weights;
@@ -42,5 +44,6 @@ pub use kv_cache::{kv_cache_bytes, KvCache};
 pub use lillm::LilLM;
 pub use lora::{LoraConfig, LORA_TARGETS};
 pub use moe::Routing;
+pub use rope::fused_rope_in_use;
 pub use sampling::{generate, sample_rows, Sampler, SamplingParams, StopReason};
 pub use slot_cache::SlotCache;

@@ -9,64 +9,8 @@ use crate::fused::{swiglu, Kernels};
 use crate::lora::{LoraConfig, Weight};
 use crate::moe::{LayerRouting, Moe, Routing};
 use crate::rms_norm::RmsNorm;
+use crate::rope::Rope;
 use crate::{KvCache, ModelConfig, Result, SlotCache};
-
-/// Rotary embedding tables for adjacent-pair (Meta-style) rotation, float32, on the model's
-/// device, laid out for a rotation in four element-wise kernels: `cos` repeats each pair's
-/// cosine, `sin` holds (-sin, sin) per pair, so that a pair (a, b) becomes
-/// (a·cos - b·sin, b·cos + a·sin) = x·cos + swap(x)·sin, bit for bit the rotation of the
-/// two halves computed apart.
-#[derive(Debug)]
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    fn new(cfg: &ModelConfig, device: tch::Device) -> Self {
-        let hd = cfg.head_dim() as i64;
-        let opts = (Kind::Float, device);
-        let exponents = Tensor::arange_start_step(0, hd, 2, opts) / hd as f64;
-        let inv_freq = Tensor::from(cfg.rope_theta as f32)
-            .to_device(device)
-            .pow(&exponents)
-            .reciprocal();
-        let positions = Tensor::arange(cfg.max_seq_len as i64, opts);
-        let angles = positions.outer(&inv_freq);
-        let (cos, sin) = (angles.cos(), angles.sin());
-        let per_pair = |first: &Tensor, second: &Tensor| {
-            Tensor::stack(&[first, second], 2).view([cfg.max_seq_len as i64, hd])
-        };
-        Self {
-            cos: per_pair(&cos, &cos),
-            sin: per_pair(&sin.neg(), &sin),
-        }
-    }
-
-    /// Rotates `x` of shape (B, T, H, hd) whose first position is `start_pos`.
-    fn apply(&self, x: &Tensor, start_pos: i64) -> Tensor {
-        let (_, t, _, hd) = x.size4().expect("rope input is 4-d");
-        let cos = self.cos.narrow(0, start_pos, t).view([1, t, 1, hd]);
-        let sin = self.sin.narrow(0, start_pos, t).view([1, t, 1, hd]);
-        Self::rotate(x, &cos, &sin)
-    }
-
-    /// Rotates `x` of shape (B, 1, H, hd) whose row `i` is at position `positions[i]`.
-    fn apply_at(&self, x: &Tensor, positions: &Tensor) -> Tensor {
-        let (b, _, _, hd) = x.size4().expect("rope input is 4-d");
-        let cos = self.cos.index_select(0, positions).view([b, 1, 1, hd]);
-        let sin = self.sin.index_select(0, positions).view([b, 1, 1, hd]);
-        Self::rotate(x, &cos, &sin)
-    }
-
-    fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-        let (b, t, h, hd) = x.size4().expect("rope input is 4-d");
-        let x32 = x.to_kind(Kind::Float);
-        // Each pair (a, b) as (b, a).
-        let swapped = x32.view([b, t, h, hd / 2, 2]).flip([4]).view([b, t, h, hd]);
-        (x32 * cos + swapped * sin).to_kind(x.kind())
-    }
-}
 
 #[derive(Debug)]
 struct Attention {
@@ -158,13 +102,14 @@ impl Attention {
         start_pos: i64,
         cache: Option<(&mut Tensor, &mut Tensor)>,
         dropout: f64,
+        kernels: Kernels,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("attention input is 3-d");
         let q = linear(x, &self.wq.get()).view([b, t, self.q_heads, self.head_dim]);
         let k = linear(x, &self.wk.get()).view([b, t, self.kv_heads, self.head_dim]);
         let v = linear(x, &self.wv.get()).view([b, t, self.kv_heads, self.head_dim]);
-        let q = rope.apply(&q, start_pos).transpose(1, 2);
-        let k = rope.apply(&k, start_pos).transpose(1, 2);
+        let q = rope.apply(&q, start_pos, kernels).transpose(1, 2);
+        let k = rope.apply(&k, start_pos, kernels).transpose(1, 2);
         let v = v.transpose(1, 2);
         let (k, v, mask) = match cache {
             None => (k, v, None),
@@ -209,13 +154,14 @@ impl Attention {
         positions: &Tensor,
         (cache_k, cache_v): (&mut Tensor, &mut Tensor),
         max_len: i64,
+        kernels: Kernels,
     ) -> Tensor {
         let (b, _, _) = x.size3().expect("attention input is 3-d");
         let q = linear(x, &self.wq.get()).view([b, 1, self.q_heads, self.head_dim]);
         let k = linear(x, &self.wk.get()).view([b, 1, self.kv_heads, self.head_dim]);
         let v = linear(x, &self.wv.get()).view([b, 1, self.kv_heads, self.head_dim]);
-        let q = rope.apply_at(&q, positions).transpose(1, 2);
-        let k = rope.apply_at(&k, positions).transpose(1, 2);
+        let q = rope.apply_at(&q, positions, kernels).transpose(1, 2);
+        let k = rope.apply_at(&k, positions, kernels).transpose(1, 2);
         let v = v.transpose(1, 2);
         // Row i's key and value go to (slot i, position i): indices on dims 0 and 2.
         let rows = Tensor::arange(b, (Kind::Int64, x.device()));
@@ -323,7 +269,7 @@ pub struct LilLM {
     norm: RmsNorm,
     rope: Rope,
     compute_kind: Kind,
-    /// Which implementation of the norms runs (fused on CUDA).
+    /// Which implementation of the norms, RoPE and SwiGLU runs (fused on CUDA).
     kernels: Kernels,
 }
 
@@ -476,9 +422,14 @@ impl LilLM {
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer(i));
             let attn_in = block.attn_norm.forward(&x, self.kernels);
-            x = x + block
-                .attn
-                .forward(&attn_in, &self.rope, start_pos, layer_cache, dropout);
+            x = x + block.attn.forward(
+                &attn_in,
+                &self.rope,
+                start_pos,
+                layer_cache,
+                dropout,
+                self.kernels,
+            );
             let (ffn_out, layer_routing) = block.mlp.forward(
                 &block.ffn_norm.forward(&x, self.kernels),
                 train,
@@ -609,10 +560,14 @@ impl LilLM {
             Tensor::embedding(&self.tok_emb, ids, -1, false, false).to_kind(self.compute_kind);
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let attn_in = block.attn_norm.forward(&x, self.kernels);
-            let attn =
-                block
-                    .attn
-                    .forward_slots(&attn_in, &self.rope, positions, cache.layer(i), keys);
+            let attn = block.attn.forward_slots(
+                &attn_in,
+                &self.rope,
+                positions,
+                cache.layer(i),
+                keys,
+                self.kernels,
+            );
             x = x + attn;
             let (ffn_out, _) = block.mlp.forward(
                 &block.ffn_norm.forward(&x, self.kernels),
@@ -688,49 +643,5 @@ impl LilLM {
         let (hidden, _) = self.hidden(tokens, start, Some(cache), false);
         cache.advance(t as usize);
         self.head(&hidden.select(1, t - 1))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The rotation as the original computes it: each pair's halves apart, then stacked.
-    fn rotate_pairs(x: &Tensor, start: i64, cfg: &ModelConfig) -> Tensor {
-        let (b, t, h, hd) = x.size4().unwrap();
-        let exponents =
-            Tensor::arange_start_step(0, hd, 2, (Kind::Float, tch::Device::Cpu)) / hd as f64;
-        let inv_freq = Tensor::from(cfg.rope_theta as f32)
-            .pow(&exponents)
-            .reciprocal();
-        let positions = Tensor::arange_start(start, start + t, (Kind::Float, tch::Device::Cpu));
-        let angles = positions.outer(&inv_freq).view([1, t, 1, hd / 2]);
-        let (cos, sin) = (angles.cos(), angles.sin());
-        let pairs = x.view([b, t, h, hd / 2, 2]);
-        let (even, odd) = (pairs.select(4, 0), pairs.select(4, 1));
-        let rotated = [&even * &cos - &odd * &sin, &even * &sin + &odd * &cos];
-        Tensor::stack(&rotated, 4).view([b, t, h, hd])
-    }
-
-    #[test]
-    fn the_rotation_in_four_kernels_is_the_pairwise_rotation_bit_for_bit() {
-        let cfg = ModelConfig::preset("tiny").unwrap();
-        let rope = Rope::new(&cfg, tch::Device::Cpu);
-        let hd = cfg.head_dim() as i64;
-        let x = Tensor::randn([2, 5, 3, hd], (Kind::Float, tch::Device::Cpu)) * 10.0;
-        for start in [0, 7] {
-            assert!(rope.apply(&x, start).equal(&rotate_pairs(&x, start, &cfg)));
-        }
-        // Rows at their own positions, as a decode step rotates them.
-        let row = x.narrow(1, 0, 1);
-        let positions = Tensor::from_slice(&[9i64, 2]);
-        let each: Vec<Tensor> = [9, 2]
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| rotate_pairs(&row.narrow(0, i as i64, 1), p, &cfg))
-            .collect();
-        assert!(rope
-            .apply_at(&row, &positions)
-            .equal(&Tensor::cat(&each, 0)));
     }
 }

@@ -1,0 +1,190 @@
+//! Rotary position embedding (adjacent pairs, Meta-style), in its reference and its fused
+//! form ([`Kernels`]).
+//!
+//! The reference rotates in four element-wise kernels on float32 (plus a cast each way): a
+//! pair (a, b) becomes x·cos + swap(x)·sin = (a·cos − b·sin, b·cos + a·sin), bit for bit the
+//! rotation of the two halves computed apart. On q and k of a bf16 batch that is about a
+//! dozen passes over float32 activations forward and as many backward: for lillm-39m at
+//! 128 × 512, by arithmetic, more memory traffic than any other element-wise layer. The
+//! fused form (`lillm_cuda::kernels::rope`) reads each pair once, computes in float32 as the
+//! reference does and rounds once; its backward needs only the tables.
+
+use std::sync::OnceLock;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::fused::{agrees_with_reference, checked_once, Kernels};
+use crate::ModelConfig;
+
+/// The rotation's tables, float32, on the model's device.
+#[derive(Debug)]
+pub(crate) struct Rope {
+    /// (positions, head_dim): each pair's cosine twice, for the reference.
+    cos: Tensor,
+    /// (positions, head_dim): each pair's (−sin, sin), for the reference.
+    sin: Tensor,
+    /// (positions, head_dim / 2): each pair's cosine, for the fused kernel.
+    pair_cos: Tensor,
+    /// (positions, head_dim / 2): each pair's sine, for the fused kernel.
+    pair_sin: Tensor,
+}
+
+impl Rope {
+    pub(crate) fn new(cfg: &ModelConfig, device: Device) -> Self {
+        let hd = cfg.head_dim() as i64;
+        let opts = (Kind::Float, device);
+        let exponents = Tensor::arange_start_step(0, hd, 2, opts) / hd as f64;
+        let inv_freq = Tensor::from(cfg.rope_theta as f32)
+            .to_device(device)
+            .pow(&exponents)
+            .reciprocal();
+        let positions = Tensor::arange(cfg.max_seq_len as i64, opts);
+        let angles = positions.outer(&inv_freq);
+        Self::from_pair_tables(angles.cos(), angles.sin())
+    }
+
+    fn from_pair_tables(pair_cos: Tensor, pair_sin: Tensor) -> Self {
+        let (positions, pairs) = pair_cos.size2().expect("rope tables are 2-d");
+        let interleave = |first: &Tensor, second: &Tensor| {
+            Tensor::stack(&[first, second], 2).view([positions, 2 * pairs])
+        };
+        Self {
+            cos: interleave(&pair_cos, &pair_cos),
+            sin: interleave(&pair_sin.neg(), &pair_sin),
+            pair_cos,
+            pair_sin,
+        }
+    }
+
+    /// Rotates `x` of shape (B, T, H, hd) whose first position is `start_pos`.
+    pub(crate) fn apply(&self, x: &Tensor, start_pos: i64, kernels: Kernels) -> Tensor {
+        self.apply_with(x, Positions::From(start_pos), kernels)
+    }
+
+    /// Rotates `x` of shape (B, 1, H, hd) whose row `i` is at position `positions[i]`.
+    pub(crate) fn apply_at(&self, x: &Tensor, positions: &Tensor, kernels: Kernels) -> Tensor {
+        self.apply_with(x, Positions::PerRow(positions), kernels)
+    }
+
+    fn apply_with(&self, x: &Tensor, positions: Positions, kernels: Kernels) -> Tensor {
+        let fused = kernels == Kernels::Fused && fused_rope_in_use(x.device());
+        self.rotate(x, positions, fused)
+            .unwrap_or_else(|e| panic!("{e} (it passed its check at start)"))
+    }
+
+    /// `x` rotated by the fused kernel, or the reference: x·cos + swap(x)·sin in float32,
+    /// rounded to x's kind.
+    fn rotate(&self, x: &Tensor, positions: Positions, fused: bool) -> lillm_cuda::Result<Tensor> {
+        let rows = |table: &Tensor| positions.rows(table, x);
+        if fused {
+            return lillm_cuda::kernels::rope(x, &rows(&self.pair_cos), &rows(&self.pair_sin));
+        }
+        let (b, t, h, hd) = x.size4().expect("rope input is 4-d");
+        let x32 = x.to_kind(Kind::Float);
+        // Each pair (a, b) as (b, a).
+        let swapped = x32.view([b, t, h, hd / 2, 2]).flip([4]).view([b, t, h, hd]);
+        Ok((x32 * rows(&self.cos) + swapped * rows(&self.sin)).to_kind(x.kind()))
+    }
+}
+
+/// The positions of a tensor's rows.
+#[derive(Clone, Copy)]
+enum Positions<'a> {
+    /// Its sequence positions from this one on (a batch, or a chunk of a prompt).
+    From(i64),
+    /// Row `i` at `positions[i]`, one position per row (a decode step).
+    PerRow(&'a Tensor),
+}
+
+impl Positions<'_> {
+    /// The rows of `table` for `x` (B, T, H, hd), shaped to broadcast against it.
+    fn rows(self, table: &Tensor, x: &Tensor) -> Tensor {
+        let (b, t, _, _) = x.size4().expect("rope input is 4-d");
+        let width = table.size()[1];
+        match self {
+            Self::From(start) => table.narrow(0, start, t).view([1, t, 1, width]),
+            Self::PerRow(positions) => table.index_select(0, positions).view([b, 1, 1, width]),
+        }
+    }
+}
+
+/// Whether RoPE runs the fused kernel on `device` (with [`Kernels::Fused`]): on CUDA once
+/// the kernel, compiled on first use, has matched the reference on a known input in this
+/// process (a kernel that fails to compile or differs is reported and the reference runs).
+pub fn fused_rope_in_use(device: Device) -> bool {
+    static CHECKED: OnceLock<bool> = OnceLock::new();
+    checked_once(&CHECKED, device, "RoPE", || check_fused_rope(device))
+}
+
+/// The fused rotation against the reference on a fixed bf16 input and fixed angles (no draw
+/// from libtorch's generator, which seeded runs replay), at positions in a batch's layout
+/// and, as a decode step has them, one per row.
+fn check_fused_rope(device: Device) -> Result<(), String> {
+    let (t, pairs) = (8, 16);
+    let angles = Tensor::linspace(-40.0, 300.0, t * pairs, (Kind::Float, device)).view([t, pairs]);
+    let rope = Rope::from_pair_tables(angles.cos(), angles.sin());
+    let x = Tensor::linspace(-6.0, 5.0, 3 * t * 2 * 2 * pairs, (Kind::Float, device))
+        .view([3, t, 2, 2 * pairs])
+        .to_kind(Kind::BFloat16);
+    let per_row = Tensor::from_slice(&[5i64, 0, 7]).to_device(device);
+    for (x, positions) in [
+        (x.shallow_clone(), Positions::From(0)),
+        (x.narrow(1, 2, 1), Positions::PerRow(&per_row)),
+    ] {
+        let fused = |x: &[Tensor]| {
+            rope.rotate(&x[0], positions, true)
+                .map_err(|e| e.to_string())
+        };
+        let reference = |x: &[Tensor]| rope.rotate(&x[0], positions, false).expect("the reference");
+        agrees_with_reference(&[x], fused, reference)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rotation as the original computes it: each pair's halves apart, then stacked.
+    fn rotate_pairs(x: &Tensor, start: i64, cfg: &ModelConfig) -> Tensor {
+        let (b, t, h, hd) = x.size4().unwrap();
+        let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Float, Device::Cpu)) / hd as f64;
+        let inv_freq = Tensor::from(cfg.rope_theta as f32)
+            .pow(&exponents)
+            .reciprocal();
+        let positions = Tensor::arange_start(start, start + t, (Kind::Float, Device::Cpu));
+        let angles = positions.outer(&inv_freq).view([1, t, 1, hd / 2]);
+        let (cos, sin) = (angles.cos(), angles.sin());
+        let pairs = x.view([b, t, h, hd / 2, 2]);
+        let (even, odd) = (pairs.select(4, 0), pairs.select(4, 1));
+        let rotated = [&even * &cos - &odd * &sin, &even * &sin + &odd * &cos];
+        Tensor::stack(&rotated, 4).view([b, t, h, hd])
+    }
+
+    #[test]
+    fn the_rotation_in_four_kernels_is_the_pairwise_rotation_bit_for_bit() {
+        let cfg = ModelConfig::preset("tiny").unwrap();
+        let rope = Rope::new(&cfg, Device::Cpu);
+        let hd = cfg.head_dim() as i64;
+        let x = Tensor::randn([2, 5, 3, hd], (Kind::Float, Device::Cpu)) * 10.0;
+        // Off CUDA the reference runs whatever is asked.
+        for kernels in [Kernels::Reference, Kernels::Fused] {
+            for start in [0, 7] {
+                let want = rotate_pairs(&x, start, &cfg);
+                assert!(rope.apply(&x, start, kernels).equal(&want));
+            }
+            // Rows at their own positions, as a decode step rotates them.
+            let row = x.narrow(1, 0, 1);
+            let positions = Tensor::from_slice(&[9i64, 2]);
+            let each: Vec<Tensor> = [9, 2]
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| rotate_pairs(&row.narrow(0, i as i64, 1), p, &cfg))
+                .collect();
+            assert!(rope
+                .apply_at(&row, &positions, kernels)
+                .equal(&Tensor::cat(&each, 0)));
+        }
+        assert!(!fused_rope_in_use(Device::Cpu));
+    }
+}
