@@ -1,9 +1,10 @@
 // The model's fused element-wise kernels, written once as CUDA C++ source: compiled at run
 // time by libtorch's jiterator (NVRTC behind TensorIterator: any strides, bf16 or float32,
 // vectorised loads, compiled once per dtype and cached) and wrapped as autograd functions
-// here; the same source is also compiled by the host compiler into this shim, so that a
-// machine without a GPU checks what it computes (cuda/src/kernels.rs tests it against the
-// reference formulas).
+// here; the same source is also compiled by the host compiler into this shim, and the same
+// autograd functions run it element by element on CPU tensors, so that a machine without a
+// GPU checks what they compute (cuda/src/kernels.rs tests them against the reference
+// formulas and autograd).
 //
 // SwiGLU: silu(gate) * up, forward one kernel where the reference launches two (silu, then
 // the product, each rounding to bf16), backward one kernel for both gradients where the
@@ -112,22 +113,85 @@ extern "C" __global__ void lillm_check_rope(const float* a, const float* b, cons
 }
 )";
 
+// A kernel function as both compilers see it: its source and name for jiterator, how many
+// inputs and outputs it has, and the same function compiled for the host, on float32.
+struct Kernel {
+  const char* source;
+  const char* name;
+  int inputs;
+  int outputs;
+  bool return_by_ref;
+  void (*host)(const float* in, float* out);
+};
+
+const Kernel kSwigluForwardKernel{
+    kSwigluForward, "lillm_swiglu_forward", 2, 1, false,
+    [](const float* in, float* out) { out[0] = lillm_swiglu_forward<float>(in[0], in[1]); }};
+const Kernel kSwigluBackwardKernel{
+    kSwigluBackward, "lillm_swiglu_backward", 3, 2, true, [](const float* in, float* out) {
+      lillm_swiglu_backward<float>(in[0], in[1], in[2], out[0], out[1]);
+    }};
+const Kernel kRopeForwardKernel{
+    kRopeForward, "lillm_rope_forward", 4, 2, true, [](const float* in, float* out) {
+      lillm_rope_forward<float>(in[0], in[1], in[2], in[3], out[0], out[1]);
+    }};
+const Kernel kRopeBackwardKernel{
+    kRopeBackward, "lillm_rope_backward", 4, 2, true, [](const float* in, float* out) {
+      lillm_rope_backward<float>(in[0], in[1], in[2], in[3], out[0], out[1]);
+    }};
+
+// The host's stand-in for jiterator: `kernel`'s host function element by element over the
+// inputs broadcast together, in float32, its outputs in the inputs' promoted dtype as
+// jiterator gives them. Slow; it exists so that a CPU test runs the autograd functions below.
+c10::SmallVector<at::Tensor> host_launch(const Kernel& kernel,
+                                         const c10::SmallVector<at::Tensor>& inputs) {
+  auto dtype = inputs[0].scalar_type();
+  for (const auto& t : inputs) dtype = at::promote_types(dtype, t.scalar_type());
+  auto broadcast = at::broadcast_tensors(std::vector<at::Tensor>(inputs.begin(), inputs.end()));
+  std::vector<at::Tensor> in;
+  for (const auto& t : broadcast) in.push_back(t.to(at::kFloat).contiguous());
+  std::vector<at::Tensor> out;
+  for (int i = 0; i < kernel.outputs; ++i) out.push_back(at::empty_like(in[0]));
+  std::vector<const float*> from;
+  for (const auto& t : in) from.push_back(t.data_ptr<float>());
+  std::vector<float*> to;
+  for (auto& t : out) to.push_back(t.data_ptr<float>());
+  std::vector<float> args(kernel.inputs), results(kernel.outputs);
+  for (int64_t e = 0; e < in[0].numel(); ++e) {
+    for (int i = 0; i < kernel.inputs; ++i) args[i] = from[i][e];
+    kernel.host(args.data(), results.data());
+    for (int i = 0; i < kernel.outputs; ++i) to[i][e] = results[i];
+  }
+  c10::SmallVector<at::Tensor> typed;
+  for (auto& t : out) typed.push_back(t.to(dtype));
+  return typed;
+}
+
+// `kernel` over `inputs`: compiled and launched by jiterator on CUDA, on the host elsewhere.
+c10::SmallVector<at::Tensor> launch(const Kernel& kernel,
+                                    const c10::SmallVector<at::Tensor>& inputs) {
+  TORCH_CHECK(static_cast<int>(inputs.size()) == kernel.inputs, kernel.name, " takes ",
+              kernel.inputs, " inputs");
 #ifdef LILLM_WITH_CUDA
+  if (inputs[0].is_cuda()) {
+    return at::cuda::CompileAndLaunchKernel(kernel.source, kernel.name, kernel.outputs, inputs,
+                                            {}, kernel.return_by_ref);
+  }
+#endif
+  return host_launch(kernel, inputs);
+}
 
 struct SwiGlu : public torch::autograd::Function<SwiGlu> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& gate,
                             const at::Tensor& up) {
     ctx->save_for_backward({gate, up});
-    return at::cuda::CompileAndLaunchKernel(kSwigluForward, "lillm_swiglu_forward", 1,
-                                            {gate, up}, {}, /*return_by_ref=*/false)[0];
+    return launch(kSwigluForwardKernel, {gate, up})[0];
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     auto saved = ctx->get_saved_variables();
-    auto out = at::cuda::CompileAndLaunchKernel(kSwigluBackward, "lillm_swiglu_backward", 2,
-                                                {grads[0], saved[0], saved[1]}, {},
-                                                /*return_by_ref=*/true);
+    auto out = launch(kSwigluBackwardKernel, {grads[0], saved[0], saved[1]});
     return {out[0], out[1]};
   }
 };
@@ -156,9 +220,7 @@ struct Rope : public torch::autograd::Function<Rope> {
                             const at::Tensor& cos, const at::Tensor& sin) {
     ctx->save_for_backward({cos, sin});
     auto halves = pair_halves(x);
-    auto out = at::cuda::CompileAndLaunchKernel(kRopeForward, "lillm_rope_forward", 2,
-                                                {halves.first, halves.second, cos, sin}, {},
-                                                /*return_by_ref=*/true);
+    auto out = launch(kRopeForwardKernel, {halves.first, halves.second, cos, sin});
     return interleave(out[0], out[1], x);
   }
 
@@ -166,63 +228,77 @@ struct Rope : public torch::autograd::Function<Rope> {
                                                torch::autograd::tensor_list grads) {
     auto saved = ctx->get_saved_variables();
     auto halves = pair_halves(grads[0]);
-    auto out = at::cuda::CompileAndLaunchKernel(kRopeBackward, "lillm_rope_backward", 2,
-                                                {halves.first, halves.second, saved[0], saved[1]},
-                                                {}, /*return_by_ref=*/true);
+    auto out = launch(kRopeBackwardKernel, {halves.first, halves.second, saved[0], saved[1]});
     return {interleave(out[0], out[1], grads[0]), at::Tensor(), at::Tensor()};
   }
 };
+
+at::Tensor& tensor(void* raw) { return *static_cast<at::Tensor*>(raw); }
+
+// Runs `make` (which returns the result tensor) for the C ABI: a new tensor for the caller to
+// own, or null with `err` set (free it with lillm_cuda_free_error).
+template <typename F>
+void* new_tensor(char** err, F make) {
+  try {
+    return new at::Tensor(make());
+  } catch (const std::exception& e) {
+    fail(err, e.what());
+    return nullptr;
+  }
+}
+
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
+              "the fused SwiGLU needs gate and up of one shape and dtype");
+  return SwiGlu::apply(gate, up);
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.dim() > 0 && x.size(-1) % 2 == 0, "the fused RoPE rotates pairs: the last ",
+              "dimension must be even, not ", x.sizes());
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "the fused RoPE takes float32 angle tables");
+  return Rope::apply(x, cos, sin);
+}
+
+// Refuses what is not on CUDA (the host path is for tests, through the _host entries).
+void require_cuda(std::initializer_list<const at::Tensor*> tensors, const char* what) {
+#ifndef LILLM_WITH_CUDA
+  (void)tensors;
+  TORCH_CHECK(false, what, ": this torch build has no CUDA");
 #endif
+  for (auto t : tensors) TORCH_CHECK(t->is_cuda(), what, " runs on CUDA tensors");
+}
 }  // namespace
 
 extern "C" {
 
-// silu(gate) * up for CUDA tensors of one shape and dtype, with its backward; returns a new
-// tensor for the caller to own, or null with `err` set (free it with lillm_cuda_free_error).
+// silu(gate) * up for CUDA tensors of one shape and dtype, with its backward.
 void* lillm_cuda_swiglu(void* gate, void* up, char** err) {
-#ifdef LILLM_WITH_CUDA
-  try {
-    const auto& g = *static_cast<at::Tensor*>(gate);
-    const auto& u = *static_cast<at::Tensor*>(up);
-    TORCH_CHECK(g.is_cuda() && u.is_cuda(), "the fused SwiGLU runs on CUDA tensors");
-    TORCH_CHECK(g.sizes() == u.sizes() && g.scalar_type() == u.scalar_type(),
-                "the fused SwiGLU needs gate and up of one shape and dtype");
-    return new at::Tensor(SwiGlu::apply(g, u));
-  } catch (const std::exception& e) {
-    fail(err, e.what());
-    return nullptr;
-  }
-#else
-  (void)gate; (void)up;
-  fail(err, "this torch build has no CUDA");
-  return nullptr;
-#endif
+  return new_tensor(err, [&] {
+    require_cuda({&tensor(gate), &tensor(up)}, "the fused SwiGLU");
+    return swiglu(tensor(gate), tensor(up));
+  });
 }
 
 // `x` (…, n) with each pair of its last dimension rotated by the float32 angle tables `cos`
-// and `sin` (broadcastable to (…, n/2)), with its backward; returns a new tensor of x's shape
-// and dtype for the caller to own, or null with `err` set.
+// and `sin` (broadcastable to (…, n/2)), with its backward; a new tensor of x's shape and
+// dtype.
 void* lillm_cuda_rope(void* x, void* cos, void* sin, char** err) {
-#ifdef LILLM_WITH_CUDA
-  try {
-    const auto& t = *static_cast<at::Tensor*>(x);
-    const auto& c = *static_cast<at::Tensor*>(cos);
-    const auto& s = *static_cast<at::Tensor*>(sin);
-    TORCH_CHECK(t.is_cuda() && c.is_cuda() && s.is_cuda(), "the fused RoPE runs on CUDA tensors");
-    TORCH_CHECK(t.dim() > 0 && t.size(-1) % 2 == 0, "the fused RoPE rotates pairs: the last ",
-                "dimension must be even, not ", t.sizes());
-    TORCH_CHECK(c.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat,
-                "the fused RoPE takes float32 angle tables");
-    return new at::Tensor(Rope::apply(t, c, s));
-  } catch (const std::exception& e) {
-    fail(err, e.what());
-    return nullptr;
-  }
-#else
-  (void)x; (void)cos; (void)sin;
-  fail(err, "this torch build has no CUDA");
-  return nullptr;
-#endif
+  return new_tensor(err, [&] {
+    require_cuda({&tensor(x), &tensor(cos), &tensor(sin)}, "the fused RoPE");
+    return rope(tensor(x), tensor(cos), tensor(sin));
+  });
+}
+
+// The same autograd functions on CPU tensors, each kernel function compiled for the host and
+// run element by element: what the tests check the wrappers' plumbing and arithmetic with.
+void* lillm_cuda_swiglu_host(void* gate, void* up, char** err) {
+  return new_tensor(err, [&] { return swiglu(tensor(gate), tensor(up)); });
+}
+
+void* lillm_cuda_rope_host(void* x, void* cos, void* sin, char** err) {
+  return new_tensor(err, [&] { return rope(tensor(x), tensor(cos), tensor(sin)); });
 }
 
 // Every kernel's source with a kernel that calls it as jiterator does, for NVRTC to compile
@@ -234,26 +310,6 @@ char* lillm_cuda_kernels_source() {
     all += std::string(part) + "\n";
   }
   return strdup(all.c_str());
-}
-
-// The kernels' source compiled for the host, in float32: what one element computes.
-float lillm_cuda_swiglu_forward_host(float gate, float up) {
-  return lillm_swiglu_forward<float>(gate, up);
-}
-
-void lillm_cuda_swiglu_backward_host(float grad, float gate, float up, float* d_gate,
-                                     float* d_up) {
-  lillm_swiglu_backward<float>(grad, gate, up, *d_gate, *d_up);
-}
-
-void lillm_cuda_rope_forward_host(float a, float b, float cos, float sin, float* out_a,
-                                  float* out_b) {
-  lillm_rope_forward<float>(a, b, cos, sin, *out_a, *out_b);
-}
-
-void lillm_cuda_rope_backward_host(float grad_a, float grad_b, float cos, float sin, float* d_a,
-                                   float* d_b) {
-  lillm_rope_backward<float>(grad_a, grad_b, cos, sin, *d_a, *d_b);
 }
 
 }  // extern "C"

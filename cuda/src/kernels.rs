@@ -1,8 +1,10 @@
 //! The model's fused element-wise kernels on CUDA (`csrc/kernels.cpp`): CUDA C++ source that
 //! libtorch's jiterator compiles at run time with NVRTC, wrapped as autograd functions. The
-//! same source is compiled for the host too, which is how a machine without a GPU checks
-//! what each element computes (the tests below hold it to the reference formulas), and
-//! compiles the kernels for the device with NVRTC ([`device_ptx`]), which needs no GPU.
+//! same source is compiled for the host too, and the same autograd functions run it on CPU
+//! tensors, element by element, in place of jiterator: that is how a machine without a GPU
+//! checks what they compute, forward and backward (the tests below hold them to the
+//! reference formulas and autograd), and it compiles the kernels for the device with NVRTC
+//! ([`device_ptx`]), which needs no GPU.
 
 use std::ffi::{c_char, c_void, CString};
 use std::path::Path;
@@ -28,33 +30,18 @@ extern "C" {
         err: *mut *mut c_char,
     ) -> *mut c_char;
     #[cfg(test)]
-    fn lillm_cuda_swiglu_forward_host(gate: f32, up: f32) -> f32;
+    fn lillm_cuda_swiglu_host(
+        gate: *mut c_void,
+        up: *mut c_void,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
     #[cfg(test)]
-    fn lillm_cuda_swiglu_backward_host(
-        grad: f32,
-        gate: f32,
-        up: f32,
-        d_gate: *mut f32,
-        d_up: *mut f32,
-    );
-    #[cfg(test)]
-    fn lillm_cuda_rope_forward_host(
-        a: f32,
-        b: f32,
-        cos: f32,
-        sin: f32,
-        out_a: *mut f32,
-        out_b: *mut f32,
-    );
-    #[cfg(test)]
-    fn lillm_cuda_rope_backward_host(
-        grad_a: f32,
-        grad_b: f32,
-        cos: f32,
-        sin: f32,
-        d_a: *mut f32,
-        d_b: *mut f32,
-    );
+    fn lillm_cuda_rope_host(
+        x: *mut c_void,
+        cos: *mut c_void,
+        sin: *mut c_void,
+        err: *mut *mut c_char,
+    ) -> *mut c_void;
 }
 
 /// `silu(gate) · up` in one kernel, with a one-kernel backward, for CUDA tensors of one
@@ -64,22 +51,11 @@ extern "C" {
 /// On tensors that are not on CUDA, of different shapes or dtypes, a build without CUDA, or
 /// a kernel that does not compile.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    let mut err = std::ptr::null_mut();
     // SAFETY: both pointers are live at::Tensor objects owned by the arguments, which
     // outlive the call; the shim catches libtorch's exceptions.
-    let out = unsafe {
-        lillm_cuda_swiglu(
-            gate.as_ptr() as *mut c_void,
-            up.as_ptr() as *mut c_void,
-            &mut err,
-        )
-    };
-    if out.is_null() {
-        return Err(take_error("fused SwiGLU", err));
-    }
-    // SAFETY: the shim returned a fresh heap-allocated at::Tensor (tch's C_tensor) that
-    // nobody else owns; the Tensor frees it on drop.
-    Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+    new_tensor("fused SwiGLU", |err| unsafe {
+        lillm_cuda_swiglu(raw(gate), raw(up), err)
+    })
 }
 
 /// `x` (…, n) with each pair of its last dimension, (a, b), rotated to
@@ -91,19 +67,25 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// On tensors that are not on CUDA, an odd last dimension, tables that are not float32 or do
 /// not broadcast, a build without CUDA, or a kernel that does not compile.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let mut err = std::ptr::null_mut();
     // SAFETY: the three pointers are live at::Tensor objects owned by the arguments, which
     // outlive the call; the shim catches libtorch's exceptions.
-    let out = unsafe {
-        lillm_cuda_rope(
-            x.as_ptr() as *mut c_void,
-            cos.as_ptr() as *mut c_void,
-            sin.as_ptr() as *mut c_void,
-            &mut err,
-        )
-    };
+    new_tensor("fused RoPE", |err| unsafe {
+        lillm_cuda_rope(raw(x), raw(cos), raw(sin), err)
+    })
+}
+
+/// A tensor as the shim takes it.
+fn raw(t: &Tensor) -> *mut c_void {
+    t.as_ptr() as *mut c_void
+}
+
+/// The tensor a shim call made, or its error: `call` returns a new at::Tensor or null with
+/// the error it was given set.
+fn new_tensor(what: &str, call: impl FnOnce(*mut *mut c_char) -> *mut c_void) -> Result<Tensor> {
+    let mut err = std::ptr::null_mut();
+    let out = call(&mut err);
     if out.is_null() {
-        return Err(take_error("fused RoPE", err));
+        return Err(take_error(what, err));
     }
     // SAFETY: the shim returned a fresh heap-allocated at::Tensor (tch's C_tensor) that
     // nobody else owns; the Tensor frees it on drop.
@@ -148,74 +130,139 @@ mod tests {
     use super::*;
     use tch::{Device, Kind};
 
-    /// The reference, as the model computes it without the kernel: silu(gate)·up and its
-    /// gradients by autograd, in float32.
-    fn reference(gate: f32, up: f32) -> (f32, f32, f32) {
-        let g = Tensor::from(gate).set_requires_grad(true);
-        let u = Tensor::from(up).set_requires_grad(true);
-        let out = g.silu() * &u;
-        out.backward();
-        let value = |t: &Tensor| t.double_value(&[]) as f32;
-        (value(&out), value(&g.grad()), value(&u.grad()))
+    /// The SwiGLU autograd function on CPU tensors, its kernels run on the host.
+    fn swiglu_on_host(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        // SAFETY: live tensors owned by the arguments; the shim catches libtorch's exceptions.
+        new_tensor("SwiGLU on the host", |err| unsafe {
+            lillm_cuda_swiglu_host(raw(gate), raw(up), err)
+        })
     }
 
-    #[test]
-    fn the_swiglu_kernels_compute_silu_times_up_and_its_gradients() {
-        for gate in [-12.0f32, -3.5, -1.0, -0.1, 0.0, 0.3, 1.0, 2.7, 9.0] {
-            for up in [-2.0f32, 0.0, 0.5, 3.0] {
-                let (want, want_gate, want_up) = reference(gate, up);
-                // SAFETY: plain values in and out.
-                let got = unsafe { lillm_cuda_swiglu_forward_host(gate, up) };
-                let (mut d_gate, mut d_up) = (0.0f32, 0.0f32);
-                // SAFETY: plain values in; the shim writes two floats it is given.
-                unsafe { lillm_cuda_swiglu_backward_host(2.0, gate, up, &mut d_gate, &mut d_up) };
-                let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
-                assert!(close(got, want), "forward at {gate}, {up}: {got} vs {want}");
-                assert!(
-                    close(d_gate, 2.0 * want_gate),
-                    "d gate at {gate}, {up}: {d_gate} vs {}",
-                    2.0 * want_gate
-                );
-                assert!(close(d_up, 2.0 * want_up), "d up at {gate}, {up}");
-            }
+    /// The RoPE autograd function on CPU tensors, its kernels run on the host.
+    fn rope_on_host(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        // SAFETY: live tensors owned by the arguments; the shim catches libtorch's exceptions.
+        new_tensor("RoPE on the host", |err| unsafe {
+            lillm_cuda_rope_host(raw(x), raw(cos), raw(sin), err)
+        })
+    }
+
+    /// `f`'s output and the gradients of `inputs` of a weighted sum of its outputs (each
+    /// output's gradient differs), all in float32.
+    fn with_grads(inputs: &[&Tensor], f: impl Fn(&[Tensor]) -> Tensor) -> Vec<Tensor> {
+        let leaves: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.detach().set_requires_grad(true))
+            .collect();
+        let out = f(&leaves).to_kind(Kind::Float);
+        let weights = Tensor::linspace(-1.0, 2.0, out.numel() as i64, (Kind::Float, Device::Cpu))
+            .view(out.size().as_slice());
+        let grads = Tensor::run_backward(
+            &[(&out * weights).sum(Kind::Float)],
+            &leaves.iter().collect::<Vec<_>>(),
+            false,
+            false,
+        );
+        std::iter::once(out)
+            .chain(grads.iter().map(|g| g.to_kind(Kind::Float)))
+            .collect()
+    }
+
+    /// Asserts that `got` and `want` (output, then gradients) agree within `tolerance` of the
+    /// largest value of each.
+    fn assert_close(got: &[Tensor], want: &[Tensor], tolerance: f64, what: &str) {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let scale = w.abs().max().double_value(&[]).max(1e-30);
+            let diff = (g - w).abs().max().double_value(&[]) / scale;
+            assert!(
+                diff <= tolerance,
+                "{what}, tensor {i} of (output, gradients...): {diff:e}"
+            );
         }
     }
 
+    /// The largest relative error of one bf16 rounding.
+    const BF16_ROUNDING: f64 = 1.0 / 256.0;
+
     #[test]
-    fn the_rope_kernels_rotate_each_pair_and_rotate_its_gradient_back() {
-        for angle in [-7.0f32, -1.2, 0.0, 0.4, 1.0, 3.0, 500.0] {
-            for (a, b) in [(1.0f32, 0.0f32), (0.0, 1.0), (-2.5, 0.75), (3.0, -4.0)] {
-                let (cos, sin) = (angle.cos(), angle.sin());
-                // The reference as the model computes it: (a, b)·cos + (b, a)·(−sin, sin),
-                // and its gradient by autograd of a weighted sum of the outputs.
-                let x = Tensor::from_slice(&[a, b]).set_requires_grad(true);
-                let table_cos = Tensor::from_slice(&[cos, cos]);
-                let table_sin = Tensor::from_slice(&[-sin, sin]);
-                let want = &x * &table_cos + x.flip([0]) * &table_sin;
-                let (grad_a, grad_b) = (0.5f32, -1.5f32);
-                (&want * Tensor::from_slice(&[grad_a, grad_b]))
-                    .sum(Kind::Float)
-                    .backward();
-                let want = Vec::<f32>::try_from(&want).unwrap();
-                let want_grad = Vec::<f32>::try_from(&x.grad()).unwrap();
-                let (mut out_a, mut out_b, mut d_a, mut d_b) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-                // SAFETY: plain values in; the shim writes the two floats it is given.
-                unsafe { lillm_cuda_rope_forward_host(a, b, cos, sin, &mut out_a, &mut out_b) };
-                // SAFETY: as above.
-                unsafe {
-                    lillm_cuda_rope_backward_host(grad_a, grad_b, cos, sin, &mut d_a, &mut d_b)
-                };
-                let close = |x: f32, y: f32| (x - y).abs() <= 1e-6 * (1.0 + y.abs());
-                assert!(
-                    close(out_a, want[0]) && close(out_b, want[1]),
-                    "forward of ({a}, {b}) by {angle}: ({out_a}, {out_b}) vs {want:?}"
+    fn the_swiglu_function_computes_silu_times_up_and_its_gradients() {
+        // Across silu's curve: both signs, zero, saturated ends.
+        let gate = Tensor::linspace(-12.0, 9.0, 48, (Kind::Float, Device::Cpu)).view([4, 12]);
+        let up = Tensor::linspace(3.0, -2.0, 48, (Kind::Float, Device::Cpu)).view([4, 12]);
+        // The reference rounds silu and the product apart, the kernel once.
+        for (kind, tolerance) in [(Kind::Float, 1e-5), (Kind::BFloat16, 2.0 * BF16_ROUNDING)] {
+            let (gate, up) = (gate.to_kind(kind), up.to_kind(kind));
+            let fused = with_grads(&[&gate, &up], |x| swiglu_on_host(&x[0], &x[1]).unwrap());
+            let reference = with_grads(&[&gate, &up], |x| x[0].silu() * &x[1]);
+            assert_close(&fused, &reference, tolerance, &format!("{kind:?}"));
+            assert_eq!(swiglu_on_host(&gate, &up).unwrap().kind(), kind);
+        }
+    }
+
+    /// The rotation written out as the original does: each pair's halves apart, then
+    /// stacked; `cos` and `sin` per pair, broadcast against x's pairs.
+    fn rotate_pairs(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let size = x.size();
+        let mut pairs = size.clone();
+        let hd = pairs.pop().unwrap();
+        pairs.extend([hd / 2, 2]);
+        let halves = x.to_kind(Kind::Float).view(pairs.as_slice());
+        let (a, b) = (halves.select(-1, 0), halves.select(-1, 1));
+        let rotated = [&a * cos - &b * sin, &b * cos + &a * sin];
+        Tensor::stack(&rotated, -1)
+            .view(size.as_slice())
+            .to_kind(x.kind())
+    }
+
+    #[test]
+    fn the_rope_function_rotates_each_pair_and_its_gradient_back() {
+        let (t, pairs) = (5, 4);
+        let opts = (Kind::Float, Device::Cpu);
+        let angles = Tensor::linspace(-3.0, 40.0, t * pairs, opts).view([t, pairs]);
+        let (cos, sin) = (angles.cos(), angles.sin());
+        // q or k: 2 rows, 5 positions, 3 heads, 8 features.
+        let x = Tensor::linspace(-4.0, 6.0, 2 * t * 3 * 2 * pairs, opts).view([2, t, 3, 2 * pairs]);
+        let rows = Tensor::from_slice(&[3i64, 0]);
+        let cases = [
+            // A batch: its positions in order, the tables broadcast over rows and heads.
+            (
+                "batch",
+                x.shallow_clone(),
+                cos.view([1, t, 1, pairs]),
+                sin.view([1, t, 1, pairs]),
+            ),
+            // A decode step: one position per row.
+            (
+                "decode",
+                x.narrow(1, 1, 1),
+                cos.index_select(0, &rows).view([2, 1, 1, pairs]),
+                sin.index_select(0, &rows).view([2, 1, 1, pairs]),
+            ),
+        ];
+        for (kind, tolerance) in [(Kind::Float, 1e-6), (Kind::BFloat16, BF16_ROUNDING)] {
+            for (what, x, cos, sin) in &cases {
+                let x = x.to_kind(kind);
+                let what = format!("{what}, {kind:?}");
+                let fused = with_grads(&[&x], |x| rope_on_host(&x[0], cos, sin).unwrap());
+                let reference = with_grads(&[&x], |x| rotate_pairs(&x[0], cos, sin));
+                assert_close(&fused, &reference, tolerance, &what);
+                // As attention uses it: transposed after, so that its gradient comes back
+                // strided.
+                let transposed = |out: Tensor| out.transpose(1, 2).contiguous();
+                let fused = with_grads(&[&x], |x| {
+                    transposed(rope_on_host(&x[0], cos, sin).unwrap())
+                });
+                let reference = with_grads(&[&x], |x| transposed(rotate_pairs(&x[0], cos, sin)));
+                assert_close(
+                    &fused,
+                    &reference,
+                    tolerance,
+                    &format!("{what}, transposed"),
                 );
-                assert!(
-                    close(d_a, want_grad[0]) && close(d_b, want_grad[1]),
-                    "backward of ({a}, {b}) by {angle}: ({d_a}, {d_b}) vs {want_grad:?}"
-                );
+                assert_eq!(rope_on_host(&x, cos, sin).unwrap().kind(), kind);
             }
         }
+        let odd = rope_on_host(&x.narrow(3, 0, 7), &cos, &sin).unwrap_err();
+        assert!(odd.to_string().contains("must be even"), "{odd}");
     }
 
     #[test]
