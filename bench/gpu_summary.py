@@ -103,6 +103,9 @@ def kernels():
         ok=max(k["logits_rel_diff"], k["grads_rel_diff"]) <= 2e-2)
     row(f"fused vs reference kernels, {dense} {small} rows forward+backward ms", f"{k['fused_ms']:.2f}",
         f"{k['reference_ms']:.2f}", f"{k['reference_ms'] / k['fused_ms']:.2f}x", ">= 1.0x")
+    for alone in k.get("each_alone", []):
+        row(f"fused {alone['layer']} alone vs reference, {dense} {small} rows forward+backward ms", f"{alone['ms']:.2f}",
+            f"{k['reference_ms']:.2f}", f"{k['reference_ms'] / alone['ms']:.2f}x", ">= 1.0x")
 
 
 def small_rows():

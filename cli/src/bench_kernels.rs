@@ -1,7 +1,8 @@
 //! `lillm bench kernels`: the fused implementation of the model's layers (RMSNorm, and RoPE
 //! and the SwiGLU product on CUDA) against the reference ([`Kernels`]) on one batch with the same
 //! weights — how far apart their logits and gradients are, and what a training forward and
-//! backward costs with each. The GPU harness (`bench/gpu.sh`) holds the fused form to bf16
+//! backward costs with each: all layers fused, and each fused alone, so that what each
+//! kernel gives is measured rather than guessed. The GPU harness (`bench/gpu.sh`) holds the fused form to bf16
 //! tolerance on the device, where it is the default; on a CPU the two differ by nothing or
 //! a rounding.
 
@@ -72,20 +73,25 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
         model.set_kernels(kernels);
         measure(&model, &vs, &x, &y, args.iters)
     };
-    let reference = pass(Kernels::Reference);
-    let fused = pass(Kernels::Fused);
-    let logits = relative_diff(&fused.logits, &reference.logits);
-    let (worst, grads) = fused
-        .grads
+    let reference = pass(Kernels::REFERENCE);
+    let fused = pass(Kernels::FUSED);
+    let (logits, worst, grads) = fused.differences(&reference);
+    let each_alone: Vec<_> = Kernels::EACH_ALONE
         .iter()
-        .map(|(name, g)| (name.clone(), relative_diff(g, &reference.grads[name])))
-        .fold((String::new(), 0.0f64), |best, (name, d)| {
-            if d > best.1 {
-                (name, d)
-            } else {
-                best
-            }
-        });
+        .map(|&(layer, kernels)| {
+            let alone = pass(kernels);
+            let (logits, _, grads) = alone.differences(&reference);
+            (layer, alone.ms, logits, grads)
+        })
+        .collect();
+    let layers: Vec<_> = each_alone
+        .iter()
+        .map(|(layer, ms, logits, grads)| {
+            serde_json::json!({
+                "layer": layer, "ms": ms, "logits_rel_diff": logits, "grads_rel_diff": grads,
+            })
+        })
+        .collect();
     println!(
         "{}",
         serde_json::json!({
@@ -95,6 +101,7 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
             "reference_ms": reference.ms, "fused_ms": fused.ms,
             "fused_swiglu": lillm_model::fused_swiglu_in_use(device),
             "fused_rope": lillm_model::fused_rope_in_use(device),
+            "each_alone": layers,
         })
     );
     eprintln!(
@@ -106,7 +113,33 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
         reference.ms,
         reference.ms / fused.ms
     );
+    for (layer, ms, logits, grads) in &each_alone {
+        eprintln!(
+            "  {layer} fused alone: forward+backward {ms:.2} ms ({:.2}x), logits differ by {logits:.2e}, gradients by {grads:.2e}",
+            reference.ms / ms
+        );
+    }
     Ok(())
+}
+
+impl Pass {
+    /// How far this pass is from `reference`: its logits' relative difference, and the
+    /// parameter whose gradient differs most with that difference.
+    fn differences(&self, reference: &Pass) -> (f64, String, f64) {
+        let logits = relative_diff(&self.logits, &reference.logits);
+        let (worst, grads) = self
+            .grads
+            .iter()
+            .map(|(name, g)| (name.clone(), relative_diff(g, &reference.grads[name])))
+            .fold((String::new(), 0.0f64), |best, (name, d)| {
+                if d > best.1 {
+                    (name, d)
+                } else {
+                    best
+                }
+            });
+        (logits, worst, grads)
+    }
 }
 
 /// The logits and gradients of one forward and backward on `x → y`, and the mean time of

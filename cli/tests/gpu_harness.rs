@@ -129,6 +129,11 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
     let kernels = row("fused vs reference kernels, tiny float32");
     assert_eq!(kernels["ok"], true, "{printed}");
     assert_eq!(kernels["lillm"], "0.0e+00 / 0.0e+00", "{printed}");
+    // And what each fused layer gives alone, timed.
+    for layer in ["RMSNorm", "RoPE", "SwiGLU"] {
+        let alone = row(&format!("fused {layer} alone vs reference, tiny"));
+        assert!(alone["ratio"].as_str().unwrap().ends_with('x'), "{printed}");
+    }
     // The training step a CUDA graph captures, run uncaptured, trains as the eager step
     // does, bit for bit on the CPU; each run says how its step ran.
     for rows in [4, 2] {

@@ -102,8 +102,9 @@ impl CudaGraph {
         // libtorch's errors surface as tch panics: a step that fails (or that a capture
         // refuses) becomes this function's error, and the stream and capture are undone.
         let mut run = || {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut step))
-                .map_err(|panic| Error::Cuda(format!("CUDA graph capture: {}", message(&panic))))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut step)).map_err(|panic| {
+                Error::Cuda(format!("CUDA graph capture: {}", panic_message(&panic)))
+            })
         };
         let side = SideStream::enter(index)?;
         for _ in 0..warmups {
@@ -193,7 +194,7 @@ impl Drop for SideStream {
 }
 
 /// What a caught panic said.
-fn message(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
     panic
         .downcast_ref::<String>()
         .cloned()
@@ -228,9 +229,12 @@ mod tests {
     fn a_caught_panic_says_what_libtorch_said() {
         // tch panics with a formatted String; a literal panic carries a &str.
         let formatted = std::panic::catch_unwind(|| panic!("{}", "operation not permitted"));
-        assert_eq!(message(&formatted.unwrap_err()), "operation not permitted");
+        assert_eq!(
+            panic_message(&formatted.unwrap_err()),
+            "operation not permitted"
+        );
         let literal = std::panic::catch_unwind(|| std::panic::panic_any("capture invalidated"));
-        assert_eq!(message(&literal.unwrap_err()), "capture invalidated");
+        assert_eq!(panic_message(&literal.unwrap_err()), "capture invalidated");
     }
 
     #[test]

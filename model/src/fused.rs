@@ -9,21 +9,61 @@ use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 
-/// Which implementation of the layers that have two runs (see [`crate::LilLM::set_kernels`]).
+/// Which of the layers that have two runs run fused (see [`crate::LilLM::set_kernels`]);
+/// the others run the reference, op by op as the original computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    /// Op by op, as the original computes: what a CPU runs and tests hold exact.
-    Reference,
-    /// Fewer, fused kernels with the same arithmetic up to rounding.
-    Fused,
+pub struct Kernels {
+    pub rms_norm: bool,
+    pub rope: bool,
+    pub swiglu: bool,
 }
 
 impl Kernels {
+    /// Every layer op by op, as the original computes: what a CPU runs and tests hold exact.
+    pub const REFERENCE: Self = Self {
+        rms_norm: false,
+        rope: false,
+        swiglu: false,
+    };
+
+    /// Every layer fused: fewer kernels with the same arithmetic up to rounding.
+    pub const FUSED: Self = Self {
+        rms_norm: true,
+        rope: true,
+        swiglu: true,
+    };
+
+    /// Each layer with a fused form, by name, fused alone: what each one gives
+    /// (`lillm bench kernels`).
+    pub const EACH_ALONE: [(&'static str, Self); 3] = [
+        (
+            "RMSNorm",
+            Self {
+                rms_norm: true,
+                ..Self::REFERENCE
+            },
+        ),
+        (
+            "RoPE",
+            Self {
+                rope: true,
+                ..Self::REFERENCE
+            },
+        ),
+        (
+            "SwiGLU",
+            Self {
+                swiglu: true,
+                ..Self::REFERENCE
+            },
+        ),
+    ];
+
     /// Fused on CUDA, the reference elsewhere.
     pub fn for_device(device: Device) -> Self {
         match device.is_cuda() {
-            true => Self::Fused,
-            false => Self::Reference,
+            true => Self::FUSED,
+            false => Self::REFERENCE,
         }
     }
 }
@@ -33,7 +73,7 @@ impl Kernels {
 /// rounds each to the activations' kind; the reference elsewhere, or when the fused kernel
 /// failed its check in this process ([`fused_swiglu_in_use`]).
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor, kernels: Kernels) -> Tensor {
-    if kernels == Kernels::Fused && fused_swiglu_in_use(gate.device()) {
+    if kernels.swiglu && fused_swiglu_in_use(gate.device()) {
         return lillm_cuda::kernels::swiglu(gate, up)
             .unwrap_or_else(|e| panic!("{e} (it passed its check at start)"));
     }
@@ -49,8 +89,9 @@ pub fn fused_swiglu_in_use(device: Device) -> bool {
 }
 
 /// Whether the fused kernel `name` may run on `device`: never off CUDA; on CUDA, what its
-/// `check` said the first time it was asked in this process (a kernel that fails it is
-/// reported once, and its layer runs the reference from then on).
+/// `check` said the first time it was asked in this process (a kernel that fails it, or
+/// whose libtorch call panics in it, is reported once, and its layer runs the reference
+/// from then on).
 pub(crate) fn checked_once(
     cell: &OnceLock<bool>,
     device: Device,
@@ -60,7 +101,12 @@ pub(crate) fn checked_once(
     if !device.is_cuda() {
         return false;
     }
-    *cell.get_or_init(|| match check() {
+    // tch turns libtorch's exceptions (a backward that jiterator refuses, say) into panics.
+    let outcome = || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(check))
+            .unwrap_or_else(|panic| Err(lillm_cuda::panic_message(&panic)))
+    };
+    *cell.get_or_init(|| match outcome() {
         Ok(()) => true,
         Err(reason) => {
             eprintln!(
@@ -151,11 +197,40 @@ mod tests {
         let gate = Tensor::linspace(-4.0, 4.0, 12, (Kind::Float, Device::Cpu));
         let up = Tensor::linspace(1.0, -1.0, 12, (Kind::Float, Device::Cpu));
         let want = gate.silu() * &up;
-        for kernels in [Kernels::Reference, Kernels::Fused] {
+        for kernels in [Kernels::REFERENCE, Kernels::FUSED] {
             let got = swiglu(&gate, &up, kernels);
             assert_eq!((got - &want).abs().max().double_value(&[]), 0.0);
         }
-        assert_eq!(Kernels::for_device(Device::Cpu), Kernels::Reference);
-        assert_eq!(Kernels::for_device(Device::Cuda(0)), Kernels::Fused);
+        assert_eq!(Kernels::for_device(Device::Cpu), Kernels::REFERENCE);
+        assert_eq!(Kernels::for_device(Device::Cuda(0)), Kernels::FUSED);
+    }
+
+    #[test]
+    fn a_fused_kernel_runs_only_once_its_check_passed_and_a_panic_fails_the_check() {
+        let off_cuda = OnceLock::new();
+        assert!(!checked_once(&off_cuda, Device::Cpu, "test", || Ok(())));
+        assert!(off_cuda.get().is_none(), "nothing is checked off CUDA");
+        // The checks below touch no device: what is decided is what their outcome means.
+        let (passes, mut checks) = (OnceLock::new(), 0);
+        for _ in 0..3 {
+            assert!(checked_once(&passes, Device::Cuda(0), "test", || {
+                checks += 1;
+                Ok(())
+            }));
+        }
+        assert_eq!(checks, 1, "checked once per process");
+        let differs = OnceLock::new();
+        assert!(!checked_once(&differs, Device::Cuda(0), "test", || Err(
+            "its output differs".into()
+        )));
+        let panics = OnceLock::new();
+        assert!(!checked_once(&panics, Device::Cuda(0), "test", || panic!(
+            "the backward was refused"
+        )));
+        assert_eq!(
+            panics.get(),
+            Some(&false),
+            "a panic is a failed check, remembered"
+        );
     }
 }

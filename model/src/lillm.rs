@@ -397,8 +397,8 @@ impl LilLM {
         self.kernels
     }
 
-    /// Runs the reference or the fused implementation of the layers that have both
-    /// (default: fused on CUDA, [`Kernels::for_device`]).
+    /// Which of the layers that have both run their fused implementation rather than the
+    /// reference (default: all on CUDA, none elsewhere: [`Kernels::for_device`]).
     pub fn set_kernels(&mut self, kernels: Kernels) {
         self.kernels = kernels;
     }

@@ -119,7 +119,7 @@ impl Moe {
         let gates = &top_p / top_p.sum_dim_intlist(-1, true, Kind::Float);
         let (routed, counts) = self.experts(&flat, &top_i, &gates);
         let out = match &self.shared {
-            Some(shared) => routed + shared.forward(&flat, Kernels::Reference),
+            Some(shared) => routed + shared.forward(&flat, Kernels::REFERENCE),
             None => routed,
         };
         let routing = with_routing.then(|| {
@@ -228,7 +228,7 @@ impl Moe {
             out = out + y * dense_gates.select(1, e).unsqueeze(1);
         }
         if let Some(shared) = &self.shared {
-            out = out + shared.forward(&flat, Kernels::Reference);
+            out = out + shared.forward(&flat, Kernels::REFERENCE);
         }
         out.view([b, t, d])
     }

@@ -67,7 +67,7 @@ impl Rope {
     }
 
     fn apply_with(&self, x: &Tensor, positions: Positions, kernels: Kernels) -> Tensor {
-        let fused = kernels == Kernels::Fused && fused_rope_in_use(x.device());
+        let fused = kernels.rope && fused_rope_in_use(x.device());
         self.rotate(x, positions, fused)
             .unwrap_or_else(|e| panic!("{e} (it passed its check at start)"))
     }
@@ -108,7 +108,7 @@ impl Positions<'_> {
     }
 }
 
-/// Whether RoPE runs the fused kernel on `device` (with [`Kernels::Fused`]): on CUDA once
+/// Whether RoPE runs the fused kernel on `device` (when [`Kernels::rope`] asks): on CUDA once
 /// the kernel, compiled on first use, has matched the reference on a known input in this
 /// process (a kernel that fails to compile or differs is reported and the reference runs).
 pub fn fused_rope_in_use(device: Device) -> bool {
@@ -168,7 +168,7 @@ mod tests {
         let hd = cfg.head_dim() as i64;
         let x = Tensor::randn([2, 5, 3, hd], (Kind::Float, Device::Cpu)) * 10.0;
         // Off CUDA the reference runs whatever is asked.
-        for kernels in [Kernels::Reference, Kernels::Fused] {
+        for kernels in [Kernels::REFERENCE, Kernels::FUSED] {
             for start in [0, 7] {
                 let want = rotate_pairs(&x, start, &cfg);
                 assert!(rope.apply(&x, start, kernels).equal(&want));
