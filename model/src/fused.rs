@@ -154,9 +154,15 @@ pub(crate) fn agrees_with_reference(
             let loss = (&out * &weights).sum(Kind::Float);
             let grads =
                 Tensor::run_backward(&[&loss], &leaves.iter().collect::<Vec<_>>(), false, false);
-            std::iter::once(out)
-                .chain(grads.iter().map(|g| g.to_kind(Kind::Float)))
-                .collect()
+            // A gradient the function does not give counts as zero: it differs.
+            let grads = grads
+                .iter()
+                .zip(&leaves)
+                .map(|(g, leaf)| match g.defined() {
+                    true => g.to_kind(Kind::Float),
+                    false => leaf.zeros_like().to_kind(Kind::Float),
+                });
+            std::iter::once(out).chain(grads).collect()
         };
         let fused = run(fused(&leaves)?);
         let reference = run(reference(&leaves));
@@ -203,6 +209,35 @@ mod tests {
         }
         assert_eq!(Kernels::for_device(Device::Cpu), Kernels::REFERENCE);
         assert_eq!(Kernels::for_device(Device::Cuda(0)), Kernels::FUSED);
+    }
+
+    #[test]
+    fn the_check_against_the_reference_names_what_differs() {
+        let x = Tensor::linspace(-3.0, 3.0, 24, (Kind::Float, Device::Cpu)).view([4, 6]);
+        let reference = |x: &[Tensor]| x[0].silu() * &x[1];
+        let inputs = [x.shallow_clone(), x.flip([1])];
+        assert_eq!(
+            agrees_with_reference(&inputs, |x| Ok(reference(x)), reference),
+            Ok(())
+        );
+        // Within a bf16 rounding passes; a few percent off does not.
+        let rounded = |x: &[Tensor]| Ok(reference(x) * (1.0 + 1.0 / 256.0));
+        assert_eq!(agrees_with_reference(&inputs, rounded, reference), Ok(()));
+        let off = |x: &[Tensor]| Ok(reference(x) * 1.05);
+        let err = agrees_with_reference(&inputs, off, reference).unwrap_err();
+        assert!(err.starts_with("its output differs"), "{err}");
+        // The right output with a wrong gradient for the second input.
+        let wrong_backward = |x: &[Tensor]| {
+            let out = reference(x);
+            Ok(out.detach() + (&x[1] - x[1].detach()) * 0.5)
+        };
+        let err = agrees_with_reference(&inputs, wrong_backward, reference).unwrap_err();
+        assert!(err.starts_with("its input 0's gradient differs"), "{err}");
+        let failing = |_: &[Tensor]| Err("no kernel".to_string());
+        assert_eq!(
+            agrees_with_reference(&inputs, failing, reference),
+            Err("no kernel".into())
+        );
     }
 
     #[test]
