@@ -9,7 +9,7 @@
 use std::ffi::{c_char, c_void, CString};
 use std::path::Path;
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::{take_error, take_string, Error, Result};
 
@@ -92,6 +92,53 @@ fn new_tensor(what: &str, call: impl FnOnce(*mut *mut c_char) -> *mut c_void) ->
     Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
 }
 
+/// `f`'s output on leaves made from `inputs`, then the gradient of each input of a weighted
+/// sum of the outputs (weights all different, so that each output's gradient differs), all
+/// in float32: what a fused kernel is held to its reference on. A gradient `f` does not give
+/// counts as zero, so that it differs from one the reference gives.
+///
+/// # Errors
+/// What `f` returned.
+pub fn output_and_gradients<E>(
+    inputs: &[Tensor],
+    f: impl FnOnce(&[Tensor]) -> std::result::Result<Tensor, E>,
+) -> std::result::Result<Vec<Tensor>, E> {
+    tch::with_grad(|| {
+        let leaves: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.detach().set_requires_grad(true))
+            .collect();
+        let out = f(&leaves)?.to_kind(Kind::Float);
+        let weights = Tensor::linspace(-1.0, 2.0, out.numel() as i64, (Kind::Float, out.device()))
+            .view(out.size().as_slice());
+        let grads = Tensor::run_backward(
+            &[(&out * weights).sum(Kind::Float)],
+            &leaves.iter().collect::<Vec<_>>(),
+            false,
+            false,
+        );
+        let grads = grads
+            .iter()
+            .zip(&leaves)
+            .map(|(g, leaf)| match g.defined() {
+                true => g.to_kind(Kind::Float),
+                false => leaf.zeros_like().to_kind(Kind::Float),
+            });
+        Ok(std::iter::once(out).chain(grads).collect())
+    })
+}
+
+/// max |a − b| over max |b|: how far `a` is from `b` at the scale of `b` (the plain
+/// difference when `b` is all zeros). How a fused form is held to its reference.
+pub fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let scale = b.abs().max().double_value(&[]);
+    let diff = (a - b).abs().max().double_value(&[]);
+    match scale {
+        0.0 => diff,
+        _ => diff / scale,
+    }
+}
+
 /// Every fused kernel's CUDA C++ source, with a kernel calling each as libtorch's jiterator
 /// does (on float, the compute type of float32 and bf16 tensors alike).
 pub fn kernels_source() -> String {
@@ -128,7 +175,7 @@ pub fn device_ptx(nvrtc_dir: &Path, source: &str, arch: &str) -> Result<String> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
+    use tch::Device;
 
     /// The SwiGLU autograd function on CPU tensors, its kernels run on the host.
     fn swiglu_on_host(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -146,33 +193,17 @@ mod tests {
         })
     }
 
-    /// `f`'s output and the gradients of `inputs` of a weighted sum of its outputs (each
-    /// output's gradient differs), all in float32.
-    fn with_grads(inputs: &[&Tensor], f: impl Fn(&[Tensor]) -> Tensor) -> Vec<Tensor> {
-        let leaves: Vec<Tensor> = inputs
-            .iter()
-            .map(|t| t.detach().set_requires_grad(true))
-            .collect();
-        let out = f(&leaves).to_kind(Kind::Float);
-        let weights = Tensor::linspace(-1.0, 2.0, out.numel() as i64, (Kind::Float, Device::Cpu))
-            .view(out.size().as_slice());
-        let grads = Tensor::run_backward(
-            &[(&out * weights).sum(Kind::Float)],
-            &leaves.iter().collect::<Vec<_>>(),
-            false,
-            false,
-        );
-        std::iter::once(out)
-            .chain(grads.iter().map(|g| g.to_kind(Kind::Float)))
-            .collect()
+    /// `f`'s output and the gradients of `inputs` ([`output_and_gradients`]).
+    fn with_grads(inputs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> Tensor) -> Vec<Tensor> {
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.shallow_clone()).collect();
+        output_and_gradients(&inputs, |x| Ok::<_, Error>(f(x))).unwrap()
     }
 
     /// Asserts that `got` and `want` (output, then gradients) agree within `tolerance` of the
     /// largest value of each.
     fn assert_close(got: &[Tensor], want: &[Tensor], tolerance: f64, what: &str) {
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            let scale = w.abs().max().double_value(&[]).max(1e-30);
-            let diff = (g - w).abs().max().double_value(&[]) / scale;
+            let diff = relative_diff(g, w);
             assert!(
                 diff <= tolerance,
                 "{what}, tensor {i} of (output, gradients...): {diff:e}"

@@ -7,6 +7,7 @@
 
 use std::sync::OnceLock;
 
+use lillm_cuda::kernels::{output_and_gradients, relative_diff};
 use tch::{Device, Kind, Tensor};
 
 /// Which of the layers that have two runs run fused (see [`crate::LilLM::set_kernels`]);
@@ -141,56 +142,21 @@ pub(crate) fn agrees_with_reference(
     fused: impl Fn(&[Tensor]) -> Result<Tensor, String>,
     reference: impl Fn(&[Tensor]) -> Tensor,
 ) -> Result<(), String> {
-    tch::with_grad(|| {
-        let leaves: Vec<Tensor> = inputs
-            .iter()
-            .map(|t| t.detach().set_requires_grad(true))
-            .collect();
-        let run = |out: Tensor| -> Vec<Tensor> {
-            let out = out.to_kind(Kind::Float);
-            let weights =
-                Tensor::linspace(-1.0, 1.0, out.numel() as i64, (Kind::Float, out.device()))
-                    .view(out.size().as_slice());
-            let loss = (&out * &weights).sum(Kind::Float);
-            let grads =
-                Tensor::run_backward(&[&loss], &leaves.iter().collect::<Vec<_>>(), false, false);
-            // A gradient the function does not give counts as zero: it differs.
-            let grads = grads
-                .iter()
-                .zip(&leaves)
-                .map(|(g, leaf)| match g.defined() {
-                    true => g.to_kind(Kind::Float),
-                    false => leaf.zeros_like().to_kind(Kind::Float),
-                });
-            std::iter::once(out).chain(grads).collect()
-        };
-        let fused = run(fused(&leaves)?);
-        let reference = run(reference(&leaves));
-        for (i, (f, r)) in fused.iter().zip(&reference).enumerate() {
-            let diff = relative_diff(f, r);
-            if !diff.is_finite() || diff > 2e-2 {
-                let what = match i {
-                    0 => "output".to_string(),
-                    i => format!("input {}'s gradient", i - 1),
-                };
-                return Err(format!(
-                    "its {what} differs from the reference's by {diff:.1e}"
-                ));
-            }
+    let fused = output_and_gradients(inputs, fused)?;
+    let reference = output_and_gradients(inputs, |x| Ok::<_, String>(reference(x)))?;
+    for (i, (f, r)) in fused.iter().zip(&reference).enumerate() {
+        let diff = relative_diff(f, r);
+        if !diff.is_finite() || diff > 2e-2 {
+            let what = match i {
+                0 => "output".to_string(),
+                i => format!("input {}'s gradient", i - 1),
+            };
+            return Err(format!(
+                "its {what} differs from the reference's by {diff:.1e}"
+            ));
         }
-        Ok(())
-    })
-}
-
-/// max |a − b| over max |b|: how far `a` is from `b` at the scale of `b` (the plain
-/// difference when `b` is all zeros). How a fused form is held to its reference.
-pub fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let scale = b.abs().max().double_value(&[]);
-    let diff = (a - b).abs().max().double_value(&[]);
-    match scale {
-        0.0 => diff,
-        _ => diff / scale,
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -68,7 +68,7 @@ mod tests {
             (y.to_kind(Kind::Float), grads.0, grads.1)
         };
         let (reference, fused) = (run(Kernels::REFERENCE), run(Kernels::FUSED));
-        let rel = crate::fused::relative_diff;
+        let rel = crate::relative_diff;
         // bf16 keeps 8 bits: a rounding is at most 2^-8 of the value.
         assert!(rel(&fused.0, &reference.0) <= 1.0 / 128.0, "outputs");
         assert!(rel(&fused.1, &reference.1) <= 1.0 / 64.0, "input gradients");

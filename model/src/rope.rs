@@ -16,17 +16,14 @@ use tch::{Device, Kind, Tensor};
 use crate::fused::{agrees_with_reference, checked_once, Kernels};
 use crate::ModelConfig;
 
-/// The rotation's tables, float32, on the model's device.
+/// The rotation's tables, float32, on the model's device. The fused kernel reads one value
+/// per pair: every other column of these (views, no copy).
 #[derive(Debug)]
 pub(crate) struct Rope {
-    /// (positions, head_dim): each pair's cosine twice, for the reference.
+    /// (positions, head_dim): each pair's cosine twice.
     cos: Tensor,
-    /// (positions, head_dim): each pair's (−sin, sin), for the reference.
+    /// (positions, head_dim): each pair's (−sin, sin).
     sin: Tensor,
-    /// (positions, head_dim / 2): each pair's cosine, for the fused kernel.
-    pair_cos: Tensor,
-    /// (positions, head_dim / 2): each pair's sine, for the fused kernel.
-    pair_sin: Tensor,
 }
 
 impl Rope {
@@ -51,9 +48,13 @@ impl Rope {
         Self {
             cos: interleave(&pair_cos, &pair_cos),
             sin: interleave(&pair_sin.neg(), &pair_sin),
-            pair_cos,
-            pair_sin,
         }
+    }
+
+    /// Column `which` of each pair of `table`: (positions, head_dim / 2), a view.
+    fn per_pair(table: &Tensor, which: i64) -> Tensor {
+        let (positions, hd) = table.size2().expect("rope tables are 2-d");
+        table.view([positions, hd / 2, 2]).select(2, which)
     }
 
     /// Rotates `x` of shape (B, T, H, hd) whose first position is `start_pos`.
@@ -77,7 +78,9 @@ impl Rope {
     fn rotate(&self, x: &Tensor, positions: Positions, fused: bool) -> lillm_cuda::Result<Tensor> {
         let rows = |table: &Tensor| positions.rows(table, x);
         if fused {
-            return lillm_cuda::kernels::rope(x, &rows(&self.pair_cos), &rows(&self.pair_sin));
+            // Each pair's cosine, and its sine (the second of (−sin, sin)).
+            let (cos, sin) = (Self::per_pair(&self.cos, 0), Self::per_pair(&self.sin, 1));
+            return lillm_cuda::kernels::rope(x, &rows(&cos), &rows(&sin));
         }
         let (b, t, h, hd) = x.size4().expect("rope input is 4-d");
         let x32 = x.to_kind(Kind::Float);
