@@ -190,4 +190,12 @@ mod tests {
         }
         assert!(!fused_rope_in_use(Device::Cpu));
     }
+
+    #[test]
+    fn the_fused_kernels_tables_are_each_pairs_cosine_and_sine() {
+        let angles = Tensor::linspace(-2.0, 9.0, 12, (Kind::Float, Device::Cpu)).view([3, 4]);
+        let rope = Rope::from_pair_tables(angles.cos(), angles.sin());
+        assert!(Rope::per_pair(&rope.cos, 0).equal(&angles.cos()));
+        assert!(Rope::per_pair(&rope.sin, 1).equal(&angles.sin()));
+    }
 }
