@@ -42,20 +42,11 @@ pub fn launch_local_job(
     }
     .validate()?;
     let dataloaders = dataloader_count(TrainData::streamed(cfg.job.objective), launch.dataloaders)?;
-    let out = &cfg.process.out;
-    let state_dir = out.join("coordinator");
-    check_run_dir(
-        out,
-        cfg.process.resume,
-        state_dir.exists(),
-        !checkpoint::list_checkpoints(out).is_empty(),
-    )?;
-    let resume_from = committed_in_bucket(cfg)?;
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("{}: cannot create the run directory", out.display()))?;
-    // The services log to files; the terminal shows the trainers.
-    let logs = out.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create", logs.display()))?;
+    let RunDir {
+        state_dir,
+        logs,
+        resume_from,
+    } = prepare_run_dir(cfg)?;
     let coordinator = format!("127.0.0.1:{}", free_port()?);
     let mut supervisor = Supervisor::new(
         launch.max_restarts,
@@ -93,7 +84,50 @@ pub fn launch_local_job(
         "job coordinator on {coordinator}: watch it with `lillm status --coordinator {coordinator} --watch`; service logs in {}",
         logs.display()
     );
-    let mut user = trainer_args_from_command_line(&[
+    let user = local_trainer_args(nproc, threads, &coordinator);
+    start_trainers(&mut supervisor, &user, nproc)?;
+    supervisor.run(shutdown)?;
+    Ok(())
+}
+
+/// Where a local job keeps its files, made ready for it.
+struct RunDir {
+    /// The coordinator's state (RUN_DIR/coordinator).
+    state_dir: PathBuf,
+    /// The services' logs (RUN_DIR/logs).
+    logs: PathBuf,
+    /// The checkpoint committed in the run's bucket to resume from, if any.
+    resume_from: Option<String>,
+}
+
+/// Checks that the run directory fits `--resume` (a new job needs an empty one), then
+/// creates it and its log folder.
+fn prepare_run_dir(cfg: &TrainConfig) -> Result<RunDir> {
+    let out = &cfg.process.out;
+    let state_dir = out.join("coordinator");
+    check_run_dir(
+        out,
+        cfg.process.resume,
+        state_dir.exists(),
+        !checkpoint::list_checkpoints(out).is_empty(),
+    )?;
+    let resume_from = committed_in_bucket(cfg)?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create the run directory", out.display()))?;
+    // The services log to files; the terminal shows the trainers.
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("{}: cannot create", logs.display()))?;
+    Ok(RunDir {
+        state_dir,
+        logs,
+        resume_from,
+    })
+}
+
+/// The trainers' arguments: the user's command line without the launcher's own flags,
+/// its cores shared among `nproc` trainers, pointed at the local coordinator.
+fn local_trainer_args(nproc: usize, threads: Option<usize>, coordinator: &str) -> Vec<String> {
+    let mut args = trainer_args_from_command_line(&[
         "--nproc",
         "--dataloaders",
         "--max-restarts",
@@ -102,14 +136,12 @@ pub fn launch_local_job(
         "--node",
         "--coordinator",
     ]);
-    share_cores(&mut user, nproc, threads);
-    user.extend([
+    share_cores(&mut args, nproc, threads);
+    args.extend([
         format!("--coordinator={coordinator}"),
         format!("--node={LOCAL_NODE}"),
     ]);
-    start_trainers(&mut supervisor, &user, nproc)?;
-    supervisor.run(shutdown)?;
-    Ok(())
+    args
 }
 
 /// The dataloaders a job starts when `--dataloaders asked`: pretraining streams its batches

@@ -175,6 +175,86 @@ fn check_request(r: &pb::BatchRequest, data: &Dataset) -> Result<(Split, DataOrd
     Ok((split, order))
 }
 
+/// Batches a stream produces ahead of its reader: `prefetch`, 0 meaning the default,
+/// at most 1,024.
+fn prefetch_of(r: &pb::BatchRequest) -> usize {
+    let batches = match r.prefetch {
+        0 => DEFAULT_PREFETCH,
+        n => n.min(1024),
+    };
+    batches as usize
+}
+
+/// The (step, micro-batch) pairs a stream sends, in order: `steps` steps from `start_step`
+/// (0: until the reader hangs up), each with micro-batches `micro_start..+micro_count`.
+fn stream_positions(r: &pb::BatchRequest) -> impl Iterator<Item = (u64, u32)> {
+    let end = match r.steps {
+        0 => u64::MAX,
+        n => r.start_step.saturating_add(n),
+    };
+    let micros = r.micro_start..r.micro_start + r.micro_count;
+    (r.start_step..end).flat_map(move |step| micros.clone().map(move |micro| (step, micro)))
+}
+
+/// Micro-batch `micro` of `step`: its windows, packed at the dataset's width.
+fn make_batch(
+    data: &Dataset,
+    r: &pb::BatchRequest,
+    split: Split,
+    order: DataOrder,
+    step: u64,
+    micro: u32,
+) -> Result<pb::Batch, Status> {
+    let key = BatchKey {
+        seed: r.seed,
+        split,
+        step,
+        micro: micro as u64,
+    };
+    let windows = train_windows(
+        data,
+        order,
+        key,
+        r.micros_per_step as u64,
+        r.rows as usize,
+        r.seq_len as usize,
+    )
+    .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(pb::Batch {
+        step,
+        micro,
+        rows: r.rows,
+        seq_len: r.seq_len,
+        token_bytes: data.manifest.dtype.bytes() as u32,
+        windows: encode_tokens(&windows, data.manifest.dtype),
+    })
+}
+
+/// Forwards produced batches to the reader until it leaves or the dataloader shuts down
+/// (the reader then gets UNAVAILABLE, to reconnect elsewhere); either way the producer's
+/// next send fails and it stops too.
+async fn forward_until_shutdown(
+    mut produced: tokio::sync::mpsc::Receiver<Result<pb::Batch, Status>>,
+    out: tokio::sync::mpsc::Sender<Result<pb::Batch, Status>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                let bye = Status::unavailable("the dataloader is shutting down; reconnect");
+                let _ = out.try_send(Err(bye));
+                return;
+            }
+            item = produced.recv() => {
+                let Some(item) = item else { return };
+                if out.send(item).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 type BatchStream = ReceiverStream<Result<pb::Batch, Status>>;
 
 #[tonic::async_trait]
@@ -226,72 +306,63 @@ impl pb::dataloader_server::Dataloader for DataloaderService {
         }
         let data = self.holdings.current();
         let (split, order) = check_request(&r, &data)?;
-        let prefetch = match r.prefetch {
-            0 => DEFAULT_PREFETCH,
-            n => n.min(1024),
-        } as usize;
         // The bounded channel is the backpressure: the producer blocks once `prefetch`
         // batches wait unread.
-        let (tx, mut produced) = tokio::sync::mpsc::channel(prefetch);
+        let (tx, produced) = tokio::sync::mpsc::channel(prefetch_of(&r));
         tokio::task::spawn_blocking(move || {
-            let dtype = data.manifest.dtype;
-            let end = match r.steps {
-                0 => u64::MAX,
-                n => r.start_step.saturating_add(n),
-            };
-            for step in r.start_step..end {
-                for micro in r.micro_start..r.micro_start + r.micro_count {
-                    let key = BatchKey {
-                        seed: r.seed,
-                        split,
-                        step,
-                        micro: micro as u64,
-                    };
-                    let windows = train_windows(
-                        &data,
-                        order,
-                        key,
-                        r.micros_per_step as u64,
-                        r.rows as usize,
-                        r.seq_len as usize,
-                    );
-                    let item = windows
-                        .map(|w| pb::Batch {
-                            step,
-                            micro,
-                            rows: r.rows,
-                            seq_len: r.seq_len,
-                            token_bytes: dtype.bytes() as u32,
-                            windows: encode_tokens(&w, dtype),
-                        })
-                        .map_err(|e| Status::internal(e.to_string()));
-                    if tx.blocking_send(item).is_err() {
-                        return; // The reader hung up.
-                    }
+            for (step, micro) in stream_positions(&r) {
+                let batch = make_batch(&data, &r, split, order, step, micro);
+                if tx.blocking_send(batch).is_err() {
+                    return; // The reader hung up.
                 }
             }
         });
-        // Forwards batches until the reader leaves or the dataloader shuts down; then the
-        // producer's next send fails and it stops too.
         let (out, rx) = tokio::sync::mpsc::channel(1);
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        let bye = Status::unavailable("the dataloader is shutting down; reconnect");
-                        let _ = out.try_send(Err(bye));
-                        return;
-                    }
-                    item = produced.recv() => {
-                        let Some(item) = item else { return };
-                        if out.send(item).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
+        tokio::spawn(forward_until_shutdown(produced, out, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(
+        start_step: u64,
+        steps: u64,
+        micro_start: u32,
+        micro_count: u32,
+    ) -> pb::BatchRequest {
+        pb::BatchRequest {
+            start_step,
+            steps,
+            micro_start,
+            micro_count,
+            micros_per_step: 4,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_stream_sends_its_micro_batches_of_each_step_in_order() {
+        let sent: Vec<_> = stream_positions(&request(7, 2, 1, 2)).collect();
+        assert_eq!(sent, [(7, 1), (7, 2), (8, 1), (8, 2)]);
+    }
+
+    #[test]
+    fn a_stream_of_zero_steps_goes_on_until_the_reader_leaves() {
+        let sent: Vec<_> = stream_positions(&request(3, 0, 0, 2)).take(1000).collect();
+        assert_eq!(sent.len(), 1000);
+        assert_eq!(sent[999], (3 + 499, 1));
+    }
+
+    #[test]
+    fn prefetch_is_the_default_when_unset_and_capped() {
+        let mut r = request(0, 1, 0, 1);
+        assert_eq!(prefetch_of(&r), DEFAULT_PREFETCH as usize);
+        r.prefetch = 16;
+        assert_eq!(prefetch_of(&r), 16);
+        r.prefetch = 1 << 20;
+        assert_eq!(prefetch_of(&r), 1024);
     }
 }
