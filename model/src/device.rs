@@ -1,5 +1,5 @@
-//! Naming a libtorch device and the activations' dtype on the command line, and whether
-//! this CPU computes bf16 natively.
+//! Naming a libtorch device and the activations' dtype on the command line, whether this
+//! CPU computes bf16 natively, and moving host values to a device without waiting for it.
 
 use crate::{Error, Result};
 
@@ -52,6 +52,24 @@ fn cpu_flags_have_bf16(cpuinfo: &str) -> bool {
         .any(|flag| flag == "avx512_bf16" || flag == "amx_bf16")
 }
 
+/// `values` as a tensor on `device`, copied there without waiting for the device.
+///
+/// libtorch's plain copy from host memory to a GPU (`to`, `copy_`) synchronizes the stream
+/// after it: the host waits for every kernel queued before it, so a decode step that
+/// uploads its token ids, positions and sampling parameters would stop the host five or ten
+/// times per token, and a training step could not queue its forward while the last
+/// optimizer step runs. This copy only enqueues: the driver takes the host values before
+/// the call returns (they are pageable memory, staged at once), so they may be dropped, and
+/// the kernels queued after it on the stream read them in order. On a CPU it is the plain
+/// tensor.
+pub fn upload<T: tch::kind::Element>(values: &[T], device: tch::Device) -> tch::Tensor {
+    let host = tch::Tensor::from_slice(values);
+    match device {
+        tch::Device::Cpu => host,
+        _ => host.to_device_(device, T::KIND, true, false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +82,18 @@ mod tests {
         assert!(cpu_flags_have_bf16(with));
         assert!(cpu_flags_have_bf16(amx));
         assert!(!cpu_flags_have_bf16(without));
+    }
+
+    #[test]
+    fn an_upload_holds_the_values_on_the_device_asked() {
+        let t = upload(&[3i64, 1, 4], tch::Device::Cpu);
+        assert_eq!(Vec::<i64>::try_from(&t).unwrap(), [3, 1, 4]);
+        assert_eq!(t.kind(), tch::Kind::Int64);
+        if tch::Cuda::is_available() {
+            let on_gpu = upload(&[0.5f32, 2.0], tch::Device::Cuda(0));
+            assert_eq!(on_gpu.device(), tch::Device::Cuda(0));
+            let back = on_gpu.to_device(tch::Device::Cpu);
+            assert_eq!(Vec::<f32>::try_from(&back).unwrap(), [0.5, 2.0]);
+        }
     }
 }

@@ -16,7 +16,8 @@
 //! - `sampling`: temperature / top-k / top-p [`Sampler`] and the [`generate`] loop.
 //! - `weights`: safetensors IO with named, checked errors.
 //! - `eval`: perplexity of a token sequence in context windows.
-//! - `device`: device names (`auto`, `cpu`, `cuda:N`).
+//! - `device`: device names (`auto`, `cpu`, `cuda:N`) and [`upload`], a host-to-device copy
+//!   that does not wait for the device.
 //! - `hf`: Hugging Face Llama naming, RoPE permutation and `config.json`.
 
 pub mod chunked_loss;
@@ -37,7 +38,7 @@ mod slot_cache;
 pub mod weights;
 
 pub use config::{ModelConfig, MoeConfig, PRESETS};
-pub use device::{cpu_has_native_bf16, parse_device, parse_dtype};
+pub use device::{cpu_has_native_bf16, parse_device, parse_dtype, upload};
 pub use error::{Error, Result};
 pub use fused::{fused_swiglu_in_use, Kernels};
 pub use kv_cache::{kv_cache_bytes, KvCache};

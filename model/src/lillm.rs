@@ -10,7 +10,7 @@ use crate::lora::{LoraConfig, Weight};
 use crate::moe::{LayerRouting, Moe, Routing};
 use crate::rms_norm::RmsNorm;
 use crate::rope::Rope;
-use crate::{KvCache, ModelConfig, Result, SlotCache};
+use crate::{upload, KvCache, ModelConfig, Result, SlotCache};
 
 #[derive(Debug)]
 struct Attention {
@@ -516,9 +516,9 @@ impl LilLM {
         let device = self.device();
         let positions: Vec<i64> = (0..b).map(|i| cache.len(i) as i64).collect();
         let max_len = positions.iter().max().map_or(1, |p| p + 1);
-        let positions = Tensor::from_slice(&positions).to(device);
+        let positions = upload(&positions, device);
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let ids = Tensor::from_slice(&ids).view([b as i64, 1]).to(device);
+        let ids = upload(&ids, device).view([b as i64, 1]);
         let logits = self.decode_rows(&ids, &positions, cache, max_len);
         cache.advance_all();
         logits
@@ -598,11 +598,9 @@ impl LilLM {
             }
         }
         let device = self.device();
-        let tokens = Tensor::from_slice(&ids)
-            .view([prompts.len() as i64, longest as i64])
-            .to(device);
+        let tokens = upload(&ids, device).view([prompts.len() as i64, longest as i64]);
         let last: Vec<i64> = prompts.iter().map(|p| p.len() as i64 - 1).collect();
-        self.prefill_static(&tokens, &Tensor::from_slice(&last).to(device), cache)
+        self.prefill_static(&tokens, &upload(&last, device), cache)
     }
 
     /// [`Self::prefill_rows`] on tensors, with shapes that depend on `ids` alone, as a CUDA

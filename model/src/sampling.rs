@@ -3,7 +3,7 @@
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tch::{Kind, Tensor};
 
-use crate::{Error, KvCache, LilLM, Result};
+use crate::{upload, Error, KvCache, LilLM, Result};
 
 /// How to pick the next token from the logits.
 #[derive(Debug, Clone, PartialEq)]
@@ -244,19 +244,15 @@ impl Adjustments {
         }
         let device = logits.device();
         let mut logits = logits.copy();
-        let at = |rows: &[i64], ids: &[i64]| {
-            [
-                Some(Tensor::from_slice(rows).to(device)),
-                Some(Tensor::from_slice(ids).to(device)),
-            ]
-        };
+        let at =
+            |rows: &[i64], ids: &[i64]| [Some(upload(rows, device)), Some(upload(ids, device))];
         if !self.rows.is_empty() {
-            let deltas = Tensor::from_slice(&self.deltas).to(device);
+            let deltas = upload(&self.deltas, device);
             let _ = logits.index_put_(&at(&self.rows, &self.ids), &deltas, true);
         }
         if !self.banned.is_empty() {
             let (rows, ids): (Vec<i64>, Vec<i64>) = self.banned.iter().copied().unzip();
-            let ban = Tensor::from(f32::NEG_INFINITY).to(device);
+            let ban = upload(&[f32::NEG_INFINITY], device).view([]);
             let _ = logits.index_put_(&at(&rows, &ids), &ban, false);
         }
         logits
@@ -302,7 +298,7 @@ pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> 
     let logits = adjustments.apply(logits.to_kind(Kind::Float));
     let per_row = |f: &dyn Fn(&SamplingParams) -> f32| {
         let values: Vec<f32> = samplers.iter().map(|s| f(&s.params)).collect();
-        Tensor::from_slice(&values).to(device).view([rows, 1])
+        upload(&values, device).view([rows, 1])
     };
     let greedy: Vec<bool> = samplers
         .iter()
@@ -348,7 +344,7 @@ pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> 
         let kept = ordered * keep.to_kind(Kind::Float);
         let cumulative = kept.cumsum(1, Kind::Float);
         let draws: Vec<f32> = samplers.iter_mut().map(|s| s.draw() as f32).collect();
-        let target = Tensor::from_slice(&draws).to(device).view([rows, 1])
+        let target = upload(&draws, device).view([rows, 1])
             * cumulative.select(1, vocab - 1).view([rows, 1]);
         // The first position whose cumulative probability reaches the draw; never past the
         // last token with any probability (rounding at the top of the range).
@@ -360,7 +356,7 @@ pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> 
         let drawn = order
             .gather(1, &position.view([rows, 1]), false)
             .view([rows]);
-        let is_greedy = Tensor::from_slice(&greedy).to(device);
+        let is_greedy = upload(&greedy, device);
         logits.argmax(1, false).where_self(&is_greedy, &drawn)
     };
     let ids = Vec::<i64>::try_from(picked.to_device(tch::Device::Cpu)).expect("token ids");
@@ -407,10 +403,7 @@ pub fn generate(
     let _guard = tch::no_grad_guard();
     let mut cache = KvCache::new(cfg, 1, model.compute_kind(), device);
     let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-    let mut logits = model.forward_cached(
-        &Tensor::from_slice(&ids).view([1, -1]).to(device),
-        &mut cache,
-    );
+    let mut logits = model.forward_cached(&upload(&ids, device).view([1, -1]), &mut cache);
     for _ in 0..max_new_tokens {
         let next = sampler.sample(&logits.get(0));
         if stop_ids.contains(&next) {
@@ -422,7 +415,7 @@ pub fn generate(
         if cache.remaining() == 0 {
             return Ok(StopReason::Context);
         }
-        let input = Tensor::from_slice(&[next as i64]).view([1, 1]).to(device);
+        let input = upload(&[next as i64], device).view([1, 1]);
         logits = model.forward_cached(&input, &mut cache);
     }
     Ok(StopReason::Length)

@@ -18,7 +18,7 @@
 //! waits in the queue.
 
 use lillm_cuda::{CudaGraph, GraphPool};
-use lillm_model::{KvCache, LilLM, SlotCache};
+use lillm_model::{upload, KvCache, LilLM, SlotCache};
 use tch::{Device, Kind, Tensor};
 
 use crate::long_prefill::LongPrefill;
@@ -252,12 +252,13 @@ impl Decoder {
         for (id, &t) in ids.iter_mut().zip(prompt) {
             *id = t as i64;
         }
+        let device = bucket.ids.device();
         bucket
             .ids
-            .copy_(&Tensor::from_slice(&ids).view([1, bucket.len as i64]));
+            .copy_(&upload(&ids, device).view([1, bucket.len as i64]));
         bucket
             .last
-            .copy_(&Tensor::from_slice(&[prompt.len() as i64 - 1]));
+            .copy_(&upload(&[prompt.len() as i64 - 1], device));
         let (ids, last, cache) = (&bucket.ids, &bucket.last, &mut bucket.cache);
         let logits = Replay::run(&bucket.captured, || model.prefill_static(ids, last, cache))?;
         Ok((logits, &bucket.cache))
@@ -313,10 +314,11 @@ impl Decoder {
         for (i, &token) in tokens.iter().enumerate() {
             (ids[i], positions[i]) = (token as i64, slots.len(i) as i64);
         }
+        let device = bucket.ids.device();
         bucket
             .ids
-            .copy_(&Tensor::from_slice(&ids).view([bucket.rows as i64, 1]));
-        bucket.positions.copy_(&Tensor::from_slice(&positions));
+            .copy_(&upload(&ids, device).view([bucket.rows as i64, 1]));
+        bucket.positions.copy_(&upload(&positions, device));
         let (ids, positions) = (&bucket.ids, &bucket.positions);
         let logits = Replay::run(&bucket.captured, || {
             model.decode_static(ids, positions, slots)

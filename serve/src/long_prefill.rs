@@ -8,7 +8,7 @@
 //! eagerly on its exact length.
 
 use lillm_cuda::GraphPool;
-use lillm_model::{KvCache, LilLM};
+use lillm_model::{upload, KvCache, LilLM};
 use tch::{Kind, Tensor};
 
 use crate::decode::Replay;
@@ -86,10 +86,10 @@ impl LongPrefill {
         for (id, &t) in ids.iter_mut().zip(&prompt[done..end]) {
             *id = t as i64;
         }
+        let device = self.ids.device();
         self.ids
-            .copy_(&Tensor::from_slice(&ids).view([1, self.chunk as i64]));
-        self.last
-            .copy_(&Tensor::from_slice(&[(end - done) as i64 - 1]));
+            .copy_(&upload(&ids, device).view([1, self.chunk as i64]));
+        self.last.copy_(&upload(&[(end - done) as i64 - 1], device));
         let (ids, last, cache) = (&self.ids, &self.last, &mut self.cache);
         let logits = Replay::run(&at.captured, || model.prefill_from(ids, done, last, cache))?;
         // A replay writes the cache without telling it.
@@ -136,6 +136,6 @@ pub(crate) fn exact_chunk(
 ) -> (Tensor, usize) {
     let end = (done + chunk).min(prompt.len());
     let ids: Vec<i64> = prompt[done..end].iter().map(|&t| t as i64).collect();
-    let tokens = Tensor::from_slice(&ids).view([1, -1]).to(model.device());
+    let tokens = upload(&ids, model.device()).view([1, -1]);
     (model.forward_cached(&tokens, cache), end)
 }

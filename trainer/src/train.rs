@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use lillm_data::manifest::Split;
 use lillm_data::shards::BatchKey;
-use lillm_model::{weights, LilLM, ModelConfig};
+use lillm_model::{upload, weights, LilLM, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 mod init;
@@ -61,8 +61,8 @@ pub struct TrainSummary {
 /// Moves a micro-batch to the device as (inputs, targets) of shape (B, T).
 fn batch_tensors(batch: &MicroBatch, device: Device) -> (Tensor, Tensor) {
     let shape = [batch.rows as i64, batch.seq as i64];
-    let x = Tensor::from_slice(&batch.inputs).view(shape).to(device);
-    let y = Tensor::from_slice(&batch.targets).view(shape).to(device);
+    let x = upload(&batch.inputs, device).view(shape);
+    let y = upload(&batch.targets, device).view(shape);
     (x, y)
 }
 

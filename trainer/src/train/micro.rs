@@ -17,7 +17,7 @@
 //! capture, the run says why and goes on with the same steps uncaptured.
 
 use lillm_cuda::CudaGraph;
-use lillm_model::LilLM;
+use lillm_model::{upload, LilLM};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -273,12 +273,13 @@ impl Inputs {
         self.x.size() == [batch.rows as i64, batch.seq as i64]
     }
 
-    /// Copies `batch` in, where the captured kernels read it.
+    /// Copies `batch` in, where the captured kernels read it, without waiting for the
+    /// step before to finish on the device.
     fn fill(&mut self, batch: &MicroBatch) {
         let shape = [batch.rows as i64, batch.seq as i64];
-        self.x.copy_(&Tensor::from_slice(&batch.inputs).view(shape));
-        self.y
-            .copy_(&Tensor::from_slice(&batch.targets).view(shape));
+        let device = self.x.device();
+        self.x.copy_(&upload(&batch.inputs, device).view(shape));
+        self.y.copy_(&upload(&batch.targets, device).view(shape));
     }
 }
 
