@@ -52,15 +52,18 @@ fn cpu_flags_have_bf16(cpuinfo: &str) -> bool {
         .any(|flag| flag == "avx512_bf16" || flag == "amx_bf16")
 }
 
-/// `values` as a tensor on `device`, copied there without waiting for the device.
+/// `values` as a tensor on `device`, copied there without asking libtorch to wait for the
+/// device.
 ///
 /// libtorch's plain copy from host memory to a GPU (`to`, `copy_`) synchronizes the stream
 /// after it: the host waits for every kernel queued before it, so a decode step that
 /// uploads its token ids, positions and sampling parameters would stop the host five or ten
 /// times per token, and a training step could not queue its forward while the last
-/// optimizer step runs. This copy only enqueues: the driver takes the host values before
-/// the call returns (they are pageable memory, staged at once), so they may be dropped, and
-/// the kernels queued after it on the stream read them in order. On a CPU it is the plain
+/// optimizer step runs. This copy (libtorch's `non_blocking`) leaves that out. The host
+/// values are pageable memory, which the driver copies out before the call returns (for
+/// the few bytes of a step into its own buffer, without waiting; CUDA may still wait for
+/// the stream when a large copy needs staging), so they may be dropped at once, and the
+/// kernels queued after it on the stream read them in order. On a CPU it is the plain
 /// tensor.
 pub fn upload<T: tch::kind::Element>(values: &[T], device: tch::Device) -> tch::Tensor {
     let host = tch::Tensor::from_slice(values);
