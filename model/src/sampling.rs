@@ -282,11 +282,43 @@ fn count(samplers: &mut [&mut Sampler], ids: &[u32]) {
     }
 }
 
-/// [`sample_rows`] where the logits are, for a GPU: what goes up per step is a few numbers
-/// per row (temperature, top-k, top-p, one uniform draw, the sparse biases and penalties);
-/// what comes back is the token ids; nothing on the host grows with the vocabulary. The
-/// same seed draws from the same distribution as on the host, not necessarily the same
-/// token (the tokens are walked in another order).
+/// Whether `p` keeps fewer than all `vocab` tokens (a top-k or top-p cut).
+fn cuts(p: &SamplingParams, vocab: i64) -> bool {
+    (p.top_k > 0 && (p.top_k as i64) < vocab) || p.top_p < 1.0
+}
+
+/// A row's numbers for [`sample_rows_on_device`]: its temperature (1 for greedy rows, which
+/// take the argmax), whether it cuts (1 or 0), its top-k (`vocab` for none), its top-p
+/// (infinite for none) and whether it is greedy (1 or 0).
+fn device_numbers(p: &SamplingParams, vocab: i64) -> [f32; 5] {
+    let temperature = match p.temperature {
+        0.0 => 1.0,
+        t => t as f32,
+    };
+    let top_k = match p.top_k {
+        0 => vocab as f32,
+        k => k as f32,
+    };
+    let top_p = if p.top_p < 1.0 {
+        p.top_p as f32
+    } else {
+        f32::INFINITY
+    };
+    let flag = |on: bool| f32::from(u8::from(on));
+    [
+        temperature,
+        flag(cuts(p, vocab)),
+        top_k,
+        top_p,
+        flag(p.temperature == 0.0),
+    ]
+}
+
+/// [`sample_rows`] where the logits are, for a GPU: what goes up per step is one table of a
+/// few numbers per row (temperature, top-k, top-p, one uniform draw) and the sparse biases
+/// and penalties; what comes back is the token ids; nothing on the host grows with the
+/// vocabulary. The same seed draws from the same distribution as on the host, not
+/// necessarily the same token (the tokens are walked in another order).
 pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> Vec<u32> {
     let (rows, vocab) = logits.size2().expect("logits are (rows, vocab)");
     assert_eq!(rows as usize, samplers.len(), "one sampler per row");
@@ -296,45 +328,32 @@ pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> 
         sampler.adjustments(row as i64, vocab, &mut adjustments);
     }
     let logits = adjustments.apply(logits.to_kind(Kind::Float));
-    let per_row = |f: &dyn Fn(&SamplingParams) -> f32| {
-        let values: Vec<f32> = samplers.iter().map(|s| f(&s.params)).collect();
-        upload(&values, device).view([rows, 1])
-    };
-    let greedy: Vec<bool> = samplers
-        .iter()
-        .map(|s| s.params.temperature == 0.0)
-        .collect();
-    let picked = if greedy.iter().all(|&g| g) {
+    let picked = if samplers.iter().all(|s| s.params.temperature == 0.0) {
         logits.argmax(1, false)
     } else {
-        let temperature = per_row(&|p| match p.temperature {
-            0.0 => 1.0,
-            t => t as f32,
-        });
+        // Every row's numbers and draw in one table, one copy up: (rows, 6).
+        let table: Vec<f32> = samplers
+            .iter_mut()
+            .flat_map(|s| {
+                let [temperature, cut, top_k, top_p, greedy] = device_numbers(&s.params, vocab);
+                [temperature, cut, top_k, top_p, greedy, s.draw() as f32]
+            })
+            .collect();
+        let table = upload(&table, device).view([rows, 6]);
+        let column = |i: i64| table.narrow(1, i, 1);
+        let (temperature, cut, top_k, top_p) = (column(0), column(1), column(2), column(3));
+        let (greedy, draw) = (column(4).gt(0.5).view([rows]), column(5));
         let probs = (&logits / temperature).softmax(1, Kind::Float);
-        let cuts = |p: &SamplingParams| (p.top_k > 0 && (p.top_k as i64) < vocab) || p.top_p < 1.0;
         let ranks = Tensor::arange(vocab, (Kind::Int64, device)).view([1, vocab]);
         // Rows with a top-k or top-p cut walk their tokens from the most likely down (ties
         // to the lower id); the others in id order, which needs no sort.
-        let order = if samplers.iter().any(|s| cuts(&s.params)) {
+        let order = if samplers.iter().any(|s| cuts(&s.params, vocab)) {
             let (_, sorted) = probs.sort_stable(true, 1, true);
-            let cut = per_row(&|p| f32::from(u8::from(cuts(p)))).gt(0.5);
-            sorted.where_self(&cut, &ranks.expand([rows, vocab], false))
+            sorted.where_self(&cut.gt(0.5), &ranks.expand([rows, vocab], false))
         } else {
             ranks.expand([rows, vocab], false)
         };
         let ordered = probs.gather(1, &order, false);
-        let top_k = per_row(&|p| match p.top_k {
-            0 => vocab as f32,
-            k => k as f32,
-        });
-        let top_p = per_row(&|p| {
-            if p.top_p < 1.0 {
-                p.top_p as f32
-            } else {
-                f32::INFINITY
-            }
-        });
         // Keep the k most likely, and the smallest prefix whose probability reaches p.
         let before = ordered.cumsum(1, Kind::Float) - &ordered;
         let keep = ranks
@@ -343,9 +362,7 @@ pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> 
             .logical_and(&before.lt_tensor(&top_p));
         let kept = ordered * keep.to_kind(Kind::Float);
         let cumulative = kept.cumsum(1, Kind::Float);
-        let draws: Vec<f32> = samplers.iter_mut().map(|s| s.draw() as f32).collect();
-        let target = upload(&draws, device).view([rows, 1])
-            * cumulative.select(1, vocab - 1).view([rows, 1]);
+        let target = draw * cumulative.select(1, vocab - 1).view([rows, 1]);
         // The first position whose cumulative probability reaches the draw; never past the
         // last token with any probability (rounding at the top of the range).
         let position = cumulative
@@ -356,8 +373,7 @@ pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> 
         let drawn = order
             .gather(1, &position.view([rows, 1]), false)
             .view([rows]);
-        let is_greedy = upload(&greedy, device);
-        logits.argmax(1, false).where_self(&is_greedy, &drawn)
+        logits.argmax(1, false).where_self(&greedy, &drawn)
     };
     let ids = Vec::<i64>::try_from(picked.to_device(tch::Device::Cpu)).expect("token ids");
     let ids: Vec<u32> = ids.into_iter().map(|id| id as u32).collect();
