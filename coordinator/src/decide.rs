@@ -267,29 +267,13 @@ fn decide_event(now_ms: u64, state: &mut State, event: Event) -> Outcome {
             tokens_per_s,
             mfu,
             epochs,
-        } => {
-            if !alive(now_ms, state, &id) {
-                return Outcome::refuse(Refusal::UnknownMember(id));
-            }
-            if id.role == Role::Trainer && generation < state.generation {
-                // A trainer still finishing a step of the generation that ended is alive:
-                // its heartbeat is refused (it must register again) but keeps it from
-                // eviction, so a step of several seconds does not turn a regroup into a
-                // failure of every slow trainer.
-                return Outcome::refuse(Refusal::StaleGeneration {
-                    given: generation,
-                    current: state.generation,
-                });
-            }
-            if let Some(member) = state.members.get_mut(&id) {
-                member.step = step;
-                member.loss = loss;
-                member.tokens_per_s = tokens_per_s;
-                member.mfu = mfu;
-                member.epochs = epochs;
-            }
-            Outcome::quiet()
-        }
+        } => heartbeat(now_ms, state, id, generation, |member| {
+            member.step = step;
+            member.loss = loss;
+            member.tokens_per_s = tokens_per_s;
+            member.mfu = mfu;
+            member.epochs = epochs;
+        }),
         Event::Commit {
             id,
             generation,
@@ -318,6 +302,34 @@ fn decide_event(now_ms: u64, state: &mut State, event: Event) -> Outcome {
         } => leave(state, id, reason, finished),
         Event::Tick => tick(now_ms, state),
     }
+}
+
+/// Member `id` heartbeats at `now_ms` as a member of `generation`; `record` writes its
+/// progress into its entry.
+fn heartbeat(
+    now_ms: u64,
+    state: &mut State,
+    id: MemberId,
+    generation: u64,
+    record: impl FnOnce(&mut Member),
+) -> Outcome {
+    if !alive(now_ms, state, &id) {
+        return Outcome::refuse(Refusal::UnknownMember(id));
+    }
+    if id.role == Role::Trainer && generation < state.generation {
+        // A trainer still finishing a step of the generation that ended is alive: its
+        // heartbeat is refused (it must register again) but keeps it from eviction, so a
+        // step of several seconds does not turn a regroup into a failure of every slow
+        // trainer.
+        return Outcome::refuse(Refusal::StaleGeneration {
+            given: generation,
+            current: state.generation,
+        });
+    }
+    if let Some(member) = state.members.get_mut(&id) {
+        record(member);
+    }
+    Outcome::quiet()
 }
 
 /// Member `id` seen alive at `now_ms`; false if it is not a member.

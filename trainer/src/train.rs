@@ -66,6 +66,60 @@ fn batch_tensors(batch: &MicroBatch, device: Device) -> (Tensor, Tensor) {
     (x, y)
 }
 
+/// The model a run starts from, with what trains it.
+struct Prepared {
+    model: LilLM,
+    /// What the optimizer trains: the model's weights, or the LoRA adapters alone.
+    vs: VarStore,
+    opt: AdamW,
+    lora_base: Option<LoraBase>,
+    loss: Loss,
+}
+
+/// Builds the model from the seed on `device`, then loads what the run starts from into
+/// it: the checkpoint resumed (weights and optimizer state, refused when it was trained on
+/// other data) or the initial checkpoint (`init_from`, the LoRA base); DPO keeps the
+/// initial model as its reference, the loss it trains with.
+fn prepare_model(
+    cfg: &TrainConfig,
+    model_cfg: &ModelConfig,
+    lora: Option<&lillm_model::LoraConfig>,
+    init: Option<LoadedModel>,
+    resume_from: Option<&(PathBuf, CheckpointState)>,
+    data: &TrainData,
+    device: Device,
+) -> Result<Prepared> {
+    let init::Initial {
+        mut model,
+        trained: vs,
+        frozen_base,
+    } = init::initial_model(model_cfg, lora, cfg.job.seed, device)?;
+    model.set_compute_kind(cfg.job.compute_kind(device));
+    let mut opt = adamw(cfg, &vs);
+    let (init, reference) = dpo_reference(init, cfg, model.compute_kind())?;
+    let init = init.as_ref().or(reference.as_ref().map(Reference::loaded));
+    if let Some((dir, state)) = resume_from {
+        if let Some(reference) = &reference {
+            reference.check_resumed(dir, state)?;
+        }
+        model_source::load_resumed(dir, state, &vs, &mut opt, data.tokenizer_fingerprint())?;
+    }
+    let lora_base = model_source::load_initial(lora, init, frozen_base.as_ref(), &vs, resume_from)?;
+    let loss = match reference {
+        Some(r) => Loss::Preference(Box::new(r)),
+        None => Loss::NextToken {
+            chunked: cfg.job.head_loss.chunked_on(device),
+        },
+    };
+    Ok(Prepared {
+        model,
+        vs,
+        opt,
+        lora_base,
+        loss,
+    })
+}
+
 /// Mean figures ([`crate::loss::Scored::add_to`]) over `cfg.eval_iters` seeded batches of a split.
 fn estimate(
     model: &LilLM,
@@ -295,34 +349,21 @@ impl Trainer {
         )?;
         let tokenizer_dir = data.tokenizer_dir().or(checkpoint_tokenizer);
         let seq = cfg.job.sequence_len(&model_cfg);
-        let init::Initial {
-            mut model,
-            trained: vs,
-            frozen_base,
-        } = init::initial_model(&model_cfg, lora.as_ref(), cfg.job.seed, device)?;
-        model.set_compute_kind(cfg.job.compute_kind(device));
-        let mut opt = adamw(&cfg, &vs);
-        let (init, reference) = dpo_reference(init, &cfg, model.compute_kind())?;
-        let init = init.as_ref().or(reference.as_ref().map(Reference::loaded));
-        if let Some((dir, state)) = &resume_from {
-            if let Some(reference) = &reference {
-                reference.check_resumed(dir, state)?;
-            }
-            model_source::load_resumed(dir, state, &vs, &mut opt, data.tokenizer_fingerprint())?;
-        }
-        let lora_base = model_source::load_initial(
+        let Prepared {
+            model,
+            vs,
+            opt,
+            lora_base,
+            loss,
+        } = prepare_model(
+            &cfg,
+            &model_cfg,
             lora.as_ref(),
             init,
-            frozen_base.as_ref(),
-            &vs,
             resume_from.as_ref(),
+            &data,
+            device,
         )?;
-        let loss = match reference {
-            Some(r) => Loss::Preference(Box::new(r)),
-            None => Loss::NextToken {
-                chunked: cfg.job.head_loss.chunked_on(device),
-            },
-        };
         let group = join_group(&cfg, setup.rendezvous, device, &setup.stop)?;
         let start::Counters {
             step,
