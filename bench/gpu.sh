@@ -30,6 +30,13 @@
 #
 # Rehearse on a CPU (the test cli/tests/gpu_harness.rs does): DEVICE=cpu DTYPE=float32 with
 # tiny presets, a few steps and COMPILE=0.
+#
+# OUT fills with runs and checkpoints (gigabytes), more files than a device call brings
+# back (8 files of 16 MiB at most). With RESULTS set, the script also leaves there the few
+# files worth bringing back: table.txt, summary.json and results.tar.gz (every figure, log
+# and profile table under 2 MiB, no weights). On the lent machine, keep OUT outside the
+# folder that comes back and on that machine, so that a later call with ONLY= finds the
+# runs an earlier one made:  RESULTS=$OUT OUT=/tmp/gpu bash bench/gpu.sh
 set -euo pipefail
 LILLM=${LILLM:-.gpu/lillm}
 DATA=${DATA:-.gpu/data}
@@ -52,6 +59,7 @@ SERVE_SECONDS=${SERVE_SECONDS:-6}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 DEADLINE_S=${DEADLINE_S:-480}
 ONLY=${ONLY:-}
+RESULTS=${RESULTS:-}
 # What every section needs, checked first: a misconfigured machine gets one clear error
 # instead of eleven failed sections.
 if [ ! -x "$LILLM" ]; then
@@ -318,6 +326,17 @@ serving_more() {
   serve_under_load moe "$MOE"
 }
 
+# bring_back DIR: into DIR, what a device call can bring back: the table, summary.json and
+# one archive of the small files the sections left (figures, logs, profile tables; no
+# weights, no trace over 2 MiB).
+bring_back() {
+  mkdir -p "$1"
+  cp "$OUT/table.txt" "$OUT/summary.json" "$1/" 2>/dev/null || true
+  (cd "$OUT" && find . -maxdepth 2 -type f -size -2048k \( -name '*.json' -o -name '*.jsonl' \
+    -o -name '*.log' -o -name '*.txt' -o -name '*.toml' \) -print0 |
+    tar --null -czf - -T -) > "$1/results.tar.gz"
+}
+
 section correctness 30 correctness
 section training 150 training
 section serving-dense 45 serving_dense
@@ -330,4 +349,8 @@ section profile 25 profile
 section job 30 job
 section serving-more 90 serving_more
 
-"$PYTHON" bench/gpu_summary.py "$OUT"
+status=0
+"$PYTHON" bench/gpu_summary.py "$OUT" > "$OUT/table.txt" || status=$?
+cat "$OUT/table.txt"
+[ -z "$RESULTS" ] || bring_back "$RESULTS"
+exit "$status"

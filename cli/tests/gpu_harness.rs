@@ -58,7 +58,8 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let tiny = tiny_data(dir.path(), 300);
     let out = dir.path().join("out");
-    let (printed, status) = harness(&tiny.data, &out, &[]);
+    let results = dir.path().join("results");
+    let (printed, status) = harness(&tiny.data, &out, &[("RESULTS", s(&results))]);
     assert_eq!(status, Some(0), "bench/gpu.sh failed:\n{printed}");
     // The table, for whoever reads the test's output.
     eprintln!("{printed}");
@@ -158,6 +159,45 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         "5/5",
         "{printed}"
     );
+    // What a device call brings back (8 files of 16 MiB at most): the table, the summary and
+    // one archive of every figure and log, without the runs' weights.
+    let mut brought: Vec<String> = std::fs::read_dir(&results)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    brought.sort();
+    assert_eq!(brought, ["results.tar.gz", "summary.json", "table.txt"]);
+    assert_eq!(
+        std::fs::read(results.join("summary.json")).unwrap(),
+        std::fs::read(out.join("summary.json")).unwrap()
+    );
+    let listed = Command::new("tar")
+        .arg("-tzf")
+        .arg(results.join("results.tar.gz"))
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for file in [
+        "./sections.jsonl",
+        "./kernels.json",
+        "./serve-dense.json",
+        "./dense.log",
+        "./dense/metrics.jsonl",
+        "./profile/profile-rank0.txt",
+    ] {
+        assert!(
+            listed.lines().any(|l| l == file),
+            "{file} not in:\n{listed}"
+        );
+    }
+    assert!(
+        !listed.contains(".safetensors"),
+        "no weights come back:\n{listed}"
+    );
+    for entry in std::fs::read_dir(&results).unwrap() {
+        let bytes = entry.unwrap().metadata().unwrap().len();
+        assert!(bytes < 16 << 20, "{bytes} bytes is over what comes back");
+    }
     // The table the user reads carries the same rows, and the profile of five steps.
     assert!(printed.contains("job path vs one process"), "{printed}");
     assert!(
