@@ -36,7 +36,8 @@
 # files worth bringing back: table.txt, summary.json and results.tar.gz (every figure, log
 # and profile table under 2 MiB, no weights). On the lent machine, keep OUT outside the
 # folder that comes back and on that machine, so that a later call with ONLY= finds the
-# runs an earlier one made:  RESULTS=$OUT OUT=/tmp/gpu bash bench/gpu.sh
+# runs an earlier one made (bench/out is ignored by git, so a lent machine keeps it between
+# calls):  RESULTS=$OUT OUT=bench/out/gpu bash bench/gpu.sh
 set -euo pipefail
 LILLM=${LILLM:-.gpu/lillm}
 DATA=${DATA:-.gpu/data}
