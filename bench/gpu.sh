@@ -70,7 +70,7 @@ fi
 torch_check=0
 TORCH_LIB=$("$PYTHON" -c 'import os, sys, torch
 print(os.path.join(os.path.dirname(torch.__file__), "lib"))
-sys.exit(3 if sys.argv[1] == "cuda" and not torch.cuda.is_available() else 0)' "$DEVICE") ||
+sys.exit(3 if sys.argv[1] == "cuda" and not torch.cuda.is_available() else 0)' "$DEVICE" 2>/dev/null) ||
   torch_check=$?
 if [ "$torch_check" = 3 ]; then
   echo "gpu.sh: torch under $PYTHON sees no CUDA device; to rehearse on a CPU: DEVICE=cpu DTYPE=float32 DENSE=tiny LARGE=tiny MOE=tiny-moe COMPILE=0 (see cli/tests/gpu_harness.rs)" >&2

@@ -59,6 +59,9 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
     let tiny = tiny_data(dir.path(), 300);
     let out = dir.path().join("out");
     let results = dir.path().join("results");
+    // A profiler trace over 2 MiB, as a GPU run leaves: too large to come back.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("trace.json"), vec![b' '; 3 << 20]).unwrap();
     let (printed, status) = harness(&tiny.data, &out, &[("RESULTS", s(&results))]);
     assert_eq!(status, Some(0), "bench/gpu.sh failed:\n{printed}");
     // The table, for whoever reads the test's output.
@@ -193,6 +196,10 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
     assert!(
         !listed.contains(".safetensors"),
         "no weights come back:\n{listed}"
+    );
+    assert!(
+        !listed.contains("trace.json"),
+        "a file over 2 MiB stays behind:\n{listed}"
     );
     for entry in std::fs::read_dir(&results).unwrap() {
         let bytes = entry.unwrap().metadata().unwrap().len();

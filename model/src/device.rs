@@ -59,12 +59,11 @@ fn cpu_flags_have_bf16(cpuinfo: &str) -> bool {
 /// after it: the host waits for every kernel queued before it, so a decode step that
 /// uploads its token ids, positions and sampling parameters would stop the host five or ten
 /// times per token, and a training step could not queue its forward while the last
-/// optimizer step runs. This copy (libtorch's `non_blocking`) leaves that out. The host
-/// values are pageable memory, which the driver copies out before the call returns (for
-/// the few bytes of a step into its own buffer, without waiting; CUDA may still wait for
-/// the stream when a large copy needs staging), so they may be dropped at once, and the
-/// kernels queued after it on the stream read them in order. On a CPU it is the plain
-/// tensor.
+/// optimizer step runs. This copy (libtorch's `non_blocking`) leaves that wait out. The
+/// host values are pageable memory, which CUDA copies out before the call returns, so they
+/// may be dropped at once; whether the driver itself waits for the stream first is its
+/// choice (it may, to stage a large copy), never worse than before. Kernels queued after
+/// the copy on the stream read the values in order. On a CPU it is the plain tensor.
 pub fn upload<T: tch::kind::Element>(values: &[T], device: tch::Device) -> tch::Tensor {
     let host = tch::Tensor::from_slice(values);
     match device {

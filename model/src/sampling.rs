@@ -339,6 +339,7 @@ pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> 
                 [temperature, cut, top_k, top_p, greedy, s.draw() as f32]
             })
             .collect();
+        let any_cut = table.chunks(6).any(|row| row[1] > 0.0);
         let table = upload(&table, device).view([rows, 6]);
         let column = |i: i64| table.narrow(1, i, 1);
         let (temperature, cut, top_k, top_p) = (column(0), column(1), column(2), column(3));
@@ -347,7 +348,7 @@ pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> 
         let ranks = Tensor::arange(vocab, (Kind::Int64, device)).view([1, vocab]);
         // Rows with a top-k or top-p cut walk their tokens from the most likely down (ties
         // to the lower id); the others in id order, which needs no sort.
-        let order = if samplers.iter().any(|s| cuts(&s.params, vocab)) {
+        let order = if any_cut {
             let (_, sorted) = probs.sort_stable(true, 1, true);
             sorted.where_self(&cut.gt(0.5), &ranks.expand([rows, vocab], false))
         } else {
