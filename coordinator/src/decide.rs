@@ -10,6 +10,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+mod commit;
+use commit::commit;
+
 use crate::placement::Placement;
 use crate::state::{
     Commit, DatasetShards, EvalResult, JobConfig, Member, MemberId, Phase, Role, State,
@@ -614,95 +617,6 @@ pub fn host_of(address: &str) -> String {
         _ => address.to_string(),
     }
 }
-
-fn commit(
-    state: &mut State,
-    id: MemberId,
-    generation: u64,
-    step: u64,
-    path: String,
-    val_loss: Option<f64>,
-) -> Outcome {
-    if generation != state.generation || state.phase != Phase::Running {
-        return Outcome::refuse(Refusal::StaleGeneration {
-            given: generation,
-            current: state.generation,
-        });
-    }
-    let writers = state.checkpoint_writers();
-    match state.members.get(&id) {
-        None => return Outcome::refuse(Refusal::UnknownMember(id)),
-        Some(m) if m.id.role != Role::Trainer || !m.rank.is_some_and(|r| writers.contains(&r)) => {
-            return Outcome::refuse(Refusal::NotLeader(id))
-        }
-        Some(_) => {}
-    }
-    let node = id.node.clone();
-    let needed = match in_object_store(&path) {
-        true => 1,
-        false => state.copies_needed(),
-    };
-    if let Some(last) = state.last_commit.as_mut() {
-        if step == last.step {
-            let known = last.copies.get(&node);
-            // A retry whose reply was lost (say, the coordinator restarted after saving it).
-            if known == Some(&path) || (last.copies.is_empty() && last.path == path) {
-                return Outcome::changed(format!("step {step} was already committed"));
-            }
-            // A late copy of a durable checkpoint, from a node without one.
-            if known.is_none() && !last.copies.is_empty() {
-                last.copies.insert(node.clone(), path);
-                return Outcome::changed(format!("step {step}: another copy, on {node}"));
-            }
-        }
-        if step <= last.step {
-            return Outcome::refuse(Refusal::StepRegress {
-                given: step,
-                committed: last.step,
-            });
-        }
-    }
-    // Oldest first: the first copy of a step inserts it in order.
-    let pending_commits = &mut state.pending_commits;
-    let at = pending_commits.partition_point(|c| c.step < step);
-    if pending_commits.get(at).is_none_or(|c| c.step != step) {
-        let first = Commit {
-            step,
-            path: path.clone(),
-            generation,
-            val_loss,
-            copies: BTreeMap::new(),
-        };
-        pending_commits.insert(at, first);
-    }
-    let pending = &mut pending_commits[at];
-    pending.copies.insert(node.clone(), path);
-    pending.val_loss = pending.val_loss.or(val_loss);
-    let copies = pending.copies.len();
-    if copies < needed {
-        // Bounded: a copy that never comes (its writer died) must not grow the state.
-        let excess = pending_commits.len().saturating_sub(PENDING_COMMITS_KEPT);
-        pending_commits.drain(..excess);
-        return Outcome::changed(format!("step {step}: copy {copies} of {needed}, on {node}"));
-    }
-    let commit = pending.clone();
-    pending_commits.retain(|c| c.step > step);
-    state.last_commit = Some(commit.clone());
-    Outcome {
-        actions: vec![Action::Committed(commit)],
-        refusal: None,
-        reason: format!("committed step {step} ({copies} copies)"),
-    }
-}
-
-/// Whether a checkpoint's path is a bucket URL (`s3://…`): a copy in object storage is
-/// durable by itself, so it commits the step without a second node's copy.
-fn in_object_store(path: &str) -> bool {
-    path.contains("://")
-}
-
-/// Checkpoints waiting for their second copy that the state keeps.
-const PENDING_COMMITS_KEPT: usize = 4;
 
 fn tick(now_ms: u64, state: &mut State) -> Outcome {
     let checked = match coordinator_was_away(now_ms, state) {

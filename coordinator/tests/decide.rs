@@ -798,3 +798,41 @@ fn a_checkpoint_in_object_storage_commits_with_one_copy_and_every_node_reads_it(
         "a new node reads the bucket's copy"
     );
 }
+
+#[test]
+fn copies_that_never_come_keep_only_the_latest_steps_waiting() {
+    let (mut state, _) = gather(&members());
+    // Node b's writer is gone: only rank 0's copies come, and no step is durable.
+    for step in 1..=10 {
+        let d = decide(
+            100 + step,
+            &state,
+            Event::Commit {
+                id: id("node-a", Role::Trainer, 0),
+                generation: 1,
+                step: step * 100,
+                path: format!("ckpt/step-{step}"),
+                val_loss: None,
+            },
+        );
+        assert!(d.actions.is_empty() && d.refusal.is_none(), "{}", d.reason);
+        state = d.state;
+    }
+    let waiting: Vec<u64> = state.pending_commits.iter().map(|c| c.step).collect();
+    assert_eq!(waiting, [700, 800, 900, 1000]);
+    // The second copy of a step still waiting commits it and drops the older ones.
+    let d = decide(
+        200,
+        &state,
+        Event::Commit {
+            id: id("node-b", Role::Trainer, 0),
+            generation: 1,
+            step: 900,
+            path: "b/step-9".into(),
+            val_loss: None,
+        },
+    );
+    assert!(matches!(&d.actions[..], [Action::Committed(c)] if c.step == 900));
+    let waiting: Vec<u64> = d.state.pending_commits.iter().map(|c| c.step).collect();
+    assert_eq!(waiting, [1000]);
+}
