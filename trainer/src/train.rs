@@ -273,6 +273,31 @@ pub struct Rewire {
     pub writes_checkpoints: bool,
 }
 
+/// What runs and observes each step from `step` on: the profiler of `--profile-steps`,
+/// the log window, and the micro-step (eager or a CUDA graph, as `--step-mode` resolves on
+/// this device for this model).
+fn step_machinery(
+    cfg: &TrainConfig,
+    model_cfg: &ModelConfig,
+    model: &LilLM,
+    device: Device,
+    step: u64,
+) -> Result<(StepProfile, LogWindow, MicroStep)> {
+    let profile = StepProfile::new(
+        cfg.profile_steps()?,
+        &cfg.process.out,
+        cfg.process.rank,
+        device,
+    );
+    let figures = train_figures(model_cfg);
+    let window = LogWindow::new(figures, device, step, cfg.process.world_size);
+    let step_mode = cfg
+        .process
+        .step_mode
+        .resolve(device, model.is_capturable())?;
+    Ok((profile, window, MicroStep::new(step_mode, figures, device)))
+}
+
 /// A training run: the model, its optimizer, the data and where to write.
 pub struct Trainer {
     cfg: TrainConfig,
@@ -372,23 +397,7 @@ impl Trainer {
             evaluated_at_step,
         } = start::counters(resume_from.as_ref().map(|(_, state)| state), received_step);
         let cfg_rank_is_leader = cfg.process.rank == 0;
-        let profile = StepProfile::new(
-            cfg.profile_steps()?,
-            &cfg.process.out,
-            cfg.process.rank,
-            device,
-        );
-        let window = LogWindow::new(
-            train_figures(&model_cfg),
-            device,
-            step,
-            cfg.process.world_size,
-        );
-        let step_mode = cfg
-            .process
-            .step_mode
-            .resolve(device, model.is_capturable())?;
-        let micro = MicroStep::new(step_mode, train_figures(&model_cfg), device);
+        let (profile, window, micro) = step_machinery(&cfg, &model_cfg, &model, device, step)?;
         let mut trainer = Self {
             cfg,
             model_cfg,
