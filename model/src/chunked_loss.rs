@@ -12,9 +12,10 @@
 //! chunk: the logits, then the two gradients); only what is kept differs.
 //!
 //! A chunk's pass over its logits is memory-bound on a GPU, so it makes few full passes:
-//! one log-softmax (which reads the compute kind and writes float32), the exponential in
-//! place, and the cast back for the matmuls. Everything per row (the picked target, the
-//! rows that carry no loss) is applied to (rows × 1) or (rows × d) tensors instead.
+//! to float32 (libtorch's log-softmax casts a bf16 input first), the log-softmax, the
+//! exponential in place, and back to the compute kind for the matmuls. Everything per row
+//! (the picked target, the rows that carry no loss) is applied to (rows × 1) or (rows × d)
+//! tensors instead.
 
 use tch::{Kind, Tensor};
 

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use super::{Action, Outcome, Refusal};
 use crate::state::{Commit, MemberId, Phase, Role, State};
 
+/// A checkpoint writer reports its copy of `step` at `path`: the step is committed once
+/// enough nodes hold it ([`State::copies_needed`], or one copy in object storage).
 pub(super) fn commit(
     state: &mut State,
     id: MemberId,
