@@ -106,6 +106,12 @@ def kernels():
     for alone in k.get("each_alone", []):
         row(f"fused {alone['layer']} alone vs reference, {dense} {small} rows forward+backward ms", f"{alone['ms']:.2f}",
             f"{k['reference_ms']:.2f}", f"{k['reference_ms'] / alone['ms']:.2f}x", ">= 1.0x")
+    head = k["head_loss"]
+    row(f"chunked vs full head loss alone, {dense} {dtype}: |loss diff| / gradients max rel diff",
+        f"{head['loss_diff']:.1e} / {head['grads_rel_diff']:.1e}", target="<= 2e-2 each",
+        ok=max(head["loss_diff"], head["grads_rel_diff"]) <= 2e-2)
+    row(f"chunked vs full head loss alone, {dense} {small} rows forward+backward ms", f"{head['chunked_ms']:.2f}",
+        f"{head['full_ms']:.2f}", f"{head['full_ms'] / head['chunked_ms']:.2f}x", ">= 1.0x")
 
 
 def small_rows():

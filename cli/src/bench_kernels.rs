@@ -2,7 +2,8 @@
 //! and the SwiGLU product on CUDA) against the reference ([`Kernels`]) on one batch with the same
 //! weights — how far apart their logits and gradients are, and what a training forward and
 //! backward costs with each: all layers fused, and each fused alone, so that what each
-//! kernel gives is measured rather than guessed. The GPU harness (`bench/gpu.sh`) holds the fused form to bf16
+//! kernel gives is measured rather than guessed; and the output head's loss alone, chunked
+//! ([`LilLM::chunked_cross_entropy`]) against the full logits. The GPU harness (`bench/gpu.sh`) holds the fused form to bf16
 //! tolerance on the device, where it is the default; on a CPU the two differ by nothing or
 //! a rounding.
 
@@ -84,6 +85,7 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
             (layer, alone.ms, logits, grads)
         })
         .collect();
+    let head = HeadLoss::measure(&model, &x, &y, args.iters);
     let layers: Vec<_> = each_alone
         .iter()
         .map(|(layer, ms, logits, grads)| {
@@ -102,6 +104,10 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
             "fused_swiglu": lillm_model::fused_swiglu_in_use(device),
             "fused_rope": lillm_model::fused_rope_in_use(device),
             "each_alone": layers,
+            "head_loss": {
+                "chunked_ms": head.chunked_ms, "full_ms": head.full_ms,
+                "loss_diff": head.loss_diff, "grads_rel_diff": head.grads_rel_diff,
+            },
         })
     );
     eprintln!(
@@ -119,7 +125,79 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
             reference.ms / ms
         );
     }
+    eprintln!(
+        "  head loss chunked vs full logits: forward+backward {:.2} ms vs {:.2} ms ({:.2}x), losses differ by {:.2e}, gradients by {:.2e}",
+        head.chunked_ms,
+        head.full_ms,
+        head.full_ms / head.chunked_ms,
+        head.loss_diff,
+        head.grads_rel_diff
+    );
     Ok(())
+}
+
+/// The output head and its loss alone, on the model's final hidden states: chunked against
+/// the full logits.
+struct HeadLoss {
+    chunked_ms: f64,
+    full_ms: f64,
+    /// |chunked − full| of the loss.
+    loss_diff: f64,
+    /// The larger relative difference of the two gradients (hidden states, head weight).
+    grads_rel_diff: f64,
+}
+
+impl HeadLoss {
+    fn measure(model: &LilLM, x: &Tensor, y: &Tensor, iters: usize) -> Self {
+        let hidden = tch::no_grad(|| model.hidden_routed(x, false).0);
+        let weight = model.head_weight();
+        // One forward and backward: the loss and the hidden states holding their gradient
+        // (the head weight's accumulates until zeroed).
+        let pass = |chunked: bool| {
+            let h = hidden.detach().set_requires_grad(true);
+            let loss = match chunked {
+                true => model.chunked_cross_entropy(&h, y),
+                false => model.full_cross_entropy(&h, y),
+            };
+            loss.backward();
+            (loss, h)
+        };
+        let step = |chunked: bool| {
+            let _ = pass(chunked);
+            let _ = weight.grad().zero_();
+        };
+        let time = |chunked: bool| {
+            for _ in 0..2 {
+                step(chunked);
+            }
+            sync(x.device());
+            let started = Instant::now();
+            for _ in 0..iters {
+                step(chunked);
+            }
+            sync(x.device());
+            started.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64
+        };
+        let (chunked_ms, full_ms) = (time(true), time(false));
+        let result = |chunked: bool| {
+            let (loss, h) = pass(chunked);
+            let grads = [h.grad(), weight.grad()].map(|g| g.to_kind(Kind::Float).copy());
+            let _ = weight.grad().zero_();
+            (loss.double_value(&[]), grads)
+        };
+        let ((chunked_loss, chunked), (full_loss, full)) = (result(true), result(false));
+        let grads_rel_diff = chunked
+            .iter()
+            .zip(&full)
+            .map(|(c, f)| relative_diff(c, f))
+            .fold(0.0, f64::max);
+        Self {
+            chunked_ms,
+            full_ms,
+            loss_diff: (chunked_loss - full_loss).abs(),
+            grads_rel_diff,
+        }
+    }
 }
 
 impl Pass {

@@ -138,6 +138,16 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         let alone = row(&format!("fused {layer} alone vs reference, tiny"));
         assert!(alone["ratio"].as_str().unwrap().ends_with('x'), "{printed}");
     }
+    // The head's loss alone, chunked against the full logits: in float32 within a rounding.
+    let head = row("chunked vs full head loss alone, tiny float32");
+    assert_eq!(head["ok"], true, "{printed}");
+    assert!(
+        row("chunked vs full head loss alone, tiny 2 rows")["ratio"]
+            .as_str()
+            .unwrap()
+            .ends_with('x'),
+        "{printed}"
+    );
     // The training step a CUDA graph captures, run uncaptured, trains as the eager step
     // does, bit for bit on the CPU; each run says how its step ran.
     for rows in [4, 2] {

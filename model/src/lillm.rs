@@ -473,6 +473,17 @@ impl LilLM {
         crate::chunked_loss::mean_cross_entropy(hidden, &self.tok_emb, targets, rows)
     }
 
+    /// The output head's weight: the token embedding, tied.
+    pub fn head_weight(&self) -> &Tensor {
+        &self.tok_emb
+    }
+
+    /// [`Self::mean_cross_entropy`] of these hidden states' full logits: the reference that
+    /// [`Self::chunked_cross_entropy`] equals.
+    pub fn full_cross_entropy(&self, hidden: &Tensor, targets: &Tensor) -> Tensor {
+        Self::mean_cross_entropy(&self.head(hidden), targets)
+    }
+
     /// Mean token cross entropy over the targets that are not −1: sum(mask·CE)/sum(mask),
     /// with the count floored at 1 so an all-masked batch gives 0, never NaN.
     pub fn loss(&self, tokens: &Tensor, targets: &Tensor, train: bool) -> Tensor {
