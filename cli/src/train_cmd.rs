@@ -109,8 +109,8 @@ struct JobFlags {
     /// block_size + 1 sequence exactly once per epoch, in a seeded order).
     #[arg(long)]
     data_order: Option<String>,
-    /// auto (chunked on CUDA, full on CPU), full (the whole micro-batch's logits at once)
-    /// or chunked (a chunk of positions at a time, never all the logits).
+    /// auto (chunked), full (the whole micro-batch's logits at once: the reference) or
+    /// chunked (a chunk of positions at a time, never all the logits).
     #[arg(long)]
     head_loss: Option<String>,
     /// The model's shape (`[model]` in TOML), over the preset's.

@@ -17,14 +17,24 @@
 //! (the picked target, the rows that carry no loss) is applied to (rows × 1) or (rows × d)
 //! tensors instead.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-/// Float32 logits held at once, in bytes: a few hundred MiB keeps the matmuls large.
-const CHUNK_LOGIT_BYTES: i64 = 256 << 20;
+/// Float32 logits held at once on a GPU, in bytes: a few hundred MiB keeps the matmuls large.
+const GPU_CHUNK_LOGIT_BYTES: i64 = 256 << 20;
 
-/// Rows per chunk for a vocabulary of `vocab` tokens.
-pub fn chunk_rows(vocab: i64) -> i64 {
-    (CHUNK_LOGIT_BYTES / (vocab.max(1) * 4)).max(1)
+/// On a CPU, a chunk whose passes stay in the processor's caches instead of memory: at
+/// `make bench`'s training shape (2,048 positions, vocabulary 4,096) chunks of 4 or 16 MiB
+/// trained about 10% faster than the whole micro-batch's logits (32 MiB), and 16 MiB kept
+/// larger models' matmuls efficient where 4 MiB did not.
+const CPU_CHUNK_LOGIT_BYTES: i64 = 16 << 20;
+
+/// Rows per chunk for a vocabulary of `vocab` tokens on `device`.
+pub fn chunk_rows(vocab: i64, device: Device) -> i64 {
+    let bytes = match device {
+        Device::Cuda(_) => GPU_CHUNK_LOGIT_BYTES,
+        _ => CPU_CHUNK_LOGIT_BYTES,
+    };
+    (bytes / (vocab.max(1) * 4)).max(1)
 }
 
 /// Mean cross-entropy of `hidden` (…, d) through the head `weight` (vocab, d) against
@@ -195,7 +205,9 @@ mod tests {
 
     #[test]
     fn the_chunk_holds_a_bounded_number_of_logits() {
-        assert_eq!(chunk_rows(6400), (256 << 20) / (6400 * 4));
-        assert_eq!(chunk_rows(1 << 40), 1);
+        let cuda = Device::Cuda(0);
+        assert_eq!(chunk_rows(6400, cuda), (256 << 20) / (6400 * 4));
+        assert_eq!(chunk_rows(4096, Device::Cpu), 1024);
+        assert_eq!(chunk_rows(1 << 40, cuda), 1);
     }
 }

@@ -469,7 +469,7 @@ impl LilLM {
     /// [`Self::mean_cross_entropy`] of these hidden states' logits, computed through the
     /// output head a chunk of positions at a time ([`crate::chunked_loss`]).
     pub fn chunked_cross_entropy(&self, hidden: &Tensor, targets: &Tensor) -> Tensor {
-        let rows = crate::chunked_loss::chunk_rows(self.cfg.vocab_size as i64);
+        let rows = crate::chunked_loss::chunk_rows(self.cfg.vocab_size as i64, hidden.device());
         crate::chunked_loss::mean_cross_entropy(hidden, &self.tok_emb, targets, rows)
     }
 

@@ -108,7 +108,7 @@ fn prepare_model(
     let loss = match reference {
         Some(r) => Loss::Preference(Box::new(r)),
         None => Loss::NextToken {
-            chunked: cfg.job.head_loss.chunked_on(device),
+            chunked: cfg.job.head_loss.chunked(),
         },
     };
     Ok(Prepared {
