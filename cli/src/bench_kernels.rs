@@ -3,9 +3,9 @@
 //! weights — how far apart their logits and gradients are, and what a training forward and
 //! backward costs with each: all layers fused, and each fused alone, so that what each
 //! kernel gives is measured rather than guessed; and the output head's loss alone, chunked
-//! ([`LilLM::chunked_cross_entropy`]) against the full logits. The GPU harness (`bench/gpu.sh`) holds the fused form to bf16
-//! tolerance on the device, where it is the default; on a CPU the two differ by nothing or
-//! a rounding.
+//! ([`LilLM::chunked_cross_entropy`]) against the full logits. The GPU harness
+//! (`bench/gpu.sh`) holds the fused form to bf16 tolerance on the device, where it is the
+//! default; on a CPU the two differ by nothing or a rounding.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -85,7 +85,7 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
             (layer, alone.ms, logits, grads)
         })
         .collect();
-    let head = HeadLoss::measure(&model, &x, &y, args.iters);
+    let head = HeadLossFigures::measure(&model, &x, &y, args.iters);
     let layers: Vec<_> = each_alone
         .iter()
         .map(|(layer, ms, logits, grads)| {
@@ -138,7 +138,7 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
 
 /// The output head and its loss alone, on the model's final hidden states: chunked against
 /// the full logits.
-struct HeadLoss {
+struct HeadLossFigures {
     chunked_ms: f64,
     full_ms: f64,
     /// |chunked − full| of the loss.
@@ -147,7 +147,7 @@ struct HeadLoss {
     grads_rel_diff: f64,
 }
 
-impl HeadLoss {
+impl HeadLossFigures {
     fn measure(model: &LilLM, x: &Tensor, y: &Tensor, iters: usize) -> Self {
         let hidden = tch::no_grad(|| model.hidden_routed(x, false).0);
         let weight = model.head_weight();

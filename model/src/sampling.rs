@@ -331,7 +331,9 @@ pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> 
     let picked = if samplers.iter().all(|s| s.params.temperature == 0.0) {
         logits.argmax(1, false)
     } else {
-        // Every row's numbers and draw in one table, one copy up: (rows, 6).
+        // Every row's numbers and draw in one table, one copy up: (rows, COLUMNS).
+        const COLUMNS: usize = 6;
+        const CUT: usize = 1;
         let table: Vec<f32> = samplers
             .iter_mut()
             .flat_map(|s| {
@@ -339,10 +341,11 @@ pub fn sample_rows_on_device(samplers: &mut [&mut Sampler], logits: &Tensor) -> 
                 [temperature, cut, top_k, top_p, greedy, s.draw() as f32]
             })
             .collect();
-        let any_cut = table.chunks(6).any(|row| row[1] > 0.0);
-        let table = upload(&table, device).view([rows, 6]);
+        let any_cut = table.chunks(COLUMNS).any(|row| row[CUT] > 0.0);
+        let table = upload(&table, device).view([rows, COLUMNS as i64]);
         let column = |i: i64| table.narrow(1, i, 1);
-        let (temperature, cut, top_k, top_p) = (column(0), column(1), column(2), column(3));
+        let (temperature, cut, top_k, top_p) =
+            (column(0), column(CUT as i64), column(2), column(3));
         let (greedy, draw) = (column(4).gt(0.5).view([rows]), column(5));
         let probs = (&logits / temperature).softmax(1, Kind::Float);
         let ranks = Tensor::arange(vocab, (Kind::Int64, device)).view([1, vocab]);
