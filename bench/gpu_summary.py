@@ -176,6 +176,12 @@ def serving(name, model):
                 f"{level['tokens_per_s']:,.0f}",
                 f"{level['ttft_p99_ms']:.0f} / {level['itl_p50_ms']:.1f} / {level['itl_p99_ms']:.1f}",
                 target=targets.get(level["streams"], "") if name == "dense" else "")
+            # What the server measured itself (bucket bounds): a gap between the two is the
+            # clients' or the HTTP path's, not the decoder's.
+            bound = lambda ms: "-" if ms is None else f"{ms:g}"
+            row(f"serve {model} ({fast}) {level['streams']} streams, by the server: tokens/s; at most ms",
+                f"{level['server_tokens_per_s']:,.0f}",
+                " / ".join(bound(level[f"server_{k}_ms_at_most"]) for k in ("ttft_p99", "itl_p50", "itl_p99")))
         errors = sum(level["errors"] for level in served["levels"])
         row(f"serve {model}: failed requests", f"{errors}", target="0", ok=errors == 0)
     return compute

@@ -129,6 +129,26 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
     ] {
         assert_eq!(row(what)["ok"], true, "{printed}");
     }
+    // Beside each load level, the server's own count and latencies over the same span: the
+    // tokens its counter says it generated are the ones the clients received.
+    for streams in [1, 8, 32] {
+        let level = format!("serve tiny (static) {streams} streams");
+        let by_server = row(&format!("{level}, by the server"));
+        assert_eq!(
+            by_server["lillm"],
+            row(&format!("{level}:"))["lillm"],
+            "{printed}"
+        );
+        let bounds: Vec<&str> = by_server["baseline"]
+            .as_str()
+            .unwrap()
+            .split(" / ")
+            .collect();
+        assert!(
+            bounds.len() == 3 && bounds.iter().all(|b| b.parse::<f64>().is_ok()),
+            "{printed}"
+        );
+    }
     // The fused kernels against the reference: in float32 one computation.
     let kernels = row("fused vs reference kernels, tiny float32");
     assert_eq!(kernels["ok"], true, "{printed}");

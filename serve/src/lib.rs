@@ -28,6 +28,7 @@ use anyhow::{Context, Result};
 use axum::extract::State;
 use axum::response::Html;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use clap::Args;
 use lillm_checkpoint::LoadedModel;
@@ -222,6 +223,11 @@ pub async fn run(addr: SocketAddr, state: AppState, shutdown: CancellationToken)
     );
     use std::io::Write;
     std::io::stdout().flush()?;
+    // Each streamed token is a small write: with Nagle's algorithm on, the kernel holds it
+    // until the client acknowledges the one before, which a client may delay by up to 40 ms.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;

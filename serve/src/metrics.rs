@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use lillm_checkpoint::LoadedModel;
 
-/// Upper bounds (seconds) of the latency histograms' buckets.
-const BUCKETS: [f64; 12] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+/// Upper bounds (seconds) of the latency histograms' buckets: from half a millisecond, as a
+/// small model on a GPU emits a token every millisecond or so (on a CPU, tens of them).
+const BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
 /// A Prometheus histogram of durations with fixed buckets.
@@ -223,5 +224,37 @@ impl Metrics {
             "Between consecutive tokens of one request.",
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rendered cumulative count of `name`'s bucket `le`.
+    fn bucket(text: &str, name: &str, le: &str) -> u64 {
+        let key = format!("{name}_bucket{{le=\"{le}\"}} ");
+        let line = text.lines().find(|l| l.starts_with(&key)).unwrap();
+        line[key.len()..].parse().unwrap()
+    }
+
+    #[test]
+    fn gpu_speed_latencies_land_in_their_own_buckets() {
+        let h = Histogram::default();
+        for micros in [400, 800, 900, 3_000, 40_000_000] {
+            h.observe(Duration::from_micros(micros));
+        }
+        let mut text = String::new();
+        h.render(&mut text, "itl", "help");
+        // A token every 0.4 ms and every 0.8-0.9 ms are told apart, not both "under 5 ms".
+        assert_eq!(bucket(&text, "itl", "0.0005"), 1, "{text}");
+        assert_eq!(bucket(&text, "itl", "0.001"), 3, "{text}");
+        assert_eq!(bucket(&text, "itl", "0.0025"), 3, "{text}");
+        assert_eq!(bucket(&text, "itl", "0.005"), 4, "{text}");
+        // Past the last bound only +Inf and the count hold it.
+        assert_eq!(bucket(&text, "itl", "30"), 4, "{text}");
+        assert_eq!(bucket(&text, "itl", "+Inf"), 5, "{text}");
+        assert!(text.contains("itl_count 5\n"), "{text}");
+        assert!(text.contains("itl_sum 40.0051\n"), "{text}");
     }
 }
