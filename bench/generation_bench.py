@@ -137,7 +137,9 @@ def level(streams, seconds, during=None):
     start = time.perf_counter()
     go.set()
     finished = during() if during else None
-    stats = [results.get() for _ in clients]
+    # A client that died without its figures fails the level instead of hanging it (each of
+    # its requests gives up after 120 s).
+    stats = [results.get(timeout=seconds + 150) for _ in clients]
     [c.join() for c in clients]
     wall = time.perf_counter() - start
     (counters1, hist1) = server_figures()
