@@ -171,6 +171,7 @@ def serving(name, model):
     def compute():
         served = r(f"serve-{name}")
         targets = {1: ">= 1000 tok/s", 8: "p99 <= 3x p50, TTFT p99 <= 50 ms", 32: ">= 20000 tok/s"}
+        bound = lambda ms: "-" if ms is None else f"{ms:g}"
         for level in served["levels"]:
             row(f"serve {model} ({fast}) {level['streams']} streams: tokens/s; TTFT p99, ITL p50/p99 ms",
                 f"{level['tokens_per_s']:,.0f}",
@@ -178,7 +179,6 @@ def serving(name, model):
                 target=targets.get(level["streams"], "") if name == "dense" else "")
             # What the server measured itself (bucket bounds): a gap between the two is the
             # clients' or the HTTP path's, not the decoder's.
-            bound = lambda ms: "-" if ms is None else f"{ms:g}"
             row(f"serve {model} ({fast}) {level['streams']} streams, by the server: tokens/s; at most ms",
                 f"{level['server_tokens_per_s']:,.0f}",
                 " / ".join(bound(level[f"server_{k}_ms_at_most"]) for k in ("ttft_p99", "itl_p50", "itl_p99")))
