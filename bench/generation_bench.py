@@ -11,7 +11,7 @@ level also reports what the server itself measured over it (`server_*`, from its
 `/metrics` histograms: the upper bound of the bucket that holds the quantile).
 
 usage: generation_bench.py URL MODEL SERVER_PID [SECONDS_PER_LEVEL [SOAK_SECONDS]]"""
-import http.client, json, multiprocessing, sys, threading, time
+import http.client, json, multiprocessing, queue, sys, time
 from urllib.parse import urlparse
 
 url, model, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -125,10 +125,10 @@ def client_loop(seed, seconds, go, results):
     results.put(stats)
 
 
-def level(streams, seconds, during=None):
-    """`streams` clients for `seconds`. `during`, if given, starts something in this process
-    that runs while they do, and returns the function that ends it."""
-    # Forked before any thread of this process starts: the clients need nothing else.
+def level(streams, seconds, every_10s=None):
+    """`streams` clients for `seconds`; `every_10s`, if given, is called every 10 s while
+    they run."""
+    # This process starts no thread: the forked clients inherit nothing half-done.
     fork = multiprocessing.get_context("fork")
     go, results = fork.Event(), fork.Queue()
     clients = [fork.Process(target=client_loop, args=(i, seconds, go, results)) for i in range(streams)]
@@ -136,15 +136,20 @@ def level(streams, seconds, during=None):
     (counters0, hist0) = server_figures()
     start = time.perf_counter()
     go.set()
-    finished = during() if during else None
-    # A client that died without its figures fails the level instead of hanging it (each of
-    # its requests gives up after 120 s).
-    stats = [results.get(timeout=seconds + 150) for _ in clients]
+    stats = []
+    while len(stats) < len(clients):
+        try:
+            stats.append(results.get(timeout=10))
+        except queue.Empty:
+            # A client that died without its figures fails the level instead of hanging it
+            # (each of its requests gives up after 120 s).
+            if time.perf_counter() - start > seconds + 150:
+                raise RuntimeError(f"{len(clients) - len(stats)} of {streams} clients never reported")
+            if every_10s:
+                every_10s()
     [c.join() for c in clients]
     wall = time.perf_counter() - start
     (counters1, hist1) = server_figures()
-    if finished:
-        finished()
     tokens = sum(s["tokens"] for s in stats)
     ttft = [t for s in stats for t in s["ttft"]]
     itl = [t for s in stats for t in s["itl"]]
@@ -166,26 +171,13 @@ def level(streams, seconds, during=None):
     }
 
 
-def sample_rss(rss):
-    """Samples the server's RSS every 10 s from now until the returned stop is called."""
-    stop = threading.Event()
-
-    def loop():
-        while not stop.wait(10):
-            rss.append(rss_mib())
-
-    sampler = threading.Thread(target=loop)
-    sampler.start()
-    return lambda: (stop.set(), sampler.join())
-
-
 # Warm-up: the first requests pay for allocations.
 for _ in completion_stream(0, 16):
     pass
 levels = [level(1, seconds), level(8, seconds)]
 # The server's RSS every 10 s of the 32-stream soak: growth would show as a rising series.
 rss = [rss_mib()]
-levels.append(level(32, soak_seconds, during=lambda: sample_rss(rss)))
+levels.append(level(32, soak_seconds, every_10s=lambda: rss.append(rss_mib())))
 rss.append(rss_mib())
 print(json.dumps({"levels": levels, "rss_mib_before_32": round(rss[0], 1),
                   "rss_mib_after_32": round(rss[-1], 1),
