@@ -84,10 +84,12 @@ impl LoadedModel {
     }
 
     /// Computes in `kind` for inference, the weights stored in it
-    /// ([`weights::store_for_inference`]: the same logits as casting them at each use).
+    /// ([`weights::store_for_inference`]: the same logits as casting them at each use), and
+    /// the projections of each layer's input joined ([`LilLM::join_projections`]).
     pub fn set_inference_kind(&mut self, kind: tch::Kind) {
         self.model.set_compute_kind(kind);
         weights::store_for_inference(&mut self.vs, kind);
+        self.model.join_projections();
     }
 
     /// The checkpoint's tokenizer, or an error saying how to attach one.

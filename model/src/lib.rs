@@ -27,6 +27,7 @@ mod error;
 pub mod eval;
 mod fused;
 pub mod hf;
+mod joined;
 mod kv_cache;
 mod lillm;
 mod lora;

@@ -6,10 +6,11 @@
 use tch::{nn, Kind, Tensor};
 
 use crate::fused::{swiglu, Kernels};
+use crate::joined::Joined;
 use crate::lora::{LoraConfig, Weight};
 use crate::moe::{LayerRouting, Moe, Routing};
 use crate::rms_norm::RmsNorm;
-use crate::rope::Rope;
+use crate::rope::{Rope, RowAngles};
 use crate::{upload, KvCache, ModelConfig, Result, SlotCache};
 
 #[derive(Debug)]
@@ -18,6 +19,8 @@ struct Attention {
     wk: Weight,
     wv: Weight,
     wo: Weight,
+    /// wq, wk and wv joined, for inference ([`LilLM::join_projections`]).
+    joined: Option<Joined>,
     q_heads: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -89,6 +92,7 @@ impl Attention {
                 std_out,
                 start,
             )),
+            joined: None,
             q_heads: cfg.q_heads as i64,
             kv_heads: cfg.kv_heads as i64,
             head_dim: hd as i64,
@@ -98,44 +102,34 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
-        start_pos: i64,
+        span: &Span,
         cache: Option<(&mut Tensor, &mut Tensor)>,
-        dropout: f64,
-        kernels: Kernels,
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("attention input is 3-d");
-        let q = linear(x, &self.wq.get()).view([b, t, self.q_heads, self.head_dim]);
-        let k = linear(x, &self.wk.get()).view([b, t, self.kv_heads, self.head_dim]);
-        let v = linear(x, &self.wv.get()).view([b, t, self.kv_heads, self.head_dim]);
-        let q = rope.apply(&q, start_pos, kernels).transpose(1, 2);
-        let k = rope.apply(&k, start_pos, kernels).transpose(1, 2);
+        let start_pos = span.start;
+        let [q, k, v] = self.project(x, t);
+        let q = span.rope.apply(&q, start_pos, span.kernels).transpose(1, 2);
+        let k = span.rope.apply(&k, start_pos, span.kernels).transpose(1, 2);
         let v = v.transpose(1, 2);
-        let (k, v, mask) = match cache {
-            None => (k, v, None),
+        let (k, v) = match cache {
+            None => (k, v),
             Some((cache_k, cache_v)) => {
-                let end = start_pos + t;
                 cache_k.narrow(2, start_pos, t).copy_(&k);
                 cache_v.narrow(2, start_pos, t).copy_(&v);
-                let k = cache_k.narrow(2, 0, end);
-                let v = cache_v.narrow(2, 0, end);
-                // A chunk after earlier tokens needs an explicit mask: SDPA's causal flag aligns
-                // the triangle to the top-left corner, not to the chunk's real positions.
-                let mask = (t > 1 && start_pos > 0).then(|| {
-                    let rows = Tensor::arange_start(start_pos, end, (Kind::Int64, x.device()));
-                    let cols = Tensor::arange(end, (Kind::Int64, x.device()));
-                    cols.unsqueeze(0).le_tensor(&rows.unsqueeze(1))
-                });
-                (k, v, mask)
+                (
+                    cache_k.narrow(2, 0, start_pos + t),
+                    cache_v.narrow(2, 0, start_pos + t),
+                )
             }
         };
+        let mask = span.chunk_mask.as_ref().map(|m| m.to_kind(q.kind()));
         let is_causal = mask.is_none() && t > 1;
         let out = Tensor::scaled_dot_product_attention(
             &q,
             &k.to_kind(q.kind()),
             &v.to_kind(q.kind()),
             mask.as_ref(),
-            dropout,
+            span.dropout,
             is_causal,
             None,
             true,
@@ -144,43 +138,42 @@ impl Attention {
         linear(&out, &self.wo.get())
     }
 
-    /// One new token for each of `b` sequences in cache slots `0..b`, row `i` at position
-    /// `positions[i]`, attending to the first `max_len` positions (at least the longest
-    /// sequence after this token).
+    /// q, k and v of `x` (B, T, d), shaped (B, T, heads, head_dim).
+    fn project(&self, x: &Tensor, t: i64) -> [Tensor; 3] {
+        let [q, k, v] = match &self.joined {
+            Some(joined) => joined.apply(x).try_into().expect("three parts"),
+            None => [&self.wq, &self.wk, &self.wv].map(|w| linear(x, &w.get())),
+        };
+        let b = x.size()[0];
+        [
+            q.view([b, t, self.q_heads, self.head_dim]),
+            k.view([b, t, self.kv_heads, self.head_dim]),
+            v.view([b, t, self.kv_heads, self.head_dim]),
+        ]
+    }
+
+    /// One new token for each of the step's `b` sequences, in cache slots `0..b`.
     fn forward_slots(
         &self,
         x: &Tensor,
-        rope: &Rope,
-        positions: &Tensor,
+        step: &DecodeRows,
         (cache_k, cache_v): (&mut Tensor, &mut Tensor),
-        max_len: i64,
-        kernels: Kernels,
     ) -> Tensor {
         let (b, _, _) = x.size3().expect("attention input is 3-d");
-        let q = linear(x, &self.wq.get()).view([b, 1, self.q_heads, self.head_dim]);
-        let k = linear(x, &self.wk.get()).view([b, 1, self.kv_heads, self.head_dim]);
-        let v = linear(x, &self.wv.get()).view([b, 1, self.kv_heads, self.head_dim]);
-        let q = rope.apply_at(&q, positions, kernels).transpose(1, 2);
-        let k = rope.apply_at(&k, positions, kernels).transpose(1, 2);
+        let [q, k, v] = self.project(x, 1);
+        let q = step.angles.apply(&q).transpose(1, 2);
+        let k = step.angles.apply(&k).transpose(1, 2);
         let v = v.transpose(1, 2);
-        // Row i's key and value go to (slot i, position i): indices on dims 0 and 2.
-        let rows = Tensor::arange(b, (Kind::Int64, x.device()));
-        let at = [Some(rows), None, Some(positions.shallow_clone())];
-        let _ = cache_k.index_put_(&at, &k.squeeze_dim(2).to_kind(cache_k.kind()), false);
-        let _ = cache_v.index_put_(&at, &v.squeeze_dim(2).to_kind(cache_v.kind()), false);
-        let k = cache_k.narrow(0, 0, b).narrow(2, 0, max_len);
-        let v = cache_v.narrow(0, 0, b).narrow(2, 0, max_len);
-        // Each row sees its own positions only: (b, 1, 1, max_len).
-        let cols = Tensor::arange(max_len, (Kind::Int64, x.device()));
-        let mask = cols
-            .unsqueeze(0)
-            .le_tensor(&positions.unsqueeze(1))
-            .view([b, 1, 1, max_len]);
+        let _ = cache_k.index_put_(&step.at, &k.squeeze_dim(2).to_kind(cache_k.kind()), false);
+        let _ = cache_v.index_put_(&step.at, &v.squeeze_dim(2).to_kind(cache_v.kind()), false);
+        let keys = step.mask.size()[3];
+        let k = cache_k.narrow(0, 0, b).narrow(2, 0, keys);
+        let v = cache_v.narrow(0, 0, b).narrow(2, 0, keys);
         let out = Tensor::scaled_dot_product_attention(
             &q,
             &k.to_kind(q.kind()),
             &v.to_kind(q.kind()),
-            Some(&mask),
+            Some(&step.mask.to_kind(q.kind())),
             0.0,
             false,
             None,
@@ -191,11 +184,73 @@ impl Attention {
     }
 }
 
+/// What every layer's attention in a forward over consecutive positions shares.
+struct Span<'a> {
+    rope: &'a Rope,
+    /// The first position.
+    start: i64,
+    /// For a chunk after earlier tokens in the cache ([`chunk_mask`]), made once for all
+    /// layers.
+    chunk_mask: Option<Tensor>,
+    dropout: f64,
+    kernels: Kernels,
+}
+
+/// What positions `start..start + t` of a chunk after earlier tokens add to their scores
+/// over positions `0..start + t`: 0 where they see them (their own and those before), −∞
+/// elsewhere; (t, start + t) in `kind`. Such a chunk needs this explicit mask: SDPA's causal
+/// flag aligns the triangle to the top-left corner, not to the chunk's real positions.
+fn chunk_mask(start: i64, t: i64, kind: Kind, device: tch::Device) -> Tensor {
+    let rows = Tensor::arange_start(start, start + t, (Kind::Int64, device));
+    let cols = Tensor::arange(start + t, (Kind::Int64, device));
+    let unseen = cols.unsqueeze(0).gt_tensor(&rows.unsqueeze(1));
+    Tensor::zeros([t, start + t], (kind, device)).masked_fill(&unseen, f64::NEG_INFINITY)
+}
+
+/// What every layer's attention in a decode step shares, made once per step: the same for
+/// all layers, it would otherwise cost each layer a few small kernels of its own (on a GPU,
+/// where a step of a small model is a few hundred small kernels, a tenth of them).
+struct DecodeRows {
+    /// Row `i`'s rotation at its own position.
+    angles: RowAngles,
+    /// Where row `i`'s key and value go in a layer's cache: (slot i, position i), indices on
+    /// dims 0 and 2.
+    at: [Option<Tensor>; 3],
+    /// What each row adds to its scores over the first `keys` positions: 0 where it sees
+    /// them (its own position and those before), −∞ elsewhere; (b, 1, 1, keys) in the
+    /// compute kind (attention would turn a boolean mask into this at every call).
+    mask: Tensor,
+}
+
+impl DecodeRows {
+    /// Rows at `positions` (b,), attending to the first `keys` positions of their slots,
+    /// computing in `kind`.
+    fn new(rope: &Rope, positions: &Tensor, keys: i64, kind: Kind, kernels: Kernels) -> Self {
+        let b = positions.size()[0];
+        let device = positions.device();
+        let cols = Tensor::arange(keys, (Kind::Int64, device));
+        let unseen = cols.unsqueeze(0).gt_tensor(&positions.unsqueeze(1));
+        Self {
+            angles: rope.at_rows(positions, kernels),
+            at: [
+                Some(Tensor::arange(b, (Kind::Int64, device))),
+                None,
+                Some(positions.shallow_clone()),
+            ],
+            mask: Tensor::zeros([b, keys], (kind, device))
+                .masked_fill(&unseen, f64::NEG_INFINITY)
+                .view([b, 1, 1, keys]),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct FeedForward {
     w1: Weight,
     w2: Weight,
     w3: Weight,
+    /// w1 and w3 joined, for inference ([`LilLM::join_projections`]).
+    joined: Option<Joined>,
 }
 
 impl FeedForward {
@@ -217,15 +272,16 @@ impl FeedForward {
                 start,
             )),
             w3: Weight::new(normal_weight(&(&vs / "w3"), "weight", (h, d), d_std, start)),
+            joined: None,
         }
     }
 
     pub(crate) fn forward(&self, x: &Tensor, kernels: Kernels) -> Tensor {
-        let hidden = swiglu(
-            &linear(x, &self.w1.get()),
-            &linear(x, &self.w3.get()),
-            kernels,
-        );
+        let [gate, up] = match &self.joined {
+            Some(joined) => joined.apply(x).try_into().expect("two parts"),
+            None => [&self.w1, &self.w3].map(|w| linear(x, &w.get())),
+        };
+        let hidden = swiglu(&gate, &up, kernels);
         linear(&hidden, &self.w2.get())
     }
 }
@@ -335,6 +391,11 @@ impl LilLM {
         let blocks = path / "transformer_blocks";
         for (i, block) in self.transformer_blocks.iter_mut().enumerate() {
             let layer = &blocks / i;
+            // An adapter adds to its own projection alone: joined ones go back to their parts.
+            block.attn.joined = None;
+            if let Mlp::Dense(ffn) = &mut block.mlp {
+                ffn.joined = None;
+            }
             for target in &lora.targets {
                 let (group, weight) = match (target.as_str(), &mut block.mlp) {
                     ("wq", _) => ("attn", &mut block.attn.wq),
@@ -357,6 +418,22 @@ impl LilLM {
             }
         }
         Ok(())
+    }
+
+    /// For inference: joins each layer's q, k and v projections into one matrix, and its
+    /// gate and up projections into another, which its forward then multiplies by once
+    /// ([`crate::joined`]; the named weights become views of them, so no memory is added).
+    /// Call it after the weights have their final kind and values: a weight given new
+    /// memory later (a cast of the var store) would leave its joined copy behind. A layer
+    /// whose projections carry LoRA adapters keeps them apart.
+    pub fn join_projections(&mut self) {
+        for block in &mut self.transformer_blocks {
+            let attn = &mut block.attn;
+            attn.joined = Joined::join(&mut [&mut attn.wq, &mut attn.wk, &mut attn.wv]);
+            if let Mlp::Dense(ffn) = &mut block.mlp {
+                ffn.joined = Joined::join(&mut [&mut ffn.w1, &mut ffn.w3]);
+            }
+        }
     }
 
     /// Folds every adapter into its base weight, leaving a plain model (for inference and
@@ -418,18 +495,20 @@ impl LilLM {
         let dropout = if train { self.cfg.dropout } else { 0.0 };
         let mut x =
             Tensor::embedding(&self.tok_emb, tokens, -1, false, false).to_kind(self.compute_kind);
+        let t = tokens.size()[1];
+        let span = Span {
+            rope: &self.rope,
+            start: start_pos,
+            chunk_mask: (cache.is_some() && t > 1 && start_pos > 0)
+                .then(|| chunk_mask(start_pos, t, self.compute_kind, tokens.device())),
+            dropout,
+            kernels: self.kernels,
+        };
         let mut routing = Vec::new();
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| c.layer(i));
             let attn_in = block.attn_norm.forward(&x, self.kernels);
-            x = x + block.attn.forward(
-                &attn_in,
-                &self.rope,
-                start_pos,
-                layer_cache,
-                dropout,
-                self.kernels,
-            );
+            x = x + block.attn.forward(&attn_in, &span, layer_cache);
             let (ffn_out, layer_routing) = block.mlp.forward(
                 &block.ffn_norm.forward(&x, self.kernels),
                 train,
@@ -567,18 +646,12 @@ impl LilLM {
         cache: &mut SlotCache,
         keys: i64,
     ) -> Tensor {
+        let step = DecodeRows::new(&self.rope, positions, keys, self.compute_kind, self.kernels);
         let mut x =
             Tensor::embedding(&self.tok_emb, ids, -1, false, false).to_kind(self.compute_kind);
         for (i, block) in self.transformer_blocks.iter().enumerate() {
             let attn_in = block.attn_norm.forward(&x, self.kernels);
-            let attn = block.attn.forward_slots(
-                &attn_in,
-                &self.rope,
-                positions,
-                cache.layer(i),
-                keys,
-                self.kernels,
-            );
+            let attn = block.attn.forward_slots(&attn_in, &step, cache.layer(i));
             x = x + attn;
             let (ffn_out, _) = block.mlp.forward(
                 &block.ffn_norm.forward(&x, self.kernels),

@@ -120,6 +120,11 @@ impl Weight {
         });
     }
 
+    /// Whether it is its base weight alone, with no adapter.
+    pub(crate) fn is_plain(&self) -> bool {
+        self.adapter.is_none()
+    }
+
     /// Folds the adapter into the base weight (W ← W + scale·B·A) and drops it.
     pub(crate) fn merge(&mut self) {
         if let Some(ad) = self.adapter.take() {

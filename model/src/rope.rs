@@ -59,56 +59,83 @@ impl Rope {
 
     /// Rotates `x` of shape (B, T, H, hd) whose first position is `start_pos`.
     pub(crate) fn apply(&self, x: &Tensor, start_pos: i64, kernels: Kernels) -> Tensor {
-        self.apply_with(x, Positions::From(start_pos), kernels)
-    }
-
-    /// Rotates `x` of shape (B, 1, H, hd) whose row `i` is at position `positions[i]`.
-    pub(crate) fn apply_at(&self, x: &Tensor, positions: &Tensor, kernels: Kernels) -> Tensor {
-        self.apply_with(x, Positions::PerRow(positions), kernels)
-    }
-
-    fn apply_with(&self, x: &Tensor, positions: Positions, kernels: Kernels) -> Tensor {
         let fused = kernels.rope && fused_rope_in_use(x.device());
-        self.rotate(x, positions, fused)
+        self.rotate(x, start_pos, fused)
             .unwrap_or_else(|e| panic!("{e} (it passed its check at start)"))
     }
 
-    /// `x` rotated by the fused kernel, or the reference: x·cos + swap(x)·sin in float32,
-    /// rounded to x's kind.
-    fn rotate(&self, x: &Tensor, positions: Positions, fused: bool) -> lillm_cuda::Result<Tensor> {
-        let rows = |table: &Tensor| positions.rows(table, x);
-        if fused {
-            // Each pair's cosine, and its sine (the second of (−sin, sin)).
-            let (cos, sin) = (Self::per_pair(&self.cos, 0), Self::per_pair(&self.sin, 1));
-            return lillm_cuda::kernels::rope(x, &rows(&cos), &rows(&sin));
+    /// The angles of a decode step whose row `i` is at position `positions[i]`, for every
+    /// layer's q and k ([`RowAngles::apply`]).
+    pub(crate) fn at_rows(&self, positions: &Tensor, kernels: Kernels) -> RowAngles {
+        self.rows_at(
+            positions,
+            kernels.rope && fused_rope_in_use(positions.device()),
+        )
+    }
+
+    fn rows_at(&self, positions: &Tensor, fused: bool) -> RowAngles {
+        let (cos, sin) = self.tables(fused);
+        RowAngles {
+            cos: cos.index_select(0, positions),
+            sin: sin.index_select(0, positions),
+            fused,
         }
-        let (b, t, h, hd) = x.size4().expect("rope input is 4-d");
-        let x32 = x.to_kind(Kind::Float);
-        // Each pair (a, b) as (b, a).
-        let swapped = x32.view([b, t, h, hd / 2, 2]).flip([4]).view([b, t, h, hd]);
-        Ok((x32 * rows(&self.cos) + swapped * rows(&self.sin)).to_kind(x.kind()))
+    }
+
+    /// The tables a rotation reads: each pair's cosine and sine for the fused kernel (views),
+    /// the whole (positions, head_dim) tables for the reference.
+    fn tables(&self, fused: bool) -> (Tensor, Tensor) {
+        match fused {
+            // The sine is the second of each pair's (−sin, sin).
+            true => (Self::per_pair(&self.cos, 0), Self::per_pair(&self.sin, 1)),
+            false => (self.cos.shallow_clone(), self.sin.shallow_clone()),
+        }
+    }
+
+    /// `x` (B, T, H, hd) from position `start` rotated, by the fused kernel or the reference.
+    fn rotate(&self, x: &Tensor, start: i64, fused: bool) -> lillm_cuda::Result<Tensor> {
+        let t = x.size()[1];
+        let (cos, sin) = self.tables(fused);
+        let rows = |table: &Tensor| table.narrow(0, start, t).view([1, t, 1, -1]);
+        rotate_by(x, &rows(&cos), &rows(&sin), fused)
     }
 }
 
-/// The positions of a tensor's rows.
-#[derive(Clone, Copy)]
-enum Positions<'a> {
-    /// Its sequence positions from this one on (a batch, or a chunk of a prompt).
-    From(i64),
-    /// Row `i` at `positions[i]`, one position per row (a decode step).
-    PerRow(&'a Tensor),
+/// A decode step's rows of the rotation's tables, row `i` those of its own position:
+/// gathered once per step for all layers (at each use, a step of lillm-39m would gather 48
+/// times instead of twice).
+pub(crate) struct RowAngles {
+    /// (B, width): the rows of [`Rope::tables`].
+    cos: Tensor,
+    sin: Tensor,
+    fused: bool,
 }
 
-impl Positions<'_> {
-    /// The rows of `table` for `x` (B, T, H, hd), shaped to broadcast against it.
-    fn rows(self, table: &Tensor, x: &Tensor) -> Tensor {
-        let (b, t, _, _) = x.size4().expect("rope input is 4-d");
-        let width = table.size()[1];
-        match self {
-            Self::From(start) => table.narrow(0, start, t).view([1, t, 1, width]),
-            Self::PerRow(positions) => table.index_select(0, positions).view([b, 1, 1, width]),
-        }
+impl RowAngles {
+    /// Rotates `x` of shape (B, 1, H, hd), row `i` at the position the angles were taken at.
+    pub(crate) fn apply(&self, x: &Tensor) -> Tensor {
+        self.rotate(x)
+            .unwrap_or_else(|e| panic!("{e} (it passed its check at start)"))
     }
+
+    fn rotate(&self, x: &Tensor) -> lillm_cuda::Result<Tensor> {
+        let rows = |table: &Tensor| table.view([x.size()[0], 1, 1, -1]);
+        rotate_by(x, &rows(&self.cos), &rows(&self.sin), self.fused)
+    }
+}
+
+/// `x` rotated by angles whose rows broadcast against it: by the fused kernel (each pair's
+/// cosine and sine), or the reference (the whole tables): x·cos + swap(x)·sin in float32,
+/// rounded to x's kind.
+fn rotate_by(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> lillm_cuda::Result<Tensor> {
+    if fused {
+        return lillm_cuda::kernels::rope(x, cos, sin);
+    }
+    let (b, t, h, hd) = x.size4().expect("rope input is 4-d");
+    let x32 = x.to_kind(Kind::Float);
+    // Each pair (a, b) as (b, a).
+    let swapped = x32.view([b, t, h, hd / 2, 2]).flip([4]).view([b, t, h, hd]);
+    Ok((x32 * cos + swapped * sin).to_kind(x.kind()))
 }
 
 /// Whether RoPE runs the fused kernel on `device` (when [`Kernels::rope`] asks): on CUDA once
@@ -129,19 +156,19 @@ fn check_fused_rope(device: Device) -> Result<(), String> {
     let x = Tensor::linspace(-6.0, 5.0, 3 * t * 2 * 2 * pairs, (Kind::Float, device))
         .view([3, t, 2, 2 * pairs])
         .to_kind(Kind::BFloat16);
+    let error = |e: lillm_cuda::Error| e.to_string();
+    agrees_with_reference(
+        &[x.shallow_clone()],
+        |x| rope.rotate(&x[0], 0, true).map_err(error),
+        |x| rope.rotate(&x[0], 0, false).expect("the reference"),
+    )?;
     let per_row = Tensor::from_slice(&[5i64, 0, 7]).to_device(device);
-    for (x, positions) in [
-        (x.shallow_clone(), Positions::From(0)),
-        (x.narrow(1, 2, 1), Positions::PerRow(&per_row)),
-    ] {
-        let fused = |x: &[Tensor]| {
-            rope.rotate(&x[0], positions, true)
-                .map_err(|e| e.to_string())
-        };
-        let reference = |x: &[Tensor]| rope.rotate(&x[0], positions, false).expect("the reference");
-        agrees_with_reference(&[x], fused, reference)?;
-    }
-    Ok(())
+    let (fused, reference) = (rope.rows_at(&per_row, true), rope.rows_at(&per_row, false));
+    agrees_with_reference(
+        &[x.narrow(1, 2, 1)],
+        |x| fused.rotate(&x[0]).map_err(error),
+        |x| reference.rotate(&x[0]).expect("the reference"),
+    )
 }
 
 #[cfg(test)]
@@ -185,7 +212,8 @@ mod tests {
                 .map(|(i, &p)| rotate_pairs(&row.narrow(0, i as i64, 1), p, &cfg))
                 .collect();
             assert!(rope
-                .apply_at(&row, &positions, kernels)
+                .at_rows(&positions, kernels)
+                .apply(&row)
                 .equal(&Tensor::cat(&each, 0)));
         }
         assert!(!fused_rope_in_use(Device::Cpu));

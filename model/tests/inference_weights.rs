@@ -1,5 +1,7 @@
-//! Weights stored in the compute kind for inference give the logits of float32 weights cast
-//! at every use, bit for bit: full forward and batched decoding, dense and MoE.
+//! Weights as inference holds them give the logits of the weights as training holds them,
+//! bit for bit: stored in the compute kind (not float32 cast at every use), and with each
+//! layer's input projections joined into one matrix. Full forward, prefill and batched
+//! decoding, dense and MoE.
 
 use lillm_model::{weights, KvCache, LilLM, ModelConfig, MoeConfig, SlotCache};
 use tch::{nn::VarStore, Device, Kind, Tensor};
@@ -13,8 +15,8 @@ fn tiny() -> ModelConfig {
     cfg
 }
 
-/// Logits of a full forward and of three decode steps after a prefill, in bf16.
-fn logits(model: &LilLM, cfg: &ModelConfig, ids: &Tensor) -> Vec<Tensor> {
+/// Logits of a full forward and of three decode steps after a prefill, caches in `kind`.
+fn logits_in(model: &LilLM, cfg: &ModelConfig, ids: &Tensor, kind: Kind) -> Vec<Tensor> {
     let _guard = tch::no_grad_guard();
     let mut out = vec![model.forward(ids, false)];
     let prompt: Vec<u32> = Vec::<i64>::try_from(&ids.get(0).narrow(0, 0, 5))
@@ -22,14 +24,18 @@ fn logits(model: &LilLM, cfg: &ModelConfig, ids: &Tensor) -> Vec<Tensor> {
         .into_iter()
         .map(|t| t as u32)
         .collect();
-    let mut prefilled = KvCache::with_capacity(cfg, 1, 5, Kind::BFloat16, Device::Cpu);
+    let mut prefilled = KvCache::with_capacity(cfg, 1, 5, kind, Device::Cpu);
     out.push(model.prefill_rows(&[&prompt], &mut prefilled));
-    let mut slots = SlotCache::new(cfg, 2, Kind::BFloat16, Device::Cpu);
+    let mut slots = SlotCache::new(cfg, 2, kind, Device::Cpu);
     slots.admit(&prefilled, 0, 5);
     for token in [3u32, 14, 15] {
         out.push(model.decode_slots(&[token], &mut slots));
     }
     out
+}
+
+fn logits(model: &LilLM, cfg: &ModelConfig, ids: &Tensor) -> Vec<Tensor> {
+    logits_in(model, cfg, ids, Kind::BFloat16)
 }
 
 fn same_logits_of(cfg: ModelConfig) {
@@ -70,8 +76,49 @@ fn bf16_weights_give_the_logits_of_casting_at_use() {
 
 #[test]
 fn moe_bf16_weights_give_the_logits_of_casting_at_use() {
-    same_logits_of(ModelConfig {
+    same_logits_of(moe());
+}
+
+fn moe() -> ModelConfig {
+    ModelConfig {
         moe: Some(MoeConfig::new(4, 2, Some(48))),
         ..tiny()
-    });
+    }
+}
+
+/// Joined projections give the logits of separate ones, in float32 and in bf16, and take
+/// no memory of their own: the named weights are views of them.
+#[test]
+fn joined_projections_give_the_same_logits_in_the_same_memory() {
+    for (cfg, kind) in [
+        (tiny(), Kind::Float),
+        (tiny(), Kind::BFloat16),
+        (moe(), Kind::Float),
+    ] {
+        tch::manual_seed(8);
+        let mut vs = VarStore::new(Device::Cpu);
+        let mut model = LilLM::new(&vs.root(), &cfg).unwrap();
+        model.set_compute_kind(kind);
+        weights::store_for_inference(&mut vs, kind);
+        let ids = Tensor::randint(97, [1, 12], (Kind::Int64, Device::Cpu));
+        let apart = logits_in(&model, &cfg, &ids, kind);
+        model.join_projections();
+        let joined = logits_in(&model, &cfg, &ids, kind);
+        for (i, (a, b)) in apart.iter().zip(&joined).enumerate() {
+            assert!(a.equal(b), "{kind:?}: logits {i} differ");
+        }
+        let vars = vs.variables();
+        let at = |name: &str| {
+            let t = &vars[&format!("transformer_blocks.1.{name}.weight")];
+            (
+                t.data_ptr() as usize,
+                t.numel() * t.kind().elt_size_in_bytes(),
+            )
+        };
+        let adjoining = |first: &str, next: &str| at(first).0 + at(first).1 == at(next).0;
+        assert!(adjoining("attn.wq", "attn.wk") && adjoining("attn.wk", "attn.wv"));
+        if cfg.moe.is_none() {
+            assert!(adjoining("ffn.w1", "ffn.w3"), "{kind:?}");
+        }
+    }
 }
