@@ -73,9 +73,25 @@ pub(crate) enum Decoder {
 /// and the logits each replay rewrites.
 pub(crate) struct Bucket {
     rows: usize,
+    /// (2, rows): the ids, then the positions, filled by one copy a step.
+    inputs: Tensor,
+    /// Views of `inputs`: (rows, 1) and (rows,).
     ids: Tensor,
     positions: Tensor,
     captured: Option<Replay>,
+}
+
+impl Bucket {
+    fn new(rows: usize, device: Device) -> Self {
+        let inputs = Tensor::zeros([2, rows as i64], (Kind::Int64, device));
+        Self {
+            rows,
+            ids: inputs.get(0).view([rows as i64, 1]),
+            positions: inputs.get(1),
+            inputs,
+            captured: None,
+        }
+    }
 }
 
 /// A prompt length's fixed-shape prefill: its inputs, its cache and, once captured, its
@@ -182,12 +198,7 @@ impl Decoder {
             let device = model.device();
             let decode = bucket_sizes(1, slots.slots())
                 .into_iter()
-                .map(|rows| Bucket {
-                    rows,
-                    ids: Tensor::zeros([rows as i64, 1], (Kind::Int64, device)),
-                    positions: Tensor::zeros([rows as i64], (Kind::Int64, device)),
-                    captured: None,
-                })
+                .map(|rows| Bucket::new(rows, device))
                 .collect();
             let prefill = prefill_lengths(longest_prompt, slots.capacity())
                 .into_iter()
@@ -310,15 +321,16 @@ impl Decoder {
             .iter_mut()
             .find(|b| b.rows >= used)
             .expect("the largest bucket holds every slot");
-        let (mut ids, mut positions) = (vec![0i64; bucket.rows], vec![0i64; bucket.rows]);
+        // Padding rows: token 0 at position 0.
+        let mut inputs = vec![0i64; 2 * bucket.rows];
+        let (ids, positions) = inputs.split_at_mut(bucket.rows);
         for (i, &token) in tokens.iter().enumerate() {
             (ids[i], positions[i]) = (token as i64, slots.len(i) as i64);
         }
-        let device = bucket.ids.device();
+        let device = bucket.inputs.device();
         bucket
-            .ids
-            .copy_(&upload(&ids, device).view([bucket.rows as i64, 1]));
-        bucket.positions.copy_(&upload(&positions, device));
+            .inputs
+            .copy_(&upload(&inputs, device).view([2, bucket.rows as i64]));
         let (ids, positions) = (&bucket.ids, &bucket.positions);
         let logits = Replay::run(&bucket.captured, || {
             model.decode_static(ids, positions, slots)

@@ -364,7 +364,7 @@ impl<'a> Batch<'a> {
                 prompt,
             } = arrival;
             let room = context - prompt.len();
-            if let Outcome::Continue = sequence.take(id, &logits.get(row as i64), room) {
+            if let Outcome::Continue = sequence.take(id, (&logits, row as i64), room) {
                 self.slots.admit(&cache, row, prompt.len());
                 self.decoding.push(sequence);
             }
@@ -387,10 +387,9 @@ impl<'a> Batch<'a> {
                 return;
             }
         };
-        let logits = logits.get(0);
-        let id = sequence.sampler.sample(&logits);
+        let id = sequence.sampler.sample(&logits.get(0));
         let room = self.model.config().max_seq_len - prompt.len();
-        if let Outcome::Continue = sequence.take(id, &logits, room) {
+        if let Outcome::Continue = sequence.take(id, (&logits, 0), room) {
             self.slots.admit(cache, 0, prompt.len());
             self.decoding.push(sequence);
         }
@@ -434,10 +433,9 @@ impl<'a> Batch<'a> {
             ..
         } = self.prefill.take().expect("a prefill");
         // The last position's logits; sampling runs where they are (the GPU, on a GPU).
-        let logits = logits.get(0);
-        let id = sequence.sampler.sample(&logits);
+        let id = sequence.sampler.sample(&logits.get(0));
         let room = self.model.config().max_seq_len - prompt.len();
-        if let Outcome::Continue = sequence.take(id, &logits, room) {
+        if let Outcome::Continue = sequence.take(id, (&logits, 0), room) {
             let cache = match &own_cache {
                 Some(cache) => cache,
                 None => self.decoder.long_cache(),
@@ -475,7 +473,7 @@ impl<'a> Batch<'a> {
         let mut finished = Vec::new();
         for (i, (sequence, id)) in self.decoding.iter_mut().zip(ids).enumerate() {
             let room = self.slots.remaining(i);
-            if let Outcome::Finished = sequence.take(id, &logits.get(i as i64), room) {
+            if let Outcome::Finished = sequence.take(id, (&logits, i as i64), room) {
                 finished.push(i);
             }
         }
@@ -493,11 +491,13 @@ impl<'a> Batch<'a> {
 }
 
 impl Sequence<'_> {
-    /// Takes token `id`, sampled from `logits`, and sends what it adds to the reply; `room`
-    /// is the context left for feeding it back.
-    fn take(&mut self, id: u32, logits: &Tensor, room: usize) -> Outcome {
-        if id != EOS_ID {
-            self.note_logprob(logits, id);
+    /// Takes token `id`, sampled from row `row` of `logits`, and sends what it adds to the
+    /// reply; `room` is the context left for feeding it back. The row is taken out only for
+    /// a request that asked for log-probabilities: at a GPU's pace even a view per token and
+    /// step is host time the decoder waits for.
+    fn take(&mut self, id: u32, (logits, row): (&Tensor, i64), room: usize) -> Outcome {
+        if id != EOS_ID && self.logprobs.is_some() {
+            self.note_logprob(&logits.get(row), id);
         }
         let now = Instant::now();
         match self.last_token.replace(now) {
