@@ -253,11 +253,24 @@ mod tests {
         // q or k: 2 rows, 5 positions, 3 heads, 8 features.
         let x = Tensor::linspace(-4.0, 6.0, 2 * t * 3 * 2 * pairs, opts).view([2, t, 3, 2 * pairs]);
         let rows = Tensor::from_slice(&[3i64, 0]);
+        // Joined projections' output: q's and k's heads side by side, then v's (one more
+        // head), so that q and k are strided (float32 keeps the strides, bf16 casts them
+        // away).
+        let joined = Tensor::linspace(-5.0, 7.0, 2 * t * 4 * 2 * pairs, opts)
+            .view([2, t, 4 * 2 * pairs])
+            .narrow(2, 0, 3 * 2 * pairs)
+            .view([2, t, 3, 2 * pairs]);
         let cases = [
             // A batch: its positions in order, the tables broadcast over rows and heads.
             (
                 "batch",
                 x.shallow_clone(),
+                cos.view([1, t, 1, pairs]),
+                sin.view([1, t, 1, pairs]),
+            ),
+            (
+                "joined",
+                joined,
                 cos.view([1, t, 1, pairs]),
                 sin.view([1, t, 1, pairs]),
             ),

@@ -37,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             named.map(|op| op.calls).sum::<u64>() / STEPS
         };
         println!(
-            "{preset}, {rows} rows, projections {}: {} operator calls, {} matrix multiplies per decode step",
+            "{preset}, a batch of {rows}, projections {}: {} operator calls, {} matrix multiplies per decode step",
             if joined { "joined" } else { "apart" },
             calls(None),
             calls(Some("aten::mm")),

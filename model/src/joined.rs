@@ -38,8 +38,13 @@ impl Joined {
         Some(Self { weight, sizes })
     }
 
+    /// The parts' outputs for `x` (…, in) side by side: (…, sum of their outputs).
+    pub(crate) fn product(&self, x: &Tensor) -> Tensor {
+        linear(x, &self.weight)
+    }
+
     /// Each part's output for `x` (…, in), from one product: views of its columns.
     pub(crate) fn apply(&self, x: &Tensor) -> Vec<Tensor> {
-        linear(x, &self.weight).split_with_sizes(&self.sizes, -1)
+        self.product(x).split_with_sizes(&self.sizes, -1)
     }
 }

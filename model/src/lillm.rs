@@ -107,10 +107,8 @@ impl Attention {
     ) -> Tensor {
         let (b, t, _) = x.size3().expect("attention input is 3-d");
         let start_pos = span.start;
-        let [q, k, v] = self.project(x, t);
-        let q = span.rope.apply(&q, start_pos, span.kernels).transpose(1, 2);
-        let k = span.rope.apply(&k, start_pos, span.kernels).transpose(1, 2);
-        let v = v.transpose(1, 2);
+        let rotate = |x: &Tensor| span.rope.apply(x, start_pos, span.kernels);
+        let [q, k, v] = self.project(x, t, rotate).map(|x| x.transpose(1, 2));
         let (k, v) = match cache {
             None => (k, v),
             Some((cache_k, cache_v)) => {
@@ -138,17 +136,33 @@ impl Attention {
         linear(&out, &self.wo.get())
     }
 
-    /// q, k and v of `x` (B, T, d), shaped (B, T, heads, head_dim).
-    fn project(&self, x: &Tensor, t: i64) -> [Tensor; 3] {
-        let [q, k, v] = match &self.joined {
-            Some(joined) => joined.apply(x).try_into().expect("three parts"),
-            None => [&self.wq, &self.wk, &self.wv].map(|w| linear(x, &w.get())),
-        };
+    /// q and k of `x` (B, T, d) rotated by `rotate`, and v; each (B, T, heads, head_dim).
+    /// Joined projections rotate q and k as one tensor of their heads side by side: one
+    /// rotation (a few kernels) where apart there are two.
+    fn project(&self, x: &Tensor, t: i64, rotate: impl Fn(&Tensor) -> Tensor) -> [Tensor; 3] {
         let b = x.size()[0];
+        let heads = |x: &Tensor, n: i64| x.view([b, t, n, self.head_dim]);
+        let Some(joined) = &self.joined else {
+            let [q, k, v] = [&self.wq, &self.wk, &self.wv].map(|w| linear(x, &w.get()));
+            return [
+                rotate(&heads(&q, self.q_heads)),
+                rotate(&heads(&k, self.kv_heads)),
+                heads(&v, self.kv_heads),
+            ];
+        };
+        let qkv = joined.product(x);
+        let qk_width = (self.q_heads + self.kv_heads) * self.head_dim;
+        let qk = rotate(&heads(
+            &qkv.narrow(2, 0, qk_width),
+            self.q_heads + self.kv_heads,
+        ));
         [
-            q.view([b, t, self.q_heads, self.head_dim]),
-            k.view([b, t, self.kv_heads, self.head_dim]),
-            v.view([b, t, self.kv_heads, self.head_dim]),
+            qk.narrow(2, 0, self.q_heads),
+            qk.narrow(2, self.q_heads, self.kv_heads),
+            heads(
+                &qkv.narrow(2, qk_width, self.kv_heads * self.head_dim),
+                self.kv_heads,
+            ),
         ]
     }
 
@@ -160,10 +174,8 @@ impl Attention {
         (cache_k, cache_v): (&mut Tensor, &mut Tensor),
     ) -> Tensor {
         let (b, _, _) = x.size3().expect("attention input is 3-d");
-        let [q, k, v] = self.project(x, 1);
-        let q = step.angles.apply(&q).transpose(1, 2);
-        let k = step.angles.apply(&k).transpose(1, 2);
-        let v = v.transpose(1, 2);
+        let rotate = |x: &Tensor| step.angles.apply(x);
+        let [q, k, v] = self.project(x, 1, rotate).map(|x| x.transpose(1, 2));
         let _ = cache_k.index_put_(&step.at, &k.squeeze_dim(2).to_kind(cache_k.kind()), false);
         let _ = cache_v.index_put_(&step.at, &v.squeeze_dim(2).to_kind(cache_v.kind()), false);
         let keys = step.mask.size()[3];

@@ -147,21 +147,27 @@ pub fn fused_rope_in_use(device: Device) -> bool {
 }
 
 /// The fused rotation against the reference on a fixed bf16 input and fixed angles (no draw
-/// from libtorch's generator, which seeded runs replay), at positions in a batch's layout
-/// and, as a decode step has them, one per row.
+/// from libtorch's generator, which seeded runs replay), at positions in a batch's layout,
+/// on q's and k's heads side by side in a joined projection's output (strided), and, as a
+/// decode step has them, one per row.
 fn check_fused_rope(device: Device) -> Result<(), String> {
     let (t, pairs) = (8, 16);
     let angles = Tensor::linspace(-40.0, 300.0, t * pairs, (Kind::Float, device)).view([t, pairs]);
     let rope = Rope::from_pair_tables(angles.cos(), angles.sin());
-    let x = Tensor::linspace(-6.0, 5.0, 3 * t * 2 * 2 * pairs, (Kind::Float, device))
-        .view([3, t, 2, 2 * pairs])
+    // Three heads of which the first two are rotated.
+    let wide = Tensor::linspace(-6.0, 5.0, 3 * t * 3 * 2 * pairs, (Kind::Float, device))
+        .view([3, t, 3 * 2 * pairs])
         .to_kind(Kind::BFloat16);
+    let joined = wide.narrow(2, 0, 2 * 2 * pairs).view([3, t, 2, 2 * pairs]);
+    let x = joined.contiguous();
     let error = |e: lillm_cuda::Error| e.to_string();
-    agrees_with_reference(
-        &[x.shallow_clone()],
-        |x| rope.rotate(&x[0], 0, true).map_err(error),
-        |x| rope.rotate(&x[0], 0, false).expect("the reference"),
-    )?;
+    for x in [&x, &joined] {
+        agrees_with_reference(
+            &[x.shallow_clone()],
+            |x| rope.rotate(&x[0], 0, true).map_err(error),
+            |x| rope.rotate(&x[0], 0, false).expect("the reference"),
+        )?;
+    }
     let per_row = Tensor::from_slice(&[5i64, 0, 7]).to_device(device);
     let (fused, reference) = (rope.rows_at(&per_row, true), rope.rows_at(&per_row, false));
     agrees_with_reference(
