@@ -17,7 +17,9 @@
 #                 --compile and bf16 autocast; peak GPU memory
 #   serving-dense `lillm serve` (CUDA graphs) on that run under 1, 8 and 32 streaming clients
 #   decoding      greedy answers with graphs, without capture and eager; a seeded answer
-#                 alone and batched; `lillm generate`'s one stream with and without graphs
+#                 alone and batched; `lillm generate`'s one stream with and without graphs;
+#                 a decode step alone at 1, 8 and 32 rows, replayed against uncaptured, and
+#                 its kernels (`lillm bench decode`)
 #   step          the fused layers (CUDA's default) against their reference on one batch;
 #                 the chunked head loss against the full logits; $SMALL_ROWS rows against
 #                 $ROWS; the step as a CUDA graph against eager at both
@@ -276,6 +278,8 @@ n, rate = re.match(r"(\d+) tokens.*: ([\d.na/]+) tokens/s", line).groups()
 print(json.dumps({"tokens": int(n), "tokens_per_s": float(rate) if rate != "n/a" else None}))
 ' "$OUT/generate-$decode.log" > "$OUT/generate-$decode.json"
   done
+  within "$LILLM" bench decode --preset "$DENSE" --device "$DEVICE" --dtype "$DTYPE" \
+    --rows 1,8,32 > "$OUT/decode-step.json" 2> "$OUT/decode-step.log"
 }
 
 step() {
@@ -341,7 +345,7 @@ bring_back() {
 section correctness 30 correctness
 section training 150 training
 section serving-dense 45 serving_dense
-section decoding 60 decoding
+section decoding 75 decoding
 section step 90 step
 section large 100 large
 section moe 50 moe

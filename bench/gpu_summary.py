@@ -207,11 +207,29 @@ def generate():
         f"{g_fast['tokens_per_s'] / g_eager['tokens_per_s']:.2f}x", ">= 1000 tok/s")
 
 
+def decode_step():
+    for level in r("decode-step")["levels"]:
+        n, uncaptured, graph = level["rows"], level["uncaptured_ms"], level["graph_ms"]
+        what = f"decode step alone, {dense} {n} rows: ms replayed vs uncaptured"
+        target = "<= 1.0 ms (1000 tok/s)" if n == 1 else ""
+        if graph is not None:
+            row(what, f"{graph:.3f}", f"{uncaptured:.3f}", f"{uncaptured / graph:.2f}x", target,
+                ok=graph <= 1.0 if n == 1 else None)
+        else:
+            why = level["graph_error"] or f"no graphs on {device}"
+            row(what, "not captured", f"{uncaptured:.3f}", target=why[:60], ok=False if on_cuda else None)
+        kernels = level["kernels"]
+        row(f"decode step alone, {dense} {n} rows: kernels (operator calls); GPU ms",
+            f"{kernels if kernels is not None else '-'} ({level['operators']})",
+            f"{level['kernel_ms']:.3f}" if level["kernel_ms"] is not None else "")
+
+
 figures("correctness", "same seed, CPU vs device", correctness)
 figures("training", f"{dense} {rows} rows vs {asked_side}", dense_speed)
 figures("serving-dense", f"serve {dense} ({fast})", serving("dense", dense))
 figures("decoding", "greedy and seeded answers", decode_check)
 figures("decoding", f"lillm generate {dense}, one stream", generate)
+figures("decoding", f"decode step alone, {dense}", decode_step)
 figures("step", "fused kernels against the reference", kernels)
 figures("step", "chunked vs full head loss", head_loss)
 figures("step", f"{dense}: {small} rows vs {rows} rows", small_rows)

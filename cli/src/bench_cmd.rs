@@ -1,7 +1,8 @@
 //! `lillm bench`: benchmarks of lillm's own parts at sizes this machine cannot run for
 //! real — the coordinator of thousands of trainers (`bench_coordinator`), and the
 //! exactly-once data order and the shard placement over a corpus of 100,000 shards — and the
-//! model's fused kernels against their reference (`bench_kernels`).
+//! model's fused kernels against their reference (`bench_kernels`), and a decode step alone
+//! (`bench_decode`).
 
 use std::time::Instant;
 
@@ -9,6 +10,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use crate::bench_coordinator::{self, CoordinatorBenchArgs};
+use crate::bench_decode::{self, DecodeBenchArgs};
 use crate::bench_kernels::{self, KernelsBenchArgs};
 
 #[derive(Subcommand)]
@@ -23,6 +25,9 @@ pub enum BenchCmd {
     /// how far apart their logits and gradients are, and the time of a forward and
     /// backward with each.
     Kernels(KernelsBenchArgs),
+    /// One decode step alone at a few batch sizes: its time launched op by op and, on CUDA,
+    /// replayed as a CUDA graph, and what it launches.
+    Decode(DecodeBenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -52,6 +57,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         }
         BenchCmd::Coordinator(args) => bench_coordinator::run(&args),
         BenchCmd::Kernels(args) => bench_kernels::run(&args),
+        BenchCmd::Decode(args) => bench_decode::run(&args),
     }
 }
 

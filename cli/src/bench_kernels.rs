@@ -44,13 +44,20 @@ struct Pass {
     ms: f64,
 }
 
-pub fn run(args: &KernelsBenchArgs) -> Result<()> {
-    let device = lillm_model::parse_device(&args.device)?;
-    let kind = match lillm_model::parse_dtype(&args.dtype)? {
+/// The device and compute kind of `--device` and `--dtype` (`auto`: bf16 on CUDA, float32
+/// on a CPU).
+pub(crate) fn device_and_kind(device: &str, dtype: &str) -> Result<(Device, Kind)> {
+    let device = lillm_model::parse_device(device)?;
+    let kind = match lillm_model::parse_dtype(dtype)? {
         Some(kind) => kind,
         None if device.is_cuda() => Kind::BFloat16,
         None => Kind::Float,
     };
+    Ok((device, kind))
+}
+
+pub fn run(args: &KernelsBenchArgs) -> Result<()> {
+    let (device, kind) = device_and_kind(&args.device, &args.dtype)?;
     let cfg = ModelConfig::preset(&args.preset)?;
     anyhow::ensure!(
         args.block <= cfg.max_seq_len && args.rows > 0,
@@ -256,7 +263,7 @@ fn measure(model: &LilLM, vs: &VarStore, x: &Tensor, y: &Tensor, iters: usize) -
     Pass { logits, grads, ms }
 }
 
-fn sync(device: Device) {
+pub(crate) fn sync(device: Device) {
     if let Device::Cuda(index) = device {
         tch::Cuda::synchronize(index as i64);
     }

@@ -4,6 +4,7 @@
 
 mod bench_cmd;
 mod bench_coordinator;
+mod bench_decode;
 mod bench_kernels;
 mod chat_cmd;
 mod data_cmd;

@@ -107,6 +107,8 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
         "serve tiny (static) 32 streams",
         "serve tiny-moe (static) 32 streams",
         "lillm generate tiny, one stream",
+        "decode step alone, tiny 1 rows: kernels (operator calls)",
+        "decode step alone, tiny 32 rows: kernels (operator calls)",
     ] {
         let found = row(what);
         assert!(
@@ -122,6 +124,13 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
             .all(|r| !r["what"].as_str().unwrap().contains("vs static")),
         "{printed}"
     );
+    // A decode step alone: timed uncaptured at every batch size (no graphs on a CPU).
+    for rows in [1, 8, 32] {
+        let step = row(&format!("decode step alone, tiny {rows} rows: ms replayed"));
+        assert_eq!(step["lillm"], "not captured", "{printed}");
+        let ms: f64 = step["baseline"].as_str().unwrap().parse().unwrap();
+        assert!(ms > 0.0, "{printed}");
+    }
     for what in [
         "seeded answer alone vs among 8 streams",
         "serve tiny: failed requests",
@@ -213,6 +222,7 @@ fn the_gpu_harness_runs_every_row_on_a_cpu() {
     for file in [
         "./sections.jsonl",
         "./kernels.json",
+        "./decode-step.json",
         "./serve-dense.json",
         "./dense.log",
         "./dense/metrics.jsonl",
