@@ -15,19 +15,12 @@ use lillm_cuda::CudaGraph;
 use lillm_model::{weights, LilLM, ModelConfig, SlotCache};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::bench_kernels::{device_and_kind, sync};
+use crate::bench_kernels::{sync, BenchModel};
 
 #[derive(Args, Debug, Clone)]
 pub struct DecodeBenchArgs {
-    /// Model preset (random weights: a step's cost does not depend on their values).
-    #[arg(long, default_value = "lillm-39m")]
-    preset: String,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// auto (bf16 on CUDA, float32 on a CPU), float32 or bfloat16.
-    #[arg(long, default_value = "auto")]
-    dtype: String,
+    #[command(flatten)]
+    model: BenchModel,
     /// Batch sizes (rows of a step), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     rows: Vec<usize>,
@@ -37,8 +30,9 @@ pub struct DecodeBenchArgs {
 }
 
 pub fn run(args: &DecodeBenchArgs) -> Result<()> {
-    let (device, kind) = device_and_kind(&args.device, &args.dtype)?;
-    let cfg = ModelConfig::preset(&args.preset)?;
+    let (device, kind) = args.model.device_and_kind()?;
+    let preset = &args.model.preset;
+    let cfg = ModelConfig::preset(preset)?;
     anyhow::ensure!(
         !args.rows.is_empty() && args.rows.iter().all(|&r| r > 0) && args.steps > 0,
         "--rows must list batch sizes of at least 1, and --steps be at least 1"
@@ -53,13 +47,13 @@ pub fn run(args: &DecodeBenchArgs) -> Result<()> {
     let mut levels = Vec::new();
     for &rows in &args.rows {
         let level = Level::measure(&model, rows, args.steps)?;
-        eprintln!("{}", level.describe(&args.preset, kind, device));
+        eprintln!("{}", level.describe(preset, kind, device));
         levels.push(level.json());
     }
     println!(
         "{}",
         serde_json::json!({
-            "preset": args.preset, "device": format!("{device:?}"), "kind": format!("{kind:?}"),
+            "preset": preset, "device": format!("{device:?}"), "kind": format!("{kind:?}"),
             "levels": levels,
         })
     );

@@ -15,17 +15,38 @@ use clap::Args;
 use lillm_model::{relative_diff, Kernels, LilLM, ModelConfig};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
+/// The model a benchmark builds (random weights: a step's cost does not depend on their
+/// values), where, and in which kind.
 #[derive(Args, Debug, Clone)]
-pub struct KernelsBenchArgs {
+pub struct BenchModel {
     /// Model preset.
     #[arg(long, default_value = "lillm-39m")]
-    preset: String,
+    pub preset: String,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
     /// auto (bf16 on CUDA, float32 on a CPU), float32 or bfloat16.
     #[arg(long, default_value = "auto")]
     dtype: String,
+}
+
+impl BenchModel {
+    /// The device and compute kind (`auto`: bf16 on CUDA, float32 on a CPU).
+    pub(crate) fn device_and_kind(&self) -> Result<(Device, Kind)> {
+        let device = lillm_model::parse_device(&self.device)?;
+        let kind = match lillm_model::parse_dtype(&self.dtype)? {
+            Some(kind) => kind,
+            None if device.is_cuda() => Kind::BFloat16,
+            None => Kind::Float,
+        };
+        Ok((device, kind))
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KernelsBenchArgs {
+    #[command(flatten)]
+    model: BenchModel,
     /// Rows of the batch.
     #[arg(long, default_value_t = 8)]
     rows: usize,
@@ -44,26 +65,14 @@ struct Pass {
     ms: f64,
 }
 
-/// The device and compute kind of `--device` and `--dtype` (`auto`: bf16 on CUDA, float32
-/// on a CPU).
-pub(crate) fn device_and_kind(device: &str, dtype: &str) -> Result<(Device, Kind)> {
-    let device = lillm_model::parse_device(device)?;
-    let kind = match lillm_model::parse_dtype(dtype)? {
-        Some(kind) => kind,
-        None if device.is_cuda() => Kind::BFloat16,
-        None => Kind::Float,
-    };
-    Ok((device, kind))
-}
-
 pub fn run(args: &KernelsBenchArgs) -> Result<()> {
-    let (device, kind) = device_and_kind(&args.device, &args.dtype)?;
-    let cfg = ModelConfig::preset(&args.preset)?;
+    let (device, kind) = args.model.device_and_kind()?;
+    let cfg = ModelConfig::preset(&args.model.preset)?;
     anyhow::ensure!(
         args.block <= cfg.max_seq_len && args.rows > 0,
         "--block {} must be at most {}'s context ({}) and --rows at least 1",
         args.block,
-        args.preset,
+        args.model.preset,
         cfg.max_seq_len
     );
     tch::manual_seed(0);
@@ -104,7 +113,7 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "preset": args.preset, "device": format!("{device:?}"), "kind": format!("{kind:?}"),
+            "preset": args.model.preset, "device": format!("{device:?}"), "kind": format!("{kind:?}"),
             "rows": args.rows, "block": args.block,
             "logits_rel_diff": logits, "grads_rel_diff": grads, "worst_grad": worst,
             "reference_ms": reference.ms, "fused_ms": fused.ms,
@@ -119,7 +128,7 @@ pub fn run(args: &KernelsBenchArgs) -> Result<()> {
     );
     eprintln!(
         "{} {} x {} {kind:?} on {device:?}: fused vs reference logits differ by {logits:.2e}, gradients by {grads:.2e} ({worst}), relative to their largest; forward+backward {:.2} ms fused, {:.2} ms reference ({:.2}x)",
-        args.preset,
+        args.model.preset,
         args.rows,
         args.block,
         fused.ms,
