@@ -6,8 +6,6 @@
 //! one row, 1000 / the replay's milliseconds is the most tokens per second one stream can
 //! get; the serving benchmark measures the whole path.
 
-use std::time::Instant;
-
 use anyhow::{Context, Result};
 use clap::Args;
 use lillm_cuda::profiler::Profiler;
@@ -15,7 +13,7 @@ use lillm_cuda::CudaGraph;
 use lillm_model::{weights, LilLM, ModelConfig, SlotCache};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
-use crate::bench_kernels::{sync, BenchModel};
+use crate::bench_kernels::{ms_per_call, sync, BenchModel};
 
 #[derive(Args, Debug, Clone)]
 pub struct DecodeBenchArgs {
@@ -91,7 +89,7 @@ impl Level {
         let half = (cfg.max_seq_len / 2) as i64;
         let positions = Tensor::full([rows as i64], half, (Kind::Int64, device));
         let mut step = || model.decode_static(&ids, &positions, &mut slots);
-        let uncaptured_ms = time(device, steps, || {
+        let uncaptured_ms = ms_per_call(device, steps, || {
             let _ = step();
         });
         let launched = profile(device, || {
@@ -102,7 +100,9 @@ impl Level {
                 CudaGraph::capture(device, None, 2, &mut step).map_err(|e| e.to_string())?;
             let replay = || graph.replay().map_err(|e| e.to_string());
             replay()?;
-            Ok(time(device, steps, || replay().expect("it replayed once")))
+            Ok(ms_per_call(device, steps, || {
+                replay().expect("it replayed once")
+            }))
         });
         Ok(Self {
             rows,
@@ -145,20 +145,6 @@ impl Level {
             self.rows, self.uncaptured_ms, self.launched.operators, self.launched.matmuls
         )
     }
-}
-
-/// Milliseconds per call of `step`, over `steps` calls after two untimed ones.
-fn time(device: Device, steps: usize, mut step: impl FnMut()) -> f64 {
-    for _ in 0..2 {
-        step();
-    }
-    sync(device);
-    let started = Instant::now();
-    for _ in 0..steps {
-        step();
-    }
-    sync(device);
-    started.elapsed().as_secs_f64() * 1e3 / steps as f64
 }
 
 /// What one call of `step` launched.

@@ -182,18 +182,7 @@ impl HeadLossFigures {
             let _ = pass(chunked);
             let _ = weight.grad().zero_();
         };
-        let time = |chunked: bool| {
-            for _ in 0..2 {
-                step(chunked);
-            }
-            sync(x.device());
-            let started = Instant::now();
-            for _ in 0..iters {
-                step(chunked);
-            }
-            sync(x.device());
-            started.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64
-        };
+        let time = |chunked: bool| ms_per_call(x.device(), iters, || step(chunked));
         let (chunked_ms, full_ms) = (time(true), time(false));
         let result = |chunked: bool| {
             let (loss, h) = pass(chunked);
@@ -249,18 +238,10 @@ fn measure(model: &LilLM, vs: &VarStore, x: &Tensor, y: &Tensor, iters: usize) -
             p.zero_grad();
         }
     };
-    for _ in 0..2 {
+    let ms = ms_per_call(x.device(), iters, || {
         step();
         zero();
-    }
-    sync(x.device());
-    let started = Instant::now();
-    for _ in 0..iters {
-        step();
-        zero();
-    }
-    sync(x.device());
-    let ms = started.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64;
+    });
     step();
     let grads = vs
         .variables()
@@ -270,6 +251,21 @@ fn measure(model: &LilLM, vs: &VarStore, x: &Tensor, y: &Tensor, iters: usize) -
     zero();
     let logits = tch::no_grad(|| model.forward(x, false).to_kind(Kind::Float));
     Pass { logits, grads, ms }
+}
+
+/// Milliseconds per call of `step` on `device`, over `iters` calls after two untimed ones
+/// (libtorch picks its kernels and makes its workspaces on the first calls).
+pub(crate) fn ms_per_call(device: Device, iters: usize, mut step: impl FnMut()) -> f64 {
+    for _ in 0..2 {
+        step();
+    }
+    sync(device);
+    let started = Instant::now();
+    for _ in 0..iters {
+        step();
+    }
+    sync(device);
+    started.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64
 }
 
 pub(crate) fn sync(device: Device) {

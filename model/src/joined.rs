@@ -1,8 +1,8 @@
 //! Projections of one input joined into one matrix, for inference: a layer's q, k and v,
 //! and its feed-forward's gate and up. A decode step multiplies a handful of rows by each
-//! matrix; on a GPU each of those small products is a kernel of its own, bound by its
-//! launch more than its arithmetic, so one product where there were three (two) saves a
-//! few kernels a layer, every token. Each output column is the same dot product as before.
+//! matrix; on a GPU each of those small products is a kernel of its own, so one product
+//! where there were three (two) saves a few kernels a layer, every token. Each output
+//! column is the same dot product as before.
 //!
 //! The named weights become views of the joined matrix (`wq` its first rows, and so on): no
 //! memory is added, and a change made in place to either is seen by both.

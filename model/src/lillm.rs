@@ -221,7 +221,7 @@ fn chunk_mask(start: i64, t: i64, kind: Kind, device: tch::Device) -> Tensor {
 
 /// What every layer's attention in a decode step shares, made once per step: the same for
 /// all layers, it would otherwise cost each layer a few small kernels of its own (on a GPU,
-/// where a step of a small model is a few hundred small kernels, a tenth of them).
+/// each of them part of every token's step).
 struct DecodeRows {
     /// Row `i`'s rotation at its own position.
     angles: RowAngles,

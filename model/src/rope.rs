@@ -67,13 +67,13 @@ impl Rope {
     /// The angles of a decode step whose row `i` is at position `positions[i]`, for every
     /// layer's q and k ([`RowAngles::apply`]).
     pub(crate) fn at_rows(&self, positions: &Tensor, kernels: Kernels) -> RowAngles {
-        self.rows_at(
+        self.angles_at(
             positions,
             kernels.rope && fused_rope_in_use(positions.device()),
         )
     }
 
-    fn rows_at(&self, positions: &Tensor, fused: bool) -> RowAngles {
+    fn angles_at(&self, positions: &Tensor, fused: bool) -> RowAngles {
         let (cos, sin) = self.tables(fused);
         RowAngles {
             cos: cos.index_select(0, positions),
@@ -169,7 +169,10 @@ fn check_fused_rope(device: Device) -> Result<(), String> {
         )?;
     }
     let per_row = Tensor::from_slice(&[5i64, 0, 7]).to_device(device);
-    let (fused, reference) = (rope.rows_at(&per_row, true), rope.rows_at(&per_row, false));
+    let (fused, reference) = (
+        rope.angles_at(&per_row, true),
+        rope.angles_at(&per_row, false),
+    );
     agrees_with_reference(
         &[x.narrow(1, 2, 1)],
         |x| fused.rotate(&x[0]).map_err(error),

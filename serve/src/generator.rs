@@ -492,12 +492,10 @@ impl<'a> Batch<'a> {
 
 impl Sequence<'_> {
     /// Takes token `id`, sampled from row `row` of `logits`, and sends what it adds to the
-    /// reply; `room` is the context left for feeding it back. The row is taken out only for
-    /// a request that asked for log-probabilities: at a GPU's pace even a view per token and
-    /// step is host time the decoder waits for.
-    fn take(&mut self, id: u32, (logits, row): (&Tensor, i64), room: usize) -> Outcome {
-        if id != EOS_ID && self.logprobs.is_some() {
-            self.note_logprob(&logits.get(row), id);
+    /// reply; `room` is the context left for feeding it back.
+    fn take(&mut self, id: u32, logits: (&Tensor, i64), room: usize) -> Outcome {
+        if id != EOS_ID {
+            self.note_logprob(logits, id);
         }
         let now = Instant::now();
         match self.last_token.replace(now) {
@@ -541,13 +539,14 @@ impl Sequence<'_> {
         let _ = self.events.send(GenEvent::Delta { text, logprobs });
     }
 
-    /// Records token `id`'s log-probability (and the top alternatives) under `logits`, when
-    /// the request asked for them.
-    fn note_logprob(&mut self, logits: &Tensor, id: u32) {
+    /// Records token `id`'s log-probability (and the top alternatives) under row `row` of
+    /// `logits`, when the request asked for them. Only then is the row taken out: at a GPU's
+    /// pace even a view per token and step is host time the decoder waits for.
+    fn note_logprob(&mut self, (logits, row): (&Tensor, i64), id: u32) {
         let Some(top) = self.logprobs else {
             return;
         };
-        let logprobs = logits.log_softmax(0, tch::Kind::Float);
+        let logprobs = logits.get(row).log_softmax(0, tch::Kind::Float);
         let text = |id: i64| self.tok.decode(&[id as u32]).unwrap_or_default();
         let alternatives = match top {
             0 => Vec::new(),
