@@ -22,7 +22,8 @@ pub struct Args {
     /// as MIN nodes once the others have been away for --elastic-grace-ms.
     #[arg(long, value_parser = parse_nodes)]
     nodes: Option<(usize, usize)>,
-    /// Elastic jobs: how long missing members may stay away before a smaller group forms.
+    /// Elastic jobs: how long missing members may stay away before a smaller group forms,
+    /// counted from the first trainer ready for the next group.
     #[arg(long)]
     elastic_grace_ms: Option<u64>,
     /// Trainer processes (GPUs) per node.

@@ -649,14 +649,19 @@ fn coordinator_was_away(now_ms: u64, state: &mut State) -> Option<Outcome> {
     )))
 }
 
-/// While gathering: note when it began, and once the grace period has passed start a
-/// generation with the trainers that are there, if the job is elastic and they suffice.
+/// While gathering: note when the first trainer was ready to go, and once the grace period
+/// has passed since then start a generation with the trainers that are there, if the job
+/// is elastic and they suffice. A coordinator that started before any trainer (pods still
+/// pulling their image) was waiting for no one: the first to arrive would otherwise start
+/// alone at once, and every later arrival end its generation again.
 fn elastic(now_ms: u64, state: &mut State) -> Outcome {
     if state.config.min_nodes.is_none() {
         return Outcome::quiet();
     }
     if state.gathering_since_ms == 0 {
-        state.gathering_since_ms = now_ms;
+        if state.ready_trainers().next().is_some() {
+            state.gathering_since_ms = now_ms;
+        }
         return Outcome::quiet();
     }
     if state.elastic_start(now_ms).is_err() {

@@ -171,7 +171,8 @@ pub struct State {
     pub last_eval: Option<EvalResult>,
     /// Members lost to heartbeat timeouts or restarts, over the job's life.
     pub failures: u64,
-    /// When the current gathering began (ms; 0 while running), for the elastic grace.
+    /// When the current gathering had its first ready trainer (ms; 0 before, and while
+    /// running), for the elastic grace.
     #[serde(default)]
     pub gathering_since_ms: u64,
     /// Micro-batches per step, pinned by the first trainer: a group's size must divide it.

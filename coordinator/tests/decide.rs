@@ -571,6 +571,35 @@ fn an_elastic_job_forms_without_a_node_that_stays_away_and_grows_back() {
 }
 
 #[test]
+fn an_elastic_grace_counts_from_the_first_trainer_not_from_the_coordinators_start() {
+    let mut s = job();
+    s.config.min_nodes = Some(1);
+    s.config.elastic_grace_ms = 10_000;
+    s.config.heartbeat_timeout_ms = 600_000;
+    let (a, b) = (
+        id("node-a", Role::Trainer, 0),
+        id("node-b", Role::Trainer, 0),
+    );
+    let loader = id("node-a", Role::Dataloader, 0);
+    s = decide(0, &s, register(&loader, None)).state;
+    // The coordinator ticks for a minute before any trainer comes (pods pulling images).
+    for t in (1_000..=60_000).step_by(1_000) {
+        s = decide(t, &s, Event::Tick).state;
+    }
+    s = decide(60_100, &s, register(&a, None)).state;
+    let first_tick = decide(60_500, &s, Event::Tick);
+    assert!(first_tick.actions.is_empty(), "{}", first_tick.reason);
+    // B arrives within the grace of A's arrival: one generation of both, none of A alone.
+    let both = decide(65_000, &first_tick.state, register(&b, None));
+    assert!(
+        matches!(both.actions[..], [Action::StartGeneration { ref ranks, .. }] if ranks.len() == 2),
+        "{}",
+        both.reason
+    );
+    assert_eq!(both.state.generation, 1);
+}
+
+#[test]
 fn an_elastic_job_never_forms_a_group_that_cannot_divide_the_step() {
     let mut state = job();
     state.config.trainers = 4;
