@@ -512,18 +512,24 @@ fn a_finished_trainer_stays_listed_and_is_never_evicted() {
         .contains_key(&id("node-a", Role::Trainer, 0)));
 }
 
-#[test]
-fn an_elastic_job_forms_without_a_node_that_stays_away_and_grows_back() {
+/// A job of two nodes that goes on with one after a grace of 10 s; its trainers on node a
+/// and node b, and node a's dataloader.
+fn elastic_job(heartbeat_timeout_ms: u64) -> (State, [MemberId; 3]) {
     let mut state = job();
     state.config.min_nodes = Some(1);
     state.config.elastic_grace_ms = 10_000;
-    state.config.heartbeat_timeout_ms = 60_000;
-    let (a, b) = (
+    state.config.heartbeat_timeout_ms = heartbeat_timeout_ms;
+    let members = [
         id("node-a", Role::Trainer, 0),
         id("node-b", Role::Trainer, 0),
-    );
-    let loader = id("node-a", Role::Dataloader, 0);
-    let mut s = state;
+        id("node-a", Role::Dataloader, 0),
+    ];
+    (state, members)
+}
+
+#[test]
+fn an_elastic_job_forms_without_a_node_that_stays_away_and_grows_back() {
+    let (mut s, [a, b, loader]) = elastic_job(60_000);
     for (t, member) in [(0, &loader), (10, &a)] {
         s = decide(t, &s, register(member, None)).state;
     }
@@ -572,15 +578,7 @@ fn an_elastic_job_forms_without_a_node_that_stays_away_and_grows_back() {
 
 #[test]
 fn an_elastic_grace_counts_from_the_first_trainer_not_from_the_coordinators_start() {
-    let mut s = job();
-    s.config.min_nodes = Some(1);
-    s.config.elastic_grace_ms = 10_000;
-    s.config.heartbeat_timeout_ms = 600_000;
-    let (a, b) = (
-        id("node-a", Role::Trainer, 0),
-        id("node-b", Role::Trainer, 0),
-    );
-    let loader = id("node-a", Role::Dataloader, 0);
+    let (mut s, [a, b, loader]) = elastic_job(600_000);
     s = decide(0, &s, register(&loader, None)).state;
     // The coordinator ticks for a minute before any trainer comes (pods pulling images).
     for t in (1_000..=60_000).step_by(1_000) {
