@@ -5,6 +5,8 @@
 use super::{end_generation, replace_shards_of, start_generation, Action, Outcome};
 use crate::state::{JobConfig, MemberId, Phase, Role, State};
 
+/// The periodic check: evict the silent (unless the coordinator itself was away), then,
+/// while gathering, an elastic start if one is due.
 pub(super) fn tick(now_ms: u64, state: &mut State) -> Outcome {
     let checked = match coordinator_was_away(now_ms, state) {
         Some(away) => away,
@@ -40,7 +42,7 @@ fn coordinator_was_away(now_ms: u64, state: &mut State) -> Option<Outcome> {
 /// has passed since then start a generation with the trainers that are there, if the job
 /// is elastic and they suffice. A coordinator that started before any trainer (pods still
 /// pulling their image) was waiting for no one: the first to arrive would otherwise start
-/// alone at once, and every later arrival end its generation again.
+/// alone at once, and the next arrival end that generation again.
 fn elastic(now_ms: u64, state: &mut State) -> Outcome {
     if state.config.min_nodes.is_none() {
         return Outcome::quiet();
