@@ -83,13 +83,11 @@ impl LoadedModel {
         Ok(loaded)
     }
 
-    /// Computes in `kind` for inference, the weights stored in it
-    /// ([`weights::store_for_inference`]: the same logits as casting them at each use), and
-    /// the projections of each layer's input joined ([`LilLM::join_projections`]).
+    /// Computes in `kind` for inference, the weights stored in it (the same logits as
+    /// casting them at each use) and each layer's projections joined
+    /// ([`LilLM::hold_for_inference`]).
     pub fn set_inference_kind(&mut self, kind: tch::Kind) {
-        self.model.set_compute_kind(kind);
-        weights::store_for_inference(&mut self.vs, kind);
-        self.model.join_projections();
+        self.model.hold_for_inference(&mut self.vs, kind);
     }
 
     /// The checkpoint's tokenizer, or an error saying how to attach one.

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use lillm_cuda::profiler::Profiler;
 use lillm_cuda::CudaGraph;
-use lillm_model::{weights, LilLM, ModelConfig, SlotCache};
+use lillm_model::{LilLM, ModelConfig, SlotCache};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::bench_kernels::{ms_per_call, sync, BenchModel};
@@ -38,9 +38,7 @@ pub fn run(args: &DecodeBenchArgs) -> Result<()> {
     tch::manual_seed(0);
     let mut vs = VarStore::new(device);
     let mut model = LilLM::new(&vs.root(), &cfg).context("building the model")?;
-    model.set_compute_kind(kind);
-    weights::store_for_inference(&mut vs, kind);
-    model.join_projections();
+    model.hold_for_inference(&mut vs, kind);
     let _guard = tch::no_grad_guard();
     let mut levels = Vec::new();
     for &rows in &args.rows {

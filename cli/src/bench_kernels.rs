@@ -31,15 +31,11 @@ pub struct BenchModel {
 }
 
 impl BenchModel {
-    /// The device and compute kind (`auto`: bf16 on CUDA, float32 on a CPU).
+    /// The device and compute kind (`auto`: bf16 on CUDA, float32 on a CPU, as inference
+    /// chooses).
     pub(crate) fn device_and_kind(&self) -> Result<(Device, Kind)> {
         let device = lillm_model::parse_device(&self.device)?;
-        let kind = match lillm_model::parse_dtype(&self.dtype)? {
-            Some(kind) => kind,
-            None if device.is_cuda() => Kind::BFloat16,
-            None => Kind::Float,
-        };
-        Ok((device, kind))
+        Ok((device, lillm_serve::inference_kind(&self.dtype, device)?))
     }
 }
 

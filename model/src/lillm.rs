@@ -432,12 +432,23 @@ impl LilLM {
         Ok(())
     }
 
+    /// Holds the model as inference uses it: computing in `kind`, its weights (in `vs`)
+    /// stored in `kind` ([`weights::store_for_inference`]) and then its projections joined
+    /// ([`Self::join_projections`]) — in that order, so the joined matrices are made of the
+    /// weights as they are stored.
+    pub fn hold_for_inference(&mut self, vs: &mut nn::VarStore, kind: Kind) {
+        self.set_compute_kind(kind);
+        crate::weights::store_for_inference(vs, kind);
+        self.join_projections();
+    }
+
     /// For inference: joins each layer's q, k and v projections into one matrix, and its
     /// gate and up projections into another, which its forward then multiplies by once
     /// ([`crate::joined`]; the named weights become views of them, so no memory is added).
-    /// Call it after the weights have their final kind and values: a weight given new
-    /// memory later (a cast of the var store) would leave its joined copy behind. A layer
-    /// whose projections carry LoRA adapters keeps them apart.
+    /// Call it after the weights have their final kind and values (as
+    /// [`Self::hold_for_inference`] does): a weight given new memory later (a cast of the
+    /// var store) would leave its joined copy behind. A layer whose projections carry LoRA
+    /// adapters keeps them apart.
     pub fn join_projections(&mut self) {
         for block in &mut self.transformer_blocks {
             let attn = &mut block.attn;
