@@ -12,16 +12,28 @@ use std::process::{Child, Command, Stdio};
 struct Server {
     child: Child,
     url: String,
+    /// The server's stderr, printed when a test fails.
+    log: tempfile::NamedTempFile,
+}
+
+impl Server {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("lillm serve's stderr:\n{}", self.log());
+        }
     }
 }
 
 fn serve(checkpoint: &std::path::Path, extra: &[&str]) -> Server {
+    let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_lillm"))
         .args([
             "serve",
@@ -36,6 +48,7 @@ fn serve(checkpoint: &std::path::Path, extra: &[&str]) -> Server {
         ])
         .args(extra)
         .stdout(Stdio::piped())
+        .stderr(log.reopen().unwrap())
         .spawn()
         .expect("lillm serve starts");
     let mut line = String::new();
@@ -49,7 +62,7 @@ fn serve(checkpoint: &std::path::Path, extra: &[&str]) -> Server {
         .expect("address line")
         .trim_end_matches('/')
         .to_string();
-    Server { child, url }
+    Server { child, url, log }
 }
 
 fn model(dir: &std::path::Path) -> std::path::PathBuf {
@@ -184,6 +197,10 @@ fn a_burst_past_the_queue_gets_429_with_retry_after() {
     let metrics = http_get(&format!("{}/metrics", server.url));
     let busy = metric(&metrics, "lillm_serve_requests_total{outcome=\"busy\"}");
     assert_eq!(busy as usize, refused_n, "{metrics}");
+    // The operator is told why requests waited, and which setting to raise: once.
+    let log = server.log();
+    let full = log.matches("the batch is full (--max-batch 1)").count();
+    assert_eq!(full, 1, "{log}");
 }
 
 const BATCHED: &str = r#"

@@ -16,6 +16,7 @@ use tch::Tensor;
 use tokio::sync::mpsc;
 
 use crate::decode::{DecodeMode, Decoder};
+use crate::full_batch::FullBatchNotice;
 use crate::long_prefill::exact_chunk;
 use crate::metrics::{Memory, Metrics, Outcome as Ended};
 use crate::text_stream::{IncrementalText, Step};
@@ -195,6 +196,7 @@ struct Batch<'a> {
     decoding: Vec<Sequence<'a>>,
     arrivals: Vec<Arrival<'a>>,
     prefill: Option<Prefill<'a>>,
+    full: FullBatchNotice,
 }
 
 impl<'a> Batch<'a> {
@@ -226,6 +228,7 @@ impl<'a> Batch<'a> {
             decoding: Vec::new(),
             arrivals: Vec::new(),
             prefill: None,
+            full: FullBatchNotice::default(),
         }
     }
 
@@ -251,6 +254,12 @@ impl<'a> Batch<'a> {
                     },
                 };
                 self.start(job);
+            }
+            if self.placed() == self.max_batch {
+                let waiting = jobs.len();
+                if let Some(line) = self.full.check(waiting, self.max_batch, Instant::now()) {
+                    eprintln!("{line}");
+                }
             }
             self.drop_abandoned();
             self.prefill_arrivals();

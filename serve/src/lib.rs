@@ -13,6 +13,7 @@
 //! - `page.html`: the self-contained chat page served at `/`.
 
 mod decode;
+mod full_batch;
 mod generator;
 mod long_prefill;
 mod metrics;
