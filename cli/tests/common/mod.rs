@@ -288,17 +288,65 @@ pub fn long_run_of<'a>(data: &'a str, out: &'a str, iters: &'a str) -> Vec<&'a s
 }
 
 /// Makes a tiny run's steps take seconds on this CPU (a wider model, longer sequences and a
-/// bigger batch), as real jobs do: heartbeats and failure detection must hold up then too.
+/// batch sized for this CPU: [`rows_for_a_step_of_seconds`]), as real jobs do: heartbeats
+/// and failure detection must hold up then too.
 pub fn seconds_per_step(args: &mut [&str]) {
+    widen_to_seconds(args);
+    let data = args[args.iter().position(|a| *a == "--data").expect("--data") + 1];
+    set_flag(args, "--batch-size", rows_for_a_step_of_seconds(data));
+}
+
+fn widen_to_seconds(args: &mut [&str]) {
     for (flag, value) in [
         ("--d-model", "256"),
         ("--n-layers", "4"),
         ("--max-seq-len", "128"),
         ("--block-size", "128"),
-        ("--batch-size", "96"),
     ] {
         set_flag(args, flag, value);
     }
+}
+
+/// How long a step of [`seconds_per_step`]'s runs takes on this CPU, alone: longer than a
+/// heartbeat interval and, under the load of a test's other processes, than the tests' 3 s
+/// heartbeat timeout.
+const STEP_SECONDS: f64 = 3.0;
+
+/// The rows per micro-batch that make a step of [`seconds_per_step`]'s model take about
+/// [`STEP_SECONDS`] here, measured once per test binary: a fixed batch took 2-3 s a step on
+/// one CI machine and 9 s on another, where the tests' time budgets ran thin. Two steps of
+/// a small batch on `data` are timed and the batch scaled to the target (a step's time
+/// grows with its rows). Every run of a test takes the same batch, so their math agrees.
+pub fn rows_for_a_step_of_seconds(data: &str) -> &'static str {
+    static ROWS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ROWS.get_or_init(|| {
+        const PROBE_ROWS: f64 = 24.0;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("probe");
+        let mut args = tiny_train_args(data, s(&out), "300", "3");
+        widen_to_seconds(&mut args);
+        let probe_rows = PROBE_ROWS.to_string();
+        set_flag(&mut args, "--batch-size", &probe_rows);
+        set_flag(&mut args, "--eval-interval", "100");
+        set_flag(&mut args, "--eval-iters", "1");
+        lillm_ok(&args);
+        // The first step warms libtorch up: the fastest of the later ones.
+        let step_ms = step_times_ms(&out)
+            .into_iter()
+            .skip(1)
+            .fold(f64::INFINITY, f64::min);
+        assert!(step_ms.is_finite(), "the probe logged no step times");
+        let rows = rows_for(PROBE_ROWS, step_ms / 1000.0, STEP_SECONDS);
+        eprintln!("seconds_per_step: {rows} rows ({PROBE_ROWS} took {step_ms:.0} ms a step)");
+        rows.to_string()
+    })
+}
+
+/// Rows that take `target` seconds a step where `probe_rows` took `probe_seconds`, rounded
+/// to a multiple of 8, from 16 to 512.
+fn rows_for(probe_rows: f64, probe_seconds: f64, target: f64) -> usize {
+    let rows = probe_rows * target / probe_seconds;
+    ((rows / 8.0).round() as usize * 8).clamp(16, 512)
 }
 
 /// Step times (ms) of a run's logged steps.
