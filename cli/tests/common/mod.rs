@@ -292,8 +292,8 @@ pub fn long_run_of<'a>(data: &'a str, out: &'a str, iters: &'a str) -> Vec<&'a s
 /// and failure detection must hold up then too.
 pub fn seconds_per_step(args: &mut [&str]) {
     widen_to_seconds(args);
-    let data = args[args.iter().position(|a| *a == "--data").expect("--data") + 1];
-    set_flag(args, "--batch-size", rows_for_a_step_of_seconds(data));
+    let rows = rows_for_a_step_of_seconds(args);
+    set_flag(args, "--batch-size", rows);
 }
 
 fn widen_to_seconds(args: &mut [&str]) {
@@ -312,23 +312,29 @@ fn widen_to_seconds(args: &mut [&str]) {
 /// heartbeat timeout.
 const STEP_SECONDS: f64 = 3.0;
 
-/// The rows per micro-batch that make a step of [`seconds_per_step`]'s model take about
-/// [`STEP_SECONDS`] here, measured once per test binary: a fixed batch took 2-3 s a step on
-/// one CI machine and 9 s on another, where the tests' time budgets ran thin. Two steps of
-/// a small batch on `data` are timed and the batch scaled to the target (a step's time
-/// grows with its rows). Every run of a test takes the same batch, so their math agrees.
-pub fn rows_for_a_step_of_seconds(data: &str) -> &'static str {
+/// The rows per micro-batch that make a step of the run `train` (its `lillm train`
+/// arguments) take about [`STEP_SECONDS`] on this CPU, measured once per test binary: a
+/// fixed batch of 96 rows took 9 s a step on a 2-core AMD EPYC, several times what the
+/// tests' time budgets were set with. Two steps of a small batch of the same run are timed
+/// and the batch scaled to the target (a step's time grows with its rows). Every run of a
+/// test takes the same batch, so their math agrees.
+fn rows_for_a_step_of_seconds(train: &[&str]) -> &'static str {
     static ROWS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     ROWS.get_or_init(|| {
         const PROBE_ROWS: f64 = 24.0;
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("probe");
-        let mut args = tiny_train_args(data, s(&out), "300", "3");
-        widen_to_seconds(&mut args);
         let probe_rows = PROBE_ROWS.to_string();
-        set_flag(&mut args, "--batch-size", &probe_rows);
-        set_flag(&mut args, "--eval-interval", "100");
-        set_flag(&mut args, "--eval-iters", "1");
+        let mut args = train.to_vec();
+        for (flag, value) in [
+            ("--out", s(&out)),
+            ("--batch-size", &probe_rows),
+            ("--max-iters", "3"),
+            ("--eval-interval", "100"),
+            ("--eval-iters", "1"),
+        ] {
+            set_flag(&mut args, flag, value);
+        }
         lillm_ok(&args);
         // The first step warms libtorch up: the fastest of the later ones.
         let step_ms = step_times_ms(&out)
