@@ -86,8 +86,10 @@ fn moe() -> ModelConfig {
     }
 }
 
-/// Joined projections give the logits of separate ones, in float32 and in bf16, and take
-/// no memory of their own: the named weights are views of them.
+/// The model as inference holds it ([`LilLM::hold_for_inference`]: projections joined) gives
+/// the logits of separate projections, in float32 and in bf16, with every weight stored in
+/// that kind, and the joined matrices take no memory of their own: the named weights are
+/// views of them.
 #[test]
 fn joined_projections_give_the_same_logits_in_the_same_memory() {
     for (cfg, kind) in [
@@ -95,19 +97,27 @@ fn joined_projections_give_the_same_logits_in_the_same_memory() {
         (tiny(), Kind::BFloat16),
         (moe(), Kind::Float),
     ] {
-        tch::manual_seed(8);
+        let ids = Tensor::randint(97, [1, 12], (Kind::Int64, Device::Cpu));
+        // The same weights twice (copied: the tests beside this one draw from the same
+        // global generator): one model with its projections apart, one held for inference.
+        let mut apart_vs = VarStore::new(Device::Cpu);
+        let mut apart_model = LilLM::new(&apart_vs.root(), &cfg).unwrap();
         let mut vs = VarStore::new(Device::Cpu);
         let mut model = LilLM::new(&vs.root(), &cfg).unwrap();
-        model.set_compute_kind(kind);
-        weights::store_for_inference(&mut vs, kind);
-        let ids = Tensor::randint(97, [1, 12], (Kind::Int64, Device::Cpu));
-        let apart = logits_in(&model, &cfg, &ids, kind);
-        model.join_projections();
+        vs.copy(&apart_vs).unwrap();
+        apart_model.set_compute_kind(kind);
+        weights::store_for_inference(&mut apart_vs, kind);
+        let apart = logits_in(&apart_model, &cfg, &ids, kind);
+        model.hold_for_inference(&mut vs, kind);
         let joined = logits_in(&model, &cfg, &ids, kind);
         for (i, (a, b)) in apart.iter().zip(&joined).enumerate() {
             assert!(a.equal(b), "{kind:?}: logits {i} differ");
         }
         let vars = vs.variables();
+        assert!(
+            vars.values().all(|t| t.kind() == kind),
+            "{kind:?}: weights stored in it"
+        );
         let at = |name: &str| {
             let t = &vars[&format!("transformer_blocks.1.{name}.weight")];
             (
