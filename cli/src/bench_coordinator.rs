@@ -3,6 +3,7 @@
 //! the register storm, steady heartbeats, a kill of 1% of the trainers and the regroup,
 //! and the checkpoint commits — with one table of figures per job size.
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -160,6 +161,8 @@ struct CoordinatorProcess {
     child: Child,
     address: String,
     metrics: String,
+    /// Its stderr (warnings and any panic), read back when it exits under the bench.
+    log: PathBuf,
     _state: tempfile::TempDir,
 }
 
@@ -167,6 +170,7 @@ impl CoordinatorProcess {
     fn start(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Self> {
         let nodes = trainers.div_ceil(args.trainers_per_node);
         let state = tempfile::tempdir()?;
+        let log = state.path().join("coordinator.log");
         let (port, metrics_port) = (crate::job_cmd::free_port()?, crate::job_cmd::free_port()?);
         let address = format!("127.0.0.1:{port}");
         let metrics = format!("127.0.0.1:{metrics_port}");
@@ -201,15 +205,43 @@ impl CoordinatorProcess {
             ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting the coordinator")?;
         Ok(Self {
             child,
             address,
             metrics,
+            log,
             _state: state,
         })
+    }
+
+    /// How the coordinator ended, once it has: nothing the bench waits for can happen then.
+    fn exited(&mut self) -> Result<Option<String>> {
+        let Some(status) = self.child.try_wait()? else {
+            return Ok(None);
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let log = match lines.len() {
+            0 => "its log is empty".to_string(),
+            n => format!(
+                "the end of its log:\n{}",
+                lines[n.saturating_sub(20)..].join("\n")
+            ),
+        };
+        Ok(Some(format!(
+            "the coordinator under test exited ({status}); {log}"
+        )))
+    }
+
+    /// Fails once the coordinator has exited.
+    fn ensure_running(&mut self) -> Result<()> {
+        match self.exited()? {
+            Some(exited) => bail!("{exited}"),
+            None => Ok(()),
+        }
     }
 
     /// CPU seconds (user + system) the process has used.
@@ -506,14 +538,25 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
         members: JoinSet::new(),
         interval: DEFAULT_HEARTBEAT,
     };
-    let generation = sim.register_storm(&mut figures).await?;
-    sim.steady_heartbeats(generation, args.steady_seconds, &mut figures)
-        .await?;
-    sim.kill_and_regroup(args.kill_percent, &mut figures)
-        .await?;
-    sim.commit_checkpoints(&mut figures).await?;
-    sim.status_cost(&mut figures).await?;
+    let phases = async {
+        let generation = sim.register_storm(&mut figures).await?;
+        sim.steady_heartbeats(generation, args.steady_seconds, &mut figures)
+            .await?;
+        sim.kill_and_regroup(args.kill_percent, &mut figures)
+            .await?;
+        sim.commit_checkpoints(&mut figures).await?;
+        sim.status_cost(&mut figures).await
+    };
+    let ran = phases.await;
     sim.stop().await;
+    if let Err(e) = ran {
+        // When the coordinator died under a phase, that is the news, not what the phase
+        // then missed.
+        return Err(match sim.coordinator.exited()? {
+            Some(exited) => anyhow::anyhow!("{e:#}, as {exited}"),
+            None => e,
+        });
+    }
     Ok(figures)
 }
 
@@ -640,6 +683,7 @@ impl Simulation {
             if job.restarts > restarts0.restarts {
                 break Instant::now();
             }
+            self.coordinator.ensure_running()?;
             if killed_at.elapsed() > Duration::from_secs(60) {
                 bail!("no eviction within 60 s of the kill");
             }
@@ -661,6 +705,7 @@ impl Simulation {
             });
         }
         while self.board.assigned.load(Ordering::Relaxed) < trainers as u64 {
+            self.coordinator.ensure_running()?;
             if killed_at.elapsed() > Duration::from_secs(120) {
                 bail!(
                     "only {} of {trainers} trainers hold a rank 120 s after the kill",
@@ -718,7 +763,7 @@ impl Simulation {
     }
 
     /// Ends every member's loop, saying which failed.
-    async fn stop(mut self) {
+    async fn stop(&mut self) {
         self.board.stop.store(true, Ordering::Relaxed);
         self.members.abort_all();
         while let Some(done) = self.members.join_next().await {

@@ -102,6 +102,16 @@ fn upload_prepared(
     Ok(())
 }
 
+impl DataCmd {
+    /// Whether the command may talk to a bucket or a dataloader.
+    pub fn opens_connections(&self) -> bool {
+        matches!(
+            self,
+            DataCmd::Prepare(_) | DataCmd::Verify { .. } | DataCmd::StreamBench { .. }
+        )
+    }
+}
+
 pub fn run(cmd: DataCmd) -> Result<()> {
     match cmd {
         DataCmd::Prepare(args) => prepare_data(args)?,

@@ -126,9 +126,13 @@ fn with_implied_command(mut argv: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsSt
 /// What the process sets up for a command before running it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ProcessTraits {
-    /// Servers keep SIGPIPE ignored: a client hanging up mid-response must not kill them.
-    /// Commands that print end quietly when stdout closes early (`lillm … | head`), like
-    /// other Unix tools, instead of panicking on a failed print.
+    /// Commands that open connections keep SIGPIPE ignored. A peer that closes a socket
+    /// while we write to it (a client hanging up on a server, a coordinator dropping a gRPC
+    /// connection, an object store closing an idle one) must be an error the command
+    /// handles or names: hyper writes with `writev`, which raises SIGPIPE, and the default
+    /// disposition ends the process without a word. Commands that only print end quietly
+    /// when stdout closes early (`lillm … | head`), like other Unix tools, instead of
+    /// panicking on a failed print.
     keeps_sigpipe_ignored: bool,
     /// Services log what they decide (info); everything else only warnings, unless
     /// RUST_LOG says otherwise.
@@ -142,10 +146,14 @@ impl Command {
     fn process_traits(&self) -> ProcessTraits {
         use Command::*;
         ProcessTraits {
-            keeps_sigpipe_ignored: matches!(
-                self,
-                Train(_) | Coordinator(_) | Dataloader(_) | Serve(_) | Status(_)
-            ),
+            keeps_sigpipe_ignored: match self {
+                Train(_) | Coordinator(_) | Dataloader(_) | Serve(_) | Status(_) => true,
+                // Their stores may be buckets.
+                Sft(_) | Dpo(_) => true,
+                Data(cmd) => cmd.opens_connections(),
+                Bench(cmd) => matches!(cmd, bench_cmd::BenchCmd::Coordinator(_)),
+                _ => false,
+            },
             logs_decisions: matches!(self, Coordinator(_) | Dataloader(_)),
             stops_on_signals: matches!(
                 self,
@@ -291,5 +299,34 @@ mod tests {
         // Ctrl-C ends a status watch at once.
         let status = command(&["lillm", "status", "--coordinator", "h:1"]).process_traits();
         assert!(status.keeps_sigpipe_ignored && !status.stops_on_signals);
+    }
+
+    #[test]
+    fn commands_that_open_connections_outlive_a_peer_closing_one() {
+        let ignores = |argv: &[&str]| command(argv).process_traits().keeps_sigpipe_ignored;
+        assert!(ignores(&["lillm", "bench", "coordinator"]));
+        assert!(ignores(&[
+            "lillm",
+            "data",
+            "prepare",
+            "--tokenizer",
+            "t",
+            "--input",
+            "c.txt",
+            "--out",
+            "s3://b/p/"
+        ]));
+        assert!(ignores(&["lillm", "data", "verify", "s3://b/p/"]));
+        // Local commands that print stay ordinary Unix tools.
+        assert!(!ignores(&["lillm", "bench", "epochs"]));
+        assert!(!ignores(&[
+            "lillm",
+            "data",
+            "sft-render",
+            "--tokenizer",
+            "t",
+            "--input",
+            "c.jsonl"
+        ]));
     }
 }

@@ -1,6 +1,7 @@
 //! `lillm bench` at a size that runs in seconds: the coordinator simulation speaks the real
 //! protocol end to end (storm, heartbeats, kill, regroup, commits) and shows that steady
-//! heartbeats never write the coordinator's store; the epoch-order bench reports its reads.
+//! heartbeats never write the coordinator's store, and a coordinator that dies under it is
+//! named; the epoch-order bench reports its reads.
 
 mod common;
 
@@ -32,6 +33,76 @@ fn the_coordinator_bench_runs_every_phase_and_heartbeats_never_write_the_store()
         .find(|l| l.starts_with("| commit latency"))
         .unwrap();
     assert_eq!(commits.matches(" / ").count(), 1, "two writers: {commits}");
+}
+
+#[test]
+fn a_coordinator_that_dies_under_the_bench_is_named_with_its_log() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    // The real coordinator, started through a script that leaves its process id behind
+    // and a line in its log.
+    let pid_file = dir.path().join("coordinator.pid");
+    let wrapper = dir.path().join("coordinator");
+    let coordinator =
+        std::path::Path::new(env!("CARGO_BIN_EXE_lillm")).with_file_name("coordinator");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho $$ > {}\necho 'a line of its log' >&2\nexec {} \"$@\"\n",
+            pid_file.display(),
+            coordinator.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_lillm"))
+        .args([
+            "bench",
+            "coordinator",
+            "--trainers",
+            "8",
+            "--trainers-per-node",
+            "4",
+        ])
+        .args(["--steady-seconds", "1", "--coordinator-bin"])
+        .arg(&wrapper)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut said = String::new();
+    for line in std::io::BufReader::new(bench.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        said.push_str(&line);
+        said.push('\n');
+        // The coordinator dies as the bench silences a trainer and waits for its eviction.
+        if line.contains("killing 1 trainers") {
+            let pid = std::fs::read_to_string(&pid_file).unwrap();
+            let killed = Command::new("kill")
+                .args(["-KILL", pid.trim()])
+                .status()
+                .unwrap();
+            assert!(killed.success());
+        }
+    }
+    let status = bench.wait().unwrap();
+    assert!(!status.success(), "{said}");
+    assert!(
+        said.contains("the coordinator under test exited (signal: 9 (SIGKILL))"),
+        "{said}"
+    );
+    assert!(
+        said.contains("the end of its log:\na line of its log"),
+        "{said}"
+    );
+    // It says so at once, not after the 120 s it would wait for the regroup.
+    assert!(started.elapsed().as_secs() < 60, "{said}");
 }
 
 #[test]

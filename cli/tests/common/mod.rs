@@ -38,7 +38,8 @@ pub fn lillm_ok(args: &[&str]) -> String {
     let out = lillm(args);
     assert!(
         out.status.success(),
-        "lillm {args:?} failed:\n{}\n{}",
+        "lillm {args:?} failed ({}):\n{}\n{}",
+        out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
