@@ -487,12 +487,19 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[i] as f64 / 1e3
 }
 
-async fn status(address: &str, member_limit: u32) -> Result<(pb::JobStatus, usize, f64)> {
+type StatusClient = pb::status_client::StatusClient<tonic::transport::Channel>;
+
+/// One connection for every status the bench reads, as `lillm status --watch` keeps one.
+async fn status_client(address: &str) -> Result<StatusClient> {
     let channel = net::connect(address, &ConnectSettings::default()).await?;
-    let mut client =
-        pb::status_client::StatusClient::new(channel).max_decoding_message_size(64 << 20);
+    Ok(StatusClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+/// The job's status (listing at most `member_limit` members), its size and time in ms.
+async fn status(client: &StatusClient, member_limit: u32) -> Result<(pb::JobStatus, usize, f64)> {
     let asked = Instant::now();
     let job = client
+        .clone()
         .get_status(pb::StatusRequest {
             member_limit,
             node: String::new(),
@@ -504,11 +511,13 @@ async fn status(address: &str, member_limit: u32) -> Result<(pb::JobStatus, usiz
     Ok((job, size, took))
 }
 
-async fn wait_for_coordinator(address: &str) -> Result<()> {
+async fn wait_for_coordinator(address: &str) -> Result<StatusClient> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if status(address, 1).await.is_ok() {
-            return Ok(());
+        if let Ok(client) = status_client(address).await {
+            if status(&client, 1).await.is_ok() {
+                return Ok(client);
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -518,7 +527,7 @@ async fn wait_for_coordinator(address: &str) -> Result<()> {
 /// One job size: the five phases in turn, each adding its figures.
 async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figures> {
     let coordinator = CoordinatorProcess::start(args, trainers)?;
-    wait_for_coordinator(&coordinator.address).await?;
+    let status_client = wait_for_coordinator(&coordinator.address).await?;
     let (trainer_sims, loader_sims) = sims(&coordinator.address, trainers, args.trainers_per_node)?;
     let mut figures = Figures {
         trainers,
@@ -532,6 +541,7 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
     let mut sim = Simulation {
         kills: (0..trainers).map(|_| Arc::default()).collect(),
         coordinator,
+        status: status_client,
         trainer_sims,
         loader_sims,
         board: Arc::new(Board::default()),
@@ -564,6 +574,7 @@ async fn simulate(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Figure
 /// share with the bench.
 struct Simulation {
     coordinator: CoordinatorProcess,
+    status: StatusClient,
     trainer_sims: Vec<Sim>,
     loader_sims: Vec<Sim>,
     board: Arc<Board>,
@@ -665,13 +676,12 @@ impl Simulation {
     /// and ends the generation; survivors regroup, and the killed slots come back as new
     /// processes (their node launcher restarts them).
     async fn kill_and_regroup(&mut self, kill_percent: f64, figures: &mut Figures) -> Result<()> {
-        let address = self.coordinator.address.clone();
         let trainers = self.trainer_sims.len();
         let step = (100.0 / kill_percent.max(0.01)).round().max(1.0) as usize;
         let victims: Vec<usize> = (0..trainers).step_by(step).collect();
         figures.killed = victims.len();
         eprintln!("bench coordinator: killing {} trainers", victims.len());
-        let (restarts0, _, _) = status(&address, 1).await?;
+        let (restarts0, _, _) = status(&self.status, 1).await?;
         let saves_at_kill = self.coordinator.saves();
         self.board.assigned.store(0, Ordering::Relaxed);
         let killed_at = Instant::now();
@@ -679,7 +689,7 @@ impl Simulation {
             self.kills[v].store(true, Ordering::Relaxed);
         }
         let detected_at = loop {
-            let (job, _, _) = status(&address, 1).await?;
+            let (job, _, _) = status(&self.status, 1).await?;
             if job.restarts > restarts0.restarts {
                 break Instant::now();
             }
@@ -721,7 +731,7 @@ impl Simulation {
 
     /// Phase 4: the checkpoint writers (rank 0 and the second writer) commit a step.
     async fn commit_checkpoints(&self, figures: &mut Figures) -> Result<()> {
-        let (job, _, _) = status(&self.coordinator.address, 0).await?;
+        let (job, _, _) = status(&self.status, 0).await?;
         let writer_ranks = [Some(0), second_writer(&job)];
         let writer_ids: Vec<&pb::MemberId> = job
             .members
@@ -752,9 +762,8 @@ impl Simulation {
 
     /// Phase 5: what `lillm status` costs at this size, and the coordinator's peak memory.
     async fn status_cost(&self, figures: &mut Figures) -> Result<()> {
-        let address = &self.coordinator.address;
-        let (_, summary_bytes, _) = status(address, 64).await?;
-        let (_, all_bytes, all_ms) = status(address, 0).await?;
+        let (_, summary_bytes, _) = status(&self.status, 64).await?;
+        let (_, all_bytes, all_ms) = status(&self.status, 0).await?;
         figures.status_summary_bytes = summary_bytes;
         figures.status_all_bytes = all_bytes;
         figures.status_all_ms = all_ms;
