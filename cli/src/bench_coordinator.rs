@@ -771,14 +771,20 @@ impl Simulation {
         Ok(())
     }
 
-    /// Ends every member's loop, saying which failed.
+    /// Ends every member's loop, saying how many failed and the first one's error (one
+    /// line, though thousands fail together when the coordinator dies).
     async fn stop(&mut self) {
         self.board.stop.store(true, Ordering::Relaxed);
         self.members.abort_all();
+        let (mut failed, mut first) = (0, None);
         while let Some(done) = self.members.join_next().await {
             if let Ok(Err(e)) = done {
-                eprintln!("bench coordinator: a simulated member failed: {e}");
+                failed += 1;
+                first.get_or_insert(e);
             }
+        }
+        if let Some(e) = first {
+            eprintln!("bench coordinator: {failed} simulated member(s) failed; the first: {e:#}");
         }
     }
 }
