@@ -103,12 +103,9 @@ fn upload_prepared(
 }
 
 impl DataCmd {
-    /// Whether the command may talk to a bucket or a dataloader.
+    /// Whether the command may talk to a bucket (`prepare`) or a dataloader.
     pub fn opens_connections(&self) -> bool {
-        matches!(
-            self,
-            DataCmd::Prepare(_) | DataCmd::Verify { .. } | DataCmd::StreamBench { .. }
-        )
+        matches!(self, DataCmd::Prepare(_) | DataCmd::StreamBench { .. })
     }
 }
 

@@ -316,9 +316,16 @@ mod tests {
             "--out",
             "s3://b/p/"
         ]));
-        assert!(ignores(&["lillm", "data", "verify", "s3://b/p/"]));
+        assert!(ignores(&[
+            "lillm",
+            "data",
+            "stream-bench",
+            "--dataloader",
+            "h:1"
+        ]));
         // Local commands that print stay ordinary Unix tools.
         assert!(!ignores(&["lillm", "bench", "epochs"]));
+        assert!(!ignores(&["lillm", "data", "verify", "data/x"]));
         assert!(!ignores(&[
             "lillm",
             "data",
