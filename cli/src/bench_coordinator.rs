@@ -397,7 +397,11 @@ async fn await_assignment(sim: &Sim, rejoining_from: u64) -> Result<pb::Assignme
             Err(e) if e.code() == tonic::Code::NotFound => {
                 register(sim, rejoining_from).await?;
             }
-            Err(e) => bail!("{}: waiting for a group: {e}", sim.id().node),
+            Err(e) => bail!(
+                "{}: waiting for a group: {}",
+                sim.id().node,
+                net::NetError::status("the coordinator", e)
+            ),
         }
     }
 }
@@ -504,7 +508,8 @@ async fn status(client: &StatusClient, member_limit: u32) -> Result<(pb::JobStat
             member_limit,
             node: String::new(),
         })
-        .await?
+        .await
+        .map_err(|s| net::NetError::status("the coordinator's status service", s))?
         .into_inner();
     let took = asked.elapsed().as_secs_f64() * 1e3;
     let size = job.encoded_len();
@@ -754,7 +759,12 @@ impl Simulation {
                 val_loss: Some(3.0),
             };
             let sent = Instant::now();
-            sim.member.coordinator().commit(request).await?;
+            let peer = format!("{}: the coordinator (commit)", sim.id().node);
+            sim.member
+                .coordinator()
+                .commit(request)
+                .await
+                .map_err(|s| net::NetError::status(&peer, s))?;
             figures.commit_ms.push(sent.elapsed().as_secs_f64() * 1e3);
         }
         Ok(())
