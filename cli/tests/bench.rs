@@ -40,18 +40,16 @@ fn a_coordinator_that_dies_under_the_bench_is_named_with_its_log() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
-    // The real coordinator, started through a script that leaves its process id behind
-    // and a line in its log.
+    // The real coordinator (`lillm coordinator`), started through a script that leaves its
+    // process id behind and a line in its log.
     let pid_file = dir.path().join("coordinator.pid");
     let wrapper = dir.path().join("coordinator");
-    let coordinator =
-        std::path::Path::new(env!("CARGO_BIN_EXE_lillm")).with_file_name("coordinator");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\necho $$ > {}\necho 'a line of its log' >&2\nexec {} \"$@\"\n",
+            "#!/bin/sh\necho $$ > {}\necho 'a line of its log' >&2\nexec {} coordinator \"$@\"\n",
             pid_file.display(),
-            coordinator.display()
+            env!("CARGO_BIN_EXE_lillm")
         ),
     )
     .unwrap();
