@@ -49,6 +49,13 @@ pub struct EpochsBenchArgs {
     dataloaders: usize,
 }
 
+impl BenchCmd {
+    /// Whether the bench talks to another process (the coordinator under test).
+    pub fn opens_connections(&self) -> bool {
+        matches!(self, BenchCmd::Coordinator(_))
+    }
+}
+
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Epochs(args) => {

@@ -3,7 +3,6 @@
 //! the register storm, steady heartbeats, a kill of 1% of the trainers and the regroup,
 //! and the checkpoint commits — with one table of figures per job size.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -161,16 +160,18 @@ struct CoordinatorProcess {
     child: Child,
     address: String,
     metrics: String,
-    /// Its stderr (warnings and any panic), read back when it exits under the bench.
-    log: PathBuf,
-    _state: tempfile::TempDir,
+    /// Its state directory, which also holds its log.
+    state: tempfile::TempDir,
 }
+
+/// The coordinator's stderr (warnings and any panic) in its state directory, read back
+/// when it exits under the bench.
+const LOG: &str = "coordinator.log";
 
 impl CoordinatorProcess {
     fn start(args: &CoordinatorBenchArgs, trainers: usize) -> Result<Self> {
         let nodes = trainers.div_ceil(args.trainers_per_node);
         let state = tempfile::tempdir()?;
-        let log = state.path().join("coordinator.log");
         let (port, metrics_port) = (crate::job_cmd::free_port()?, crate::job_cmd::free_port()?);
         let address = format!("127.0.0.1:{port}");
         let metrics = format!("127.0.0.1:{metrics_port}");
@@ -205,15 +206,14 @@ impl CoordinatorProcess {
             ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(state.path().join(LOG))?)
             .spawn()
             .context("starting the coordinator")?;
         Ok(Self {
             child,
             address,
             metrics,
-            log,
-            _state: state,
+            state,
         })
     }
 
@@ -222,7 +222,7 @@ impl CoordinatorProcess {
         let Some(status) = self.child.try_wait()? else {
             return Ok(None);
         };
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let log = std::fs::read_to_string(self.state.path().join(LOG)).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let log = match lines.len() {
             0 => "its log is empty".to_string(),

@@ -151,7 +151,7 @@ impl Command {
                 // Their stores may be buckets.
                 Sft(_) | Dpo(_) => true,
                 Data(cmd) => cmd.opens_connections(),
-                Bench(cmd) => matches!(cmd, bench_cmd::BenchCmd::Coordinator(_)),
+                Bench(cmd) => cmd.opens_connections(),
                 _ => false,
             },
             logs_decisions: matches!(self, Coordinator(_) | Dataloader(_)),
